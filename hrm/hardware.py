@@ -1,0 +1,242 @@
+"""Machines as data: `HardwareProfile` loaded from `hardware_profiles/*.toml`.
+
+Files use human units (GB/s, TFLOP/s, GiB) with the unit in the key; they are converted to SI once,
+here, on load. Every section carries a `source` string (datasheet, paper, or a measurement's method
+and date).
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+GB = 1e9
+GiB = 2.0 ** 30
+TFLOPS = 1e12
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "hardware_profiles"
+
+
+class HardwareError(ValueError):
+    """A profile that cannot be used (the message names the file and the field)."""
+
+
+@dataclass(frozen=True)
+class ComputeUnit:
+    """One processor and the memory next to it (a GPU with its HBM, or the CPU with DRAM)."""
+    name: str
+    memory_bytes: float
+    mem_bytes_per_s: float
+    peak_flops: Mapping[str, float]   # by dtype name: "bf16", "fp16", "fp32"
+    count: int = 1                    # GPUs on the host (tensor parallel), 1 for the CPU
+    cores: int = 0
+    source: str = ""
+
+    def flops(self, dtype: str) -> float:
+        key = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype)
+        if key in self.peak_flops:
+            return self.peak_flops[key]
+        if key == "bf16" and "fp16" in self.peak_flops:   # e.g. T4: no bf16 units, fp16 path
+            return self.peak_flops["fp16"]
+        if "fp32" in self.peak_flops:
+            return self.peak_flops["fp32"]
+        raise HardwareError(f"{self.name}: no peak FLOP/s for {dtype}")
+
+
+@dataclass(frozen=True)
+class Link:
+    """The CPU-GPU link (per GPU)."""
+    h2d_bytes_per_s: float
+    d2h_bytes_per_s: float
+    duplex_bytes_per_s: float        # total of both directions when both run at once
+    pageable_h2d_bytes_per_s: float = 0.0
+    source: str = ""
+
+    @property
+    def duplex_frac(self) -> float:
+        """How much of the one-way rates survives when both directions run at once (1 = full duplex)."""
+        return min(1.0, self.duplex_bytes_per_s / (self.h2d_bytes_per_s + self.d2h_bytes_per_s))
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Optional micro-benchmark results that replace datasheet peaks in the cost model.
+
+    Curves are (x, y) pairs interpolated in log(x): the GPU GEMM rate by tokens per expert GEMM, the
+    H2D rate by transfer size. Scalars are rates of the runtime's own kernels.
+    """
+    gpu_gemm_tokens: tuple[float, ...] = ()
+    gpu_gemm_flops: tuple[float, ...] = ()
+    h2d_sizes_bytes: tuple[float, ...] = ()
+    h2d_bytes_per_s: tuple[float, ...] = ()
+    cpu_attention_bytes_per_s: float = 0.0     # KV bytes/s of the runtime's CPU decode attention
+    cpu_dram_bytes_per_s: float = 0.0
+    gpu_hbm_bytes_per_s: float = 0.0
+    method: str = ""
+    date: str = ""
+
+    def gemm_flops(self, tokens: float, default: float) -> float:
+        return _interp_log(tokens, self.gpu_gemm_tokens, self.gpu_gemm_flops, default)
+
+    def h2d_rate(self, size_bytes: float, default: float) -> float:
+        return _interp_log(size_bytes, self.h2d_sizes_bytes, self.h2d_bytes_per_s, default)
+
+
+def _interp_log(x, xs, ys, default):
+    if not xs:
+        return default
+    return float(np.interp(np.log(max(float(x), 1e-30)), np.log(np.asarray(xs, float)), np.asarray(ys, float)))
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    description: str
+    gpu: ComputeUnit
+    cpu: ComputeUnit
+    link: Link
+    measured: Measured | None = None
+    path: str = ""
+
+    @property
+    def num_gpus(self) -> int:
+        return self.gpu.count
+
+    def with_gpu_memory(self, memory_bytes: float) -> "HardwareProfile":
+        return replace(self, gpu=replace(self.gpu, memory_bytes=float(memory_bytes)))
+
+    def with_cpu_memory(self, memory_bytes: float) -> "HardwareProfile":
+        return replace(self, cpu=replace(self.cpu, memory_bytes=float(memory_bytes)))
+
+    def scaled(self, *, link: float = 1.0, cpu_mem_bw: float = 1.0, gpu_flops: float = 1.0) -> "HardwareProfile":
+        """A what-if machine: multiply the link, CPU DRAM bandwidth or GPU FLOP/s."""
+        lk = self.link
+        return replace(
+            self,
+            name=f"{self.name}(what-if)",
+            link=replace(lk, h2d_bytes_per_s=lk.h2d_bytes_per_s * link, d2h_bytes_per_s=lk.d2h_bytes_per_s * link,
+                         duplex_bytes_per_s=lk.duplex_bytes_per_s * link),
+            cpu=replace(self.cpu, mem_bytes_per_s=self.cpu.mem_bytes_per_s * cpu_mem_bw),
+            gpu=replace(self.gpu, peak_flops={k: v * gpu_flops for k, v in self.gpu.peak_flops.items()}),
+            measured=None if self.measured is None else replace(
+                self.measured, h2d_bytes_per_s=tuple(v * link for v in self.measured.h2d_bytes_per_s),
+                gpu_gemm_flops=tuple(v * gpu_flops for v in self.measured.gpu_gemm_flops),
+                cpu_dram_bytes_per_s=self.measured.cpu_dram_bytes_per_s * cpu_mem_bw,
+                cpu_attention_bytes_per_s=self.measured.cpu_attention_bytes_per_s * cpu_mem_bw),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# loading
+
+def _req(table: Mapping, key: str, where: str):
+    if key not in table:
+        raise HardwareError(f"{where}: missing field '{key}'")
+    return table[key]
+
+
+def _memory_bytes(table: Mapping, where: str) -> float:
+    if "memory_gib" in table:
+        return float(table["memory_gib"]) * GiB
+    if "memory_gb" in table:
+        return float(table["memory_gb"]) * GB
+    raise HardwareError(f"{where}: missing field 'memory_gib' (or 'memory_gb')")
+
+
+def _positive(value, key: str, where: str) -> float:
+    v = float(value)
+    if not v > 0:
+        raise HardwareError(f"{where}: '{key}' must be positive, got {value}")
+    return v
+
+
+def _unit(table: Mapping, where: str) -> ComputeUnit:
+    tflops = _req(table, "tflops", where)
+    if not isinstance(tflops, Mapping) or not tflops:
+        raise HardwareError(f"{where}: 'tflops' must be a table such as {{ bf16 = 65, fp32 = 8 }}")
+    return ComputeUnit(
+        name=str(_req(table, "name", where)),
+        memory_bytes=_positive(_memory_bytes(table, where), "memory", where),
+        mem_bytes_per_s=_positive(_req(table, "mem_gb_per_s", where), "mem_gb_per_s", where) * GB,
+        peak_flops={k: _positive(v, f"tflops.{k}", where) * TFLOPS for k, v in tflops.items()},
+        count=int(table.get("count", 1)),
+        cores=int(table.get("cores", 0)),
+        source=str(_req(table, "source", where)),
+    )
+
+
+def _measured(table: Mapping, where: str) -> Measured:
+    def pair(xkey, ykey, xscale, yscale):
+        xs, ys = table.get(xkey, []), table.get(ykey, [])
+        if len(xs) != len(ys):
+            raise HardwareError(f"{where}: '{xkey}' and '{ykey}' differ in length")
+        order = np.argsort(xs)
+        return (tuple(float(xs[i]) * xscale for i in order), tuple(float(ys[i]) * yscale for i in order))
+
+    gt, gf = pair("gpu_gemm_tokens", "gpu_gemm_tflops", 1.0, TFLOPS)
+    hs, hr = pair("h2d_sizes_mib", "h2d_gb_per_s", 2.0 ** 20, GB)
+    return Measured(
+        gpu_gemm_tokens=gt, gpu_gemm_flops=gf, h2d_sizes_bytes=hs, h2d_bytes_per_s=hr,
+        cpu_attention_bytes_per_s=float(table.get("cpu_attention_gb_per_s", 0.0)) * GB,
+        cpu_dram_bytes_per_s=float(table.get("cpu_dram_gb_per_s", 0.0)) * GB,
+        gpu_hbm_bytes_per_s=float(table.get("gpu_hbm_gb_per_s", 0.0)) * GB,
+        method=str(_req(table, "method", where)), date=str(_req(table, "date", where)),
+    )
+
+
+def parse_profile(data: Mapping, name: str, path: str = "") -> HardwareProfile:
+    where = path or name
+    for section in ("gpu", "cpu", "link"):
+        if section not in data:
+            raise HardwareError(f"{where}: missing section [{section}]")
+    lk = data["link"]
+    lw = f"{where} [link]"
+    h2d = _positive(_req(lk, "h2d_gb_per_s", lw), "h2d_gb_per_s", lw) * GB
+    d2h = _positive(_req(lk, "d2h_gb_per_s", lw), "d2h_gb_per_s", lw) * GB
+    link = Link(h2d_bytes_per_s=h2d, d2h_bytes_per_s=d2h,
+                duplex_bytes_per_s=float(lk.get("duplex_gb_per_s", (h2d + d2h) / GB)) * GB,
+                pageable_h2d_bytes_per_s=float(lk.get("pageable_h2d_gb_per_s", 0.0)) * GB,
+                source=str(_req(lk, "source", lw)))
+    return HardwareProfile(
+        name=str(data.get("name", name)), description=str(data.get("description", "")),
+        gpu=_unit(data["gpu"], f"{where} [gpu]"), cpu=_unit(data["cpu"], f"{where} [cpu]"), link=link,
+        measured=_measured(data["measured"], f"{where} [measured]") if "measured" in data else None,
+        path=path,
+    )
+
+
+def profile_dirs() -> list[Path]:
+    extra = os.environ.get("MOE_LIGHTNING_PROFILES")
+    return ([Path(p) for p in extra.split(os.pathsep) if p] if extra else []) + [PROFILE_DIR]
+
+
+def available_profiles() -> list[str]:
+    names = set()
+    for d in profile_dirs():
+        if d.is_dir():
+            names.update(p.stem for p in d.glob("*.toml"))
+    return sorted(names)
+
+
+def load_profile(name_or_path: str | os.PathLike) -> HardwareProfile:
+    """Load a profile by built-in name (`t4-s1`) or by path to a TOML file."""
+    p = Path(name_or_path)
+    if p.suffix != ".toml":
+        for d in profile_dirs():
+            if (d / f"{name_or_path}.toml").is_file():
+                p = d / f"{name_or_path}.toml"
+                break
+        else:
+            raise HardwareError(f"unknown hardware profile {str(name_or_path)!r}; "
+                                f"built-in: {', '.join(available_profiles())}")
+    if not p.is_file():
+        raise HardwareError(f"hardware profile file not found: {p}")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise HardwareError(f"{p}: not valid TOML ({e})") from None
+    return parse_profile(data, p.stem, str(p))

@@ -1,0 +1,60 @@
+"""A policy: how one pass over the model is laid out on the GPU, the CPU and the link between them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class PolicyError(ValueError):
+    """A policy that is not self-consistent (the message names the field)."""
+
+
+SCHEDULES = ("cgopipe", "s3", "s4", "blocking")
+"""cgopipe: the paper's S1 (CPU attention overlapped, weights paged per micro-batch);
+s3: FlexGen(c), CPU attention without overlap; s4: FlexGen, GPU attention with the KV cache streamed;
+blocking: nothing overlapped (DeepSpeed Zero-Inference style: load a layer, then compute it)."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    batch_size: int                # N: sequences per pass of the whole model
+    micro_batch_size: int          # mu: sequences per micro-batch (the last one may be smaller)
+    attention_on_gpu: bool = False  # A_g
+    ffn_on_gpu: bool = True        # F_g
+    weights_gpu_frac: float = 0.0  # r_w: fraction of routed-expert weights resident on the GPU
+    kv_gpu_frac: float = 0.0       # r_c: fraction of the KV cache resident on the GPU
+    schedule: str = "cgopipe"
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise PolicyError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 1 <= self.micro_batch_size <= self.batch_size:
+            raise PolicyError(f"micro_batch_size must be in [1, batch_size={self.batch_size}], "
+                              f"got {self.micro_batch_size}")
+        for name in ("weights_gpu_frac", "kv_gpu_frac"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise PolicyError(f"{name} must be in [0, 1], got {v}")
+        if self.schedule not in SCHEDULES:
+            raise PolicyError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.schedule == "s4" and not self.attention_on_gpu:
+            raise PolicyError("schedule 's4' runs attention on the GPU: set attention_on_gpu")
+        if self.schedule in ("cgopipe", "s3") and self.attention_on_gpu:
+            raise PolicyError(f"schedule {self.schedule!r} runs attention on the CPU")
+
+    @property
+    def num_micro_batches(self) -> int:
+        return -(-self.batch_size // self.micro_batch_size)
+
+    @property
+    def micro_batch_sizes(self) -> tuple[int, ...]:
+        full, rest = divmod(self.batch_size, self.micro_batch_size)
+        return (self.micro_batch_size,) * full + ((rest,) if rest else ())
+
+    def resident_experts(self, num_experts: int) -> int:
+        """Experts per layer kept on the GPU: r_w realised per whole expert (floor, as the artifact)."""
+        return int(num_experts * self.weights_gpu_frac + 1e-9)
+
+    def short(self) -> str:
+        where = "gpu" if self.attention_on_gpu else "cpu"
+        return (f"N={self.batch_size} mu={self.micro_batch_size} attn={where} "
+                f"r_w={self.weights_gpu_frac:.3f} r_c={self.kv_gpu_frac:.2f} {self.schedule}")

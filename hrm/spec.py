@@ -1,0 +1,235 @@
+"""Model and workload descriptions: what the cost model and the runtime need to know of an MoE LLM.
+
+`ModelSpec` uses Hugging Face field names where one exists (hidden_size, num_hidden_layers, ...).
+Sizes are counts of elements; bytes come from `DTypes` (floats, so int4 = 0.5 byte).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import numpy as np
+
+
+class SpecError(ValueError):
+    """A config or workload that cannot be described: the message names the field."""
+
+
+DTYPE_BYTES = {"float32": 4.0, "fp32": 4.0, "float16": 2.0, "fp16": 2.0, "bfloat16": 2.0, "bf16": 2.0,
+               "float8": 1.0, "fp8": 1.0, "float8_e4m3fn": 1.0, "int8": 1.0, "int4": 0.5, "mxfp4": 0.53125}
+
+
+@dataclass(frozen=True)
+class DTypes:
+    """Bytes per element of each tensor class."""
+    weight_bytes: float = 2.0
+    kv_bytes: float = 2.0
+    act_bytes: float = 2.0
+    name: str = "bfloat16"
+
+    @classmethod
+    def named(cls, name: str) -> "DTypes":
+        if name not in DTYPE_BYTES:
+            raise SpecError(f"unknown dtype {name!r}; known: {', '.join(sorted(DTYPE_BYTES))}")
+        b = DTYPE_BYTES[name]
+        return cls(weight_bytes=b, kv_bytes=b, act_bytes=b, name=name)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture of a decoder-only MoE transformer.
+
+    Attention kinds: "gqa" (MHA is gqa with num_key_value_heads == num_attention_heads) and "mla"
+    (DeepSeek multi-head latent attention: the KV cache holds kv_lora_rank + qk_rope_head_dim per token).
+    """
+    name: str
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    num_experts: int                       # routed experts per MoE layer
+    num_experts_per_tok: int               # top-k
+    moe_intermediate_size: int             # width of one routed expert
+    shared_expert_intermediate_size: int = 0   # total width of the shared expert(s), 0 if none
+    shared_expert_gate: bool = False       # Qwen2-MoE: sigmoid gate on the shared expert output
+    first_dense_layers: int = 0            # DeepSeek first_k_dense_replace: leading layers with a dense FFN
+    dense_intermediate_size: int = 0       # width of those dense FFNs
+    attention: str = "gqa"                 # "gqa" | "mla"
+    q_lora_rank: int = 0                   # MLA
+    kv_lora_rank: int = 0                  # MLA
+    qk_rope_head_dim: int = 0              # MLA
+    qk_nope_head_dim: int = 0              # MLA
+    v_head_dim: int = 0                    # MLA (0: same as head_dim)
+    sliding_window: int = 0                # 0: none
+    num_sliding_layers: int = 0            # layers that use the sliding window (gpt-oss alternates)
+    attention_sinks: bool = False
+    qkv_bias: bool = False
+    o_proj_bias: bool = False
+    lm_head_bias: bool = False
+    qk_norm: bool = False
+    norm: str = "rms"                      # "rms" | "layer"
+    router: str = "softmax"                # "softmax" | "sigmoid"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    clip_qkv: float = 0.0                  # DBRX
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    dtypes: DTypes = field(default_factory=DTypes)
+
+    # ---- derived sizes (elements) -------------------------------------------------------------
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.first_dense_layers
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the query projection output."""
+        if self.attention == "mla":
+            return self.num_attention_heads * (self.qk_nope_head_dim + self.qk_rope_head_dim)
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def attn_v_head_dim(self) -> int:
+        return self.v_head_dim or self.head_dim
+
+    @property
+    def kv_elems_per_token_layer(self) -> int:
+        """Elements of KV cache one token holds in one layer."""
+        if self.attention == "mla":
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return 2 * self.num_key_value_heads * self.head_dim
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        """KV bytes per token over all layers."""
+        return self.kv_elems_per_token_layer * self.num_hidden_layers * self.dtypes.kv_bytes
+
+    @property
+    def attention_params_per_layer(self) -> int:
+        h = self.hidden_size
+        if self.attention == "mla":
+            qh = self.qk_nope_head_dim + self.qk_rope_head_dim
+            if self.q_lora_rank:
+                q = h * self.q_lora_rank + self.q_lora_rank * self.num_attention_heads * qh
+            else:
+                q = h * self.num_attention_heads * qh
+            kv_a = h * (self.kv_lora_rank + self.qk_rope_head_dim)
+            kv_b = self.kv_lora_rank * self.num_attention_heads * (self.qk_nope_head_dim + self.attn_v_head_dim)
+            o = self.num_attention_heads * self.attn_v_head_dim * h
+            return q + kv_a + kv_b + o
+        qkv = h * (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
+        o = self.num_attention_heads * self.head_dim * h
+        return qkv + o
+
+    @property
+    def expert_params(self) -> int:
+        """One routed expert: gate, up and down projections (SwiGLU)."""
+        return 3 * self.hidden_size * self.moe_intermediate_size
+
+    @property
+    def expert_bytes(self) -> float:
+        return self.expert_params * self.dtypes.weight_bytes
+
+    @property
+    def shared_expert_params(self) -> int:
+        gate = self.hidden_size if self.shared_expert_gate else 0
+        return 3 * self.hidden_size * self.shared_expert_intermediate_size + gate
+
+    @property
+    def router_params(self) -> int:
+        return self.hidden_size * self.num_experts
+
+    @property
+    def dense_ffn_params(self) -> int:
+        return 3 * self.hidden_size * self.dense_intermediate_size
+
+    @property
+    def routed_expert_params_per_moe_layer(self) -> int:
+        return self.num_experts * self.expert_params
+
+    @property
+    def non_expert_params(self) -> int:
+        """Everything except routed experts: embeddings, attention, norms, routers, shared and dense FFNs."""
+        h = self.hidden_size
+        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        norms_per_layer = 2 * h + (2 * self.head_dim if self.qk_norm else 0)
+        per_layer = self.attention_params_per_layer + norms_per_layer
+        moe = self.num_moe_layers * (self.router_params + self.shared_expert_params)
+        dense = self.first_dense_layers * self.dense_ffn_params
+        return embed + h + self.num_hidden_layers * per_layer + moe + dense
+
+    @property
+    def total_params(self) -> int:
+        return self.non_expert_params + self.num_moe_layers * self.routed_expert_params_per_moe_layer
+
+    @property
+    def active_params_per_token(self) -> int:
+        return self.non_expert_params + self.num_moe_layers * self.num_experts_per_tok * self.expert_params
+
+    @property
+    def weight_bytes(self) -> float:
+        return self.total_params * self.dtypes.weight_bytes
+
+    def with_dtypes(self, dtypes: DTypes) -> "ModelSpec":
+        return replace(self, dtypes=dtypes)
+
+    def with_layers(self, num_hidden_layers: int) -> "ModelSpec":
+        """The same architecture with fewer (or more) layers: for runs on hosts too small for the model."""
+        if num_hidden_layers <= self.first_dense_layers:
+            raise SpecError(f"num_hidden_layers={num_hidden_layers} leaves no MoE layer "
+                            f"(first_dense_layers={self.first_dense_layers})")
+        return replace(self, num_hidden_layers=num_hidden_layers,
+                       name=f"{self.name}[{num_hidden_layers}L]")
+
+    @classmethod
+    def from_hf_config(cls, path_or_dict, name: str | None = None) -> "ModelSpec":
+        from .hf_config import spec_from_hf_config
+        return spec_from_hf_config(path_or_dict, name=name)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is asked of the model: prompts with an average and a maximum length, each continued by
+    gen_len generated tokens.
+
+    padded: every sequence is padded to the longest prompt (the paper's MTBench setting); packed
+    (padded=False): sequences keep their own lengths, and the cost model uses the average.
+    """
+    avg_prompt_len: float
+    max_prompt_len: int
+    gen_len: int
+    padded: bool = False
+
+    def __post_init__(self):
+        if self.avg_prompt_len <= 0 or self.max_prompt_len <= 0:
+            raise SpecError(f"prompt length must be positive, got avg={self.avg_prompt_len} "
+                            f"max={self.max_prompt_len}")
+        if self.avg_prompt_len > self.max_prompt_len:
+            raise SpecError(f"average prompt length {self.avg_prompt_len} exceeds the maximum "
+                            f"{self.max_prompt_len}")
+        if self.gen_len <= 0:
+            raise SpecError(f"gen_len must be positive, got {self.gen_len}")
+
+    @classmethod
+    def uniform(cls, prompt_len: int, gen_len: int, padded: bool = False) -> "Workload":
+        return cls(float(prompt_len), int(prompt_len), int(gen_len), padded)
+
+    @classmethod
+    def from_prompt_lens(cls, prompt_lens: Sequence[int], gen_len: int, padded: bool = False) -> "Workload":
+        if len(prompt_lens) == 0:
+            raise SpecError("workload has no prompts")
+        return cls(float(np.mean(prompt_lens)), int(max(prompt_lens)), int(gen_len), padded)
+
+    @property
+    def prompt_len(self) -> float:
+        """Prompt tokens per sequence the hardware processes: the max when padded, else the average."""
+        return float(self.max_prompt_len) if self.padded else float(self.avg_prompt_len)
+
+    @property
+    def max_context_len(self) -> int:
+        return self.max_prompt_len + self.gen_len
