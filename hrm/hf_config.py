@@ -1,0 +1,305 @@
+"""Hugging Face config.json -> ModelSpec, and the built-in registry of MoE configs (hrm/configs/*.json).
+
+Families: mixtral, qwen2_moe, qwen3_moe, olmoe, dbrx, deepseek_v2, deepseek_v3, phimoe, gpt_oss.
+A null field counts as absent. Defaults for absent optional fields follow transformers' config classes.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .spec import DTypes, ModelSpec, SpecError
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "ffn_config.moe_num_experts")
+
+DENSE_MODEL_TYPES = frozenset({
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi",
+    "phi3", "olmo", "olmo2", "gpt2", "gpt_neox", "gptj", "falcon", "deepseek", "starcoder2", "cohere",
+    "internlm2", "stablelm", "opt", "bloom", "mpt",
+})
+
+
+class _Config:
+    """A config dict whose lookups name the field and the model_type when a field is missing or malformed.
+
+    Keys may be dotted paths into nested dicts ("ffn_config.moe_top_k")."""
+
+    def __init__(self, raw: dict, model_type: str):
+        self.raw = raw
+        self.model_type = model_type
+
+    def get(self, key: str, default=None):
+        node = self.raw
+        for part in key.split("."):
+            if not isinstance(node, dict) or node.get(part) is None:
+                return default
+            node = node[part]
+        return node
+
+    def _first(self, keys, default):
+        for key in keys:
+            value = self.get(key)
+            if value is not None:
+                return key, value
+        if default is None:
+            also = "".join(f" (or {k!r})" for k in keys[1:])
+            raise SpecError(f"{self.model_type} config: missing field {keys[0]!r}{also}")
+        return keys[0], default
+
+    def int(self, *keys: str, default: int | None = None) -> int:
+        key, value = self._first(keys, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 0:
+            raise SpecError(f"{self.model_type} config: field {key!r} must be a non-negative integer, "
+                            f"got {value!r}")
+        return int(value)
+
+    def float(self, *keys: str, default: float | None = None) -> float:
+        key, value = self._first(keys, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpecError(f"{self.model_type} config: field {key!r} must be a number, got {value!r}")
+        return float(value)
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self.get(key, default)
+        if not isinstance(value, bool):
+            raise SpecError(f"{self.model_type} config: field {key!r} must be true or false, got {value!r}")
+        return value
+
+
+def _rope_theta(c: _Config, default: float) -> float:
+    for key in ("rope_theta", "rope_parameters.rope_theta", "rope_scaling.rope_theta",
+                "rope_parameters.full_attention.rope_theta"):
+        if c.get(key) is not None:
+            return c.float(key)
+    return default
+
+
+def _dtypes(c: _Config) -> DTypes:
+    key = "torch_dtype" if c.get("torch_dtype") is not None else "dtype"
+    name = c.get(key, "bfloat16")
+    if not isinstance(name, str):
+        raise SpecError(f"{c.model_type} config: field {key!r} must be a dtype name, got {name!r}")
+    try:
+        return DTypes.named(name.removeprefix("torch."))
+    except SpecError as e:
+        raise SpecError(f"{c.model_type} config: field {key!r}: {e}") from None
+
+
+def _common(c: _Config, max_pos_key: str = "max_position_embeddings", max_pos_default: int = 4096) -> dict:
+    return dict(vocab_size=c.int("vocab_size"),
+                max_position_embeddings=c.int(max_pos_key, default=max_pos_default),
+                tie_word_embeddings=c.bool("tie_word_embeddings", False),
+                dtypes=_dtypes(c))
+
+
+def _standard(c: _Config, width_key: str, eps: float = 1e-5, theta: float = 10000.0) -> dict:
+    """Fields that every family with transformers' standard attribute names shares."""
+    hidden = c.int("hidden_size")
+    layers = c.int("num_hidden_layers")
+    heads = c.int("num_attention_heads")
+    if c.get("head_dim") is None and heads and hidden % heads:
+        raise SpecError(f"{c.model_type} config: missing field 'head_dim' "
+                        f"(hidden_size {hidden} is not a multiple of num_attention_heads {heads})")
+    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=c.int("num_key_value_heads", default=heads),
+                head_dim=c.int("head_dim", default=hidden // heads if heads else 0),
+                num_experts=c.int(*EXPERT_COUNT_KEYS),
+                num_experts_per_tok=c.int("num_experts_per_tok", "experts_per_token"),
+                moe_intermediate_size=c.int(width_key),
+                rms_norm_eps=c.float("rms_norm_eps", default=eps),
+                rope_theta=_rope_theta(c, theta),
+                **_common(c))
+
+
+def _sliding(c: _Config, s: dict, default_layer_types: list[str] | None = None) -> dict:
+    """sliding_window and num_sliding_layers; a window that covers the whole context is no window."""
+    window = c.int("sliding_window", default=0)
+    if not window or window >= s["max_position_embeddings"] or not c.bool("use_sliding_window", True):
+        return {}
+    layers = s["num_hidden_layers"]
+    types = c.get("layer_types", default_layer_types)
+    if types is not None:
+        if len(types) != layers:
+            raise SpecError(f"{c.model_type} config: field 'layer_types' has {len(types)} entries "
+                            f"for {layers} layers")
+        n = sum(t == "sliding_attention" for t in types)
+    elif c.get("max_window_layers") is not None:
+        n = max(0, layers - c.int("max_window_layers"))
+    else:
+        n = layers
+    return dict(sliding_window=window, num_sliding_layers=n) if n else {}
+
+
+def _every_layer_moe(c: _Config, **defaults) -> None:
+    """ModelSpec describes MoE layers after first_dense_layers dense ones, not dense layers interleaved."""
+    for key, default in defaults.items():
+        value = c.get(key, default)
+        if value != default:
+            raise SpecError(f"{c.model_type} config: field {key!r}={value!r} interleaves dense and MoE layers, "
+                            f"which ModelSpec cannot describe")
+
+
+def _mixtral(c: _Config) -> dict:
+    s = _standard(c, "intermediate_size", theta=1e6)
+    return dict(s, norm_topk_prob=True, **_sliding(c, s))
+
+
+def _qwen2_moe(c: _Config) -> dict:
+    s = _standard(c, "moe_intermediate_size", eps=1e-6)
+    _every_layer_moe(c, decoder_sparse_step=1, mlp_only_layers=[])
+    return dict(s, shared_expert_intermediate_size=c.int("shared_expert_intermediate_size"),
+                shared_expert_gate=True, qkv_bias=True, norm_topk_prob=c.bool("norm_topk_prob", False),
+                **_sliding(c, s))
+
+
+def _qwen3_moe(c: _Config) -> dict:
+    s = _standard(c, "moe_intermediate_size", eps=1e-6)
+    _every_layer_moe(c, decoder_sparse_step=1, mlp_only_layers=[])
+    bias = c.bool("attention_bias", False)
+    return dict(s, qk_norm=True, qkv_bias=bias, o_proj_bias=bias,
+                norm_topk_prob=c.bool("norm_topk_prob", False), **_sliding(c, s))
+
+
+def _olmoe(c: _Config) -> dict:
+    s = _standard(c, "intermediate_size")
+    bias = c.bool("attention_bias", False)
+    return dict(s, qk_norm=True, qkv_bias=bias, o_proj_bias=bias, clip_qkv=c.float("clip_qkv", default=0.0),
+                norm_topk_prob=c.bool("norm_topk_prob", False))
+
+
+def _dbrx(c: _Config) -> dict:
+    hidden = c.int("d_model")
+    heads = c.int("n_heads")
+    normalize = c.raw.get("ffn_config", {}).get("moe_normalize_expert_weights", 1)
+    return dict(hidden_size=hidden, num_hidden_layers=c.int("n_layers"), num_attention_heads=heads,
+                num_key_value_heads=c.int("attn_config.kv_n_heads", default=heads),
+                head_dim=hidden // heads if heads else 0,
+                num_experts=c.int("ffn_config.moe_num_experts"),
+                num_experts_per_tok=c.int("ffn_config.moe_top_k"),
+                moe_intermediate_size=c.int("ffn_config.ffn_hidden_size"),
+                norm="layer", rms_norm_eps=1e-5, clip_qkv=c.float("attn_config.clip_qkv", default=0.0),
+                norm_topk_prob=normalize is not None,
+                rope_theta=c.float("attn_config.rope_theta", default=10000.0),
+                **_common(c, "max_seq_len", 2048))
+
+
+def _deepseek(c: _Config, v3: bool) -> dict:
+    s = _standard(c, "moe_intermediate_size", eps=1e-6)
+    _every_layer_moe(c, moe_layer_freq=1)
+    nope, rope = c.int("qk_nope_head_dim"), c.int("qk_rope_head_dim")
+    first = c.int("first_k_dense_replace", default=0)
+    router = c.get("scoring_func", "sigmoid" if v3 else "softmax")
+    if router not in ("softmax", "sigmoid"):
+        raise SpecError(f"{c.model_type} config: field 'scoring_func' must be softmax or sigmoid, got {router!r}")
+    s.update(head_dim=nope + rope, num_key_value_heads=s["num_attention_heads"])
+    return dict(s, attention="mla", q_lora_rank=c.int("q_lora_rank", default=0),
+                kv_lora_rank=c.int("kv_lora_rank"), qk_rope_head_dim=rope, qk_nope_head_dim=nope,
+                v_head_dim=c.int("v_head_dim"), first_dense_layers=first,
+                dense_intermediate_size=c.int("intermediate_size") if first else 0,
+                shared_expert_intermediate_size=c.int("n_shared_experts", default=0) * s["moe_intermediate_size"],
+                router=router, norm_topk_prob=c.bool("norm_topk_prob", v3),
+                routed_scaling_factor=c.float("routed_scaling_factor", default=1.0))
+
+
+def _phimoe(c: _Config) -> dict:
+    s = _standard(c, "intermediate_size", theta=1e6)
+    bias = c.bool("attention_bias", False)
+    return dict(s, norm="layer", qkv_bias=bias, o_proj_bias=bias, lm_head_bias=c.bool("lm_head_bias", False),
+                norm_topk_prob=False, **_sliding(c, s))
+
+
+def _gpt_oss(c: _Config) -> dict:
+    s = _standard(c, "intermediate_size", theta=150000.0)
+    alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(s["num_hidden_layers"])]
+    bias = c.bool("attention_bias", True)
+    return dict(s, attention_sinks=True, qkv_bias=bias, o_proj_bias=bias, norm_topk_prob=True,
+                **_sliding(c, s, alternating))
+
+
+FAMILIES = {
+    "mixtral": _mixtral,
+    "qwen2_moe": _qwen2_moe,
+    "qwen3_moe": _qwen3_moe,
+    "olmoe": _olmoe,
+    "dbrx": _dbrx,
+    "deepseek_v2": lambda c: _deepseek(c, v3=False),
+    "deepseek_v3": lambda c: _deepseek(c, v3=True),
+    "phimoe": _phimoe,
+    "gpt_oss": _gpt_oss,
+}
+
+
+def _read(path_or_dict) -> dict:
+    if isinstance(path_or_dict, dict):
+        return path_or_dict
+    if not isinstance(path_or_dict, (str, os.PathLike)):
+        raise SpecError(f"expected a config dict or a path, got {type(path_or_dict).__name__}")
+    path = Path(path_or_dict)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise SpecError(f"no config.json at {path}")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SpecError(f"cannot read {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _check(spec: ModelSpec) -> None:
+    where = f"{spec.model_type} config"
+    for f in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "vocab_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+        if getattr(spec, f) <= 0:
+            raise SpecError(f"{where}: {f} must be positive, got {getattr(spec, f)}")
+    if spec.num_attention_heads % spec.num_key_value_heads:
+        raise SpecError(f"{where}: num_attention_heads {spec.num_attention_heads} is not a multiple of "
+                        f"num_key_value_heads {spec.num_key_value_heads}")
+    if spec.num_experts_per_tok > spec.num_experts:
+        raise SpecError(f"{where}: top-k {spec.num_experts_per_tok} exceeds {spec.num_experts} experts")
+    if spec.first_dense_layers >= spec.num_hidden_layers:
+        raise SpecError(f"{where}: first_dense_layers {spec.first_dense_layers} leaves no MoE layer")
+
+
+def spec_from_hf_config(path_or_dict, name: str | None = None) -> ModelSpec:
+    """A ModelSpec from a config dict, a config.json path, or a directory holding config.json."""
+    raw = _read(path_or_dict)
+    model_type = raw.get("model_type")
+    if not model_type:
+        raise SpecError("config: missing field 'model_type'")
+    supported = ", ".join(FAMILIES)
+    if model_type not in FAMILIES:
+        if model_type in DENSE_MODEL_TYPES:
+            raise SpecError(f"unsupported model_type {model_type!r}: a dense model, not a supported MoE family; "
+                            f"supported: {supported}")
+        raise SpecError(f"unsupported model_type {model_type!r}; supported: {supported}")
+    fields = FAMILIES[model_type](_Config(raw, model_type))
+    spec = ModelSpec(name=name or raw.get("_name_or_path") or model_type, model_type=model_type, **fields)
+    _check(spec)
+    return spec
+
+
+def builtin_models() -> list[str]:
+    """Keys of the built-in configs, e.g. "mixtral-8x7b"."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def load_model(name_or_path) -> ModelSpec:
+    """A built-in model by key (case-insensitive) or Hub id, or a config.json path or a directory holding one.
+
+    Built-in models are named by their key."""
+    key = str(name_or_path).lower()
+    if key in builtin_models():
+        return spec_from_hf_config(CONFIG_DIR / f"{key}.json", name=key)
+    if Path(name_or_path).exists():
+        return spec_from_hf_config(name_or_path)
+    for k in builtin_models():
+        if str(_read(CONFIG_DIR / f"{k}.json").get("_name_or_path", "")).lower() == key:
+            return spec_from_hf_config(CONFIG_DIR / f"{k}.json", name=k)
+    raise SpecError(f"unknown model {str(name_or_path)!r}: neither a built-in model nor an existing path; "
+                    f"built-in: {', '.join(builtin_models())}")
