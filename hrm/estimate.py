@@ -1,0 +1,461 @@
+"""The cost model: per-layer stage times, memory peaks and throughput of a policy.
+
+One pass runs N sequences through the model in micro-batches of mu. Decode, per layer and micro-batch
+(CGOPipe):  GPU pre-attn -> D2H q/k/v -> CPU attention -> H2D attn out -> GPU O-proj + MoE, while the
+next layer's streamed expert pages share the H2D direction with the activations.
+
+Every resource term below is linear in the policy fractions r_w (weights_gpu_frac) and r_c
+(kv_gpu_frac) once N, mu and the placement are fixed, so the same functions accept floats, numpy
+arrays (the grid search) or pulp expressions (the MILP); callers take the max over
+`layer_time_terms(...)` themselves (np.maximum, or an epigraph variable t >= term).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from . import ops
+from .cost import Cost
+from .hardware import HardwareProfile
+from .policy import Policy
+from .spec import ModelSpec, Workload
+
+CONTEXT_SAMPLES = 8
+"""Decode steps are priced at this many context lengths (midpoints of equal buckets of steps)."""
+
+RESOURCES = ("gpu", "cpu", "h2d", "d2h", "link", "pipeline")
+RESOURCE_LABELS = {
+    "gpu": "GPU compute", "cpu": "CPU attention/compute", "h2d": "CPU->GPU link (weights, KV, activations)",
+    "d2h": "GPU->CPU link", "link": "CPU<->GPU link, both directions", "pipeline": "pipeline latency (too few micro-batches)",
+    "serial": "sum of stages (no overlap)",
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What stays fixed while a solver varies N, mu, r_w and r_c."""
+    spec: ModelSpec
+    hardware: HardwareProfile
+    workload: Workload
+    attention_on_gpu: bool = False
+    ffn_on_gpu: bool = True
+    schedule: str = "cgopipe"
+    pin_all_weights: bool = True    # offloaded weights live in pinned memory (no DRAM->pinned staging step)
+    use_measured: bool = True       # use the profile's measured curves instead of datasheet peaks
+
+    @classmethod
+    def of(cls, spec, hardware, workload, policy: Policy, **kw) -> "Setting":
+        return cls(spec, hardware, workload, policy.attention_on_gpu, policy.ffn_on_gpu, policy.schedule, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# machine rates (SI; tensor-parallel GPUs add up)
+
+def _measured(s: Setting):
+    return s.hardware.measured if s.use_measured else None
+
+
+def gpu_gemm_flops(s: Setting, tokens_per_gemm):
+    """Attainable GEMM FLOP/s of the GPU(s) at a given number of tokens per weight matrix."""
+    gpu = s.hardware.gpu
+    peak = gpu.flops(s.spec.dtypes.name)
+    m = _measured(s)
+    if m is not None and m.gpu_gemm_tokens:
+        rate = np.interp(np.log(np.maximum(np.asarray(tokens_per_gemm, float), 1e-9)),
+                         np.log(np.asarray(m.gpu_gemm_tokens)), np.asarray(m.gpu_gemm_flops))
+        return np.minimum(rate, peak) * gpu.count
+    return peak * gpu.count
+
+
+def gpu_hbm_bytes_per_s(s: Setting) -> float:
+    m = _measured(s)
+    bw = m.gpu_hbm_bytes_per_s if m is not None and m.gpu_hbm_bytes_per_s else s.hardware.gpu.mem_bytes_per_s
+    return bw * s.hardware.gpu.count
+
+
+def cpu_attention_bytes_per_s(s: Setting) -> float:
+    m = _measured(s)
+    if m is not None and m.cpu_attention_bytes_per_s:
+        return m.cpu_attention_bytes_per_s
+    return cpu_dram_bytes_per_s(s)
+
+
+def cpu_dram_bytes_per_s(s: Setting) -> float:
+    m = _measured(s)
+    return m.cpu_dram_bytes_per_s if m is not None and m.cpu_dram_bytes_per_s else s.hardware.cpu.mem_bytes_per_s
+
+
+def h2d_bytes_per_s(s: Setting, transfer_bytes) -> float:
+    lk, n = s.hardware.link, s.hardware.gpu.count
+    m = _measured(s)
+    if m is not None and m.h2d_sizes_bytes:
+        rate = np.interp(np.log(np.maximum(np.asarray(transfer_bytes, float), 1.0)),
+                         np.log(np.asarray(m.h2d_sizes_bytes)), np.asarray(m.h2d_bytes_per_s))
+        return np.minimum(rate, lk.h2d_bytes_per_s) * n
+    return lk.h2d_bytes_per_s * n
+
+
+def d2h_bytes_per_s(s: Setting) -> float:
+    return s.hardware.link.d2h_bytes_per_s * s.hardware.gpu.count
+
+
+def duplex_bytes_per_s(s: Setting) -> float:
+    return s.hardware.link.duplex_bytes_per_s * s.hardware.gpu.count
+
+
+def gpu_time(s: Setting, cost: Cost, tokens_per_gemm):
+    """Roofline time of work on the GPU: max(FLOPs / attainable FLOP/s, bytes / HBM bandwidth)."""
+    return np.maximum(cost.flops / gpu_gemm_flops(s, tokens_per_gemm), cost.bytes / gpu_hbm_bytes_per_s(s))
+
+
+def cpu_time(s: Setting, cost: Cost, bytes_per_s):
+    return np.maximum(cost.flops / s.hardware.cpu.flops("fp32"), cost.bytes / bytes_per_s)
+
+
+# ---------------------------------------------------------------------------------------------------
+# per-layer terms
+
+@dataclass(frozen=True)
+class LayerTimes:
+    """Seconds one decoder layer keeps each resource busy, for one pass of N sequences.
+
+    Fields are linear in r_w and r_c (floats, numpy arrays or pulp expressions).
+    """
+    gpu_s: object
+    cpu_s: object
+    h2d_weights_s: object
+    h2d_act_s: object
+    h2d_kv_s: object
+    d2h_s: object
+    link_s: object          # both directions at once, against the duplex rate
+    pipeline_s: object      # one micro-batch's round trip GPU -> D2H -> CPU -> H2D (latency, not load)
+    num_micro_batches: object
+
+    @property
+    def h2d_s(self):
+        return self.h2d_weights_s + self.h2d_act_s + self.h2d_kv_s
+
+    def terms(self, schedule: str) -> dict:
+        """The quantities whose maximum is the layer's time under `schedule`."""
+        if schedule == "blocking":
+            return {"serial": self.h2d_s + self.gpu_s + self.cpu_s + self.d2h_s}
+        if schedule == "s3":
+            # CPU attention is not overlapped with GPU work; weight pages still prefetch
+            return {"h2d": self.h2d_s, "link": self.link_s,
+                    "serial": self.gpu_s + self.cpu_s + self.d2h_s + self.h2d_act_s}
+        return {"gpu": self.gpu_s, "cpu": self.cpu_s, "h2d": self.h2d_s, "d2h": self.d2h_s,
+                "link": self.link_s, "pipeline": self.pipeline_s}
+
+
+def _micro_batches(N, mu):
+    """(full micro-batches, size of the last partial one or 0, number of micro-batches)."""
+    N, mu = np.asarray(N), np.asarray(mu)
+    full = N // mu
+    rest = N - full * mu
+    return full, rest, full + (rest > 0)
+
+
+def _per_micro_batch(fn, N, mu):
+    """Sum of fn(size) over the micro-batches of N in steps of mu (fn(0) is never charged)."""
+    full, rest, _ = _micro_batches(N, mu)
+    return full * fn(np.asarray(mu)) + np.where(rest > 0, fn(np.maximum(rest, 1)), 0.0)
+
+
+def _attn_out_elems(spec: ModelSpec) -> int:
+    return spec.num_attention_heads * spec.attn_v_head_dim
+
+
+def _qkv_elems(spec: ModelSpec) -> int:
+    """Per token, what D2H carries to the CPU attention: queries, and the new K and V entries."""
+    return spec.q_dim + spec.kv_elems_per_token_layer
+
+
+def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
+    """One decode step of one layer at context length `ctx` (tokens already cached per sequence)."""
+    spec = s.spec
+    ab, E = spec.dtypes.act_bytes, spec.num_experts
+    _, _, m = _micro_batches(N, mu)
+    kv_layer_bytes = spec.kv_elems_per_token_layer * spec.dtypes.kv_bytes   # per token, one layer
+
+    def gpu_mb(tokens):
+        t = gpu_time(s, ops.layer_gpu_ops(spec, tokens), tokens)
+        if s.attention_on_gpu:
+            t = t + gpu_time(s, ops.attention(spec, tokens, 1, ctx), tokens)
+        return t
+
+    def experts_gpu_mb(tokens):
+        return gpu_time(s, ops.routed_experts(spec, tokens), ops.tokens_per_expert(spec, tokens))
+
+    gpu_fixed = _per_micro_batch(gpu_mb, N, mu)
+    experts_gpu = _per_micro_batch(experts_gpu_mb, N, mu)
+    gpu = gpu_fixed + (experts_gpu if s.ffn_on_gpu else r_w * experts_gpu)
+
+    cpu = 0.0
+    h2d_act_bytes = 0.0
+    d2h_bytes = 0.0
+    if not s.attention_on_gpu:
+        cpu = cpu_time(s, ops.attention(spec, N, 1, ctx), cpu_attention_bytes_per_s(s))
+        h2d_act_bytes = N * _attn_out_elems(spec) * ab
+        d2h_bytes = N * _qkv_elems(spec) * ab
+    if not s.ffn_on_gpu:
+        cpu_ffn = cpu_time(s, ops.routed_experts(spec, N), cpu_dram_bytes_per_s(s))
+        cpu = cpu + (1 - r_w) * cpu_ffn
+        h2d_act_bytes = h2d_act_bytes + N * spec.hidden_size * ab
+        d2h_bytes = d2h_bytes + N * spec.hidden_size * ab
+
+    frac_moe = spec.num_moe_layers / spec.num_hidden_layers
+    layer_expert_bytes = E * spec.expert_bytes * frac_moe
+    page_bytes = layer_expert_bytes / m     # nominal page: the streamed part split per micro-batch
+    h2d_weights = (1 - r_w) * layer_expert_bytes / h2d_bytes_per_s(s, page_bytes) if s.ffn_on_gpu else 0.0
+    h2d_act = h2d_act_bytes / h2d_bytes_per_s(s, h2d_act_bytes / m)
+    h2d_kv = 0.0
+    if s.attention_on_gpu:
+        kv_stream = N * ctx * kv_layer_bytes
+        h2d_kv = (1 - r_c) * kv_stream / h2d_bytes_per_s(s, kv_stream / m)
+        d2h_bytes = d2h_bytes + (1 - r_c) * N * kv_layer_bytes   # the new entries go back to the CPU cache
+    d2h = d2h_bytes / d2h_bytes_per_s(s)
+    link_bytes = ((1 - r_w) * layer_expert_bytes if s.ffn_on_gpu else 0.0) + h2d_act_bytes + d2h_bytes
+    if s.attention_on_gpu:
+        link_bytes = link_bytes + (1 - r_c) * N * ctx * kv_layer_bytes
+    link = link_bytes / duplex_bytes_per_s(s)
+
+    # one micro-batch's round trip through the loop (does not depend on r_w)
+    mu_arr = np.minimum(np.asarray(mu), np.asarray(N))
+    loop = gpu_mb(mu_arr) + experts_gpu_mb(mu_arr)
+    if not s.attention_on_gpu:
+        loop = loop + (cpu_time(s, ops.attention(spec, mu_arr, 1, ctx), cpu_attention_bytes_per_s(s))
+                       + mu_arr * _qkv_elems(spec) * ab / d2h_bytes_per_s(s)
+                       + mu_arr * _attn_out_elems(spec) * ab / h2d_bytes_per_s(s, mu_arr * _attn_out_elems(spec) * ab))
+    return LayerTimes(gpu_s=gpu, cpu_s=cpu, h2d_weights_s=h2d_weights, h2d_act_s=h2d_act, h2d_kv_s=h2d_kv,
+                      d2h_s=d2h, link_s=link, pipeline_s=loop, num_micro_batches=m)
+
+
+def prefill_layer_times(s: Setting, N, mu, r_w, r_c) -> LayerTimes:
+    """Prefill of one layer for all N sequences: on the GPU, micro-batch by micro-batch, the layer's
+    streamed experts loaded once; hidden states staged in CPU memory between layers; KV sent to the CPU."""
+    spec = s.spec
+    ab, E, p = spec.dtypes.act_bytes, spec.num_experts, s.workload.prompt_len
+    _, _, m = _micro_batches(N, mu)
+
+    def gpu_mb(seqs):
+        tokens = seqs * p
+        return (gpu_time(s, ops.layer_gpu_ops(spec, tokens) + ops.attention(spec, seqs, p, 0), tokens)
+                + gpu_time(s, ops.routed_experts(spec, tokens), ops.tokens_per_expert(spec, tokens)))
+
+    gpu = _per_micro_batch(gpu_mb, N, mu)
+    frac_moe = spec.num_moe_layers / spec.num_hidden_layers
+    layer_expert_bytes = E * spec.expert_bytes * frac_moe
+    weights_bytes = (1 - r_w) * layer_expert_bytes
+    hidden_bytes = N * p * spec.hidden_size * ab
+    kv_bytes = (1 - r_c) * N * p * spec.kv_elems_per_token_layer * spec.dtypes.kv_bytes
+    h2d = weights_bytes / h2d_bytes_per_s(s, layer_expert_bytes) + hidden_bytes / h2d_bytes_per_s(s, hidden_bytes / m)
+    d2h = (kv_bytes + hidden_bytes) / d2h_bytes_per_s(s)
+    link = (weights_bytes + 2 * hidden_bytes + kv_bytes) / duplex_bytes_per_s(s)
+    return LayerTimes(gpu_s=gpu, cpu_s=0.0, h2d_weights_s=h2d, h2d_act_s=0.0, h2d_kv_s=0.0, d2h_s=d2h,
+                      link_s=link, pipeline_s=0.0, num_micro_batches=m)
+
+
+def lm_head_time(s: Setting, N):
+    return gpu_time(s, ops.lm_head(s.spec, N), N)
+
+
+def context_samples(workload: Workload):
+    """(context lengths, decode steps each stands for): the cache grows from s to s + n - 1."""
+    steps = workload.gen_len - 1
+    if steps <= 0:
+        return np.zeros(0), np.zeros(0)
+    k = min(CONTEXT_SAMPLES, steps)
+    edges = np.linspace(0, steps, k + 1)
+    mids = (edges[:-1] + edges[1:]) / 2.0
+    return workload.prompt_len + mids, np.diff(edges)
+
+
+def step_time(layer_time, lt: LayerTimes, num_layers: int, lm_head_s):
+    """One decode step: the layers pipelined back to back, plus one fill/drain and the LM head.
+
+    With m micro-batches in flight the makespan of L*m round trips through the loop is about
+    L*T_layer + (round trip - T_layer/m).
+    """
+    return (num_layers - 1.0 / lt.num_micro_batches) * layer_time + lt.pipeline_s + lm_head_s
+
+
+# ---------------------------------------------------------------------------------------------------
+# memory
+
+@dataclass(frozen=True)
+class MemoryUse:
+    """Peak bytes per level, with the parts that make them up (values linear in r_w, r_c)."""
+    gpu: dict
+    cpu: dict
+    pinned: dict
+
+    @property
+    def gpu_bytes(self):
+        return sum(self.gpu.values())
+
+    @property
+    def cpu_bytes(self):
+        return sum(self.cpu.values())
+
+    @property
+    def pinned_bytes(self):
+        return sum(self.pinned.values())
+
+
+def activation_bytes_per_token(spec: ModelSpec) -> float:
+    """GPU workspace per token in flight: hidden/residual buffers, q/k/v, and the MoE intermediate."""
+    widest_ffn = max(spec.num_experts_per_tok * spec.moe_intermediate_size,
+                     spec.shared_expert_intermediate_size, spec.dense_intermediate_size)
+    return (4 * spec.hidden_size + spec.q_dim + spec.kv_elems_per_token_layer + 3 * widest_ffn) * spec.dtypes.act_bytes
+
+
+def memory_use(s: Setting, N, mu, r_w, r_c) -> MemoryUse:
+    spec, wl = s.spec, s.workload
+    wb, ab = spec.dtypes.weight_bytes, spec.dtypes.act_bytes
+    all_experts = spec.num_moe_layers * spec.num_experts * spec.expert_bytes
+    layer_experts = spec.num_experts * spec.expert_bytes
+    kv_all = N * wl.max_context_len * spec.kv_bytes_per_token
+    kv_layer_mb = mu * wl.max_context_len * spec.kv_elems_per_token_layer * spec.dtypes.kv_bytes
+    streamed = 1 - r_w if s.ffn_on_gpu else 0.0
+    prompt = wl.prompt_len
+    gpu = {
+        "non_expert_weights": spec.non_expert_params * wb,
+        "resident_experts": r_w * all_experts,
+        "expert_double_buffer": 2 * streamed * layer_experts,
+        "kv_cache": r_c * kv_all,
+        "kv_stream_buffer": 2 * (1 - r_c) * kv_layer_mb if s.attention_on_gpu else 0.0,
+        "decode_buffers": 4 * N * (spec.hidden_size + _qkv_elems(spec)) * ab,
+        "prefill_workspace": mu * prompt * activation_bytes_per_token(spec)
+                             + mu * spec.vocab_size * 4.0,
+    }
+    staging = 0.0 if s.pin_all_weights else 2 * streamed * layer_experts
+    io_buffers = 2 * N * (_qkv_elems(spec) + spec.hidden_size) * ab
+    cpu = {
+        "offloaded_experts": (1 - r_w) * all_experts,
+        "kv_cache": (1 - r_c) * kv_all,
+        "pinned_staging": staging,
+        "prefill_hidden_states": N * prompt * spec.hidden_size * ab,
+        "io_buffers": io_buffers,
+    }
+    pinned = {
+        "offloaded_experts": (1 - r_w) * all_experts if s.pin_all_weights else 0.0,
+        "pinned_staging": staging,
+        "io_buffers": io_buffers,
+    }
+    return MemoryUse(gpu=gpu, cpu=cpu, pinned=pinned)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the estimate of one policy
+
+def _max_terms(terms: dict):
+    names = list(terms)
+    values = np.stack([np.broadcast_to(np.asarray(terms[k], float), np.shape(terms[names[0]])) for k in names])
+    return values.max(axis=0), names, values
+
+
+@dataclass(frozen=True)
+class Estimate:
+    model: str
+    hardware: str
+    policy: Policy
+    workload: Workload
+    prefill_s: float
+    decode_s: float
+    decode_layer: dict        # resource -> seconds per layer at the mean decode context
+    prefill_layer: dict       # resource -> seconds per layer
+    layer_time_s: float       # decode, at the mean context
+    step_time_s: float        # decode, at the mean context
+    bound: str                # the resource that binds decode
+    memory: MemoryUse
+    realised_weights_gpu_frac: float
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+    @property
+    def generated_tokens(self) -> int:
+        return self.policy.batch_size * self.workload.gen_len
+
+    @property
+    def throughput_tok_s(self) -> float:
+        """End to end: generated tokens / (prefill + decode)."""
+        return self.generated_tokens / self.total_s
+
+    @property
+    def decode_tok_s(self) -> float:
+        steps = self.workload.gen_len - 1
+        return self.policy.batch_size * steps / self.decode_s if steps > 0 else float("nan")
+
+    @property
+    def bound_label(self) -> str:
+        return RESOURCE_LABELS.get(self.bound, self.bound)
+
+    def as_rows(self) -> list[dict]:
+        """Long-format rows (phase, item, value, unit) for a pandas breakdown."""
+        rows = [{"phase": "decode", "item": f"layer {k}", "value": v, "unit": "s"} for k, v in self.decode_layer.items()]
+        rows += [{"phase": "prefill", "item": f"layer {k}", "value": v, "unit": "s"} for k, v in self.prefill_layer.items()]
+        rows += [{"phase": "total", "item": k, "value": v, "unit": u} for k, v, u in (
+            ("prefill", self.prefill_s, "s"), ("decode", self.decode_s, "s"),
+            ("throughput", self.throughput_tok_s, "tok/s"), ("decode throughput", self.decode_tok_s, "tok/s"))]
+        for level in ("gpu", "cpu", "pinned"):
+            rows += [{"phase": f"memory {level}", "item": k, "value": float(v), "unit": "B"}
+                     for k, v in getattr(self.memory, level).items()]
+        return rows
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model, "hardware": self.hardware, "policy": self.policy.__dict__,
+            "workload": self.workload.__dict__, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
+            "total_s": self.total_s, "throughput_tok_s": self.throughput_tok_s, "decode_tok_s": self.decode_tok_s,
+            "bound": self.bound, "layer_time_s": self.layer_time_s, "step_time_s": self.step_time_s,
+            "decode_layer_s": self.decode_layer, "prefill_layer_s": self.prefill_layer,
+            "memory_bytes": {"gpu": self.memory.gpu, "cpu": self.memory.cpu, "pinned": self.memory.pinned,
+                             "gpu_total": self.memory.gpu_bytes, "cpu_total": self.memory.cpu_bytes,
+                             "pinned_total": self.memory.pinned_bytes},
+            "realised_weights_gpu_frac": self.realised_weights_gpu_frac,
+        }
+
+
+def _floats(d: dict) -> dict:
+    return {k: float(v) for k, v in d.items()}
+
+
+def estimate(spec: ModelSpec, hardware: HardwareProfile, workload: Workload, policy: Policy, *,
+             pin_all_weights: bool = True, use_measured: bool = True) -> Estimate:
+    """Predict prefill and decode time, memory peaks and throughput of one policy."""
+    s = Setting.of(spec, hardware, workload, policy, pin_all_weights=pin_all_weights, use_measured=use_measured)
+    N, mu = policy.batch_size, policy.micro_batch_size
+    r_w = policy.resident_experts(spec.num_experts) / spec.num_experts
+    r_c = policy.kv_gpu_frac
+    L = spec.num_hidden_layers
+    head = float(lm_head_time(s, N))
+
+    pre = prefill_layer_times(s, N, mu, r_w, r_c)
+    pre_terms = {"gpu": pre.gpu_s, "h2d": pre.h2d_s, "d2h": pre.d2h_s, "link": pre.link_s}
+    pre_layer, _, _ = _max_terms(pre_terms)
+    prefill_s = float(L * pre_layer + head)
+
+    ctxs, weights = context_samples(workload)
+    decode_s = 0.0
+    for ctx, w in zip(ctxs, weights):
+        lt = decode_layer_times(s, N, mu, r_w, r_c, ctx)
+        t_layer, _, _ = _max_terms(lt.terms(policy.schedule))
+        decode_s += w * float(step_time(t_layer, lt, L, head))
+
+    mid = decode_layer_times(s, N, mu, r_w, r_c, workload.prompt_len + workload.gen_len / 2.0)
+    terms = mid.terms(policy.schedule)
+    t_mid, names, values = _max_terms(terms)
+    bound = names[int(np.argmax(values))]
+    shown = {"gpu": mid.gpu_s, "cpu": mid.cpu_s, "h2d_weights": mid.h2d_weights_s, "h2d_act": mid.h2d_act_s,
+             "h2d_kv": mid.h2d_kv_s, "d2h": mid.d2h_s, "link": mid.link_s, "pipeline": mid.pipeline_s}
+    return Estimate(
+        model=spec.name, hardware=hardware.name, policy=policy, workload=workload,
+        prefill_s=prefill_s, decode_s=float(decode_s), decode_layer=_floats(shown), prefill_layer=_floats(pre_terms),
+        layer_time_s=float(t_mid), step_time_s=float(step_time(t_mid, mid, L, head)), bound=bound,
+        memory=MemoryUse(gpu=_floats(memory_use(s, N, mu, r_w, r_c).gpu), cpu=_floats(memory_use(s, N, mu, r_w, r_c).cpu),
+                         pinned=_floats(memory_use(s, N, mu, r_w, r_c).pinned)),
+        realised_weights_gpu_frac=r_w,
+    )

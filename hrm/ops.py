@@ -1,0 +1,156 @@
+"""One cost formula per operator of one decoder layer, parameterised by tokens and context length.
+
+Prefill and decode are two calls with different arguments:
+  prefill of a micro-batch: tokens = mu * s, attention(seqs=mu, new_tokens=s, past_len=0)
+  one decode step:          tokens = mu,     attention(seqs=mu, new_tokens=1, past_len=ctx)
+Layers differ (DeepSeek's leading dense layers, gpt-oss's sliding-window layers): each formula returns
+the cost averaged over the layers that have it, so `cost * num_hidden_layers` is the whole model.
+`tokens` may be a numpy array.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .cost import Cost
+from .spec import ModelSpec
+
+
+def _linear(spec: ModelSpec, tokens, in_features: int, out_features: int, bias: bool = False) -> Cost:
+    """y[tokens, out] = x[tokens, in] @ W[in, out]."""
+    act = spec.dtypes.act_bytes
+    return Cost(flops=2.0 * tokens * in_features * out_features,
+                weight_bytes=(in_features * out_features + (out_features if bias else 0)) * spec.dtypes.weight_bytes,
+                act_bytes=tokens * (in_features + out_features) * act)
+
+
+def pre_attention(spec: ModelSpec, tokens) -> Cost:
+    """RMSNorm + QKV projection (+ QK-norm) + RoPE for `tokens` tokens."""
+    h, act = spec.hidden_size, spec.dtypes.act_bytes
+    norm = Cost(flops=4.0 * tokens * h, weight_bytes=h * spec.dtypes.weight_bytes, act_bytes=2.0 * tokens * h * act)
+    if spec.attention == "mla":
+        qh = spec.qk_nope_head_dim + spec.qk_rope_head_dim
+        if spec.q_lora_rank:
+            q = _linear(spec, tokens, h, spec.q_lora_rank) + _linear(spec, tokens, spec.q_lora_rank,
+                                                                     spec.num_attention_heads * qh)
+        else:
+            q = _linear(spec, tokens, h, spec.num_attention_heads * qh)
+        kv = _linear(spec, tokens, h, spec.kv_lora_rank + spec.qk_rope_head_dim)
+        # absorbed MLA: each head's q_nope is projected into the latent space by its slice of W_UK
+        heads = spec.num_attention_heads
+        absorb = Cost(flops=2.0 * tokens * heads * spec.qk_nope_head_dim * spec.kv_lora_rank,
+                      weight_bytes=heads * spec.qk_nope_head_dim * spec.kv_lora_rank * spec.dtypes.weight_bytes)
+        qkv = q + kv + absorb
+    else:
+        out = (spec.num_attention_heads + 2 * spec.num_key_value_heads) * spec.head_dim
+        qkv = _linear(spec, tokens, h, out, bias=spec.qkv_bias)
+    rope = Cost(flops=6.0 * tokens * spec.q_dim)
+    return norm + qkv + rope
+
+
+def attention_context(spec: ModelSpec, past_len, new_tokens):
+    """Keys each new token attends to, summed over the new tokens and averaged over layers."""
+    past_len = np.asarray(past_len, dtype=float)
+    full = new_tokens * past_len + new_tokens * (new_tokens + 1) / 2.0
+    if not spec.sliding_window or not spec.num_sliding_layers:
+        return full
+    w = float(spec.sliding_window)
+    # each new token t (1-based) sees min(past + t, w) keys
+    windowed = np.where(past_len + new_tokens <= w, full,
+                        new_tokens * w - np.where(past_len < w, (w - past_len) * (w - past_len - 1) / 2.0, 0.0))
+    windowed = np.minimum(full, windowed)
+    f = spec.num_sliding_layers / spec.num_hidden_layers
+    return (1 - f) * full + f * windowed
+
+
+def attention(spec: ModelSpec, seqs, new_tokens, past_len) -> Cost:
+    """Scaled dot-product attention of `new_tokens` new tokens per sequence over a cache of `past_len`.
+
+    Decode (new_tokens = 1): Q.K and P.V cost 4 * ctx * n_q * d FLOPs against ctx * kv_elems bytes, so
+    the intensity is independent of the batch (n_q / n_kv for GQA in 16-bit).
+    """
+    visits = seqs * attention_context(spec, past_len, new_tokens)      # (query, key) pairs
+    if spec.attention == "mla":
+        # absorbed form: scores over (kv_lora_rank + rope) latents, values over kv_lora_rank latents
+        per_visit = 2.0 * spec.num_attention_heads * (2 * spec.kv_lora_rank + spec.qk_rope_head_dim)
+    else:
+        per_visit = 2.0 * spec.num_attention_heads * (spec.head_dim + spec.attn_v_head_dim)
+    # every cached key/value is read once per step per sequence (not per query head): the cache of
+    # the whole visible context, plus the new entries written
+    cached = seqs * np.minimum(np.asarray(past_len, float) + new_tokens,
+                               _visible_cap(spec, past_len, new_tokens))
+    kv = (cached + seqs * new_tokens) * spec.kv_elems_per_token_layer * spec.dtypes.kv_bytes
+    act = seqs * new_tokens * (spec.q_dim + spec.num_attention_heads * spec.attn_v_head_dim) * spec.dtypes.act_bytes
+    return Cost(flops=per_visit * visits, kv_bytes=kv, act_bytes=act)
+
+
+def _visible_cap(spec: ModelSpec, past_len, new_tokens):
+    """Cache entries a layer reads, averaged over sliding and full layers."""
+    total = np.asarray(past_len, float) + new_tokens
+    if not spec.sliding_window or not spec.num_sliding_layers:
+        return total
+    f = spec.num_sliding_layers / spec.num_hidden_layers
+    return (1 - f) * total + f * np.minimum(total, spec.sliding_window + new_tokens - 1)
+
+
+def o_proj(spec: ModelSpec, tokens) -> Cost:
+    """Output projection (MLA: preceded by W_UV taking each head's latent output to v_head_dim)."""
+    if spec.attention == "mla":
+        heads = spec.num_attention_heads
+        uv = Cost(flops=2.0 * tokens * heads * spec.kv_lora_rank * spec.attn_v_head_dim,
+                  weight_bytes=heads * spec.kv_lora_rank * spec.attn_v_head_dim * spec.dtypes.weight_bytes)
+        return uv + _linear(spec, tokens, heads * spec.attn_v_head_dim, spec.hidden_size)
+    return _linear(spec, tokens, spec.num_attention_heads * spec.attn_v_head_dim, spec.hidden_size,
+                   bias=spec.o_proj_bias)
+
+
+def _moe_frac(spec: ModelSpec) -> float:
+    return spec.num_moe_layers / spec.num_hidden_layers
+
+
+def router(spec: ModelSpec, tokens) -> Cost:
+    """Post-attention RMSNorm, router logits and top-k."""
+    h = spec.hidden_size
+    norm = Cost(flops=4.0 * tokens * h, weight_bytes=h * spec.dtypes.weight_bytes,
+                act_bytes=2.0 * tokens * h * spec.dtypes.act_bytes)
+    return norm + _linear(spec, tokens, h, spec.num_experts) * _moe_frac(spec)
+
+
+def expected_active_experts(spec: ModelSpec, tokens):
+    """Experts that receive at least one token when `tokens` tokens route uniformly at random."""
+    e, k = spec.num_experts, spec.num_experts_per_tok
+    return e * (1.0 - (1.0 - k / e) ** np.asarray(tokens, dtype=float))
+
+
+def tokens_per_expert(spec: ModelSpec, tokens):
+    return np.asarray(tokens, dtype=float) * spec.num_experts_per_tok / spec.num_experts
+
+
+def routed_experts(spec: ModelSpec, tokens) -> Cost:
+    """All routed experts of a layer for `tokens` tokens (top-k each): weight bytes are those of the
+    experts that receive a token."""
+    k = spec.num_experts_per_tok
+    weights = expected_active_experts(spec, tokens) * spec.expert_bytes
+    c = Cost(flops=2.0 * tokens * k * spec.expert_params, weight_bytes=weights,
+             act_bytes=tokens * k * (2 * spec.hidden_size + 2 * spec.moe_intermediate_size) * spec.dtypes.act_bytes)
+    return c * _moe_frac(spec)
+
+
+def dense_ffn(spec: ModelSpec, tokens) -> Cost:
+    """Shared experts of MoE layers and the dense FFN of leading dense layers: always on the GPU."""
+    h, act = spec.hidden_size, spec.dtypes.act_bytes
+    shared = Cost(flops=2.0 * tokens * spec.shared_expert_params, weight_bytes=spec.shared_expert_params * spec.dtypes.weight_bytes,
+                  act_bytes=tokens * (2 * h + 2 * spec.shared_expert_intermediate_size) * act)
+    dense = Cost(flops=2.0 * tokens * spec.dense_ffn_params, weight_bytes=spec.dense_ffn_params * spec.dtypes.weight_bytes,
+                 act_bytes=tokens * (2 * h + 2 * spec.dense_intermediate_size) * act)
+    f = _moe_frac(spec)
+    return shared * (f if spec.shared_expert_params else 0.0) + dense * (1 - f)
+
+
+def lm_head(spec: ModelSpec, tokens) -> Cost:
+    """Final norm + LM head + sampling over the vocabulary (once per step, not per layer)."""
+    return _linear(spec, tokens, spec.hidden_size, spec.vocab_size, bias=spec.lm_head_bias)
+
+
+def layer_gpu_ops(spec: ModelSpec, tokens) -> Cost:
+    """Everything of a layer the GPU runs besides attention and the routed experts."""
+    return pre_attention(spec, tokens) + o_proj(spec, tokens) + router(spec, tokens) + dense_ffn(spec, tokens)
