@@ -363,7 +363,7 @@ class Estimate:
     workload: Workload
     prefill_s: float
     decode_s: float
-    decode_layer: dict        # resource -> seconds per layer at the mean decode context
+    decode_layer: dict        # resource (and h2d parts) -> seconds per layer at the mean decode context
     prefill_layer: dict       # resource -> seconds per layer
     layer_time_s: float       # decode, at the mean context
     step_time_s: float        # decode, at the mean context
@@ -449,8 +449,8 @@ def estimate(spec: ModelSpec, hardware: HardwareProfile, workload: Workload, pol
     terms = mid.terms(policy.schedule)
     t_mid, names, values = _max_terms(terms)
     bound = names[int(np.argmax(values))]
-    shown = {"gpu": mid.gpu_s, "cpu": mid.cpu_s, "h2d_weights": mid.h2d_weights_s, "h2d_act": mid.h2d_act_s,
-             "h2d_kv": mid.h2d_kv_s, "d2h": mid.d2h_s, "link": mid.link_s, "pipeline": mid.pipeline_s}
+    shown = {"gpu": mid.gpu_s, "cpu": mid.cpu_s, "h2d": mid.h2d_s, "h2d_weights": mid.h2d_weights_s,
+             "h2d_act": mid.h2d_act_s, "h2d_kv": mid.h2d_kv_s, "d2h": mid.d2h_s, "link": mid.link_s, "pipeline": mid.pipeline_s}
     return Estimate(
         model=spec.name, hardware=hardware.name, policy=policy, workload=workload,
         prefill_s=prefill_s, decode_s=float(decode_s), decode_layer=_floats(shown), prefill_layer=_floats(pre_terms),

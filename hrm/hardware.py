@@ -134,22 +134,28 @@ class HardwareProfile:
 # loading
 
 def _req(table: Mapping, key: str, where: str):
+    if not isinstance(table, Mapping):
+        raise HardwareError(f"{where}: must be a table")
     if key not in table:
         raise HardwareError(f"{where}: missing field '{key}'")
     return table[key]
 
 
 def _memory_bytes(table: Mapping, where: str) -> float:
+    if "memory_gib" in table and "memory_gb" in table:
+        raise HardwareError(f"{where}: give 'memory_gib' or 'memory_gb', not both")
     if "memory_gib" in table:
-        return float(table["memory_gib"]) * GiB
+        return _positive(table["memory_gib"], "memory_gib", where) * GiB
     if "memory_gb" in table:
-        return float(table["memory_gb"]) * GB
+        return _positive(table["memory_gb"], "memory_gb", where) * GB
     raise HardwareError(f"{where}: missing field 'memory_gib' (or 'memory_gb')")
 
 
 def _positive(value, key: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise HardwareError(f"{where}: '{key}' must be a number, got {value!r}")
     v = float(value)
-    if not v > 0:
+    if not 0 < v < float("inf"):
         raise HardwareError(f"{where}: '{key}' must be positive, got {value}")
     return v
 
@@ -163,7 +169,7 @@ def _unit(table: Mapping, where: str) -> ComputeUnit:
         memory_bytes=_positive(_memory_bytes(table, where), "memory", where),
         mem_bytes_per_s=_positive(_req(table, "mem_gb_per_s", where), "mem_gb_per_s", where) * GB,
         peak_flops={k: _positive(v, f"tflops.{k}", where) * TFLOPS for k, v in tflops.items()},
-        count=int(table.get("count", 1)),
+        count=int(_positive(table.get("count", 1), "count", where)),
         cores=int(table.get("cores", 0)),
         source=str(_req(table, "source", where)),
     )
@@ -175,7 +181,8 @@ def _measured(table: Mapping, where: str) -> Measured:
         if len(xs) != len(ys):
             raise HardwareError(f"{where}: '{xkey}' and '{ykey}' differ in length")
         order = np.argsort(xs)
-        return (tuple(float(xs[i]) * xscale for i in order), tuple(float(ys[i]) * yscale for i in order))
+        return (tuple(_positive(xs[i], xkey, where) * xscale for i in order),
+                tuple(_positive(ys[i], ykey, where) * yscale for i in order))
 
     gt, gf = pair("gpu_gemm_tokens", "gpu_gemm_tflops", 1.0, TFLOPS)
     hs, hr = pair("h2d_sizes_mib", "h2d_gb_per_s", 2.0 ** 20, GB)
@@ -193,13 +200,15 @@ def parse_profile(data: Mapping, name: str, path: str = "") -> HardwareProfile:
     for section in ("gpu", "cpu", "link"):
         if section not in data:
             raise HardwareError(f"{where}: missing section [{section}]")
+        if not isinstance(data[section], Mapping):
+            raise HardwareError(f"{where}: [{section}] must be a table")
     lk = data["link"]
     lw = f"{where} [link]"
     h2d = _positive(_req(lk, "h2d_gb_per_s", lw), "h2d_gb_per_s", lw) * GB
     d2h = _positive(_req(lk, "d2h_gb_per_s", lw), "d2h_gb_per_s", lw) * GB
     link = Link(h2d_bytes_per_s=h2d, d2h_bytes_per_s=d2h,
-                duplex_bytes_per_s=float(lk.get("duplex_gb_per_s", (h2d + d2h) / GB)) * GB,
-                pageable_h2d_bytes_per_s=float(lk.get("pageable_h2d_gb_per_s", 0.0)) * GB,
+                duplex_bytes_per_s=_positive(lk.get("duplex_gb_per_s", (h2d + d2h) / GB), "duplex_gb_per_s", lw) * GB,
+                pageable_h2d_bytes_per_s=_positive(lk.get("pageable_h2d_gb_per_s", h2d / GB), "pageable_h2d_gb_per_s", lw) * GB,
                 source=str(_req(lk, "source", lw)))
     return HardwareProfile(
         name=str(data.get("name", name)), description=str(data.get("description", "")),
@@ -225,7 +234,8 @@ def available_profiles() -> list[str]:
 def load_profile(name_or_path: str | os.PathLike) -> HardwareProfile:
     """Load a profile by built-in name (`t4-s1`) or by path to a TOML file."""
     p = Path(name_or_path)
-    if p.suffix != ".toml":
+    if p.suffix != ".toml" or (not p.is_file() and p.parent == Path(".")):
+        name_or_path = p.stem if p.suffix == ".toml" else name_or_path
         for d in profile_dirs():
             if (d / f"{name_or_path}.toml").is_file():
                 p = d / f"{name_or_path}.toml"

@@ -1,0 +1,189 @@
+"""The Hierarchical Roofline Model and the cost model: hand-checked numbers and properties."""
+import ast
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hrm import ops
+from hrm.cost import Cost
+from hrm.estimate import Setting, decode_layer_times, estimate, memory_use, prefill_layer_times
+from hrm.hardware import load_profile
+from hrm.hf_config import builtin_models, load_model
+from hrm.policy import Policy, PolicyError
+from hrm.roofline import (Hierarchy, Level, balance_intensity_cpu, decode_attention_point, moe_ffn_point,
+                          turning_point_p1, turning_point_p2)
+from hrm.spec import SpecError, Workload
+
+ROOT = Path(__file__).resolve().parent.parent
+MIXTRAL = load_model("mixtral-8x7b")
+MTBENCH = Workload(77, 418, 128)
+
+
+def test_import_direction():
+    """hrm knows nothing of optimizer/runtime/torch/pulp; optimizer never imports runtime or torch."""
+    forbidden = {"hrm": {"torch", "pulp", "optimizer", "runtime", "viz", "moe_lightning_cli", "pandas", "scipy"},
+                 "optimizer": {"torch", "runtime", "viz", "moe_lightning_cli"}}
+    bad = []
+    for pkg, names in forbidden.items():
+        for path in (ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                mods = []
+                if isinstance(node, ast.Import):
+                    mods = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    mods = [node.module]
+                bad += [f"{path.relative_to(ROOT)} imports {m}" for m in mods if m.split(".")[0] in names]
+    assert not bad, bad
+
+
+# Source: the paper's L4 roofline plot (MISSION.md): CPU 1.3 TFLOP/s, CPU-GPU 16 GB/s -> P1 = 81.25.
+def test_turning_point_p1_paper_l4_plot():
+    h = Hierarchy(gpu=Level("gpu", 242e12, 300e9), cpu=Level("cpu", 1.3e12, 100e9), link_bytes_per_s=16e9)
+    assert turning_point_p1(h) == pytest.approx(81.25)
+    # a memory-bound CPU task turns at a lower intensity: B_cpu * I / B_link
+    assert turning_point_p1(h, intensity_cpu=4.0) == pytest.approx(100e9 * 4 / 16e9)
+    assert turning_point_p2(h) == pytest.approx(242e12 / 16e9)
+    assert balance_intensity_cpu(h, 10.0) == pytest.approx(300e9 * 10 / 16e9)
+
+
+def test_decode_attention_intensity_independent_of_batch():
+    """Q.K and P.V: 4 * ctx * n_q * d FLOPs over 4 * ctx * n_kv * d bytes -> n_q / n_kv = 4 for Mixtral."""
+    h = Hierarchy.of(load_profile("l4-s2"))
+    values = [decode_attention_point(h, MIXTRAL, n, 1024).intensity_cpu for n in (1, 16, 256, 4096)]
+    assert np.allclose(values, values[0])
+    assert values[0] == pytest.approx(4.0, rel=0.01)
+    assert values[0] < turning_point_p1(h)        # so attention stays next to its KV cache
+
+
+def test_moe_ffn_intensity_grows_with_batch():
+    h = Hierarchy.of(load_profile("l4-s2"))
+    values = [moe_ffn_point(h, MIXTRAL, n, min(n, 64)).intensity_cpu for n in (1, 8, 64, 512, 4096)]
+    assert all(b > a for a, b in zip(values, values[1:]))
+    # each CPU-resident byte is used by N * k / E tokens: 2 FLOP per weight per token, 2 bytes per weight
+    assert values[-1] == pytest.approx(4096 * 2 / 8 * 2 / 2, rel=1e-6)
+    # more resident weights on the GPU: fewer CPU bytes per FLOP
+    assert moe_ffn_point(h, MIXTRAL, 64, 64, 0.5).intensity_cpu == pytest.approx(2 * values[2])
+
+
+def test_costs_add_and_scale():
+    a, b = Cost(1, 2, 3, 4), Cost(10, 20, 30, 40)
+    assert a + b == Cost(11, 22, 33, 44)
+    assert 2 * a == Cost(2, 4, 6, 8) == a * 2
+    assert a.bytes == 9
+
+
+def test_prefill_and_decode_are_one_formula():
+    """Attention of s new tokens over an empty cache == s decode steps over a growing cache (FLOPs)."""
+    s = 37
+    prefill = ops.attention(MIXTRAL, 3, s, 0)
+    decode = sum((ops.attention(MIXTRAL, 3, 1, t) for t in range(s)), Cost())
+    assert prefill.flops == pytest.approx(decode.flops)
+
+
+def test_sliding_window_caps_attention():
+    gpt = load_model("gpt-oss-20b")
+    short = ops.attention(gpt, 1, 1, 100).flops
+    long_ = ops.attention(gpt, 1, 1, 10_000).flops
+    full_only = replace(gpt, sliding_window=0, num_sliding_layers=0)
+    assert long_ < ops.attention(full_only, 1, 1, 10_000).flops
+    assert long_ / short < 10_000 / 100
+
+
+def test_stage_terms_linear_in_fractions():
+    """Every resource term is linear in r_w and r_c, so the MILP and the grid share them."""
+    hw = load_profile("t4-s1")
+    for attn_gpu, sched in ((False, "cgopipe"), (True, "s4")):
+        st = Setting(MIXTRAL, hw, MTBENCH, attention_on_gpu=attn_gpu, schedule=sched)
+        r = np.array([0.0, 0.25, 0.5])
+        lt = decode_layer_times(st, 256, 32, r, r, 400.0)
+        for name, v in lt.terms(sched).items():
+            v = np.broadcast_to(v, r.shape)
+            assert v[2] - v[1] == pytest.approx(v[1] - v[0], abs=1e-12), name
+        mem = memory_use(st, 256, 32, r, r)
+        g = np.broadcast_to(mem.gpu_bytes, r.shape)
+        assert g[2] - g[1] == pytest.approx(g[1] - g[0])
+
+
+def test_mixtral_t4_small_batch_binds_on_the_link():
+    est = estimate(MIXTRAL, load_profile("t4-s1"), MTBENCH, Policy(64, 8))
+    assert est.bound == "h2d"
+    # one layer's experts (8 x 336 MiB) over a ~12.5 GB/s link
+    assert est.decode_layer["h2d_weights"] == pytest.approx(8 * MIXTRAL.expert_bytes / 12.5e9, rel=0.02)
+
+
+def test_attention_on_cpu_binds_cpu_at_large_batch_long_context():
+    wl = Workload(2000, 2000, 512)
+    est = estimate(MIXTRAL, load_profile("h200"), wl, Policy(2048, 256))
+    assert est.bound == "cpu"
+
+
+def test_estimate_totals_are_consistent():
+    est = estimate(MIXTRAL, load_profile("l4-s2"), MTBENCH, Policy(256, 32, weights_gpu_frac=0.25))
+    assert est.realised_weights_gpu_frac == 0.25
+    assert est.throughput_tok_s == pytest.approx(256 * 128 / (est.prefill_s + est.decode_s))
+    assert est.decode_tok_s == pytest.approx(256 * 127 / est.decode_s)
+    assert est.memory.gpu["resident_experts"] == pytest.approx(0.25 * 32 * 8 * MIXTRAL.expert_bytes)
+    rows = est.as_rows()
+    assert {"phase", "item", "value", "unit"} <= set(rows[0])
+
+
+def test_weights_realised_per_whole_expert():
+    est = estimate(MIXTRAL, load_profile("l4-s2"), MTBENCH, Policy(64, 16, weights_gpu_frac=0.3))
+    assert est.realised_weights_gpu_frac == 0.25        # floor(8 * 0.3) = 2 experts
+
+
+def test_decode_time_grows_with_context():
+    hw = load_profile("h200")
+    short = estimate(MIXTRAL, hw, Workload(128, 128, 64), Policy(1024, 128))
+    long_ = estimate(MIXTRAL, hw, Workload(4096, 4096, 64), Policy(1024, 128))
+    assert long_.decode_s > short.decode_s
+    assert long_.memory.cpu["kv_cache"] > 20 * short.memory.cpu["kv_cache"]
+
+
+def test_prefill_priced():
+    hw = load_profile("t4-s1")
+    st = Setting(MIXTRAL, hw, MTBENCH)
+    lt = prefill_layer_times(st, 64, 8, 0.0, 0.0)
+    assert lt.gpu_s > 0 and lt.h2d_s > 0 and lt.d2h_s > 0
+    assert estimate(MIXTRAL, hw, MTBENCH, Policy(64, 8)).prefill_s > 0
+
+
+def test_more_micro_batches_hide_cpu_attention():
+    """With one micro-batch nothing overlaps: the round trip binds; with several the resources do."""
+    hw = load_profile("h200")
+    one = estimate(MIXTRAL, hw, MTBENCH, Policy(64, 64))
+    many = estimate(MIXTRAL, hw, MTBENCH, Policy(64, 8))
+    assert one.decode_layer["pipeline"] > many.decode_layer["pipeline"]
+
+
+def test_schedules_order():
+    """Overlap never hurts: CGOPipe <= S3 (no CPU/GPU overlap) <= blocking (nothing overlapped)."""
+    hw = load_profile("t4-s1")
+    t = {s: estimate(MIXTRAL, hw, MTBENCH, Policy(256, 32, schedule=s)).decode_s for s in ("cgopipe", "s3")}
+    blocking = estimate(MIXTRAL, hw, MTBENCH, Policy(256, 32, attention_on_gpu=True, schedule="blocking")).decode_s
+    s4 = estimate(MIXTRAL, hw, MTBENCH, Policy(256, 32, attention_on_gpu=True, schedule="s4")).decode_s
+    assert t["cgopipe"] <= t["s3"]
+    assert s4 <= blocking
+
+
+@pytest.mark.parametrize("name", builtin_models())
+def test_every_builtin_model_estimates(name):
+    spec = load_model(name)
+    est = estimate(spec, load_profile("a100-80gb"), Workload(256, 256, 32), Policy(64, 16))
+    assert np.isfinite(est.throughput_tok_s) and est.throughput_tok_s > 0
+    assert est.memory.gpu_bytes > 0 and est.memory.cpu_bytes > 0
+
+
+def test_bad_inputs():
+    with pytest.raises(SpecError, match="gen_len"):
+        Workload(10, 10, 0)
+    with pytest.raises(SpecError, match="prompt"):
+        Workload(-1, 10, 5)
+    with pytest.raises(PolicyError, match="micro_batch_size"):
+        Policy(8, 16)
+    with pytest.raises(PolicyError, match="weights_gpu_frac"):
+        Policy(8, 8, weights_gpu_frac=1.5)
+    with pytest.raises(PolicyError, match="s4"):
+        Policy(8, 8, schedule="s4")
