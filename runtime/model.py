@@ -1,0 +1,302 @@
+"""Plain reference MoE transformer (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) written as layer functions.
+
+forward(tokens) = embed -> L x [pre_attention -> causal_attention -> post_attention] -> final_logits.
+The pipeline (pipeline.py) calls the same functions per layer and micro-batch; routed experts are read
+through an `ExpertLookup` (expert id -> ExpertWeights) so that a page table can place them anywhere.
+Norms, softmax, RoPE and the expert sum run in `acc_dtype(dtype)` (fp32, or fp64 for fp64 models).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from hrm.spec import ModelSpec
+
+SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+FULL_WIDTH_QK_NORM = ("olmoe",)  # q_norm/k_norm over the whole projection, not per head
+
+
+class UnsupportedModel(ValueError):
+    """A ModelSpec this runtime cannot execute (the message names the feature)."""
+
+
+def check_supported(spec: ModelSpec) -> None:
+    problems = []
+    if spec.model_type not in SUPPORTED_MODEL_TYPES:
+        problems.append(f"model_type {spec.model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if spec.attention != "gqa":
+        problems.append(f"attention {spec.attention!r}")
+    if spec.first_dense_layers:
+        problems.append("leading dense layers")
+    if spec.norm != "rms":
+        problems.append(f"norm {spec.norm!r}")
+    if spec.router != "softmax":
+        problems.append(f"router {spec.router!r}")
+    if spec.sliding_window or spec.attention_sinks or spec.lm_head_bias:
+        problems.append("sliding window / attention sinks / lm_head bias")
+    if spec.num_attention_heads % spec.num_key_value_heads:
+        problems.append(f"{spec.num_attention_heads} query heads not a multiple of "
+                        f"{spec.num_key_value_heads} kv heads")
+    if problems:
+        raise UnsupportedModel(f"{spec.name}: runtime does not support " + "; ".join(problems))
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32 for 16-bit and fp32 models, fp64 for fp64 models."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ---- weights -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttentionWeights:
+    q_proj: torch.Tensor                   # [q_dim, hidden]
+    k_proj: torch.Tensor                   # [kv_dim, hidden]
+    v_proj: torch.Tensor                   # [kv_dim, hidden]
+    o_proj: torch.Tensor                   # [hidden, q_dim]
+    q_bias: torch.Tensor | None = None     # [q_dim]
+    k_bias: torch.Tensor | None = None     # [kv_dim]
+    v_bias: torch.Tensor | None = None     # [kv_dim]
+    o_bias: torch.Tensor | None = None     # [hidden]
+    q_norm: torch.Tensor | None = None     # [head_dim] per head, or [q_dim] (OLMoE)
+    k_norm: torch.Tensor | None = None     # [head_dim] per head, or [kv_dim] (OLMoE)
+
+
+@dataclass(frozen=True)
+class SharedExpertWeights:
+    gate: torch.Tensor                     # [shared, hidden]
+    up: torch.Tensor                       # [shared, hidden]
+    down: torch.Tensor                     # [hidden, shared]
+    gate_weight: torch.Tensor | None       # [1, hidden]: sigmoid gate (Qwen2-MoE)
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    input_norm: torch.Tensor               # [hidden]
+    attn: AttentionWeights
+    post_attention_norm: torch.Tensor      # [hidden]
+    router: torch.Tensor                   # [num_experts, hidden]
+    shared: SharedExpertWeights | None
+
+
+@dataclass(frozen=True)
+class DenseWeights:
+    """Every weight except the routed experts."""
+    embed: torch.Tensor                    # [vocab, hidden]
+    layers: tuple[LayerWeights, ...]
+    norm: torch.Tensor                     # [hidden]
+    lm_head: torch.Tensor                  # [vocab, hidden] (the embed tensor when tied)
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    gate: torch.Tensor                     # [moe_intermediate, hidden]
+    up: torch.Tensor                       # [moe_intermediate, hidden]
+    down: torch.Tensor                     # [hidden, moe_intermediate]
+
+
+ExpertLookup = Callable[[int], ExpertWeights]
+
+
+def expert_elems(spec: ModelSpec) -> int:
+    """Elements of one routed expert stored flat as gate | up | down."""
+    return 3 * spec.moe_intermediate_size * spec.hidden_size
+
+
+def expert_view(flat: torch.Tensor, spec: ModelSpec) -> ExpertWeights:
+    """Views of one expert stored flat ([3 * inter * hidden]) as gate | up | down."""
+    i, h = spec.moe_intermediate_size, spec.hidden_size
+    n = i * h
+    return ExpertWeights(flat[:n].view(i, h), flat[n:2 * n].view(i, h), flat[2 * n:].view(h, i))
+
+
+def dense_weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Our names and shapes of every non-expert tensor (the keys `dense_weights_from` reads)."""
+    check_supported(spec)
+    h, q, kv = spec.hidden_size, spec.q_dim, spec.num_key_value_heads * spec.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"embed": (spec.vocab_size, h), "norm": (h,)}
+    if not spec.tie_word_embeddings:
+        shapes["lm_head"] = (spec.vocab_size, h)
+    for i in range(spec.num_hidden_layers):
+        p = f"layers.{i}."
+        shapes.update({p + "input_norm": (h,), p + "post_attention_norm": (h,),
+                       p + "q_proj": (q, h), p + "k_proj": (kv, h), p + "v_proj": (kv, h),
+                       p + "o_proj": (h, q), p + "router": (spec.num_experts, h)})
+        if spec.qkv_bias:
+            shapes.update({p + "q_bias": (q,), p + "k_bias": (kv,), p + "v_bias": (kv,)})
+        if spec.o_proj_bias:
+            shapes[p + "o_bias"] = (h,)
+        if spec.qk_norm:
+            full = spec.model_type in FULL_WIDTH_QK_NORM
+            shapes[p + "q_norm"] = (q,) if full else (spec.head_dim,)
+            shapes[p + "k_norm"] = (kv,) if full else (spec.head_dim,)
+        s = spec.shared_expert_intermediate_size
+        if s:
+            shapes.update({p + "shared.gate": (s, h), p + "shared.up": (s, h), p + "shared.down": (h, s)})
+            if spec.shared_expert_gate:
+                shapes[p + "shared.gate_weight"] = (1, h)
+    return shapes
+
+
+def dense_weights_from(tensors: dict[str, torch.Tensor], spec: ModelSpec) -> DenseWeights:
+    """Assemble DenseWeights from tensors named as in `dense_weight_shapes`."""
+    def layer(i: int) -> LayerWeights:
+        p = f"layers.{i}."
+        get = lambda k: tensors.get(p + k)  # noqa: E731
+        attn = AttentionWeights(get("q_proj"), get("k_proj"), get("v_proj"), get("o_proj"),
+                                get("q_bias"), get("k_bias"), get("v_bias"), get("o_bias"),
+                                get("q_norm"), get("k_norm"))
+        shared = None
+        if spec.shared_expert_intermediate_size:
+            shared = SharedExpertWeights(get("shared.gate"), get("shared.up"), get("shared.down"),
+                                         get("shared.gate_weight"))
+        return LayerWeights(get("input_norm"), attn, get("post_attention_norm"), get("router"), shared)
+
+    lm_head = tensors["embed"] if spec.tie_word_embeddings else tensors["lm_head"]
+    return DenseWeights(tensors["embed"], tuple(layer(i) for i in range(spec.num_hidden_layers)),
+                        tensors["norm"], lm_head)
+
+
+# ---- building blocks -----------------------------------------------------------------------------
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, computed in the accumulation dtype (HF order: weight * x.to(dtype))."""
+    xf = x.to(acc_dtype(x.dtype))
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, spec: ModelSpec, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [tokens, head_dim] for integer positions [tokens]."""
+    d = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=positions.device) / d))
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]       # [tokens, d/2]
+    emb = torch.cat((freqs, freqs), dim=-1)                                # [tokens, d]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [tokens, heads, d]; cos/sin [tokens, d]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """x [tokens, hidden] -> [tokens, hidden]."""
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+# ---- layer functions -----------------------------------------------------------------------------
+def pre_attention(x: torch.Tensor, layer: LayerWeights, spec: ModelSpec, cos: torch.Tensor,
+                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RMSNorm, QKV projection (+bias), QK-norm, clip, RoPE.
+    x [tokens, hidden] -> q [tokens, n_q, d], k [tokens, n_kv, d], v [tokens, n_kv, d]."""
+    a = layer.attn
+    t, d = x.shape[0], spec.head_dim
+    h = rms_norm(x, layer.input_norm, spec.rms_norm_eps)
+    q = F.linear(h, a.q_proj, a.q_bias)                                    # [tokens, q_dim]
+    k = F.linear(h, a.k_proj, a.k_bias)                                    # [tokens, kv_dim]
+    v = F.linear(h, a.v_proj, a.v_bias)
+    full_width_norm = spec.model_type in FULL_WIDTH_QK_NORM
+    if spec.qk_norm and full_width_norm:
+        q, k = rms_norm(q, a.q_norm, spec.rms_norm_eps), rms_norm(k, a.k_norm, spec.rms_norm_eps)
+    q, k, v = q.view(t, -1, d), k.view(t, -1, d), v.view(t, -1, d)
+    if spec.qk_norm and not full_width_norm:
+        q, k = rms_norm(q, a.q_norm, spec.rms_norm_eps), rms_norm(k, a.k_norm, spec.rms_norm_eps)
+    if spec.clip_qkv:
+        c = spec.clip_qkv
+        q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: int = 0) -> torch.Tensor:
+    """Prefill attention of one sequence whose first `pad` slots are left padding (real tokens ignore them).
+    q [S, n_q, d], k/v [S, n_kv, d] -> [S, n_q * d]."""
+    s = q.shape[0]
+    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # [1, heads, S, d]
+    if pad == 0:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
+    else:
+        i = torch.arange(s, device=q.device)
+        allowed = (i[None, :] <= i[:, None]) & ((i[None, :] >= pad) | (i[:, None] < pad))  # [S, S]
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, enable_gqa=True)
+    return out[0].transpose(0, 1).reshape(s, -1)
+
+
+def route(h: torch.Tensor, router: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax (accumulation dtype) -> top-k -> renormalise when norm_topk_prob (always for Mixtral).
+    h [tokens, hidden] -> weights [tokens, k] (acc dtype), expert ids [tokens, k]."""
+    logits = F.linear(h, router)                                           # [tokens, experts]
+    probs = torch.softmax(logits.to(acc_dtype(h.dtype)), dim=-1)
+    weights, ids = torch.topk(probs, spec.num_experts_per_tok, dim=-1)
+    if spec.norm_topk_prob or spec.model_type == "mixtral":
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def moe(h: torch.Tensor, layer: LayerWeights, experts: ExpertLookup, spec: ModelSpec) -> torch.Tensor:
+    """Routed experts (SwiGLU, read through `experts`) plus the shared expert. h [tokens, hidden] -> same.
+    One host synchronisation (the per-expert token counts)."""
+    t, k = h.shape[0], spec.num_experts_per_tok
+    weights, ids = route(h, layer.router, spec)                            # [tokens, k]
+    out = torch.zeros(t, h.shape[1], dtype=weights.dtype, device=h.device)  # [tokens, hidden] acc
+    flat = ids.reshape(-1)                                                 # [tokens * k]
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=spec.num_experts).tolist()
+    tok_all, slot_all = order // k, order % k
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        tok, slot = tok_all[start:start + n], slot_all[start:start + n]    # [n]
+        start += n
+        w = experts(e)
+        y = swiglu(h[tok], w.gate, w.up, w.down)                           # [n, hidden]
+        out.index_add_(0, tok, y.to(out.dtype) * weights[tok, slot, None])
+    if layer.shared is not None:
+        s = layer.shared
+        y = swiglu(h, s.gate, s.up, s.down).to(out.dtype)
+        if s.gate_weight is not None:
+            y = torch.sigmoid(F.linear(h, s.gate_weight).to(out.dtype)) * y
+        out += y
+    return out.to(h.dtype)
+
+
+def post_attention(x: torch.Tensor, attn: torch.Tensor, layer: LayerWeights, experts: ExpertLookup,
+                   spec: ModelSpec) -> torch.Tensor:
+    """O-proj + residual, RMSNorm, MoE + residual. x [tokens, hidden], attn [tokens, q_dim] -> [tokens, hidden]."""
+    x = x + F.linear(attn, layer.attn.o_proj, layer.attn.o_bias)
+    h = rms_norm(x, layer.post_attention_norm, spec.rms_norm_eps)
+    return x + moe(h, layer, experts, spec)
+
+
+def final_logits(x: torch.Tensor, dense: DenseWeights, spec: ModelSpec) -> torch.Tensor:
+    """Final norm + LM head. x [tokens, hidden] -> logits [tokens, vocab] in the accumulation dtype."""
+    h = rms_norm(x, dense.norm, spec.rms_norm_eps)
+    return F.linear(h, dense.lm_head).to(acc_dtype(x.dtype))
+
+
+# ---- reference forward ---------------------------------------------------------------------------
+def forward(tokens: torch.Tensor, dense: DenseWeights, experts_of_layer: Callable[[int], ExpertLookup],
+            spec: ModelSpec) -> torch.Tensor:
+    """Full-sequence reference forward of one sequence: tokens [S] -> logits [S, vocab]."""
+    x = dense.embed[tokens]                                                # [S, hidden]
+    positions = torch.arange(tokens.shape[0], device=tokens.device)
+    cos, sin = rope_cos_sin(positions, spec, x.dtype)
+    for i, layer in enumerate(dense.layers):
+        q, k, v = pre_attention(x, layer, spec, cos, sin)
+        x = post_attention(x, causal_attention(q, k, v), layer, experts_of_layer(i), spec)
+    return final_logits(x, dense, spec)
+
+
+def greedy_generate(prompt: list[int], max_new_tokens: int, dense: DenseWeights,
+                    experts_of_layer: Callable[[int], ExpertLookup], spec: ModelSpec) -> list[int]:
+    """Reference greedy decode without a cache (re-runs the whole sequence per token)."""
+    seq = list(prompt)
+    device = dense.embed.device
+    for _ in range(max_new_tokens):
+        logits = forward(torch.tensor(seq, device=device), dense, experts_of_layer, spec)
+        seq.append(int(logits[-1].argmax()))
+    return seq[len(prompt):]
