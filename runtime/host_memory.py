@@ -1,0 +1,45 @@
+"""Host (CPU) tensors, page-locked when CUDA is present.
+
+Large buffers are pinned in place with cudaHostRegister: torch's caching host allocator rounds every
+pinned block up to a power of two (a 70 GB request would pin 128 GB). Without CUDA nothing is pinned.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+
+_lock = threading.Lock()
+_pinned_bytes = 0
+
+
+def pinned_bytes() -> int:
+    """Bytes currently pinned through `empty_host`."""
+    return _pinned_bytes
+
+
+def _account(delta: int) -> None:
+    global _pinned_bytes
+    with _lock:
+        _pinned_bytes += delta
+
+
+def _unregister(ptr: int, nbytes: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(ptr)
+    _account(-nbytes)
+
+
+def empty_host(shape: tuple[int, ...], dtype: torch.dtype, pin: bool | None = None) -> torch.Tensor:
+    """An uninitialised CPU tensor; page-locked (exact size) when `pin` (default: CUDA is available)."""
+    t = torch.empty(shape, dtype=dtype)
+    if pin is None:
+        pin = torch.cuda.is_available()
+    nbytes = t.numel() * t.element_size()
+    if pin and nbytes:
+        err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0)
+        if int(err) != 0:
+            raise MemoryError(f"cudaHostRegister of {nbytes / 2**30:.2f} GiB failed with CUDA error {int(err)}")
+        _account(nbytes)
+        weakref.finalize(t, _unregister, t.data_ptr(), nbytes)
+    return t

@@ -1,0 +1,161 @@
+"""Weight store: where every tensor of the model lives, and the page table the MoE reads experts through.
+
+  device:  dense (non-expert) weights | resident experts [L, r, X] | double buffer [2, E - r, X]
+  host:    offloaded experts [L, E - r, X] (pinned when CUDA is present), split per layer into pages
+X = 3 * moe_intermediate * hidden elements (one expert stored flat as gate | up | down). The first
+r = policy.resident_experts(E) experts of every layer are resident (as the artifact). A layer's streamed
+part is split into one page per micro-batch; pages of layer g land in buffer g % 2.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hrm.spec import ModelSpec
+
+from .host_memory import empty_host
+from .model import (DenseWeights, ExpertLookup, ExpertWeights, dense_weight_shapes, dense_weights_from,
+                    expert_elems, expert_view)
+
+EXPERT_PARTS = ("gate", "up", "down")
+PAGE_ALIGN_ELEMS = 256
+
+
+@dataclass(frozen=True)
+class Page:
+    index: int
+    start: int          # element offset in one layer's streamed part (flat)
+    stop: int
+
+    @property
+    def elems(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class PageTable:
+    """Expert id -> slot, and the split of one layer's streamed part into pages (the same for every layer)."""
+    num_experts: int
+    resident_ids: tuple[int, ...]          # slot s of the resident store holds resident_ids[s]
+    streamed_ids: tuple[int, ...]          # slot s of a GPU buffer holds streamed_ids[s]
+    pages: tuple[Page, ...]
+    expert_elems: int
+
+    @classmethod
+    def build(cls, num_experts: int, num_resident: int, num_pages: int, expert_elems: int) -> "PageTable":
+        if not 0 <= num_resident <= num_experts:
+            raise ValueError(f"num_resident={num_resident} outside [0, {num_experts}]")
+        streamed = tuple(range(num_resident, num_experts))
+        total = len(streamed) * expert_elems
+        pages: list[Page] = []
+        if total:
+            n = max(1, min(num_pages, -(-total // PAGE_ALIGN_ELEMS)))
+            step = -(-total // n // PAGE_ALIGN_ELEMS) * PAGE_ALIGN_ELEMS
+            bounds = [min(total, j * step) for j in range(n)] + [total]
+            pages = [Page(j, bounds[j], bounds[j + 1]) for j in range(n) if bounds[j] < bounds[j + 1]]
+        return cls(num_experts, tuple(range(num_resident)), streamed, tuple(pages), expert_elems)
+
+    @property
+    def num_resident(self) -> int:
+        return len(self.resident_ids)
+
+    @property
+    def streamed_elems(self) -> int:
+        return len(self.streamed_ids) * self.expert_elems
+
+    def slot(self, expert: int) -> tuple[bool, int]:
+        """(resident?, slot index) of an expert."""
+        if expert in self.resident_ids:
+            return True, self.resident_ids.index(expert)
+        return False, self.streamed_ids.index(expert)
+
+
+def weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Every tensor name a loader must fill (dense names, then `layers.L.experts.E.{gate,up,down}`) -> shape."""
+    shapes = dense_weight_shapes(spec)
+    i, h = spec.moe_intermediate_size, spec.hidden_size
+    part_shape = {"gate": (i, h), "up": (i, h), "down": (h, i)}
+    for layer in range(spec.num_hidden_layers):
+        for e in range(spec.num_experts):
+            for part in EXPERT_PARTS:
+                shapes[f"layers.{layer}.experts.{e}.{part}"] = part_shape[part]
+    return shapes
+
+
+class WeightStore:
+    """Allocates every tensor in its final place; loaders fill them through `target(name)`."""
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device | str, num_resident: int,
+                 num_pages: int = 1):
+        self.spec, self.dtype, self.device = spec, dtype, torch.device(device)
+        L, x = spec.num_hidden_layers, expert_elems(spec)
+        self.page_table = PageTable.build(spec.num_experts, num_resident, num_pages, x)
+        r, s = self.page_table.num_resident, len(self.page_table.streamed_ids)
+        self._dense = {name: torch.empty(shape, dtype=dtype, device=self.device)
+                       for name, shape in dense_weight_shapes(spec).items()}
+        self.dense: DenseWeights = dense_weights_from(self._dense, spec)
+        self.resident = torch.empty((L, r, x), dtype=dtype, device=self.device)      # [L, r, X]
+        self.offloaded = empty_host((L, s, x), dtype, pin=self.device.type == "cuda")  # [L, E - r, X]
+        self.buffers = torch.empty((2, s, x), dtype=dtype, device=self.device)       # [2, E - r, X]
+        self._lookups = [[self._buffer_lookup(layer, b) for b in (0, 1)] for layer in range(L)]
+
+    # ---- sizes ----------------------------------------------------------------------------------
+    @staticmethod
+    def required_bytes(spec: ModelSpec, dtype: torch.dtype, num_resident: int) -> tuple[int, int]:
+        """(device bytes, host bytes) a store for this placement allocates."""
+        elem = torch.empty((), dtype=dtype).element_size()
+        dense = sum(math.prod(s) for s in dense_weight_shapes(spec).values())
+        x, L, e = expert_elems(spec), spec.num_hidden_layers, spec.num_experts
+        device = (dense + L * num_resident * x + 2 * (e - num_resident) * x) * elem
+        host = L * (e - num_resident) * x * elem
+        return device, host
+
+    @property
+    def streamed_bytes_per_layer(self) -> int:
+        return self.page_table.streamed_elems * self.offloaded.element_size()
+
+    # ---- loading --------------------------------------------------------------------------------
+    def target(self, name: str) -> torch.Tensor:
+        """The tensor (a view into its final place) that weight `name` is copied into."""
+        if ".experts." in name:
+            _, layer, _, e, part = name.split(".")
+            return getattr(self.at_rest(int(layer))(int(e)), part)
+        return self._dense[name]
+
+    def at_rest_flat(self, layer: int, expert: int) -> torch.Tensor:
+        """The permanent copy of one expert [X]: resident on the device or offloaded on the host."""
+        resident, slot = self.page_table.slot(expert)
+        return self.resident[layer, slot] if resident else self.offloaded[layer, slot]
+
+    # ---- expert lookups -------------------------------------------------------------------------
+    def at_rest(self, layer: int) -> ExpertLookup:
+        """Experts read from where they rest (the reference model's view; host experts stay on the host)."""
+        return lambda e: expert_view(self.at_rest_flat(layer, e), self.spec)
+
+    def lookup(self, layer: int, buffer: int) -> ExpertLookup:
+        """Experts as the pipeline reads them: resident slots, or `buffer` after the layer's pages landed."""
+        return self._lookups[layer][buffer]
+
+    def _buffer_lookup(self, layer: int, buffer: int) -> ExpertLookup:
+        views: list[ExpertWeights] = []
+        for e in range(self.spec.num_experts):
+            resident, slot = self.page_table.slot(e)
+            flat = self.resident[layer, slot] if resident else self.buffers[buffer, slot]
+            views.append(expert_view(flat, self.spec))
+        return views.__getitem__
+
+    # ---- paging ---------------------------------------------------------------------------------
+    def page_source(self, layer: int, page: Page) -> torch.Tensor:
+        """Host view [page elems] of one page of a layer's streamed part."""
+        return self.offloaded[layer].view(-1)[page.start:page.stop]
+
+    def page_destination(self, buffer: int, page: Page) -> torch.Tensor:
+        """Device view [page elems] the page lands in."""
+        return self.buffers[buffer].view(-1)[page.start:page.stop]
+
+    def copy_page(self, layer: int, buffer: int, page: Page) -> None:
+        """Enqueue one page host -> device on the current stream."""
+        self.page_destination(buffer, page).copy_(self.page_source(layer, page), non_blocking=True)
+
