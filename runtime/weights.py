@@ -117,6 +117,9 @@ class WeightStore:
         return self.page_table.streamed_elems * self.offloaded.element_size()
 
     # ---- loading --------------------------------------------------------------------------------
+    def dense_names(self) -> list[str]:
+        return list(self._dense)
+
     def target(self, name: str) -> torch.Tensor:
         """The tensor (a view into its final place) that weight `name` is copied into."""
         if ".experts." in name:
