@@ -1,0 +1,38 @@
+"""Figures for MoE-Lightning: the hierarchical roofline, the (N, mu) throughput heatmap, the per-stage
+breakdown of an estimate, and predicted vs measured throughput.
+
+Every public function returns a matplotlib Figure (built without pyplot, so nothing needs a display);
+`save_figure` writes one atomically. Importing `viz` is cheap: matplotlib and the submodules load on
+first use of a name.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "roofline_figure": "viz.roofline_plot",
+    "throughput_heatmap": "viz.heatmap",
+    "stage_breakdown_figure": "viz.breakdown",
+    "memory_figure": "viz.breakdown",
+    "baselines_figure": "viz.baselines_plot",
+    "predicted_vs_measured_figure": "viz.validation",
+    "error_table": "viz.validation",
+    "throughput_grid": "viz.grid",
+    "ThroughputGrid": "viz.grid",
+    "save_figure": "viz.save",
+    "plot_for_estimate": "viz.cli",
+    "plot_for_plan": "viz.cli",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'viz' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
