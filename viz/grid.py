@@ -17,10 +17,8 @@ from hrm import estimate as est
 from hrm.hardware import HardwareProfile
 from hrm.spec import ModelSpec, Workload
 
-GPU_BUDGET_FRAC = 0.86
-"""Usable share of GPU memory (the artifact's bound; MISSION.md)."""
-CPU_BUDGET_FRAC = 0.8
-"""Usable share of host memory (the artifact's bound; MISSION.md)."""
+FALLBACK_BUDGET_FRAC = 0.9
+"""Share of each memory a plan may use when optimizer.space is not importable (its default is 0.9 too)."""
 
 FEASIBLE, NOT_APPLICABLE, GPU_LIMIT, CPU_LIMIT, GPU_AND_CPU_LIMIT = 0, 1, 2, 3, 4
 STATUS_LABELS = {
@@ -61,6 +59,27 @@ class ThroughputGrid:
         i, j = np.unravel_index(int(np.argmax(tput)), tput.shape)
         return (int(self.batch_sizes[j]), int(self.micro_batch_sizes[i]), float(self.weights_gpu_frac[i, j]),
                 float(tput[i, j]))
+
+
+@dataclass(frozen=True)
+class MemoryBudgets:
+    """Bytes a policy may use on all GPUs together and in host memory (optimizer.space.Budgets has the
+    same two fields; either works wherever `budgets` is accepted)."""
+    gpu_bytes: float
+    cpu_bytes: float
+
+
+def resolve_budgets(hw: HardwareProfile, budgets=None) -> MemoryBudgets:
+    """The given budgets (anything with gpu_bytes and cpu_bytes), else the optimizer's defaults for `hw`."""
+    if budgets is not None:
+        return MemoryBudgets(float(budgets.gpu_bytes), float(budgets.cpu_bytes))
+    try:
+        from optimizer.space import Budgets
+    except ImportError:
+        return MemoryBudgets(FALLBACK_BUDGET_FRAC * hw.gpu.memory_bytes * hw.gpu.count,
+                             FALLBACK_BUDGET_FRAC * hw.cpu.memory_bytes)
+    b = Budgets.from_hardware(hw)
+    return MemoryBudgets(b.gpu_bytes, b.cpu_bytes)
 
 
 def geometric_ints(lo: int, hi: int, n: int) -> np.ndarray:
@@ -104,8 +123,7 @@ def weights_fractions(spec: ModelSpec, r_w=None) -> np.ndarray:
 
 
 def default_ranges(spec: ModelSpec, hw: HardwareProfile, workload: Workload, n_batch: int = 40,
-                   n_micro: int = 40, gpu_budget_frac: float = GPU_BUDGET_FRAC,
-                   cpu_budget_frac: float = CPU_BUDGET_FRAC):
+                   n_micro: int = 40, budgets=None):
     """N and mu axes that reach past the memory limits, so the feasible boundary shows.
 
     N runs to about twice what host memory holds (KV + staged hidden states per sequence) once the
@@ -114,8 +132,9 @@ def default_ranges(spec: ModelSpec, hw: HardwareProfile, workload: Workload, n_b
     per_seq = workload.max_context_len * spec.kv_bytes_per_token + workload.prompt_len * spec.hidden_size * \
         spec.dtypes.act_bytes
     experts = spec.num_moe_layers * spec.num_experts * spec.expert_bytes
-    gpu_room = gpu_budget_frac * hw.gpu.memory_bytes * hw.gpu.count - spec.non_expert_params * spec.dtypes.weight_bytes
-    room = cpu_budget_frac * hw.cpu.memory_bytes - max(experts - max(gpu_room, 0.0), 0.0)
+    b = resolve_budgets(hw, budgets)
+    gpu_room = b.gpu_bytes - spec.non_expert_params * spec.dtypes.weight_bytes
+    room = b.cpu_bytes - max(experts - max(gpu_room, 0.0), 0.0)
     n_max = int(np.clip(2 * max(room, 0.0) / per_seq, 64, 65536))
     return geometric_ints(1, n_max, n_batch), geometric_ints(1, min(n_max, 4096), n_micro)
 
@@ -123,15 +142,19 @@ def default_ranges(spec: ModelSpec, hw: HardwareProfile, workload: Workload, n_b
 def throughput_grid(spec: ModelSpec, hw: HardwareProfile, workload: Workload, batch_sizes=None,
                     micro_batch_sizes=None, *, weights_gpu_frac=None, kv_gpu_frac: float = 0.0,
                     attention_on_gpu: bool = False, ffn_on_gpu: bool = True, schedule: str = "cgopipe",
-                    gpu_budget_frac: float = GPU_BUDGET_FRAC, cpu_budget_frac: float = CPU_BUDGET_FRAC,
-                    pin_all_weights: bool = True, use_measured: bool = True) -> ThroughputGrid:
+                    budgets=None, pin_all_weights: bool = True, use_measured: bool = True,
+                    n_batch: int = 40, n_micro: int = 40) -> ThroughputGrid:
     """Predicted throughput and memory feasibility at every (N, mu) of the grid.
 
+    batch_sizes, micro_batch_sizes: the axes (default: n_batch x n_micro geometric values reaching past
+        the memory limits).
     weights_gpu_frac: a fixed r_w, or None for the best feasible whole-expert fraction per cell.
+    budgets: anything with gpu_bytes and cpu_bytes (optimizer.space.Budgets, MemoryBudgets); default
+        the optimizer's default budgets for `hw`.
     """
+    b = resolve_budgets(hw, budgets)
     if batch_sizes is None or micro_batch_sizes is None:
-        dn, dm = default_ranges(spec, hw, workload, gpu_budget_frac=gpu_budget_frac,
-                                cpu_budget_frac=cpu_budget_frac)
+        dn, dm = default_ranges(spec, hw, workload, n_batch, n_micro, budgets=b)
         batch_sizes = dn if batch_sizes is None else batch_sizes
         micro_batch_sizes = dm if micro_batch_sizes is None else micro_batch_sizes
     Ns = np.asarray(batch_sizes, dtype=np.int64)
@@ -149,8 +172,7 @@ def throughput_grid(spec: ModelSpec, hw: HardwareProfile, workload: Workload, ba
     gpu_b = np.broadcast_to(np.asarray(mem.gpu_bytes, float), shape)
     cpu_b = np.broadcast_to(np.asarray(mem.cpu_bytes, float), shape)
     tput = np.broadcast_to(tput, shape)
-    gpu_budget = gpu_budget_frac * hw.gpu.memory_bytes * hw.gpu.count
-    cpu_budget = cpu_budget_frac * hw.cpu.memory_bytes
+    gpu_budget, cpu_budget = b.gpu_bytes, b.cpu_bytes
     gpu_ok, cpu_ok = gpu_b <= gpu_budget, cpu_b <= cpu_budget
     ok = gpu_ok & cpu_ok
 

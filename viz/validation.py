@@ -1,0 +1,99 @@
+"""Predicted vs measured throughput: a scatter around y = x and the error per policy."""
+from __future__ import annotations
+
+import numpy as np
+
+from .style import new_figure
+
+REQUIRED = ("predicted_tok_s", "measured_tok_s", "policy")
+
+
+def _check(df) -> None:
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise ValueError(f"predicted vs measured needs columns {', '.join(REQUIRED)}; missing: {', '.join(missing)}")
+    if len(df) == 0:
+        raise ValueError("predicted vs measured: the table has no rows")
+
+
+def error_table(df):
+    """Per policy: runs, mean predicted and measured tok/s, signed and absolute relative error (%).
+
+    Relative error = (predicted - measured) / measured: positive means the model is optimistic.
+    """
+    import pandas as pd
+    _check(df)
+    d = df.assign(error_pct=100.0 * (df["predicted_tok_s"] - df["measured_tok_s"]) / df["measured_tok_s"])
+    d = d.assign(abs_error_pct=d["error_pct"].abs())
+    out = d.groupby("policy", sort=False).agg(
+        runs=("error_pct", "size"), predicted_tok_s=("predicted_tok_s", "mean"),
+        measured_tok_s=("measured_tok_s", "mean"), error_pct=("error_pct", "mean"),
+        min_error_pct=("error_pct", "min"), max_error_pct=("error_pct", "max"),
+        abs_error_pct=("abs_error_pct", "mean"))
+    return pd.DataFrame(out)
+
+
+def predicted_vs_measured_figure(df, title: str | None = None, band_pct: float = 20.0):
+    """Left: predicted vs measured tok/s per run, coloured by policy, with y = x and a +-band_pct% band.
+    Right: the mean relative error per policy (whiskers: min and max over its runs)."""
+    from matplotlib import colormaps
+    _check(df)
+    table = error_table(df)
+    policies = list(table.index)
+    cmap = colormaps["tab10"] if len(policies) <= 10 else colormaps["tab20"]
+    colors = {p: cmap(i % cmap.N) for i, p in enumerate(policies)}
+
+    fig = new_figure(13, 5.8)
+    ax, ax_err = fig.subplots(1, 2, width_ratios=[1, 1.1])
+    pred, meas = df["predicted_tok_s"].to_numpy(float), df["measured_tok_s"].to_numpy(float)
+    lo, hi = float(np.nanmin([pred.min(), meas.min()])), float(np.nanmax([pred.max(), meas.max()]))
+    log = lo > 0 and hi / lo > 10
+    if log:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        lim = (lo / 1.5, hi * 1.5)
+    else:
+        pad = 0.1 * (hi - lo if hi > lo else max(hi, 1.0))
+        lim = (max(0.0, lo - pad), hi + pad)
+    xs = np.geomspace(*lim, 100) if log else np.linspace(*lim, 100)
+    ax.fill_between(xs, xs * (1 - band_pct / 100), xs * (1 + band_pct / 100), color="grey", alpha=0.15,
+                    label=f"within +-{band_pct:g}%")
+    ax.plot(xs, xs, color="black", lw=1, label="y = x (perfect prediction)")
+    for p in policies:
+        rows = df[df["policy"] == p]
+        ax.plot(rows["measured_tok_s"], rows["predicted_tok_s"], "o", ms=8, mec="black", color=colors[p],
+                label=str(p))
+    ax.set_xlim(*lim)
+    ax.set_ylim(*lim)
+    ax.set_aspect("equal", adjustable="box")
+    ax.set_xlabel("measured throughput (generated tok/s)")
+    ax.set_ylabel("predicted throughput (generated tok/s)")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(True, alpha=0.3)
+    ax.set_title("Predicted vs measured, one point per run")
+
+    y = np.arange(len(policies))
+    err = table["error_pct"].to_numpy(float)
+    whisk = np.vstack([err - table["min_error_pct"].to_numpy(float), table["max_error_pct"].to_numpy(float) - err])
+    several = bool((table["runs"] > 1).any())
+    ax_err.barh(y, err, color=[colors[p] for p in policies], edgecolor="black", lw=0.5, zorder=2,
+                xerr=whisk if several else None, capsize=3)
+    for yi, e, lo_e, hi_e in zip(y, err, table["min_error_pct"], table["max_error_pct"]):
+        end = max(e, hi_e) if e >= 0 else min(e, lo_e)      # past the whisker
+        ax_err.text(end, yi, f"  {e:+.1f}%  ", va="center", ha="left" if e >= 0 else "right", fontsize=8, zorder=3)
+    ax_err.axvline(0, color="black", lw=1, zorder=2)
+    ax_err.axvspan(-band_pct, band_pct, color="grey", alpha=0.15, zorder=0, label=f"within +-{band_pct:g}%")
+    if several:
+        ax_err.errorbar([], [], xerr=[], color="black", capsize=3, label="min to max over the runs")
+    ax_err.set_yticks(y, [str(p) for p in policies])
+    ax_err.invert_yaxis()
+    span = max(float(np.nanmax(np.abs(np.concatenate([err, table["min_error_pct"], table["max_error_pct"]])))),
+               band_pct) * 1.35
+    ax_err.set_xlim(-span, span)
+    ax_err.set_xlabel("relative error of the prediction, (predicted - measured) / measured (%)")
+    ax_err.legend(fontsize=8, loc="lower right")
+    mape = float(table["abs_error_pct"].mean())
+    ax_err.set_title(f"Error per policy (mean |error| {mape:.1f}%; > 0: model optimistic)")
+    fig.suptitle(title or f"Predicted vs measured throughput ({len(df)} runs, {len(policies)} policies)")
+    fig.moe_lightning_data = table
+    return fig
