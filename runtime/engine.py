@@ -1,0 +1,222 @@
+"""Engine: a model (checkpoint or synthetic weights) placed per a policy, and `generate`.
+
+    engine = Engine(plan)                        # anything with .spec and .policy
+    engine = Engine(spec, policy, model_dir=DIR) # or a ModelSpec and a Policy
+    tokens, measurement = engine.generate(prompts, max_new_tokens=32)
+
+Before allocating, the engine compares what the placement needs with the free GPU memory (or the
+emulated budget) and free host memory, and refuses with one line when it does not fit.
+"""
+from __future__ import annotations
+
+import hashlib
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hrm.policy import Policy
+from hrm.spec import ModelSpec
+
+from .checkpoint import load_checkpoint
+from .cpu_attention import AttentionWorker
+from .host_memory import pinned_bytes
+from .kv_cache import KVCache, device_micro_batches, kv_elems
+from .measure import Measurement, Recorder, Span, stage_times
+from .model import check_supported
+from .packing import MicroBatch, in_order, layout, pack
+from .pipeline import Pipeline
+from .sampling import Sampling
+from .synthetic import synthesize
+from .weights import WeightStore
+
+GIB = 2**30
+TORCH_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+
+
+class DoesNotFit(MemoryError):
+    """The placement needs more memory than the machine has free (one line naming the numbers)."""
+
+
+class UnsupportedPolicy(ValueError):
+    """A policy this runtime cannot execute."""
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    device_bytes: int
+    host_bytes: int          # all of it page-locked when CUDA is present
+    what: str
+
+
+def free_host_bytes() -> int:
+    """MemAvailable from /proc/meminfo (else physical pages free)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def activation_bytes(spec: ModelSpec, micro_batches: tuple[MicroBatch, ...], elem_bytes: int) -> int:
+    """Rough device working set: the largest prefill micro-batch's activations, logits and MoE
+    intermediates, plus per-micro-batch decode buffers."""
+    tokens = max(mb.prefill_tokens for mb in micro_batches)
+    widths = (4 * spec.hidden_size + 2 * (spec.q_dim + 2 * spec.num_key_value_heads * spec.head_dim)
+              + 3 * max(spec.moe_intermediate_size, spec.shared_expert_intermediate_size))
+    kv_pad = max(mb.size * mb.prefill_len for mb in micro_batches) * 4 * spec.num_key_value_heads * spec.head_dim
+    logits = max(mb.size for mb in micro_batches) * spec.vocab_size * 8
+    decode = sum(mb.size for mb in micro_batches) * (2 * spec.hidden_size + 2 * spec.q_dim) * 2
+    return (tokens * widths + kv_pad + decode) * elem_bytes + logits
+
+
+class Engine:
+    def __init__(self, plan_or_spec, policy: Policy | None = None, *, model_dir: str | Path | None = None,
+                 seed: int = 0, dtype: torch.dtype | str | None = None, device: str | None = None,
+                 gpu_memory_budget_bytes: int | None = None, progress: bool | None = None,
+                 record: bool = True):
+        if policy is None:
+            spec, policy = plan_or_spec.spec, plan_or_spec.policy
+            self.plan_id = str(getattr(plan_or_spec, "plan_id", "") or getattr(plan_or_spec, "id", "") or "")
+        else:
+            spec, self.plan_id = plan_or_spec, ""
+        check_supported(spec)
+        if not policy.ffn_on_gpu:
+            raise UnsupportedPolicy("ffn_on_gpu=False (experts on the CPU) is not implemented by the runtime")
+        self.spec, self.policy, self.record = spec, policy, record
+        self.plan_id = self.plan_id or _plan_id(spec, policy)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if isinstance(dtype, str) or dtype is None:
+            name = dtype or spec.dtypes.name
+            if name not in TORCH_DTYPES:
+                raise UnsupportedPolicy(f"dtype {name!r} not supported (known: {', '.join(TORCH_DTYPES)})")
+            dtype = TORCH_DTYPES[name]
+        self.dtype = dtype
+        self.gpu_budget_bytes = gpu_memory_budget_bytes
+        if self.device.type == "cuda" and gpu_memory_budget_bytes:
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_memory_budget_bytes / total), self.device)
+        self.num_resident = policy.resident_experts(spec.num_experts)
+        dev_b, host_b = WeightStore.required_bytes(spec, dtype, self.num_resident)
+        self.check_fits(MemoryNeed(dev_b, host_b, "weights"))
+        self.store = WeightStore(spec, dtype, self.device, self.num_resident, policy.num_micro_batches)
+        if model_dir is not None:
+            load_checkpoint(model_dir, self.store, progress=progress)
+        else:
+            synthesize(self.store, seed=seed, progress=progress)
+        self.kv = KVCache(spec, dtype, self.device)
+        self.worker = AttentionWorker()
+        self.last_spans: list[Span] = []
+
+    # ---- memory ----------------------------------------------------------------------------------
+    def free_device_bytes(self) -> int:
+        if self.device.type != "cuda":
+            return free_host_bytes()
+        free, total = torch.cuda.mem_get_info(self.device)
+        if self.gpu_budget_bytes:
+            reserved = torch.cuda.memory_reserved(self.device)
+            free = min(free + reserved, self.gpu_budget_bytes) - torch.cuda.memory_allocated(self.device)
+        return free
+
+    def check_fits(self, need: MemoryNeed) -> None:
+        """Raise DoesNotFit (one line) when `need` exceeds what is free now."""
+        host_free = free_host_bytes()
+        if self.device.type != "cuda":
+            total = need.device_bytes + need.host_bytes
+            if total > host_free:
+                raise DoesNotFit(f"{need.what} need {total / GIB:.2f} GiB of host memory "
+                                 f"but {host_free / GIB:.2f} GiB is available")
+            return
+        dev_free = self.free_device_bytes()
+        if need.device_bytes > dev_free:
+            raise DoesNotFit(f"{need.what} need {need.device_bytes / GIB:.2f} GiB of GPU memory but "
+                             f"{dev_free / GIB:.2f} GiB is free{' within the budget' if self.gpu_budget_bytes else ''}")
+        if need.host_bytes > host_free:
+            raise DoesNotFit(f"{need.what} need {need.host_bytes / GIB:.2f} GiB of pinned host memory "
+                             f"but {host_free / GIB:.2f} GiB is available")
+
+    # ---- generation ------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, padded: bool = False) -> tuple[list[list[int]], Measurement]:
+        """Generate max_new_tokens for every prompt (no early stop at EOS), in passes of batch_size."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        sampling = Sampling(temperature, top_p, seed)
+        uniforms = sampling.uniforms(len(prompts), max_new_tokens)
+        rec = Recorder(self.device, enabled=self.record)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        rec.start()
+        out: list[list[int]] = [[] for _ in prompts]
+        prefill_s = decode_s = 0.0
+        n = self.policy.batch_size
+        for first in range(0, len(prompts), n):
+            batch = prompts[first:first + n]
+            tokens, p_s, d_s = self._run_pass(batch, uniforms[first:first + n], max_new_tokens, sampling, padded, rec)
+            for r, row in tokens.items():
+                out[first + r] = row
+            prefill_s, decode_s = prefill_s + p_s, decode_s + d_s
+        self.last_spans = rec.finish()
+        passes = -(-len(prompts) // n)
+        m = Measurement(
+            plan_id=self.plan_id, model=self.spec.name, policy=self.policy.short(), device=self._device_name(),
+            num_sequences=len(prompts), prompt_tokens=sum(len(p) for p in prompts),
+            generated_tokens=len(prompts) * max_new_tokens, decode_tokens=len(prompts) * (max_new_tokens - 1),
+            prefill_s=prefill_s, decode_s=decode_s,
+            decode_layer_steps=passes * self.spec.num_hidden_layers * (max_new_tokens - 1),
+            stages=stage_times(self.last_spans),
+            gpu_peak_bytes=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0,
+            cpu_peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            pinned_bytes=pinned_bytes())
+        return out, m
+
+    def _run_pass(self, prompts, uniforms, max_new_tokens, sampling, padded, rec):
+        lens = [len(p) for p in prompts]
+        mu = self.policy.micro_batch_size
+        packing = in_order(len(prompts), mu) if padded else pack(lens, mu)
+        mbs = layout(packing, lens, max_new_tokens, padded)
+        num_dev = device_micro_batches(self.policy.kv_gpu_frac, len(mbs))
+        kv_dev = kv_elems(self.spec, mbs[:num_dev]) * self.dtype.itemsize
+        self.check_fits(MemoryNeed(kv_dev + activation_bytes(self.spec, mbs, self.dtype.itemsize),
+                                   self.kv.host_bytes_needed(mbs, num_dev), "KV cache and activations"))
+        self.kv.carve(mbs, num_dev)
+        pipe = Pipeline(self.spec, self.policy, self.store, self.kv, mbs, num_dev, sampling, uniforms,
+                        prompts, max_new_tokens, rec, self.worker)
+        t0 = time.perf_counter()
+        pipe.prefill()
+        self._synchronize()
+        t1 = time.perf_counter()
+        pipe.decode()
+        tokens = pipe.tokens()
+        t2 = time.perf_counter()
+        return tokens, t1 - t0, t2 - t1
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _device_name(self) -> str:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return "cpu"
+
+    def close(self) -> None:
+        self.worker.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _plan_id(spec: ModelSpec, policy: Policy) -> str:
+    return hashlib.sha1(f"{spec.name}|{policy!r}".encode()).hexdigest()[:12]

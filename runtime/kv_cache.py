@@ -1,0 +1,79 @@
+"""KV cache: per layer and micro-batch, K and V [B, n_kv, capacity, head_dim].
+
+Micro-batches whose index is below `num_device_micro_batches` (r_c of the policy, per whole micro-batch)
+keep their cache on the device; the others live in one preallocated host buffer (pinned when CUDA is
+present) that is reused by later passes when large enough.
+"""
+from __future__ import annotations
+
+import torch
+
+from hrm.spec import ModelSpec
+
+from .host_memory import empty_host
+from .packing import MicroBatch
+
+
+def kv_elems(spec: ModelSpec, micro_batches: tuple[MicroBatch, ...]) -> int:
+    """Elements of K and V of all layers for these micro-batches."""
+    per_slot = 2 * spec.num_key_value_heads * spec.head_dim * spec.num_hidden_layers
+    return per_slot * sum(mb.size * mb.capacity for mb in micro_batches)
+
+
+def device_micro_batches(kv_gpu_frac: float, num_micro_batches: int) -> int:
+    """Micro-batches whose KV lives on the device: r_c realised per whole micro-batch (floor)."""
+    return int(kv_gpu_frac * num_micro_batches + 1e-9)
+
+
+class KVCache:
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> None:
+        self.spec, self.dtype, self.device = spec, dtype, device
+        self._host = torch.empty(0, dtype=dtype)
+        self._k: list[list[torch.Tensor]] = []
+        self._v: list[list[torch.Tensor]] = []
+
+    @property
+    def host_bytes(self) -> int:
+        return self._host.numel() * self._host.element_size()
+
+    def host_bytes_needed(self, micro_batches: tuple[MicroBatch, ...], num_device: int) -> int:
+        """Extra host bytes `carve` would allocate (0 when the current buffer is large enough)."""
+        need = kv_elems(self.spec, micro_batches[num_device:]) * self.dtype.itemsize
+        return max(0, need - self.host_bytes)
+
+    def carve(self, micro_batches: tuple[MicroBatch, ...], num_device: int) -> None:
+        """Lay out the caches of one pass; the first `num_device` micro-batches on the device."""
+        s = self.spec
+        need = kv_elems(s, micro_batches[num_device:])
+        if need > self._host.numel():
+            self._host = torch.empty(0, dtype=self.dtype)
+            self._host = empty_host((need,), self.dtype, pin=self.device.type == "cuda")
+        offset = 0
+        self._k, self._v = [], []
+        for _ in range(s.num_hidden_layers):
+            ks, vs = [], []
+            for mb in micro_batches:
+                shape = (mb.size, s.num_key_value_heads, mb.capacity, s.head_dim)
+                if mb.index < num_device:
+                    ks.append(torch.empty(shape, dtype=self.dtype, device=self.device))
+                    vs.append(torch.empty(shape, dtype=self.dtype, device=self.device))
+                    continue
+                n = mb.size * s.num_key_value_heads * mb.capacity * s.head_dim
+                ks.append(self._host[offset:offset + n].view(shape))
+                vs.append(self._host[offset + n:offset + 2 * n].view(shape))
+                offset += 2 * n
+            self._k.append(ks)
+            self._v.append(vs)
+
+    def k(self, layer: int, mb: int) -> torch.Tensor:
+        return self._k[layer][mb]
+
+    def v(self, layer: int, mb: int) -> torch.Tensor:
+        return self._v[layer][mb]
+
+
+def append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """Write one token per sequence: k, v [B, n_kv, d] at slots [B] of k_cache, v_cache [B, n_kv, T, d]."""
+    rows = torch.arange(k.shape[0], device=k_cache.device)
+    k_cache[rows, :, slots] = k
+    v_cache[rows, :, slots] = v

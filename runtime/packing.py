@@ -1,0 +1,82 @@
+"""Requests -> micro-batches -> KV-cache slots.
+
+Packed (the paper's Algorithm 2): sort requests by prompt length, descending; put each into the
+micro-batch with the fewest tokens that still has room for a sequence; defer a request when that
+micro-batch's token budget would overflow. Padded: requests in arrival order, every prompt left-padded
+to the longest prompt of the pass (the paper's MTBench setting).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class Packing:
+    micro_batches: tuple[tuple[int, ...], ...]   # request indices per micro-batch
+    deferred: tuple[int, ...] = ()               # requests left for a later pass
+
+
+def pack(prompt_lens: Sequence[int], micro_batch_size: int, max_tokens_per_micro_batch: int | None = None) -> Packing:
+    """Algorithm 2: longest first into the micro-batch with the fewest tokens (ties: lowest index)."""
+    n = len(prompt_lens)
+    num_mb = -(-n // micro_batch_size)
+    members: list[list[int]] = [[] for _ in range(num_mb)]
+    tokens = [0] * num_mb
+    deferred = []
+    for r in sorted(range(n), key=lambda r: (-prompt_lens[r], r)):
+        open_mbs = [m for m in range(num_mb) if len(members[m]) < micro_batch_size]
+        m = min(open_mbs, key=lambda m: (tokens[m], m))
+        if max_tokens_per_micro_batch is not None and tokens[m] + prompt_lens[r] > max_tokens_per_micro_batch:
+            deferred.append(r)
+            continue
+        members[m].append(r)
+        tokens[m] += prompt_lens[r]
+    return Packing(tuple(tuple(m) for m in members if m), tuple(deferred))
+
+
+def in_order(num_requests: int, micro_batch_size: int) -> Packing:
+    """Consecutive requests per micro-batch (the padded mode's grouping)."""
+    return Packing(tuple(tuple(range(s, min(num_requests, s + micro_batch_size)))
+                         for s in range(0, num_requests, micro_batch_size)))
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch's requests and where their tokens sit in its KV cache [B, n_kv, capacity, d].
+    Sequence b holds `pads[b]` left-padding slots, then its prompt, then generated tokens."""
+    index: int
+    requests: tuple[int, ...]
+    prompt_lens: tuple[int, ...]
+    pads: tuple[int, ...]
+    capacity: int                                # KV slots per sequence
+
+    @property
+    def size(self) -> int:
+        return len(self.requests)
+
+    @property
+    def prefill_lens(self) -> tuple[int, ...]:
+        """Slots each sequence fills at prefill (padding included)."""
+        return tuple(p + n for p, n in zip(self.pads, self.prompt_lens))
+
+    @property
+    def prefill_len(self) -> int:
+        return max(self.prefill_lens)
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(self.prefill_lens)
+
+
+def layout(packing: Packing, prompt_lens: Sequence[int], max_new_tokens: int, padded: bool) -> tuple[MicroBatch, ...]:
+    """Micro-batches with their cache geometry. Decode writes max_new_tokens - 1 tokens after the prefill."""
+    reqs = [r for mb in packing.micro_batches for r in mb]
+    longest = max(prompt_lens[r] for r in reqs)
+    out = []
+    for j, mb in enumerate(packing.micro_batches):
+        lens = tuple(int(prompt_lens[r]) for r in mb)
+        pads = tuple(longest - n for n in lens) if padded else (0,) * len(lens)
+        filled = max(p + n for p, n in zip(pads, lens))
+        out.append(MicroBatch(j, tuple(mb), lens, pads, filled + max(0, max_new_tokens - 1)))
+    return tuple(out)

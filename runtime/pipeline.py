@@ -1,0 +1,494 @@
+"""Executes one pass (N sequences in micro-batches) of prefill + decode with a policy's schedule.
+
+cgopipe, per layer i and micro-batch j:  compute: Post(i,j) Pre(i,j+2) | d2h: QKV(i,j+2) | cpu: Attn(i,j+2) | h2d: H(i,j) W(i+1,j)
+
+Decode tasks (MISSION.md, Algorithm 1): PreAttn (GPU: norm, QKV, RoPE) -> OffloadQKV (D2H) -> CPUAttn
+(worker thread: KV append + attention) -> LoadH (H2D attention output) -> PostAttn (GPU: O-proj, norm,
+router, experts through the page table; LM head + sampling after the last layer). Weight pages of the
+next layer visit follow each LoadH on the same H2D stream. A "visit" is one layer of one forward
+(prefill: visits 0..L-1, decode step s: visits L(s+1)..L(s+2)-1); visit v reads buffer v % 2.
+Schedules: cgopipe (two micro-batches ahead), s3 (CPU attention, nothing overlapped with it), s4 (GPU
+attention, KV of the next micro-batch prefetched from the host), blocking (load a layer, then compute).
+Micro-batches whose KV the policy keeps on the device (r_c) attend on the device in every schedule.
+Without CUDA, streams are None and events are already complete, so the same code runs sequentially.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from hrm.policy import Policy
+from hrm.spec import ModelSpec
+
+from .cpu_attention import AttentionWorker, decode_attention
+from .host_memory import empty_host
+from .kv_cache import KVCache, append
+from .measure import Recorder
+from .model import causal_attention, final_logits, post_attention, pre_attention, rope_cos_sin
+from .packing import MicroBatch
+from .sampling import Sampling, sample
+from .weights import Page, WeightStore
+
+
+class _Done:
+    """The event of work that already ran (no CUDA)."""
+
+    def synchronize(self) -> None:
+        pass
+
+
+DONE = _Done()
+
+
+class Streams:
+    """compute (the current stream), h2d (activations + weight pages), h2d_kv (s4's KV), d2h."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.compute = torch.cuda.current_stream(device)
+            self.h2d, self.h2d_kv, self.d2h = (torch.cuda.Stream(device) for _ in range(3))
+        else:
+            self.compute = self.h2d = self.h2d_kv = self.d2h = None
+
+    def use(self, stream):
+        return torch.cuda.stream(stream) if self.cuda else nullcontext()
+
+    def record(self, stream):
+        if not self.cuda:
+            return DONE
+        ev = torch.cuda.Event()
+        ev.record(stream)
+        return ev
+
+    def wait(self, stream, event) -> None:
+        if self.cuda and event is not None and event is not DONE:
+            stream.wait_event(event)
+
+
+@dataclass
+class _MB:
+    """Device tensors and host buffers of one micro-batch for the pass."""
+    mb: MicroBatch
+    kv_on_device: bool
+    tokens: torch.Tensor            # [B] device: current input token
+    out: torch.Tensor               # [B, max_new] device: generated tokens
+    uniforms: torch.Tensor          # [B, max_new] device (sampling)
+    base_slot: torch.Tensor         # [B] device: slot of decode step 0 (pad + prompt len)
+    base_slot_host: torch.Tensor    # [B] host
+    pads: torch.Tensor              # [B] device: first valid slot
+    pads_host: torch.Tensor         # [B] host
+    prompt_lens: torch.Tensor       # [B] device
+    qkv_dev: torch.Tensor           # [B, (n_q + 2 n_kv) d] device
+    qkv_host: torch.Tensor          # [B, (n_q + 2 n_kv) d] host
+    attn_dev: torch.Tensor          # [B, n_q d] device
+    attn_host: torch.Tensor         # [B, n_q d] host
+    h: torch.Tensor | None = None   # [B, hidden] device residual stream
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    ev_pre: object = None
+    ev_d2h: object = None
+    ev_load_h: object = None
+    ev_post: object = None
+    future: object = None
+
+
+class Pipeline:
+    def __init__(self, spec: ModelSpec, policy: Policy, store: WeightStore, kv: KVCache,
+                 micro_batches: tuple[MicroBatch, ...], num_device_kv: int, sampling: Sampling,
+                 uniforms: torch.Tensor, prompts: list[list[int]], max_new_tokens: int,
+                 recorder: Recorder, worker: AttentionWorker):
+        self.spec, self.policy, self.store, self.kv = spec, policy, store, kv
+        self.mbs, self.sampling, self.rec, self.worker = micro_batches, sampling, recorder, worker
+        self.prompts, self.max_new = prompts, max_new_tokens
+        self.device, self.dtype = store.device, store.dtype
+        self.streams = Streams(self.device)
+        self.L, self.n = spec.num_hidden_layers, len(micro_batches)
+        self.buffer_free = [None, None]            # event: last PostAttn of the visit that used buffer b
+        self.pages_done: dict[int, object] = {}    # visit -> event after its last page
+        self.state = [self._mb_state(mb, mb.index < num_device_kv, uniforms) for mb in micro_batches]
+
+    # ---- setup -----------------------------------------------------------------------------------
+    def _mb_state(self, mb: MicroBatch, kv_on_device: bool, uniforms: torch.Tensor) -> _MB:
+        s, dev, b = self.spec, self.device, mb.size
+        qkv = (s.num_attention_heads + 2 * s.num_key_value_heads) * s.head_dim
+        pads = torch.tensor(mb.pads)
+        lens = torch.tensor(mb.prompt_lens)
+        pin = self.streams.cuda
+        return _MB(mb, kv_on_device,
+                   tokens=torch.zeros(b, dtype=torch.long, device=dev),
+                   out=torch.zeros(b, self.max_new, dtype=torch.long, device=dev),
+                   uniforms=uniforms[list(mb.requests)].to(dev),
+                   base_slot=(pads + lens).to(dev), base_slot_host=pads + lens,
+                   pads=pads.to(dev), pads_host=pads, prompt_lens=lens.to(dev),
+                   qkv_dev=torch.empty(b, qkv, dtype=self.dtype, device=dev),
+                   qkv_host=empty_host((b, qkv), self.dtype, pin),
+                   attn_dev=torch.empty(b, s.q_dim, dtype=self.dtype, device=dev),
+                   attn_host=empty_host((b, s.q_dim), self.dtype, pin))
+
+    def _layer(self, visit: int) -> int:
+        return visit % self.L
+
+    def _label(self, visit: int, j: int) -> str:
+        return f"v{visit} L{self._layer(visit)} mb{j}"
+
+    # ---- weight pages ----------------------------------------------------------------------------
+    def _pages_for(self, j: int) -> tuple[Page, ...]:
+        """Pages that follow micro-batch j's transfer: the layer's pages spread over the micro-batches."""
+        pages = self.store.page_table.pages
+        return pages[j * len(pages) // self.n:(j + 1) * len(pages) // self.n]
+
+    def load_pages(self, visit: int, pages: tuple[Page, ...], stream=None) -> None:
+        """Enqueue pages of `visit` into buffer visit % 2 (after that buffer's previous visit finished)."""
+        if not pages or visit >= self.num_visits:
+            return
+        st = self.streams
+        stream = stream or st.h2d
+        buf = visit % 2
+        with st.use(stream), self.rec.gpu("h2d_weights", stream, f"v{visit} p{pages[0].index}-{pages[-1].index}"):
+            st.wait(stream, self.buffer_free[buf])
+            for page in pages:
+                self.store.copy_page(self._layer(visit), buf, page)
+            self.pages_done[visit] = st.record(stream)
+
+    def _wait_pages(self, visit: int) -> None:
+        if self.store.page_table.pages:
+            self.streams.wait(self.streams.compute, self.pages_done.get(visit))
+
+    # ---- prefill ---------------------------------------------------------------------------------
+    def prefill(self) -> None:
+        """All layers on the device, micro-batch by micro-batch; hidden states and KV go to the host
+        between layers (KV to the device cache for micro-batches that keep it there)."""
+        self.rec.phase = "prefill"
+        st, spec = self.streams, self.spec
+        self.load_pages(0, self.store.page_table.pages)
+        seqs = [self._prefill_inputs(m) for m in self.state]
+        hidden = [empty_host((x["tokens"].shape[0], spec.hidden_size), self.dtype, st.cuda) for x in seqs]
+        ev_hidden_d2h: list[object] = [None] * self.n
+        kv_writes: list[object] = []
+        for visit in range(self.L):
+            layer = self.store.dense.layers[visit]
+            for j, (m, x) in enumerate(zip(self.state, seqs)):
+                label = self._label(visit, j)
+                if visit == 0:
+                    h_in = None
+                else:
+                    with st.use(st.h2d), self.rec.gpu("h2d_hidden", st.h2d, label):
+                        st.wait(st.h2d, ev_hidden_d2h[j])
+                        h_in = hidden[j].to(self.device, non_blocking=True)
+                        ev_h = st.record(st.h2d)
+                self.load_pages(visit + 1, self._pages_for(j))
+                with st.use(st.compute), self.rec.gpu("gpu_compute", st.compute, label):
+                    if visit == 0:
+                        h = self.store.dense.embed[x["tokens"]]                     # [tokens, hidden]
+                    else:
+                        st.wait(st.compute, ev_h)
+                        h = h_in
+                    if j == 0:
+                        self._wait_pages(visit)
+                    q, k, v = pre_attention(h, layer, spec, x["cos"], x["sin"])
+                    attn = torch.cat([causal_attention(q[a:b], k[a:b], v[a:b], pad)
+                                      for a, b, pad in x["segments"]])              # [tokens, q_dim]
+                    h = post_attention(h, attn, layer, self.store.lookup(visit, visit % 2), spec)
+                    kpad, vpad = self._padded_kv(k, v, x, m.mb)                      # [B, n_kv, S, d]
+                    if visit == self.L - 1:
+                        logits = final_logits(h[x["last"]], self.store.dense, spec)  # [B, vocab]
+                        m.tokens = sample(logits, self.sampling, m.uniforms[:, 0])
+                        m.out[:, 0] = m.tokens
+                    ev_c = st.record(st.compute)
+                if j == self.n - 1:
+                    self.buffer_free[visit % 2] = ev_c
+                kv_writes.append(self._store_prefill_kv(visit, m, kpad, vpad, ev_c, label))
+                if visit < self.L - 1:
+                    with st.use(st.d2h), self.rec.gpu("d2h", st.d2h, label):
+                        st.wait(st.d2h, ev_c)
+                        hidden[j].copy_(h, non_blocking=True)
+                        ev_hidden_d2h[j] = st.record(st.d2h)
+                        if st.cuda:
+                            h.record_stream(st.d2h)
+                if st.cuda and visit > 0:
+                    h_in.record_stream(st.compute)
+        for f in kv_writes:
+            if f is not None:
+                f.result()
+
+    def _prefill_inputs(self, m: _MB) -> dict:
+        """Flattened prefill tokens of a micro-batch (left padding as token 0), positions, segments."""
+        tokens, positions, segments, last = [], [], [], []
+        for r, pad in zip(m.mb.requests, m.mb.pads):
+            prompt = self.prompts[r]
+            a = len(tokens)
+            tokens += [0] * pad + list(prompt)
+            positions += [max(0, s - pad) for s in range(pad + len(prompt))]
+            segments.append((a, len(tokens), pad))
+            last.append(len(tokens) - 1)
+        pos = torch.tensor(positions, device=self.device)
+        cos, sin = rope_cos_sin(pos, self.spec, self.dtype)
+        return {"tokens": torch.tensor(tokens, device=self.device), "cos": cos, "sin": sin,
+                "segments": segments, "last": torch.tensor(last, device=self.device)}
+
+    def _padded_kv(self, k: torch.Tensor, v: torch.Tensor, x: dict, mb: MicroBatch):
+        """Varlen k, v [tokens, n_kv, d] -> [B, n_kv, prefill_len, d] in the cache layout."""
+        s = self.spec
+        shape = (mb.size, mb.prefill_len, s.num_key_value_heads, s.head_dim)
+        kpad = torch.zeros(shape, dtype=k.dtype, device=k.device)
+        vpad = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        for b, (a, e, _) in enumerate(x["segments"]):
+            kpad[b, :e - a], vpad[b, :e - a] = k[a:e], v[a:e]
+        return kpad.transpose(1, 2).contiguous(), vpad.transpose(1, 2).contiguous()
+
+    def _store_prefill_kv(self, visit: int, m: _MB, kpad, vpad, ev_c, label: str):
+        """KV of one (layer, micro-batch) into its cache: a device copy, or D2H then a host copy in the
+        worker (which later runs that micro-batch's attention, so FIFO order keeps them consistent)."""
+        st, j, t = self.streams, m.mb.index, m.mb.prefill_len
+        kc, vc = self.kv.k(visit, j), self.kv.v(visit, j)
+        if m.kv_on_device:
+            kc[:, :, :t].copy_(kpad)
+            vc[:, :, :t].copy_(vpad)
+            return None
+        with st.use(st.d2h), self.rec.gpu("d2h", st.d2h, label):
+            st.wait(st.d2h, ev_c)
+            k_host = kpad.to("cpu", non_blocking=True)                            # [B, n_kv, S, d]
+            v_host = vpad.to("cpu", non_blocking=True)
+            ev = st.record(st.d2h)
+            if st.cuda:
+                kpad.record_stream(st.d2h)
+                vpad.record_stream(st.d2h)
+
+        def write() -> None:
+            ev.synchronize()
+            with self.rec.host("d2h", label + " kv", phase="prefill"):
+                kc[:, :, :t].copy_(k_host)
+                vc[:, :, :t].copy_(v_host)
+        return self.worker.submit(write)
+
+    # ---- decode tasks ----------------------------------------------------------------------------
+    def _begin_token(self, m: _MB, step: int) -> None:
+        """Layer 0 of a decode step: embed the current tokens; RoPE tables for their positions."""
+        m.h = self.store.dense.embed[m.tokens]                                      # [B, hidden]
+        m.cos, m.sin = rope_cos_sin(m.prompt_lens + step, self.spec, self.dtype)
+
+    def pre_attn(self, visit: int, j: int) -> None:
+        st, m = self.streams, self.state[j]
+        step, layer = visit // self.L - 1, self._layer(visit)
+        with st.use(st.compute), self.rec.gpu("gpu_compute", st.compute, self._label(visit, j)):
+            st.wait(st.compute, m.ev_d2h)                                         # qkv_dev free again
+            if layer == 0:
+                self._begin_token(m, step)
+            q, k, v = pre_attention(m.h, self.store.dense.layers[layer], self.spec, m.cos, m.sin)
+            torch.cat((q.flatten(1), k.flatten(1), v.flatten(1)), dim=1, out=m.qkv_dev)
+            m.ev_pre = st.record(st.compute)
+
+    def _split_qkv(self, qkv: torch.Tensor):
+        """[B, (n_q + 2 n_kv) d] -> q [B, n_q, d], k, v [B, n_kv, d]."""
+        s, d = self.spec, self.spec.head_dim
+        nq, nkv = s.num_attention_heads * d, s.num_key_value_heads * d
+        b = qkv.shape[0]
+        return (qkv[:, :nq].view(b, -1, d), qkv[:, nq:nq + nkv].view(b, -1, d),
+                qkv[:, nq + nkv:].view(b, -1, d))
+
+    def offload_qkv(self, visit: int, j: int) -> None:
+        st, m = self.streams, self.state[j]
+        with st.use(st.d2h), self.rec.gpu("d2h", st.d2h, self._label(visit, j)):
+            st.wait(st.d2h, m.ev_pre)
+            m.qkv_host.copy_(m.qkv_dev, non_blocking=True)
+            m.ev_d2h = st.record(st.d2h)
+
+    def cpu_attn(self, visit: int, j: int) -> None:
+        """Submit KV append + attention of (visit, j) to the worker (it waits for the D2H itself)."""
+        m, layer, step = self.state[j], self._layer(visit), visit // self.L - 1
+        ev_d2h, ev_prev_load = m.ev_d2h, m.ev_load_h
+        kc, vc, label = self.kv.k(layer, j), self.kv.v(layer, j), self._label(visit, j)
+
+        def task() -> None:
+            ev_d2h.synchronize()
+            with self.rec.host("cpu_attention", label, phase="decode"):
+                q, k, v = self._split_qkv(m.qkv_host)
+                slots = m.base_slot_host + step                                     # [B]
+                append(kc, vc, k, v, slots)
+                out = decode_attention(q, kc, vc, m.pads_host, slots + 1, m.mb.prefill_len + step + 1)
+                ev_prev_load.synchronize() if ev_prev_load is not None else None  # attn_host free again
+                m.attn_host.copy_(out)
+        m.future = self.worker.submit(task)
+
+    def load_h(self, visit: int, j: int) -> None:
+        st, m = self.streams, self.state[j]
+        m.future.result()
+        with st.use(st.h2d), self.rec.gpu("h2d_hidden", st.h2d, self._label(visit, j)):
+            st.wait(st.h2d, m.ev_post)                                            # attn_dev free again
+            m.attn_dev.copy_(m.attn_host, non_blocking=True)
+            m.ev_load_h = st.record(st.h2d)
+
+    def device_attn(self, visit: int, j: int, k_cache=None, v_cache=None) -> None:
+        """Append + attention on the device, over the device cache or an H2D-streamed copy (s4)."""
+        st, m, layer, step = self.streams, self.state[j], self._layer(visit), visit // self.L - 1
+        kc = self.kv.k(layer, j) if k_cache is None else k_cache
+        vc = self.kv.v(layer, j) if v_cache is None else v_cache
+        with st.use(st.compute), self.rec.gpu("gpu_compute", st.compute, self._label(visit, j)):
+            q, k, v = self._split_qkv(m.qkv_dev)
+            slots = m.base_slot + step
+            append(kc, vc, k, v, slots)
+            m.attn_dev.copy_(decode_attention(q, kc, vc, m.pads, slots + 1, m.mb.prefill_len + step + 1))
+            m.ev_load_h = st.record(st.compute)
+
+    def post_attn(self, visit: int, j: int) -> None:
+        st, m, layer = self.streams, self.state[j], self._layer(visit)
+        with st.use(st.compute), self.rec.gpu("gpu_compute", st.compute, self._label(visit, j)):
+            st.wait(st.compute, m.ev_load_h)
+            if j == 0:
+                self._wait_pages(visit)
+            lookup = self.store.lookup(layer, visit % 2)
+            m.h = post_attention(m.h, m.attn_dev, self.store.dense.layers[layer], lookup, self.spec)
+            if layer == self.L - 1:
+                step = visit // self.L - 1
+                logits = final_logits(m.h, self.store.dense, self.spec)             # [B, vocab]
+                m.tokens = sample(logits, self.sampling, m.uniforms[:, step + 1])
+                m.out[:, step + 1] = m.tokens
+            m.ev_post = st.record(st.compute)
+            if j == self.n - 1:
+                self.buffer_free[visit % 2] = m.ev_post
+
+    def front(self, visit: int, j: int) -> None:
+        """PreAttn -> attention up to its result being ready to load (D2H + CPU attention, or device)."""
+        self.pre_attn(visit, j)
+        if self.state[j].kv_on_device:
+            self.device_attn(visit, j)
+        else:
+            self.offload_qkv(visit, j)
+            self.cpu_attn(visit, j)
+
+    def back(self, visit: int, j: int, pages: tuple[Page, ...]) -> None:
+        """LoadH, then the next visit's pages, then PostAttn."""
+        if not self.state[j].kv_on_device:
+            self.load_h(visit, j)
+        self.load_pages(visit + 1, pages)
+        self.post_attn(visit, j)
+
+    # ---- decode schedules ------------------------------------------------------------------------
+    @property
+    def num_visits(self) -> int:
+        return self.L * self.max_new      # prefill + (max_new - 1) decode steps
+
+    def decode(self) -> None:
+        self.rec.phase = "decode"
+        if self.max_new > 1:
+            getattr(self, "_decode_" + self.policy.schedule)()
+
+    def _decode_cgopipe(self) -> None:
+        """Algorithm 1 over the flattened (visit, micro-batch) sequence, `ahead` tasks in front."""
+        first, n = self.L, self.n
+        tasks = [(v, j) for v in range(first, self.num_visits) for j in range(n)]
+        ahead = min(2, n)
+        for t in range(min(ahead, len(tasks))):
+            self.front(*tasks[t])
+        for t, (visit, j) in enumerate(tasks):
+            self.back(visit, j, self._pages_for(j))
+            if t + ahead < len(tasks):
+                self.front(*tasks[t + ahead])
+
+    def _decode_s3(self) -> None:
+        """FlexGen(c): next layer's weights loaded at the layer start; CPU attention waited for in place."""
+        for visit in range(self.L, self.num_visits):
+            for j in range(self.n):
+                self.front(visit, j)
+                self.back(visit, j, self.store.page_table.pages if j == 0 else ())
+
+    def _decode_s4(self) -> None:
+        """FlexGen: GPU attention; KV of the next micro-batch prefetched from the host on its own stream."""
+        st = self.streams
+        staging = [None, None]          # (k, v) device copies, double-buffered by micro-batch parity
+        staged_ev = [None, None]
+        used_ev = [None, None]
+        order = [(v, j) for v in range(self.L, self.num_visits) for j in range(self.n)]
+        appends: dict[int, object] = {}
+
+        def prefetch(t: int) -> None:
+            visit, j = order[t]
+            if self.state[j].kv_on_device:
+                return
+            layer, b = self._layer(visit), t % 2
+            if j in appends:
+                appends.pop(j).result()      # host cache holds the previous step's token
+            with st.use(st.h2d_kv), self.rec.gpu("h2d_kv", st.h2d_kv, self._label(visit, j)):
+                st.wait(st.h2d_kv, used_ev[b])
+                staging[b] = (self.kv.k(layer, j).to(self.device, non_blocking=True),
+                              self.kv.v(layer, j).to(self.device, non_blocking=True))
+                staged_ev[b] = st.record(st.h2d_kv)
+
+        if order:
+            prefetch(0)
+        for t, (visit, j) in enumerate(order):
+            if t + 1 < len(order):
+                prefetch(t + 1)
+            self.pre_attn(visit, j)
+            m = self.state[j]
+            if m.kv_on_device:
+                self.device_attn(visit, j)
+            else:
+                b = t % 2
+                st.wait(st.compute, staged_ev[b])
+                self.device_attn(visit, j, *staging[b])
+                used_ev[b] = m.ev_load_h
+                if st.cuda:
+                    staging[b][0].record_stream(st.compute)
+                    staging[b][1].record_stream(st.compute)
+                self.offload_qkv(visit, j)
+                appends[j] = self._append_on_host(visit, j)
+            self.load_pages(visit + 1, self.store.page_table.pages if j == 0 else ())
+            self.post_attn(visit, j)
+        for f in appends.values():
+            f.result()
+
+    def _append_on_host(self, visit: int, j: int):
+        """Worker: write the new token's k, v (offloaded with q) into the host cache."""
+        m, layer, step = self.state[j], self._layer(visit), visit // self.L - 1
+        kc, vc, ev = self.kv.k(layer, j), self.kv.v(layer, j), m.ev_d2h
+
+        def task() -> None:
+            ev.synchronize()
+            with self.rec.host("cpu_attention", self._label(visit, j) + " append", phase="decode"):
+                _, k, v = self._split_qkv(m.qkv_host)
+                append(kc, vc, k, v, m.base_slot_host + step)
+        return self.worker.submit(task)
+
+    def _decode_blocking(self) -> None:
+        """DeepSpeed-style: load the whole layer, wait, compute every micro-batch, nothing overlapped."""
+        for visit in range(self.L, self.num_visits):
+            self._synchronize()
+            for j in range(self.n):
+                m = self.state[j]
+                self.pre_attn(visit, j)
+                if m.kv_on_device:
+                    self.device_attn(visit, j)
+                elif self.policy.attention_on_gpu:
+                    layer = self._layer(visit)
+                    with self.rec.gpu("h2d_kv", self.streams.compute, self._label(visit, j)):
+                        kc = self.kv.k(layer, j).to(self.device)
+                        vc = self.kv.v(layer, j).to(self.device)
+                    self.device_attn(visit, j, kc, vc)
+                    self.offload_qkv(visit, j)
+                    self._append_on_host(visit, j).result()
+                else:
+                    self.offload_qkv(visit, j)
+                    self.cpu_attn(visit, j)
+                    m.future.result()
+                    self.load_h(visit, j)
+                self.post_attn(visit, j)
+                self._synchronize()
+            self.load_pages(visit + 1, self.store.page_table.pages)
+
+    def _synchronize(self) -> None:
+        if self.streams.cuda:
+            torch.cuda.synchronize()
+
+    # ---- results ---------------------------------------------------------------------------------
+    def tokens(self) -> dict[int, list[int]]:
+        """Request index -> generated tokens (synchronises)."""
+        out: dict[int, list[int]] = {}
+        for m in self.state:
+            rows = m.out.cpu().tolist()
+            for r, row in zip(m.mb.requests, rows):
+                out[r] = row
+        return out
