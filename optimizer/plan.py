@@ -1,0 +1,360 @@
+"""`Plan`: the chosen policy with everything needed to run it and to check it later, as versioned JSON.
+
+A plan file holds the model spec (every field) and the sha256 of the spec's canonical JSON, the hardware
+profile (name and numbers), the workload, the policy, the per-layer placement (resident expert ids of
+every MoE layer), the Estimate with its breakdown, memory per level against the budgets, the solver,
+the search time, the toolkit version and the creation date. `Plan.from_json` / `Plan.load` validate
+all of it and reject malformed, foreign or edited files with a one-line `PlanError`. No pickle.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from hrm.estimate import Estimate, MemoryUse, estimate
+from hrm.hardware import ComputeUnit, HardwareProfile, Link, Measured
+from hrm.policy import Policy
+from hrm.spec import DTypes, ModelSpec, Workload
+from .space import Budgets
+
+FORMAT = "moe-lightning-plan"
+VERSION = 1
+
+
+class PlanError(ValueError):
+    """A plan file that cannot be used; the message is one line naming what is wrong."""
+
+
+def toolkit_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("moe-lightning")
+    except Exception:      # not installed (running from a checkout)
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------------
+# model spec identity
+
+def spec_to_dict(spec: ModelSpec) -> dict:
+    return dataclasses.asdict(spec)
+
+
+def spec_sha256(spec: ModelSpec) -> str:
+    """sha256 of the spec's canonical JSON (sorted keys, no spaces)."""
+    text = json.dumps(spec_to_dict(spec), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def spec_from_dict(d: dict) -> ModelSpec:
+    d = dict(_need(d, dict, "model.spec"))
+    names = {f.name for f in dataclasses.fields(ModelSpec)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise PlanError(f"malformed plan: unknown model spec field(s) {', '.join(unknown)}")
+    dt = _need(d.pop("dtypes", {}), dict, "model.spec.dtypes")
+    try:
+        return ModelSpec(**d, dtypes=DTypes(**dt))
+    except TypeError as e:
+        raise PlanError(f"malformed plan: model spec: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# hardware as data
+
+def hardware_to_dict(hw: HardwareProfile) -> dict:
+    def unit(u: ComputeUnit) -> dict:
+        return {"name": u.name, "memory_bytes": u.memory_bytes, "mem_bytes_per_s": u.mem_bytes_per_s,
+                "peak_flops": dict(u.peak_flops), "count": u.count, "cores": u.cores, "source": u.source}
+    return {"name": hw.name, "description": hw.description, "path": hw.path, "gpu": unit(hw.gpu), "cpu": unit(hw.cpu),
+            "link": dataclasses.asdict(hw.link),
+            "measured": None if hw.measured is None else dataclasses.asdict(hw.measured)}
+
+
+def hardware_from_dict(d: dict) -> HardwareProfile:
+    d = _need(d, dict, "hardware")
+    try:
+        gpu, cpu = (ComputeUnit(**_need(d[k], dict, f"hardware.{k}")) for k in ("gpu", "cpu"))
+        link = Link(**_need(d["link"], dict, "hardware.link"))
+        m = d.get("measured")
+        measured = None if m is None else Measured(**{k: tuple(v) if isinstance(v, list) else v
+                                                      for k, v in _need(m, dict, "hardware.measured").items()})
+        return HardwareProfile(name=str(d["name"]), description=str(d.get("description", "")), gpu=gpu, cpu=cpu,
+                               link=link, measured=measured, path=str(d.get("path", "")))
+    except KeyError as e:
+        raise PlanError(f"malformed plan: missing 'hardware.{e.args[0]}'") from None
+    except TypeError as e:
+        raise PlanError(f"malformed plan: hardware: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# the plan
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Peak bytes per level (from the Estimate) against the budgets the search used."""
+    gpu_bytes: float
+    cpu_bytes: float
+    pinned_bytes: float
+    gpu_budget_bytes: float
+    cpu_budget_bytes: float
+
+    @property
+    def within_budgets(self) -> bool:
+        return self.gpu_bytes <= self.gpu_budget_bytes and self.cpu_bytes <= self.cpu_budget_bytes
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: ModelSpec
+    hardware: HardwareProfile
+    workload: Workload
+    policy: Policy
+    moe_layers: tuple[int, ...]                    # indices of the layers with routed experts
+    resident_experts: tuple[tuple[int, ...], ...]  # per MoE layer: ids of the experts kept on the GPU
+    estimate: Estimate                             # our model's prediction for the policy
+    memory: MemoryReport
+    budgets: Budgets
+    solver: str
+    mode: str                                      # "default" or "paper"
+    search_time_s: float
+    toolkit_version: str
+    created: str                                   # ISO 8601, UTC
+    paper: "object | None" = None                  # optimizer.paper.PaperPrediction in paper mode
+
+    # ---- derived -----------------------------------------------------------------------------
+    @property
+    def spec_sha256(self) -> str:
+        return spec_sha256(self.spec)
+
+    @property
+    def throughput_tok_s(self) -> float:
+        return self.estimate.throughput_tok_s
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.estimate.decode_tok_s
+
+    @property
+    def bound(self) -> str:
+        return self.estimate.bound
+
+    # ---- JSON ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT, "version": VERSION, "created": self.created, "toolkit_version": self.toolkit_version,
+            "solver": self.solver, "mode": self.mode, "search_time_s": self.search_time_s,
+            "model": {"spec": spec_to_dict(self.spec), "spec_sha256": self.spec_sha256},
+            "hardware": hardware_to_dict(self.hardware),
+            "workload": dataclasses.asdict(self.workload),
+            "policy": dataclasses.asdict(self.policy),
+            "placement": {"moe_layers": list(self.moe_layers),
+                          "resident_experts": [list(ids) for ids in self.resident_experts]},
+            "estimate": self.estimate.to_dict(),
+            "memory": dataclasses.asdict(self.memory),
+            "budgets": self.budgets.to_dict(),
+            "paper": None if self.paper is None else self.paper.to_dict(),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(_plain(self.to_dict()), indent=2, allow_nan=False) + "\n"
+
+    def save(self, path) -> Path:
+        """Write atomically: a temporary file in the same directory, then os.replace."""
+        path = Path(path)
+        text = self.to_json()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def from_json(cls, text: str, *, spec: ModelSpec | None = None) -> "Plan":
+        """Parse and validate; `spec`, when given, must be the model the plan was made for."""
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+            raise PlanError(f"not a plan file: invalid JSON ({_one_line(e)})") from None
+        return cls.from_dict(data, spec=spec)
+
+    @classmethod
+    def load(cls, path, *, spec: ModelSpec | None = None) -> "Plan":
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except FileNotFoundError:
+            raise PlanError(f"plan file not found: {p}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise PlanError(f"cannot read plan file {p}: {_one_line(e)}") from None
+        try:
+            return cls.from_json(text, spec=spec)
+        except PlanError as e:
+            raise PlanError(f"{p}: {e}") from None
+
+    @classmethod
+    def from_dict(cls, data, *, spec: ModelSpec | None = None) -> "Plan":
+        if not isinstance(data, dict):
+            raise PlanError("not a plan file: the top level is not a JSON object")
+        if data.get("format") != FORMAT:
+            raise PlanError(f"not a plan file: format is {data.get('format')!r}, expected {FORMAT!r}")
+        if data.get("version") != VERSION:
+            raise PlanError(f"unsupported plan version {data.get('version')!r}: this toolkit reads version {VERSION}")
+        try:
+            return _from_dict(cls, data, spec)
+        except PlanError:
+            raise
+        except KeyError as e:
+            raise PlanError(f"malformed plan: missing field {e.args[0]!r}") from None
+        except (TypeError, ValueError, AttributeError) as e:
+            raise PlanError(f"malformed plan: {_one_line(e)}") from None
+
+
+def _from_dict(cls, data: dict, expected: ModelSpec | None) -> Plan:
+    model = _need(data["model"], dict, "model")
+    spec = spec_from_dict(model["spec"])
+    digest = spec_sha256(spec)
+    if model.get("spec_sha256") != digest:
+        raise PlanError("model spec does not match its sha256 (the file was edited or corrupted)")
+    if expected is not None and spec_sha256(expected) != digest:
+        raise PlanError(f"plan was made for model {spec.name!r} (spec sha256 {digest[:12]}), "
+                        f"not for {expected.name!r} (sha256 {spec_sha256(expected)[:12]})")
+    hw = hardware_from_dict(data["hardware"])
+    workload = Workload(**_need(data["workload"], dict, "workload"))
+    policy = Policy(**_need(data["policy"], dict, "policy"))
+    placement = _need(data["placement"], dict, "placement")
+    moe_layers = tuple(int(i) for i in _need(placement["moe_layers"], list, "placement.moe_layers"))
+    resident = tuple(tuple(int(e) for e in _need(ids, list, "placement.resident_experts[]"))
+                     for ids in _need(placement["resident_experts"], list, "placement.resident_experts"))
+    _check_placement(spec, policy, moe_layers, resident)
+    est = _estimate_from_dict(_need(data["estimate"], dict, "estimate"), policy, workload)
+    memory = MemoryReport(**{k: float(v) for k, v in _need(data["memory"], dict, "memory").items()})
+    budgets = Budgets(**_need(data["budgets"], dict, "budgets"))
+    paper = None
+    if data.get("paper") is not None:
+        from .paper import PaperPrediction
+        paper = PaperPrediction.from_dict(_need(data["paper"], dict, "paper"))
+    search_time = float(data["search_time_s"])
+    if not math.isfinite(search_time) or search_time < 0:
+        raise PlanError(f"malformed plan: search_time_s must be a non-negative number, got {search_time}")
+    return cls(spec=spec, hardware=hw, workload=workload, policy=policy, moe_layers=moe_layers,
+               resident_experts=resident, estimate=est, memory=memory, budgets=budgets,
+               solver=str(data["solver"]), mode=str(data["mode"]), search_time_s=search_time,
+               toolkit_version=str(data["toolkit_version"]), created=str(data["created"]), paper=paper)
+
+
+def _check_placement(spec: ModelSpec, policy: Policy, moe_layers, resident) -> None:
+    want_layers = tuple(range(spec.first_dense_layers, spec.num_hidden_layers))
+    if moe_layers != want_layers:
+        raise PlanError(f"placement lists MoE layers {_short(moe_layers)}, the model has {_short(want_layers)}")
+    if len(resident) != len(moe_layers):
+        raise PlanError(f"placement has {len(resident)} resident-expert lists for {len(moe_layers)} MoE layers")
+    e = policy.resident_experts(spec.num_experts)
+    for layer, ids in zip(moe_layers, resident):
+        if len(set(ids)) != len(ids) or any(not 0 <= i < spec.num_experts for i in ids):
+            raise PlanError(f"placement of layer {layer}: expert ids must be distinct and in [0, {spec.num_experts})")
+        if len(ids) != e:
+            raise PlanError(f"placement of layer {layer} keeps {len(ids)} experts on the GPU, the policy's "
+                            f"weights_gpu_frac={policy.weights_gpu_frac:g} means {e}")
+
+
+def _estimate_from_dict(d: dict, policy: Policy, workload: Workload) -> Estimate:
+    if Policy(**d["policy"]) != policy or Workload(**d["workload"]) != workload:
+        raise PlanError("the estimate was made for a different policy or workload than the plan's")
+    mem = _need(d["memory_bytes"], dict, "estimate.memory_bytes")
+    memory = MemoryUse(gpu=_floats(mem["gpu"]), cpu=_floats(mem["cpu"]), pinned=_floats(mem["pinned"]))
+    return Estimate(model=str(d["model"]), hardware=str(d["hardware"]), policy=policy, workload=workload,
+                    prefill_s=float(d["prefill_s"]), decode_s=float(d["decode_s"]),
+                    decode_layer=_floats(d["decode_layer_s"]), prefill_layer=_floats(d["prefill_layer_s"]),
+                    layer_time_s=float(d["layer_time_s"]), step_time_s=float(d["step_time_s"]), bound=str(d["bound"]),
+                    memory=memory, realised_weights_gpu_frac=float(d["realised_weights_gpu_frac"]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# building a plan from a search result
+
+def placement_of(spec: ModelSpec, policy: Policy) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+    """(MoE layer indices, resident expert ids per MoE layer): the first e experts of every layer, as the
+    artifact and our runtime realise r_w."""
+    layers = tuple(range(spec.first_dense_layers, spec.num_hidden_layers))
+    e = policy.resident_experts(spec.num_experts)
+    return layers, tuple(tuple(range(e)) for _ in layers)
+
+
+def build_plan(problem, policy: Policy, *, budgets: Budgets, solver: str, mode: str, search_time_s: float,
+               paper=None) -> Plan:
+    spec, hw, wl = problem.spec, problem.hardware, problem.workload
+    est = estimate(spec, hw, wl, policy, pin_all_weights=problem.pin_all_weights, use_measured=problem.use_measured)
+    layers, resident = placement_of(spec, policy)
+    memory = MemoryReport(gpu_bytes=float(est.memory.gpu_bytes), cpu_bytes=float(est.memory.cpu_bytes),
+                          pinned_bytes=float(est.memory.pinned_bytes), gpu_budget_bytes=budgets.gpu_bytes,
+                          cpu_budget_bytes=budgets.cpu_bytes)
+    return Plan(spec=spec, hardware=hw, workload=wl, policy=policy, moe_layers=layers, resident_experts=resident,
+                estimate=est, memory=memory, budgets=budgets, solver=solver, mode=mode,
+                search_time_s=float(search_time_s), toolkit_version=toolkit_version(),
+                created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), paper=paper)
+
+
+def policy_of(problem, found) -> Policy:
+    E = problem.spec.num_experts
+    p = found.placement
+    return Policy(batch_size=found.batch_size, micro_batch_size=found.micro_batch_size,
+                  attention_on_gpu=p.attention_on_gpu, ffn_on_gpu=p.ffn_on_gpu,
+                  weights_gpu_frac=found.experts / E, kv_gpu_frac=found.kv_gpu_frac, schedule=p.schedule)
+
+
+def plan_from_found(problem, found, *, solver: str, mode: str, search_time_s: float) -> Plan:
+    return build_plan(problem, policy_of(problem, found), budgets=problem.budgets, solver=solver, mode=mode,
+                      search_time_s=search_time_s)
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+
+def _need(value, kind, where: str):
+    if not isinstance(value, kind):
+        raise PlanError(f"malformed plan: '{where}' must be a {'JSON object' if kind is dict else 'list'}, "
+                        f"got {type(value).__name__}")
+    return value
+
+
+def _floats(d) -> dict:
+    return {str(k): float(v) for k, v in _need(d, dict, "estimate breakdown").items()}
+
+
+def _plain(o):
+    """JSON-ready: numpy scalars to Python numbers, tuples to lists, mappings to dicts."""
+    if isinstance(o, dict):
+        return {str(k): _plain(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_plain(v) for v in o]
+    if hasattr(o, "item") and not isinstance(o, (str, bytes)):
+        return o.item()
+    if hasattr(o, "keys"):
+        return {str(k): _plain(o[k]) for k in o.keys()}
+    return o
+
+
+def _one_line(e) -> str:
+    return " ".join(str(e).split())
+
+
+def _short(seq) -> str:
+    seq = tuple(seq)
+    if len(seq) > 4 and seq == tuple(range(seq[0], seq[-1] + 1)):
+        return f"{seq[0]}..{seq[-1]}"
+    return str(list(seq))

@@ -1,0 +1,242 @@
+"""What the policy search may choose, and within which memory budgets.
+
+- `Budgets`: the bytes a plan may use on the GPU(s) and in host memory. By default the profile's memory
+  times a safety fraction (0.9); the user can set either budget outright (`--gpu-memory 16GiB`), so a
+  big GPU can be priced as a small one.
+- `Placement`: where attention and the routed experts run and which schedule overlaps them, plus the
+  restrictions a baseline imposes (fixed expert or KV fractions, a single micro-batch).
+- `Resolution`: how finely the adaptive search enumerates (N, mu); `Pairs`: an explicit set instead.
+- Enumeration helpers shared by both solvers: integer grids and the refinement boxes around a point.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from hrm.estimate import Setting
+from hrm.hardware import HardwareProfile
+from hrm.spec import ModelSpec, Workload
+
+DEFAULT_GPU_FRAC = 0.9
+"""Share of GPU memory a plan may use by default (allocator fragmentation, CUDA context, kernels)."""
+DEFAULT_CPU_FRAC = 0.9
+"""Share of host memory a plan may use by default (OS, page cache, the Python process)."""
+
+KV_FRAC_STEP = 1e-4
+"""kv_gpu_frac is realised on this grid, rounded down, so a plan never overshoots its GPU budget."""
+
+
+class SearchError(ValueError):
+    """The request cannot be planned; the message is one line that says what is missing and by how much."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# sizes
+
+_UNITS = {"": 1.0, "b": 1.0,
+          "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+          "kib": 2.0 ** 10, "mib": 2.0 ** 20, "gib": 2.0 ** 30, "tib": 2.0 ** 40,
+          "k": 2.0 ** 10, "m": 2.0 ** 20, "g": 2.0 ** 30, "t": 2.0 ** 40}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text) -> float:
+    """Bytes from '16GiB', '24GB', '500MB', '1.5TiB' or a plain number of bytes.
+
+    GB/MB/TB are decimal (1e9 ...), GiB/MiB/TiB binary; a bare G/M/T means binary, as in `free -g`.
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        m = _SIZE.match(str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise SearchError(f"cannot read memory size {str(text)!r}: use a number with a unit such as "
+                              f"16GiB, 24GB or 500MB")
+        value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not value > 0 or not math.isfinite(value):
+        raise SearchError(f"memory size must be positive, got {text!r}")
+    return value
+
+
+def format_size(n_bytes: float) -> str:
+    """'14.40 GiB': binary units, two decimals."""
+    n = float(n_bytes)
+    for unit, scale in (("TiB", 2.0 ** 40), ("GiB", 2.0 ** 30), ("MiB", 2.0 ** 20), ("KiB", 2.0 ** 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n:,.0f} B"
+
+
+# ---------------------------------------------------------------------------------------------------
+# budgets
+
+@dataclass(frozen=True)
+class Budgets:
+    """Bytes a plan may use: all GPUs together, and host DRAM (pinned memory counts within it)."""
+    gpu_bytes: float
+    cpu_bytes: float
+    gpu_source: str = ""     # how the number was obtained, for printouts and plan files
+    cpu_source: str = ""
+
+    def __post_init__(self):
+        for name in ("gpu_bytes", "cpu_bytes"):
+            v = getattr(self, name)
+            if not v > 0 or not math.isfinite(v):
+                raise SearchError(f"{name} budget must be positive, got {v}")
+
+    @classmethod
+    def from_hardware(cls, hw: HardwareProfile, *, gpu_memory=None, cpu_memory=None,
+                      gpu_frac: float = DEFAULT_GPU_FRAC, cpu_frac: float = DEFAULT_CPU_FRAC) -> "Budgets":
+        """Default: memory x count x safety fraction. gpu_memory (per GPU) / cpu_memory, given as bytes or
+        strings like '16GiB', replace the profile's memory and are used as they are (no safety fraction)."""
+        for name, frac in (("gpu_frac", gpu_frac), ("cpu_frac", cpu_frac)):
+            if not 0 < frac <= 1:
+                raise SearchError(f"{name} must be in (0, 1], got {frac}")
+        n = hw.gpu.count
+        if gpu_memory is not None:
+            per_gpu = parse_size(gpu_memory)
+            gpu, gsrc = per_gpu * n, f"user: {format_size(per_gpu)}" + (f" x {n} GPUs" if n > 1 else "")
+        else:
+            gpu = hw.gpu.memory_bytes * n * gpu_frac
+            gsrc = f"{gpu_frac:g} x {format_size(hw.gpu.memory_bytes)}" + (f" x {n} GPUs" if n > 1 else "")
+        if cpu_memory is not None:
+            cpu = parse_size(cpu_memory)
+            csrc = f"user: {format_size(cpu)}"
+        else:
+            cpu = hw.cpu.memory_bytes * cpu_frac
+            csrc = f"{cpu_frac:g} x {format_size(hw.cpu.memory_bytes)}"
+        return cls(gpu_bytes=float(gpu), cpu_bytes=float(cpu), gpu_source=gsrc, cpu_source=csrc)
+
+    def to_dict(self) -> dict:
+        return {"gpu_bytes": self.gpu_bytes, "cpu_bytes": self.cpu_bytes,
+                "gpu_source": self.gpu_source, "cpu_source": self.cpu_source}
+
+
+# ---------------------------------------------------------------------------------------------------
+# placements
+
+@dataclass(frozen=True)
+class Placement:
+    """Where attention and the routed experts run, the schedule, and a baseline's restrictions.
+
+    weights_gpu_frac / kv_gpu_frac: None = searched, else fixed. one_micro_batch: mu = N.
+    """
+    name: str
+    attention_on_gpu: bool
+    ffn_on_gpu: bool
+    schedule: str
+    weights_gpu_frac: float | None = None
+    kv_gpu_frac: float | None = None
+    one_micro_batch: bool = False
+
+    def setting(self, spec: ModelSpec, hw: HardwareProfile, workload: Workload, *,
+                pin_all_weights: bool = True, use_measured: bool = True) -> Setting:
+        return Setting(spec, hw, workload, self.attention_on_gpu, self.ffn_on_gpu, self.schedule,
+                       pin_all_weights=pin_all_weights, use_measured=use_measured)
+
+    @property
+    def searches_kv(self) -> bool:
+        """The KV fraction on the GPU only buys time when attention runs there."""
+        return self.kv_gpu_frac is None and self.attention_on_gpu
+
+    def describe(self) -> str:
+        attn = "GPU" if self.attention_on_gpu else "CPU"
+        ffn = "GPU" if self.ffn_on_gpu else "CPU"
+        return f"attention {attn}, experts {ffn}, {self.schedule}"
+
+
+DEFAULT_PLACEMENTS = (
+    Placement("cpu-attention", attention_on_gpu=False, ffn_on_gpu=True, schedule="cgopipe"),
+    Placement("gpu-attention", attention_on_gpu=True, ffn_on_gpu=True, schedule="s4"),
+    Placement("cpu-attention+cpu-experts", attention_on_gpu=False, ffn_on_gpu=False, schedule="cgopipe"),
+    Placement("gpu-attention+cpu-experts", attention_on_gpu=True, ffn_on_gpu=False, schedule="s4"),
+)
+"""Our search: attention on the CPU or the GPU, routed experts on the GPU (paged) or the CPU."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One search request: the model, the machine, the workload and the budgets."""
+    spec: ModelSpec
+    hardware: HardwareProfile
+    workload: Workload
+    budgets: Budgets
+    pin_all_weights: bool = True
+    use_measured: bool = True
+
+    def setting(self, placement: Placement) -> Setting:
+        return placement.setting(self.spec, self.hardware, self.workload, pin_all_weights=self.pin_all_weights,
+                                 use_measured=self.use_measured)
+
+    @property
+    def num_experts(self) -> int:
+        return self.spec.num_experts
+
+
+# ---------------------------------------------------------------------------------------------------
+# (N, mu) enumeration
+
+@dataclass(frozen=True)
+class Resolution:
+    """How finely the adaptive search enumerates (N, mu).
+
+    Stage 1 takes every mu up to `dense` and then steps of `ratio`; for each mu, N = k * mu with k on the
+    same kind of grid, plus the largest N that fits. Stage 2 refines around the `refine_top` best points:
+    a box spanning the neighbouring stage-1 points, scanned with at most `refine_mu` x `refine_n` points,
+    shrunk around the best until the steps are 1.
+    """
+    dense: int = 24
+    ratio: float = 1.1
+    refine_top: int = 2
+    refine_mu: int = 12
+    refine_n: int = 48
+
+
+GRID_RESOLUTION = Resolution()
+MILP_RESOLUTION = Resolution(dense=3, ratio=1.6, refine_top=1, refine_mu=4, refine_n=6)
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """An explicit, exhaustive set of (N, mu): every N with every mu <= N (and <= the memory limit)."""
+    batch_sizes: tuple[int, ...]
+    micro_batch_sizes: tuple[int, ...]
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        N, mu = np.meshgrid(np.asarray(self.batch_sizes, np.int64), np.asarray(self.micro_batch_sizes, np.int64))
+        keep = mu <= N
+        return N[keep], mu[keep]
+
+
+def int_grid(hi: int, dense: int, ratio: float) -> np.ndarray:
+    """1..dense, then geometric steps of `ratio` up to hi (hi always included)."""
+    hi = int(hi)
+    if hi < 1:
+        return np.zeros(0, np.int64)
+    head = np.arange(1, min(dense, hi) + 1)
+    if hi <= dense:
+        return head.astype(np.int64)
+    n = int(math.ceil(math.log(hi / dense) / math.log(ratio))) + 1
+    tail = np.round(dense * ratio ** np.arange(1, n + 1)).astype(np.int64)
+    return np.unique(np.concatenate([head, tail[tail < hi], [hi]])).astype(np.int64)
+
+
+def span(lo: int, hi: int, points: int) -> np.ndarray:
+    """Integers from lo to hi (inclusive) in equal steps, at most about `points` of them."""
+    lo, hi = int(lo), int(hi)
+    if hi < lo:
+        return np.zeros(0, np.int64)
+    step = max(1, int(math.ceil((hi - lo) / max(points - 1, 1))))
+    return np.unique(np.append(np.arange(lo, hi + 1, step), hi)).astype(np.int64)
+
+
+def neighbours(grid: np.ndarray, value: int) -> tuple[int, int]:
+    """The grid points just below and above `value` (value itself at the ends)."""
+    i = int(np.searchsorted(grid, value))
+    lo = int(grid[i - 1]) if i > 0 else int(value)
+    j = int(np.searchsorted(grid, value, side="right"))
+    hi = int(grid[j]) if j < len(grid) else int(value)
+    return lo, hi
