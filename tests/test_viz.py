@@ -1,0 +1,297 @@
+"""viz: every figure has a title, labelled axes (with units) and a legend; the heatmap's data marks the
+cells that break a memory budget; figures are written atomically as valid PNGs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from hrm.estimate import estimate
+from hrm.hardware import load_profile
+from hrm.hf_config import load_model
+from hrm.policy import Policy
+from hrm.spec import Workload
+from viz import grid as vg
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def target():
+    """Mixtral-8x7B on the paper's T4 host, MTBench padded (s = 418, n = 128)."""
+    return load_model("mixtral-8x7b"), load_profile("t4-s1"), Workload.uniform(418, 128, padded=True)
+
+
+def _main_axes(fig):
+    return [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+
+
+def _titles(fig):
+    texts = [fig._suptitle.get_text()] if fig._suptitle is not None else []
+    for sub in getattr(fig, "subfigs", []):
+        if sub._suptitle is not None:
+            texts.append(sub._suptitle.get_text())
+    return texts + [ax.get_title() for ax in fig.axes]
+
+
+def assert_readable(fig):
+    """A title; every plotting axes labelled with a unit in parentheses (category axes may carry tick
+    labels instead); at least one legend."""
+    from matplotlib.figure import Figure
+    assert isinstance(fig, Figure)
+    assert any(t.strip() for t in _titles(fig)), "figure has no title"
+    axes = _main_axes(fig)
+    assert axes, "figure has no axes"
+    for ax in axes:
+        for which, label, ticks in (("x", ax.get_xlabel(), ax.get_xticklabels()),
+                                    ("y", ax.get_ylabel(), ax.get_yticklabels())):
+            if label:
+                assert "(" in label and ")" in label, f"{which} label without a unit: {label!r}"
+            else:
+                categories = [t.get_text() for t in ticks if t.get_text()]
+                assert categories and not all(_is_number(c) for c in categories), \
+                    f"{ax.get_title()!r}: unlabelled {which} axis"
+    legends = [ax.get_legend() for ax in axes if ax.get_legend() is not None] + list(fig.legends)
+    assert legends, "figure has no legend"
+    assert all(len(lg.get_texts()) > 0 for lg in legends)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.replace("\u2212", "-"))
+        return True
+    except ValueError:
+        return False
+
+
+def test_import_viz_is_cheap():
+    code = "import sys, viz; assert 'matplotlib' not in sys.modules, 'viz imported matplotlib'; print(viz.__all__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(
+        os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    assert "roofline_figure" in out.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# the numbers behind the heatmap
+
+@pytest.mark.parametrize("policy", [
+    Policy(504, 36),
+    Policy(100, 7, weights_gpu_frac=0.25),
+    Policy(64, 64, attention_on_gpu=True, kv_gpu_frac=0.3, schedule="s4"),
+    Policy(96, 32, schedule="blocking"),
+    Policy(96, 32, schedule="s3"),
+    Policy(50, 10, ffn_on_gpu=False, weights_gpu_frac=0.5),
+])
+def test_grid_cell_equals_estimate(target, policy):
+    spec, hw, wl = target
+    g = vg.throughput_grid(spec, hw, wl, [policy.batch_size], [policy.micro_batch_size],
+                           weights_gpu_frac=policy.weights_gpu_frac, kv_gpu_frac=policy.kv_gpu_frac,
+                           attention_on_gpu=policy.attention_on_gpu, ffn_on_gpu=policy.ffn_on_gpu,
+                           schedule=policy.schedule)
+    e = estimate(spec, hw, wl, policy)
+    assert g.throughput_tok_s[0, 0] == pytest.approx(e.throughput_tok_s, rel=1e-9)
+    assert g.gpu_bytes[0, 0] == pytest.approx(e.memory.gpu_bytes, rel=1e-9)
+    assert g.cpu_bytes[0, 0] == pytest.approx(e.memory.cpu_bytes, rel=1e-9)
+
+
+def test_grid_marks_cells_by_the_budget_they_break(target):
+    spec, hw, wl = target
+    budgets = vg.MemoryBudgets(gpu_bytes=0.86 * hw.gpu.memory_bytes, cpu_bytes=0.8 * hw.cpu.memory_bytes)
+    g = vg.throughput_grid(spec, hw, wl, budgets=budgets, n_batch=24, n_micro=24)
+    codes = set(np.unique(g.status).tolist())
+    assert {vg.FEASIBLE, vg.GPU_LIMIT, vg.CPU_LIMIT, vg.NOT_APPLICABLE} <= codes
+    gpu_over = g.gpu_bytes > budgets.gpu_bytes
+    cpu_over = g.cpu_bytes > budgets.cpu_bytes
+    feas = g.status == vg.FEASIBLE
+    assert not (gpu_over | cpu_over)[feas].any()
+    assert gpu_over[g.status == vg.GPU_LIMIT].all()       # at the r_w that uses the least GPU memory
+    assert cpu_over[g.status == vg.CPU_LIMIT].all()
+    # mu > N is never priced as a policy
+    N, mu = np.meshgrid(g.batch_sizes, g.micro_batch_sizes)
+    assert ((g.status == vg.NOT_APPLICABLE) == (mu > N)).all()
+    assert np.isnan(g.throughput_tok_s[mu > N]).all()
+    # every feasible cell re-checked with estimate(): within both budgets at the r_w the grid chose
+    i, j = np.argwhere(feas)[len(np.argwhere(feas)) // 2]
+    e = estimate(spec, hw, wl, Policy(int(g.batch_sizes[j]), int(g.micro_batch_sizes[i]),
+                                      weights_gpu_frac=float(g.weights_gpu_frac[i, j])))
+    assert e.memory.gpu_bytes <= budgets.gpu_bytes and e.memory.cpu_bytes <= budgets.cpu_bytes
+    assert e.throughput_tok_s == pytest.approx(g.throughput_tok_s[i, j], rel=1e-9)
+    # the best cell beats every other feasible cell
+    n, m, rw, t = g.best()
+    assert t == pytest.approx(np.nanmax(np.where(feas, g.throughput_tok_s, np.nan)))
+
+
+def test_grid_with_nothing_feasible(target):
+    spec, hw, wl = target
+    g = vg.throughput_grid(spec, hw, wl, [1, 8], [1, 8], budgets=vg.MemoryBudgets(1e6, 1e6))
+    assert not g.feasible.any() and g.best() is None
+    assert (g.status[g.status != vg.NOT_APPLICABLE] == vg.GPU_AND_CPU_LIMIT).all()
+
+
+def test_best_rw_per_cell_uses_gpu_memory_when_it_helps():
+    spec, hw = load_model("mixtral-8x7b"), load_profile("h200")
+    g = vg.throughput_grid(spec, hw, Workload.uniform(256, 32), [256], [64])
+    assert g.weights_gpu_frac[0, 0] > 0      # 139 GiB of HBM holds most experts
+    fixed = vg.throughput_grid(spec, hw, Workload.uniform(256, 32), [256], [64], weights_gpu_frac=0.0)
+    assert g.throughput_tok_s[0, 0] > fixed.throughput_tok_s[0, 0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# figures
+
+def test_roofline_figure(target):
+    from viz import roofline_figure
+    spec, hw, _ = target
+    fig = roofline_figure(hw, spec, batches=(16, 256, 4096), micro_batches=(8, 64))
+    assert_readable(fig)
+    ax = _main_axes(fig)[0]
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    info = fig.moe_lightning_data
+    assert info["p1"] == pytest.approx(0.8e12 / 12.5e9)                   # P_cpu / B_link = 64
+    assert info["attention"].intensity_cpu < info["p1"]                   # why attention stays on the CPU
+    assert info["attention"].on_cpu_flops > info["attention"].on_gpu_flops
+    xs = [p.intensity_cpu for p in info["moe_ffn"][8]]
+    assert xs == sorted(xs) and xs[-1] > 100 * xs[0]                     # N moves the MoE FFN right
+    labels = " ".join(t.get_text() for t in ax.get_legend().get_texts())
+    for word in ("GPU roof", "CPU roof", "link", "attention", "MoE FFN", "balance point"):
+        assert word in labels
+
+
+def test_throughput_heatmap_marks_infeasible_and_chosen(target):
+    from matplotlib.collections import PatchCollection
+    from viz import throughput_heatmap
+    spec, hw, wl = target
+    fig = throughput_heatmap(spec, hw, wl, chosen=Policy(504, 36), n_batch=16, n_micro=16)
+    assert_readable(fig)
+    g = fig.moe_lightning_data
+    assert isinstance(g, vg.ThroughputGrid)
+    assert (g.status == vg.GPU_LIMIT).any() and (g.status == vg.CPU_LIMIT).any() and g.feasible.any()
+    ax = _main_axes(fig)[0]
+    shaded = [c for c in ax.collections if isinstance(c, PatchCollection)]
+    assert len(shaded) == len(set(np.unique(g.status).tolist()) - {vg.FEASIBLE})
+    stars = [ln for ln in ax.get_lines() if ln.get_marker() == "*"]
+    assert len(stars) == 1 and (stars[0].get_xdata()[0], stars[0].get_ydata()[0]) == (504, 36)
+    legend = " ".join(t.get_text() for t in ax.get_legend().get_texts())
+    assert "GPU memory budget" in legend and "CPU memory budget" in legend
+    assert any(ax.get_label() == "<colorbar>" for ax in fig.axes)
+
+
+def test_heatmap_of_a_model_that_does_not_fit(target):
+    from viz import throughput_heatmap
+    spec, hw, wl = target
+    fig = throughput_heatmap(load_model("deepseek-v3"), hw, wl, n_batch=8, n_micro=8)
+    assert_readable(fig)
+    assert not fig.moe_lightning_data.feasible.any()
+
+
+@pytest.mark.parametrize("policy", [Policy(504, 36), Policy(128, 128, schedule="blocking"),
+                                    Policy(64, 64, attention_on_gpu=True, schedule="s4")])
+def test_stage_breakdown_figure(target, policy):
+    from viz import stage_breakdown_figure
+    spec, hw, wl = target
+    e = estimate(spec, hw, wl, policy)
+    fig = stage_breakdown_figure(e, hw)
+    assert_readable(fig)
+    titles = " ".join(_titles(fig))
+    assert e.bound_label in titles
+    decode_ax = next(ax for ax in fig.axes if ax.get_title().startswith("Decode"))
+    legend = " ".join(t.get_text() for t in decode_ax.get_legend().get_texts())
+    assert f"binding: {e.bound_label}" in legend
+    assert stage_breakdown_figure(e) is not None     # without a profile: memory in GB
+
+
+def _validation_frame():
+    return pd.DataFrame({
+        "policy": ["A", "A", "B", "C"],
+        "predicted_tok_s": [110.0, 90.0, 50.0, 8.0],
+        "measured_tok_s": [100.0, 100.0, 40.0, 10.0],
+    })
+
+
+def test_predicted_vs_measured_figure():
+    from viz import error_table, predicted_vs_measured_figure
+    df = _validation_frame()
+    table = error_table(df)
+    assert table.loc["A", "runs"] == 2
+    assert table.loc["A", "error_pct"] == pytest.approx(0.0)
+    assert table.loc["A", "abs_error_pct"] == pytest.approx(10.0)
+    assert table.loc["B", "error_pct"] == pytest.approx(25.0)
+    assert table.loc["C", "error_pct"] == pytest.approx(-20.0)
+    fig = predicted_vs_measured_figure(df)
+    assert_readable(fig)
+    scatter = _main_axes(fig)[0]
+    assert any(ln.get_label().startswith("y = x") for ln in scatter.get_lines())
+    with pytest.raises(ValueError, match="measured_tok_s"):
+        predicted_vs_measured_figure(df.drop(columns=["measured_tok_s"]))
+
+
+def test_baselines_figure(target):
+    from viz import baselines_figure
+    spec, hw, wl = target
+    chosen = estimate(spec, hw, wl, Policy(504, 36))
+    fig = baselines_figure({"FlexGen (S4)": estimate(spec, hw, wl, Policy(64, 64, attention_on_gpu=True,
+                                                                             schedule="s4")),
+                            "DeepSpeed-style": 12.5, "all on GPU": None}, chosen=chosen)
+    assert_readable(fig)
+    ticks = [t.get_text() for t in _main_axes(fig)[0].get_yticklabels()]
+    assert ticks[0] == "MoE-Lightning plan" and ticks[-1] == "all on GPU"
+
+
+# ---------------------------------------------------------------------------------------------------
+# writing files
+
+def _assert_png(path):
+    from matplotlib.image import imread
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+    img = imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_save_figure_is_atomic_and_writes_png(tmp_path):
+    from viz import save_figure
+    from viz.style import new_figure
+    fig = new_figure(3, 2)
+    ax = fig.add_subplot()
+    ax.plot([1, 2], [3, 4])
+    target = tmp_path / "sub" / "fig.png"
+    assert save_figure(fig, target) == target
+    _assert_png(target)
+    inode = target.stat().st_ino
+    with pytest.raises(ValueError):
+        save_figure(fig, tmp_path / "sub" / "fig.notaformat")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["fig.png"]    # no temporary left behind
+    save_figure(fig, target)            # replacing an existing file: a new file moved into place
+    _assert_png(target)
+    assert target.stat().st_ino != inode
+
+
+def test_plot_for_estimate(target, tmp_path):
+    from viz.cli import estimate_figure, plot_for_estimate
+    spec, hw, wl = target
+    e = estimate(spec, hw, wl, Policy(504, 36))
+    out = plot_for_estimate(e, spec, hw, wl, tmp_path / "est.png")
+    _assert_png(out)
+    assert_readable(estimate_figure(e, spec, hw, wl))
+
+
+def test_plot_for_plan_from_a_plan_like_object(target, tmp_path):
+    from viz.cli import plan_figure, plot_for_plan
+    spec, hw, wl = target
+    e = estimate(spec, hw, wl, Policy(504, 36))
+    plan = SimpleNamespace(policy=e.policy, estimate=e,
+                           baselines={"FlexGen(c) (S3)": estimate(spec, hw, wl, Policy(504, 36, schedule="s3"))})
+    _assert_png(plot_for_plan(plan, tmp_path / "plan.png"))       # spec and profile found by name
+    fig = plan_figure(plan)
+    assert_readable(fig)
+    assert any("baselines" in ax.get_title() for ax in fig.axes)
+    bare = SimpleNamespace(policy=e.policy, estimate=e)
+    assert any("Memory" in ax.get_title() for ax in plan_figure(bare, spec=spec, hw=hw).axes)
