@@ -1,0 +1,179 @@
+"""`moe-lightning run`: execute a plan with the CGOPipe runtime and measure it.
+
+A plan file is JSON with "model" (built-in name or config path), "policy" (Policy fields) and optionally
+"plan_id", "hardware" (profile for the predicted column) and "num_layers". Without a plan, pass --model
+and --policy-json.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .common import fmt_bytes, fmt_s, print_json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="run a plan on this machine and measure it",
+                       description="Run a plan with the CGOPipe runtime; print measured (and predicted) stage "
+                                   "times and throughput; write the Measurement JSON.")
+    what = p.add_argument_group("what to run")
+    what.add_argument("--plan", metavar="PLAN.json", help="plan file (model + policy)")
+    what.add_argument("--model", help="built-in model or HF config path (without --plan)")
+    what.add_argument("--policy-json", metavar="JSON|FILE", help="Policy fields as JSON (without --plan)")
+    what.add_argument("--num-layers", type=int, default=None, help="run only this many layers")
+    weights = what.add_mutually_exclusive_group()
+    weights.add_argument("--model-dir", metavar="DIR", help="checkpoint directory (config.json + safetensors)")
+    weights.add_argument("--random-weights", action="store_true", help="synthetic weights (the default)")
+    prompts = p.add_argument_group("prompts")
+    src = prompts.add_mutually_exclusive_group()
+    src.add_argument("--prompts", metavar="FILE", help="JSON list of token-id lists (or one list per line)")
+    src.add_argument("--synthetic", action="store_true", help="random token prompts (the default)")
+    prompts.add_argument("--num-prompts", type=int, default=None, help="synthetic prompts (default: batch size)")
+    prompts.add_argument("--prompt-len", type=float, default=128, help="synthetic: average prompt length")
+    prompts.add_argument("--max-prompt-len", type=int, default=None, help="synthetic: longest prompt")
+    prompts.add_argument("--gen-len", type=int, default=32, help="tokens generated per prompt (default 32)")
+    prompts.add_argument("--padded", action="store_true", help="pad prompts to the longest (default: packed)")
+    ex = p.add_argument_group("execution")
+    ex.add_argument("--hardware", help="hardware profile for the predicted column (default: the plan's)")
+    ex.add_argument("--gpu-budget-gb", type=float, default=None, help="emulate a GPU with this much memory")
+    ex.add_argument("--dtype", default=None, help="weight/activation dtype (default: the model's)")
+    ex.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    ex.add_argument("--top-p", type=float, default=1.0)
+    ex.add_argument("--seed", type=int, default=0, help="weights, prompts and sampling seed")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help="print the measurement as JSON only")
+    out.add_argument("-o", "--output", metavar="MEASUREMENT.json", help="write the Measurement JSON here")
+    out.add_argument("--trace", metavar="TRACE.json", help="write every stage span (for a timeline)")
+
+
+def _read_json_arg(text: str) -> dict:
+    path = Path(text)
+    return json.loads(path.read_text() if path.exists() else text)
+
+
+def load_target(args):
+    """(spec, policy, plan_id, hardware name or None) from --plan, or --model + --policy-json."""
+    from hrm.hf_config import load_model
+    from hrm.policy import Policy
+
+    from .main import CLIError
+
+    if args.plan:
+        raw = json.loads(Path(args.plan).read_text())
+        for key in ("model", "policy"):
+            if key not in raw:
+                raise CLIError(f"{args.plan}: missing key {key!r} (a plan needs 'model' and 'policy')")
+        model, policy_fields = raw["model"], raw["policy"]
+        plan_id, hardware, layers = raw.get("plan_id", ""), raw.get("hardware"), raw.get("num_layers")
+    else:
+        if not (args.model and args.policy_json):
+            raise CLIError("give --plan, or --model with --policy-json")
+        model, policy_fields = args.model, _read_json_arg(args.policy_json)
+        plan_id, hardware, layers = "", None, None
+    spec = load_model(model)
+    layers = args.num_layers or layers
+    if layers:
+        spec = spec.with_layers(int(layers))
+    return spec, Policy(**policy_fields), plan_id, args.hardware or hardware
+
+
+def load_prompts(args, spec, policy) -> list[list[int]]:
+    if args.prompts:
+        text = Path(args.prompts).read_text().strip()
+        prompts = json.loads(text) if text.startswith("[[") or text.startswith("[\n") else \
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+        if not all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompts):
+            raise ValueError(f"{args.prompts}: expected lists of token ids")
+        return prompts
+    import numpy as np
+    n = args.num_prompts or policy.batch_size
+    avg = args.prompt_len
+    longest = args.max_prompt_len or int(round(avg))
+    shortest = max(1, int(round(2 * avg - longest)))
+    rng = np.random.default_rng(args.seed)
+    lens = rng.integers(min(shortest, longest), longest + 1, size=n)
+    return [rng.integers(0, spec.vocab_size, size=int(k)).tolist() for k in lens]
+
+
+def run(args) -> int:
+    from runtime.engine import Engine
+
+    spec, policy, plan_id, hardware = load_target(args)
+    prompts = load_prompts(args, spec, policy)
+    budget = int(args.gpu_budget_gb * 2**30) if args.gpu_budget_gb else None
+    progress = None if not args.json else False
+    with Engine(spec, policy, model_dir=args.model_dir, seed=args.seed, dtype=args.dtype,
+                gpu_memory_budget_bytes=budget, progress=progress) as engine:
+        if plan_id:
+            engine.plan_id = plan_id
+        _, m = engine.generate(prompts, args.gen_len, temperature=args.temperature, top_p=args.top_p,
+                               seed=args.seed, padded=args.padded)
+        spans = engine.last_spans
+    if args.output:
+        m.write(args.output)
+    if args.trace:
+        Path(args.trace).write_text(json.dumps([s.__dict__ for s in spans]))
+    est = _estimate(spec, policy, hardware, prompts, args) if hardware else None
+    if args.json:
+        d = m.to_dict()
+        if est is not None:
+            d["predicted"] = est.to_dict()
+        print_json(d)
+        return 0
+    _print(m, est)
+    if args.output:
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _estimate(spec, policy, hardware, prompts, args):
+    from hrm.estimate import estimate
+    from hrm.hardware import load_profile
+    from hrm.spec import Workload
+
+    workload = Workload.from_prompt_lens([len(p) for p in prompts], args.gen_len, padded=args.padded)
+    return estimate(spec, load_profile(hardware), workload, policy)
+
+
+MEASURED_TO_PREDICTED = (("gpu_compute", ("gpu",)), ("cpu_attention", ("cpu",)),
+                         ("h2d_weights", None), ("h2d_hidden", None), ("h2d_kv", None), ("d2h", ("d2h",)))
+
+
+def _print(m, est) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    con.print(f"[bold]{m.model}[/] on {m.device}: {m.policy}  ({m.num_sequences} prompts, "
+              f"{m.prompt_tokens} prompt tokens, {m.generated_tokens} generated)")
+    t = Table(title="decode, per layer-step (stages overlap)", title_justify="left")
+    t.add_column("stage")
+    t.add_column("measured", justify="right")
+    t.add_column("total", justify="right")
+    if est is not None:
+        t.add_column("predicted", justify="right")
+    h2d_predicted = est.decode_layer.get("h2d") if est is not None else None
+    for name, keys in MEASURED_TO_PREDICTED:
+        row = [name, fmt_s(m.per_layer_step_s(name)), fmt_s(m.stage(name).total_s)]
+        if est is not None:
+            value = sum(est.decode_layer.get(k, 0.0) for k in keys) if keys else None
+            row.append(fmt_s(value) if value is not None else "")
+        t.add_row(*row)
+    if est is not None:
+        measured_h2d = sum(m.per_layer_step_s(n) for n in ("h2d_weights", "h2d_hidden", "h2d_kv"))
+        t.add_row("h2d (all)", fmt_s(measured_h2d), "", fmt_s(h2d_predicted or 0.0))
+    con.print(t)
+    o = Table(title="overall", title_justify="left")
+    o.add_column("")
+    o.add_column("measured", justify="right")
+    if est is not None:
+        o.add_column("predicted", justify="right")
+    rows = [("prefill", fmt_s(m.prefill_s), est and fmt_s(est.prefill_s)),
+            ("decode", fmt_s(m.decode_s), est and fmt_s(est.decode_s)),
+            ("tokens/s", f"{m.tokens_per_s:,.1f}", est and f"{est.throughput_tok_s:,.1f}"),
+            ("decode tokens/s", f"{m.decode_tokens_per_s:,.1f}", est and f"{est.decode_tok_s:,.1f}"),
+            ("GPU peak", fmt_bytes(m.gpu_peak_bytes), est and fmt_bytes(est.memory.gpu_bytes)),
+            ("pinned", fmt_bytes(m.pinned_bytes), est and fmt_bytes(est.memory.pinned_bytes))]
+    for label, measured, predicted in rows:
+        o.add_row(label, measured, *([predicted or ""] if est is not None else []))
+    con.print(o)
