@@ -29,6 +29,7 @@ RESOURCE_LABELS = {
     "gpu": "GPU compute", "cpu": "CPU attention/compute", "h2d": "CPU->GPU link (weights, KV, activations)",
     "d2h": "GPU->CPU link", "link": "CPU<->GPU link, both directions", "pipeline": "pipeline latency (too few micro-batches)",
     "serial": "sum of stages (no overlap)",
+    "weights_block": "next layer's weights as one block, activations waiting behind it",
 }
 
 
@@ -141,9 +142,12 @@ class LayerTimes:
         if schedule == "blocking":
             return {"serial": self.h2d_s + self.gpu_s + self.cpu_s + self.d2h_s}
         if schedule == "s3":
-            # CPU attention is not overlapped with GPU work; weight pages still prefetch
-            return {"h2d": self.h2d_s, "link": self.link_s,
-                    "serial": self.gpu_s + self.cpu_s + self.d2h_s + self.h2d_act_s}
+            # CPU attention is not overlapped with GPU work. The next layer's weights go as one block on
+            # the H2D stream after the first micro-batch's activations, so every later micro-batch's
+            # activations wait behind it: the block plus the rest of the serial chain (MISSION.md S2/S3).
+            serial = self.gpu_s + self.cpu_s + self.d2h_s + self.h2d_act_s
+            return {"h2d": self.h2d_s, "link": self.link_s, "serial": serial,
+                    "weights_block": self.h2d_weights_s + (1.0 - 1.0 / self.num_micro_batches) * serial}
         return {"gpu": self.gpu_s, "cpu": self.cpu_s, "h2d": self.h2d_s, "d2h": self.d2h_s,
                 "link": self.link_s, "pipeline": self.pipeline_s}
 
