@@ -1,0 +1,122 @@
+"""MILP (pulp + bundled CBC): the best resident-expert count and KV fraction for many (N, mu) pairs.
+
+For each pair i the model has an integer e_i in [0, n_e] (r_w = e_i / n_e), a continuous r_c,i in
+[0, 1] (fixed at 0 when attention runs on the CPU), an epigraph variable t_pre,i >= every prefill term
+and one t_i,j >= every decode term at each context sample j. Its time is
+    L * t_pre,i + head_i + sum_j w_j * step_time(t_i,j)
+subject to GPU and CPU bytes within the budgets. Every term and byte comes from hrm.estimate's functions
+called with pulp expressions for r_w and r_c (object arrays: one entry per pair), so the equations are
+the ones the grid search evaluates with numpy. Pairs are independent, so one CBC call minimises the sum
+of many pairs' times and each pair gets its own optimum.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from hrm import estimate as hrm
+from . import grid
+from .space import KV_FRAC_STEP, Placement, Problem
+
+CHUNK = 64
+"""Pairs per CBC call."""
+_GB = 1e9
+
+
+def _at(value, i: int):
+    """Entry i of a per-pair quantity (a scalar applies to every pair)."""
+    return value if np.ndim(value) == 0 else value[i]
+
+
+def _solve_chunk(problem: Problem, placement: Placement, N: np.ndarray, mu: np.ndarray):
+    """(e, r_c, solved) for one chunk; solved is False when CBC found no optimum."""
+    import pulp
+
+    spec, b = problem.spec, problem.budgets
+    E, L, P = spec.num_experts, spec.num_hidden_layers, len(N)
+    s = problem.setting(placement)
+    prob = pulp.LpProblem("moe_lightning_policy", pulp.LpMinimize)
+    e_fixed = grid.fixed_experts(problem, placement)
+    if e_fixed is None:
+        e_vars = [pulp.LpVariable(f"e_{i}", lowBound=0, upBound=E, cat=pulp.LpInteger) for i in range(P)]
+        r_w = np.array([v * (1.0 / E) for v in e_vars], dtype=object)
+    else:
+        e_vars = None
+        r_w = np.full(P, e_fixed / E)
+    if placement.searches_kv:
+        c_vars = [pulp.LpVariable(f"rc_{i}", lowBound=0, upBound=1) for i in range(P)]
+        r_c = np.array(c_vars, dtype=object)
+    else:
+        c_vars = None
+        r_c = np.full(P, float(placement.kv_gpu_frac or 0.0))
+
+    mem = hrm.memory_use(s, N, mu, r_w, r_c)
+    gpu, cpu = mem.gpu_bytes, mem.cpu_bytes
+    for i in range(P):
+        prob += _at(gpu, i) * (1 / _GB) <= b.gpu_bytes / _GB, f"gpu_mem_{i}"
+        prob += _at(cpu, i) * (1 / _GB) <= b.cpu_bytes / _GB, f"cpu_mem_{i}"
+
+    head = np.broadcast_to(np.asarray(hrm.lm_head_time(s, N), float), (P,))
+    objective = []
+    t_pre = [pulp.LpVariable(f"tpre_{i}", lowBound=0) for i in range(P)]
+    for name, term in grid.prefill_terms(hrm.prefill_layer_times(s, N, mu, r_w, r_c)).items():
+        for i in range(P):
+            prob += t_pre[i] >= _at(term, i), f"pre_{name}_{i}"
+    objective += [L * t_pre[i] + float(head[i]) for i in range(P)]
+    for j, (ctx, w) in enumerate(zip(*hrm.context_samples(problem.workload))):
+        lt = hrm.decode_layer_times(s, N, mu, r_w, r_c, ctx)
+        t = np.array([pulp.LpVariable(f"t_{j}_{i}", lowBound=0) for i in range(P)], dtype=object)
+        for name, term in lt.terms(s.schedule).items():
+            for i in range(P):
+                prob += t[i] >= _at(term, i), f"dec_{j}_{name}_{i}"
+        step = hrm.step_time(t, lt, L, head)
+        objective += [float(w) * _at(step, i) for i in range(P)]
+    prob += pulp.lpSum(objective)
+    status = prob.solve(pulp.PULP_CBC_CMD(msg=False, gapRel=1e-9))
+    if pulp.LpStatus[status] != "Optimal":
+        return None
+    e = (np.array([int(round(v.value())) for v in e_vars]) if e_vars is not None else np.full(P, e_fixed))
+    rc = (np.array([float(v.value() or 0.0) for v in c_vars]) if c_vars is not None else r_c.astype(float))
+    return e, rc
+
+
+def best_per_pair(problem: Problem, placement: Placement, N, mu) -> grid.Choice:
+    """Same contract as grid.best_per_pair, solved as a MILP."""
+    N = np.atleast_1d(np.asarray(N, np.int64))
+    mu = np.atleast_1d(np.asarray(mu, np.int64))
+    P = len(N)
+    e = np.zeros(P, np.int64)
+    rc = np.zeros(P)
+    ok = grid.feasible(problem, placement, N, mu) if P else np.zeros(0, bool)
+    idx = np.flatnonzero(ok)
+    for start in range(0, len(idx), CHUNK):
+        part = idx[start:start + CHUNK]
+        solved = _solve_chunk(problem, placement, N[part], mu[part])
+        if solved is None:      # numerical trouble in a batch: solve its pairs one by one
+            for i in part:
+                one = _solve_chunk(problem, placement, N[[i]], mu[[i]])
+                if one is None:
+                    ok[i] = False
+                else:
+                    e[i], rc[i] = one[0][0], one[1][0]
+        else:
+            e[part], rc[part] = solved
+    return _realise(problem, placement, N, mu, e, rc, ok)
+
+
+def _realise(problem, placement, N, mu, e, rc, ok) -> grid.Choice:
+    """Round r_c down to KV_FRAC_STEP (never above what the budget allows) and price the result with the
+    same numpy composition the grid uses."""
+    s = problem.setting(placement)
+    r_w = e / problem.num_experts
+    g0, gs, c0, cs = grid.memory_lines(s, N, mu, r_w)
+    room, fits = grid.kv_for_budget(problem, placement, g0, gs, c0, cs)
+    if placement.searches_kv:
+        rc = np.minimum(np.floor(rc / KV_FRAC_STEP + 1e-6) * KV_FRAC_STEP, room)
+        gpu, cpu = g0 + rc * gs, c0 + rc * cs
+        fits = (gpu <= problem.budgets.gpu_bytes * (1 + 1e-9)) & (cpu <= problem.budgets.cpu_bytes * (1 + 1e-9))
+    else:
+        rc = room
+    ok = ok & fits
+    prefill, decode = grid.total_time(s, N, mu, r_w, rc)
+    total = np.where(ok, prefill + decode, np.inf)
+    return grid.Choice(N, mu, np.where(ok, e, 0).astype(np.int64), np.where(ok, rc, 0.0), total, ok)
