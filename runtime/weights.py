@@ -134,8 +134,9 @@ class WeightStore:
 
     # ---- expert lookups -------------------------------------------------------------------------
     def at_rest(self, layer: int) -> ExpertLookup:
-        """Experts read from where they rest (the reference model's view; host experts stay on the host)."""
-        return lambda e: expert_view(self.at_rest_flat(layer, e), self.spec)
+        """Experts read from where they rest (the reference model's view). Host-resident experts are
+        copied to the device when the device is not the CPU."""
+        return lambda e: expert_view(self.at_rest_flat(layer, e).to(self.device), self.spec)
 
     def lookup(self, layer: int, buffer: int) -> ExpertLookup:
         """Experts as the pipeline reads them: resident slots, or `buffer` after the layer's pages landed."""
