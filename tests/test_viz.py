@@ -129,6 +129,21 @@ def test_grid_marks_cells_by_the_budget_they_break(target):
     assert t == pytest.approx(np.nanmax(np.where(feas, g.throughput_tok_s, np.nan)))
 
 
+@pytest.mark.parametrize("profile", ["t4-s1", "h200"])
+def test_grid_best_is_the_optimizers_plan(profile):
+    """Over the same (N, mu) pairs and placement, the grid's best cell is the plan search() returns."""
+    from optimizer.search import search
+    from optimizer.space import Pairs
+    spec, hw, wl = load_model("mixtral-8x7b"), load_profile(profile), Workload.uniform(418, 128, padded=True)
+    for attention_on_gpu in (False, True):
+        g = vg.throughput_grid(spec, hw, wl, n_batch=12, n_micro=12, attention_on_gpu=attention_on_gpu)
+        plan = search(spec, hw, wl, placements=(g.placement,),
+                      pairs=Pairs(tuple(int(n) for n in g.batch_sizes), tuple(int(m) for m in g.micro_batch_sizes)))
+        n, mu, rw, tok_s = g.best()
+        assert tok_s == pytest.approx(plan.throughput_tok_s, rel=1e-9)
+        assert (n, mu) == (plan.policy.batch_size, plan.policy.micro_batch_size)
+
+
 def test_grid_with_nothing_feasible(target):
     spec, hw, wl = target
     g = vg.throughput_grid(spec, hw, wl, [1, 8], [1, 8], budgets=vg.MemoryBudgets(1e6, 1e6))

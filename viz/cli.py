@@ -35,21 +35,23 @@ def _roofline_params(policy, workload: Workload):
 def _draw_roofline_panel(ax, hw, spec, policy, workload):
     from .roofline_plot import draw_roofline
     batches, micro, ctx = _roofline_params(policy, workload)
-    draw_roofline(ax, hw, spec, batches, micro, ctx, policy.weights_gpu_frac, compact=True)
+    streamed = policy.weights_gpu_frac < 1.0
+    draw_roofline(ax, hw, spec, batches, micro, ctx, policy.weights_gpu_frac if streamed else 0.0, compact=True)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=7, frameon=False)
-    ax.set_title(f"Hierarchical roofline of {hw.name}: where {spec.name}'s operators sit", fontsize=10)
+    note = (f"MoE FFN with r_w = {policy.weights_gpu_frac:.2f}" if streamed else
+            "MoE FFN drawn as if streamed (this policy keeps every expert on the GPU)")
+    ax.set_title(f"Hierarchical roofline of {hw.name}: where {spec.name}'s operators sit\n{note}", fontsize=9)
 
 
 def _draw_heatmap_panel(ax, spec, hw, workload, policy, label, budgets, use_measured):
-    from .grid import throughput_grid
-    from .heatmap import draw_heatmap
-    data = throughput_grid(spec, hw, workload, attention_on_gpu=policy.attention_on_gpu, ffn_on_gpu=policy.ffn_on_gpu,
-                           schedule=policy.schedule, kv_gpu_frac=policy.kv_gpu_frac, budgets=budgets,
+    from .grid import placement_of, throughput_grid
+    from .heatmap import describe, draw_heatmap
+    data = throughput_grid(spec, hw, workload, placement=placement_of(policy), budgets=budgets,
                            use_measured=use_measured, n_batch=36, n_micro=36)
     draw_heatmap(ax, data, policy, label)
     ax.legend(handles=ax._moe_legend_handles, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2,
               fontsize=7, frameon=False)
-    ax.set_title("Predicted throughput over (N, mu), best r_w per cell", fontsize=10)
+    ax.set_title(f"Predicted throughput over (N, mu)\n{describe(data)}", fontsize=9)
     return data
 
 

@@ -1,11 +1,14 @@
-"""Predicted throughput over a grid of (N, mu): the numbers behind the heatmap (numpy + hrm only).
+"""Predicted throughput over a grid of (N, mu): the numbers behind the heatmap (numpy, hrm, optimizer).
 
-The grid composes hrm.estimate's vectorised terms exactly as `hrm.estimate.estimate()` composes them for
-one policy (prefill layers + LM head, decode steps priced at the workload's context samples), so a cell
-equals `estimate(...).throughput_tok_s` of the same policy; tests/test_viz.py checks that.
+Each cell is what the optimizer would pick at that (N, mu) for one placement: `optimizer.grid.best_per_pair`
+chooses the resident experts e (r_w = e / n_e) and the KV fraction r_c exactly as `optimizer.search` does,
+pricing them with hrm.estimate's terms composed as `hrm.estimate.estimate()` composes them. So a cell
+equals `estimate(...).throughput_tok_s` of that policy, and the grid's best cell equals the plan that
+`search(..., pairs=Pairs(grid axes))` returns (tests/test_viz.py checks both).
 
-At each (N, mu) the expert fraction r_w is either fixed or, by default, the best feasible one among the
-whole-expert fractions k / n_e (the runtime realises r_w per whole expert).
+Cells where no (e, r_c) fits are labelled by the budget they break: over the GPU budget when no choice
+fits the GPU; over the CPU budget when every choice that fits the GPU breaks the CPU budget; over both
+when no choice fits either.
 """
 from __future__ import annotations
 
@@ -13,12 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hrm import estimate as est
 from hrm.hardware import HardwareProfile
 from hrm.spec import ModelSpec, Workload
-
-FALLBACK_BUDGET_FRAC = 0.9
-"""Share of each memory a plan may use when optimizer.space is not importable (its default is 0.9 too)."""
+from optimizer import grid as og
+from optimizer.space import Budgets, Placement, Problem
 
 FEASIBLE, NOT_APPLICABLE, GPU_LIMIT, CPU_LIMIT, GPU_AND_CPU_LIMIT = 0, 1, 2, 3, 4
 STATUS_LABELS = {
@@ -28,9 +29,8 @@ STATUS_LABELS = {
     CPU_LIMIT: "over the CPU memory budget",
     GPU_AND_CPU_LIMIT: "over both memory budgets",
 }
-"""A cell is over the GPU budget when no r_w fits the GPU; over the CPU budget when every r_w that fits
-the GPU breaks the CPU budget; over both when no r_w fits either."""
-MAX_RW_CANDIDATES = 33
+CPU_ATTENTION = Placement("cpu-attention", attention_on_gpu=False, ffn_on_gpu=True, schedule="cgopipe")
+"""The paper's placement (attention on the CPU, experts paged to the GPU, CGOPipe): the default."""
 
 
 @dataclass(frozen=True)
@@ -39,12 +39,14 @@ class ThroughputGrid:
     batch_sizes: np.ndarray          # N values (columns)
     micro_batch_sizes: np.ndarray    # mu values (rows)
     throughput_tok_s: np.ndarray     # end-to-end generated tok/s at the chosen r_w (nan where mu > N)
-    weights_gpu_frac: np.ndarray     # r_w used in each cell
+    weights_gpu_frac: np.ndarray     # r_w chosen in each cell (the least-GPU one where nothing fits)
+    kv_gpu_frac: np.ndarray          # r_c chosen in each cell
     gpu_bytes: np.ndarray            # peak GPU memory at that r_w
     cpu_bytes: np.ndarray            # peak CPU memory at that r_w
     status: np.ndarray               # FEASIBLE, NOT_APPLICABLE, GPU_LIMIT, CPU_LIMIT, GPU_AND_CPU_LIMIT
     gpu_budget_bytes: float
     cpu_budget_bytes: float
+    placement: Placement
     label: str                       # model / hardware / workload, for titles
 
     @property
@@ -63,63 +65,25 @@ class ThroughputGrid:
 
 @dataclass(frozen=True)
 class MemoryBudgets:
-    """Bytes a policy may use on all GPUs together and in host memory (optimizer.space.Budgets has the
-    same two fields; either works wherever `budgets` is accepted)."""
+    """Bytes a policy may use on all GPUs together and in host memory (the two fields of
+    optimizer.space.Budgets; either works wherever `budgets` is accepted)."""
     gpu_bytes: float
     cpu_bytes: float
 
 
-def resolve_budgets(hw: HardwareProfile, budgets=None) -> MemoryBudgets:
+def resolve_budgets(hw: HardwareProfile, budgets=None) -> Budgets:
     """The given budgets (anything with gpu_bytes and cpu_bytes), else the optimizer's defaults for `hw`."""
-    if budgets is not None:
-        return MemoryBudgets(float(budgets.gpu_bytes), float(budgets.cpu_bytes))
-    try:
-        from optimizer.space import Budgets
-    except ImportError:
-        return MemoryBudgets(FALLBACK_BUDGET_FRAC * hw.gpu.memory_bytes * hw.gpu.count,
-                             FALLBACK_BUDGET_FRAC * hw.cpu.memory_bytes)
-    b = Budgets.from_hardware(hw)
-    return MemoryBudgets(b.gpu_bytes, b.cpu_bytes)
+    if budgets is None:
+        return Budgets.from_hardware(hw)
+    if isinstance(budgets, Budgets):
+        return budgets
+    return Budgets(gpu_bytes=float(budgets.gpu_bytes), cpu_bytes=float(budgets.cpu_bytes))
 
 
 def geometric_ints(lo: int, hi: int, n: int) -> np.ndarray:
     """About n distinct integers spread geometrically over [lo, hi]."""
     lo, hi = max(1, int(lo)), max(1, int(hi))
     return np.unique(np.round(np.geomspace(lo, max(hi, lo), max(n, 1))).astype(int))
-
-
-def _max(*terms):
-    arrays = np.broadcast_arrays(*[np.asarray(t, float) for t in terms])
-    return np.max(np.stack(arrays), axis=0)
-
-
-def predicted_throughput(s: est.Setting, N, mu, r_w, r_c=0.0):
-    """End-to-end generated tok/s (prefill + decode), broadcast over arrays of N, mu and r_w.
-
-    Mirrors hrm.estimate.estimate(): prefill = L * max(prefill terms) + LM head; decode = the sum over
-    context samples of step_time(max(decode terms)) times the steps each sample stands for.
-    """
-    spec, wl = s.spec, s.workload
-    L = spec.num_hidden_layers
-    head = est.lm_head_time(s, N)
-    pre = est.prefill_layer_times(s, N, mu, r_w, r_c)
-    prefill = L * _max(pre.gpu_s, pre.h2d_s, pre.d2h_s, pre.link_s) + head
-    decode = 0.0
-    ctxs, weights = est.context_samples(wl)
-    for ctx, w in zip(ctxs, weights):
-        lt = est.decode_layer_times(s, N, mu, r_w, r_c, ctx)
-        t_layer = _max(*lt.terms(s.schedule).values())
-        decode = decode + w * est.step_time(t_layer, lt, L, head)
-    return np.asarray(N, float) * wl.gen_len / (prefill + decode)
-
-
-def weights_fractions(spec: ModelSpec, r_w=None) -> np.ndarray:
-    """Candidate r_w values: the given one, or whole-expert fractions k / n_e (at most 33 of them)."""
-    if r_w is not None:
-        return np.atleast_1d(np.asarray(r_w, float))
-    E = spec.num_experts
-    ks = np.unique(np.round(np.linspace(0, E, min(E + 1, MAX_RW_CANDIDATES))).astype(int))
-    return ks / E
 
 
 def default_ranges(spec: ModelSpec, hw: HardwareProfile, workload: Workload, n_batch: int = 40,
@@ -139,57 +103,96 @@ def default_ranges(spec: ModelSpec, hw: HardwareProfile, workload: Workload, n_b
     return geometric_ints(1, n_max, n_batch), geometric_ints(1, min(n_max, 4096), n_micro)
 
 
+def placement_of(policy=None, *, attention_on_gpu=None, ffn_on_gpu=None, schedule=None, weights_gpu_frac=None,
+                 kv_gpu_frac=None) -> Placement:
+    """A Placement for the heatmap: a policy's attention/FFN placement and schedule (else the paper's),
+    with r_w and r_c fixed where given, searched where None (as the optimizer does)."""
+    base = CPU_ATTENTION
+    if policy is not None:
+        attention_on_gpu = policy.attention_on_gpu if attention_on_gpu is None else attention_on_gpu
+        ffn_on_gpu = policy.ffn_on_gpu if ffn_on_gpu is None else ffn_on_gpu
+        schedule = policy.schedule if schedule is None else schedule
+    a = base.attention_on_gpu if attention_on_gpu is None else bool(attention_on_gpu)
+    f = base.ffn_on_gpu if ffn_on_gpu is None else bool(ffn_on_gpu)
+    sched = schedule or ("s4" if a else "cgopipe")
+    name = f"attention {'GPU' if a else 'CPU'}, experts {'GPU' if f else 'CPU'}, {sched}"
+    return Placement(name, attention_on_gpu=a, ffn_on_gpu=f, schedule=sched,
+                     weights_gpu_frac=None if weights_gpu_frac is None else float(weights_gpu_frac),
+                     kv_gpu_frac=None if kv_gpu_frac is None else float(kv_gpu_frac))
+
+
 def throughput_grid(spec: ModelSpec, hw: HardwareProfile, workload: Workload, batch_sizes=None,
-                    micro_batch_sizes=None, *, weights_gpu_frac=None, kv_gpu_frac: float = 0.0,
-                    attention_on_gpu: bool = False, ffn_on_gpu: bool = True, schedule: str = "cgopipe",
-                    budgets=None, pin_all_weights: bool = True, use_measured: bool = True,
+                    micro_batch_sizes=None, *, placement: Placement | None = None, budgets=None,
+                    weights_gpu_frac=None, kv_gpu_frac=None, attention_on_gpu=None, ffn_on_gpu=None,
+                    schedule=None, pin_all_weights: bool = True, use_measured: bool = True,
                     n_batch: int = 40, n_micro: int = 40) -> ThroughputGrid:
-    """Predicted throughput and memory feasibility at every (N, mu) of the grid.
+    """Predicted throughput and memory feasibility at every (N, mu) of the grid, for one placement.
 
     batch_sizes, micro_batch_sizes: the axes (default: n_batch x n_micro geometric values reaching past
         the memory limits).
-    weights_gpu_frac: a fixed r_w, or None for the best feasible whole-expert fraction per cell.
-    budgets: anything with gpu_bytes and cpu_bytes (optimizer.space.Budgets, MemoryBudgets); default
-        the optimizer's default budgets for `hw`.
+    placement: an optimizer.space.Placement; default built by `placement_of` from attention_on_gpu,
+        ffn_on_gpu, schedule (the paper's CPU-attention CGOPipe when none is given) and the fixed
+        fractions weights_gpu_frac / kv_gpu_frac (None: chosen per cell as the optimizer does).
+    budgets: anything with gpu_bytes and cpu_bytes (optimizer.space.Budgets); default the optimizer's.
     """
     b = resolve_budgets(hw, budgets)
+    if placement is None:
+        placement = placement_of(attention_on_gpu=attention_on_gpu, ffn_on_gpu=ffn_on_gpu, schedule=schedule,
+                                 weights_gpu_frac=weights_gpu_frac, kv_gpu_frac=kv_gpu_frac)
     if batch_sizes is None or micro_batch_sizes is None:
         dn, dm = default_ranges(spec, hw, workload, n_batch, n_micro, budgets=b)
         batch_sizes = dn if batch_sizes is None else batch_sizes
         micro_batch_sizes = dm if micro_batch_sizes is None else micro_batch_sizes
     Ns = np.asarray(batch_sizes, dtype=np.int64)
     mus = np.asarray(micro_batch_sizes, dtype=np.int64)
-    s = est.Setting(spec, hw, workload, attention_on_gpu, ffn_on_gpu, schedule, pin_all_weights, use_measured)
-    rws = weights_fractions(spec, weights_gpu_frac)
+    problem = Problem(spec, hw, workload, b, pin_all_weights=pin_all_weights, use_measured=use_measured)
 
-    N = Ns[None, :, None]
-    mu_raw = mus[:, None, None]
-    mu = np.minimum(mu_raw, N)                       # priced where mu <= N; the rest is masked
-    rw = rws[None, None, :]
-    tput = predicted_throughput(s, N, mu, rw, kv_gpu_frac)
-    mem = est.memory_use(s, N, mu, rw, kv_gpu_frac)
-    shape = np.broadcast_shapes(N.shape, mu.shape, rw.shape)
-    gpu_b = np.broadcast_to(np.asarray(mem.gpu_bytes, float), shape)
-    cpu_b = np.broadcast_to(np.asarray(mem.cpu_bytes, float), shape)
-    tput = np.broadcast_to(tput, shape)
-    gpu_budget, cpu_budget = b.gpu_bytes, b.cpu_bytes
-    gpu_ok, cpu_ok = gpu_b <= gpu_budget, cpu_b <= cpu_budget
-    ok = gpu_ok & cpu_ok
+    shape = (len(mus), len(Ns))
+    Ngrid, Mgrid = np.meshgrid(Ns, mus)                   # [mu, N]
+    valid = Mgrid <= Ngrid
+    N, M = Ngrid[valid], Mgrid[valid]
 
-    # best feasible r_w per cell; where none is feasible, the r_w that uses the least GPU memory
-    pick = np.where(ok.any(axis=2), np.argmax(np.where(ok, tput, -np.inf), axis=2), np.argmin(gpu_b, axis=2))
-    take = lambda a: np.take_along_axis(a, pick[..., None], axis=2)[..., 0]   # noqa: E731
-    status = np.full(pick.shape, FEASIBLE, dtype=np.int8)
-    gpu_never, cpu_never = ~gpu_ok.any(axis=2), ~cpu_ok.any(axis=2)
-    status[~ok.any(axis=2)] = CPU_LIMIT              # some r_w fits the GPU, none of those fits the CPU
+    choice = og.best_per_pair(problem, placement, N, M)
+    # memory of every candidate (e, r_c): which budgets break where nothing fits
+    s = problem.setting(placement)
+    es, r_c, _ = og.feasible_experts(problem, placement, N, M)
+    g0, gs, c0, cs = og.memory_lines(s, N, M, (es / spec.num_experts)[:, None])
+    gpu_b, cpu_b = g0 + r_c * gs, c0 + r_c * cs                       # [candidate, pair]
+    gpu_ok, cpu_ok = gpu_b <= b.gpu_bytes * (1 + 1e-9), cpu_b <= b.cpu_bytes * (1 + 1e-9)
+    k_least_gpu = np.argmin(gpu_b, axis=0)
+    k_chosen = np.argmax(es[:, None] == choice.experts[None, :], axis=0)
+    k = np.where(choice.feasible, k_chosen, k_least_gpu)
+    cols = np.arange(len(N))
+
+    status = np.full(len(N), FEASIBLE, dtype=np.int8)
+    gpu_never, cpu_never = ~gpu_ok.any(axis=0), ~cpu_ok.any(axis=0)
+    status[~choice.feasible] = CPU_LIMIT           # some choice fits the GPU, none of those fits the CPU
     status[gpu_never] = GPU_LIMIT
     status[gpu_never & cpu_never] = GPU_AND_CPU_LIMIT
-    applicable = np.broadcast_to(mus[:, None] <= Ns[None, :], pick.shape)
-    status[~applicable] = NOT_APPLICABLE
+
+    def scatter(values, fill):
+        out = np.full(shape, fill, dtype=np.asarray(values).dtype if fill is not np.nan else float)
+        out[valid] = values
+        return out
+
+    tput = np.where(choice.feasible, N * float(workload.gen_len) / np.where(choice.feasible, choice.total_s, 1.0),
+                    0.0)
+    # infeasible cells: priced anyway at the least-GPU choice, for reference (never shown as feasible)
+    if (~choice.feasible).any():
+        bad = ~choice.feasible
+        e_bad = es[k_least_gpu[bad]]
+        pre, dec = og.total_time(s, N[bad], M[bad], e_bad / spec.num_experts, r_c[k_least_gpu[bad], cols[bad]])
+        tput[bad] = N[bad] * float(workload.gen_len) / (pre + dec)
     label = f"{spec.name} on {hw.name}, prompt {workload.prompt_len:g} + gen {workload.gen_len}"
+    status_full = np.full(shape, NOT_APPLICABLE, dtype=np.int8)
+    status_full[valid] = status
     return ThroughputGrid(
         batch_sizes=Ns, micro_batch_sizes=mus,
-        throughput_tok_s=np.where(applicable, take(tput), np.nan), weights_gpu_frac=take(np.broadcast_to(rw, shape)),
-        gpu_bytes=take(gpu_b), cpu_bytes=take(cpu_b), status=status,
-        gpu_budget_bytes=gpu_budget, cpu_budget_bytes=cpu_budget, label=label,
+        throughput_tok_s=scatter(tput.astype(float), np.nan),
+        weights_gpu_frac=scatter((es[k] / spec.num_experts).astype(float), np.nan),
+        kv_gpu_frac=scatter(r_c[k, cols].astype(float), np.nan),
+        gpu_bytes=scatter(gpu_b[k, cols].astype(float), np.nan),
+        cpu_bytes=scatter(cpu_b[k, cols].astype(float), np.nan),
+        status=status_full, gpu_budget_bytes=float(b.gpu_bytes), cpu_budget_bytes=float(b.cpu_bytes),
+        placement=placement, label=label,
     )

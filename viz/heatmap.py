@@ -109,32 +109,41 @@ def draw_heatmap(ax, grid: g.ThroughputGrid, chosen=None, chosen_label: str = "o
 
 def throughput_heatmap(spec: ModelSpec, hw: HardwareProfile, workload: Workload, batch_sizes=None,
                        micro_batch_sizes=None, *, chosen=None, chosen_label: str = "optimizer's choice",
-                       weights_gpu_frac=None, budgets=None, **grid_kw):
+                       placement=None, weights_gpu_frac=None, kv_gpu_frac=None, budgets=None, **grid_kw):
     """Predicted end-to-end throughput over (N, mu) with infeasible cells shaded by the budget they break.
 
     batch_sizes, micro_batch_sizes: the grid (default: ~40 geometric values each, reaching past the limits).
-    chosen: a Policy, a Plan or Estimate (anything with .policy) or an (N, mu) tuple, marked with a star;
-        a policy's placement and schedule (attention_on_gpu, ffn_on_gpu, schedule, kv_gpu_frac) also set
-        the grid's, unless given in grid_kw.
-    weights_gpu_frac: a fixed r_w, or None for the best feasible whole-expert fraction in each cell.
-    budgets: anything with gpu_bytes and cpu_bytes (optimizer.space.Budgets); default the optimizer's.
+    chosen: a Policy, a Plan or Estimate (anything with .policy) or an (N, mu) tuple, marked with a star.
+    placement: an optimizer.space.Placement; default the chosen policy's attention/FFN placement and
+        schedule, else the paper's (CPU attention, CGOPipe).
+    weights_gpu_frac, kv_gpu_frac: fixed r_w / r_c, or None for the optimizer's choice in each cell.
+    budgets: anything with gpu_bytes and cpu_bytes (optimizer.space.Budgets; a Plan's .budgets); default
+        the chosen plan's budgets if it has them, else the optimizer's defaults for `hw`.
     grid_kw: more viz.grid.throughput_grid arguments (use_measured, pin_all_weights, n_batch, n_micro, ...).
     The grid used is attached as `fig.moe_lightning_data` (a viz.grid.ThroughputGrid).
     """
-    p = _policy_of(chosen)
-    if p is not None:
-        for k in ("attention_on_gpu", "ffn_on_gpu", "schedule"):
-            grid_kw.setdefault(k, getattr(p, k))
-        grid_kw.setdefault("kv_gpu_frac", p.kv_gpu_frac)
-    data = g.throughput_grid(spec, hw, workload, batch_sizes, micro_batch_sizes, weights_gpu_frac=weights_gpu_frac,
+    if placement is None:
+        placement = g.placement_of(_policy_of(chosen), weights_gpu_frac=weights_gpu_frac, kv_gpu_frac=kv_gpu_frac)
+    if budgets is None:
+        budgets = getattr(chosen, "budgets", None)
+    data = g.throughput_grid(spec, hw, workload, batch_sizes, micro_batch_sizes, placement=placement,
                              budgets=budgets, **grid_kw)
     fig = new_figure(9.5, 7)
     ax = fig.add_subplot()
     draw_heatmap(ax, data, chosen, chosen_label)
     ax.legend(handles=ax._moe_legend_handles, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2,
               fontsize=8, frameon=False)
-    rw = "best whole-expert r_w per cell" if weights_gpu_frac is None else f"r_w = {weights_gpu_frac:g}"
-    ax.set_title(f"Predicted throughput over (N, mu): {data.label}\n{rw}; budgets: GPU "
-                 f"{fmt_bytes(data.gpu_budget_bytes)}, CPU {fmt_bytes(data.cpu_budget_bytes)}")
+    ax.set_title(f"Predicted throughput over (N, mu): {data.label}\n{describe(data)}")
     fig.moe_lightning_data = data
     return fig
+
+
+def describe(data: g.ThroughputGrid) -> str:
+    """One line: placement, which fractions are searched, budgets."""
+    p = data.placement
+    fixed = []
+    fixed.append("r_w searched" if p.weights_gpu_frac is None else f"r_w = {p.weights_gpu_frac:g}")
+    if p.attention_on_gpu:
+        fixed.append("r_c searched" if p.kv_gpu_frac is None else f"r_c = {p.kv_gpu_frac:g}")
+    return (f"{p.describe()}; {', '.join(fixed)} per cell; budgets GPU {fmt_bytes(data.gpu_budget_bytes)}, "
+            f"CPU {fmt_bytes(data.cpu_budget_bytes)}")

@@ -23,7 +23,12 @@ def _series_colors(n: int):
 def draw_roofline(ax, hw: HardwareProfile, spec: ModelSpec, batches: Sequence[int] = (16, 64, 256, 1024, 4096),
                   micro_batches: Sequence[int] = (8, 64, 512), ctx: int = 1024, weights_gpu_frac: float = 0.0,
                   compact: bool = False) -> dict:
-    """Draw the roofline on `ax`; returns the numbers drawn (P1, P2, balance points, operator points)."""
+    """Draw the roofline on `ax`; returns the numbers drawn (P1, P2, balance points, operator points).
+
+    The MoE FFN is placed with its CPU-resident experts (1 - weights_gpu_frac of them) streamed once per
+    pass; with every expert resident (r_w = 1) nothing streams, so it is drawn as if all were streamed."""
+    if not 0.0 <= weights_gpu_frac < 1.0:
+        weights_gpu_frac = 0.0
     h = rl.Hierarchy.of(hw, spec.dtypes.name)
     p1, p2 = float(rl.turning_point_p1(h)), float(rl.turning_point_p2(h))
     attn = rl.decode_attention_point(h, spec, int(batches[0]), int(ctx))
@@ -44,13 +49,14 @@ def draw_roofline(ax, hw: HardwareProfile, spec: ModelSpec, batches: Sequence[in
             label=f"CPU roof: {h.cpu.peak_flops / TERA:.3g} TFLOP/s, DRAM {h.cpu.mem_bytes_per_s / 1e9:.4g} GB/s")
     ax.plot(xs, np.minimum(h.gpu.peak_flops, h.link_bytes_per_s * xs) / TERA, color=RESOURCE_COLORS["h2d"],
             lw=2, ls="--", label=f"GPU fed over the link: {h.link_bytes_per_s / 1e9:.3g} GB/s x I(CPU bytes)")
-    for x, name, why, y_txt in ((p1, "P1", "link beats CPU compute", 1.0),
-                                (p2, "P2", "GPU no longer link-bound", 0.9)):
+    for x, name, why, top in ((p1, "P1", "link beats CPU compute", True),
+                              (p2, "P2", "GPU no longer link-bound", False)):
         ax.axvline(x, color="black", lw=1, ls=":")
         right = np.log(x / x_lo) > 0.8 * np.log(x_hi / x_lo)     # near the right edge: write leftwards
         ax.annotate(f"{name} = {x:.3g}" if compact else f"{name} = {x:.3g} FLOP/B\n({why})",
-                    xy=(x, y_txt), xycoords=("data", "axes fraction"), xytext=(-3 if right else 3, -3),
-                    textcoords="offset points", ha="right" if right else "left", va="top", fontsize=8)
+                    xy=(x, 1.0 if top else 0.0), xycoords=("data", "axes fraction"),
+                    xytext=(-3 if right else 3, -3 if top else 3), textcoords="offset points",
+                    ha="right" if right else "left", va="top" if top else "bottom", fontsize=8)
 
     # decode attention: in place on the CPU vs on the GPU with the KV cache pulled over the link
     ac = RESOURCE_COLORS["cpu"]
