@@ -30,11 +30,11 @@ class Baseline:
 
 
 BASELINES = (
-    Baseline("flexgen", "FlexGen (S4)", "GPU attention, KV streamed",
+    Baseline("flexgen", "FlexGen S4", "GPU attention, KV streamed",
              Placement("flexgen-s4", attention_on_gpu=True, ffn_on_gpu=True, schedule="s4")),
-    Baseline("flexgen-c", "FlexGen(c) (S3)", "CPU attention, not overlapped",
+    Baseline("flexgen-c", "FlexGen(c) S3", "CPU attention, not overlapped",
              Placement("flexgen-c-s3", attention_on_gpu=False, ffn_on_gpu=True, schedule="s3")),
-    Baseline("deepspeed", "DeepSpeed Zero-Inference", "all experts streamed, one micro-batch, no overlap",
+    Baseline("deepspeed", "DeepSpeed-Zero", "all experts streamed, one micro-batch, no overlap",
              Placement("deepspeed-zero", attention_on_gpu=True, ffn_on_gpu=True, schedule="blocking",
                        weights_gpu_frac=0.0, one_micro_batch=True)),
     Baseline("all-on-gpu", "All on GPU", "model and KV cache resident on the GPU",

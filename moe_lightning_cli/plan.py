@@ -1,0 +1,181 @@
+"""`moe-lightning plan`: search the best policy for a model, a machine and a workload.
+
+With no arguments it plans the built-in default: Mixtral-8x7B on the paper's T4 host (t4-s1) for an
+MTBench-like workload (prompts average 77 / longest 418 tokens, 128 generated). It prints the chosen
+policy, the predicted throughput (end to end and decode), the binding resource, memory per level
+against the budgets, and the baselines searched under the same budgets. numpy + pulp only: no torch.
+"""
+from __future__ import annotations
+
+import sys
+
+from .common import add_target_args, build_target, fmt_s, print_json
+
+EXIT_INFEASIBLE = 2
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("plan", help="search the best policy (the main job)",
+                       description="Search the policy (N, mu, attention/expert placement, experts and KV on the "
+                                   "GPU) with the highest predicted throughput, and compare it with baselines.")
+    add_target_args(p)
+    g = p.add_argument_group("budgets")
+    g.add_argument("--gpu-memory", metavar="SIZE", default=None,
+                   help="memory of each GPU to plan for, used as the budget (e.g. 16GiB, 24GB); "
+                        "default: the profile's memory x --gpu-frac")
+    g.add_argument("--cpu-memory", metavar="SIZE", default=None,
+                   help="host memory to plan for, used as the budget (e.g. 100GB); default: the profile's x --cpu-frac")
+    g.add_argument("--gpu-frac", type=float, default=0.9, help="share of the profile's GPU memory to use (default 0.9)")
+    g.add_argument("--cpu-frac", type=float, default=0.9, help="share of the profile's host memory to use (default 0.9)")
+    s = p.add_argument_group("search")
+    s.add_argument("--solver", choices=("grid", "milp"), default="grid",
+                   help="vectorised grid search (fast, default) or MILP with pulp/CBC (slower)")
+    s.add_argument("--search", choices=("default", "paper"), default="default", dest="search_mode",
+                   help="default: our full model, end-to-end throughput; paper: the MoE-Lightning artifact's "
+                        "model, mu grid and caps (reproduces its published policies)")
+    s.add_argument("--datasheet", action="store_true", help="ignore the profile's measured efficiencies")
+    s.add_argument("--no-baselines", action="store_true", help="skip the baseline comparison")
+    p.add_argument("-o", "--output", metavar="PLAN.json", help="write the plan to this file")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON only")
+    p.add_argument("--plot", metavar="FILE.png", help="also write a figure of the plan (needs matplotlib)")
+
+
+def run(args) -> int:
+    """Plan; returns the exit code (2 with a one-line message on stderr when the request cannot be met)."""
+    try:
+        return _run(args)
+    except ValueError as e:      # SearchError, SpecError, HardwareError, PlanError, bad sizes
+        msg = " ".join(str(e).split())
+        print(f"moe-lightning plan: error: {msg}", file=sys.stderr)
+        return EXIT_INFEASIBLE
+
+
+def _run(args) -> int:
+    from optimizer.search import make_problem, search
+
+    spec, hw, workload = build_target(args)
+    plan = search(spec, hw, workload, solver=args.solver, mode=args.search_mode, gpu_memory=args.gpu_memory,
+                  cpu_memory=args.cpu_memory, gpu_frac=args.gpu_frac, cpu_frac=args.cpu_frac,
+                  use_measured=not args.datasheet)
+    baselines = []
+    if args.search_mode == "default" and not args.no_baselines:
+        from optimizer.baselines import compare_baselines
+        problem = make_problem(spec, hw, workload, budgets=plan.budgets, use_measured=not args.datasheet)
+        baselines = compare_baselines(problem, solver="grid")
+    if args.output:
+        plan.save(args.output)
+    if args.plot:
+        try:
+            from viz.cli import plot_for_plan
+        except ImportError as e:
+            raise ValueError(f"--plot needs the viz package with matplotlib ({e})") from None
+        plot_for_plan(plan, args.plot)
+    if args.json:
+        print_json(to_json_dict(plan, baselines, args.output))
+        return 0
+    print_plan(plan, baselines)
+    if args.output:
+        print(f"wrote {args.output}")
+    if args.plot:
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def to_json_dict(plan, baselines, output=None) -> dict:
+    ours = plan.throughput_tok_s
+    return {"plan": plan.to_dict(), "output": output,
+            "baselines": [b.to_dict(ours_tok_s=ours) for b in baselines]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# tables
+
+def _on(flag: bool) -> str:
+    return "GPU" if flag else "CPU"
+
+
+def print_plan(plan, baselines, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from hrm.estimate import RESOURCE_LABELS
+    from optimizer.space import format_size
+
+    con = console or Console()
+    spec, wl, pol, est = plan.spec, plan.workload, plan.policy, plan.estimate
+    E = spec.num_experts
+    e = pol.resident_experts(E)
+    con.print(f"[bold]{spec.name}[/] on [bold]{plan.hardware.name}[/]: prompts avg {wl.avg_prompt_len:g} / max "
+              f"{wl.max_prompt_len} ({'padded' if wl.padded else 'packed'}), generate {wl.gen_len}")
+    con.print(f"search: {plan.mode} mode, {plan.solver} solver, {plan.search_time_s:.2f} s")
+
+    t = Table(title="chosen policy", title_justify="left", show_header=False)
+    t.add_column("")
+    t.add_column("", justify="right")
+    t.add_row("batch size N", f"{pol.batch_size:,}")
+    t.add_row("micro-batch size mu", f"{pol.micro_batch_size:,} ({pol.num_micro_batches} micro-batches)")
+    t.add_row("attention on", _on(pol.attention_on_gpu))
+    t.add_row("routed experts computed on", _on(pol.ffn_on_gpu))
+    t.add_row("experts resident on the GPU", f"{e}/{E} per MoE layer (r_w = {e / E:.3f})")
+    t.add_row("KV cache on the GPU", f"{pol.kv_gpu_frac:.1%}")
+    t.add_row("schedule", pol.schedule)
+    con.print(t)
+
+    r = Table(title="prediction", title_justify="left", show_header=False)
+    r.add_column("")
+    r.add_column("", justify="right")
+    r.add_row("throughput (end to end)", f"[bold]{est.throughput_tok_s:,.1f} tok/s[/]")
+    r.add_row("decode throughput", f"{est.decode_tok_s:,.1f} tok/s")
+    r.add_row("prefill / decode time", f"{fmt_s(est.prefill_s)} / {fmt_s(est.decode_s)}")
+    r.add_row("binding resource (decode)", RESOURCE_LABELS.get(est.bound, est.bound))
+    if plan.paper is not None:
+        pp = plan.paper
+        r.add_row("artifact model: decode throughput", f"{pp.decode_tok_s:,.1f} tok/s (T = {fmt_s(pp.layer_time_s)}/layer, "
+                                                       f"bound {pp.bound}, r_w LP = {pp.weights_gpu_frac:.4f})")
+    con.print(r)
+
+    m = Table(title="memory per level", title_justify="left")
+    for col, j in (("level", "left"), ("used", "right"), ("budget", "right"), ("share", "right"), ("budget from", "left")):
+        m.add_column(col, justify=j)
+    mem, b = plan.memory, plan.budgets
+    m.add_row("GPU", format_size(mem.gpu_bytes), format_size(mem.gpu_budget_bytes),
+              f"{mem.gpu_bytes / mem.gpu_budget_bytes:.1%}", b.gpu_source)
+    m.add_row("CPU", format_size(mem.cpu_bytes), format_size(mem.cpu_budget_bytes),
+              f"{mem.cpu_bytes / mem.cpu_budget_bytes:.1%}", b.cpu_source)
+    m.add_row("  of which pinned", format_size(mem.pinned_bytes), "", "", "")
+    con.print(m)
+
+    if baselines:
+        ours = est.throughput_tok_s
+        c = Table(title="baselines (same model and budgets, each at its own best N and mu)", title_justify="left")
+        for col, j in (("system", "left"), ("N/mu", "right"), ("attn", "left"), ("GPU experts", "right"),
+                       ("schedule", "left"), ("tok/s", "right"), ("ours is", "right")):
+            c.add_column(col, justify=j, no_wrap=col in ("system", "tok/s"))
+
+        def row(label, policy, tput, speedup):
+            c.add_row(label, f"{policy.batch_size}/{policy.micro_batch_size}", _on(policy.attention_on_gpu),
+                      f"{policy.resident_experts(E)}/{E}", policy.schedule, f"{tput:,.1f}", speedup)
+
+        row("[bold]ours[/]", pol, ours, "")
+        notes = []
+        for res in baselines:
+            if res.estimate is None:
+                c.add_row(res.baseline.label, "-", "-", "-", "-", "-", "-")
+                notes.append(f"{res.baseline.label}: {res.reason}")
+            else:
+                row(res.baseline.label, res.policy, res.throughput_tok_s, f"{ours / res.throughput_tok_s:,.2f}x")
+        con.print(c)
+        for note in notes:
+            con.print(f"  {note}")
+
+
+def main(argv=None) -> int:
+    """Run `plan` on its own: python -m moe_lightning_cli.plan [args]."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="moe-lightning")
+    add_parser(parser.add_subparsers(dest="command"))
+    return run(parser.parse_args(["plan", *(sys.argv[1:] if argv is None else argv)]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
