@@ -9,24 +9,26 @@ NO_FIT = "does not fit"
 
 
 def throughput_of(x) -> float:
-    """tok/s of a number, an Estimate, a Plan (via .estimate), or None / NaN (does not fit)."""
+    """tok/s of a number, an Estimate, a Plan or BaselineResult (via .estimate; NaN when its estimate is
+    None), or None / NaN (does not fit)."""
     if x is None:
         return math.nan
     if isinstance(x, (int, float)):
         return float(x)
-    for attr in ("throughput_tok_s",):
-        if hasattr(x, attr):
-            return float(getattr(x, attr))
-    if getattr(x, "estimate", None) is not None:
-        return float(x.estimate.throughput_tok_s)
+    if hasattr(x, "estimate"):
+        return math.nan if x.estimate is None else float(x.estimate.throughput_tok_s)
+    if hasattr(x, "throughput_tok_s"):
+        return float(x.throughput_tok_s)
     raise TypeError(f"cannot read a throughput from {type(x).__name__}")
 
 
 def label_of(x, default: str) -> str:
-    for attr in ("label", "name", "baseline"):
-        v = getattr(x, attr, None)
-        if isinstance(v, str) and v:
-            return v
+    """A display name: x.label / x.name, or x.baseline.label (optimizer.baselines.BaselineResult)."""
+    for obj in (x, getattr(x, "baseline", None)):
+        for attr in ("label", "name"):
+            v = getattr(obj, attr, None)
+            if isinstance(v, str) and v:
+                return v
     return default
 
 

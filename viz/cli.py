@@ -113,10 +113,20 @@ def _resolve_plan(plan, spec, hw, workload, budgets):
     return spec, hw, workload, budgets
 
 
+def _baselines_for(plan, spec, hw, workload, budgets, use_measured):
+    """optimizer.baselines.compare_baselines under the plan's budgets (grid solver: well under a second)."""
+    from optimizer.baselines import compare_baselines
+    from optimizer.search import make_problem
+    return compare_baselines(make_problem(spec, hw, workload, budgets=budgets, use_measured=use_measured))
+
+
 def plan_figure(plan, *, spec: ModelSpec | None = None, hw: HardwareProfile | None = None,
                 workload: Workload | None = None, budgets=None, baselines=None, use_measured: bool | None = None):
-    """2x2: (N, mu) heatmap with the chosen point | roofline; decode stage times | baselines (memory by
-    part when there are no baselines)."""
+    """2x2: (N, mu) heatmap with the chosen point | roofline; decode stage times | baselines.
+
+    baselines: a mapping label -> Plan/Estimate/tok/s or a list of optimizer.baselines.BaselineResult;
+    None: plan.baselines if present, else optimizer.baselines.compare_baselines under the plan's budgets;
+    False (or empty): no baselines, the fourth panel shows memory by part instead."""
     from .baselines_plot import as_entries, draw_baselines
     from .breakdown import _capacities, draw_decode_stages, draw_memory
     spec, hw, workload, budgets = _resolve_plan(plan, spec, hw, workload, budgets)
@@ -125,7 +135,9 @@ def plan_figure(plan, *, spec: ModelSpec | None = None, hw: HardwareProfile | No
     e, policy = plan.estimate, plan.policy
     if baselines is None:
         baselines = getattr(plan, "baselines", None)
-    entries = as_entries(baselines)
+    if baselines is None:
+        baselines = _baselines_for(plan, spec, hw, workload, budgets, use_measured)
+    entries = as_entries(baselines or None)
 
     fig = new_figure(17, 14)
     top, bottom = fig.subfigures(2, 1, height_ratios=[1.25, 1])
@@ -149,7 +161,7 @@ def plot_for_plan(plan, path, *, spec: ModelSpec | None = None, hw: HardwareProf
     """Write the plan figure (see plan_figure) to `path`; returns the path.
 
     Everything beyond `plan` is optional: by default taken from the plan (plan.spec, plan.hardware,
-    plan.workload, plan.budgets, plan.baselines when it has them) or loaded by the names in plan.estimate.
+    plan.workload, plan.budgets) or loaded by the names in plan.estimate; baselines as in plan_figure.
     """
     return save_figure(plan_figure(plan, spec=spec, hw=hw, workload=workload, budgets=budgets,
                                    baselines=baselines, use_measured=use_measured), path)
