@@ -92,6 +92,8 @@ class Engine:
         self.spec, self.policy, self.record = spec, policy, record
         self.plan_id = self.plan_id or _plan_id(spec, policy)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if isinstance(dtype, str) or dtype is None:
             name = dtype or spec.dtypes.name
             if name not in TORCH_DTYPES:
