@@ -19,7 +19,6 @@ from .space import KV_FRAC_STEP, Placement, Problem
 
 CHUNK = 64
 """Pairs per CBC call."""
-_GB = 1e9
 
 
 def _at(value, i: int):
@@ -27,8 +26,14 @@ def _at(value, i: int):
     return value if np.ndim(value) == 0 else value[i]
 
 
+def _scale(terms: dict, P: int) -> np.ndarray:
+    """Per pair, the largest of the terms (a positive size to measure them in)."""
+    largest = np.broadcast_to(grid._max(terms), (P,))
+    return np.where(largest > 0, largest, 1.0)
+
+
 def _solve_chunk(problem: Problem, placement: Placement, N: np.ndarray, mu: np.ndarray):
-    """(e, r_c, solved) for one chunk; solved is False when CBC found no optimum."""
+    """(e, r_c) of one chunk's pairs, or None when CBC found no optimum."""
     import pulp
 
     spec, b = problem.spec, problem.budgets
@@ -49,27 +54,35 @@ def _solve_chunk(problem: Problem, placement: Placement, N: np.ndarray, mu: np.n
         c_vars = None
         r_c = np.full(P, float(placement.kv_gpu_frac or 0.0))
 
+    # Scaling: CBC's tolerances are absolute (~1e-7), so every constraint is written in units of its own
+    # size: bytes / budget, and each pair's layer times / that pair's layer time at r_w = r_c = 0.
     mem = hrm.memory_use(s, N, mu, r_w, r_c)
     gpu, cpu = mem.gpu_bytes, mem.cpu_bytes
     for i in range(P):
-        prob += _at(gpu, i) * (1 / _GB) <= b.gpu_bytes / _GB, f"gpu_mem_{i}"
-        prob += _at(cpu, i) * (1 / _GB) <= b.cpu_bytes / _GB, f"cpu_mem_{i}"
+        prob += _at(gpu, i) * (1 / b.gpu_bytes) <= 1, f"gpu_mem_{i}"
+        prob += _at(cpu, i) * (1 / b.cpu_bytes) <= 1, f"cpu_mem_{i}"
 
+    zero_w, zero_c = np.zeros(P), np.zeros(P)
     head = np.broadcast_to(np.asarray(hrm.lm_head_time(s, N), float), (P,))
-    objective = []
-    t_pre = [pulp.LpVariable(f"tpre_{i}", lowBound=0) for i in range(P)]
+    pre_ref = _scale(grid.prefill_terms(hrm.prefill_layer_times(s, N, mu, zero_w, zero_c)), P)
+    tau_pre = [pulp.LpVariable(f"tpre_{i}", lowBound=0) for i in range(P)]
     for name, term in grid.prefill_terms(hrm.prefill_layer_times(s, N, mu, r_w, r_c)).items():
         for i in range(P):
-            prob += t_pre[i] >= _at(term, i), f"pre_{name}_{i}"
-    objective += [L * t_pre[i] + float(head[i]) for i in range(P)]
+            prob += tau_pre[i] >= _at(term, i) * (1 / pre_ref[i]), f"pre_{name}_{i}"
+    totals = [L * pre_ref[i] * tau_pre[i] + float(head[i]) for i in range(P)]
     for j, (ctx, w) in enumerate(zip(*hrm.context_samples(problem.workload))):
         lt = hrm.decode_layer_times(s, N, mu, r_w, r_c, ctx)
-        t = np.array([pulp.LpVariable(f"t_{j}_{i}", lowBound=0) for i in range(P)], dtype=object)
+        ref = _scale(hrm.decode_layer_times(s, N, mu, zero_w, zero_c, ctx).terms(s.schedule), P)
+        tau = [pulp.LpVariable(f"t_{j}_{i}", lowBound=0) for i in range(P)]
         for name, term in lt.terms(s.schedule).items():
             for i in range(P):
-                prob += t[i] >= _at(term, i), f"dec_{j}_{name}_{i}"
-        step = hrm.step_time(t, lt, L, head)
-        objective += [float(w) * _at(step, i) for i in range(P)]
+                prob += tau[i] >= _at(term, i) * (1 / ref[i]), f"dec_{j}_{name}_{i}"
+        step = hrm.step_time(np.array([ref[i] * tau[i] for i in range(P)], dtype=object), lt, L, head)
+        for i in range(P):
+            totals[i] = totals[i] + float(w) * _at(step, i)
+    reference = grid.total_time(s, N, mu, zero_w, zero_c)
+    ref_total = np.asarray(reference[0] + reference[1], float)
+    objective = [totals[i] * (1 / float(ref_total[i])) for i in range(P)]
     prob += pulp.lpSum(objective)
     status = prob.solve(pulp.PULP_CBC_CMD(msg=False, gapRel=1e-9))
     if pulp.LpStatus[status] != "Optimal":
@@ -104,14 +117,14 @@ def best_per_pair(problem: Problem, placement: Placement, N, mu) -> grid.Choice:
 
 
 def _realise(problem, placement, N, mu, e, rc, ok) -> grid.Choice:
-    """Round r_c down to KV_FRAC_STEP (never above what the budget allows) and price the result with the
-    same numpy composition the grid uses."""
+    """Round r_c up to KV_FRAC_STEP, capped at what the GPU budget allows (more KV on the GPU never costs
+    time and only relieves the CPU), and price the result with the numpy composition the grid uses."""
     s = problem.setting(placement)
     r_w = e / problem.num_experts
     g0, gs, c0, cs = grid.memory_lines(s, N, mu, r_w)
     room, fits = grid.kv_for_budget(problem, placement, g0, gs, c0, cs)
     if placement.searches_kv:
-        rc = np.minimum(np.floor(rc / KV_FRAC_STEP + 1e-6) * KV_FRAC_STEP, room)
+        rc = np.clip(np.ceil(rc / KV_FRAC_STEP - 1e-6) * KV_FRAC_STEP, 0.0, room)
         gpu, cpu = g0 + rc * gs, c0 + rc * cs
         fits = (gpu <= problem.budgets.gpu_bytes * (1 + 1e-9)) & (cpu <= problem.budgets.cpu_bytes * (1 + 1e-9))
     else:
