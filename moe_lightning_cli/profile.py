@@ -1,0 +1,109 @@
+"""`moe-lightning profile`: measure this machine and write a hardware profile (runtime/probe.py)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .common import DEFAULT_MODEL, print_json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "profile", help="measure this machine (GEMM, HBM, link, DRAM, CPU attention) and write a profile",
+        description="Measure this machine with micro-benchmarks: GPU GEMM at decode and prefill shapes, HBM, "
+                    "pinned H2D/D2H by size, both directions at once, pageable H2D, CPU DRAM, CPU matmul and "
+                    "the runtime's CPU decode attention. Writes a hardware profile TOML with -o.")
+    p.add_argument("-o", "--output", metavar="PROFILE.toml",
+                   help="write the profile here (e.g. hardware_profiles/NAME.toml)")
+    p.add_argument("--name", help="profile name (default: the output file's stem)")
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats (seconds; for smoke tests)")
+    p.add_argument("--gpu-from", metavar="PROFILE",
+                   help="without a GPU here: take [gpu] and [link] from this profile (name or .toml path)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model whose GEMM and attention shapes are measured (default {DEFAULT_MODEL})")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON only (SI units)")
+
+
+def run(args) -> int:
+    import torch
+
+    from hrm.hardware import load_profile
+    from hrm.hf_config import load_model
+    from runtime.probe import ProbeError, profile_machine, write_profile_toml
+
+    has_gpu = torch.cuda.is_available()
+    donor = None
+    if not has_gpu:
+        if not args.gpu_from:
+            raise ProbeError("no CUDA GPU here, so [gpu] and [link] cannot be measured; "
+                           "pass --gpu-from PROFILE to take them from an existing profile")
+        donor = load_profile(args.gpu_from)           # fail before measuring anything
+    elif args.gpu_from:
+        print(f"moe-lightning profile: --gpu-from {args.gpu_from} ignored: this machine's GPU is measured",
+              file=sys.stderr)
+    spec = load_model(args.model)
+    result = profile_machine(spec, quick=args.quick, progress=not args.no_progress)
+    profile = None
+    if args.output:
+        profile = write_profile_toml(result, args.output, args.name or Path(args.output).stem, gpu_from=donor)
+        result["profile_path"] = str(args.output)
+    if args.json:
+        print_json(result)
+        return 0
+    _print(result, donor, profile, args.output)
+    return 0
+
+
+def _print(r: dict, donor, profile, output) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    con = Console()
+    c, g, lk = r["cpu"], r["gpu"], r["link"]
+    con.print("[bold]moe-lightning profile[/] " + escape(
+        f"on {r['host']} ({r['date']}, torch {r['versions']['torch']}{', quick mode' if r['quick'] else ''}), "
+        f"shapes of {r['shapes']['model']}, {r['elapsed_s']:.1f} s"))
+    for note in r["notes"]:
+        con.print(f"[yellow]{escape(note)}[/]" + (f"; taken from profile {donor.name!r}" if donor else ""))
+    t = Table(title="measured", title_justify="left")
+    t.add_column("part")
+    t.add_column("measurement")
+    t.add_column("value", justify="right")
+
+    def row(*cells: str) -> None:
+        t.add_row(*(escape(x) for x in cells))      # names and shapes hold [brackets]
+
+    if g:
+        row("GPU", f"{g['count']}x {g['name']} (sm {g['capability']})", f"{g['memory_bytes'] / 2**30:,.2f} GiB")
+        for tok, f in zip(g["gemm_tokens"], g["gemm_flops_per_s"]):
+            row("", f"GEMM {g['gemm_shape'].replace('tokens', str(tok))}", f"{f / 1e12:,.1f} TFLOP/s")
+        for dt, f in g["square_gemm_flops_per_s"].items():
+            row("", f"GEMM {g['square_gemm_n']}^3 {dt}", f"{f / 1e12:,.1f} TFLOP/s")
+        row("", f"HBM copy {g['hbm_copy_size_bytes'] / 2**20:g} MiB (read + write)",
+            f"{g['hbm_copy_bytes_per_s'] / 1e9:,.0f} GB/s")
+        for size, up, down in zip(lk["sizes_bytes"], lk["h2d_bytes_per_s"], lk["d2h_bytes_per_s"]):
+            row("link", f"pinned {_size(size)}: H2D / D2H", f"{up / 1e9:,.1f} / {down / 1e9:,.1f} GB/s")
+        row("", f"H2D + D2H at once, {_size(lk['duplex_size_bytes'])} each (total)",
+            f"{lk['duplex_bytes_per_s'] / 1e9:,.1f} GB/s")
+        row("", f"pageable H2D {_size(lk['pageable_size_bytes'])}", f"{lk['pageable_h2d_bytes_per_s'] / 1e9:,.1f} GB/s")
+    row("CPU", f"{c['name']}, {c['cores']} cores, {c['torch_threads']} torch threads",
+        f"{c['memory_bytes'] / 2**30:,.1f} GiB")
+    row("", f"DRAM copy {_size(c['dram_size_bytes'])} (read + write)", f"{c['dram_copy_bytes_per_s'] / 1e9:,.1f} GB/s")
+    row("", f"DRAM read {_size(c['dram_size_bytes'])}", f"{c['dram_read_bytes_per_s'] / 1e9:,.1f} GB/s")
+    for dt, f in c["matmul_flops_per_s"].items():
+        row("", f"matmul {c['matmul_n'][dt]}^3 {dt}", f"{f / 1e12:,.3f} TFLOP/s")
+    a, s = c["attention"], r["shapes"]
+    for (batch, ctx), rate in zip(a["shapes"], a["kv_bytes_per_s"]):
+        row("", f"decode attention batch {batch} x ctx {ctx}, {s['num_attention_heads']}/"
+            f"{s['num_key_value_heads']} heads, d {s['head_dim']}, {a['dtype']} KV",
+            f"{rate / 1e9:,.1f} GB/s")
+    row("", f"  kernel: {a['kernel']}", "")
+    con.print(t)
+    if profile is not None:
+        con.print(escape(f"wrote {output} (profile {profile.name!r}; use it with --hardware {output})"))
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:g} GiB" if n >= 2**30 else f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n / 2**10:g} KiB"

@@ -1,0 +1,610 @@
+"""Hardware micro-benchmarks: measure the machine this code runs on, and write a hardware profile.
+
+Every benchmark returns SI units (bytes, bytes/s, FLOP/s, seconds). Timing: warm-up calls first, then
+the median of several repeats; GPU work is timed with CUDA events around a loop of calls (so launch
+overhead of tiny calls is amortised), CPU work with perf_counter. Data is random and non-zero, and
+buffers are large enough to leave the caches (1 GiB copies, 117 MB GEMM weights at Mixtral's shape).
+
+    profile_machine() -> dict        runs them all (progress bar), CPU part only without CUDA
+    write_profile_toml(result, ...)  a complete hardware profile in hardware_profiles/ format
+
+Bandwidth conventions: a device or host *copy* counts read + write bytes; an H2D/D2H transfer counts
+the bytes moved once; "duplex" is the total of both directions running at once; CPU attention counts
+the K and V bytes the kernel reads.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import inspect
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from hrm.hardware import GB, GiB, TFLOPS, HardwareProfile, load_profile, parse_profile
+
+MiB = 2 ** 20
+KiB = 2 ** 10
+
+# [tokens x hidden] x [hidden x ffn]: decode (1..64 tokens per expert GEMM) to prefill (4096)
+GEMM_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+GEMM_TOKENS_QUICK = (1, 16, 256, 4096)
+LINK_SIZES = (256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB, 1024 * MiB)
+LINK_SIZES_QUICK = (256 * KiB, 4 * MiB, 64 * MiB)
+# (batch, context) of one decode-attention call on the CPU
+ATTENTION_SHAPES = ((16, 512), (64, 1024), (128, 2048))
+ATTENTION_SHAPES_QUICK = ((4, 128),)
+
+AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class ProbeError(ValueError):
+    """A profile that cannot be produced here (the message says what to pass instead)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# timing and data
+
+def _median_cuda_s(fn: Callable[[], None], repeats: int, warmup: int = 2, target_s: float = 0.02) -> float:
+    """Median seconds per call of `fn` (GPU work on the current stream), timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    one_s = max(start.elapsed_time(end) / 1e3, 1e-7)
+    inner = int(min(1000, max(1, math.ceil(target_s / one_s))))
+    times = []
+    for _ in range(repeats):
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / inner)
+    return statistics.median(times)
+
+
+def _median_cpu_s(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+_BLOCK_ELEMS = 1 << 20
+
+
+def _fill_random(t: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Fill `t` with non-zero random values in [0.5, 1.5): exactly on the GPU, tiled from one random
+    block on the CPU (memcpy speed; drawing gigabytes with `normal_` on the CPU takes minutes)."""
+    flat = t.view(-1)
+    n = flat.numel()
+    g = torch.Generator(device=t.device).manual_seed(seed)
+    if t.device.type == "cuda" or n <= _BLOCK_ELEMS:
+        flat.copy_(torch.rand(n, generator=g, device=t.device).add_(0.5))
+        return t
+    block = torch.rand(_BLOCK_ELEMS, generator=g).add_(0.5).to(t.dtype)
+    full = n // _BLOCK_ELEMS
+    flat[:full * _BLOCK_ELEMS].view(full, _BLOCK_ELEMS).copy_(block)   # broadcast over rows
+    flat[full * _BLOCK_ELEMS:].copy_(block[:n - full * _BLOCK_ELEMS])
+    return t
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU
+
+def gpu_gemm_flops(tokens: Sequence[int] = GEMM_TOKENS, hidden_size: int = 4096, ffn_size: int = 14336,
+                   dtype: torch.dtype = torch.bfloat16, repeats: int = 10, device: str = "cuda") -> list[float]:
+    """FLOP/s of [tokens x hidden] x [hidden x ffn] (an expert's up projection) for each token count.
+
+    The weight is laid out [ffn, hidden] as the runtime stores it; x @ w.T is what F.linear computes."""
+    w = _fill_random(torch.empty(ffn_size, hidden_size, dtype=dtype, device=device), 1)   # [ffn, hidden]
+    x_all = _fill_random(torch.empty(max(tokens), hidden_size, dtype=dtype, device=device), 2)
+    rates = []
+    for t in tokens:
+        x = x_all[:t]                                                   # [tokens, hidden]
+        out = torch.empty(t, ffn_size, dtype=dtype, device=device)     # [tokens, ffn]
+        s = _median_cuda_s(lambda: torch.matmul(x, w.t(), out=out), repeats)
+        rates.append(2.0 * t * hidden_size * ffn_size / s)
+    return rates
+
+
+def gpu_square_gemm_flops(n: int = 8192, dtype: torch.dtype = torch.bfloat16, repeats: int = 10,
+                          device: str = "cuda") -> float:
+    """FLOP/s of an n x n x n GEMM (the dense peak; fp32 uses torch's current TF32 setting)."""
+    a = _fill_random(torch.empty(n, n, dtype=dtype, device=device), 3)
+    b = _fill_random(torch.empty(n, n, dtype=dtype, device=device), 4)
+    out = torch.empty(n, n, dtype=dtype, device=device)
+    s = _median_cuda_s(lambda: torch.matmul(a, b, out=out), repeats)
+    return 2.0 * n ** 3 / s
+
+
+def gpu_hbm_bytes_per_s(size_bytes: int = 1024 * MiB, repeats: int = 10, device: str = "cuda") -> float:
+    """Device-to-device copy rate, counting the bytes read plus the bytes written."""
+    src = _fill_random(torch.empty(size_bytes // 2, dtype=torch.bfloat16, device=device), 5)
+    dst = torch.empty_like(src)
+    s = _median_cuda_s(lambda: dst.copy_(src), repeats)
+    return 2.0 * size_bytes / s
+
+
+# ---------------------------------------------------------------------------------------------------
+# CPU-GPU link
+
+def _pinned(nbytes: int) -> torch.Tensor:
+    """Page-locked host bytes, pinned the way the runtime pins its weight store."""
+    from .host_memory import empty_host
+    return empty_host((nbytes,), torch.uint8, pin=True)
+
+
+def link_bytes_per_s(sizes: Sequence[int] = LINK_SIZES, repeats: int = 8,
+                     device: str = "cuda") -> tuple[list[float], list[float]]:
+    """Pinned H2D and D2H bytes/s for each transfer size (one buffer of the largest size, pinned once)."""
+    top = max(sizes)
+    dev = _fill_random(torch.empty(top // 2, dtype=torch.bfloat16, device=device), 6).view(torch.uint8)
+    host = _pinned(top)
+    host.copy_(dev)                                                     # random, non-zero host data
+    dev_in = torch.empty(top, dtype=torch.uint8, device=device)
+    host_out = _pinned(top)
+    h2d, d2h = [], []
+    for n in sizes:
+        h2d.append(n / _median_cuda_s(lambda: dev_in[:n].copy_(host[:n], non_blocking=True), repeats))
+        d2h.append(n / _median_cuda_s(lambda: host_out[:n].copy_(dev[:n], non_blocking=True), repeats))
+    return h2d, d2h
+
+
+def duplex_bytes_per_s(size_bytes: int = 1024 * MiB, repeats: int = 5, device: str = "cuda") -> float:
+    """Total bytes/s of a pinned H2D and a pinned D2H of `size_bytes` each, running at the same time on
+    two streams."""
+    dev_src = _fill_random(torch.empty(size_bytes // 2, dtype=torch.bfloat16, device=device), 7).view(torch.uint8)
+    host_src = _pinned(size_bytes)
+    host_src.copy_(dev_src)
+    dev_dst = torch.empty(size_bytes, dtype=torch.uint8, device=device)
+    host_dst = _pinned(size_bytes)
+    up, down = torch.cuda.Stream(), torch.cuda.Stream()
+    start = torch.cuda.Event(enable_timing=True)
+    ends = [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)]
+    times = []
+    for i in range(repeats + 1):                                        # the first round is warm-up
+        torch.cuda.synchronize()
+        start.record()
+        for stream, end, (dst, src) in zip((up, down), ends, ((dev_dst, host_src), (host_dst, dev_src))):
+            stream.wait_event(start)
+            with torch.cuda.stream(stream):
+                dst.copy_(src, non_blocking=True)
+                end.record(stream)
+        for end in ends:
+            end.synchronize()
+        if i:
+            times.append(max(start.elapsed_time(e) for e in ends) / 1e3)
+    return 2.0 * size_bytes / statistics.median(times)
+
+
+def pageable_h2d_bytes_per_s(size_bytes: int = 1024 * MiB, repeats: int = 5, device: str = "cuda") -> float:
+    """H2D bytes/s from ordinary (pageable) host memory."""
+    host = _fill_random(torch.empty(size_bytes // 4, dtype=torch.float32), 8)
+    dev = torch.empty_like(host, device=device)
+    return size_bytes / _median_cuda_s(lambda: dev.copy_(host), repeats, warmup=1, target_s=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CPU
+
+def cpu_dram_bytes_per_s(size_bytes: int = 1024 * MiB, repeats: int = 5) -> tuple[float, float]:
+    """(copy, read) bytes/s of host DRAM with torch on all threads: copy counts read + write bytes,
+    read is a sum over the tensor."""
+    src = _fill_random(torch.empty(size_bytes // 4, dtype=torch.float32), 9)
+    dst = torch.empty_like(src)
+    dst.fill_(1.0)                                                      # fault the pages in
+    copy = 2.0 * size_bytes / _median_cpu_s(lambda: dst.copy_(src), repeats)
+    read = size_bytes / _median_cpu_s(lambda: src.sum(), repeats)
+    return copy, read
+
+
+def cpu_matmul_flops(dtype: torch.dtype = torch.float32, max_n: int = 4096, target_s: float = 0.3,
+                     repeats: int = 3) -> tuple[float, int]:
+    """(FLOP/s, n) of an n x n x n matmul on the CPU, n the largest power of two <= max_n whose call
+    takes about target_s or less (so a CPU without fast bf16 units does not take minutes)."""
+    def rate(n: int, reps: int) -> float:
+        a = _fill_random(torch.empty(n, n, dtype=dtype), 10)
+        b = _fill_random(torch.empty(n, n, dtype=dtype), 11)
+        out = torch.empty(n, n, dtype=dtype)
+        return 2.0 * n ** 3 / _median_cpu_s(lambda: torch.matmul(a, b, out=out), reps)
+
+    n = min(256, max_n)
+    r = rate(n, 1)
+    while n < max_n and 2.0 * (2 * n) ** 3 / r <= target_s:
+        n *= 2
+    return rate(n, repeats), n
+
+
+def reference_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """GQA decode attention with torch SDPA: one query token per sequence attends its whole context.
+
+    q [batch, q_heads, head_dim], k and v [batch, kv_heads, ctx, head_dim] -> [batch, q_heads, head_dim].
+    The q heads of a group become the query rows of their kv head, so K and V are read once, never
+    repeated; SDPA's CPU kernel accumulates in fp32."""
+    b, hq, d = q.shape
+    hkv = k.shape[1]
+    qg = q.view(b, hkv, hq // hkv, d)                                   # [batch, kv_heads, group, d]
+    return F.scaled_dot_product_attention(qg, k, v).reshape(b, hq, d)
+
+
+def runtime_attention_kernel() -> tuple[AttentionKernel, str]:
+    """The runtime's CPU decode-attention kernel as (callable with reference_decode_attention's
+    signature, name): runtime.cpu_attention.decode_attention with every slot of k's view valid (starts
+    0, ends ctx), called as the pipeline calls it; torch SDPA if that module is absent."""
+    try:
+        from .cpu_attention import decode_attention
+    except ImportError:
+        return reference_decode_attention, "torch SDPA GQA decode (reference; runtime.cpu_attention absent)"
+    takes_num_slots = "num_slots" in inspect.signature(decode_attention).parameters
+
+    def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, ctx = k.shape[0], k.shape[2]
+        starts = torch.zeros(b, dtype=torch.long)                       # [batch]
+        ends = torch.full((b,), ctx, dtype=torch.long)                  # [batch]
+        extra = {"num_slots": ctx} if takes_num_slots else {}
+        return decode_attention(q, k, v, starts, ends, **extra).view(q.shape)
+
+    return kernel, "runtime.cpu_attention.decode_attention"
+
+
+def cpu_attention_bytes_per_s(shapes: Sequence[tuple[int, int]] = ATTENTION_SHAPES, num_attention_heads: int = 32,
+                              num_key_value_heads: int = 8, head_dim: int = 128,
+                              dtype: torch.dtype = torch.bfloat16, kernel: AttentionKernel | None = None,
+                              repeats: int = 5, headroom_slots: int = 128) -> list[float]:
+    """KV bytes/s (the K and V of ctx slots, read once) of a CPU decode-attention kernel at each
+    (batch, ctx).
+
+    kernel(q [batch, q_heads, d], k [batch, kv_heads, ctx, d], v [same]) -> [batch, q_heads, d];
+    default: the runtime's own kernel (`runtime_attention_kernel`). As in the runtime's KV cache, k and
+    v are views of the first ctx slots of a cache with `headroom_slots` more slots for generation."""
+    kernel = kernel or runtime_attention_kernel()[0]
+    rates = []
+    for i, (batch, ctx) in enumerate(shapes):
+        cache_shape = (batch, num_key_value_heads, ctx + headroom_slots, head_dim)
+        k = _fill_random(torch.empty(cache_shape, dtype=dtype), 20 + i)[:, :, :ctx]   # [batch, kv_heads, ctx, d]
+        v = _fill_random(torch.empty(cache_shape, dtype=dtype), 40 + i)[:, :, :ctx]
+        q = torch.randn(batch, num_attention_heads, head_dim).to(dtype)              # [batch, q_heads, d]
+        s = _median_cpu_s(lambda: kernel(q, k, v), repeats)
+        rates.append(2.0 * k.numel() * k.element_size() / s)
+        del k, v
+    return rates
+
+
+# ---------------------------------------------------------------------------------------------------
+# the whole machine
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
+
+
+def cpu_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+        raise
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    def version(dist):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return ""
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda or "", "numpy": version("numpy"),
+            "moe_lightning": version("moe-lightning"), "git_commit": commit}
+
+
+def _model_shapes(spec) -> dict:
+    if spec is None:
+        return {"model": "mixtral-8x7b", "hidden_size": 4096, "moe_intermediate_size": 14336,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128}
+    return {"model": spec.name, "hidden_size": spec.hidden_size,
+            "moe_intermediate_size": spec.moe_intermediate_size,
+            "num_attention_heads": spec.num_attention_heads, "num_key_value_heads": spec.num_key_value_heads,
+            "head_dim": spec.head_dim}
+
+
+def profile_machine(spec=None, quick: bool = False, progress: bool = True, gpu: bool | None = None,
+                    attention_kernel: AttentionKernel | None = None) -> dict:
+    """Run every micro-benchmark and return a JSON-ready dict of the results in SI units.
+
+    spec: a ModelSpec for the GEMM and attention shapes (default Mixtral-8x7B's). gpu: profile the GPU
+    and the link (default: when CUDA is available). quick: small sizes and few repeats (seconds).
+    attention_kernel: the CPU decode-attention kernel to measure (default: the runtime's own)."""
+    from tqdm import tqdm
+
+    shapes = _model_shapes(spec)
+    use_gpu = torch.cuda.is_available() if gpu is None else gpu
+    if use_gpu and not torch.cuda.is_available():
+        raise ProbeError("no CUDA GPU here")
+    rep = 3 if quick else 10
+    kernel, kernel_name = (attention_kernel, getattr(attention_kernel, "__name__", "custom")) \
+        if attention_kernel else runtime_attention_kernel()
+    result = {
+        "date": _dt.date.today().isoformat(),
+        "timestamp": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": platform.node(), "quick": quick, "versions": _versions(), "shapes": shapes,
+        "notes": [], "gpu": None, "link": None,
+        "cpu": {"name": cpu_name(), "cores": os.cpu_count() or 1, "torch_threads": torch.get_num_threads(),
+                "memory_bytes": cpu_memory_bytes()},
+    }
+    if not use_gpu:
+        result["notes"].append("no CUDA GPU: profiled the CPU part only; [gpu] and [link] are not measured")
+    tokens = GEMM_TOKENS_QUICK if quick else GEMM_TOKENS
+    link_sizes = LINK_SIZES_QUICK if quick else LINK_SIZES
+    big = (64 if quick else 1024) * MiB
+    att_shapes = ATTENTION_SHAPES_QUICK if quick else ATTENTION_SHAPES
+    steps: list[tuple[str, Callable[[], None]]] = []
+    g, lk, c = {}, {}, result["cpu"]
+
+    if use_gpu:
+        def gpu_info():
+            props = torch.cuda.get_device_properties(0)
+            free, total = torch.cuda.mem_get_info(0)
+            g.update(name=props.name, count=torch.cuda.device_count(), memory_bytes=int(total),
+                     free_bytes=int(free), multiprocessors=props.multi_processor_count,
+                     capability=f"{props.major}.{props.minor}",
+                     tf32_matmul=bool(torch.backends.cuda.matmul.allow_tf32))
+
+        def gemm():
+            g["gemm_tokens"] = list(tokens)
+            g["gemm_flops_per_s"] = gpu_gemm_flops(tokens, shapes["hidden_size"], shapes["moe_intermediate_size"],
+                                                   repeats=rep)
+            g["gemm_shape"] = f"[tokens x {shapes['hidden_size']}] x [{shapes['hidden_size']} x " \
+                              f"{shapes['moe_intermediate_size']}] bf16"
+
+        def square():
+            n = 4096 if quick else 8192
+            g["square_gemm_n"] = n
+            g["square_gemm_flops_per_s"] = {name: gpu_square_gemm_flops(n, dt, repeats=rep) for name, dt in
+                                            (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))}
+
+        def hbm():
+            g["hbm_copy_size_bytes"] = big
+            g["hbm_copy_bytes_per_s"] = gpu_hbm_bytes_per_s(big, repeats=rep)
+
+        def link():
+            lk["sizes_bytes"] = list(link_sizes)
+            lk["h2d_bytes_per_s"], lk["d2h_bytes_per_s"] = link_bytes_per_s(link_sizes, repeats=rep)
+
+        def duplex():
+            lk["duplex_size_bytes"] = max(link_sizes)
+            lk["duplex_bytes_per_s"] = duplex_bytes_per_s(max(link_sizes), repeats=3 if quick else 5)
+
+        def pageable():
+            lk["pageable_size_bytes"] = max(link_sizes)
+            lk["pageable_h2d_bytes_per_s"] = pageable_h2d_bytes_per_s(max(link_sizes), repeats=3 if quick else 5)
+
+        steps += [("GPU properties", gpu_info), ("GPU GEMM by tokens", gemm), ("GPU square GEMM", square),
+                  ("HBM copy", hbm), ("pinned H2D/D2H by size", link), ("H2D + D2H at once", duplex),
+                  ("pageable H2D", pageable)]
+
+    def dram():
+        c["dram_size_bytes"] = big
+        c["dram_copy_bytes_per_s"], c["dram_read_bytes_per_s"] = cpu_dram_bytes_per_s(big, repeats=3 if quick else 5)
+
+    def matmul():
+        c["matmul_flops_per_s"], c["matmul_n"] = {}, {}
+        for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            c["matmul_flops_per_s"][name], c["matmul_n"][name] = cpu_matmul_flops(
+                dt, max_n=512 if quick else 4096, repeats=2 if quick else 3)
+
+    def attention():
+        rates = cpu_attention_bytes_per_s(att_shapes, shapes["num_attention_heads"], shapes["num_key_value_heads"],
+                                          shapes["head_dim"], torch.bfloat16, kernel, repeats=rep)
+        c["attention"] = {"kernel": kernel_name, "dtype": "bf16", "shapes": [list(s) for s in att_shapes],
+                          "threads": torch.get_num_threads(), "cache_headroom_slots": 128,
+                          "kv_bytes_per_s": rates}
+        c["attention_kv_bytes_per_s"] = statistics.median(rates)
+
+    steps += [("CPU DRAM copy/read", dram), ("CPU matmul fp32/bf16", matmul), ("CPU decode attention", attention)]
+
+    t0 = time.perf_counter()
+    with tqdm(total=len(steps), desc="profiling", unit="bench", disable=not progress, file=sys.stderr) as bar:
+        for label, step in steps:
+            bar.set_postfix_str(label)
+            step()
+            if use_gpu:
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            bar.update()
+    if use_gpu:
+        result["gpu"], result["link"] = g, lk
+    result["elapsed_s"] = time.perf_counter() - t0
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# writing a profile
+
+def _num(x: float, digits: int = 4) -> str:
+    """A positive number with `digits` significant digits, as TOML."""
+    x = float(x)
+    if not 0 < x < float("inf"):
+        raise ProbeError(f"cannot write {x!r} into a profile: every measured number must be positive")
+    r = round(x, max(0, digits - 1 - int(math.floor(math.log10(x)))))
+    return str(int(r)) if r == int(r) and abs(r) < 1e15 else repr(r)
+
+
+def _str(s: str) -> str:
+    return json.dumps(str(s))          # a JSON string is a valid TOML basic string
+
+
+def _arr(xs: Sequence[float]) -> str:
+    return "[" + ", ".join(_num(x) for x in xs) + "]"
+
+
+def _table(d: dict) -> str:
+    return "{ " + ", ".join(f"{k} = {_num(v)}" for k, v in d.items()) + " }"
+
+
+def _gpu_section_from(hw: HardwareProfile) -> list[str]:
+    u, lk = hw.gpu, hw.link
+    src = f"from profile {hw.name!r} ({hw.path or 'built-in'}): "
+    lines = ["[gpu]", f"name = {_str(u.name)}", f"count = {u.count}",
+             f"memory_gib = {_num(u.memory_bytes / GiB)}", f"mem_gb_per_s = {_num(u.mem_bytes_per_s / GB)}",
+             f"tflops = {_table({k: v / TFLOPS for k, v in u.peak_flops.items()})}",
+             f"source = {_str(src + u.source)}", "", "[link]",
+             f"h2d_gb_per_s = {_num(lk.h2d_bytes_per_s / GB)}", f"d2h_gb_per_s = {_num(lk.d2h_bytes_per_s / GB)}",
+             f"duplex_gb_per_s = {_num(lk.duplex_bytes_per_s / GB)}"]
+    if lk.pageable_h2d_bytes_per_s:
+        lines.append(f"pageable_h2d_gb_per_s = {_num(lk.pageable_h2d_bytes_per_s / GB)}")
+    lines.append(f"source = {_str(src + lk.source)}")
+    return lines
+
+
+def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | HardwareProfile | None = None) -> str:
+    """The text of a complete hardware profile from `profile_machine`'s result.
+
+    Without a measured GPU, [gpu] and [link] (and the GPU curves of [measured]) come from `gpu_from`
+    (a profile name, path, or HardwareProfile); with neither, ProbeError."""
+    g, lk, c = result.get("gpu"), result.get("link"), result["cpu"]
+    if g is None and gpu_from is None:
+        raise ProbeError("no GPU was measured: the [gpu] and [link] sections cannot be written; "
+                         "pass --gpu-from PROFILE to take them from an existing profile")
+    donor = None
+    if g is None:
+        donor = gpu_from if isinstance(gpu_from, HardwareProfile) else load_profile(gpu_from)
+    v, date = result["versions"], result["date"]
+    device = f"{g['count']}x {g['name']}" if g else f"CPU {c['name']} (no GPU)"
+    source = f"measured by moe-lightning profile on {date}, torch {v['torch']}, {device}"
+    att = c["attention"]
+    lines = [f"# Written by `moe-lightning profile` on {result.get('timestamp', date)} ({result.get('host', '')})"
+             f"{' in quick mode' if result.get('quick') else ''}.",
+             "# Units as in hardware_profiles/README.md: GB = 1e9 bytes, GiB = 2^30 bytes, TFLOP/s = 1e12 FLOP/s.",
+             *[f"# note: {n}" for n in result.get("notes", [])],
+             f"name = {_str(name)}"]
+    desc = (f"{g['count']}x {g['name']}" if g else f"GPU from profile {donor.name!r}") + \
+           f", {c['cores']} cores {c['name']}, {c['memory_bytes'] / GiB:.1f} GiB RAM (measured {date})"
+    lines += [f"description = {_str(desc)}", ""]
+    if g:
+        best_bf16 = max([g["square_gemm_flops_per_s"]["bf16"], *g["gemm_flops_per_s"]])
+        tflops = {"bf16": best_bf16 / TFLOPS, "fp16": g["square_gemm_flops_per_s"]["fp16"] / TFLOPS,
+                  "fp32": g["square_gemm_flops_per_s"]["fp32"] / TFLOPS}
+        top = lk["sizes_bytes"].index(max(lk["sizes_bytes"]))
+        h2d, d2h = lk["h2d_bytes_per_s"][top], lk["d2h_bytes_per_s"][top]
+        lines += ["[gpu]", f"name = {_str(g['name'])}", f"count = {g['count']}",
+                  "# torch.cuda.mem_get_info total",
+                  f"memory_gib = {_num(g['memory_bytes'] / GiB)}",
+                  "# device copy, read + write bytes",
+                  f"mem_gb_per_s = {_num(g['hbm_copy_bytes_per_s'] / GB)}",
+                  f"# best measured GEMM: bf16 over {g['square_gemm_n']}^3 and the expert-shape sweep; fp16 and "
+                  f"fp32 at {g['square_gemm_n']}^3 (TF32 {'on' if g.get('tf32_matmul') else 'off'})",
+                  f"tflops = {_table(tflops)}",
+                  f"source = {_str(source)}", "",
+                  "[link]",
+                  f"# pinned, {lk['sizes_bytes'][top] / MiB:g} MiB transfers",
+                  f"h2d_gb_per_s = {_num(h2d / GB)}", f"d2h_gb_per_s = {_num(d2h / GB)}",
+                  f"# both directions at once, {lk['duplex_size_bytes'] / MiB:g} MiB each (capped at h2d + d2h)",
+                  f"duplex_gb_per_s = {_num(min(lk['duplex_bytes_per_s'], h2d + d2h) / GB)}",
+                  f"pageable_h2d_gb_per_s = {_num(lk['pageable_h2d_bytes_per_s'] / GB)}",
+                  f"source = {_str(source)}", ""]
+    else:
+        lines += _gpu_section_from(donor) + [""]
+    mm = c["matmul_flops_per_s"]
+    lines += ["[cpu]", f"name = {_str(c['name'])}", f"cores = {c['cores']}",
+              "# os.sysconf physical pages",
+              f"memory_gib = {_num(c['memory_bytes'] / GiB)}",
+              f"# DRAM read (sum over {c['dram_size_bytes'] / MiB:g} MiB); copy: "
+              f"{_num(c['dram_copy_bytes_per_s'] / GB)} GB/s read + write",
+              f"mem_gb_per_s = {_num(c['dram_read_bytes_per_s'] / GB)}",
+              f"# n^3 matmul, n = {c['matmul_n']['fp32']} (fp32) and {c['matmul_n']['bf16']} (bf16), "
+              f"{c['torch_threads']} torch threads",
+              f"tflops = {_table({'bf16': mm['bf16'] / TFLOPS, 'fp32': mm['fp32'] / TFLOPS})}",
+              f"source = {_str(source)}", ""]
+
+    lines += ["[measured]"]
+    if g:
+        lines += [f"# {g['gemm_shape']}", f"gpu_gemm_tokens = {_arr(g['gemm_tokens'])}",
+                  f"gpu_gemm_tflops = {_arr([x / TFLOPS for x in g['gemm_flops_per_s']])}",
+                  "# pinned, by transfer size",
+                  f"h2d_sizes_mib = {_arr([x / MiB for x in lk['sizes_bytes']])}",
+                  f"h2d_gb_per_s = {_arr([x / GB for x in lk['h2d_bytes_per_s']])}",
+                  f"d2h_sizes_mib = {_arr([x / MiB for x in lk['sizes_bytes']])}",
+                  f"d2h_gb_per_s = {_arr([x / GB for x in lk['d2h_bytes_per_s']])}",
+                  f"gpu_hbm_gb_per_s = {_num(g['hbm_copy_bytes_per_s'] / GB)}"]
+    elif donor.measured is not None:
+        m = donor.measured
+        lines.append(f"# GPU curves from profile {donor.name!r} ({m.method}, {m.date})")
+        if m.gpu_gemm_tokens:
+            lines += [f"gpu_gemm_tokens = {_arr(m.gpu_gemm_tokens)}",
+                      f"gpu_gemm_tflops = {_arr([x / TFLOPS for x in m.gpu_gemm_flops])}"]
+        if m.h2d_sizes_bytes:
+            lines += [f"h2d_sizes_mib = {_arr([x / MiB for x in m.h2d_sizes_bytes])}",
+                      f"h2d_gb_per_s = {_arr([x / GB for x in m.h2d_bytes_per_s])}"]
+        if m.gpu_hbm_bytes_per_s:
+            lines.append(f"gpu_hbm_gb_per_s = {_num(m.gpu_hbm_bytes_per_s / GB)}")
+    h, kv, d = (result["shapes"][k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
+    lines += [f"# {att['kernel']}, {att['dtype']} K/V, {h}/{kv} heads, d {d}: median over (batch, ctx) below",
+              f"cpu_attention_gb_per_s = {_num(c['attention_kv_bytes_per_s'] / GB)}",
+              f"cpu_attention_shapes = {json.dumps(att['shapes'])}",
+              f"cpu_attention_gb_per_s_by_shape = {_arr([x / GB for x in att['kv_bytes_per_s']])}",
+              f"cpu_dram_gb_per_s = {_num(c['dram_read_bytes_per_s'] / GB)}",
+              f"cpu_dram_copy_gb_per_s = {_num(c['dram_copy_bytes_per_s'] / GB)}"]
+    method = "moe-lightning profile (runtime/probe.py): torch micro-benchmarks, median of repeats" + \
+             (", quick mode" if result.get("quick") else "") + \
+             ("" if g else f"; no GPU here, [gpu] [link] and GPU curves from profile {donor.name!r}")
+    lines += [f"method = {_str(method)}", f"date = {_str(date)}", f"model_shapes = {_str(result['shapes']['model'])}"]
+    lines += [f"{k}_version = {_str(val)}" for k, val in v.items() if k != "git_commit"]
+    lines += [f"git_commit = {_str(v.get('git_commit', ''))}", f"elapsed_s = {_num(result.get('elapsed_s', 1e-3))}", ""]
+    return "\n".join(lines)
+
+
+def write_profile_toml(result: dict, path: str | os.PathLike, name: str | None = None,
+                       gpu_from: str | os.PathLike | HardwareProfile | None = None) -> HardwareProfile:
+    """Write the profile atomically (temporary file + os.replace) and return it as loaded.
+
+    The text is parsed with hrm.hardware before anything is written, so a file on disk always loads."""
+    path = Path(path)
+    name = name or path.stem
+    text = profile_toml(result, name, gpu_from)
+    profile = parse_profile(tomllib.loads(text), name, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return profile

@@ -1,0 +1,212 @@
+"""Hardware probe (runtime/probe.py), `moe-lightning profile`, and the HF accelerate peer's smoke test.
+
+Properties only, never wall-clock thresholds: numbers are positive, in SI units (bytes/s, FLOP/s), and a
+written profile loads through hrm.hardware.load_profile with the values it was written from.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from hrm.hardware import GB, GiB, TFLOPS, load_profile
+from moe_lightning_cli.main import main
+from runtime import probe
+from runtime.probe import ProbeError, profile_machine, write_profile_toml
+
+REPO = Path(__file__).resolve().parent.parent
+MiB = 2 ** 20
+
+
+@pytest.fixture(scope="module")
+def cpu_result() -> dict:
+    return profile_machine(quick=True, progress=False, gpu=False)
+
+
+def _fake_gpu_result(cpu_result: dict) -> dict:
+    """What profile_machine returns on a GPU machine (numbers shaped like FACTS.md's H200)."""
+    r = copy.deepcopy(cpu_result)
+    r["notes"] = []
+    r["gpu"] = dict(name="NVIDIA H200", count=1, memory_bytes=150109880320, free_bytes=149e9, multiprocessors=132,
+                    capability="9.0", tf32_matmul=False, gemm_tokens=[1, 16, 256, 4096],
+                    gemm_flops_per_s=[2.5e12, 32e12, 404e12, 760e12],
+                    gemm_shape="[tokens x 4096] x [4096 x 14336] bf16", square_gemm_n=8192,
+                    square_gemm_flops_per_s={"bf16": 748e12, "fp16": 750e12, "fp32": 51e12},
+                    hbm_copy_size_bytes=1024 * MiB, hbm_copy_bytes_per_s=4.1e12)
+    r["link"] = dict(sizes_bytes=[256 * 1024, 4 * MiB, 1024 * MiB], h2d_bytes_per_s=[20e9, 43e9, 55e9],
+                     d2h_bytes_per_s=[22e9, 49e9, 55.2e9], duplex_bytes_per_s=120e9, duplex_size_bytes=1024 * MiB,
+                     pageable_h2d_bytes_per_s=14e9, pageable_size_bytes=1024 * MiB)
+    return r
+
+
+def test_quick_cpu_profile_is_positive_and_si(cpu_result):
+    r = cpu_result
+    assert r["gpu"] is None and r["link"] is None
+    assert any("CPU part only" in n for n in r["notes"])
+    c = r["cpu"]
+    assert c["cores"] == os.cpu_count() and c["memory_bytes"] > GiB
+    # bytes/s, not GB/s: a DRAM slower than 100 MB/s or faster than 10 TB/s is a unit error
+    for key in ("dram_copy_bytes_per_s", "dram_read_bytes_per_s"):
+        assert 1e8 < c[key] < 1e13, key
+    for dtype, flops in c["matmul_flops_per_s"].items():
+        assert 1e6 < flops < 1e16, dtype
+    att = c["attention"]
+    assert att["kernel"] and len(att["kv_bytes_per_s"]) == len(att["shapes"])
+    assert all(1e5 < x < 1e13 for x in att["kv_bytes_per_s"])
+    assert c["attention_kv_bytes_per_s"] > 0
+    assert r["versions"]["torch"] == torch.__version__
+    json.dumps(r)                                        # JSON-ready
+
+
+def test_runtime_kernel_matches_reference_and_hook_is_measured():
+    """The adapter around runtime.cpu_attention computes the same attention as torch SDPA, and a kernel
+    passed in is the one that gets timed."""
+    kernel, name = probe.runtime_attention_kernel()
+    q = torch.randn(3, 8, 16)                            # [batch, q_heads, d]
+    k, v = torch.randn(3, 2, 5, 16), torch.randn(3, 2, 5, 16)   # [batch, kv_heads, ctx, d]
+    ref = probe.reference_decode_attention(q, k, v)
+    # the reference against an explicit GQA loop: q head h uses kv head h // group
+    g = 8 // 2
+    want = torch.stack([torch.softmax(q[:, h, None, :] @ k[:, h // g].transpose(1, 2) / 4.0, -1) @ v[:, h // g]
+                        for h in range(8)], 1)[:, :, 0]
+    torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernel(q, k, v), ref, rtol=1e-5, atol=1e-5)
+    cache_k, cache_v = torch.randn(3, 2, 9, 16), torch.randn(3, 2, 9, 16)     # a cache with 4 free slots
+    cache_k[:, :, :5], cache_v[:, :, :5] = k, v
+    torch.testing.assert_close(kernel(q, cache_k[:, :, :5], cache_v[:, :, :5]), ref, rtol=1e-5, atol=1e-5)
+    if importlib.util.find_spec("runtime.cpu_attention") is not None:
+        assert name == "runtime.cpu_attention.decode_attention"
+
+    calls = []
+
+    def counting(q, k, v):
+        calls.append(k.shape)
+        return probe.reference_decode_attention(q, k, v)
+
+    rates = probe.cpu_attention_bytes_per_s([(2, 16), (1, 32)], 8, 2, 16, torch.float32, kernel=counting, repeats=2)
+    assert len(rates) == 2 and all(r > 0 for r in rates)
+    assert (2, 2, 16, 16) in calls and (1, 2, 32, 16) in calls
+
+
+def test_profile_with_gpu_from_round_trips(cpu_result, tmp_path):
+    path = tmp_path / "mybox.toml"
+    written = write_profile_toml(cpu_result, path, gpu_from="h200")
+    p = load_profile(path)
+    h200 = load_profile("h200")
+    assert p.name == "mybox" == written.name
+    assert p.gpu.name == h200.gpu.name and p.gpu.peak_flops == pytest.approx(h200.gpu.peak_flops, rel=1e-3)
+    assert p.gpu.memory_bytes == pytest.approx(h200.gpu.memory_bytes, rel=1e-3)
+    assert p.link.h2d_bytes_per_s == pytest.approx(h200.link.h2d_bytes_per_s, rel=1e-3)
+    c = cpu_result["cpu"]
+    assert p.cpu.cores == os.cpu_count()
+    assert p.cpu.memory_bytes == pytest.approx(c["memory_bytes"], rel=1e-3)
+    assert p.cpu.mem_bytes_per_s == pytest.approx(c["dram_read_bytes_per_s"], rel=1e-3)
+    assert p.cpu.flops("bf16") == pytest.approx(c["matmul_flops_per_s"]["bf16"], rel=1e-3)
+    m = p.measured
+    assert m.cpu_attention_bytes_per_s == pytest.approx(c["attention_kv_bytes_per_s"], rel=1e-3)
+    assert m.gpu_gemm_tokens == h200.measured.gpu_gemm_tokens          # GPU curves come with the GPU
+    assert m.date == cpu_result["date"] and "gpu-from" not in m.method and "'h200'" in m.method
+    assert p.cpu.source.startswith(f"measured by moe-lightning profile on {cpu_result['date']}, torch ")
+    assert "from profile 'h200'" in p.gpu.source and "from profile 'h200'" in p.link.source
+    text = path.read_text()
+    assert "torch_version" in text and "# note: no CUDA GPU" in text
+    assert sorted(os.listdir(tmp_path)) == ["mybox.toml"]               # no temporary file left behind
+
+
+def test_profile_from_measured_gpu(cpu_result, tmp_path):
+    r = _fake_gpu_result(cpu_result)
+    p = write_profile_toml(r, tmp_path / "h200-measured.toml")
+    assert load_profile(tmp_path / "h200-measured.toml") == p
+    assert p.gpu.name == "NVIDIA H200" and p.gpu.count == 1
+    assert p.gpu.peak_flops["bf16"] == pytest.approx(760e12, rel=1e-3)   # best of square GEMM and sweep
+    assert p.gpu.peak_flops["fp32"] == pytest.approx(51e12, rel=1e-3)
+    assert p.gpu.memory_bytes == pytest.approx(150109880320, rel=1e-3)
+    assert p.gpu.mem_bytes_per_s == pytest.approx(4.1e12, rel=1e-3)
+    assert p.link.h2d_bytes_per_s == pytest.approx(55e9, rel=1e-3)      # the largest transfer
+    assert p.link.duplex_bytes_per_s == pytest.approx(55e9 + 55.2e9, rel=1e-3)   # capped at h2d + d2h
+    assert p.link.pageable_h2d_bytes_per_s == pytest.approx(14e9, rel=1e-3)
+    m = p.measured
+    assert m.gpu_gemm_tokens == (1, 16, 256, 4096)
+    assert m.gemm_flops(256, 0) == pytest.approx(404e12, rel=1e-3)
+    assert m.h2d_sizes_bytes[0] == pytest.approx(256 * 1024, rel=1e-3)
+    assert m.h2d_rate(4 * MiB, 0) == pytest.approx(43e9, rel=1e-3)
+    assert m.gpu_hbm_bytes_per_s == pytest.approx(4.1e12, rel=1e-3)
+    for section in (p.gpu, p.cpu, p.link):
+        assert f"measured by moe-lightning profile on {r['date']}" in section.source
+        assert "1x NVIDIA H200" in section.source
+
+
+def test_no_gpu_and_no_gpu_from_is_refused(cpu_result, tmp_path, capsys):
+    with pytest.raises(ProbeError, match="--gpu-from"):
+        write_profile_toml(cpu_result, tmp_path / "x.toml")
+    assert not (tmp_path / "x.toml").exists()
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["profile"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--gpu-from" in err and "no CUDA GPU" in err
+    assert main(["profile", "--quick", "--gpu-from", "no-such-profile"]) == 2
+    assert "no-such-profile" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only path")
+def test_cli_profile_cpu_with_gpu_from(tmp_path, capsys):
+    out = tmp_path / "here.toml"
+    assert main(["profile", "--quick", "--no-progress", "--gpu-from", "h200", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "CPU part only" in text and "decode attention" in text and "wrote" in text
+    p = load_profile(out)
+    assert p.name == "here" and p.gpu.name == "NVIDIA H200" and p.cpu.cores == os.cpu_count()
+
+    assert main(["profile", "--quick", "--no-progress", "--gpu-from", "h200", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["gpu"] is None and d["cpu"]["dram_read_bytes_per_s"] > 0
+
+
+def test_cli_profile_prints_gpu_table(cpu_result, tmp_path, capsys, monkeypatch):
+    """The GPU path of the subcommand, with the measurements stubbed (no GPU needed)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(probe, "profile_machine", lambda *a, **k: _fake_gpu_result(cpu_result))
+    out = tmp_path / "gpu.toml"
+    assert main(["profile", "-o", str(out), "--name", "lent-h200"]) == 0
+    text = capsys.readouterr().out
+    assert "NVIDIA H200" in text and "H2D + D2H at once" in text and "[4096 x 14336]" in text
+    assert load_profile(out).name == "lent-h200"
+
+
+@pytest.mark.gpu
+def test_quick_gpu_profile(tmp_path):
+    r = profile_machine(quick=True, progress=False)
+    g, lk = r["gpu"], r["link"]
+    assert all(f > 1e9 for f in g["gemm_flops_per_s"]) and g["hbm_copy_bytes_per_s"] > 1e10
+    assert all(x > 1e8 for x in lk["h2d_bytes_per_s"] + lk["d2h_bytes_per_s"])
+    assert lk["duplex_bytes_per_s"] > 0 and lk["pageable_h2d_bytes_per_s"] > 0
+    p = write_profile_toml(r, tmp_path / "gpu.toml")
+    assert p.gpu.flops("bf16") >= max(g["gemm_flops_per_s"]) * (1 - 1e-3)
+
+
+@pytest.mark.slow
+def test_hf_accelerate_peer_tiny(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    spec = importlib.util.spec_from_file_location("peer_hf_accelerate", REPO / "benchmarks" / "peer_hf_accelerate.py")
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    out = tmp_path / "peer.json"
+    assert peer.main(["--tiny", "--device", "cpu", "--batch-sizes", "1,3", "--prompt-len", "8", "--gen-len", "4",
+                      "--output", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["environment"]["transformers"] and d["environment"]["accelerate"] and d["environment"]["torch"]
+    assert "peer_hf_accelerate.py --tiny" in d["command"] and d["date"]
+    assert [r["batch_size"] for r in d["rows"]] == [1, 3]
+    for r in d["rows"]:
+        assert r["status"] == "ok" and r["generated_tokens"] == 4 * r["batch_size"]
+        assert r["tokens_per_s"] > 0 and r["weights_total_bytes"] > 0
+    rows = list(csv.DictReader((tmp_path / "peer.csv").open()))
+    assert [int(r["batch_size"]) for r in rows] == [1, 3] and rows[0]["transformers"]
