@@ -16,7 +16,8 @@ Per layer and decode step, with nb = N / mu micro-batches:
   F_att(b) = 2 b (s+n) n_q d + 2 b (s+n) n_q;  B_att(b) = 2 b n_q d + 4 b (s+n) n_kv d + 2 b n_q d
   decode throughput = N n / (T (n - 1) l)
 r_w (continuous) is solved as an LP with PuLP + CBC, as in the artifact; the runtime keeps int(n_e r_w)
-whole experts per layer on the GPU. Search: mu in 1, 2, 3, 4, 36, 68, ... (steps of 32 after 4); for
+whole experts per layer on the GPU. The LP's feasibility alone (for the micro-batch bound) is decided
+in closed form, `fits`: its constraints are two half-lines in r_w. Search: mu in 1, 2, 3, 4, 36, 68, ... (steps of 32 after 4); for
 each mu the largest feasible number of micro-batches by doubling then bisection; then nb = 1, 2, ...
 while the throughput does not drop; the best (ties to the later) wins; stop at the first mu where not
 even one micro-batch fits.
@@ -198,7 +199,24 @@ class PaperPrediction:
         return cls(**{k: int(v) if k in ints else float(v) for k, v in d.items()})
 
 
+def fits(spec: ModelSpec, m: ArtifactMachine, s: float, n: int, N: int, mu: int) -> bool:
+    """The LP's feasibility in closed form: both memory constraints are half-lines in r_w in [0, 1]."""
+    t = paper_terms(spec, m, s, n, N, mu)
+    lo, hi = 0.0, 1.0
+    for fixed, slope, cap in ((t.gpu_fixed_bytes, t.gpu_per_rw_bytes, GPU_CAP * m.gpu_memory_bytes),
+                              (t.cpu_fixed_bytes, t.cpu_per_rw_bytes, CPU_CAP * m.cpu_memory_bytes)):
+        if slope > 0:
+            hi = min(hi, (cap - fixed) / slope)
+        elif slope < 0:
+            lo = max(lo, (cap - fixed) / slope)
+        elif fixed > cap:
+            return False
+    return lo <= hi
+
+
 class _Counter:
+    """The LP, counting CBC solves."""
+
     def __init__(self, spec, machine, s, n):
         self.spec, self.machine, self.s, self.n, self.solves = spec, machine, s, n, 0
 
@@ -206,18 +224,21 @@ class _Counter:
         self.solves += 1
         return solve_lp(self.spec, self.machine, self.s, self.n, N, mu)
 
+    def fits(self, N: int, mu: int) -> bool:
+        return fits(self.spec, self.machine, self.s, self.n, N, mu)
 
-def _max_micro_batches(lp, mu: int) -> int:
+
+def _max_micro_batches(lp: _Counter, mu: int) -> int:
     """The largest feasible number of micro-batches of size mu: doubling, then bisection (0 if none)."""
     nb = 1
-    while lp(mu * nb, mu).feasible:
+    while lp.fits(mu * nb, mu):
         nb *= 2
     lo, hi = max(nb // 2, 1), nb          # lo feasible (or nb == 1 infeasible), hi infeasible
     if nb == 1:
         return 0
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if lp(mu * mid, mu).feasible:
+        if lp.fits(mu * mid, mu):
             lo = mid
         else:
             hi = mid
