@@ -56,53 +56,60 @@ def run(args) -> int:
 
 
 def _print(r: dict, donor, profile, output) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    con = Console()
+    """A table of the measurements (rich; plain lines where rich is not installed)."""
     c, g, lk = r["cpu"], r["gpu"], r["link"]
-    con.print("[bold]moe-lightning profile[/] " + escape(
-        f"on {r['host']} ({r['date']}, torch {r['versions']['torch']}{', quick mode' if r['quick'] else ''}), "
-        f"shapes of {r['shapes']['model']}, {r['elapsed_s']:.1f} s"))
-    for note in r["notes"]:
-        con.print(f"[yellow]{escape(note)}[/]" + (f"; taken from profile {donor.name!r}" if donor else ""))
+    rows: list[tuple[str, str, str]] = []
+    if g:
+        rows.append(("GPU", f"{g['count']}x {g['name']} (sm {g['capability']})", f"{g['memory_bytes'] / 2**30:,.2f} GiB"))
+        for tok, f in zip(g["gemm_tokens"], g["gemm_flops_per_s"]):
+            rows.append(("", f"GEMM {g['gemm_shape'].replace('tokens', str(tok))}", f"{f / 1e12:,.1f} TFLOP/s"))
+        for dt, f in g["square_gemm_flops_per_s"].items():
+            rows.append(("", f"GEMM {g['square_gemm_n']}^3 {dt}", f"{f / 1e12:,.1f} TFLOP/s"))
+        rows.append(("", f"HBM copy {_size(g['hbm_copy_size_bytes'])} (read + write)",
+                     f"{g['hbm_copy_bytes_per_s'] / 1e9:,.0f} GB/s"))
+        for size, up, down in zip(lk["sizes_bytes"], lk["h2d_bytes_per_s"], lk["d2h_bytes_per_s"]):
+            rows.append(("link", f"pinned {_size(size)}: H2D / D2H", f"{up / 1e9:,.1f} / {down / 1e9:,.1f} GB/s"))
+        rows.append(("", f"H2D + D2H at once, {_size(lk['duplex_size_bytes'])} each (total)",
+                     f"{lk['duplex_bytes_per_s'] / 1e9:,.1f} GB/s"))
+        rows.append(("", f"pageable H2D {_size(lk['pageable_size_bytes'])}",
+                     f"{lk['pageable_h2d_bytes_per_s'] / 1e9:,.1f} GB/s"))
+    rows.append(("CPU", f"{c['name']}, {c['cores']} cores, {c['torch_threads']} torch threads",
+                 f"{c['memory_bytes'] / 2**30:,.1f} GiB"))
+    rows.append(("", f"DRAM copy {_size(c['dram_size_bytes'])} (read + write)", f"{c['dram_copy_bytes_per_s'] / 1e9:,.1f} GB/s"))
+    rows.append(("", f"DRAM read {_size(c['dram_size_bytes'])}", f"{c['dram_read_bytes_per_s'] / 1e9:,.1f} GB/s"))
+    for dt, f in c["matmul_flops_per_s"].items():
+        rows.append(("", f"matmul {c['matmul_n'][dt]}^3 {dt}", f"{f / 1e12:,.3f} TFLOP/s"))
+    a, s = c["attention"], r["shapes"]
+    for (batch, ctx), rate in zip(a["shapes"], a["kv_bytes_per_s"]):
+        rows.append(("", f"decode attention batch {batch} x ctx {ctx}, {s['num_attention_heads']}/"
+                         f"{s['num_key_value_heads']} heads, d {s['head_dim']}, {a['dtype']} KV", f"{rate / 1e9:,.1f} GB/s"))
+    rows.append(("", f"  kernel: {a['kernel']}", ""))
+
+    head = (f"moe-lightning profile on {r['host']} ({r['date']}, torch {r['versions']['torch']}"
+            f"{', quick mode' if r['quick'] else ''}), shapes of {r['shapes']['model']}, {r['elapsed_s']:.1f} s")
+    notes = [n + (f"; taken from profile {donor.name!r}" if donor else "") for n in r["notes"]]
+    tail = f"wrote {output} (profile {profile.name!r}; use it with --hardware {output})" if profile else ""
+    try:
+        from rich.console import Console
+        from rich.markup import escape
+        from rich.table import Table
+    except ImportError:
+        width = max(len(m) for _, m, _ in rows)
+        print("\n".join([head, *notes] + [f"{p:5} {m:{width}}  {v}" for p, m, v in rows] + ([tail] if tail else [])))
+        return
+    con = Console()
+    con.print(f"[bold]{escape(head)}[/]")
+    for note in notes:
+        con.print(f"[yellow]{escape(note)}[/]")
     t = Table(title="measured", title_justify="left")
     t.add_column("part")
     t.add_column("measurement")
     t.add_column("value", justify="right")
-
-    def row(*cells: str) -> None:
-        t.add_row(*(escape(x) for x in cells))      # names and shapes hold [brackets]
-
-    if g:
-        row("GPU", f"{g['count']}x {g['name']} (sm {g['capability']})", f"{g['memory_bytes'] / 2**30:,.2f} GiB")
-        for tok, f in zip(g["gemm_tokens"], g["gemm_flops_per_s"]):
-            row("", f"GEMM {g['gemm_shape'].replace('tokens', str(tok))}", f"{f / 1e12:,.1f} TFLOP/s")
-        for dt, f in g["square_gemm_flops_per_s"].items():
-            row("", f"GEMM {g['square_gemm_n']}^3 {dt}", f"{f / 1e12:,.1f} TFLOP/s")
-        row("", f"HBM copy {g['hbm_copy_size_bytes'] / 2**20:g} MiB (read + write)",
-            f"{g['hbm_copy_bytes_per_s'] / 1e9:,.0f} GB/s")
-        for size, up, down in zip(lk["sizes_bytes"], lk["h2d_bytes_per_s"], lk["d2h_bytes_per_s"]):
-            row("link", f"pinned {_size(size)}: H2D / D2H", f"{up / 1e9:,.1f} / {down / 1e9:,.1f} GB/s")
-        row("", f"H2D + D2H at once, {_size(lk['duplex_size_bytes'])} each (total)",
-            f"{lk['duplex_bytes_per_s'] / 1e9:,.1f} GB/s")
-        row("", f"pageable H2D {_size(lk['pageable_size_bytes'])}", f"{lk['pageable_h2d_bytes_per_s'] / 1e9:,.1f} GB/s")
-    row("CPU", f"{c['name']}, {c['cores']} cores, {c['torch_threads']} torch threads",
-        f"{c['memory_bytes'] / 2**30:,.1f} GiB")
-    row("", f"DRAM copy {_size(c['dram_size_bytes'])} (read + write)", f"{c['dram_copy_bytes_per_s'] / 1e9:,.1f} GB/s")
-    row("", f"DRAM read {_size(c['dram_size_bytes'])}", f"{c['dram_read_bytes_per_s'] / 1e9:,.1f} GB/s")
-    for dt, f in c["matmul_flops_per_s"].items():
-        row("", f"matmul {c['matmul_n'][dt]}^3 {dt}", f"{f / 1e12:,.3f} TFLOP/s")
-    a, s = c["attention"], r["shapes"]
-    for (batch, ctx), rate in zip(a["shapes"], a["kv_bytes_per_s"]):
-        row("", f"decode attention batch {batch} x ctx {ctx}, {s['num_attention_heads']}/"
-            f"{s['num_key_value_heads']} heads, d {s['head_dim']}, {a['dtype']} KV",
-            f"{rate / 1e9:,.1f} GB/s")
-    row("", f"  kernel: {a['kernel']}", "")
+    for cells in rows:
+        t.add_row(*(escape(x) for x in cells))          # names and shapes hold [brackets]
     con.print(t)
-    if profile is not None:
-        con.print(escape(f"wrote {output} (profile {profile.name!r}; use it with --hardware {output})"))
+    if tail:
+        con.print(escape(tail))
 
 
 def _size(n: float) -> str:

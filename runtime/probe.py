@@ -350,8 +350,6 @@ def profile_machine(spec=None, quick: bool = False, progress: bool = True, gpu: 
     spec: a ModelSpec for the GEMM and attention shapes (default Mixtral-8x7B's). gpu: profile the GPU
     and the link (default: when CUDA is available). quick: small sizes and few repeats (seconds).
     attention_kernel: the CPU decode-attention kernel to measure (default: the runtime's own)."""
-    from tqdm import tqdm
-
     shapes = _model_shapes(spec)
     use_gpu = torch.cuda.is_available() if gpu is None else gpu
     if use_gpu and not torch.cuda.is_available():
@@ -439,7 +437,7 @@ def profile_machine(spec=None, quick: bool = False, progress: bool = True, gpu: 
     steps += [("CPU DRAM copy/read", dram), ("CPU matmul fp32/bf16", matmul), ("CPU decode attention", attention)]
 
     t0 = time.perf_counter()
-    with tqdm(total=len(steps), desc="profiling", unit="bench", disable=not progress, file=sys.stderr) as bar:
+    with _progress(len(steps), progress) as bar:
         for label, step in steps:
             bar.set_postfix_str(label)
             step()
@@ -451,6 +449,34 @@ def profile_machine(spec=None, quick: bool = False, progress: bool = True, gpu: 
         result["gpu"], result["link"] = g, lk
     result["elapsed_s"] = time.perf_counter() - t0
     return result
+
+
+class _Lines:
+    """Progress as plain lines on stderr, where tqdm is not installed."""
+
+    def __init__(self, total: int, show: bool):
+        self.total, self.done, self.show = total, 0, show
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def set_postfix_str(self, label: str) -> None:
+        if self.show:
+            print(f"profiling [{self.done + 1}/{self.total}] {label}", file=sys.stderr, flush=True)
+
+    def update(self) -> None:
+        self.done += 1
+
+
+def _progress(total: int, show: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _Lines(total, show)
+    return tqdm(total=total, desc="profiling", unit="bench", disable=not show, file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------
