@@ -21,7 +21,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: 
                      ends: torch.Tensor, num_slots: int | None = None) -> torch.Tensor:
     """One query token per sequence over its cached slots [starts[b], ends[b]).
     q [B, n_q, d]; k, v [B, n_kv, T, d] -> [B, n_q * d] (q's dtype). num_slots >= max(ends) bounds the
-    slots read (pass it to avoid a device sync). torch's CPU SDPA kernels accumulate 16-bit inputs in fp32."""
+    slots read (pass it to avoid a device sync). Slots outside the ranges are masked but still multiplied
+    (weight 0), so they must hold finite values (the cache is zeroed). torch's CPU SDPA kernels accumulate
+    16-bit inputs in fp32."""
     b, n_q, d = q.shape
     t = int(ends.max()) if num_slots is None else num_slots
     mask = valid_slots(starts, ends, t)[:, None, None, :]                  # [B, 1, 1, T]

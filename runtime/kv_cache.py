@@ -48,6 +48,7 @@ class KVCache:
         if need > self._host.numel():
             self._host = torch.empty(0, dtype=self.dtype)
             self._host = empty_host((need,), self.dtype, pin=self.device.type == "cuda")
+        self._host[:need].zero_()      # attention reads unwritten slots under a mask: 0 * NaN would leak
         offset = 0
         self._k, self._v = [], []
         for _ in range(s.num_hidden_layers):
@@ -55,8 +56,8 @@ class KVCache:
             for mb in micro_batches:
                 shape = (mb.size, s.num_key_value_heads, mb.capacity, s.head_dim)
                 if mb.index < num_device:
-                    ks.append(torch.empty(shape, dtype=self.dtype, device=self.device))
-                    vs.append(torch.empty(shape, dtype=self.dtype, device=self.device))
+                    ks.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
+                    vs.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
                     continue
                 n = mb.size * s.num_key_value_heads * mb.capacity * s.head_dim
                 ks.append(self._host[offset:offset + n].view(shape))

@@ -147,8 +147,8 @@ class Pipeline:
         st = self.streams
         stream = stream or st.h2d
         buf = visit % 2
+        st.wait(stream, self.buffer_free[buf])
         with st.use(stream), self.rec.gpu("h2d_weights", stream, f"v{visit} p{pages[0].index}-{pages[-1].index}"):
-            st.wait(stream, self.buffer_free[buf])
             for page in pages:
                 self.store.copy_page(self._layer(visit), buf, page)
             self.pages_done[visit] = st.record(stream)
@@ -175,19 +175,17 @@ class Pipeline:
                 if visit == 0:
                     h_in = None
                 else:
+                    st.wait(st.h2d, ev_hidden_d2h[j])
                     with st.use(st.h2d), self.rec.gpu("h2d_hidden", st.h2d, label):
-                        st.wait(st.h2d, ev_hidden_d2h[j])
                         h_in = hidden[j].to(self.device, non_blocking=True)
                         ev_h = st.record(st.h2d)
                 self.load_pages(visit + 1, self._pages_for(j))
+                if visit > 0:
+                    st.wait(st.compute, ev_h)
+                if j == 0:
+                    self._wait_pages(visit)
                 with st.use(st.compute), self.rec.gpu("gpu_compute", st.compute, label):
-                    if visit == 0:
-                        h = self.store.dense.embed[x["tokens"]]                     # [tokens, hidden]
-                    else:
-                        st.wait(st.compute, ev_h)
-                        h = h_in
-                    if j == 0:
-                        self._wait_pages(visit)
+                    h = self.store.dense.embed[x["tokens"]] if visit == 0 else h_in  # [tokens, hidden]
                     q, k, v = pre_attention(h, layer, spec, x["cos"], x["sin"])
                     attn = torch.cat([causal_attention(q[a:b], k[a:b], v[a:b], pad)
                                       for a, b, pad in x["segments"]])              # [tokens, q_dim]
@@ -202,8 +200,8 @@ class Pipeline:
                     self.buffer_free[visit % 2] = ev_c
                 kv_writes.append(self._store_prefill_kv(visit, m, kpad, vpad, ev_c, label))
                 if visit < self.L - 1:
+                    st.wait(st.d2h, ev_c)
                     with st.use(st.d2h), self.rec.gpu("d2h", st.d2h, label):
-                        st.wait(st.d2h, ev_c)
                         hidden[j].copy_(h, non_blocking=True)
                         ev_hidden_d2h[j] = st.record(st.d2h)
                         if st.cuda:
@@ -248,8 +246,8 @@ class Pipeline:
             kc[:, :, :t].copy_(kpad)
             vc[:, :, :t].copy_(vpad)
             return None
+        st.wait(st.d2h, ev_c)
         with st.use(st.d2h), self.rec.gpu("d2h", st.d2h, label):
-            st.wait(st.d2h, ev_c)
             k_host = kpad.to("cpu", non_blocking=True)                            # [B, n_kv, S, d]
             v_host = vpad.to("cpu", non_blocking=True)
             ev = st.record(st.d2h)
@@ -273,8 +271,8 @@ class Pipeline:
     def pre_attn(self, visit: int, j: int) -> None:
         st, m = self.streams, self.state[j]
         step, layer = visit // self.L - 1, self._layer(visit)
+        st.wait(st.compute, m.ev_d2h)                                             # qkv_dev free again
         with st.use(st.compute), self.rec.gpu("gpu_compute", st.compute, self._label(visit, j)):
-            st.wait(st.compute, m.ev_d2h)                                         # qkv_dev free again
             if layer == 0:
                 self._begin_token(m, step)
             q, k, v = pre_attention(m.h, self.store.dense.layers[layer], self.spec, m.cos, m.sin)
@@ -291,8 +289,8 @@ class Pipeline:
 
     def offload_qkv(self, visit: int, j: int) -> None:
         st, m = self.streams, self.state[j]
+        st.wait(st.d2h, m.ev_pre)
         with st.use(st.d2h), self.rec.gpu("d2h", st.d2h, self._label(visit, j)):
-            st.wait(st.d2h, m.ev_pre)
             m.qkv_host.copy_(m.qkv_dev, non_blocking=True)
             m.ev_d2h = st.record(st.d2h)
 
@@ -304,20 +302,21 @@ class Pipeline:
 
         def task() -> None:
             ev_d2h.synchronize()
+            if ev_prev_load is not None:
+                ev_prev_load.synchronize()                                        # attn_host free again
             with self.rec.host("cpu_attention", label, phase="decode"):
                 q, k, v = self._split_qkv(m.qkv_host)
                 slots = m.base_slot_host + step                                     # [B]
                 append(kc, vc, k, v, slots)
                 out = decode_attention(q, kc, vc, m.pads_host, slots + 1, m.mb.prefill_len + step + 1)
-                ev_prev_load.synchronize() if ev_prev_load is not None else None  # attn_host free again
                 m.attn_host.copy_(out)
         m.future = self.worker.submit(task)
 
     def load_h(self, visit: int, j: int) -> None:
         st, m = self.streams, self.state[j]
         m.future.result()
+        st.wait(st.h2d, m.ev_post)                                                # attn_dev free again
         with st.use(st.h2d), self.rec.gpu("h2d_hidden", st.h2d, self._label(visit, j)):
-            st.wait(st.h2d, m.ev_post)                                            # attn_dev free again
             m.attn_dev.copy_(m.attn_host, non_blocking=True)
             m.ev_load_h = st.record(st.h2d)
 
@@ -335,10 +334,10 @@ class Pipeline:
 
     def post_attn(self, visit: int, j: int) -> None:
         st, m, layer = self.streams, self.state[j], self._layer(visit)
+        st.wait(st.compute, m.ev_load_h)
+        if j == 0:
+            self._wait_pages(visit)
         with st.use(st.compute), self.rec.gpu("gpu_compute", st.compute, self._label(visit, j)):
-            st.wait(st.compute, m.ev_load_h)
-            if j == 0:
-                self._wait_pages(visit)
             lookup = self.store.lookup(layer, visit % 2)
             m.h = post_attention(m.h, m.attn_dev, self.store.dense.layers[layer], lookup, self.spec)
             if layer == self.L - 1:
@@ -411,8 +410,8 @@ class Pipeline:
             layer, b = self._layer(visit), t % 2
             if j in appends:
                 appends.pop(j).result()      # host cache holds the previous step's token
+            st.wait(st.h2d_kv, used_ev[b])
             with st.use(st.h2d_kv), self.rec.gpu("h2d_kv", st.h2d_kv, self._label(visit, j)):
-                st.wait(st.h2d_kv, used_ev[b])
                 staging[b] = (self.kv.k(layer, j).to(self.device, non_blocking=True),
                               self.kv.v(layer, j).to(self.device, non_blocking=True))
                 staged_ev[b] = st.record(st.h2d_kv)

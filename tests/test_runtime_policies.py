@@ -63,6 +63,15 @@ def test_greedy_tokens_equal_reference(reference, policy, padded):
     assert m.generated_tokens == len(prompts) * MAX_NEW
 
 
+def test_unwritten_cache_slots_do_not_leak(reference, monkeypatch):
+    """Attention reads slots past a short sequence's end under a mask; NaN there must not leak (0 * NaN)."""
+    import runtime.kv_cache as kv_cache
+    monkeypatch.setattr(kv_cache, "empty_host", lambda shape, dtype, pin=None: torch.full(shape, math.nan, dtype=dtype))
+    prompts, expected = reference
+    with Engine(QWEN2, Policy(7, 3), dtype=torch.float64, seed=3) as e:
+        assert e.generate(prompts, MAX_NEW)[0] == expected
+
+
 def test_qk_norm_family_across_schedules():
     prompts = _prompts(QWEN3.vocab_size, seed=2)
     results = []
