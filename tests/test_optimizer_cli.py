@@ -1,0 +1,88 @@
+"""`moe-lightning plan`: the built-in default prints the tables, puts attention on the CPU for
+Mixtral-8x7B on the paper's T4 host (t4-s1) and beats every baseline; infeasible requests exit 2 with
+one line on stderr (issue 3's acceptance)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from moe_lightning_cli import plan as plan_cli
+from optimizer.plan import Plan
+
+
+def run_plan(capsys, *args):
+    rc = plan_cli.main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+
+
+def test_default_prints_the_tables(capsys):
+    rc, out, err = run_plan(capsys)
+    assert rc == 0 and err == ""
+    assert "mixtral-8x7b on t4-s1" in out
+    for heading in ("chosen policy", "prediction", "memory per level", "baselines"):
+        assert heading in out
+    for text in ("throughput (end to end)", "decode throughput", "binding resource", "FlexGen S4",
+                 "FlexGen(c) S3", "DeepSpeed-Zero", "All on GPU", "ours is"):
+        assert text in out
+
+
+def test_default_choice_beats_every_baseline(capsys):
+    rc, out, _ = run_plan(capsys, "--json")
+    assert rc == 0
+    d = json.loads(out)
+    plan = Plan.from_dict(d["plan"])
+    assert plan.spec.name == "mixtral-8x7b" and plan.hardware.name == "t4-s1"
+    assert (plan.workload.avg_prompt_len, plan.workload.max_prompt_len, plan.workload.gen_len) == (77, 418, 128)
+    assert not plan.policy.attention_on_gpu                 # attention next to the KV cache, on the CPU
+    feasible = [b for b in d["baselines"] if b["feasible"]]
+    assert {b["key"] for b in d["baselines"]} == {"flexgen", "flexgen-c", "deepspeed", "all-on-gpu"}
+    assert len(feasible) >= 3
+    for b in feasible:
+        assert plan.throughput_tok_s > b["throughput_tok_s"], b["label"]
+        assert b["speedup"] > 1.0
+    assert plan.memory.within_budgets
+
+
+def test_output_file_is_a_loadable_plan(capsys, tmp_path):
+    path = tmp_path / "plan.json"
+    rc, out, _ = run_plan(capsys, "--model", "olmoe-1b-7b", "--hardware", "l4-s2", "--no-baselines", "-o", str(path))
+    assert rc == 0 and f"wrote {path}" in out
+    plan = Plan.load(path)
+    assert plan.spec.name == "olmoe-1b-7b" and plan.solver == "grid"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--model", "mixtral-8x22b"), "short by"),                       # cannot fit even fully streamed
+    (("--gpu-memory", "2GiB"), "non-expert weights"),                 # budget below the non-expert weights
+    (("--cpu-memory", "40GiB"), "short by"),
+    (("--gen-len", "0"), "gen_len"),                                  # zero / negative lengths
+    (("--prompt-len", "-5"), "prompt length"),
+    (("--gpu-memory", "lots"), "memory size"),
+])
+def test_infeasible_requests_exit_2_with_one_line(capsys, args, needle):
+    rc, out, err = run_plan(capsys, *args, "--no-baselines")
+    assert rc == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("moe-lightning plan: error:")
+
+
+def test_paper_mode_from_the_cli(capsys):
+    rc, out, _ = run_plan(capsys, "--hardware", "t4-paper", "--prompt-len", "418", "--gen-len", "128", "--padded",
+                          "--search", "paper", "--json")
+    assert rc == 0
+    plan = json.loads(out)["plan"]
+    assert (plan["policy"]["batch_size"], plan["policy"]["micro_batch_size"]) == (504, 36)
+    assert plan["paper"]["num_micro_batches"] == 14
+
+
+def test_plan_does_not_import_torch():
+    code = ("import sys; from moe_lightning_cli import plan; plan.main(['--json', '--no-baselines']); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
