@@ -26,6 +26,25 @@ def _at(value, i: int):
     return value if np.ndim(value) == 0 else value[i]
 
 
+def cbc():
+    """The bundled CBC, quiet (PuLP 3.3 flags PULP_CBC_CMD as deprecated for 4.0; it is what ships)."""
+    import warnings
+
+    import pulp
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pulp.PULP_CBC_CMD(msg=False, gapRel=1e-9)
+
+
+def new_var(prob, name: str, low=None, up=None, integer: bool = False):
+    """A variable attached to `prob` (PuLP >= 3.3), or a free-standing LpVariable on older PuLP."""
+    import pulp
+    cat = pulp.LpInteger if integer else pulp.LpContinuous
+    if hasattr(prob, "add_variable"):
+        return prob.add_variable(name, low, up, cat=cat)
+    return pulp.LpVariable(name, lowBound=low, upBound=up, cat=cat)
+
+
 def _scale(terms: dict, P: int) -> np.ndarray:
     """Per pair, the largest of the terms (a positive size to measure them in)."""
     largest = np.broadcast_to(grid._max(terms), (P,))
@@ -42,13 +61,13 @@ def _solve_chunk(problem: Problem, placement: Placement, N: np.ndarray, mu: np.n
     prob = pulp.LpProblem("moe_lightning_policy", pulp.LpMinimize)
     e_fixed = grid.fixed_experts(problem, placement)
     if e_fixed is None:
-        e_vars = [pulp.LpVariable(f"e_{i}", lowBound=0, upBound=E, cat=pulp.LpInteger) for i in range(P)]
+        e_vars = [new_var(prob, f"e_{i}", 0, E, integer=True) for i in range(P)]
         r_w = np.array([v * (1.0 / E) for v in e_vars], dtype=object)
     else:
         e_vars = None
         r_w = np.full(P, e_fixed / E)
     if placement.searches_kv:
-        c_vars = [pulp.LpVariable(f"rc_{i}", lowBound=0, upBound=1) for i in range(P)]
+        c_vars = [new_var(prob, f"rc_{i}", 0, 1) for i in range(P)]
         r_c = np.array(c_vars, dtype=object)
     else:
         c_vars = None
@@ -65,7 +84,7 @@ def _solve_chunk(problem: Problem, placement: Placement, N: np.ndarray, mu: np.n
     zero_w, zero_c = np.zeros(P), np.zeros(P)
     head = np.broadcast_to(np.asarray(hrm.lm_head_time(s, N), float), (P,))
     pre_ref = _scale(grid.prefill_terms(hrm.prefill_layer_times(s, N, mu, zero_w, zero_c)), P)
-    tau_pre = [pulp.LpVariable(f"tpre_{i}", lowBound=0) for i in range(P)]
+    tau_pre = [new_var(prob, f"tpre_{i}", 0) for i in range(P)]
     for name, term in grid.prefill_terms(hrm.prefill_layer_times(s, N, mu, r_w, r_c)).items():
         for i in range(P):
             prob += tau_pre[i] >= _at(term, i) * (1 / pre_ref[i]), f"pre_{name}_{i}"
@@ -73,7 +92,7 @@ def _solve_chunk(problem: Problem, placement: Placement, N: np.ndarray, mu: np.n
     for j, (ctx, w) in enumerate(zip(*hrm.context_samples(problem.workload))):
         lt = hrm.decode_layer_times(s, N, mu, r_w, r_c, ctx)
         ref = _scale(hrm.decode_layer_times(s, N, mu, zero_w, zero_c, ctx).terms(s.schedule), P)
-        tau = [pulp.LpVariable(f"t_{j}_{i}", lowBound=0) for i in range(P)]
+        tau = [new_var(prob, f"t_{j}_{i}", 0) for i in range(P)]
         for name, term in lt.terms(s.schedule).items():
             for i in range(P):
                 prob += tau[i] >= _at(term, i) * (1 / ref[i]), f"dec_{j}_{name}_{i}"
@@ -84,7 +103,7 @@ def _solve_chunk(problem: Problem, placement: Placement, N: np.ndarray, mu: np.n
     ref_total = np.asarray(reference[0] + reference[1], float)
     objective = [totals[i] * (1 / float(ref_total[i])) for i in range(P)]
     prob += pulp.lpSum(objective)
-    status = prob.solve(pulp.PULP_CBC_CMD(msg=False, gapRel=1e-9))
+    status = prob.solve(cbc())
     if pulp.LpStatus[status] != "Optimal":
         return None
     e = (np.array([int(round(v.value())) for v in e_vars]) if e_vars is not None else np.full(P, e_fixed))

@@ -144,10 +144,11 @@ def solve_lp(spec: ModelSpec, m: ArtifactMachine, s: float, n: int, N: int, mu: 
     """Minimise T / N over r_w with PuLP + CBC."""
     import pulp
 
+    from .milp import cbc, new_var
     t = paper_terms(spec, m, s, n, N, mu)
     prob = pulp.LpProblem("artifact_policy", pulp.LpMinimize)
-    T = pulp.LpVariable("T", lowBound=0)
-    r_w = pulp.LpVariable("r_w", lowBound=0, upBound=1)
+    T = new_var(prob, "T", 0)
+    r_w = new_var(prob, "r_w", 0, 1)
     ctog = (1 - r_w) * t.expert_bytes_layer * (1 / m.link_bytes_per_s)
     prob += T * (1.0 / N)
     prob += T >= ctog
@@ -157,7 +158,7 @@ def solve_lp(spec: ModelSpec, m: ArtifactMachine, s: float, n: int, N: int, mu: 
     cpu = t.cpu_fixed_bytes + t.cpu_per_rw_bytes * r_w
     prob += gpu <= GPU_CAP * m.gpu_memory_bytes
     prob += cpu <= CPU_CAP * m.cpu_memory_bytes
-    status = prob.solve(pulp.PULP_CBC_CMD(msg=False))
+    status = prob.solve(cbc())
     if status != pulp.LpStatusOptimal:
         return PaperLP(False)
     T_s, rw = float(T.value()), float(r_w.value())
