@@ -69,7 +69,7 @@ def _run(args) -> int:
             from viz.cli import plot_for_plan
         except ImportError as e:
             raise ValueError(f"--plot needs the viz package with matplotlib ({e})") from None
-        plot_for_plan(plan, args.plot)
+        plot_for_plan(plan, args.plot, baselines=baselines or None, use_measured=not args.datasheet)
     if args.json:
         print_json(to_json_dict(plan, baselines, args.output))
         return 0
