@@ -199,6 +199,18 @@ def test_throughput_heatmap_marks_infeasible_and_chosen(target):
     assert any(ax.get_label() == "<colorbar>" for ax in fig.axes)
 
 
+def test_heatmap_placement_follows_arguments_then_chosen_policy(target):
+    from viz import throughput_heatmap
+    spec, hw, wl = target
+    fig = throughput_heatmap(spec, hw, wl, attention_on_gpu=True, n_batch=6, n_micro=6)
+    p = fig.moe_lightning_data.placement
+    assert p.attention_on_gpu and p.schedule == "s4" and p.kv_gpu_frac is None
+    assert "attention GPU" in _main_axes(fig)[0].get_title()
+    chosen = Policy(64, 8, ffn_on_gpu=False)
+    p = throughput_heatmap(spec, hw, wl, chosen=chosen, n_batch=6, n_micro=6).moe_lightning_data.placement
+    assert (p.attention_on_gpu, p.ffn_on_gpu, p.schedule) == (False, False, "cgopipe")
+
+
 def test_heatmap_of_a_model_that_does_not_fit(target):
     from viz import throughput_heatmap
     spec, hw, wl = target
@@ -208,6 +220,7 @@ def test_heatmap_of_a_model_that_does_not_fit(target):
 
 
 @pytest.mark.parametrize("policy", [Policy(504, 36), Policy(128, 128, schedule="blocking"),
+                                    Policy(1080, 60, schedule="s3"),
                                     Policy(64, 64, attention_on_gpu=True, schedule="s4")])
 def test_stage_breakdown_figure(target, policy):
     from viz import stage_breakdown_figure
@@ -220,6 +233,9 @@ def test_stage_breakdown_figure(target, policy):
     decode_ax = next(ax for ax in fig.axes if ax.get_title().startswith("Decode"))
     legend = " ".join(t.get_text() for t in decode_ax.get_legend().get_texts())
     assert f"binding: {e.bound_label}" in legend
+    bound_bars = [p for p in decode_ax.patches if not p.get_fill()]          # the outlined (binding) bar
+    assert len(bound_bars) == 1
+    assert bound_bars[0].get_width() == pytest.approx(e.layer_time_s * 1e3)   # it sets the layer time (ms)
     assert stage_breakdown_figure(e) is not None     # without a profile: memory in GB
 
 
@@ -309,4 +325,21 @@ def test_plot_for_plan_from_a_plan_like_object(target, tmp_path):
     assert_readable(fig)
     assert any("baselines" in ax.get_title() for ax in fig.axes)
     bare = SimpleNamespace(policy=e.policy, estimate=e)
-    assert any("Memory" in ax.get_title() for ax in plan_figure(bare, spec=spec, hw=hw).axes)
+    assert any("Memory" in ax.get_title() for ax in plan_figure(bare, spec=spec, hw=hw, baselines=False).axes)
+
+
+def test_plot_for_plan_from_search(target, tmp_path):
+    """A real Plan: baselines are priced under its budgets when the plan carries none."""
+    from optimizer.search import search
+    from viz.cli import plan_figure, plot_for_plan
+    spec, hw, wl = target
+    plan = search(spec, hw, wl)
+    fig = plan_figure(plan)
+    assert_readable(fig)
+    heat = fig.axes[0]
+    stars = [ln for ln in heat.get_lines() if ln.get_marker() == "*"]
+    assert (stars[0].get_xdata()[0], stars[0].get_ydata()[0]) == (plan.policy.batch_size, plan.policy.micro_batch_size)
+    bars = next(ax for ax in fig.axes if "baselines" in ax.get_title())
+    names = [t.get_text() for t in bars.get_yticklabels()]
+    assert names[0] == "chosen plan" and len(names) >= 4
+    _assert_png(plot_for_plan(plan, tmp_path / "plan.png"))

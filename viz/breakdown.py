@@ -11,20 +11,33 @@ MS = 1e3
 
 
 def _decode_bars(e: Estimate) -> list[tuple[str, dict]]:
-    """(resource, {part: seconds}) in display order; the CPU->GPU bar stacks its three parts."""
+    """(resource, {part: seconds}) in display order; the CPU->GPU bar stacks its three parts. A binding
+    term that is not one resource (blocking's "serial", S3's "weights_block") gets its own bar, at the
+    layer time it sets."""
     d = e.decode_layer
     bars = [("gpu", {"gpu": d["gpu"]}), ("cpu", {"cpu": d["cpu"]}),
             ("h2d", {k: d[k] for k in H2D_PARTS}), ("d2h", {"d2h": d["d2h"]}),
             ("link", {"link": d["link"]}), ("pipeline", {"pipeline": d["pipeline"]})]
-    if e.bound == "serial":
-        bars.append(("serial", {"serial": e.layer_time_s}))
+    if e.bound not in {r for r, _ in bars}:
+        bars.append((e.bound, {e.bound: e.layer_time_s}))
     return bars
+
+
+def _name(resource: str) -> str:
+    from hrm.estimate import RESOURCE_LABELS
+    return RESOURCE_NAMES.get(resource) or RESOURCE_LABELS.get(resource, resource)
+
+
+def _wrap(text: str, width: int = 28) -> str:
+    import textwrap
+    return "\n".join(textwrap.wrap(text, width)) or text
 
 
 def _hbar(ax, y, parts: dict, bound: bool):
     left = 0.0
     for k, v in parts.items():
-        ax.barh(y, v * MS, left=left * MS, color=RESOURCE_COLORS[k], edgecolor="black", lw=0.5, height=0.65)
+        ax.barh(y, v * MS, left=left * MS, color=RESOURCE_COLORS.get(k, "#bcbd22"), edgecolor="black", lw=0.5,
+                height=0.65)
         left += v
     if bound:
         ax.barh(y, left * MS, left=0, fill=False, edgecolor=HIGHLIGHT, lw=3, height=0.8)
@@ -38,7 +51,7 @@ def draw_decode_stages(ax, e: Estimate):
         total = _hbar(ax, y, parts, res == e.bound)
         ax.text(total * MS, y, f" {fmt_seconds(total)}", va="center", fontsize=8,
                 weight="bold" if res == e.bound else "normal")
-    ax.set_yticks(range(len(bars)), [RESOURCE_NAMES[r] for r, _ in bars])
+    ax.set_yticks(range(len(bars)), [_wrap(_name(r)) for r, _ in bars])
     ax.invert_yaxis()
     ax.axvline(e.layer_time_s * MS, color=HIGHLIGHT, ls="--", lw=1.2)
     ax.set_xlim(0, max(sum(p.values()) for _, p in bars) * MS * 1.3)
@@ -59,11 +72,11 @@ def draw_prefill_stages(ax, e: Estimate):
     for y, (res, v) in enumerate(items):
         _hbar(ax, y, {res: v}, res == bound)
         ax.text(v * MS, y, f" {fmt_seconds(v)}", va="center", fontsize=8, weight="bold" if res == bound else "normal")
-    ax.set_yticks(range(len(items)), [names.get(r, RESOURCE_NAMES[r]) for r, _ in items])
+    ax.set_yticks(range(len(items)), [names.get(r) or _wrap(_name(r)) for r, _ in items])
     ax.invert_yaxis()
     ax.set_xlim(0, max(v for _, v in items) * MS * 1.3)
     ax.set_xlabel("time per decoder layer, whole prefill pass (ms)")
-    ax.legend(handles=[Patch(fill=False, edgecolor=HIGHLIGHT, lw=3, label=f"binding: {RESOURCE_NAMES[bound]}")],
+    ax.legend(handles=[Patch(fill=False, edgecolor=HIGHLIGHT, lw=3, label=f"binding: {_name(bound)}")],
               loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, frameon=False)
     ax.set_title(f"Prefill: per layer, all {e.policy.batch_size} prompts "
                  f"({e.workload.prompt_len:g} tokens each)", fontsize=10)

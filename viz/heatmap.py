@@ -109,13 +109,14 @@ def draw_heatmap(ax, grid: g.ThroughputGrid, chosen=None, chosen_label: str = "o
 
 def throughput_heatmap(spec: ModelSpec, hw: HardwareProfile, workload: Workload, batch_sizes=None,
                        micro_batch_sizes=None, *, chosen=None, chosen_label: str = "optimizer's choice",
-                       placement=None, weights_gpu_frac=None, kv_gpu_frac=None, budgets=None, **grid_kw):
+                       placement=None, attention_on_gpu=None, ffn_on_gpu=None, schedule=None,
+                       weights_gpu_frac=None, kv_gpu_frac=None, budgets=None, **grid_kw):
     """Predicted end-to-end throughput over (N, mu) with infeasible cells shaded by the budget they break.
 
     batch_sizes, micro_batch_sizes: the grid (default: ~40 geometric values each, reaching past the limits).
     chosen: a Policy, a Plan or Estimate (anything with .policy) or an (N, mu) tuple, marked with a star.
-    placement: an optimizer.space.Placement; default the chosen policy's attention/FFN placement and
-        schedule, else the paper's (CPU attention, CGOPipe).
+    placement: an optimizer.space.Placement; default built from attention_on_gpu / ffn_on_gpu / schedule
+        where given, else the chosen policy's, else the paper's (CPU attention, experts on GPU, CGOPipe).
     weights_gpu_frac, kv_gpu_frac: fixed r_w / r_c, or None for the optimizer's choice in each cell.
     budgets: anything with gpu_bytes and cpu_bytes (optimizer.space.Budgets; a Plan's .budgets); default
         the chosen plan's budgets if it has them, else the optimizer's defaults for `hw`.
@@ -123,7 +124,8 @@ def throughput_heatmap(spec: ModelSpec, hw: HardwareProfile, workload: Workload,
     The grid used is attached as `fig.moe_lightning_data` (a viz.grid.ThroughputGrid).
     """
     if placement is None:
-        placement = g.placement_of(_policy_of(chosen), weights_gpu_frac=weights_gpu_frac, kv_gpu_frac=kv_gpu_frac)
+        placement = g.placement_of(_policy_of(chosen), attention_on_gpu=attention_on_gpu, ffn_on_gpu=ffn_on_gpu,
+                                   schedule=schedule, weights_gpu_frac=weights_gpu_frac, kv_gpu_frac=kv_gpu_frac)
     if budgets is None:
         budgets = getattr(chosen, "budgets", None)
     data = g.throughput_grid(spec, hw, workload, batch_sizes, micro_batch_sizes, placement=placement,

@@ -105,7 +105,7 @@ def roofline_figure(hw: HardwareProfile, spec: ModelSpec, batches: Sequence[int]
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="roofs and operators",
               title_fontsize=9)
     i_attn = info["attention"].intensity_cpu
-    where = f"{info['p1'] / i_attn:.3g}x below" if i_attn < info["p1"] else "above"
+    where = f"{info['p1'] / i_attn:.2g}x below" if i_attn < info["p1"] else "above"
     ax.set_title(f"Hierarchical roofline: {spec.name} on {hw.name}\n"
                  f"decode attention (I = {i_attn:.2g}) sits {where} P1 = {info['p1']:.3g}; "
                  "larger N moves the MoE FFN right along the link slope")

@@ -19,7 +19,7 @@ RESOURCE_COLORS = {
 }
 RESOURCE_NAMES = {
     "gpu": "GPU compute",
-    "cpu": "CPU attention",
+    "cpu": "CPU attention / experts",
     "h2d": "CPU->GPU link",
     "h2d_weights": "CPU->GPU: expert weights",
     "h2d_act": "CPU->GPU: activations",

@@ -33,9 +33,12 @@ def error_table(df):
     return pd.DataFrame(out)
 
 
-def predicted_vs_measured_figure(df, title: str | None = None, band_pct: float = 20.0):
+def predicted_vs_measured_figure(df, title: str | None = None, band_pct: float = 20.0,
+                                 measured_label: str = "measured throughput (generated tok/s)",
+                                 predicted_label: str = "predicted throughput (generated tok/s)"):
     """Left: predicted vs measured tok/s per run, coloured by policy, with y = x and a +-band_pct% band.
-    Right: the mean relative error per policy (whiskers: min and max over its runs)."""
+    Right: the mean relative error per policy (whiskers: min and max over its runs).
+    measured_label / predicted_label name the axes (say so when a column is not a measurement)."""
     from matplotlib import colormaps
     _check(df)
     table = error_table(df)
@@ -66,8 +69,8 @@ def predicted_vs_measured_figure(df, title: str | None = None, band_pct: float =
     ax.set_xlim(*lim)
     ax.set_ylim(*lim)
     ax.set_aspect("equal", adjustable="box")
-    ax.set_xlabel("measured throughput (generated tok/s)")
-    ax.set_ylabel("predicted throughput (generated tok/s)")
+    ax.set_xlabel(measured_label)
+    ax.set_ylabel(predicted_label)
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(True, alpha=0.3)
     ax.set_title("Predicted vs measured, one point per run")
@@ -97,3 +100,45 @@ def predicted_vs_measured_figure(df, title: str | None = None, band_pct: float =
     fig.suptitle(title or f"Predicted vs measured throughput ({len(df)} runs, {len(policies)} policies)")
     fig.moe_lightning_data = table
     return fig
+
+
+COLUMN_ALIASES = {
+    "predicted_tok_s": ("predicted_tok_s", "predicted_tokens_per_s", "predicted_throughput_tok_s", "predicted"),
+    "measured_tok_s": ("measured_tok_s", "measured_tokens_per_s", "measured_throughput_tok_s", "tokens_per_s",
+                       "measured"),
+    "policy": ("policy", "policy_label", "label", "baseline", "plan_id"),
+}
+
+
+def normalise_columns(df):
+    """Rename known aliases to predicted_tok_s / measured_tok_s / policy; without a policy column, label
+    rows by their batch and micro-batch sizes when those columns exist."""
+    rename = {}
+    for canon, names in COLUMN_ALIASES.items():
+        if canon in df.columns:
+            continue
+        for n in names:
+            if n in df.columns:
+                rename[n] = canon
+                break
+    df = df.rename(columns=rename)
+    if "policy" not in df.columns and {"batch_size", "micro_batch_size"} <= set(df.columns):
+        df = df.assign(policy=[f"N={n} mu={m}" for n, m in zip(df["batch_size"], df["micro_batch_size"])])
+    return df
+
+
+def load_validation(paths):
+    """Concatenate validation CSVs (a path, a glob pattern or a list of paths) into one DataFrame with
+    the columns predicted_vs_measured_figure needs, plus `source` (the file each row came from)."""
+    import glob
+    import os
+
+    import pandas as pd
+    if isinstance(paths, (str, os.PathLike)):
+        paths = sorted(glob.glob(str(paths))) if any(c in str(paths) for c in "*?[") else [paths]
+    frames = [normalise_columns(pd.read_csv(p)).assign(source=os.path.basename(str(p))) for p in paths]
+    if not frames:
+        raise FileNotFoundError("no validation results found")
+    df = pd.concat(frames, ignore_index=True)
+    _check(df)
+    return df
