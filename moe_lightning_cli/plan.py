@@ -125,7 +125,8 @@ def print_plan(plan, baselines, console=None) -> None:
     r.add_column("")
     r.add_column("", justify="right")
     r.add_row("throughput (end to end)", f"[bold]{est.throughput_tok_s:,.1f} tok/s[/]")
-    r.add_row("decode throughput", f"{est.decode_tok_s:,.1f} tok/s")
+    r.add_row("decode throughput", f"{est.decode_tok_s:,.1f} tok/s" if est.decode_tok_s == est.decode_tok_s
+              else "- (one generated token: no decode step)")
     r.add_row("prefill / decode time", f"{fmt_s(est.prefill_s)} / {fmt_s(est.decode_s)}")
     r.add_row("binding resource (decode)", RESOURCE_LABELS.get(est.bound, est.bound))
     if plan.paper is not None:

@@ -1,0 +1,38 @@
+"""Policy search over the Hierarchical Roofline Model (hrm): the best N, mu, placement, resident experts
+and KV fraction for a model, a machine and a workload, as a versioned `Plan`.
+
+    from optimizer import search
+    plan = search(spec, hardware, workload)                  # grid solver, our full model
+    plan = search(spec, hardware, workload, solver="milp")   # same equations as a pulp/CBC MILP
+    plan = search(spec, hardware, workload, mode="paper")    # the MoE-Lightning artifact's model and search
+    plan.save("plan.json"); Plan.load("plan.json")
+
+Modules: space (budgets, placements, enumeration), grid (vectorised numpy), milp (pulp), search (the
+entry point), paper (the artifact's model), baselines, plan (Plan + JSON). hrm + numpy + pulp only.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "search": "optimizer.search", "make_problem": "optimizer.search", "best_policy": "optimizer.search",
+    "Plan": "optimizer.plan", "PlanError": "optimizer.plan",
+    "Budgets": "optimizer.space", "Placement": "optimizer.space", "Pairs": "optimizer.space",
+    "Resolution": "optimizer.space", "SearchError": "optimizer.space", "parse_size": "optimizer.space",
+    "DEFAULT_PLACEMENTS": "optimizer.space",
+    "compare_baselines": "optimizer.baselines", "BASELINES": "optimizer.baselines",
+    "paper_search": "optimizer.paper",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'optimizer' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

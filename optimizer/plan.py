@@ -337,13 +337,16 @@ def _floats(d) -> dict:
 
 
 def _plain(o):
-    """JSON-ready: numpy scalars to Python numbers, tuples to lists, mappings to dicts."""
+    """JSON-ready: numpy scalars to Python numbers, tuples to lists, mappings to dicts, and NaN or
+    infinity (e.g. the decode rate of a one-token generation) to null."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
     if isinstance(o, dict):
         return {str(k): _plain(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
         return [_plain(v) for v in o]
     if hasattr(o, "item") and not isinstance(o, (str, bytes)):
-        return o.item()
+        return _plain(o.item())
     if hasattr(o, "keys"):
         return {str(k): _plain(o[k]) for k in o.keys()}
     return o

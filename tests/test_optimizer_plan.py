@@ -89,6 +89,14 @@ def test_rejects_plan_for_another_model(plan, tmp_path):
     assert Plan.load(path, spec=MIXTRAL) == plan
 
 
+def test_one_token_generation_round_trips():
+    """gen_len = 1 has no decode step (decode rate NaN): written as null, read back."""
+    p = search(MIXTRAL, load_profile("t4-s1"), Workload(77.0, 418, 1))
+    text = p.to_json()
+    assert "NaN" not in text and json.loads(text)["estimate"]["decode_tok_s"] is None
+    assert Plan.from_json(text).policy == p.policy
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(PlanError, match="not found"):
         Plan.load(tmp_path / "nope.json")
