@@ -1,7 +1,7 @@
 """Policy search over the Hierarchical Roofline Model (hrm): the best N, mu, placement, resident experts
 and KV fraction for a model, a machine and a workload, as a versioned `Plan`.
 
-    from optimizer import search
+    from optimizer.search import search       # (optimizer.search is the module; the function is in it)
     plan = search(spec, hardware, workload)                  # grid solver, our full model
     plan = search(spec, hardware, workload, solver="milp")   # same equations as a pulp/CBC MILP
     plan = search(spec, hardware, workload, mode="paper")    # the MoE-Lightning artifact's model and search
@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "search": "optimizer.search", "make_problem": "optimizer.search", "best_policy": "optimizer.search",
+    "make_problem": "optimizer.search", "best_policy": "optimizer.search",
     "Plan": "optimizer.plan", "PlanError": "optimizer.plan",
     "Budgets": "optimizer.space", "Placement": "optimizer.space", "Pairs": "optimizer.space",
     "Resolution": "optimizer.space", "SearchError": "optimizer.space", "parse_size": "optimizer.space",
