@@ -296,6 +296,9 @@ def test_save_figure_is_atomic_and_writes_png(tmp_path):
     target = tmp_path / "sub" / "fig.png"
     assert save_figure(fig, target) == target
     _assert_png(target)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask        # not mkstemp's 0600
     inode = target.stat().st_ino
     with pytest.raises(ValueError):
         save_figure(fig, tmp_path / "sub" / "fig.notaformat")
@@ -343,3 +346,34 @@ def test_plot_for_plan_from_search(target, tmp_path):
     names = [t.get_text() for t in bars.get_yticklabels()]
     assert names[0] == "chosen plan" and len(names) >= 4
     _assert_png(plot_for_plan(plan, tmp_path / "plan.png"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# what-if sweeps and validation files
+
+def test_whatif_sweep_and_figure(target):
+    from viz import whatif
+    spec, hw, wl = target
+    sweeps = {"host memory": whatif.sweep(spec, wl, whatif.cpu_memory_variants(hw, (32, 192))),
+              "PCIe generation": whatif.sweep(spec, wl, whatif.pcie_variants(hw, ("PCIe 3.0", "PCIe 5.0")))}
+    host = sweeps["host memory"]
+    assert np.isnan(host["throughput_tok_s"][0]) and host["reason"][0]          # 32 GB cannot hold the experts
+    assert host["throughput_tok_s"][1] > 0
+    pcie = sweeps["PCIe generation"]
+    assert pcie["link_gb_per_s"].tolist() == pytest.approx([12.5, 50.0])
+    assert pcie["throughput_tok_s"][1] >= pcie["throughput_tok_s"][0]           # a faster link never hurts
+    assert_readable(whatif.policy_shift_figure(sweeps))
+
+
+def test_load_validation_normalises_columns(tmp_path):
+    from viz.validation import load_validation
+    pd.DataFrame({"batch_size": [504, 64], "micro_batch_size": [36, 64], "predicted_tokens_per_s": [60.0, 9.0],
+                  "tokens_per_s": [50.0, 10.0]}).to_csv(tmp_path / "validation_t4.csv", index=False)
+    pd.DataFrame({"policy": ["x"], "predicted_tok_s": [1.0], "measured_tok_s": [2.0]}).to_csv(
+        tmp_path / "validation_h200.csv", index=False)
+    df = load_validation(str(tmp_path / "validation*.csv"))
+    assert len(df) == 3
+    assert set(df["policy"]) == {"N=504 mu=36", "N=64 mu=64", "x"}
+    assert set(df["source"]) == {"validation_t4.csv", "validation_h200.csv"}
+    with pytest.raises(FileNotFoundError):
+        load_validation(str(tmp_path / "nothing*.csv"))

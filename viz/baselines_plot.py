@@ -5,7 +5,7 @@ import math
 
 from .style import HIGHLIGHT, new_figure
 
-NO_FIT = "does not fit"
+NO_FIT = "does not fit the budgets"
 
 
 def throughput_of(x) -> float:
@@ -51,7 +51,7 @@ def draw_baselines(ax, entries: dict, chosen_label: str | None = None, chosen_to
     for y, (name, v) in enumerate(ranked):
         is_chosen = name == chosen_label
         if not math.isfinite(v) or v <= 0:
-            ax.text(0, y, f"  {NO_FIT}", va="center", fontsize=8, color="#555555", style="italic")
+            ax.text(0.01 * top, y, NO_FIT, va="center", fontsize=8, color="#555555", style="italic")
             continue
         ax.barh(y, v, color=HIGHLIGHT if is_chosen else "#9ecae1", edgecolor="black", lw=0.6, height=0.65)
         ratio = "" if is_chosen or not chosen_tok_s else f"  (chosen is {chosen_tok_s / v:.2g}x)"

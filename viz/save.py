@@ -6,6 +6,12 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_figure(fig, path, dpi: int = 120, **kw) -> Path:
     """Write `fig` to `path` (format from the suffix, PNG by default) atomically; returns the path.
 
@@ -19,6 +25,7 @@ def save_figure(fig, path, dpi: int = 120, **kw) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format=fmt, dpi=dpi, **kw)
+        os.chmod(tmp, 0o666 & ~_umask())      # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         try:
