@@ -1,15 +1,27 @@
 """`moe-lightning run`: execute a plan with the CGOPipe runtime and measure it.
 
-A plan file is JSON with "model" (built-in name or config path), "policy" (Policy fields) and optionally
-"plan_id", "hardware" (profile for the predicted column) and "num_layers". Without a plan, pass --model
-and --policy-json.
+The plan file is what `moe-lightning plan` writes (optimizer.plan.Plan): its model, policy, workload
+(for synthetic prompts), GPU budget (emulated on a larger GPU) and hardware (the predicted column).
+Without a plan, pass --model and --policy-json.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from .common import fmt_bytes, fmt_s, print_json
+
+DEFAULT_PROMPT_LEN = 128
+DEFAULT_GEN_LEN = 32
+
+
+@dataclass(frozen=True)
+class Target:
+    spec: object                 # hrm.spec.ModelSpec
+    policy: object               # hrm.policy.Policy
+    plan: object = None          # optimizer.plan.Plan, when run from a plan file
+    hardware: object = None      # hrm.hardware.HardwareProfile for the predicted column
 
 
 def add_parser(sub) -> None:
@@ -17,7 +29,7 @@ def add_parser(sub) -> None:
                        description="Run a plan with the CGOPipe runtime; print measured (and predicted) stage "
                                    "times and throughput; write the Measurement JSON.")
     what = p.add_argument_group("what to run")
-    what.add_argument("--plan", metavar="PLAN.json", help="plan file (model + policy)")
+    what.add_argument("--plan", metavar="PLAN.json", help="plan file written by `moe-lightning plan`")
     what.add_argument("--model", help="built-in model or HF config path (without --plan)")
     what.add_argument("--policy-json", metavar="JSON|FILE", help="Policy fields as JSON (without --plan)")
     what.add_argument("--num-layers", type=int, default=None, help="run only this many layers")
@@ -29,13 +41,17 @@ def add_parser(sub) -> None:
     src.add_argument("--prompts", metavar="FILE", help="JSON list of token-id lists (or one list per line)")
     src.add_argument("--synthetic", action="store_true", help="random token prompts (the default)")
     prompts.add_argument("--num-prompts", type=int, default=None, help="synthetic prompts (default: batch size)")
-    prompts.add_argument("--prompt-len", type=float, default=128, help="synthetic: average prompt length")
+    prompts.add_argument("--prompt-len", type=float, default=None,
+                         help=f"synthetic: average prompt length (default: the plan's, else {DEFAULT_PROMPT_LEN})")
     prompts.add_argument("--max-prompt-len", type=int, default=None, help="synthetic: longest prompt")
-    prompts.add_argument("--gen-len", type=int, default=32, help="tokens generated per prompt (default 32)")
-    prompts.add_argument("--padded", action="store_true", help="pad prompts to the longest (default: packed)")
+    prompts.add_argument("--gen-len", type=int, default=None,
+                         help=f"tokens generated per prompt (default: the plan's, else {DEFAULT_GEN_LEN})")
+    prompts.add_argument("--padded", action="store_true", default=None,
+                         help="pad prompts to the longest (default: the plan's, else packed)")
     ex = p.add_argument_group("execution")
     ex.add_argument("--hardware", help="hardware profile for the predicted column (default: the plan's)")
-    ex.add_argument("--gpu-budget-gb", type=float, default=None, help="emulate a GPU with this much memory")
+    ex.add_argument("--gpu-budget-gb", type=float, default=None,
+                    help="emulate a GPU with this much memory (default: the plan's GPU budget)")
     ex.add_argument("--dtype", default=None, help="weight/activation dtype (default: the model's)")
     ex.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     ex.add_argument("--top-p", type=float, default=1.0)
@@ -53,33 +69,41 @@ def _read_json_arg(text: str) -> dict:
     return json.loads(path.read_text() if path.exists() else text)
 
 
-def load_target(args):
-    """(spec, policy, plan_id, hardware name or None) from --plan, or --model + --policy-json."""
+def load_target(args) -> Target:
+    from hrm.hardware import load_profile
     from hrm.hf_config import load_model
     from hrm.policy import Policy
 
     from .main import CLIError
 
+    plan = hardware = None
     if args.plan:
-        raw = json.loads(Path(args.plan).read_text())
-        for key in ("model", "policy"):
-            if key not in raw:
-                raise CLIError(f"{args.plan}: missing key {key!r} (a plan needs 'model' and 'policy')")
-        model, policy_fields = raw["model"], raw["policy"]
-        plan_id, hardware, layers = raw.get("plan_id", ""), raw.get("hardware"), raw.get("num_layers")
+        from optimizer.plan import Plan
+        plan = Plan.load(args.plan)
+        spec, policy, hardware = plan.spec, plan.policy, plan.hardware
+    elif args.model and args.policy_json:
+        spec, policy = load_model(args.model), Policy(**_read_json_arg(args.policy_json))
     else:
-        if not (args.model and args.policy_json):
-            raise CLIError("give --plan, or --model with --policy-json")
-        model, policy_fields = args.model, _read_json_arg(args.policy_json)
-        plan_id, hardware, layers = "", None, None
-    spec = load_model(model)
-    layers = args.num_layers or layers
-    if layers:
-        spec = spec.with_layers(int(layers))
-    return spec, Policy(**policy_fields), plan_id, args.hardware or hardware
+        raise CLIError("give --plan, or --model with --policy-json")
+    if args.num_layers:
+        spec = spec.with_layers(args.num_layers)
+    if args.hardware:
+        hardware = load_profile(args.hardware)
+    return Target(spec, policy, plan, hardware)
 
 
-def load_prompts(args, spec, policy) -> list[list[int]]:
+def _workload_arg(args, plan, name: str, fallback):
+    value = getattr(args, name)
+    if value is not None:
+        return value
+    if plan is not None:
+        w = plan.workload
+        return {"prompt_len": w.avg_prompt_len, "max_prompt_len": w.max_prompt_len, "gen_len": w.gen_len,
+                "padded": w.padded}[name]
+    return fallback
+
+
+def load_prompts(args, target: Target) -> list[list[int]]:
     if args.prompts:
         text = Path(args.prompts).read_text().strip()
         prompts = json.loads(text) if text.startswith("[[") or text.startswith("[\n") else \
@@ -88,36 +112,40 @@ def load_prompts(args, spec, policy) -> list[list[int]]:
             raise ValueError(f"{args.prompts}: expected lists of token ids")
         return prompts
     import numpy as np
-    n = args.num_prompts or policy.batch_size
-    avg = args.prompt_len
-    longest = args.max_prompt_len or int(round(avg))
+    n = args.num_prompts or target.policy.batch_size
+    avg = float(_workload_arg(args, target.plan, "prompt_len", DEFAULT_PROMPT_LEN))
+    longest = _workload_arg(args, target.plan, "max_prompt_len", None) or int(round(avg))
     shortest = max(1, int(round(2 * avg - longest)))
     rng = np.random.default_rng(args.seed)
     lens = rng.integers(min(shortest, longest), longest + 1, size=n)
-    return [rng.integers(0, spec.vocab_size, size=int(k)).tolist() for k in lens]
+    return [rng.integers(0, target.spec.vocab_size, size=int(k)).tolist() for k in lens]
 
 
 def run(args) -> int:
     from runtime.engine import Engine
 
-    spec, policy, plan_id, hardware = load_target(args)
-    prompts = load_prompts(args, spec, policy)
+    target = load_target(args)
+    prompts = load_prompts(args, target)
+    gen_len = int(_workload_arg(args, target.plan, "gen_len", DEFAULT_GEN_LEN))
+    padded = bool(_workload_arg(args, target.plan, "padded", False))
     budget = int(args.gpu_budget_gb * 2**30) if args.gpu_budget_gb else None
-    progress = None if not args.json else False
-    with Engine(spec, policy, model_dir=args.model_dir, seed=args.seed, dtype=args.dtype,
+    if budget is None and target.plan is not None:
+        budget = int(target.plan.budgets.gpu_bytes)
+    progress = False if args.json else None
+    subject = target.plan if target.plan is not None and not args.num_layers else target.spec
+    policy = None if subject is target.plan else target.policy
+    with Engine(subject, policy, model_dir=args.model_dir, seed=args.seed, dtype=args.dtype,
                 gpu_memory_budget_bytes=budget, progress=progress) as engine:
-        if plan_id:
-            engine.plan_id = plan_id
         if not args.no_warmup:
-            engine.generate(prompts[:2 * policy.micro_batch_size], 2, padded=args.padded)
-        _, m = engine.generate(prompts, args.gen_len, temperature=args.temperature, top_p=args.top_p,
-                               seed=args.seed, padded=args.padded)
+            engine.generate(prompts[:2 * target.policy.micro_batch_size], 2, padded=padded)
+        _, m = engine.generate(prompts, gen_len, temperature=args.temperature, top_p=args.top_p,
+                               seed=args.seed, padded=padded)
         spans = engine.last_spans
     if args.output:
         m.write(args.output)
     if args.trace:
         Path(args.trace).write_text(json.dumps([s.__dict__ for s in spans]))
-    est = _estimate(spec, policy, hardware, prompts, args) if hardware else None
+    est = _estimate(target, prompts, gen_len, padded) if target.hardware is not None else None
     if args.json:
         d = m.to_dict()
         if est is not None:
@@ -130,13 +158,13 @@ def run(args) -> int:
     return 0
 
 
-def _estimate(spec, policy, hardware, prompts, args):
+def _estimate(target: Target, prompts, gen_len: int, padded: bool):
+    """The model's prediction for the prompts actually run."""
     from hrm.estimate import estimate
-    from hrm.hardware import load_profile
     from hrm.spec import Workload
 
-    workload = Workload.from_prompt_lens([len(p) for p in prompts], args.gen_len, padded=args.padded)
-    return estimate(spec, load_profile(hardware), workload, policy)
+    workload = Workload.from_prompt_lens([len(p) for p in prompts], gen_len, padded=padded)
+    return estimate(target.spec, target.hardware, workload, target.policy)
 
 
 MEASURED_TO_PREDICTED = (("gpu_compute", ("gpu",)), ("cpu_attention", ("cpu",)),

@@ -82,8 +82,12 @@ class Engine:
                  gpu_memory_budget_bytes: int | None = None, progress: bool | None = None,
                  record: bool = True):
         if policy is None:
-            spec, policy = plan_or_spec.spec, plan_or_spec.policy
-            self.plan_id = str(getattr(plan_or_spec, "plan_id", "") or getattr(plan_or_spec, "id", "") or "")
+            plan = plan_or_spec
+            spec, policy = plan.spec, plan.policy
+            self.plan_id = str(getattr(plan, "plan_id", "") or getattr(plan, "id", "") or "")
+            if not self.plan_id and getattr(plan, "created", None):
+                self.plan_id = _plan_id(spec, policy, plan.created)
+            _check_placement(plan, policy)
         else:
             spec, self.plan_id = plan_or_spec, ""
         check_supported(spec)
@@ -220,5 +224,17 @@ class Engine:
         self.close()
 
 
-def _plan_id(spec: ModelSpec, policy: Policy) -> str:
-    return hashlib.sha1(f"{spec.name}|{policy!r}".encode()).hexdigest()[:12]
+def _plan_id(spec: ModelSpec, policy: Policy, created: str = "") -> str:
+    return hashlib.sha1(f"{spec.name}|{policy!r}|{created}".encode()).hexdigest()[:12]
+
+
+def _check_placement(plan, policy: Policy) -> None:
+    """The runtime keeps experts 0..r-1 of every layer on the GPU; refuse a plan that places others."""
+    resident = getattr(plan, "resident_experts", None)
+    if resident is None:
+        return
+    r = policy.resident_experts(plan.spec.num_experts)
+    odd = [i for i, ids in enumerate(resident) if tuple(ids) != tuple(range(r))]
+    if odd:
+        raise UnsupportedPolicy(f"plan keeps other experts than 0..{r - 1} resident in MoE layer(s) "
+                                f"{odd[:5]}: the runtime keeps the first {r} of every layer")

@@ -1,11 +1,15 @@
-"""`moe-lightning run` end to end on a tiny config: plan file in, Measurement JSON out."""
+"""`moe-lightning run` end to end on a tiny config: a plan written by the optimizer in, Measurement out."""
 import json
 
 import pytest
 
 pytest.importorskip("torch")
 
+from hrm.hardware import load_profile  # noqa: E402
+from hrm.hf_config import load_model  # noqa: E402
+from hrm.spec import Workload  # noqa: E402
 from moe_lightning_cli.main import main  # noqa: E402
+from optimizer.search import search  # noqa: E402
 from runtime.measure import Measurement  # noqa: E402
 
 TINY = {"model_type": "qwen2_moe", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -13,18 +17,33 @@ TINY = {"model_type": "qwen2_moe", "hidden_size": 32, "num_hidden_layers": 2, "n
         "moe_intermediate_size": 16, "shared_expert_intermediate_size": 24, "dtype": "float32"}
 
 
-def test_run_plan_writes_measurement(tmp_path, capsys):
+@pytest.fixture
+def plan_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(TINY))
-    plan = {"model": str(tmp_path / "config.json"), "plan_id": "tiny-plan",
-            "policy": {"batch_size": 5, "micro_batch_size": 2, "weights_gpu_frac": 0.34}}
-    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    plan = search(load_model(tmp_path / "config.json"), load_profile("h200"), Workload(6.0, 9, 4),
+                  gpu_memory="1GiB")
+    return plan.save(tmp_path / "plan.json"), plan
+
+
+def test_run_plan_writes_measurement(plan_file, tmp_path, capsys):
+    path, plan = plan_file
     out = tmp_path / "m.json"
-    rc = main(["run", "--plan", str(tmp_path / "plan.json"), "--synthetic", "--prompt-len", "6",
-               "--max-prompt-len", "9", "--gen-len", "4", "--json", "-o", str(out)])
+    rc = main(["run", "--plan", str(path), "--synthetic", "--num-prompts", "5", "--json", "-o", str(out)])
     assert rc == 0
     m = Measurement.read(out)
-    assert m.plan_id == "tiny-plan" and m.num_sequences == 5 and m.generated_tokens == 20
-    assert json.loads(capsys.readouterr().out)["plan_id"] == "tiny-plan"
+    assert m.num_sequences == 5 and m.generated_tokens == 5 * plan.workload.gen_len
+    assert m.policy == plan.policy.short()
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["plan_id"] == m.plan_id and "predicted" in printed
+
+
+def test_run_with_model_and_policy_json(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    rc = main(["run", "--model", str(tmp_path / "config.json"), "--policy-json",
+               '{"batch_size": 3, "micro_batch_size": 2, "schedule": "s3"}', "--gen-len", "3",
+               "--prompt-len", "5", "--no-warmup", "--json"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["generated_tokens"] == 9
 
 
 def test_run_without_plan_or_policy_is_a_one_line_error(capsys):
