@@ -1,9 +1,11 @@
 """Vectorised numpy search: for many (N, mu) pairs at once, the best whole-expert count e and KV fraction.
 
-Arrays are laid out [candidate, pair]: the pair axis (N, mu) is last, so hrm's per-pair quantities
-(shape [pair]) broadcast against per-candidate fractions r_w = e / n_e (shape [candidate, pair]). Every
-time and byte comes from hrm.estimate's functions, composed exactly as `hrm.estimate.estimate()` does
-(tests/test_optimizer_grid.py checks each chosen point against `estimate()`).
+Arrays are laid out [candidate, pair]: the pair axis (N, mu) is last, so per-pair quantities (shape
+[pair]) broadcast against per-candidate fractions r_w = e / n_e (shape [candidate, pair]). Every time and
+byte comes from hrm.estimate's functions, composed exactly as `hrm.estimate.estimate()` composes them
+(tests/test_optimizer_solvers.py checks chosen points against `estimate()`). Since every term is linear in
+r_w and r_c, `pair_terms` calls hrm once per context sample at the three corners (r_w, r_c) = (0, 0),
+(1, 0), (0, 1) and keeps each term as a + b r_w + c r_c; pricing many candidates is then plain numpy.
 
 Why the inner choice is exact:
 - every term is linear in r_w and r_c, the layer time a max of them, and prefill/decode time a positive
@@ -23,7 +25,7 @@ from hrm import estimate as hrm
 from .space import KV_FRAC_STEP, Placement, Problem
 
 DENSE_EXPERTS = 33
-"""Up to this many expert counts (0..n_e) are all evaluated; beyond, coarse scan + refinement."""
+"""Up to this many expert counts (0..n_e) are all evaluated; beyond, a coarse scan and a fine one."""
 _REL_TOL = 1e-9
 
 
@@ -53,6 +55,7 @@ class Choice:
 # the equations, composed as hrm.estimate.estimate() composes them
 
 def _max(terms) -> np.ndarray:
+    """Elementwise max of the values of a dict or the items of a list (broadcast)."""
     values = list(terms.values()) if isinstance(terms, dict) else list(terms)
     out = np.asarray(values[0], dtype=float)
     for v in values[1:]:
@@ -116,17 +119,109 @@ def _expert_candidates(problem: Problem, placement: Placement) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------
+# hrm's terms as affine functions of (r_w, r_c)
+
+_CORNER_W = np.array([0.0, 1.0, 0.0])[:, None]
+_CORNER_C = np.array([0.0, 0.0, 1.0])[:, None]
+
+
+@dataclass(frozen=True)
+class Affine:
+    """A per-pair quantity a + b * r_w + c * r_c (arrays of shape [pair])."""
+    a: np.ndarray
+    b: np.ndarray
+    c: np.ndarray
+
+    @classmethod
+    def of(cls, corners, P: int) -> "Affine":
+        """From values at the corners (0, 0), (1, 0), (0, 1), stacked on axis 0."""
+        v = np.broadcast_to(np.asarray(corners, float), (3, P))
+        return cls(v[0], v[1] - v[0], v[2] - v[0])
+
+    def __post_init__(self):
+        object.__setattr__(self, "_uses", (bool(np.any(self.b)), bool(np.any(self.c))))
+
+    @property
+    def constant(self) -> bool:
+        return not any(self._uses)
+
+    def at(self, r_w, r_c):
+        out = self.a
+        if self._uses[0]:
+            out = out + self.b * r_w
+        if self._uses[1]:
+            out = out + self.c * r_c
+        return out
+
+
+def _group(terms: tuple) -> tuple:
+    """Terms whose max is wanted: the constant ones folded into one array, then the varying ones."""
+    const = [t.a for t in terms if t.constant]
+    varying = tuple(t for t in terms if not t.constant)
+    return (_max(const) if const else None), varying
+
+
+def _max_of(group, r_w, r_c):
+    const, varying = group
+    values = ([const] if const is not None else []) + [t.at(r_w, r_c) for t in varying]
+    return _max(values)
+
+
+@dataclass(frozen=True)
+class PairTerms:
+    """Everything needed to price any (r_w, r_c) for a set of (N, mu) pairs under one placement."""
+    num_layers: int
+    head_s: np.ndarray
+    prefill: tuple                # the prefill terms, grouped (_group)
+    decode: tuple                 # per context sample: (weight, layer terms grouped, step at layer time 0, d step / d layer time)
+    gpu_bytes: Affine
+    cpu_bytes: Affine
+
+
+def _memory(s: hrm.Setting, N, mu) -> tuple[Affine, Affine]:
+    m = hrm.memory_use(s, N, mu, _CORNER_W, _CORNER_C)
+    return Affine.of(m.gpu_bytes, len(N)), Affine.of(m.cpu_bytes, len(N))
+
+
+def pair_terms(s: hrm.Setting, N, mu) -> PairTerms:
+    P, L = len(N), s.spec.num_hidden_layers
+    head = np.broadcast_to(np.asarray(hrm.lm_head_time(s, N), float), (P,))
+    pre = _group(tuple(Affine.of(v, P) for v in
+                       prefill_terms(hrm.prefill_layer_times(s, N, mu, _CORNER_W, _CORNER_C)).values()))
+    decode = []
+    for ctx, w in zip(*hrm.context_samples(s.workload)):
+        lt = hrm.decode_layer_times(s, N, mu, _CORNER_W, _CORNER_C, ctx)
+        terms = _group(tuple(Affine.of(v, P) for v in lt.terms(s.schedule).values()))
+        at0 = hrm.step_time(0.0, lt, L, head)            # step_time is affine in the layer time
+        slope = np.broadcast_to(np.asarray(hrm.step_time(1.0, lt, L, head) - at0, float), (3, P))[0]
+        decode.append((float(w), terms, Affine.of(at0, P), slope))
+    gpu, cpu = _memory(s, N, mu)
+    return PairTerms(L, head, pre, tuple(decode), gpu, cpu)
+
+
+def price(pt: PairTerms, r_w, r_c):
+    """(prefill_s, decode_s) of candidates (r_w, r_c) (arrays [candidate, pair] or broadcastable)."""
+    prefill = pt.num_layers * _max_of(pt.prefill, r_w, r_c) + pt.head_s
+    decode = 0.0
+    for w, terms, at0, slope in pt.decode:
+        decode = decode + w * (at0.at(r_w, r_c) + slope * _max_of(terms, r_w, r_c))
+    return prefill, decode
+
+
+# ---------------------------------------------------------------------------------------------------
 # feasibility
+
+def _candidates(problem: Problem, placement: Placement, gpu: Affine, cpu: Affine):
+    es = _expert_candidates(problem, placement)
+    r_w = (es / problem.num_experts)[:, None]
+    r_c, ok = kv_for_budget(problem, placement, gpu.a + gpu.b * r_w, gpu.c, cpu.a + cpu.b * r_w, cpu.c)
+    return es, r_c, ok
+
 
 def feasible_experts(problem: Problem, placement: Placement, N, mu):
     """(e [K], r_c [K, P], feasible [K, P]) for every candidate expert count of every pair."""
-    s = problem.setting(placement)
-    E = problem.num_experts
-    es = _expert_candidates(problem, placement)
-    r_w = (es / E)[:, None]
-    g0, gs, c0, cs = memory_lines(s, N, mu, r_w)
-    r_c, ok = kv_for_budget(problem, placement, g0, gs, c0, cs)
-    return es, r_c, ok
+    N, mu = np.atleast_1d(np.asarray(N, np.int64)), np.atleast_1d(np.asarray(mu, np.int64))
+    return _candidates(problem, placement, *_memory(problem.setting(placement), N, mu))
 
 
 def feasible(problem: Problem, placement: Placement, N, mu) -> np.ndarray:
@@ -141,10 +236,9 @@ def feasible(problem: Problem, placement: Placement, N, mu) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------
 # the best inner choice per pair
 
-def _evaluate(problem, placement, s, N, mu, e, r_c, ok):
+def _evaluate(pt: PairTerms, E: int, e, r_c, ok):
     """Total seconds of candidates e [K, P] (inf where not ok)."""
-    E = problem.num_experts
-    prefill, decode = total_time(s, N, mu, e / E, r_c)
+    prefill, decode = price(pt, e / E, r_c)
     return np.where(ok, prefill + decode, np.inf)
 
 
@@ -161,33 +255,34 @@ def best_per_pair(problem: Problem, placement: Placement, N, mu) -> Choice:
     if N.size == 0:
         z = np.zeros(0)
         return Choice(N, mu, z.astype(np.int64), z, z, z.astype(bool))
-    s = problem.setting(placement)
-    es, r_c, ok = feasible_experts(problem, placement, N, mu)
-    e_grid = np.broadcast_to(es[:, None], ok.shape)
+    pt = pair_terms(problem.setting(placement), N, mu)
+    es, r_c, ok = _candidates(problem, placement, pt.gpu_bytes, pt.cpu_bytes)
+    E = problem.num_experts
     if len(es) <= DENSE_EXPERTS:
-        total = _evaluate(problem, placement, s, N, mu, e_grid, r_c, ok)
-        t, e, rc = _pick(total, e_grid, r_c)
+        e_grid = np.broadcast_to(es[:, None], ok.shape)
+        t, e, rc = _pick(_evaluate(pt, E, e_grid, r_c, ok), e_grid, r_c)
     else:
-        t, e, rc = _coarse_then_fine(problem, placement, s, N, mu, es, r_c, ok)
+        t, e, rc = _coarse_then_fine(pt, E, r_c, ok)
     good = np.isfinite(t)
     return Choice(N, mu, np.where(good, e, 0).astype(np.int64), np.where(good, rc, 0.0), t, good)
 
 
-def _coarse_then_fine(problem, placement, s, N, mu, es, r_c_all, ok_all):
-    """Many experts: scan ~DENSE_EXPERTS expert counts over each pair's feasible range, then every count
-    within one coarse step of the coarse best (exact for a convex time, see the module docstring)."""
+def _coarse_then_fine(pt: PairTerms, E: int, r_c_all, ok_all):
+    """Many experts (candidates are e = 0..E): scan about sqrt(2 E) expert counts over each pair's
+    feasible range, then every count within one coarse step of the coarse best (exact for a convex
+    time, see the module docstring)."""
     K, P = ok_all.shape
     cols = np.arange(P)
     any_ok = ok_all.any(axis=0)
     lo = np.where(any_ok, np.argmax(ok_all, axis=0), 0)
     hi = np.where(any_ok, K - 1 - np.argmax(ok_all[::-1], axis=0), 0)
-    n = DENSE_EXPERTS - 1
+    n = max(8, int(np.ceil(np.sqrt(2 * K))))         # coarse steps; the fine scan then covers +-1 step
     step = np.maximum(1, np.ceil((hi - lo) / n)).astype(np.int64)
     coarse = np.minimum(lo[None, :] + step[None, :] * np.arange(n + 1)[:, None], hi[None, :])
-    total = _evaluate(problem, placement, s, N, mu, coarse, r_c_all[coarse, cols], ok_all[coarse, cols])
+    total = _evaluate(pt, E, coarse, r_c_all[coarse, cols], ok_all[coarse, cols])
     _, e_best = _pick(total, coarse)
     fine = np.clip(e_best[None, :] + _offsets(step), lo[None, :], hi[None, :])
-    total_f = _evaluate(problem, placement, s, N, mu, fine, r_c_all[fine, cols], ok_all[fine, cols])
+    total_f = _evaluate(pt, E, fine, r_c_all[fine, cols], ok_all[fine, cols])
     return _pick(total_f, fine, r_c_all[fine, cols])
 
 

@@ -100,9 +100,25 @@ def test_many_experts_coarse_then_fine_is_exact():
     for placement in DEFAULT_PLACEMENTS:
         fast = grid.best_per_pair(pb, placement, N, mu)
         es, r_c, ok = grid.feasible_experts(pb, placement, N, mu)
-        total = grid._evaluate(pb, placement, pb.setting(placement), N, mu, np.broadcast_to(es[:, None], ok.shape), r_c, ok)
+        prefill, decode = grid.total_time(pb.setting(placement), N, mu, (es / spec.num_experts)[:, None], r_c)
+        total = np.where(ok, prefill + decode, np.inf)
         np.testing.assert_allclose(fast.total_s, total.min(axis=0), rtol=1e-12)
         assert len(np.unique(fast.experts[fast.feasible])) > 3
+
+
+def test_affine_pricing_equals_direct_composition():
+    """pair_terms/price (hrm at three corners, then a + b r_w + c r_c) == total_time (hrm directly)."""
+    for hw, spec in (("h200", MIXTRAL), ("t4-s1", load_model("deepseek-v2-lite"))):
+        wl = Workload(77.0, 418, 128)
+        for placement in DEFAULT_PLACEMENTS:
+            s = placement.setting(spec, load_profile(hw), wl)
+            N, mu = np.array([1, 7, 64, 500, 2000]), np.array([1, 3, 64, 64, 300])
+            r_w = np.array([[0.0], [0.25], [1.0]])
+            r_c = np.array([[0.0], [0.7], [0.3]])
+            got = grid.price(grid.pair_terms(s, N, mu), r_w, r_c)
+            want = grid.total_time(s, N, mu, r_w, r_c)
+            np.testing.assert_allclose(got[0], want[0], rtol=1e-10)
+            np.testing.assert_allclose(got[1], want[1], rtol=1e-10)
 
 
 def test_baseline_restrictions_hold():
