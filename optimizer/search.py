@@ -111,7 +111,8 @@ def _stage1_pairs(problem: Problem, placement: Placement, res: Resolution):
     return np.concatenate(Ns), np.concatenate(Ms)
 
 
-def _best_of(problem, placement, choice: grid.Choice, top: int) -> list[int]:
+def _best_of(problem: Problem, choice: grid.Choice, top: int) -> list[int]:
+    """Indices of the `top` feasible pairs with the highest throughput."""
     tput = choice.throughput(problem.workload.gen_len)
     order = np.argsort(-tput, kind="stable")
     return [int(i) for i in order[:top] if np.isfinite(tput[i])]
@@ -138,7 +139,7 @@ def _refine(problem: Problem, placement: Placement, inner, res: Resolution, N0: 
             return best, seen
         choice = inner(problem, placement, N, M)
         seen += len(N)
-        idx = _best_of(problem, placement, choice, 1)
+        idx = _best_of(problem, choice, 1)
         if idx:
             cand = choice.take([idx[0]])
             if best is None or cand.throughput(problem.workload.gen_len)[0] > best.throughput(problem.workload.gen_len)[0]:
@@ -167,7 +168,7 @@ def best_policy(problem: Problem, placements, *, solver: str = "grid", resolutio
     inner = _inner(solver)
     res = resolution or (MILP_RESOLUTION if solver == "milp" else GRID_RESOLUTION)
     gen = problem.workload.gen_len
-    stage1 = []      # (placement, choice, mu grid)
+    stage1 = []      # (placement, Choice over its stage-1 pairs)
     seen = 0
     for placement in placements:
         if pairs is not None:
@@ -188,7 +189,7 @@ def best_policy(problem: Problem, placements, *, solver: str = "grid", resolutio
     if not stage1:
         return None
     ranked = sorted(((float(c.throughput(gen)[i]), k, i) for k, (p, c) in enumerate(stage1)
-                     for i in _best_of(problem, p, c, res.refine_top)), reverse=True)
+                     for i in _best_of(problem, c, res.refine_top)), reverse=True)
     if not ranked:
         return None
     if pairs is not None:
