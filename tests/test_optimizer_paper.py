@@ -35,7 +35,8 @@ def test_t4_mtbench_padded():
 
 # Source: MISSION.md / paper: L4, HELM synthetic reasoning (s = 256, n = 50) -> mu = 100, 15 micro-batches.
 # The artifact takes m_c as the host's free memory when it starts (MISSION.md: ~180-192 GB); the published
-# policy corresponds to 179.6-184.8 GiB free (15 micro-batches fit from 179.62 GiB, 16 from 184.81 GiB). With l4-paper's installed 192 GB it gets 17 micro-batches.
+# policy corresponds to 179.6-184.8 GiB free (15 micro-batches fit from 179.62 GiB, 16 from 184.81 GiB).
+# With l4-paper's installed 192 GB it gets 17 micro-batches.
 def test_l4_synthetic_reasoning():
     wl = Workload.uniform(256, 50, padded=True)
     p = paper_search(MIXTRAL, load_profile("l4-paper"), wl, cpu_memory="182GiB")
