@@ -29,6 +29,7 @@ RESOURCE_LABELS = {
     "gpu": "GPU compute", "cpu": "CPU attention/compute", "h2d": "CPU->GPU link (weights, KV, activations)",
     "d2h": "GPU->CPU link", "link": "CPU<->GPU link, both directions", "pipeline": "pipeline latency (too few micro-batches)",
     "serial": "sum of stages (no overlap)",
+    "launch": "runtime overhead per micro-batch (kernel launches, hand-offs)",
     "weights_block": "next layer's weights as one block, activations waiting behind it",
 }
 
@@ -105,6 +106,17 @@ def duplex_bytes_per_s(s: Setting) -> float:
     return s.hardware.link.duplex_bytes_per_s * s.hardware.gpu.count
 
 
+def decode_visit_s(s: Setting) -> float:
+    """The runtime's fixed cost of one micro-batch visiting one layer (measured; 0 without a measurement)."""
+    m = _measured(s)
+    return m.decode_visit_s if m is not None else 0.0
+
+
+def cpu_attention_call_s(s: Setting) -> float:
+    m = _measured(s)
+    return m.cpu_attention_call_s if m is not None else 0.0
+
+
 def gpu_time(s: Setting, cost: Cost, tokens_per_gemm):
     """Roofline time of work on the GPU: max(FLOPs / attainable FLOP/s, bytes / HBM bandwidth)."""
     return np.maximum(cost.flops / gpu_gemm_flops(s, tokens_per_gemm), cost.bytes / gpu_hbm_bytes_per_s(s))
@@ -132,6 +144,7 @@ class LayerTimes:
     link_s: object          # both directions at once, against the duplex rate
     pipeline_s: object      # one micro-batch's round trip GPU -> D2H -> CPU -> H2D (latency, not load)
     num_micro_batches: object
+    launch_s: object = 0.0  # the launching thread's fixed cost: micro-batches x one visit's overhead
 
     @property
     def h2d_s(self):
@@ -140,16 +153,16 @@ class LayerTimes:
     def terms(self, schedule: str) -> dict:
         """The quantities whose maximum is the layer's time under `schedule`."""
         if schedule == "blocking":
-            return {"serial": self.h2d_s + self.gpu_s + self.cpu_s + self.d2h_s}
+            return {"serial": self.h2d_s + self.gpu_s + self.cpu_s + self.d2h_s, "launch": self.launch_s}
         if schedule == "s3":
             # CPU attention is not overlapped with GPU work. The next layer's weights go as one block on
             # the H2D stream after the first micro-batch's activations, so every later micro-batch's
             # activations wait behind it: the block plus the rest of the serial chain (MISSION.md S2/S3).
             serial = self.gpu_s + self.cpu_s + self.d2h_s + self.h2d_act_s
-            return {"h2d": self.h2d_s, "link": self.link_s, "serial": serial,
+            return {"h2d": self.h2d_s, "link": self.link_s, "serial": serial, "launch": self.launch_s,
                     "weights_block": self.h2d_weights_s + (1.0 - 1.0 / self.num_micro_batches) * serial}
         return {"gpu": self.gpu_s, "cpu": self.cpu_s, "h2d": self.h2d_s, "d2h": self.d2h_s,
-                "link": self.link_s, "pipeline": self.pipeline_s}
+                "link": self.link_s, "pipeline": self.pipeline_s, "launch": self.launch_s}
 
 
 def _micro_batches(N, mu):
@@ -199,7 +212,7 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
     h2d_act_bytes = 0.0
     d2h_bytes = 0.0
     if not s.attention_on_gpu:
-        cpu = cpu_time(s, ops.attention(spec, N, 1, ctx), cpu_attention_bytes_per_s(s))
+        cpu = cpu_time(s, ops.attention(spec, N, 1, ctx), cpu_attention_bytes_per_s(s)) + m * cpu_attention_call_s(s)
         h2d_act_bytes = N * _attn_out_elems(spec) * ab
         d2h_bytes = N * _qkv_elems(spec) * ab
     if not s.ffn_on_gpu:
@@ -227,12 +240,15 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
     # one micro-batch's round trip through the loop (does not depend on r_w)
     mu_arr = np.minimum(np.asarray(mu), np.asarray(N))
     loop = gpu_mb(mu_arr) + experts_gpu_mb(mu_arr)
+    loop = loop + decode_visit_s(s)
     if not s.attention_on_gpu:
         loop = loop + (cpu_time(s, ops.attention(spec, mu_arr, 1, ctx), cpu_attention_bytes_per_s(s))
+                       + cpu_attention_call_s(s)
                        + mu_arr * _qkv_elems(spec) * ab / d2h_bytes_per_s(s)
                        + mu_arr * _attn_out_elems(spec) * ab / h2d_bytes_per_s(s, mu_arr * _attn_out_elems(spec) * ab))
     return LayerTimes(gpu_s=gpu, cpu_s=cpu, h2d_weights_s=h2d_weights, h2d_act_s=h2d_act, h2d_kv_s=h2d_kv,
-                      d2h_s=d2h, link_s=link, pipeline_s=loop, num_micro_batches=m)
+                      d2h_s=d2h, link_s=link, pipeline_s=loop, num_micro_batches=m,
+                      launch_s=m * decode_visit_s(s))
 
 
 def prefill_layer_times(s: Setting, N, mu, r_w, r_c) -> LayerTimes:
@@ -454,7 +470,8 @@ def estimate(spec: ModelSpec, hardware: HardwareProfile, workload: Workload, pol
     t_mid, names, values = _max_terms(terms)
     bound = names[int(np.argmax(values))]
     shown = {"gpu": mid.gpu_s, "cpu": mid.cpu_s, "h2d": mid.h2d_s, "h2d_weights": mid.h2d_weights_s,
-             "h2d_act": mid.h2d_act_s, "h2d_kv": mid.h2d_kv_s, "d2h": mid.d2h_s, "link": mid.link_s, "pipeline": mid.pipeline_s}
+             "h2d_act": mid.h2d_act_s, "h2d_kv": mid.h2d_kv_s, "d2h": mid.d2h_s, "link": mid.link_s, "pipeline": mid.pipeline_s,
+             "launch": mid.launch_s}
     return Estimate(
         model=spec.name, hardware=hardware.name, policy=policy, workload=workload,
         prefill_s=prefill_s, decode_s=float(decode_s), decode_layer=_floats(shown), prefill_layer=_floats(pre_terms),

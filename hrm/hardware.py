@@ -76,6 +76,8 @@ class Measured:
     cpu_attention_bytes_per_s: float = 0.0     # KV bytes/s of the runtime's CPU decode attention
     cpu_dram_bytes_per_s: float = 0.0
     gpu_hbm_bytes_per_s: float = 0.0
+    decode_visit_s: float = 0.0                # the runtime's fixed cost of one micro-batch visit of a layer
+    cpu_attention_call_s: float = 0.0          # fixed cost of one CPU attention call (hand-off, masks, append)
     method: str = ""
     date: str = ""
 
@@ -191,6 +193,8 @@ def _measured(table: Mapping, where: str) -> Measured:
         cpu_attention_bytes_per_s=float(table.get("cpu_attention_gb_per_s", 0.0)) * GB,
         cpu_dram_bytes_per_s=float(table.get("cpu_dram_gb_per_s", 0.0)) * GB,
         gpu_hbm_bytes_per_s=float(table.get("gpu_hbm_gb_per_s", 0.0)) * GB,
+        decode_visit_s=float(table.get("decode_visit_us", 0.0)) * 1e-6,
+        cpu_attention_call_s=float(table.get("cpu_attention_call_us", 0.0)) * 1e-6,
         method=str(_req(table, "method", where)), date=str(_req(table, "date", where)),
     )
 

@@ -84,6 +84,11 @@ def _print(r: dict, donor, profile, output) -> None:
         rows.append(("", f"decode attention batch {batch} x ctx {ctx}, {s['num_attention_heads']}/"
                          f"{s['num_key_value_heads']} heads, d {s['head_dim']}, {a['dtype']} KV", f"{rate / 1e9:,.1f} GB/s"))
     rows.append(("", f"  kernel: {a['kernel']}", ""))
+    if "runtime" in c:
+        rt = c["runtime"]
+        rows.append(("runtime", f"decode visit (one micro-batch, one layer), {rt['visit_model']}",
+                     f"{rt['decode_visit_s'] * 1e6:,.0f} us"))
+        rows.append(("", "CPU attention call overhead", f"{rt['cpu_attention_call_s'] * 1e6:,.0f} us"))
 
     head = (f"moe-lightning profile on {r['host']} ({r['date']}, torch {r['versions']['torch']}"
             f"{', quick mode' if r['quick'] else ''}), shapes of {r['shapes']['model']}, {r['elapsed_s']:.1f} s")

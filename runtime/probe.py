@@ -291,6 +291,47 @@ def cpu_attention_bytes_per_s(shapes: Sequence[tuple[int, int]] = ATTENTION_SHAP
     return rates
 
 
+def runtime_overheads(spec, visits: int = 256, calls: int = 200) -> dict:
+    """Fixed costs of the runtime's own decode loop, at sizes where compute and transfers vanish.
+
+    decode_visit_s: decode seconds per (micro-batch, layer) visit of a one-layer copy of `spec` run by
+    `runtime.Engine` with micro-batches of one sequence, every expert resident and contexts of a few
+    tokens: kernel launches, stream/event bookkeeping, hand-offs to the attention worker.
+    cpu_attention_call_s: one decode-attention call of one sequence over 16 slots, submitted to the
+    attention worker and waited for (hand-off + kernel-call overhead)."""
+    from hrm.policy import Policy
+
+    from .cpu_attention import AttentionWorker, decode_attention
+    from .engine import Engine
+
+    one = spec.with_layers(spec.first_dense_layers + 1)
+    micro_batches = 16
+    steps = max(2, visits // micro_batches)
+    policy = Policy(batch_size=micro_batches, micro_batch_size=1, weights_gpu_frac=1.0)
+    prompts = [[1 + i, 2, 3, 4] for i in range(micro_batches)]
+    with Engine(one, policy, seed=0, progress=False, record=False) as eng:
+        eng.generate(prompts, 3)                                           # warm-up
+        _, m = eng.generate(prompts, steps + 1)
+    visit_s = m.decode_s / (steps * micro_batches * one.num_hidden_layers)
+
+    d = spec.head_dim
+    q = torch.randn(1, spec.num_attention_heads, d).to(torch.bfloat16)    # [1, q_heads, d]
+    k = torch.randn(1, spec.num_key_value_heads, 16, d).to(torch.bfloat16)
+    v = torch.randn_like(k)
+    starts, ends = torch.zeros(1, dtype=torch.long), torch.full((1,), 16, dtype=torch.long)
+    worker = AttentionWorker()
+    try:
+        for _ in range(10):
+            worker.submit(decode_attention, q, k, v, starts, ends).result()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            worker.submit(decode_attention, q, k, v, starts, ends).result()
+        call_s = (time.perf_counter() - t0) / calls
+    finally:
+        worker.close()
+    return {"decode_visit_s": visit_s, "cpu_attention_call_s": call_s, "visit_model": one.name}
+
+
 # ---------------------------------------------------------------------------------------------------
 # the whole machine
 
@@ -434,7 +475,13 @@ def profile_machine(spec=None, quick: bool = False, progress: bool = True, gpu: 
                           "kv_bytes_per_s": rates}
         c["attention_kv_bytes_per_s"] = statistics.median(rates)
 
+    def overheads():
+        from hrm.hf_config import load_model
+        c["runtime"] = runtime_overheads(spec or load_model("mixtral-8x7b"), visits=64 if quick else 256)
+
     steps += [("CPU DRAM copy/read", dram), ("CPU matmul fp32/bf16", matmul), ("CPU decode attention", attention)]
+    if use_gpu or not quick:
+        steps.append(("runtime decode overheads", overheads))
 
     t0 = time.perf_counter()
     with _progress(len(steps), progress) as bar:
@@ -605,6 +652,10 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
               f"cpu_attention_shapes = {json.dumps(att['shapes'])}",
               f"cpu_attention_gb_per_s_by_shape = {_arr([x / GB for x in att['kv_bytes_per_s']])}",
               f"cpu_dram_gb_per_s = {_num(c['dram_read_bytes_per_s'] / GB)}",
+              *([f"# runtime.Engine decode loop of {c['runtime']['visit_model']}: mu = 1, all experts resident",
+                 f"decode_visit_us = {_num(c['runtime']['decode_visit_s'] * 1e6)}",
+                 f"cpu_attention_call_us = {_num(c['runtime']['cpu_attention_call_s'] * 1e6)}"]
+                if "runtime" in c else []),
               f"cpu_dram_copy_gb_per_s = {_num(c['dram_copy_bytes_per_s'] / GB)}"]
     method = "moe-lightning profile (runtime/probe.py): torch micro-benchmarks, median of repeats" + \
              (", quick mode" if result.get("quick") else "") + \

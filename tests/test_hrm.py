@@ -187,3 +187,16 @@ def test_bad_inputs():
         Policy(8, 8, weights_gpu_frac=1.5)
     with pytest.raises(PolicyError, match="s4"):
         Policy(8, 8, schedule="s4")
+
+
+def test_measured_runtime_overheads_price_many_micro_batches():
+    """A measured fixed cost per (micro-batch, layer) visit makes tiny micro-batches launch-bound."""
+    hw = load_profile("h200")
+    slow = replace(hw, measured=replace(hw.measured, decode_visit_s=2e-3, cpu_attention_call_s=5e-4))
+    base = estimate(MIXTRAL, hw, MTBENCH, Policy(512, 4))
+    est = estimate(MIXTRAL, slow, MTBENCH, Policy(512, 4))
+    assert est.bound == "launch"
+    assert est.decode_layer["launch"] == pytest.approx(128 * 2e-3)
+    assert est.decode_s > base.decode_s
+    few = estimate(MIXTRAL, slow, MTBENCH, Policy(512, 128))
+    assert few.decode_layer["launch"] == pytest.approx(4 * 2e-3) and few.bound != "launch"

@@ -210,3 +210,17 @@ def test_hf_accelerate_peer_tiny(tmp_path):
         assert r["tokens_per_s"] > 0 and r["weights_total_bytes"] > 0
     rows = list(csv.DictReader((tmp_path / "peer.csv").open()))
     assert [int(r["batch_size"]) for r in rows] == [1, 3] and rows[0]["transformers"]
+
+
+def test_runtime_overheads_measured_on_a_tiny_model():
+    """The runtime's fixed decode costs come from running its own loop (a machine property)."""
+    from dataclasses import replace
+
+    from hrm.hf_config import load_model
+    from runtime.probe import runtime_overheads
+
+    spec = replace(load_model("mixtral-8x7b"), hidden_size=64, moe_intermediate_size=128, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, vocab_size=256)
+    r = runtime_overheads(spec, visits=32, calls=20)
+    assert 0 < r["decode_visit_s"] < 1.0
+    assert 0 < r["cpu_attention_call_s"] < 0.1
