@@ -165,6 +165,9 @@ def main(argv=None) -> int:
         e = estimate(spec, hw, workload, p)
         return e.memory.gpu_bytes <= problem.budgets.gpu_bytes and e.memory.cpu_bytes <= problem.budgets.cpu_bytes
 
+    # the HRM's ideal bound: the measured ceilings without the runtime's fixed per-visit costs
+    ideal_hw = hw if hw.measured is None else replace(hw, measured=replace(hw.measured, decode_visit_s=0.0,
+                                                                          cpu_attention_call_s=0.0))
     policies = sweep_policies(plan.policy, baselines, spec, fits)[: args.max_policies]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -196,10 +199,11 @@ def main(argv=None) -> int:
             print(f"time limit reached; {len(policies) - i} policies not run", flush=True)
             break
         est = estimate(spec, hw, workload, p)
+        ideal = estimate(spec, ideal_hw, workload, p)
         row = {"tag": tag, "policy": p.short(), **{f"policy_{k}": v for k, v in p.__dict__.items()},
                "pred_tok_s": est.throughput_tok_s, "pred_decode_tok_s": est.decode_tok_s,
                "pred_prefill_s": est.prefill_s, "pred_decode_s": est.decode_s, "pred_bound": est.bound,
-               "pred_gpu_bytes": est.memory.gpu_bytes}
+               "pred_gpu_bytes": est.memory.gpu_bytes, "ideal_decode_tok_s": ideal.decode_tok_s}
         row.update({f"pred_layer_{k}_s": v for k, v in est.decode_layer.items()})
         t0 = time.perf_counter()
         try:
@@ -217,6 +221,7 @@ def main(argv=None) -> int:
         row["err_tok_s"] = (est.throughput_tok_s - m.tokens_per_s) / m.tokens_per_s
         row["err_decode_tok_s"] = (est.decode_tok_s - m.decode_tokens_per_s) / m.decode_tokens_per_s
         row["err_prefill_s"] = (est.prefill_s - m.prefill_s) / m.prefill_s
+        row["pipeline_efficiency"] = m.decode_tokens_per_s / ideal.decode_tok_s
         rows.append(row)
         write_csv(out, rows)
         print(f"[{i + 1}/{len(policies)}] {tag:18s} {p.short():58s} pred {est.throughput_tok_s:8.1f} "

@@ -1,0 +1,111 @@
+"""Summarise committed validation runs: prediction error, the optimizer's choice against the best
+measured policy, pipeline efficiency, and our chosen plan against the peers.
+
+    python benchmarks/summarize_validation.py benchmarks/results/validation_24gb.csv \
+        benchmarks/results/validation_48gb.csv --peer benchmarks/results/peer_hf_24gb.json \
+        -o benchmarks/results/validation_summary.json
+
+Prints a markdown table (for benchmarks/README.md) and writes the numbers as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+FLEXGEN_TAGS = ("baseline:flexgen", "baseline:flexgen-c")
+
+
+def summarize(csv_path: Path, peers: list[dict]) -> dict:
+    df = pd.read_csv(csv_path)
+    ok = df[df["meas_tok_s"].notna()] if "meas_tok_s" in df else df.iloc[0:0]
+    meta_path = csv_path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    err = ok["err_tok_s"].abs()
+    chosen = ok[ok["tag"] == "chosen"]
+    out = {
+        "file": csv_path.name, "model": meta.get("model"), "device": meta.get("device"), "date": meta.get("date"),
+        "gpu_budget_full_model_gb": (meta.get("gpu_budget_full_model_bytes") or 0) / 1e9,
+        "gpu_budget_gb": (meta.get("gpu_budget_bytes") or 0) / 1e9, "workload": meta.get("workload"),
+        "policies_run": int(len(ok)), "policies_failed": int(len(df) - len(ok)),
+        "median_abs_err_tok_s": float(err.median()) if len(ok) else None,
+        "max_abs_err_tok_s": float(err.max()) if len(ok) else None,
+        "median_abs_err_decode": float(ok["err_decode_tok_s"].abs().median()) if len(ok) else None,
+        "median_abs_err_prefill": float(ok["err_prefill_s"].abs().median()) if len(ok) else None,
+        "best_measured_policy": None, "chosen_vs_best_measured": None, "pipeline_efficiency_chosen": None,
+        "ratios": {},
+    }
+    if len(ok):
+        best = ok.loc[ok["meas_tok_s"].idxmax()]
+        out["best_measured_policy"] = f"{best['tag']}: {best['policy']} ({best['meas_tok_s']:.1f} tok/s)"
+    if len(chosen):
+        c = chosen.iloc[0]
+        out["chosen_policy"] = c["policy"]
+        out["chosen_measured_tok_s"] = float(c["meas_tok_s"])
+        out["chosen_predicted_tok_s"] = float(c["pred_tok_s"])
+        out["chosen_vs_best_measured"] = float(c["meas_tok_s"] / ok["meas_tok_s"].max())
+        if "pipeline_efficiency" in c:
+            out["pipeline_efficiency_chosen"] = float(c["pipeline_efficiency"])
+        for tag in ok["tag"].unique():
+            if tag.startswith("baseline:"):
+                out["ratios"][tag] = float(c["meas_tok_s"] / ok[ok["tag"] == tag]["meas_tok_s"].max())
+        flex = ok[ok["tag"].isin(FLEXGEN_TAGS)]
+        if len(flex):
+            out["ratios"]["best_flexgen_style"] = float(c["meas_tok_s"] / flex["meas_tok_s"].max())
+        budget = float(meta.get("gpu_budget_full_model_bytes") or 0)
+        for p in peers:
+            ok_rows = [r for r in p["rows"] if r.get("status") == "ok"
+                       and abs(float(r.get("gpu_budget_full_bytes", 0)) - budget) < 0.02 * budget]
+            if ok_rows:
+                best_peer = max(ok_rows, key=lambda r: float(r["tokens_per_s"]))
+                out["ratios"][f"hf_accelerate_b{best_peer['batch_size']}"] = float(
+                    c["meas_tok_s"] / float(best_peer["tokens_per_s"]))
+                out["hf_accelerate_tok_s"] = float(best_peer["tokens_per_s"])
+    return out
+
+
+def markdown(summaries: list[dict]) -> str:
+    lines = ["| run | policies | median abs err (e2e) | max abs err | chosen / best measured | pipeline eff. "
+             "| ours / HF accelerate | ours / best FlexGen-style |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        hf = next((v for k, v in s["ratios"].items() if k.startswith("hf_accelerate")), None)
+        fx = s["ratios"].get("best_flexgen_style")
+
+        def pct(x):
+            return "-" if x is None else f"{100 * x:.1f}%"
+
+        def ratio(x):
+            return "-" if x is None else f"{x:.2f}x"
+        lines.append(f"| {s['file']} ({s['gpu_budget_full_model_gb']:.0f} GB budget) | {s['policies_run']} "
+                     f"| {pct(s['median_abs_err_tok_s'])} | {pct(s['max_abs_err_tok_s'])} "
+                     f"| {pct(s['chosen_vs_best_measured'])} | {pct(s['pipeline_efficiency_chosen'])} "
+                     f"| {ratio(hf)} | {ratio(fx)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("csv", nargs="+", type=Path)
+    ap.add_argument("--peer", action="append", type=Path, default=[], help="peer_hf_accelerate.py JSON output")
+    ap.add_argument("-o", "--output", type=Path)
+    args = ap.parse_args(argv)
+    peers = [json.loads(p.read_text()) for p in args.peer]
+    summaries = [summarize(p, peers) for p in args.csv]
+    print(markdown(summaries))
+    if args.output:
+        fd, tmp = tempfile.mkstemp(prefix=args.output.name, dir=args.output.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"command": " ".join(["python"] + sys.argv), "runs": summaries}, f, indent=2, default=float)
+        os.replace(tmp, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
