@@ -62,6 +62,9 @@ def add_parser(sub) -> None:
     out.add_argument("--json", action="store_true", help="print the measurement as JSON only")
     out.add_argument("-o", "--output", metavar="MEASUREMENT.json", help="write the Measurement JSON here")
     out.add_argument("--trace", metavar="TRACE.json", help="write every stage span (for a timeline)")
+    out.add_argument("--timeline", metavar="FILE.png",
+                     help="draw the recorded spans as a per-resource timeline of a few decode layers "
+                          "(format from the suffix)")
 
 
 def _read_json_arg(text: str) -> dict:
@@ -145,6 +148,11 @@ def run(args) -> int:
         m.write(args.output)
     if args.trace:
         Path(args.trace).write_text(json.dumps([s.__dict__ for s in spans]))
+    if args.timeline:
+        from viz import save_figure, timeline_figure
+        fig = timeline_figure(spans, phase="decode" if any(s.phase == "decode" for s in spans) else "prefill",
+                              title=f"{m.model} on {m.device}: {m.policy}")
+        save_figure(fig, args.timeline)
     est = _estimate(target, prompts, gen_len, padded) if target.hardware is not None else None
     if args.json:
         d = m.to_dict()
@@ -153,8 +161,9 @@ def run(args) -> int:
         print_json(d)
         return 0
     _print(m, est)
-    if args.output:
-        print(f"wrote {args.output}")
+    for path in (args.output, args.timeline):
+        if path:
+            print(f"wrote {path}")
     return 0
 
 

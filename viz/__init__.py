@@ -1,5 +1,5 @@
 """Figures for MoE-Lightning: the hierarchical roofline, the (N, mu) throughput heatmap, the per-stage
-breakdown of an estimate, and predicted vs measured throughput.
+breakdown of an estimate, predicted vs measured throughput, and the timeline of a recorded run.
 
 Every public function returns a matplotlib Figure (built without pyplot, so nothing needs a display);
 `save_figure` writes one atomically. Importing `viz` is cheap: matplotlib and the submodules load on
@@ -19,6 +19,8 @@ _EXPORTS = {
     "error_table": "viz.validation",
     "throughput_grid": "viz.grid",
     "ThroughputGrid": "viz.grid",
+    "timeline_figure": "viz.timeline",
+    "load_trace": "viz.timeline",
     "save_figure": "viz.save",
     "plot_for_estimate": "viz.cli",
     "plot_for_plan": "viz.cli",
