@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from hrm.atomic import atomic_write_text  # noqa: E402
 
 FLEXGEN_TAGS = ("baseline:flexgen", "baseline:flexgen-c")
 
@@ -100,10 +100,8 @@ def main(argv=None) -> int:
     summaries = [summarize(p, peers) for p in args.csv]
     print(markdown(summaries))
     if args.output:
-        fd, tmp = tempfile.mkstemp(prefix=args.output.name, dir=args.output.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"command": " ".join(["python"] + sys.argv), "runs": summaries}, f, indent=2, default=float)
-        os.replace(tmp, args.output)
+        atomic_write_text(args.output, json.dumps({"command": " ".join(["python"] + sys.argv), "runs": summaries},
+                                                  indent=2, default=float))
     return 0
 
 

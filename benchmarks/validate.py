@@ -22,10 +22,8 @@ import csv
 import datetime as dt
 import gc
 import json
-import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -33,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from hrm.atomic import atomic_write, atomic_write_text  # noqa: E402
 from hrm.estimate import estimate  # noqa: E402
 from hrm.hardware import load_profile  # noqa: E402
 from hrm.hf_config import load_model  # noqa: E402
@@ -98,21 +97,14 @@ def _policy(base: Policy, **changes) -> Policy | None:
         return None
 
 
-def atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_csv(path: Path, rows: list[dict]) -> None:
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as f:
+
+    def write(f):
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
+    atomic_write(path, write)
 
 
 def run_one(spec, policy, workload, budget_bytes, seed: int) -> tuple[dict, object]:
@@ -228,7 +220,7 @@ def main(argv=None) -> int:
               f"meas {m.tokens_per_s:8.1f} tok/s ({row['err_tok_s']:+.1%}) prefill {m.prefill_s:.2f}s "
               f"decode {m.decode_s:.2f}s gpu peak {m.gpu_peak_bytes / 1e9:.1f} GB", flush=True)
     meta["elapsed_s"] = time.perf_counter() - t_start
-    atomic_write(out.with_suffix(".json"), json.dumps(meta, indent=2, default=str))
+    atomic_write_text(out.with_suffix(".json"), json.dumps(meta, indent=2, default=str))
     done = [r for r in rows if "meas_tok_s" in r]
     if done:
         import numpy as np

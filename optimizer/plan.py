@@ -13,11 +13,10 @@ import datetime as _dt
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from hrm.atomic import atomic_write_text
 from hrm.estimate import Estimate, MemoryUse, estimate
 from hrm.hardware import ComputeUnit, HardwareProfile, Link, Measured
 from hrm.policy import Policy
@@ -169,19 +168,7 @@ class Plan:
     def save(self, path) -> Path:
         """Write atomically: a temporary file in the same directory, then os.replace."""
         path = Path(path)
-        text = self.to_json()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        return atomic_write_text(path, self.to_json())
 
     @classmethod
     def from_json(cls, text: str, *, spec: ModelSpec | None = None) -> "Plan":

@@ -8,8 +8,6 @@ in the worker), h2d_weights, h2d_hidden (attention outputs, prefill hidden state
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -17,6 +15,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+
+from hrm.atomic import atomic_write_text
 
 STAGES = ("gpu_compute", "cpu_attention", "h2d_weights", "h2d_hidden", "h2d_kv", "d2h")
 PHASES = ("prefill", "decode")
@@ -175,15 +175,7 @@ class Measurement:
 
     def write(self, path: str | Path) -> None:
         """Write atomically (temporary file in the same directory, then os.replace)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_write_text(path, self.to_json())
 
     @classmethod
     def read(cls, path: str | Path) -> "Measurement":

@@ -23,7 +23,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from hrm.atomic import atomic_write_text
 from hrm.hardware import GB, GiB, TFLOPS, HardwareProfile, load_profile, parse_profile
 
 MiB = 2 ** 20
@@ -675,13 +675,5 @@ def write_profile_toml(result: dict, path: str | os.PathLike, name: str | None =
     name = name or path.stem
     text = profile_toml(result, name, gpu_from)
     profile = parse_profile(tomllib.loads(text), name, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
     return profile
