@@ -73,8 +73,11 @@ class KVCache:
         return self._v[layer][mb]
 
 
-def append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    """Write one token per sequence: k, v [B, n_kv, d] at slots [B] of k_cache, v_cache [B, n_kv, T, d]."""
-    rows = torch.arange(k.shape[0], device=k_cache.device)
+def append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+           rows: torch.Tensor | None = None) -> None:
+    """Write one token per sequence: k, v [B, n_kv, d] at slots [B] of k_cache, v_cache [B, n_kv, T, d].
+    rows: arange(B) on the cache's device (pass a cached one to save a kernel)."""
+    if rows is None:
+        rows = torch.arange(k.shape[0], device=k_cache.device)
     k_cache[rows, :, slots] = k
     v_cache[rows, :, slots] = v

@@ -4,6 +4,11 @@ forward(tokens) = embed -> L x [pre_attention -> causal_attention -> post_attent
 The pipeline (pipeline.py) calls the same functions per layer and micro-batch; routed experts are read
 through an `ExpertLookup` (expert id -> ExpertWeights) so that a page table can place them anywhere.
 Norms, softmax, RoPE and the expert sum run in `acc_dtype(dtype)` (fp32, or fp64 for fp64 models).
+
+Two MoE paths with the same math: the sparse one (tokens grouped per expert; one host synchronisation for
+the per-expert counts) and, for at most MOE_DENSE_MAX_TOKENS tokens read through an `ExpertTable` (the
+pipeline's page-table view), a sync-free dense one that runs every expert of the layer on every token with
+batched matmuls over the expert dimension and combines them with a dense [tokens, experts] routing matrix.
 """
 from __future__ import annotations
 
@@ -99,6 +104,22 @@ class ExpertWeights:
 
 ExpertLookup = Callable[[int], ExpertWeights]
 
+MOE_DENSE_MAX_TOKENS = 64   # moe() takes the sync-free dense path up to this many tokens (ExpertTable only)
+
+
+class ExpertTable:
+    """An ExpertLookup (expert id -> ExpertWeights views) that also exposes the stores the experts live in,
+    as `groups`: (first expert id, flat store [n, X]) for consecutive ids first .. first + n - 1. The dense
+    MoE path reads each group as [n, 2I, H] (gate | up) and [n, H, I] (down) views, without copies."""
+
+    __slots__ = ("views", "groups")
+
+    def __init__(self, views: list[ExpertWeights], groups: tuple[tuple[int, torch.Tensor], ...]):
+        self.views, self.groups = views, groups
+
+    def __call__(self, expert: int) -> ExpertWeights:
+        return self.views[expert]
+
 
 def expert_elems(spec: ModelSpec) -> int:
     """Elements of one routed expert stored flat as gate | up | down."""
@@ -161,9 +182,9 @@ def dense_weights_from(tensors: dict[str, torch.Tensor], spec: ModelSpec) -> Den
 
 # ---- building blocks -----------------------------------------------------------------------------
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim, computed in the accumulation dtype (HF order: weight * x.to(dtype))."""
-    xf = x.to(acc_dtype(x.dtype))
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    """RMSNorm over the last dim, computed in the accumulation dtype (HF order: weight * x.to(dtype)).
+    F.rms_norm is x * rsqrt(mean(x^2) + eps), one fused kernel on CUDA."""
+    xf = F.rms_norm(x.to(acc_dtype(x.dtype)), (x.shape[-1],), eps=eps)
     return weight * xf.to(x.dtype)
 
 
@@ -174,6 +195,19 @@ def rope_cos_sin(positions: torch.Tensor, spec: ModelSpec, dtype: torch.dtype) -
     freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]       # [tokens, d/2]
     emb = torch.cat((freqs, freqs), dim=-1)                                # [tokens, d]
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated: rotate_half(x) * sin == x.roll(d/2, -1) * signed_sin(sin), exactly."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """In-place RoPE, bit-identical to apply_rope (same products and sum, each rounded to x's dtype).
+    x [tokens, heads, d] (may be a strided view); cos, sin_signed [tokens, d]."""
+    rotated = x.roll(x.shape[-1] // 2, dims=-1).mul_(sin_signed[:, None, :])
+    return x.mul_(cos[:, None, :]).add_(rotated)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -211,6 +245,55 @@ def pre_attention(x: torch.Tensor, layer: LayerWeights, spec: ModelSpec, cos: to
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
+def fused_qkv(a: AttentionWeights) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight [q_dim + 2 kv_dim, hidden], bias or None) as views over q_proj | k_proj | v_proj when the
+    store keeps them adjacent in memory (WeightStore does), else None. No copies."""
+    def adjacent(parts):
+        if any(p is None for p in parts):
+            return None
+        first = parts[0]
+        if not all(p.is_contiguous() and p.dtype == first.dtype and p.device == first.device
+                   and p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() for p in parts):
+            return None
+        offset = first.storage_offset()
+        for p in parts:
+            if p.storage_offset() != offset:
+                return None
+            offset += p.numel()
+        rows = sum(p.shape[0] for p in parts)
+        shape = (rows,) + tuple(first.shape[1:])
+        return torch.as_strided(first, shape, first.stride(), first.storage_offset())
+
+    weight = adjacent((a.q_proj, a.k_proj, a.v_proj))
+    if weight is None:
+        return None
+    if a.q_bias is None and a.k_bias is None and a.v_bias is None:
+        return weight, None
+    bias = adjacent((a.q_bias, a.k_bias, a.v_bias))
+    return None if bias is None else (weight, bias)
+
+
+def pre_attention_packed(x: torch.Tensor, layer: LayerWeights, spec: ModelSpec, cos: torch.Tensor,
+                         sin: torch.Tensor, sin_signed: torch.Tensor, out: torch.Tensor,
+                         qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+    """pre_attention written into out [tokens, (n_q + 2 n_kv) d] as q | k | v (each flattened), the same
+    values. With `qkv` (fused_qkv of the layer) and no QK-norm / clip: one matmul into `out`, then RoPE
+    in place over q and k together (they share cos/sin), ~8 kernels instead of ~30."""
+    if qkv is None or spec.qk_norm or spec.clip_qkv:
+        q, k, v = pre_attention(x, layer, spec, cos, sin)
+        return torch.cat((q.flatten(1), k.flatten(1), v.flatten(1)), dim=1, out=out)
+    w, b = qkv
+    h = rms_norm(x, layer.input_norm, spec.rms_norm_eps)
+    if b is None:
+        torch.mm(h, w.t(), out=out)
+    else:
+        torch.addmm(b, h, w.t(), out=out)
+    d = spec.head_dim
+    qk = out[:, :(spec.num_attention_heads + spec.num_key_value_heads) * d].view(x.shape[0], -1, d)
+    apply_rope_(qk, cos, sin_signed)
+    return out
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: int = 0) -> torch.Tensor:
     """Prefill attention of one sequence whose first `pad` slots are left padding (real tokens ignore them).
     q [S, n_q, d], k/v [S, n_kv, d] -> [S, n_q * d]."""
@@ -238,9 +321,27 @@ def route(h: torch.Tensor, router: torch.Tensor, spec: ModelSpec) -> tuple[torch
 
 def moe(h: torch.Tensor, layer: LayerWeights, experts: ExpertLookup, spec: ModelSpec) -> torch.Tensor:
     """Routed experts (SwiGLU, read through `experts`) plus the shared expert. h [tokens, hidden] -> same.
-    One host synchronisation (the per-expert token counts)."""
-    t, k = h.shape[0], spec.num_experts_per_tok
+    Up to MOE_DENSE_MAX_TOKENS tokens through an ExpertTable: the dense path (no host synchronisation);
+    otherwise the sparse path (one host synchronisation: the per-expert token counts)."""
     weights, ids = route(h, layer.router, spec)                            # [tokens, k]
+    groups = getattr(experts, "groups", None)
+    if groups and h.shape[0] <= MOE_DENSE_MAX_TOKENS:
+        out = _routed_dense(h, weights, ids, groups, spec)
+    else:
+        out = _routed_sparse(h, weights, ids, experts, spec)
+    if layer.shared is not None:
+        s = layer.shared
+        y = swiglu(h, s.gate, s.up, s.down).to(out.dtype)
+        if s.gate_weight is not None:
+            y = torch.sigmoid(F.linear(h, s.gate_weight).to(out.dtype)) * y
+        out += y
+    return out.to(h.dtype)
+
+
+def _routed_sparse(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertLookup,
+                   spec: ModelSpec) -> torch.Tensor:
+    """Tokens grouped per expert; [tokens, hidden] in the accumulation dtype. Syncs on the counts."""
+    t, k = h.shape[0], spec.num_experts_per_tok
     out = torch.zeros(t, h.shape[1], dtype=weights.dtype, device=h.device)  # [tokens, hidden] acc
     flat = ids.reshape(-1)                                                 # [tokens * k]
     order = torch.argsort(flat, stable=True)
@@ -255,13 +356,33 @@ def moe(h: torch.Tensor, layer: LayerWeights, experts: ExpertLookup, spec: Model
         w = experts(e)
         y = swiglu(h[tok], w.gate, w.up, w.down)                           # [n, hidden]
         out.index_add_(0, tok, y.to(out.dtype) * weights[tok, slot, None])
-    if layer.shared is not None:
-        s = layer.shared
-        y = swiglu(h, s.gate, s.up, s.down).to(out.dtype)
-        if s.gate_weight is not None:
-            y = torch.sigmoid(F.linear(h, s.gate_weight).to(out.dtype)) * y
-        out += y
-    return out.to(h.dtype)
+    return out
+
+
+def _routed_dense(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                  groups: tuple[tuple[int, torch.Tensor], ...], spec: ModelSpec) -> torch.Tensor:
+    """Every expert on every token, batched over the experts of each store group, no host sync.
+    Same math as _routed_sparse: per (token, expert) the SwiGLU output in the model dtype, cast to the
+    accumulation dtype, times its routing weight; unselected experts get weight 0 (an exact 0 term: the
+    combination adds the same k products, in expert order for k = 2). Differences from the sparse path are
+    the matmul kernels' own summation orders (bmm over all tokens vs mm over the routed subset).
+    [tokens, hidden] in the accumulation dtype. ~4 kernels per group + 5."""
+    t, hid, inter = h.shape[0], spec.hidden_size, spec.moe_intermediate_size
+    e_all = spec.num_experts
+    dense_w = torch.zeros(t, e_all, dtype=weights.dtype, device=h.device).scatter_(1, ids, weights)  # [t, E]
+    y = torch.empty(e_all, t, hid, dtype=h.dtype, device=h.device)        # [E, tokens, hidden]
+    gi = inter * hid
+    for first, store in groups:                                            # store [n, X] (flat experts)
+        n = store.shape[0]
+        gate_up = store[:, :2 * gi].view(n, 2 * inter, hid)                # [n, 2I, H] (gate rows, then up)
+        down = store[:, 2 * gi:].view(n, hid, inter)                       # [n, H, I]
+        gu = torch.matmul(h.expand(n, t, hid), gate_up.transpose(1, 2))   # [n, t, 2I]
+        a = F.silu(gu[..., :inter]).mul_(gu[..., inter:])                  # [n, t, I]
+        torch.matmul(a, down.transpose(1, 2), out=y[first:first + n])      # [n, t, H]
+    contrib = y.to(weights.dtype) * dense_w.t()[:, :, None]               # [E, t, H] acc
+    if h.dtype == torch.float16:   # an unselected expert overflowing to inf must not give 0 * inf = NaN
+        contrib = torch.where(dense_w.t()[:, :, None] != 0, contrib, 0.0)
+    return contrib.sum(dim=0)
 
 
 def post_attention(x: torch.Tensor, attn: torch.Tensor, layer: LayerWeights, experts: ExpertLookup,

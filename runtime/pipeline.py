@@ -22,11 +22,12 @@ import torch
 from hrm.policy import Policy
 from hrm.spec import ModelSpec
 
-from .cpu_attention import AttentionWorker, decode_attention
+from .cpu_attention import AttentionWorker, attention_mask, decode_attention
 from .host_memory import empty_host
 from .kv_cache import KVCache, append
 from .measure import Recorder
-from .model import causal_attention, final_logits, post_attention, pre_attention, rope_cos_sin
+from .model import (causal_attention, final_logits, fused_qkv, post_attention, pre_attention,
+                    pre_attention_packed, rope_cos_sin, signed_sin)
 from .packing import MicroBatch
 from .sampling import Sampling, sample
 from .weights import Page, WeightStore
@@ -85,9 +86,15 @@ class _MB:
     qkv_host: torch.Tensor          # [B, (n_q + 2 n_kv) d] host
     attn_dev: torch.Tensor          # [B, n_q d] device
     attn_host: torch.Tensor         # [B, n_q d] host
+    rows: torch.Tensor              # [B] device: arange (KV append)
+    rows_host: torch.Tensor         # [B] host
+    rope: tuple                     # (cos, sin, signed sin) [max_new, B, d] device, per decode step
     h: torch.Tensor | None = None   # [B, hidden] device residual stream
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
+    sin_signed: torch.Tensor | None = None
+    step_host: tuple | None = None  # (step, slots [B], mask [B, 1, 1, T]) host: the worker's, per step
+    step_dev: tuple | None = None   # the same on the device (main thread)
     ev_pre: object = None
     ev_d2h: object = None
     ev_load_h: object = None
@@ -109,6 +116,7 @@ class Pipeline:
         self.buffer_free = [None, None]            # event: last PostAttn of the visit that used buffer b
         self.pages_done: dict[int, object] = {}    # visit -> event after its last page
         self.state = [self._mb_state(mb, mb.index < num_device_kv, uniforms) for mb in micro_batches]
+        self.qkv = [fused_qkv(layer.attn) for layer in store.dense.layers]   # [q|k|v, hidden] views or None
 
     # ---- setup -----------------------------------------------------------------------------------
     def _mb_state(self, mb: MicroBatch, kv_on_device: bool, uniforms: torch.Tensor) -> _MB:
@@ -117,6 +125,9 @@ class Pipeline:
         pads = torch.tensor(mb.pads)
         lens = torch.tensor(mb.prompt_lens)
         pin = self.streams.cuda
+        positions = (lens[None, :] + torch.arange(max(1, self.max_new))[:, None]).to(dev)  # [max_new, B]
+        cos, sin = rope_cos_sin(positions.reshape(-1), s, self.dtype)                    # [max_new * B, d]
+        rope = tuple(x.view(-1, b, s.head_dim) for x in (cos, sin, signed_sin(sin)))
         return _MB(mb, kv_on_device,
                    tokens=torch.zeros(b, dtype=torch.long, device=dev),
                    out=torch.zeros(b, self.max_new, dtype=torch.long, device=dev),
@@ -126,7 +137,8 @@ class Pipeline:
                    qkv_dev=torch.empty(b, qkv, dtype=self.dtype, device=dev),
                    qkv_host=empty_host((b, qkv), self.dtype, pin),
                    attn_dev=torch.empty(b, s.q_dim, dtype=self.dtype, device=dev),
-                   attn_host=empty_host((b, s.q_dim), self.dtype, pin))
+                   attn_host=empty_host((b, s.q_dim), self.dtype, pin),
+                   rows=torch.arange(b, device=dev), rows_host=torch.arange(b), rope=rope)
 
     def _layer(self, visit: int) -> int:
         return visit % self.L
@@ -266,7 +278,7 @@ class Pipeline:
     def _begin_token(self, m: _MB, step: int) -> None:
         """Layer 0 of a decode step: embed the current tokens; RoPE tables for their positions."""
         m.h = self.store.dense.embed[m.tokens]                                      # [B, hidden]
-        m.cos, m.sin = rope_cos_sin(m.prompt_lens + step, self.spec, self.dtype)
+        m.cos, m.sin, m.sin_signed = (x[step] for x in m.rope)                     # precomputed per pass
 
     def pre_attn(self, visit: int, j: int) -> None:
         st, m = self.streams, self.state[j]
@@ -275,8 +287,8 @@ class Pipeline:
         with st.use(st.compute), self.rec.gpu("gpu_compute", st.compute, self._label(visit, j)):
             if layer == 0:
                 self._begin_token(m, step)
-            q, k, v = pre_attention(m.h, self.store.dense.layers[layer], self.spec, m.cos, m.sin)
-            torch.cat((q.flatten(1), k.flatten(1), v.flatten(1)), dim=1, out=m.qkv_dev)
+            pre_attention_packed(m.h, self.store.dense.layers[layer], self.spec, m.cos, m.sin, m.sin_signed,
+                                 m.qkv_dev, self.qkv[layer])
             m.ev_pre = st.record(st.compute)
 
     def _split_qkv(self, qkv: torch.Tensor):
@@ -286,6 +298,12 @@ class Pipeline:
         b = qkv.shape[0]
         return (qkv[:, :nq].view(b, -1, d), qkv[:, nq:nq + nkv].view(b, -1, d),
                 qkv[:, nq + nkv:].view(b, -1, d))
+
+    def _step_tensors(self, m: _MB, step: int, base_slot: torch.Tensor, pads: torch.Tensor) -> tuple:
+        """(step, slots [B] of this step's token, valid-slot mask [B, 1, 1, T]) of a micro-batch: they
+        depend on the step only, so they are built once per step and reused by every layer."""
+        slots = base_slot + step                                                    # [B]
+        return step, slots, attention_mask(pads, slots + 1, m.mb.prefill_len + step + 1)
 
     def offload_qkv(self, visit: int, j: int) -> None:
         st, m = self.streams, self.state[j]
@@ -306,9 +324,11 @@ class Pipeline:
                 ev_prev_load.synchronize()                                        # attn_host free again
             with self.rec.host("cpu_attention", label, phase="decode"):
                 q, k, v = self._split_qkv(m.qkv_host)
-                slots = m.base_slot_host + step                                     # [B]
-                append(kc, vc, k, v, slots)
-                out = decode_attention(q, kc, vc, m.pads_host, slots + 1, m.mb.prefill_len + step + 1)
+                if m.step_host is None or m.step_host[0] != step:                  # once per step, not per layer
+                    m.step_host = self._step_tensors(m, step, m.base_slot_host, m.pads_host)
+                _, slots, mask = m.step_host
+                append(kc, vc, k, v, slots, m.rows_host)
+                out = decode_attention(q, kc, vc, None, None, m.mb.prefill_len + step + 1, mask=mask)
                 m.attn_host.copy_(out)
         m.future = self.worker.submit(task)
 
@@ -327,9 +347,11 @@ class Pipeline:
         vc = self.kv.v(layer, j) if v_cache is None else v_cache
         with st.use(st.compute), self.rec.gpu("gpu_compute", st.compute, self._label(visit, j)):
             q, k, v = self._split_qkv(m.qkv_dev)
-            slots = m.base_slot + step
-            append(kc, vc, k, v, slots)
-            m.attn_dev.copy_(decode_attention(q, kc, vc, m.pads, slots + 1, m.mb.prefill_len + step + 1))
+            if m.step_dev is None or m.step_dev[0] != step:
+                m.step_dev = self._step_tensors(m, step, m.base_slot, m.pads)
+            _, slots, mask = m.step_dev
+            append(kc, vc, k, v, slots, m.rows)
+            m.attn_dev.copy_(decode_attention(q, kc, vc, None, None, m.mb.prefill_len + step + 1, mask=mask))
             m.ev_load_h = st.record(st.compute)
 
     def post_attn(self, visit: int, j: int) -> None:
@@ -449,7 +471,7 @@ class Pipeline:
             ev.synchronize()
             with self.rec.host("cpu_attention", self._label(visit, j) + " append", phase="decode"):
                 _, k, v = self._split_qkv(m.qkv_host)
-                append(kc, vc, k, v, m.base_slot_host + step)
+                append(kc, vc, k, v, m.base_slot_host + step, m.rows_host)
         return self.worker.submit(task)
 
     def _decode_blocking(self) -> None:

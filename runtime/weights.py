@@ -16,8 +16,8 @@ import torch
 from hrm.spec import ModelSpec
 
 from .host_memory import empty_host
-from .model import (DenseWeights, ExpertLookup, ExpertWeights, dense_weight_shapes, dense_weights_from,
-                    expert_elems, expert_view)
+from .model import (DenseWeights, ExpertLookup, ExpertTable, ExpertWeights, dense_weight_shapes,
+                    dense_weights_from, expert_elems, expert_view)
 
 EXPERT_PARTS = ("gate", "up", "down")
 PAGE_ALIGN_ELEMS = 256
@@ -72,6 +72,30 @@ class PageTable:
         return False, self.streamed_ids.index(expert)
 
 
+QKV_GROUPS = (("q_proj", "k_proj", "v_proj"), ("q_bias", "k_bias", "v_bias"))
+
+
+def _allocate_dense(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
+                    device: torch.device) -> dict[str, torch.Tensor]:
+    """One tensor per name; q|k|v projections (and biases) of a layer adjacent in one allocation, so that
+    model.fused_qkv can read them as one [q_dim + 2 kv_dim, hidden] matrix without a copy."""
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in shapes.items():
+        if name in out:
+            continue
+        prefix, _, last = name.rpartition(".")
+        group = next((g for g in QKV_GROUPS if last == g[0]), None)
+        names = [f"{prefix}.{n}" for n in group] if group else []
+        if group and all(n in shapes for n in names):
+            sizes = [math.prod(shapes[n]) for n in names]
+            flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+            for n, part in zip(names, flat.split(sizes)):
+                out[n] = part.view(shapes[n])
+            continue
+        out[name] = torch.empty(shape, dtype=dtype, device=device)
+    return {name: out[name] for name in shapes}
+
+
 def weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """Every tensor name a loader must fill (dense names, then `layers.L.experts.E.{gate,up,down}`) -> shape."""
     shapes = dense_weight_shapes(spec)
@@ -93,8 +117,7 @@ class WeightStore:
         L, x = spec.num_hidden_layers, expert_elems(spec)
         self.page_table = PageTable.build(spec.num_experts, num_resident, num_pages, x)
         r, s = self.page_table.num_resident, len(self.page_table.streamed_ids)
-        self._dense = {name: torch.empty(shape, dtype=dtype, device=self.device)
-                       for name, shape in dense_weight_shapes(spec).items()}
+        self._dense = _allocate_dense(dense_weight_shapes(spec), dtype, self.device)
         self.dense: DenseWeights = dense_weights_from(self._dense, spec)
         self.resident = torch.empty((L, r, x), dtype=dtype, device=self.device)      # [L, r, X]
         self.offloaded = empty_host((L, s, x), dtype, pin=self.device.type == "cuda")  # [L, E - r, X]
@@ -142,13 +165,18 @@ class WeightStore:
         """Experts as the pipeline reads them: resident slots, or `buffer` after the layer's pages landed."""
         return self._lookups[layer][buffer]
 
-    def _buffer_lookup(self, layer: int, buffer: int) -> ExpertLookup:
+    def _buffer_lookup(self, layer: int, buffer: int) -> ExpertTable:
         views: list[ExpertWeights] = []
         for e in range(self.spec.num_experts):
             resident, slot = self.page_table.slot(e)
             flat = self.resident[layer, slot] if resident else self.buffers[buffer, slot]
             views.append(expert_view(flat, self.spec))
-        return views.__getitem__
+        pt, groups = self.page_table, []
+        if pt.resident_ids:
+            groups.append((pt.resident_ids[0], self.resident[layer]))
+        if pt.streamed_ids:
+            groups.append((pt.streamed_ids[0], self.buffers[buffer]))
+        return ExpertTable(views, tuple(groups))
 
     # ---- paging ---------------------------------------------------------------------------------
     def page_source(self, layer: int, page: Page) -> torch.Tensor:

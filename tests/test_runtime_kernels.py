@@ -1,0 +1,156 @@
+"""Decode fast paths == their plain versions: the sync-free dense MoE == the sparse one, the packed
+pre-attention (fused q|k|v matmul, in-place RoPE) == pre_attention, and the GQA decode-attention
+kernels (grouped SDPA, batched matmuls; precomputed mask) == naive attention."""
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import runtime.cpu_attention as cpu_attention  # noqa: E402
+from hrm.spec import ModelSpec  # noqa: E402
+from runtime import model  # noqa: E402
+from runtime.synthetic import synthesize  # noqa: E402
+from runtime.weights import WeightStore  # noqa: E402
+
+torch.set_num_threads(1)
+
+MIXTRAL3 = ModelSpec(name="tiny-mixtral3", model_type="mixtral", hidden_size=20, num_hidden_layers=2,
+                     num_attention_heads=6, num_key_value_heads=3, head_dim=8, vocab_size=50, num_experts=3,
+                     num_experts_per_tok=2, moe_intermediate_size=12)
+QWEN2 = ModelSpec(name="tiny-qwen2", model_type="qwen2_moe", hidden_size=24, num_hidden_layers=2,
+                  num_attention_heads=6, num_key_value_heads=3, head_dim=4, vocab_size=50, num_experts=5,
+                  num_experts_per_tok=3, moe_intermediate_size=10, shared_expert_intermediate_size=14,
+                  shared_expert_gate=True, qkv_bias=True, norm_topk_prob=False)
+
+
+def _store(spec, resident, dtype=torch.float64, buffer=1, layer=1):
+    store = WeightStore(spec, dtype, "cpu", num_resident=resident, num_pages=2)
+    synthesize(store, seed=7, progress=False)
+    for page in store.page_table.pages:
+        store.copy_page(layer, buffer, page)
+    return store
+
+
+@pytest.mark.parametrize("spec, resident", [(MIXTRAL3, 0), (MIXTRAL3, 1), (MIXTRAL3, 3), (QWEN2, 2)],
+                         ids=["mixtral3-streamed", "mixtral3-split", "mixtral3-resident", "qwen2-split"])
+@pytest.mark.parametrize("tokens", [1, 7, 33])
+def test_dense_moe_equals_sparse(spec, resident, tokens):
+    store = _store(spec, resident)
+    table = store.lookup(1, 1)
+    assert table.groups and sum(g.shape[0] for _, g in table.groups) == spec.num_experts
+    layer = store.dense.layers[1]
+    g = torch.Generator().manual_seed(tokens)
+    h = torch.randn(tokens, spec.hidden_size, generator=g, dtype=torch.float64)
+    assert tokens <= model.MOE_DENSE_MAX_TOKENS
+    dense = model.moe(h, layer, table, spec)                      # ExpertTable: dense path
+    sparse = model.moe(h, layer, lambda e: table(e), spec)        # plain lookup: sparse path
+    reference = model.moe(h, layer, store.at_rest(1), spec)
+    assert torch.equal(sparse, reference)
+    assert float((dense - sparse).abs().max()) <= 1e-12 * float(sparse.abs().max())
+
+
+def test_dense_moe_bf16_matches_sparse_closely():
+    store = _store(MIXTRAL3, 1, dtype=torch.bfloat16)
+    table, layer = store.lookup(1, 1), store.dense.layers[1]
+    h = torch.randn(7, MIXTRAL3.hidden_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    dense, sparse = model.moe(h, layer, table, MIXTRAL3), model.moe(h, layer, lambda e: table(e), MIXTRAL3)
+    assert float((dense.float() - sparse.float()).abs().max()) <= 1e-2 * float(sparse.float().abs().max())
+
+
+def test_moe_takes_the_sparse_path_above_the_threshold(monkeypatch):
+    store = _store(MIXTRAL3, 1)
+    table, layer = store.lookup(1, 1), store.dense.layers[1]
+    h = torch.randn(9, MIXTRAL3.hidden_size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    used = []
+    for name in ("_routed_dense", "_routed_sparse"):
+        fn = getattr(model, name)
+        monkeypatch.setattr(model, name, lambda *a, fn=fn, name=name: used.append(name) or fn(*a))
+    monkeypatch.setattr(model, "MOE_DENSE_MAX_TOKENS", 8)
+    model.moe(h, layer, table, MIXTRAL3)
+    model.moe(h[:8], layer, table, MIXTRAL3)
+    assert used == ["_routed_sparse", "_routed_dense"]
+
+
+@pytest.mark.parametrize("spec", [MIXTRAL3, QWEN2], ids=["mixtral", "qwen2-bias"])
+def test_packed_pre_attention_equals_pre_attention(spec):
+    store = _store(spec, 0)
+    layer = store.dense.layers[1]
+    fused = model.fused_qkv(layer.attn)
+    assert fused is not None and fused[0].shape == (spec.q_dim + 2 * spec.num_key_value_heads * spec.head_dim,
+                                                    spec.hidden_size)
+    assert (fused[1] is not None) == spec.qkv_bias
+    x = torch.randn(5, spec.hidden_size, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    cos, sin = model.rope_cos_sin(torch.tensor([3, 0, 17, 250, 9]), spec, torch.float64)
+    q, k, v = model.pre_attention(x, layer, spec, cos, sin)
+    expected = torch.cat((q.flatten(1), k.flatten(1), v.flatten(1)), dim=1)
+    for qkv in (fused, None):
+        out = torch.empty_like(expected)
+        model.pre_attention_packed(x, layer, spec, cos, sin, model.signed_sin(sin), out, qkv)
+        assert float((out - expected).abs().max()) <= 1e-12 * float(expected.abs().max())
+
+
+def test_in_place_rope_is_bit_identical():
+    spec = MIXTRAL3
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(6, 4, spec.head_dim, generator=g).to(dtype)
+        cos, sin = model.rope_cos_sin(torch.arange(6) * 37, spec, dtype)
+        assert torch.equal(model.apply_rope_(x.clone(), cos, model.signed_sin(sin)), model.apply_rope(x, cos, sin))
+
+
+def test_fused_qkv_refuses_separate_tensors():
+    a = model.AttentionWeights(torch.zeros(4, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3, 4))
+    assert model.fused_qkv(a) is None
+
+
+# ---- decode attention -----------------------------------------------------------------------------
+def _naive_attention(q, k, v, starts, ends):
+    b, n_q, d = q.shape
+    group = n_q // k.shape[1]
+    out = torch.zeros(b, n_q, d, dtype=torch.float64)
+    for i in range(b):
+        for h in range(n_q):
+            keys = k[i, h // group, starts[i]:ends[i]].double()            # [ctx, d]
+            vals = v[i, h // group, starts[i]:ends[i]].double()
+            w = torch.softmax(keys @ q[i, h].double() / math.sqrt(d), dim=0)
+            out[i, h] = w @ vals
+    return out.reshape(b, n_q * d)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "bmm"])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_decode_attention_kernels_match_naive(monkeypatch, kernel, dtype, tol):
+    monkeypatch.setattr(cpu_attention, "DECODE_KERNEL", kernel)
+    g = torch.Generator().manual_seed(0)
+    b, n_kv, groups, ctx, d = 6, 3, 2, 33, 16
+    q = torch.randn(b, n_kv * groups, d, generator=g).to(dtype)
+    k = torch.randn(b, n_kv, ctx + 7, d, generator=g).to(dtype)
+    v = torch.randn(b, n_kv, ctx + 7, d, generator=g).to(dtype)
+    starts = torch.tensor([0, 3, 0, 10, 32, 5])
+    ends = torch.tensor([33, 33, 1, 20, 33, 6])
+    ref = _naive_attention(q, k, v, starts, ends)
+    mask = cpu_attention.attention_mask(starts, ends, ctx + 4)         # longer than needed: cut to num_slots
+    for out in (cpu_attention.decode_attention(q, k, v, starts, ends),
+                cpu_attention.decode_attention(q, k, v, starts, ends, ctx),
+                cpu_attention.decode_attention(q, k, v, None, None, ctx, mask=mask)):
+        assert out.dtype == dtype and out.shape == (b, n_kv * groups * d)
+        assert float((out.double() - ref).abs().max()) < tol
+
+
+@pytest.mark.gpu
+def test_gpu_dense_moe_does_not_synchronise():
+    store = WeightStore(MIXTRAL3, torch.float32, "cuda", num_resident=1, num_pages=2)
+    synthesize(store, seed=7, progress=False)
+    for page in store.page_table.pages:
+        store.copy_page(1, 1, page)
+    h = torch.randn(7, MIXTRAL3.hidden_size, device="cuda")
+    table, layer = store.lookup(1, 1), store.dense.layers[1]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        dense = model.moe(h, layer, table, MIXTRAL3)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    sparse = model.moe(h, layer, lambda e: table(e), MIXTRAL3)
+    assert float((dense - sparse).abs().max()) <= 1e-5 * float(sparse.abs().max())
