@@ -183,9 +183,9 @@ def dense_weights_from(tensors: dict[str, torch.Tensor], spec: ModelSpec) -> Den
 # ---- building blocks -----------------------------------------------------------------------------
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim, computed in the accumulation dtype (HF order: weight * x.to(dtype)).
-    F.rms_norm is x * rsqrt(mean(x^2) + eps), one fused kernel on CUDA."""
-    xf = F.rms_norm(x.to(acc_dtype(x.dtype)), (x.shape[-1],), eps=eps)
-    return weight * xf.to(x.dtype)
+    F.rms_norm computes x * rsqrt(mean(x^2) + eps) in the accumulation dtype (opmath) and rounds once to
+    x's dtype: the same as casting up, normalising and casting back, in one kernel on CUDA (no casts)."""
+    return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
 def rope_cos_sin(positions: torch.Tensor, spec: ModelSpec, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,7 +312,7 @@ def route(h: torch.Tensor, router: torch.Tensor, spec: ModelSpec) -> tuple[torch
     """Softmax (accumulation dtype) -> top-k -> renormalise when norm_topk_prob (always for Mixtral).
     h [tokens, hidden] -> weights [tokens, k] (acc dtype), expert ids [tokens, k]."""
     logits = F.linear(h, router)                                           # [tokens, experts]
-    probs = torch.softmax(logits.to(acc_dtype(h.dtype)), dim=-1)
+    probs = torch.softmax(logits, dim=-1, dtype=acc_dtype(h.dtype))       # casts up first, in one kernel
     weights, ids = torch.topk(probs, spec.num_experts_per_tok, dim=-1)
     if spec.norm_topk_prob or spec.model_type == "mixtral":
         weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -379,7 +379,7 @@ def _routed_dense(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
         gu = torch.matmul(h.expand(n, t, hid), gate_up.transpose(1, 2))   # [n, t, 2I]
         a = F.silu(gu[..., :inter]).mul_(gu[..., inter:])                  # [n, t, I]
         torch.matmul(a, down.transpose(1, 2), out=y[first:first + n])      # [n, t, H]
-    contrib = y.to(weights.dtype) * dense_w.t()[:, :, None]               # [E, t, H] acc
+    contrib = y * dense_w.t()[:, :, None]              # [E, t, H] acc (promotion: y cast up exactly, fused)
     if h.dtype == torch.float16:   # an unselected expert overflowing to inf must not give 0 * inf = NaN
         contrib = torch.where(dense_w.t()[:, :, None] != 0, contrib, 0.0)
     return contrib.sum(dim=0)

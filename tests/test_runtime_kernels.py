@@ -154,3 +154,16 @@ def test_gpu_dense_moe_does_not_synchronise():
         torch.cuda.set_sync_debug_mode("default")
     sparse = model.moe(h, layer, lambda e: table(e), MIXTRAL3)
     assert float((dense - sparse).abs().max()) <= 1e-5 * float(sparse.abs().max())
+
+
+@pytest.mark.gpu
+def test_gpu_rms_norm_equals_the_explicit_fp32_formula():
+    """model.rms_norm lets F.rms_norm cast bf16 up internally; it must round like the HF formula."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(22, 4096, device="cuda", generator=g) * 3).to(torch.bfloat16)
+    w = torch.randn(4096, device="cuda", generator=g).to(torch.bfloat16)
+    xf = x.float()
+    expected = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+    got = model.rms_norm(x, w, 1e-5)
+    assert float((got.float() - expected.float()).abs().max()) <= 1e-2 * float(expected.float().abs().max())
+    assert (got != expected).float().mean() < 0.01     # at most a few last-bit differences (mean order)
