@@ -62,7 +62,9 @@ def sweep_policies(chosen: Policy, baselines, spec: ModelSpec, fits) -> list[tup
     """The chosen plan, each baseline's best, and variations of N, mu, r_w and attention placement."""
     E = spec.num_experts
     out = [("chosen", chosen)]
-    out += [(f"baseline:{b.baseline.key}", b.policy) for b in baselines if b.policy is not None]
+    for b in baselines:
+        if b.policy is not None and b.policy not in {p for _, p in out}:
+            out.append((f"baseline:{b.baseline.key}", b.policy))
     N, mu = chosen.batch_size, chosen.micro_batch_size
     cands = []
     for n_frac in (0.25, 0.5, 1.0):
@@ -107,7 +109,8 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     atomic_write(path, write)
 
 
-def run_one(spec, policy, workload, budget_bytes, seed: int) -> tuple[dict, object]:
+def run_one(spec, policy, workload, budget_bytes, seed: int):
+    """Measure one policy with synthetic weights: (Measurement, recorded spans)."""
     import torch
     from runtime.engine import Engine
 
@@ -115,10 +118,19 @@ def run_one(spec, policy, workload, budget_bytes, seed: int) -> tuple[dict, obje
     prompts = torch.randint(10, spec.vocab_size - 10, (policy.batch_size, workload.max_prompt_len), generator=g).tolist()
     with Engine(spec, policy, gpu_memory_budget_bytes=int(budget_bytes), seed=seed, progress=False) as eng:
         _, m = eng.generate(prompts, workload.gen_len)
+        spans = eng.last_spans
     del eng
     gc.collect()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return m
+    return m, spans
+
+
+def _timeline(spans, title: str, path: Path) -> None:
+    try:
+        from viz import save_figure, timeline_figure
+        save_figure(timeline_figure(spans, title=title), path)
+    except Exception as e:  # the figure is a convenience; the CSV is the result
+        print(f"timeline skipped: {e}")
 
 
 def main(argv=None) -> int:
@@ -199,7 +211,9 @@ def main(argv=None) -> int:
         row.update({f"pred_layer_{k}_s": v for k, v in est.decode_layer.items()})
         t0 = time.perf_counter()
         try:
-            m = run_one(spec, p, workload, budget, args.seed + i)
+            m, spans = run_one(spec, p, workload, budget, args.seed + i)
+            if tag == "chosen":
+                _timeline(spans, f"{spec.name}, {m.device}: {p.short()}", out.with_name(out.stem + "_timeline.png"))
         except Exception as e:  # a policy that fails is recorded, not hidden
             row.update({"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]})
             print(f"[{i + 1}/{len(policies)}] {tag:18s} {p.short():58s} FAILED {row['error']}", flush=True)
