@@ -67,11 +67,6 @@ def sweep_policies(chosen: Policy, baselines, spec: ModelSpec, fits) -> list[tup
             out.append((f"baseline:{b.baseline.key}", b.policy))
     N, mu = chosen.batch_size, chosen.micro_batch_size
     cands = []
-    for n_frac in (0.25, 0.5, 1.0):
-        for mu_frac in (0.5, 1.0, 2.0):
-            n = max(1, int(N * n_frac))
-            m = max(1, min(n, int(mu * mu_frac * n_frac) if n_frac < 1 else int(mu * mu_frac)))
-            cands.append(("grid", replace(chosen, batch_size=n, micro_batch_size=m)))
     e0 = chosen.resident_experts(E)
     for e in sorted({0, e0 + 1, e0 + 2, E // 2}):
         if 0 <= e <= E and e != e0:
@@ -84,6 +79,11 @@ def sweep_policies(chosen: Policy, baselines, spec: ModelSpec, fits) -> list[tup
     cands.append(("s3", _policy(chosen, schedule="s3", **cpu_attn)))
     cands.append(("gpu attention s4", _policy(chosen, attention_on_gpu=True, schedule="s4",
                                               batch_size=max(1, N // 4), micro_batch_size=max(1, min(mu, N // 4)))))
+    for n_frac in (0.25, 0.5, 1.0):
+        for mu_frac in (0.5, 1.0, 2.0):
+            n = max(1, int(N * n_frac))
+            m = max(1, min(n, int(mu * mu_frac * n_frac) if n_frac < 1 else int(mu * mu_frac)))
+            cands.append(("grid", replace(chosen, batch_size=n, micro_batch_size=m)))
     seen = {p for _, p in out}
     for tag, p in cands:
         if p is not None and p not in seen and fits(p):
