@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -20,13 +21,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hrm.atomic import atomic_write_text  # noqa: E402
 
 FLEXGEN_TAGS = ("baseline:flexgen", "baseline:flexgen-c")
+ROW_RE = re.compile(r"^\[\d+/\d+\] (?P<tag>.+?)\s+(?P<policy>N=\d+ .*?)\s+pred\s+(?P<pred>[\d.]+) meas\s+"
+                    r"(?P<meas>[\d.]+) tok/s \((?P<err>[-+\d.]+)%\) prefill (?P<prefill>[\d.]+)s decode (?P<decode>[\d.]+)s "
+                    r"gpu peak (?P<peak>[\d.]+) GB")
+HEAD_RE = re.compile(r"budget (?P<budget>[\d.]+) GB \(full-model (?P<full>[\d.]+) GB\)")
+
+
+def rows_from_log(log_text: str, sweep: int) -> pd.DataFrame:
+    """The per-policy lines validate.py prints, for the sweep-th sweep in a log (0-based): a fallback
+    when a run's CSV did not come back. Only end-to-end numbers are in the log."""
+    sweeps, rows = [], None
+    for line in log_text.splitlines():
+        if HEAD_RE.search(line):
+            rows = []
+            sweeps.append((HEAD_RE.search(line), rows))
+        elif (m := ROW_RE.match(line)) and rows is not None:
+            rows.append({"tag": m["tag"].strip(), "policy": m["policy"].strip(), "pred_tok_s": float(m["pred"]),
+                         "meas_tok_s": float(m["meas"]), "err_tok_s": float(m["err"]) / 100,
+                         "meas_prefill_s": float(m["prefill"]), "meas_decode_s": float(m["decode"]),
+                         "meas_gpu_peak_bytes": float(m["peak"]) * 1e9})
+    head, rows = sweeps[sweep]
+    df = pd.DataFrame(rows)
+    df.attrs["gpu_budget_full_model_bytes"] = float(head["full"]) * 1e9
+    return df
 
 
 def summarize(csv_path: Path, peers: list[dict]) -> dict:
     df = pd.read_csv(csv_path)
+    return summarize_frame(df, csv_path, peers)
+
+
+def summarize_frame(df: pd.DataFrame, csv_path: Path, peers: list[dict]) -> dict:
     ok = df[df["meas_tok_s"].notna()] if "meas_tok_s" in df else df.iloc[0:0]
     meta_path = csv_path.with_suffix(".json")
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else dict(df.attrs)
     err = ok["err_tok_s"].abs()
     chosen = ok[ok["tag"] == "chosen"]
     out = {
@@ -36,8 +64,8 @@ def summarize(csv_path: Path, peers: list[dict]) -> dict:
         "policies_run": int(len(ok)), "policies_failed": int(len(df) - len(ok)),
         "median_abs_err_tok_s": float(err.median()) if len(ok) else None,
         "max_abs_err_tok_s": float(err.max()) if len(ok) else None,
-        "median_abs_err_decode": float(ok["err_decode_tok_s"].abs().median()) if len(ok) else None,
-        "median_abs_err_prefill": float(ok["err_prefill_s"].abs().median()) if len(ok) else None,
+        "median_abs_err_decode": float(ok["err_decode_tok_s"].abs().median()) if "err_decode_tok_s" in ok else None,
+        "median_abs_err_prefill": float(ok["err_prefill_s"].abs().median()) if "err_prefill_s" in ok else None,
         "best_measured_policy": None, "chosen_vs_best_measured": None, "pipeline_efficiency_chosen": None,
         "ratios": {},
     }
@@ -50,7 +78,7 @@ def summarize(csv_path: Path, peers: list[dict]) -> dict:
         out["chosen_measured_tok_s"] = float(c["meas_tok_s"])
         out["chosen_predicted_tok_s"] = float(c["pred_tok_s"])
         out["chosen_vs_best_measured"] = float(c["meas_tok_s"] / ok["meas_tok_s"].max())
-        if "pipeline_efficiency" in c:
+        if "pipeline_efficiency" in c and pd.notna(c["pipeline_efficiency"]):
             out["pipeline_efficiency_chosen"] = float(c["pipeline_efficiency"])
         for tag in ok["tag"].unique():
             if tag.startswith("baseline:"):
@@ -58,7 +86,7 @@ def summarize(csv_path: Path, peers: list[dict]) -> dict:
         flex = ok[ok["tag"].isin(FLEXGEN_TAGS)]
         if len(flex):
             out["ratios"]["best_flexgen_style"] = float(c["meas_tok_s"] / flex["meas_tok_s"].max())
-        budget = float(meta.get("gpu_budget_full_model_bytes") or 0)
+        budget = float(meta.get("gpu_budget_full_model_bytes") or 0) or 1.0
         for p in peers:
             ok_rows = [r for r in p["rows"] if r.get("status") == "ok"
                        and abs(float(r.get("gpu_budget_full_bytes", 0)) - budget) < 0.02 * budget]
@@ -83,7 +111,7 @@ def markdown(summaries: list[dict]) -> str:
 
         def ratio(x):
             return "-" if x is None else f"{x:.2f}x"
-        lines.append(f"| {s['file']} ({s['gpu_budget_full_model_gb']:.0f} GB budget) | {s['policies_run']} "
+        lines.append(f"| {s['file']} ({s['gpu_budget_full_model_gb'] * 1e9 / 2**30:.0f} GiB budget) | {s['policies_run']} "
                      f"| {pct(s['median_abs_err_tok_s'])} | {pct(s['max_abs_err_tok_s'])} "
                      f"| {pct(s['chosen_vs_best_measured'])} | {pct(s['pipeline_efficiency_chosen'])} "
                      f"| {ratio(hf)} | {ratio(fx)} |")
@@ -92,12 +120,16 @@ def markdown(summaries: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("csv", nargs="+", type=Path)
+    ap.add_argument("csv", nargs="*", type=Path)
+    ap.add_argument("--from-log", nargs=2, action="append", default=[], metavar=("LOG", "SWEEP"),
+                    help="also summarise the SWEEP-th sweep (0-based) printed in a validate.py log")
     ap.add_argument("--peer", action="append", type=Path, default=[], help="peer_hf_accelerate.py JSON output")
     ap.add_argument("-o", "--output", type=Path)
     args = ap.parse_args(argv)
     peers = [json.loads(p.read_text()) for p in args.peer]
     summaries = [summarize(p, peers) for p in args.csv]
+    summaries += [summarize_frame(rows_from_log(Path(log).read_text(), int(k)), Path(f"{Path(log).name}#sweep{k}"), peers)
+                  for log, k in args.from_log]
     print(markdown(summaries))
     if args.output:
         atomic_write_text(args.output, json.dumps({"command": " ".join(["python"] + sys.argv), "runs": summaries},
