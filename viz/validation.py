@@ -103,8 +103,8 @@ def predicted_vs_measured_figure(df, title: str | None = None, band_pct: float =
 
 
 COLUMN_ALIASES = {
-    "predicted_tok_s": ("predicted_tok_s", "predicted_tokens_per_s", "predicted_throughput_tok_s", "predicted"),
-    "measured_tok_s": ("measured_tok_s", "measured_tokens_per_s", "measured_throughput_tok_s", "tokens_per_s",
+    "predicted_tok_s": ("predicted_tok_s", "pred_tok_s", "predicted_tokens_per_s", "predicted_throughput_tok_s", "predicted"),
+    "measured_tok_s": ("measured_tok_s", "meas_tok_s", "measured_tokens_per_s", "measured_throughput_tok_s", "tokens_per_s",
                        "measured"),
     "policy": ("policy", "policy_label", "label", "baseline", "plan_id"),
 }
@@ -135,8 +135,10 @@ def load_validation(paths):
 
     import pandas as pd
     if isinstance(paths, (str, os.PathLike)):
-        paths = sorted(glob.glob(str(paths))) if any(c in str(paths) for c in "*?[") else [paths]
+        paths = sorted(glob.glob(str(paths), recursive=True)) if any(c in str(paths) for c in "*?[") else [paths]
     frames = [normalise_columns(pd.read_csv(p)).assign(source=os.path.basename(str(p))) for p in paths]
+    # policies that failed to run have no measurement (benchmarks/validate.py records them with an error)
+    frames = [f.dropna(subset=["measured_tok_s"]) if "measured_tok_s" in f else f for f in frames]
     if not frames:
         raise FileNotFoundError("no validation results found")
     df = pd.concat(frames, ignore_index=True)
