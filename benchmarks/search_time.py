@@ -20,14 +20,14 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hrm.hardware import available_profiles, load_profile  # noqa: E402
+from hrm.atomic import atomic_write_text  # noqa: E402
+from hrm.hardware import available_profiles, load_profile, local_cpu_name  # noqa: E402
 from hrm.hf_config import builtin_models, load_model  # noqa: E402
 from hrm.spec import Workload  # noqa: E402
 from optimizer.search import search  # noqa: E402
@@ -35,24 +35,6 @@ from optimizer.space import SearchError  # noqa: E402
 
 TARGET_S = 2.0
 FIELDS = ("model", "hardware", "status", "median_s", "min_s", "max_s", "runs", "policy", "throughput_tok_s", "note")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _versions() -> dict:
@@ -106,7 +88,7 @@ def main(argv=None) -> int:
     for r in rows:
         w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
     out = Path(args.output)
-    _write_atomic(out, buf.getvalue())
+    atomic_write_text(out, buf.getvalue())
 
     medians = [r["median_s"] for r in rows]
     slow = [f"{r['model']}/{r['hardware']}" for r in rows if r["median_s"] >= TARGET_S]
@@ -115,7 +97,7 @@ def main(argv=None) -> int:
         "benchmark": "optimizer.search default mode, grid solver: wall seconds of search() per model x profile",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": started.isoformat(timespec="seconds"),
-        "machine": {"host": platform.node(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+        "machine": {"host": platform.node(), "cpu": local_cpu_name(), "cpu_count": os.cpu_count(),
                     "platform": platform.platform(), **_versions()},
         "workload": {"avg_prompt_len": workload.avg_prompt_len, "max_prompt_len": workload.max_prompt_len,
                      "gen_len": workload.gen_len, "padded": workload.padded},
@@ -126,7 +108,7 @@ def main(argv=None) -> int:
                     "slowest": f"{slowest['model']}/{slowest['hardware']}", "over_target": slow},
         "csv": out.name,
     }
-    _write_atomic(out.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
     print(f"wrote {out} and {out.with_suffix('.json').name}: max median {max(medians):.3f} s "
           f"({sidecar['summary']['slowest']}), {len(slow)} over {TARGET_S:g} s")
     return 1 if slow else 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -130,6 +130,18 @@ class HardwareProfile:
                 cpu_dram_bytes_per_s=self.measured.cpu_dram_bytes_per_s * cpu_mem_bw,
                 cpu_attention_bytes_per_s=self.measured.cpu_attention_bytes_per_s * cpu_mem_bw),
         )
+
+
+def local_cpu_name() -> str:
+    """This machine's CPU model, as /proc/cpuinfo names it."""
+    import platform
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
 
 
 # ---------------------------------------------------------------------------------------------------

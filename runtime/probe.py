@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from hrm.atomic import atomic_write_text
-from hrm.hardware import GB, GiB, TFLOPS, HardwareProfile, load_profile, parse_profile
+from hrm.hardware import GB, GiB, TFLOPS, HardwareProfile, load_profile, local_cpu_name, parse_profile
 
 MiB = 2 ** 20
 KiB = 2 ** 10
@@ -335,14 +335,7 @@ def runtime_overheads(spec, visits: int = 256, calls: int = 200) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # the whole machine
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "CPU"
+cpu_name = local_cpu_name
 
 
 def cpu_memory_bytes() -> int:
