@@ -41,9 +41,6 @@ from optimizer.baselines import compare_baselines  # noqa: E402
 from optimizer.search import make_problem, search  # noqa: E402
 from optimizer.space import DEFAULT_CPU_FRAC, DEFAULT_PLACEMENTS, Budgets, parse_size  # noqa: E402
 
-RUNTIME_PLACEMENTS = tuple(p for p in DEFAULT_PLACEMENTS if p.ffn_on_gpu)
-"""The runtime executes the routed experts on the GPU only."""
-
 STAGE_MAP = {  # predicted decode_layer key -> measured stage name
     "gpu": "gpu_compute", "cpu": "cpu_attention", "h2d_weights": "h2d_weights", "h2d_act": "h2d_hidden",
     "h2d_kv": "h2d_kv", "d2h": "d2h",
@@ -158,7 +155,7 @@ def main(argv=None) -> int:
     # host memory holds per-layer things only (offloaded experts, KV cache): it scales with the layers
     cpu_budget = hw.cpu.memory_bytes * DEFAULT_CPU_FRAC * spec.num_hidden_layers / full.num_hidden_layers
     budgets = Budgets.from_hardware(hw, gpu_memory=budget, cpu_memory=cpu_budget)
-    plan = search(spec, hw, workload, budgets=budgets, placements=RUNTIME_PLACEMENTS)
+    plan = search(spec, hw, workload, budgets=budgets, placements=DEFAULT_PLACEMENTS)
     problem = make_problem(spec, hw, workload, budgets=budgets)
     baselines = compare_baselines(problem)
     if args.dry_run:

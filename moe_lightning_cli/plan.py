@@ -34,6 +34,9 @@ def add_parser(sub) -> None:
                    help="default: our full model, end-to-end throughput; paper: the MoE-Lightning artifact's "
                         "model, mu grid and caps (reproduces its published policies)")
     s.add_argument("--datasheet", action="store_true", help="ignore the profile's measured efficiencies")
+    s.add_argument("--cpu-experts", action="store_true",
+                   help="also search placements that compute routed experts on the CPU (priced by the model; "
+                        "the runtime does not execute them)")
     s.add_argument("--no-baselines", action="store_true", help="skip the baseline comparison")
     p.add_argument("-o", "--output", metavar="PLAN.json", help="write the plan to this file")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON only")
@@ -52,11 +55,12 @@ def run(args) -> int:
 
 def _run(args) -> int:
     from optimizer.search import make_problem, search
+    from optimizer.space import ALL_PLACEMENTS
 
     spec, hw, workload = build_target(args)
     plan = search(spec, hw, workload, solver=args.solver, mode=args.search_mode, gpu_memory=args.gpu_memory,
                   cpu_memory=args.cpu_memory, gpu_frac=args.gpu_frac, cpu_frac=args.cpu_frac,
-                  use_measured=not args.datasheet)
+                  use_measured=not args.datasheet, placements=ALL_PLACEMENTS if args.cpu_experts else None)
     baselines = []
     if args.search_mode == "default" and not args.no_baselines:
         from optimizer.baselines import compare_baselines

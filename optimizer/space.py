@@ -148,13 +148,18 @@ class Placement:
         return f"attention {attn}, experts {ffn}, {self.schedule}"
 
 
-DEFAULT_PLACEMENTS = (
+ALL_PLACEMENTS = (
     Placement("cpu-attention", attention_on_gpu=False, ffn_on_gpu=True, schedule="cgopipe"),
     Placement("gpu-attention", attention_on_gpu=True, ffn_on_gpu=True, schedule="s4"),
     Placement("cpu-attention+cpu-experts", attention_on_gpu=False, ffn_on_gpu=False, schedule="cgopipe"),
     Placement("gpu-attention+cpu-experts", attention_on_gpu=True, ffn_on_gpu=False, schedule="s4"),
 )
-"""Our search: attention on the CPU or the GPU, routed experts on the GPU (paged) or the CPU."""
+"""The whole space the cost model prices: attention on the CPU or the GPU, routed experts on the GPU
+(paged) or the CPU."""
+
+DEFAULT_PLACEMENTS = tuple(p for p in ALL_PLACEMENTS if p.ffn_on_gpu)
+"""What the search emits by default: the placements the runtime executes (experts computed on the GPU).
+Plans with experts on the CPU are priced when asked for (`--cpu-experts`), but runtime/ cannot run them."""
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from hrm.policy import Policy
 from hrm.spec import Workload
 from optimizer import grid, milp
 from optimizer.search import best_policy, make_problem, search
-from optimizer.space import DEFAULT_PLACEMENTS, Budgets, Pairs, Placement, Problem
+from optimizer.space import ALL_PLACEMENTS, DEFAULT_PLACEMENTS, Budgets, Pairs, Placement, Problem
 
 MIXTRAL = load_model("mixtral-8x7b")
 # A tiny Mixtral-shaped model (2 layers, 4 experts): small enough that the MILP solves every pair fast,
@@ -31,7 +31,7 @@ def tiny_problem(hw="t4-s1") -> Problem:
     return Problem(TINY, load_profile(hw), TINY_WL, TINY_BUDGETS)
 
 
-@pytest.mark.parametrize("placement", DEFAULT_PLACEMENTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("placement", ALL_PLACEMENTS, ids=lambda p: p.name)
 def test_milp_equals_grid_per_pair(placement):
     """Every (N, mu) of a small space: the MILP's optimal time equals the grid's exhaustive optimum."""
     pb = tiny_problem()
@@ -65,7 +65,7 @@ def test_search_milp_equals_grid_on_small_space(hw):
 def test_grid_point_equals_estimate():
     """The grid's total time for a chosen point is estimate()'s prefill + decode for that policy."""
     pb = make_problem(MIXTRAL, load_profile("h200"), Workload(77.0, 418, 128))
-    for placement in DEFAULT_PLACEMENTS:
+    for placement in ALL_PLACEMENTS:
         found = best_policy(pb, (placement,))
         p = placement
         policy = Policy(found.batch_size, found.micro_batch_size, p.attention_on_gpu, p.ffn_on_gpu,
@@ -97,7 +97,7 @@ def test_many_experts_coarse_then_fine_is_exact():
     spec = dataclasses.replace(TINY, name="tiny-many", num_experts=96, num_experts_per_tok=4, moe_intermediate_size=32)
     pb = Problem(spec, load_profile("t4-s1"), TINY_WL, Budgets(gpu_bytes=3.0e6, cpu_bytes=2.0e6))
     N, mu = SMALL_PAIRS.arrays()
-    for placement in DEFAULT_PLACEMENTS:
+    for placement in ALL_PLACEMENTS:
         fast = grid.best_per_pair(pb, placement, N, mu)
         es, r_c, ok = grid.feasible_experts(pb, placement, N, mu)
         prefill, decode = grid.total_time(pb.setting(placement), N, mu, (es / spec.num_experts)[:, None], r_c)
@@ -110,7 +110,7 @@ def test_affine_pricing_equals_direct_composition():
     """pair_terms/price (hrm at three corners, then a + b r_w + c r_c) == total_time (hrm directly)."""
     for hw, spec in (("h200", MIXTRAL), ("t4-s1", load_model("deepseek-v2-lite"))):
         wl = Workload(77.0, 418, 128)
-        for placement in DEFAULT_PLACEMENTS:
+        for placement in ALL_PLACEMENTS:
             s = placement.setting(spec, load_profile(hw), wl)
             N, mu = np.array([1, 7, 64, 500, 2000]), np.array([1, 3, 64, 64, 300])
             r_w = np.array([[0.0], [0.25], [1.0]])
