@@ -102,8 +102,9 @@ def moe_ffn_point(h: Hierarchy, spec: ModelSpec, batch: int, micro_batch: int,
     """The routed experts of one layer for a pass of `batch` tokens in micro-batches of `micro_batch`:
     the CPU-resident weights cross the link once per pass, and are read from GPU memory once per
     micro-batch."""
-    per_mb = ops.routed_experts(spec, micro_batch)
-    n_mb = -(-batch // micro_batch)
-    cost = per_mb * n_mb
+    full, rest = divmod(batch, micro_batch)
+    cost = ops.routed_experts(spec, micro_batch) * full
+    if rest:
+        cost = cost + ops.routed_experts(spec, rest)
     cpu_bytes = (1 - weights_gpu_frac) * spec.num_experts * spec.expert_bytes
     return place(h, f"MoE FFN N={batch} mu={micro_batch}", cost, cpu_bytes)
