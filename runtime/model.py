@@ -295,17 +295,20 @@ def pre_attention_packed(x: torch.Tensor, layer: LayerWeights, spec: ModelSpec, 
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: int = 0) -> torch.Tensor:
-    """Prefill attention of one sequence whose first `pad` slots are left padding (real tokens ignore them).
-    q [S, n_q, d], k/v [S, n_kv, d] -> [S, n_q * d]."""
-    s = q.shape[0]
-    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # [1, heads, S, d]
+    """Prefill attention of one sequence, or of B sequences of one length, whose first `pad` slots are left
+    padding (real tokens ignore them).
+    q [S, n_q, d], k/v [S, n_kv, d] -> [S, n_q * d]; or q [B, S, n_q, d], k/v [B, S, n_kv, d] -> [B, S, n_q * d]."""
+    if q.dim() == 3:
+        return causal_attention(q[None], k[None], v[None], pad)[0]
+    b, s = q.shape[:2]
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [B, heads, S, d]
     if pad == 0:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
     else:
         i = torch.arange(s, device=q.device)
         allowed = (i[None, :] <= i[:, None]) & ((i[None, :] >= pad) | (i[:, None] < pad))  # [S, S]
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, enable_gqa=True)
-    return out[0].transpose(0, 1).reshape(s, -1)
+    return out.transpose(1, 2).reshape(b, s, -1)
 
 
 def route(h: torch.Tensor, router: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:

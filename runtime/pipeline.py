@@ -199,8 +199,9 @@ class Pipeline:
                 with st.use(st.compute), self.rec.gpu("gpu_compute", st.compute, label):
                     h = self.store.dense.embed[x["tokens"]] if visit == 0 else h_in  # [tokens, hidden]
                     q, k, v = pre_attention(h, layer, spec, x["cos"], x["sin"])
-                    attn = torch.cat([causal_attention(q[a:b], k[a:b], v[a:b], pad)
-                                      for a, b, pad in x["segments"]])              # [tokens, q_dim]
+                    attn = q.new_empty(q.shape[0], q.shape[1] * v.shape[2])            # [tokens, q_dim]
+                    for idx, _, pad in x["groups"]:                                  # idx [G, len]
+                        attn[idx] = causal_attention(q[idx], k[idx], v[idx], pad)
                     h = post_attention(h, attn, layer, self.store.lookup(visit, visit % 2), spec)
                     kpad, vpad = self._padded_kv(k, v, x, m.mb)                      # [B, n_kv, S, d]
                     if visit == self.L - 1:
@@ -237,7 +238,20 @@ class Pipeline:
         pos = torch.tensor(positions, device=self.device)
         cos, sin = rope_cos_sin(pos, self.spec, self.dtype)
         return {"tokens": torch.tensor(tokens, device=self.device), "cos": cos, "sin": sin,
-                "segments": segments, "last": torch.tensor(last, device=self.device)}
+                "groups": self._segment_groups(segments), "last": torch.tensor(last, device=self.device)}
+
+    def _segment_groups(self, segments) -> list:
+        """Sequences of one micro-batch grouped by (length, padding), so prefill attention and the KV
+        layout take one batched call per group: [(token index [G, len], rows [G], pad)]."""
+        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for row, (a, e, pad) in enumerate(segments):
+            groups.setdefault((e - a, pad), []).append((row, a))
+        out = []
+        for (length, pad), members in groups.items():
+            starts = torch.tensor([a for _, a in members], device=self.device)
+            idx = starts[:, None] + torch.arange(length, device=self.device)[None, :]
+            out.append((idx, torch.tensor([r for r, _ in members], device=self.device), pad))
+        return out
 
     def _padded_kv(self, k: torch.Tensor, v: torch.Tensor, x: dict, mb: MicroBatch):
         """Varlen k, v [tokens, n_kv, d] -> [B, n_kv, prefill_len, d] in the cache layout."""
@@ -245,8 +259,9 @@ class Pipeline:
         shape = (mb.size, mb.prefill_len, s.num_key_value_heads, s.head_dim)
         kpad = torch.zeros(shape, dtype=k.dtype, device=k.device)
         vpad = torch.zeros(shape, dtype=v.dtype, device=v.device)
-        for b, (a, e, _) in enumerate(x["segments"]):
-            kpad[b, :e - a], vpad[b, :e - a] = k[a:e], v[a:e]
+        for idx, rows, _ in x["groups"]:
+            length = idx.shape[1]
+            kpad[rows, :length], vpad[rows, :length] = k[idx], v[idx]
         return kpad.transpose(1, 2).contiguous(), vpad.transpose(1, 2).contiguous()
 
     def _store_prefill_kv(self, visit: int, m: _MB, kpad, vpad, ev_c, label: str):
