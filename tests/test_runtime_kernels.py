@@ -167,3 +167,15 @@ def test_gpu_rms_norm_equals_the_explicit_fp32_formula():
     got = model.rms_norm(x, w, 1e-5)
     assert float((got.float() - expected.float()).abs().max()) <= 1e-2 * float(expected.float().abs().max())
     assert (got != expected).float().mean() < 0.01     # at most a few last-bit differences (mean order)
+
+
+@pytest.mark.parametrize("pad", [0, 3])
+def test_batched_causal_attention_equals_per_sequence(pad):
+    from runtime.model import causal_attention
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(4, 11, 6, 8, generator=g, dtype=torch.float64)      # [B, S, n_q, d]
+    k = torch.randn(4, 11, 3, 8, generator=g, dtype=torch.float64)      # [B, S, n_kv, d]
+    v = torch.randn(4, 11, 3, 8, generator=g, dtype=torch.float64)
+    batched = causal_attention(q, k, v, pad)                             # [B, S, n_q * d]
+    for b in range(4):
+        torch.testing.assert_close(batched[b], causal_attention(q[b], k[b], v[b], pad), rtol=1e-12, atol=1e-12)
