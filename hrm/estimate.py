@@ -11,7 +11,7 @@ arrays (the grid search) or pulp expressions (the MILP); callers take the max ov
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -472,11 +472,11 @@ def estimate(spec: ModelSpec, hardware: HardwareProfile, workload: Workload, pol
     shown = {"gpu": mid.gpu_s, "cpu": mid.cpu_s, "h2d": mid.h2d_s, "h2d_weights": mid.h2d_weights_s,
              "h2d_act": mid.h2d_act_s, "h2d_kv": mid.h2d_kv_s, "d2h": mid.d2h_s, "link": mid.link_s, "pipeline": mid.pipeline_s,
              "launch": mid.launch_s}
+    mem = memory_use(s, N, mu, r_w, r_c)
     return Estimate(
         model=spec.name, hardware=hardware.name, policy=policy, workload=workload,
         prefill_s=prefill_s, decode_s=float(decode_s), decode_layer=_floats(shown), prefill_layer=_floats(pre_terms),
         layer_time_s=float(t_mid), step_time_s=float(step_time(t_mid, mid, L, head)), bound=bound,
-        memory=MemoryUse(gpu=_floats(memory_use(s, N, mu, r_w, r_c).gpu), cpu=_floats(memory_use(s, N, mu, r_w, r_c).cpu),
-                         pinned=_floats(memory_use(s, N, mu, r_w, r_c).pinned)),
+        memory=MemoryUse(gpu=_floats(mem.gpu), cpu=_floats(mem.cpu), pinned=_floats(mem.pinned)),
         realised_weights_gpu_frac=r_w,
     )

@@ -1,7 +1,6 @@
 """Decode fast paths == their plain versions: the sync-free dense MoE == the sparse one, the packed
 pre-attention (fused q|k|v matmul, in-place RoPE) == pre_attention, and the GQA decode-attention
 kernels (grouped SDPA, batched matmuls; precomputed mask) == naive attention."""
-import math
 
 import pytest
 
@@ -12,6 +11,7 @@ from hrm.spec import ModelSpec  # noqa: E402
 from runtime import model  # noqa: E402
 from runtime.synthetic import synthesize  # noqa: E402
 from runtime.weights import WeightStore  # noqa: E402
+from oracles import naive_decode_attention
 
 torch.set_num_threads(1)
 
@@ -105,17 +105,6 @@ def test_fused_qkv_refuses_separate_tensors():
 
 
 # ---- decode attention -----------------------------------------------------------------------------
-def _naive_attention(q, k, v, starts, ends):
-    b, n_q, d = q.shape
-    group = n_q // k.shape[1]
-    out = torch.zeros(b, n_q, d, dtype=torch.float64)
-    for i in range(b):
-        for h in range(n_q):
-            keys = k[i, h // group, starts[i]:ends[i]].double()            # [ctx, d]
-            vals = v[i, h // group, starts[i]:ends[i]].double()
-            w = torch.softmax(keys @ q[i, h].double() / math.sqrt(d), dim=0)
-            out[i, h] = w @ vals
-    return out.reshape(b, n_q * d)
 
 
 @pytest.mark.parametrize("kernel", ["sdpa", "bmm"])
@@ -129,7 +118,7 @@ def test_decode_attention_kernels_match_naive(monkeypatch, kernel, dtype, tol):
     v = torch.randn(b, n_kv, ctx + 7, d, generator=g).to(dtype)
     starts = torch.tensor([0, 3, 0, 10, 32, 5])
     ends = torch.tensor([33, 33, 1, 20, 33, 6])
-    ref = _naive_attention(q, k, v, starts, ends)
+    ref = naive_decode_attention(q, k, v, starts, ends)
     mask = cpu_attention.attention_mask(starts, ends, ctx + 4)         # longer than needed: cut to num_slots
     for out in (cpu_attention.decode_attention(q, k, v, starts, ends),
                 cpu_attention.decode_attention(q, k, v, starts, ends, ctx),

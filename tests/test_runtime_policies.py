@@ -15,6 +15,7 @@ from runtime.measure import Measurement, StageTime  # noqa: E402
 from runtime.model import greedy_generate  # noqa: E402
 from runtime.packing import in_order, layout, pack  # noqa: E402
 from runtime.weights import PageTable, WeightStore  # noqa: E402
+from oracles import naive_decode_attention
 
 torch.set_num_threads(1)
 
@@ -195,17 +196,6 @@ def test_synthetic_weights_do_not_depend_on_placement():
 
 
 # ---- CPU attention ------------------------------------------------------------------------------
-def _naive_attention(q, k, v, starts, ends):
-    b, n_q, d = q.shape
-    group = n_q // k.shape[1]
-    out = torch.zeros(b, n_q, d, dtype=torch.float64)
-    for i in range(b):
-        for h in range(n_q):
-            keys = k[i, h // group, starts[i]:ends[i]].double()            # [ctx, d]
-            vals = v[i, h // group, starts[i]:ends[i]].double()
-            w = torch.softmax(keys @ q[i, h].double() / math.sqrt(d), dim=0)
-            out[i, h] = w @ vals
-    return out.reshape(b, n_q * d)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -218,7 +208,7 @@ def test_cpu_attention_matches_naive_softmax(dtype, tol):
     starts = torch.tensor([0, 3, 0, 10, 32])
     ends = torch.tensor([33, 33, 1, 20, 33])
     out = decode_attention(q, k, v, starts, ends)
-    ref = _naive_attention(q, k, v, starts, ends)
+    ref = naive_decode_attention(q, k, v, starts, ends)
     assert out.dtype == dtype and out.shape == (b, n_kv * groups * d)
     assert float((out.double() - ref).abs().max()) < tol
 
