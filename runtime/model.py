@@ -5,10 +5,12 @@ The pipeline (pipeline.py) calls the same functions per layer and micro-batch; r
 through an `ExpertLookup` (expert id -> ExpertWeights) so that a page table can place them anywhere.
 Norms, softmax, RoPE and the expert sum run in `acc_dtype(dtype)` (fp32, or fp64 for fp64 models).
 
-Two MoE paths with the same math: the sparse one (tokens grouped per expert; one host synchronisation for
-the per-expert counts) and, for at most MOE_DENSE_MAX_TOKENS tokens read through an `ExpertTable` (the
-pipeline's page-table view), a sync-free dense one that runs every expert of the layer on every token with
-batched matmuls over the expert dimension and combines them with a dense [tokens, experts] routing matrix.
+Three MoE paths with the same math: the sparse one (tokens grouped per expert; one host synchronisation
+for the per-expert counts) and two sync-free ones for experts read through an `ExpertTable` (the
+pipeline's page-table view): for at most MOE_DENSE_MAX_TOKENS tokens a dense one that runs every expert
+of the layer on every token with batched matmuls over the expert dimension and combines them with a dense
+[tokens, experts] routing matrix; above that a grouped one (tokens sorted per expert, torch._grouped_mm
+with device-side group offsets), where torch provides a grouped GEMM for the device and dtype.
 """
 from __future__ import annotations
 
@@ -105,6 +107,7 @@ class ExpertWeights:
 ExpertLookup = Callable[[int], ExpertWeights]
 
 MOE_DENSE_MAX_TOKENS = 64   # moe() takes the sync-free dense path up to this many tokens (ExpertTable only)
+_GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}   # (device type, dtype) -> torch._grouped_mm works
 
 
 class ExpertTable:
@@ -324,12 +327,15 @@ def route(h: torch.Tensor, router: torch.Tensor, spec: ModelSpec) -> tuple[torch
 
 def moe(h: torch.Tensor, layer: LayerWeights, experts: ExpertLookup, spec: ModelSpec) -> torch.Tensor:
     """Routed experts (SwiGLU, read through `experts`) plus the shared expert. h [tokens, hidden] -> same.
-    Up to MOE_DENSE_MAX_TOKENS tokens through an ExpertTable: the dense path (no host synchronisation);
-    otherwise the sparse path (one host synchronisation: the per-expert token counts)."""
+    Through an ExpertTable, up to MOE_DENSE_MAX_TOKENS tokens: the dense path, above: the grouped path
+    where the device has a grouped GEMM for the dtype (neither synchronises with the host); otherwise
+    the sparse path (one host synchronisation: the per-expert token counts)."""
     weights, ids = route(h, layer.router, spec)                            # [tokens, k]
     groups = getattr(experts, "groups", None)
     if groups and h.shape[0] <= MOE_DENSE_MAX_TOKENS:
         out = _routed_dense(h, weights, ids, groups, spec)
+    elif groups and grouped_mm_available(h.device, h.dtype) and _grouped_aligned(groups, spec, h.element_size()):
+        out = _routed_grouped(h, weights, ids, groups, spec)
     else:
         out = _routed_sparse(h, weights, ids, experts, spec)
     if layer.shared is not None:
@@ -386,6 +392,63 @@ def _routed_dense(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     if h.dtype == torch.float16:   # an unselected expert overflowing to inf must not give 0 * inf = NaN
         contrib = torch.where(dense_w.t()[:, :, None] != 0, contrib, 0.0)
     return contrib.sum(dim=0)
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm runs and is right for this device type and dtype (checked once on a
+    16 x 16 case against plain matmuls: CUDA needs sm90+ and 16-bit types, the CPU build any float but fp64)."""
+    key = (device.type, dtype)
+    if key not in _GROUPED_MM_OK:
+        ok = hasattr(torch, "_grouped_mm")
+        if ok:
+            try:
+                g = torch.Generator().manual_seed(0)
+                a = torch.randn(16, 16, generator=g).to(device, dtype)                  # [rows, K]
+                b = torch.randn(2, 16, 16, generator=g).to(device, dtype)               # [groups, N, K]
+                offs = torch.tensor([5, 16], dtype=torch.int32, device=device)
+                y = torch._grouped_mm(a, b.transpose(1, 2), offs=offs)                 # [rows, N]
+                ref = torch.cat((a[:5] @ b[0].t(), a[5:] @ b[1].t()))
+                ok = bool(torch.allclose(y.float(), ref.float(), rtol=2e-2, atol=2e-2))
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        _GROUPED_MM_OK[key] = ok
+    return _GROUPED_MM_OK[key]
+
+
+def _grouped_aligned(groups: tuple[tuple[int, torch.Tensor], ...], spec: ModelSpec, elem_bytes: int) -> bool:
+    """torch._grouped_mm wants every operand's rows and base addresses on 16-byte boundaries."""
+    widths = (spec.hidden_size, spec.moe_intermediate_size, 2 * spec.moe_intermediate_size * spec.hidden_size)
+    return (all(w * elem_bytes % 16 == 0 for w in widths)
+            and all(st.data_ptr() % 16 == 0 and st.stride(0) * elem_bytes % 16 == 0 for _, st in groups))
+
+
+def _routed_grouped(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                    groups: tuple[tuple[int, torch.Tensor], ...], spec: ModelSpec) -> torch.Tensor:
+    """Per store group, its (token, slot) pairs sorted by expert and run through two grouped GEMMs whose
+    group offsets stay on the device, so there is no host sync. Same math as _routed_sparse; pairs routed
+    to other groups sort last, beyond the last offset, where the grouped GEMM leaves its output unwritten,
+    so they are masked (not multiplied) out. [tokens, hidden] in the accumulation dtype."""
+    t, k = ids.shape
+    hid, inter = spec.hidden_size, spec.moe_intermediate_size
+    gi = inter * hid
+    flat, w_flat = ids.reshape(-1), weights.reshape(-1)                      # [t * k]
+    out = torch.zeros(t, hid, dtype=weights.dtype, device=h.device)         # [tokens, hidden] acc
+    for first, store in groups:                                            # store [n, X] (flat experts)
+        n = store.shape[0]
+        local = flat - first
+        inside = (local >= 0) & (local < n)                                # [t * k]
+        key = torch.where(inside, local, n)
+        order = torch.argsort(key, stable=True)                            # [t * k]: by expert, others last
+        offs = torch.cumsum(torch.bincount(key, minlength=n + 1)[:n], 0, dtype=torch.int32)  # [n]
+        tok = order // k
+        gate_up = store[:, :2 * gi].view(n, 2 * inter, hid)                # [n, 2I, H]
+        down = store[:, 2 * gi:].view(n, hid, inter)                       # [n, H, I]
+        gu = torch._grouped_mm(h[tok], gate_up.transpose(1, 2), offs=offs)  # [t * k, 2I]
+        a = F.silu(gu[:, :inter]) * gu[:, inter:]                           # [t * k, I]
+        y = torch._grouped_mm(a, down.transpose(1, 2), offs=offs)          # [t * k, H]
+        keep = inside[order, None]                                         # [t * k, 1]
+        out.index_add_(0, tok, torch.where(keep, y.to(out.dtype) * w_flat[order, None], 0.0))
+    return out
 
 
 def post_attention(x: torch.Tensor, attn: torch.Tensor, layer: LayerWeights, experts: ExpertLookup,

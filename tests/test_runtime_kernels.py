@@ -59,7 +59,7 @@ def test_dense_moe_bf16_matches_sparse_closely():
 
 
 def test_moe_takes_the_sparse_path_above_the_threshold(monkeypatch):
-    store = _store(MIXTRAL3, 1)
+    store = _store(MIXTRAL3, 1)              # fp64: no grouped GEMM, so the sparse path
     table, layer = store.lookup(1, 1), store.dense.layers[1]
     h = torch.randn(9, MIXTRAL3.hidden_size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     used = []
@@ -70,6 +70,47 @@ def test_moe_takes_the_sparse_path_above_the_threshold(monkeypatch):
     model.moe(h, layer, table, MIXTRAL3)
     model.moe(h[:8], layer, table, MIXTRAL3)
     assert used == ["_routed_sparse", "_routed_dense"]
+
+
+ALIGNED = ModelSpec(name="tiny-aligned", model_type="qwen2_moe", hidden_size=32, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=50, num_experts=5,
+                    num_experts_per_tok=3, moe_intermediate_size=24, shared_expert_intermediate_size=16,
+                    shared_expert_gate=True, qkv_bias=True, norm_topk_prob=False)
+
+
+@pytest.mark.parametrize("spec, resident", [(ALIGNED, 0), (ALIGNED, 2), (ALIGNED, 5)],
+                         ids=["streamed", "split", "resident"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_grouped_moe_equals_sparse(spec, resident, dtype):
+    if not model.grouped_mm_available(torch.device("cpu"), dtype):
+        pytest.skip("this torch has no CPU grouped GEMM")
+    store = _store(spec, resident, dtype=dtype)
+    table, layer = store.lookup(1, 1), store.dense.layers[1]
+    tokens = model.MOE_DENSE_MAX_TOKENS + 37
+    h = torch.randn(tokens, spec.hidden_size, generator=torch.Generator().manual_seed(5)).to(dtype)
+    weights, ids = model.route(h, layer.router, spec)
+    grouped = model._routed_grouped(h, weights, ids, table.groups, spec)
+    sparse = model._routed_sparse(h, weights, ids, table, spec)
+    assert torch.isfinite(grouped).all()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert float((grouped - sparse).abs().max()) <= tol * float(sparse.abs().max())
+
+
+def test_moe_takes_the_grouped_path_above_the_threshold(monkeypatch):
+    if not model.grouped_mm_available(torch.device("cpu"), torch.float32):
+        pytest.skip("this torch has no CPU grouped GEMM")
+    used = []
+    for name in ("_routed_dense", "_routed_grouped", "_routed_sparse"):
+        fn = getattr(model, name)
+        monkeypatch.setattr(model, name, lambda *a, fn=fn, name=name: used.append(name) or fn(*a))
+    monkeypatch.setattr(model, "MOE_DENSE_MAX_TOKENS", 8)
+    for spec in (ALIGNED, QWEN2):            # QWEN2: 10-float (40-byte) expert rows, not 16-byte multiples
+        store = _store(spec, 1, dtype=torch.float32)
+        table, layer = store.lookup(1, 1), store.dense.layers[1]
+        h = torch.randn(9, spec.hidden_size, generator=torch.Generator().manual_seed(1))
+        model.moe(h, layer, table, spec)
+        model.moe(h, layer, lambda e: table(e), spec)
+    assert used == ["_routed_grouped", "_routed_sparse", "_routed_sparse", "_routed_sparse"]
 
 
 @pytest.mark.parametrize("spec", [MIXTRAL3, QWEN2], ids=["mixtral", "qwen2-bias"])
@@ -143,6 +184,27 @@ def test_gpu_dense_moe_does_not_synchronise():
         torch.cuda.set_sync_debug_mode("default")
     sparse = model.moe(h, layer, lambda e: table(e), MIXTRAL3)
     assert float((dense - sparse).abs().max()) <= 1e-5 * float(sparse.abs().max())
+
+
+@pytest.mark.gpu
+def test_gpu_grouped_moe_does_not_synchronise_and_equals_sparse():
+    """Decode micro-batches above MOE_DENSE_MAX_TOKENS take the grouped path on sm90+ (bf16)."""
+    if not model.grouped_mm_available(torch.device("cuda"), torch.bfloat16):
+        pytest.skip("no CUDA grouped GEMM for bf16 on this GPU")
+    store = WeightStore(ALIGNED, torch.bfloat16, "cuda", num_resident=2, num_pages=2)
+    synthesize(store, seed=7, progress=False)
+    for page in store.page_table.pages:
+        store.copy_page(1, 1, page)
+    h = torch.randn(model.MOE_DENSE_MAX_TOKENS + 11, ALIGNED.hidden_size, device="cuda").to(torch.bfloat16)
+    table, layer = store.lookup(1, 1), store.dense.layers[1]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        grouped = model.moe(h, layer, table, ALIGNED)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    sparse = model.moe(h, layer, lambda e: table(e), ALIGNED)
+    assert float((grouped.float() - sparse.float()).abs().max()) <= 2e-2 * float(sparse.float().abs().max())
 
 
 @pytest.mark.gpu
