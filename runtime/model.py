@@ -439,7 +439,8 @@ def _routed_grouped(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
         inside = (local >= 0) & (local < n)                                # [t * k]
         key = torch.where(inside, local, n)
         order = torch.argsort(key, stable=True)                            # [t * k]: by expert, others last
-        offs = torch.cumsum(torch.bincount(key, minlength=n + 1)[:n], 0, dtype=torch.int32)  # [n]
+        counts = torch.zeros(n + 1, dtype=torch.long, device=h.device).scatter_add_(0, key, torch.ones_like(key))
+        offs = torch.cumsum(counts[:n], 0, dtype=torch.int32)              # [n] (bincount would sync)
         tok = order // k
         gate_up = store[:, :2 * gi].view(n, 2 * inter, hid)                # [n, 2I, H]
         down = store[:, 2 * gi:].view(n, hid, inter)                       # [n, H, I]
