@@ -75,11 +75,32 @@ def decode_attention_bmm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     return out.reshape(b, n_q * d).to(q.dtype)
 
 
-class AttentionWorker:
-    """One thread for CPU attention (and the KV appends that precede it), as the artifact."""
+HOST_CORES_RESERVED = 2
+"""Cores the attention kernels leave free while the main thread drives a GPU: one for the launching
+thread, one for the CUDA driver's and the copy engines' host work. An OpenMP team that shares a core with
+a busy thread waits for its slowest member at every barrier."""
 
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpu-attention")
+
+def attention_threads(drives_gpu: bool) -> int | None:
+    """Intra-op threads for the attention worker: all but HOST_CORES_RESERVED when the main thread
+    drives a GPU, else None (torch's default: on the CPU the main thread's own work is the GPU's)."""
+    if not drives_gpu:
+        return None
+    return max(1, torch.get_num_threads() - HOST_CORES_RESERVED)
+
+
+class AttentionWorker:
+    """One thread for CPU attention (and the KV appends that precede it), as the artifact.
+    `num_threads`: torch intra-op threads of that thread (None: torch's default)."""
+
+    def __init__(self, num_threads: int | None = None) -> None:
+        self.num_threads = num_threads
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpu-attention",
+                                        initializer=self._set_threads)
+
+    def _set_threads(self) -> None:
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
 
     def submit(self, fn: Callable, *args) -> Future:
         return self._pool.submit(fn, *args)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from hrm.policy import Policy
 from hrm.spec import ModelSpec
 
 from .checkpoint import load_checkpoint
-from .cpu_attention import AttentionWorker
+from .cpu_attention import AttentionWorker, attention_threads
 from .host_memory import pinned_bytes
 from .kv_cache import KVCache, device_micro_batches, kv_elems
 from .measure import Measurement, Recorder, Span, stage_times
@@ -33,6 +34,10 @@ from .synthetic import synthesize
 from .weights import WeightStore
 
 GIB = 2**30
+SWITCH_INTERVAL_S = 1e-4
+"""Python's GIL switch interval while the engine generates on a GPU (default 5 ms). The main thread
+holds the GIL between kernel launches and re-takes it faster than a waiting thread wakes, so the attention
+worker, which needs the GIL between its kernels, can wait up to one interval each time."""
 TORCH_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
 
@@ -117,7 +122,7 @@ class Engine:
         else:
             synthesize(self.store, seed=seed, progress=progress)
         self.kv = KVCache(spec, dtype, self.device)
-        self.worker = AttentionWorker()
+        self.worker = AttentionWorker(attention_threads(self.device.type == "cuda"))
         self.last_spans: list[Span] = []
 
     # ---- memory ----------------------------------------------------------------------------------
@@ -164,12 +169,19 @@ class Engine:
         out: list[list[int]] = [[] for _ in prompts]
         prefill_s = decode_s = 0.0
         n = self.policy.batch_size
-        for first in range(0, len(prompts), n):
-            batch = prompts[first:first + n]
-            tokens, p_s, d_s = self._run_pass(batch, uniforms[first:first + n], max_new_tokens, sampling, padded, rec)
-            for r, row in tokens.items():
-                out[first + r] = row
-            prefill_s, decode_s = prefill_s + p_s, decode_s + d_s
+        interval = sys.getswitchinterval()
+        if self.device.type == "cuda":
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
+        try:
+            for first in range(0, len(prompts), n):
+                batch = prompts[first:first + n]
+                tokens, p_s, d_s = self._run_pass(batch, uniforms[first:first + n], max_new_tokens, sampling,
+                                                  padded, rec)
+                for r, row in tokens.items():
+                    out[first + r] = row
+                prefill_s, decode_s = prefill_s + p_s, decode_s + d_s
+        finally:
+            sys.setswitchinterval(interval)
         self.last_spans = rec.finish()
         passes = -(-len(prompts) // n)
         m = Measurement(

@@ -89,6 +89,8 @@ class _MB:
     rows: torch.Tensor              # [B] device: arange (KV append)
     rows_host: torch.Tensor         # [B] host
     rope: tuple                     # (cos, sin, signed sin) [max_new, B, d] device, per decode step
+    qkv_dev_parts: tuple = ()       # q [B, n_q, d], k, v [B, n_kv, d]: views of qkv_dev
+    qkv_host_parts: tuple = ()      # the same views of qkv_host (built once: the worker needs the GIL less)
     h: torch.Tensor | None = None   # [B, hidden] device residual stream
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
@@ -128,17 +130,19 @@ class Pipeline:
         positions = (lens[None, :] + torch.arange(max(1, self.max_new))[:, None]).to(dev)  # [max_new, B]
         cos, sin = rope_cos_sin(positions.reshape(-1), s, self.dtype)                    # [max_new * B, d]
         rope = tuple(x.view(-1, b, s.head_dim) for x in (cos, sin, signed_sin(sin)))
-        return _MB(mb, kv_on_device,
-                   tokens=torch.zeros(b, dtype=torch.long, device=dev),
-                   out=torch.zeros(b, self.max_new, dtype=torch.long, device=dev),
-                   uniforms=uniforms[list(mb.requests)].to(dev),
-                   base_slot=(pads + lens).to(dev), base_slot_host=pads + lens,
-                   pads=pads.to(dev), pads_host=pads, prompt_lens=lens.to(dev),
-                   qkv_dev=torch.empty(b, qkv, dtype=self.dtype, device=dev),
-                   qkv_host=empty_host((b, qkv), self.dtype, pin),
-                   attn_dev=torch.empty(b, s.q_dim, dtype=self.dtype, device=dev),
-                   attn_host=empty_host((b, s.q_dim), self.dtype, pin),
-                   rows=torch.arange(b, device=dev), rows_host=torch.arange(b), rope=rope)
+        m = _MB(mb, kv_on_device,
+                tokens=torch.zeros(b, dtype=torch.long, device=dev),
+                out=torch.zeros(b, self.max_new, dtype=torch.long, device=dev),
+                uniforms=uniforms[list(mb.requests)].to(dev),
+                base_slot=(pads + lens).to(dev), base_slot_host=pads + lens,
+                pads=pads.to(dev), pads_host=pads, prompt_lens=lens.to(dev),
+                qkv_dev=torch.empty(b, qkv, dtype=self.dtype, device=dev),
+                qkv_host=empty_host((b, qkv), self.dtype, pin),
+                attn_dev=torch.empty(b, s.q_dim, dtype=self.dtype, device=dev),
+                attn_host=empty_host((b, s.q_dim), self.dtype, pin),
+                rows=torch.arange(b, device=dev), rows_host=torch.arange(b), rope=rope)
+        m.qkv_dev_parts, m.qkv_host_parts = self._split_qkv(m.qkv_dev), self._split_qkv(m.qkv_host)
+        return m
 
     def _layer(self, visit: int) -> int:
         return visit % self.L
@@ -338,7 +342,7 @@ class Pipeline:
             if ev_prev_load is not None:
                 ev_prev_load.synchronize()                                        # attn_host free again
             with self.rec.host("cpu_attention", label, phase="decode"):
-                q, k, v = self._split_qkv(m.qkv_host)
+                q, k, v = m.qkv_host_parts
                 if m.step_host is None or m.step_host[0] != step:                  # once per step, not per layer
                     m.step_host = self._step_tensors(m, step, m.base_slot_host, m.pads_host)
                 _, slots, mask = m.step_host
@@ -361,7 +365,7 @@ class Pipeline:
         kc = self.kv.k(layer, j) if k_cache is None else k_cache
         vc = self.kv.v(layer, j) if v_cache is None else v_cache
         with st.use(st.compute), self.rec.gpu("gpu_compute", st.compute, self._label(visit, j)):
-            q, k, v = self._split_qkv(m.qkv_dev)
+            q, k, v = m.qkv_dev_parts
             if m.step_dev is None or m.step_dev[0] != step:
                 m.step_dev = self._step_tensors(m, step, m.base_slot, m.pads)
             _, slots, mask = m.step_dev
@@ -485,7 +489,7 @@ class Pipeline:
         def task() -> None:
             ev.synchronize()
             with self.rec.host("cpu_attention", self._label(visit, j) + " append", phase="decode"):
-                _, k, v = self._split_qkv(m.qkv_host)
+                _, k, v = m.qkv_host_parts
                 append(kc, vc, k, v, m.base_slot_host + step, m.rows_host)
         return self.worker.submit(task)
 
