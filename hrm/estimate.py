@@ -77,7 +77,11 @@ def gpu_hbm_bytes_per_s(s: Setting) -> float:
 
 
 def cpu_attention_bytes_per_s(s: Setting) -> float:
+    """KV bytes/s of CPU decode attention: in CGOPipe the attention overlaps the main thread's launching
+    of GPU work on the same host, so the rate measured inside that loop applies where it was measured."""
     m = _measured(s)
+    if m is not None and s.schedule == "cgopipe" and m.cpu_attention_overlapped_bytes_per_s:
+        return m.cpu_attention_overlapped_bytes_per_s
     if m is not None and m.cpu_attention_bytes_per_s:
         return m.cpu_attention_bytes_per_s
     return cpu_dram_bytes_per_s(s)

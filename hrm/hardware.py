@@ -74,6 +74,7 @@ class Measured:
     h2d_sizes_bytes: tuple[float, ...] = ()
     h2d_bytes_per_s: tuple[float, ...] = ()
     cpu_attention_bytes_per_s: float = 0.0     # KV bytes/s of the runtime's CPU decode attention
+    cpu_attention_overlapped_bytes_per_s: float = 0.0  # the same inside the pipelined decode loop (host shared)
     cpu_dram_bytes_per_s: float = 0.0
     gpu_hbm_bytes_per_s: float = 0.0
     decode_visit_s: float = 0.0                # the runtime's fixed cost of one micro-batch visit of a layer
@@ -128,7 +129,8 @@ class HardwareProfile:
                 self.measured, h2d_bytes_per_s=tuple(v * link for v in self.measured.h2d_bytes_per_s),
                 gpu_gemm_flops=tuple(v * gpu_flops for v in self.measured.gpu_gemm_flops),
                 cpu_dram_bytes_per_s=self.measured.cpu_dram_bytes_per_s * cpu_mem_bw,
-                cpu_attention_bytes_per_s=self.measured.cpu_attention_bytes_per_s * cpu_mem_bw),
+                cpu_attention_bytes_per_s=self.measured.cpu_attention_bytes_per_s * cpu_mem_bw,
+                cpu_attention_overlapped_bytes_per_s=self.measured.cpu_attention_overlapped_bytes_per_s * cpu_mem_bw),
         )
 
 
@@ -203,6 +205,7 @@ def _measured(table: Mapping, where: str) -> Measured:
     return Measured(
         gpu_gemm_tokens=gt, gpu_gemm_flops=gf, h2d_sizes_bytes=hs, h2d_bytes_per_s=hr,
         cpu_attention_bytes_per_s=float(table.get("cpu_attention_gb_per_s", 0.0)) * GB,
+        cpu_attention_overlapped_bytes_per_s=float(table.get("cpu_attention_overlapped_gb_per_s", 0.0)) * GB,
         cpu_dram_bytes_per_s=float(table.get("cpu_dram_gb_per_s", 0.0)) * GB,
         gpu_hbm_bytes_per_s=float(table.get("gpu_hbm_gb_per_s", 0.0)) * GB,
         decode_visit_s=float(table.get("decode_visit_us", 0.0)) * 1e-6,

@@ -329,7 +329,38 @@ def runtime_overheads(spec, visits: int = 256, calls: int = 200) -> dict:
         call_s = (time.perf_counter() - t0) / calls
     finally:
         worker.close()
-    return {"decode_visit_s": visit_s, "cpu_attention_call_s": call_s, "visit_model": one.name}
+    out = {"decode_visit_s": visit_s, "cpu_attention_call_s": call_s, "visit_model": one.name}
+    if torch.cuda.is_available():
+        out.update(attention_in_pipeline(spec))
+    return out
+
+
+def attention_in_pipeline(spec, micro_batch: int = 32, micro_batches: int = 8, prompt_len: int = 512,
+                          steps: int = 8) -> dict:
+    """KV bytes/s of the CPU attention calls inside the runtime's own CGOPipe decode loop on the GPU: the
+    rate the attention worker gets while the main thread launches the GPU's work on the same host (GIL
+    and cores shared). One layer of `spec`, every expert resident (the link carries activations only),
+    micro-batches of `micro_batch` sequences at context ~prompt_len: large enough that the calls' fixed
+    costs are small next to their KV reads. Each call's span covers KV append + attention."""
+    from hrm.policy import Policy
+
+    from .engine import Engine
+
+    one = spec.with_layers(spec.first_dense_layers + 1)
+    policy = Policy(batch_size=micro_batch * micro_batches, micro_batch_size=micro_batch, weights_gpu_frac=1.0)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(10, max(11, spec.vocab_size - 10), (policy.batch_size, prompt_len), generator=g).tolist()
+    with Engine(one, policy, seed=0, progress=False, record=True) as eng:
+        eng.generate(prompts, 3)                                           # warm-up
+        _, m = eng.generate(prompts, steps + 1)
+        spans = [sp for sp in eng.last_spans if sp.phase == "decode" and sp.stage == "cpu_attention"]
+    kv_token_bytes = spec.kv_elems_per_token_layer * spec.dtypes.kv_bytes
+    ctx_mean = prompt_len + (steps + 1) / 2.0                              # slots read, averaged over steps
+    kv_bytes = len(spans) * micro_batch * ctx_mean * kv_token_bytes        # one span per (layer, micro-batch)
+    busy_s = sum(sp.end_s - sp.start_s for sp in spans)
+    return {"cpu_attention_overlapped_bytes_per_s": kv_bytes / busy_s if busy_s > 0 else 0.0,
+            "overlap_shape": [micro_batch, prompt_len], "overlap_calls": len(spans),
+            "overlap_decode_visit_s": m.decode_s / (steps * micro_batches * one.num_hidden_layers)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -461,11 +492,18 @@ def profile_machine(spec=None, quick: bool = False, progress: bool = True, gpu: 
                 dt, max_n=512 if quick else 4096, repeats=2 if quick else 3)
 
     def attention():
-        rates = cpu_attention_bytes_per_s(att_shapes, shapes["num_attention_heads"], shapes["num_key_value_heads"],
-                                          shapes["head_dim"], torch.bfloat16, kernel, repeats=rep)
+        # on the runtime's attention worker thread, with the threads it gets (fewer when it shares the
+        # host with a GPU-driving main thread)
+        from .cpu_attention import AttentionWorker, attention_threads
+        worker = AttentionWorker(attention_threads(use_gpu))
+        try:
+            rates, threads = worker.submit(lambda: (cpu_attention_bytes_per_s(
+                att_shapes, shapes["num_attention_heads"], shapes["num_key_value_heads"], shapes["head_dim"],
+                torch.bfloat16, kernel, repeats=rep), torch.get_num_threads())).result()
+        finally:
+            worker.close()
         c["attention"] = {"kernel": kernel_name, "dtype": "bf16", "shapes": [list(s) for s in att_shapes],
-                          "threads": torch.get_num_threads(), "cache_headroom_slots": 128,
-                          "kv_bytes_per_s": rates}
+                          "threads": threads, "cache_headroom_slots": 128, "kv_bytes_per_s": rates}
         c["attention_kv_bytes_per_s"] = statistics.median(rates)
 
     def overheads():
@@ -649,6 +687,11 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
                  f"decode_visit_us = {_num(c['runtime']['decode_visit_s'] * 1e6)}",
                  f"cpu_attention_call_us = {_num(c['runtime']['cpu_attention_call_s'] * 1e6)}"]
                 if "runtime" in c else []),
+              *([f"# the same kernel's calls inside the runtime's CGOPipe decode loop on the GPU, "
+                 f"[batch, ctx] = {c['runtime']['overlap_shape']}: the host also launches the GPU's work",
+                 f"cpu_attention_overlapped_gb_per_s = "
+                 f"{_num(c['runtime']['cpu_attention_overlapped_bytes_per_s'] / GB)}"]
+                if c.get("runtime", {}).get("cpu_attention_overlapped_bytes_per_s") else []),
               f"cpu_dram_copy_gb_per_s = {_num(c['dram_copy_bytes_per_s'] / GB)}"]
     method = "moe-lightning profile (runtime/probe.py): torch micro-benchmarks, median of repeats" + \
              (", quick mode" if result.get("quick") else "") + \

@@ -189,6 +189,21 @@ def test_bad_inputs():
         Policy(8, 8, schedule="s4")
 
 
+def test_overlapped_cpu_attention_rate_prices_cgopipe_only():
+    """The attention rate measured inside the pipelined loop applies to CGOPipe; S3 waits for attention
+    with the main thread idle, so it keeps the isolated rate."""
+    hw = load_profile("h200")
+    base = hw.measured
+    slow = replace(hw, measured=replace(base, cpu_attention_bytes_per_s=50e9,
+                                        cpu_attention_overlapped_bytes_per_s=25e9))
+    iso = replace(hw, measured=replace(base, cpu_attention_bytes_per_s=50e9))
+    p = Policy(512, 64)
+    assert estimate(MIXTRAL, slow, MTBENCH, p).decode_layer["cpu"] > estimate(MIXTRAL, iso, MTBENCH, p).decode_layer["cpu"]
+    s3 = replace(p, schedule="s3")
+    assert estimate(MIXTRAL, slow, MTBENCH, s3).decode_layer["cpu"] == pytest.approx(
+        estimate(MIXTRAL, iso, MTBENCH, s3).decode_layer["cpu"])
+
+
 def test_measured_runtime_overheads_price_many_micro_batches():
     """A measured fixed cost per (micro-batch, layer) visit makes tiny micro-batches launch-bound."""
     hw = load_profile("h200")

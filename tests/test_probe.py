@@ -42,6 +42,9 @@ def _fake_gpu_result(cpu_result: dict) -> dict:
     r["link"] = dict(sizes_bytes=[256 * 1024, 4 * MiB, 1024 * MiB], h2d_bytes_per_s=[20e9, 43e9, 55e9],
                      d2h_bytes_per_s=[22e9, 49e9, 55.2e9], duplex_bytes_per_s=120e9, duplex_size_bytes=1024 * MiB,
                      pageable_h2d_bytes_per_s=14e9, pageable_size_bytes=1024 * MiB)
+    r["cpu"]["runtime"] = dict(decode_visit_s=1.5e-3, cpu_attention_call_s=2e-4, visit_model="mixtral-8x7b[1L]",
+                               cpu_attention_overlapped_bytes_per_s=31e9, overlap_shape=[32, 512],
+                               overlap_calls=64, overlap_decode_visit_s=2e-3)
     return r
 
 
@@ -137,6 +140,8 @@ def test_profile_from_measured_gpu(cpu_result, tmp_path):
     assert m.h2d_sizes_bytes[0] == pytest.approx(256 * 1024, rel=1e-3)
     assert m.h2d_rate(4 * MiB, 0) == pytest.approx(43e9, rel=1e-3)
     assert m.gpu_hbm_bytes_per_s == pytest.approx(4.1e12, rel=1e-3)
+    assert m.decode_visit_s == pytest.approx(1.5e-3, rel=1e-3)
+    assert m.cpu_attention_overlapped_bytes_per_s == pytest.approx(31e9, rel=1e-3)
     for section in (p.gpu, p.cpu, p.link):
         assert f"measured by moe-lightning profile on {r['date']}" in section.source
         assert "1x NVIDIA H200" in section.source
