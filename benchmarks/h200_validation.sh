@@ -1,25 +1,60 @@
 #!/usr/bin/env bash
-# The GPU validation run (issue 5), as executed on the lent H200 machine from the repo root:
-#   bash benchmarks/h200_validation.sh            (writes everything under $OUT, or benchmarks/results/h200)
-# 1. the GPU-only kernel tests, 2. measure the machine (hardware profile incl. the runtime's fixed decode
-# costs), 3. predicted vs measured sweeps for Mixtral-8x7B shapes (8 of 32 layers, synthetic bf16 weights)
-# under a 24 GiB full-model GPU budget, prompt 256, gen 32 (benchmarks/validate.py), 4. the HF
-# transformers + accelerate CPU-offload peer on the same model, budget and workload, 5. the same sweep
-# under a 48 GiB budget with the time that is left (BUDGET_S in all).
+# The GPU validation (issues 4 and 5), run on the lent H200 machine from the repo root in phases, so that
+# each device call stays under its time limit:
+#   bash benchmarks/h200_validation.sh tests profile full24 sweep24      (one call)
+#   bash benchmarks/h200_validation.sh sweep48 peer                      (the next)
+# Phases:
+#   tests    the GPU-only tests
+#   profile  `moe-lightning profile`: measures the machine, incl. the runtime's fixed decode costs and its
+#            CPU attention rate inside the pipelined loop -> h200-measured.toml (later phases use it)
+#   full24   issue 4: the optimizer's plan for all 32 layers of Mixtral-8x7B under a 24 GB GPU budget,
+#            prompt 256, gen 32, run end to end with a timeline and a trace
+#   sweep24, sweep48   benchmarks/validate.py: predicted vs measured over a sweep of policies, Mixtral-8x7B
+#            shapes cut to 8 layers (budgets scaled as validate.py says), prompt 256, gen 32
+#   peer     HF transformers + accelerate CPU offload on the same model, budget and workload
+# Everything lands in $OUT/h200 (default benchmarks/results/h200); $OUT/h200.tgz packs it, because the
+# device returns at most 8 files. Env: PROFILE (default hardware_profiles/h200-measured.toml),
+# T24_S / T48_S (time limits of the sweeps), SKIP24 / SKIP48 (start a sweep at that policy).
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
-out=${OUT:-benchmarks/results/h200}
-mkdir -p "$out"
-T0=$(date +%s)
-left() { echo $(( ${BUDGET_S:-570} - ($(date +%s) - T0) )); }
-timeout 60 python -m pytest -q -m gpu tests/test_runtime_kernels.py 2>&1 | tail -3
-python -m moe_lightning_cli.main profile -o "$out/h200-measured.toml" --name h200-measured --no-progress 2>&1 | tee "$out/profile.log" | tail -8
-common=(--hardware "$out/h200-measured.toml" --num-layers 8 --prompt-len 256 --gen-len 32 --max-policies 12)
-python benchmarks/validate.py "${common[@]}" --gpu-budget 24GiB --time-limit-s "${T24_S:-150}" \
-    --out "$out/validation_24gb.csv" 2>&1 | tee "$out/validation_24gb.log"
-echo "seconds left: $(left)"
-timeout 200 python benchmarks/peer_hf_accelerate.py --num-layers 8 --gpu-budget-gib 24 \
-    --batch-sizes 64 --prompt-len 256 --gen-len 32 --output "$out/peer_hf_24gb.json" 2>&1 | tail -6
-echo "seconds left: $(left)"
-python benchmarks/validate.py "${common[@]}" --gpu-budget 48GiB --time-limit-s $(( $(left) - 40 )) \
-    --out "$out/validation_48gb.csv" 2>&1 | tee "$out/validation_48gb.log"
+out=${OUT:-benchmarks/results}
+res="$out/h200"
+mkdir -p "$res"
+profile=${PROFILE:-hardware_profiles/h200-measured.toml}
+cli=(python -m moe_lightning_cli.main)
+sweep=(python benchmarks/validate.py --num-layers 8 --prompt-len 256 --gen-len 32 --max-policies 14)
+for phase in "$@"; do
+    echo "== $phase $(date -u +%FT%TZ)"
+    case $phase in
+    tests)
+        timeout 120 python -m pytest -q -m gpu tests 2>&1 | tail -4 ;;
+    profile)
+        "${cli[@]}" profile -o "$res/h200-measured.toml" --name h200-measured --no-progress 2>&1 \
+            | tee "$res/profile.log" | tail -6
+        profile="$res/h200-measured.toml" ;;
+    full24)
+        d="$res/full_model_32_layers"
+        mkdir -p "$d"
+        "${cli[@]}" plan --model mixtral-8x7b --hardware "$profile" --gpu-memory 24GB --prompt-len 256 \
+            --max-prompt-len 256 --gen-len 32 -o "$d/plan.json" > "$d/plan.txt" 2>&1
+        tail -32 "$d/plan.txt"
+        /usr/bin/time -v timeout 400 "${cli[@]}" run --plan "$d/plan.json" --hardware "$profile" \
+            --timeline "$d/timeline.png" --trace "$d/trace.json" -o "$d/measurement.json" 2>&1 \
+            | tee "$d/run.txt" | grep -v "^\s*\(Average\|Socket\|Signals\|Swaps\|File system\|Page size\)" ;;
+    sweep24)
+        "${sweep[@]}" --hardware "$profile" --gpu-budget 24GiB --time-limit-s "${T24_S:-330}" \
+            --skip "${SKIP24:-0}" --out "$res/validation_24gb${SKIP24:+_from$SKIP24}.csv" 2>&1 \
+            | tee "$res/validation_24gb${SKIP24:+_from$SKIP24}.log" ;;
+    sweep48)
+        "${sweep[@]}" --hardware "$profile" --gpu-budget 48GiB --time-limit-s "${T48_S:-330}" \
+            --skip "${SKIP48:-0}" --out "$res/validation_48gb${SKIP48:+_from$SKIP48}.csv" 2>&1 \
+            | tee "$res/validation_48gb${SKIP48:+_from$SKIP48}.log" ;;
+    peer)
+        timeout "${PEER_S:-200}" python benchmarks/peer_hf_accelerate.py --num-layers 8 --gpu-budget-gib 24 \
+            --batch-sizes 16 --prompt-len 256 --gen-len 32 --experts-implementation eager \
+            --output "$res/peer_hf_24gb_b16_gen32.json" 2>&1 | tail -6 ;;
+    *)
+        echo "unknown phase $phase (tests profile full24 sweep24 sweep48 peer)"; exit 2 ;;
+    esac
+done
+tar czf "$out/h200.tgz" -C "$out" h200 && echo "packed $out/h200.tgz"

@@ -139,6 +139,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--gen-len", type=int, default=32)
     ap.add_argument("--max-policies", type=int, default=16)
+    ap.add_argument("--skip", type=int, default=0,
+                    help="run the sweep from this policy on (to finish a sweep that hit its time limit)")
     ap.add_argument("--time-limit-s", type=float, default=500, help="start no new policy after this")
     ap.add_argument("--out", required=True, help="CSV path; a .json sidecar and a .png are written beside it")
     ap.add_argument("--seed", type=int, default=0)
@@ -196,6 +198,8 @@ def main(argv=None) -> int:
                   f"gpu {e.memory.gpu_bytes / 1e9:.1f} GB")
         return 0
     for i, (tag, p) in enumerate(policies):
+        if i < args.skip:
+            continue
         if time.perf_counter() - t_start > args.time_limit_s:
             print(f"time limit reached; {len(policies) - i} policies not run", flush=True)
             break
@@ -231,6 +235,7 @@ def main(argv=None) -> int:
               f"meas {m.tokens_per_s:8.1f} tok/s ({row['err_tok_s']:+.1%}) prefill {m.prefill_s:.2f}s "
               f"decode {m.decode_s:.2f}s gpu peak {m.gpu_peak_bytes / 1e9:.1f} GB", flush=True)
     meta["elapsed_s"] = time.perf_counter() - t_start
+    meta["policies_skipped"] = args.skip
     atomic_write_text(out.with_suffix(".json"), json.dumps(meta, indent=2, default=str))
     done = [r for r in rows if "meas_tok_s" in r]
     if done:

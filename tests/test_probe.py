@@ -229,3 +229,19 @@ def test_runtime_overheads_measured_on_a_tiny_model():
     r = runtime_overheads(spec, visits=32, calls=20)
     assert 0 < r["decode_visit_s"] < 1.0
     assert 0 < r["cpu_attention_call_s"] < 0.1
+
+
+def test_attention_in_pipeline_counts_every_call():
+    """The overlapped attention rate divides the KV bytes of every decode attention call of the loop by the
+    calls' busy time (on the CPU here: the same code path without streams)."""
+    from dataclasses import replace
+
+    from hrm.hf_config import load_model
+    from runtime.probe import attention_in_pipeline
+
+    spec = replace(load_model("mixtral-8x7b"), hidden_size=64, moe_intermediate_size=128, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, vocab_size=256)
+    r = attention_in_pipeline(spec, micro_batch=4, micro_batches=3, prompt_len=32, steps=4)
+    assert r["overlap_calls"] == 3 * 4                     # micro-batches x decode steps x one layer
+    assert 1e6 < r["cpu_attention_overlapped_bytes_per_s"] < 1e13
+    assert r["overlap_shape"] == [4, 32] and r["overlap_decode_visit_s"] > 0
