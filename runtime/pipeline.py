@@ -7,7 +7,7 @@ Decode tasks (MISSION.md, Algorithm 1): PreAttn (GPU: norm, QKV, RoPE) -> Offloa
 router, experts through the page table; LM head + sampling after the last layer). Weight pages of the
 next layer visit follow each LoadH on the same H2D stream. A "visit" is one layer of one forward
 (prefill: visits 0..L-1, decode step s: visits L(s+1)..L(s+2)-1); visit v reads buffer v % 2.
-Schedules: cgopipe (two micro-batches ahead), s3 (CPU attention, nothing overlapped with it), s4 (GPU
+Schedules: cgopipe (PIPELINE_AHEAD micro-batches ahead), s3 (CPU attention, nothing overlapped with it), s4 (GPU
 attention, KV of the next micro-batch prefetched from the host), blocking (load a layer, then compute).
 Micro-batches whose KV the policy keeps on the device (r_c) attend on the device in every schedule.
 Without CUDA, streams are None and events are already complete, so the same code runs sequentially.
@@ -31,6 +31,14 @@ from .model import (causal_attention, final_logits, fused_qkv, post_attention, p
 from .packing import MicroBatch
 from .sampling import Sampling, sample
 from .weights import Page, WeightStore
+
+
+PIPELINE_AHEAD = 3
+"""CGOPipe issues micro-batch j + PIPELINE_AHEAD's PreAttn (and so its CPU attention) before j's PostAttn.
+The paper's Algorithm 1 runs two ahead; then the attention of j + 2 must finish within one iteration of
+the launching thread, after a GPU tail and a D2H. On the H200 (Mixtral, 32 micro-batches of 23, 1.39 ms of
+launching and ~1.3 ms of attention each) that made each micro-batch take 1.83 ms instead of the slowest
+stage's ~1.45 ms; three ahead gives the attention two iterations of slack."""
 
 
 class _Done:
@@ -420,7 +428,7 @@ class Pipeline:
         """Algorithm 1 over the flattened (visit, micro-batch) sequence, `ahead` tasks in front."""
         first, n = self.L, self.n
         tasks = [(v, j) for v in range(first, self.num_visits) for j in range(n)]
-        ahead = min(2, n)
+        ahead = min(PIPELINE_AHEAD, n)            # front(v + 1, j) must follow back(v, j)
         for t in range(min(ahead, len(tasks))):
             self.front(*tasks[t])
         for t, (visit, j) in enumerate(tasks):
