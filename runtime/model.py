@@ -107,6 +107,10 @@ class ExpertWeights:
 ExpertLookup = Callable[[int], ExpertWeights]
 
 MOE_DENSE_MAX_TOKENS = 64   # moe() takes the sync-free dense path up to this many tokens (ExpertTable only)
+MOE_GROUPED_MAX_TOKENS = 1024
+"""Above this many tokens (prefill) moe() takes the sparse path: the grouped one holds [tokens * k, 2I]
+at once, k times the sparse path's largest per-expert intermediate (on the H200, 8-layer Mixtral under
+an 11 GB budget, prefill micro-batches of 36 x 256 tokens ran out of memory with it)."""
 _GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}   # (device type, dtype) -> torch._grouped_mm works
 
 
@@ -327,14 +331,15 @@ def route(h: torch.Tensor, router: torch.Tensor, spec: ModelSpec) -> tuple[torch
 
 def moe(h: torch.Tensor, layer: LayerWeights, experts: ExpertLookup, spec: ModelSpec) -> torch.Tensor:
     """Routed experts (SwiGLU, read through `experts`) plus the shared expert. h [tokens, hidden] -> same.
-    Through an ExpertTable, up to MOE_DENSE_MAX_TOKENS tokens: the dense path, above: the grouped path
-    where the device has a grouped GEMM for the dtype (neither synchronises with the host); otherwise
-    the sparse path (one host synchronisation: the per-expert token counts)."""
+    Through an ExpertTable, up to MOE_DENSE_MAX_TOKENS tokens: the dense path, then up to
+    MOE_GROUPED_MAX_TOKENS the grouped path where the device has a grouped GEMM for the dtype (neither
+    synchronises with the host); otherwise the sparse path (one host synchronisation: the per-expert token counts)."""
     weights, ids = route(h, layer.router, spec)                            # [tokens, k]
     groups = getattr(experts, "groups", None)
     if groups and h.shape[0] <= MOE_DENSE_MAX_TOKENS:
         out = _routed_dense(h, weights, ids, groups, spec)
-    elif groups and grouped_mm_available(h.device, h.dtype) and _grouped_aligned(groups, spec, h.element_size()):
+    elif (groups and h.shape[0] <= MOE_GROUPED_MAX_TOKENS and grouped_mm_available(h.device, h.dtype)
+          and _grouped_aligned(groups, spec, h.element_size())):
         out = _routed_grouped(h, weights, ids, groups, spec)
     else:
         out = _routed_sparse(h, weights, ids, experts, spec)

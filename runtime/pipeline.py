@@ -33,12 +33,10 @@ from .sampling import Sampling, sample
 from .weights import Page, WeightStore
 
 
-PIPELINE_AHEAD = 3
-"""CGOPipe issues micro-batch j + PIPELINE_AHEAD's PreAttn (and so its CPU attention) before j's PostAttn.
-The paper's Algorithm 1 runs two ahead; then the attention of j + 2 must finish within one iteration of
-the launching thread, after a GPU tail and a D2H. On the H200 (Mixtral, 32 micro-batches of 23, 1.39 ms of
-launching and ~1.3 ms of attention each) that made each micro-batch take 1.83 ms instead of the slowest
-stage's ~1.45 ms; three ahead gives the attention two iterations of slack."""
+PIPELINE_AHEAD = 2
+"""CGOPipe issues micro-batch j + PIPELINE_AHEAD's PreAttn (and so its CPU attention) before j's PostAttn,
+as the paper's Algorithm 1 (two ahead). Three ahead was measured on the H200 (Mixtral, all 32 layers,
+N 732, mu 23; benchmarks/results/h200/full_model_32_layers*): decode 64.6 s against 60.3 s with two."""
 
 
 class _Done:
