@@ -111,9 +111,12 @@ def duplex_bytes_per_s(s: Setting) -> float:
 
 
 def decode_visit_s(s: Setting) -> float:
-    """The runtime's fixed cost of one micro-batch visiting one layer (measured; 0 without a measurement)."""
+    """The runtime's fixed cost of one micro-batch visiting one layer under the setting's schedule
+    (measured; the schedule-independent figure where the profile has none per schedule; 0 without one)."""
     m = _measured(s)
-    return m.decode_visit_s if m is not None else 0.0
+    if m is None:
+        return 0.0
+    return dict(m.decode_visit_s_by_schedule).get(s.schedule, m.decode_visit_s)
 
 
 def cpu_attention_call_s(s: Setting) -> float:

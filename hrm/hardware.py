@@ -78,6 +78,7 @@ class Measured:
     cpu_dram_bytes_per_s: float = 0.0
     gpu_hbm_bytes_per_s: float = 0.0
     decode_visit_s: float = 0.0                # the runtime's fixed cost of one micro-batch visit of a layer
+    decode_visit_s_by_schedule: tuple[tuple[str, float], ...] = ()   # the same per schedule, where measured
     cpu_attention_call_s: float = 0.0          # fixed cost of one CPU attention call (hand-off, masks, append)
     method: str = ""
     date: str = ""
@@ -167,6 +168,17 @@ def _memory_bytes(table: Mapping, where: str) -> float:
     raise HardwareError(f"{where}: missing field 'memory_gib' (or 'memory_gb')")
 
 
+def _by_schedule(table, key: str, scale: float, where: str) -> tuple[tuple[str, float], ...]:
+    """{schedule = number} -> ((schedule, number * scale), ...), every schedule a known one."""
+    from .policy import SCHEDULES
+    if not isinstance(table, Mapping):
+        raise HardwareError(f"{where}: '{key}' must be a table like {{ cgopipe = 1500 }}, got {table!r}")
+    odd = [k for k in table if k not in SCHEDULES]
+    if odd:
+        raise HardwareError(f"{where}: '{key}' names unknown schedule(s) {odd}; known: {', '.join(SCHEDULES)}")
+    return tuple((k, _positive(v, f"{key}.{k}", where) * scale) for k, v in table.items())
+
+
 def _positive(value, key: str, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise HardwareError(f"{where}: '{key}' must be a number, got {value!r}")
@@ -209,6 +221,8 @@ def _measured(table: Mapping, where: str) -> Measured:
         cpu_dram_bytes_per_s=float(table.get("cpu_dram_gb_per_s", 0.0)) * GB,
         gpu_hbm_bytes_per_s=float(table.get("gpu_hbm_gb_per_s", 0.0)) * GB,
         decode_visit_s=float(table.get("decode_visit_us", 0.0)) * 1e-6,
+        decode_visit_s_by_schedule=_by_schedule(table.get("decode_visit_us_by_schedule", {}),
+                                                "decode_visit_us_by_schedule", 1e-6, where),
         cpu_attention_call_s=float(table.get("cpu_attention_call_us", 0.0)) * 1e-6,
         method=str(_req(table, "method", where)), date=str(_req(table, "date", where)),
     )

@@ -140,7 +140,7 @@ def run(args) -> int:
     with Engine(subject, policy, model_dir=args.model_dir, seed=args.seed, dtype=args.dtype,
                 gpu_memory_budget_bytes=budget, progress=progress) as engine:
         if not args.no_warmup:
-            engine.generate(prompts[:2 * target.policy.micro_batch_size], 2, padded=padded)
+            engine.warm_up(prompts, padded=padded)
         _, m = engine.generate(prompts, gen_len, temperature=args.temperature, top_p=args.top_p,
                                seed=args.seed, padded=padded)
         spans = engine.last_spans

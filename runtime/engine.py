@@ -196,6 +196,11 @@ class Engine:
             pinned_bytes=pinned_bytes())
         return out, m
 
+    def warm_up(self, prompts: list[list[int]], padded: bool = False) -> None:
+        """An unmeasured pass of two micro-batches and two tokens: the first call of each kernel (cuBLAS
+        handles and heuristics, the grouped-GEMM check, lazy module loads) costs far more than later ones."""
+        self.generate(prompts[:2 * self.policy.micro_batch_size], 2, padded=padded)
+
     def _run_pass(self, prompts, uniforms, max_new_tokens, sampling, padded, rec):
         lens = [len(p) for p in prompts]
         mu = self.policy.micro_batch_size

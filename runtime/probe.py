@@ -294,32 +294,21 @@ def cpu_attention_bytes_per_s(shapes: Sequence[tuple[int, int]] = ATTENTION_SHAP
 def runtime_overheads(spec, visits: int = 256, calls: int = 200) -> dict:
     """Fixed costs of the runtime's own decode loop, at sizes where compute and transfers vanish.
 
-    decode_visit_s: decode seconds per (micro-batch, layer) visit of a one-layer copy of `spec` run by
-    `runtime.Engine` with micro-batches of one sequence, every expert resident and contexts of a few
-    tokens: kernel launches, stream/event bookkeeping, hand-offs to the attention worker.
+    decode_visit_s_by_schedule: per schedule, decode seconds per (micro-batch, layer) visit (see
+    decode_visit_costs); decode_visit_s: CGOPipe's.
     cpu_attention_call_s: one decode-attention call of one sequence over 16 slots, submitted to the
-    attention worker and waited for (hand-off + kernel-call overhead)."""
-    from hrm.policy import Policy
+    attention worker and waited for (hand-off + kernel-call overhead).
+    With CUDA also the CPU attention rate inside the pipelined loop (attention_in_pipeline)."""
+    from .cpu_attention import AttentionWorker, attention_threads, decode_attention
 
-    from .cpu_attention import AttentionWorker, decode_attention
-    from .engine import Engine
-
+    by_schedule = decode_visit_costs(spec, visits)
     one = spec.with_layers(spec.first_dense_layers + 1)
-    micro_batches = 16
-    steps = max(2, visits // micro_batches)
-    policy = Policy(batch_size=micro_batches, micro_batch_size=1, weights_gpu_frac=1.0)
-    prompts = [[1 + i, 2, 3, 4] for i in range(micro_batches)]
-    with Engine(one, policy, seed=0, progress=False, record=False) as eng:
-        eng.generate(prompts, 3)                                           # warm-up
-        _, m = eng.generate(prompts, steps + 1)
-    visit_s = m.decode_s / (steps * micro_batches * one.num_hidden_layers)
-
     d = spec.head_dim
     q = torch.randn(1, spec.num_attention_heads, d).to(torch.bfloat16)    # [1, q_heads, d]
     k = torch.randn(1, spec.num_key_value_heads, 16, d).to(torch.bfloat16)
     v = torch.randn_like(k)
     starts, ends = torch.zeros(1, dtype=torch.long), torch.full((1,), 16, dtype=torch.long)
-    worker = AttentionWorker()
+    worker = AttentionWorker(attention_threads(torch.cuda.is_available()))
     try:
         for _ in range(10):
             worker.submit(decode_attention, q, k, v, starts, ends).result()
@@ -329,9 +318,41 @@ def runtime_overheads(spec, visits: int = 256, calls: int = 200) -> dict:
         call_s = (time.perf_counter() - t0) / calls
     finally:
         worker.close()
-    out = {"decode_visit_s": visit_s, "cpu_attention_call_s": call_s, "visit_model": one.name}
+    out = {"decode_visit_s": by_schedule["cgopipe"], "decode_visit_s_by_schedule": by_schedule,
+           "cpu_attention_call_s": call_s, "visit_model": one.name}
     if torch.cuda.is_available():
         out.update(attention_in_pipeline(spec))
+    return out
+
+
+SCHEDULE_ATTENTION_ON_GPU = {"cgopipe": False, "s3": False, "s4": True, "blocking": True}
+
+
+def decode_visit_costs(spec, visits: int = 256, micro_batches: int = 16) -> dict[str, float]:
+    """Seconds per (micro-batch, layer) visit of the runtime's decode loop under each schedule, where
+    compute and transfers vanish: a one-layer copy of `spec` whose experts are 16 wide (the model's
+    kernel sequence with tiny expert GEMMs and weight pages), half of them streamed (two expert groups
+    and a page copy per visit, as offloading plans run), micro-batches of one sequence over a few tokens,
+    KV on the host, stage recording on (as measured runs record). What remains is the host's work per
+    visit: kernel launches, stream and event bookkeeping, hand-offs to the attention worker."""
+    from dataclasses import replace
+
+    from hrm.policy import Policy
+
+    from .engine import Engine
+
+    one = replace(spec.with_layers(spec.first_dense_layers + 1), moe_intermediate_size=16,
+                  shared_expert_intermediate_size=16 if spec.shared_expert_intermediate_size else 0)
+    steps = max(2, visits // micro_batches)
+    prompts = [[1 + i, 2, 3, 4] for i in range(micro_batches)]
+    out = {}
+    for schedule, on_gpu in SCHEDULE_ATTENTION_ON_GPU.items():
+        policy = Policy(batch_size=micro_batches, micro_batch_size=1, weights_gpu_frac=0.5,
+                        attention_on_gpu=on_gpu, schedule=schedule)
+        with Engine(one, policy, seed=0, progress=False, record=True) as eng:
+            eng.generate(prompts, 3)                                       # warm-up
+            _, m = eng.generate(prompts, steps + 1)
+        out[schedule] = m.decode_s / (steps * micro_batches * one.num_hidden_layers)
     return out
 
 
@@ -683,8 +704,12 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
               f"cpu_attention_shapes = {json.dumps(att['shapes'])}",
               f"cpu_attention_gb_per_s_by_shape = {_arr([x / GB for x in att['kv_bytes_per_s']])}",
               f"cpu_dram_gb_per_s = {_num(c['dram_read_bytes_per_s'] / GB)}",
-              *([f"# runtime.Engine decode loop of {c['runtime']['visit_model']}: mu = 1, all experts resident",
+              *([f"# runtime.Engine decode loop of {c['runtime']['visit_model']} with 16-wide experts, half streamed, "
+                 "mu = 1, recording on: the host's fixed work per visit, by schedule",
                  f"decode_visit_us = {_num(c['runtime']['decode_visit_s'] * 1e6)}",
+                 *([f"decode_visit_us_by_schedule = "
+                    f"{_table({k: v * 1e6 for k, v in c['runtime']['decode_visit_s_by_schedule'].items()})}"]
+                   if c["runtime"].get("decode_visit_s_by_schedule") else []),
                  f"cpu_attention_call_us = {_num(c['runtime']['cpu_attention_call_s'] * 1e6)}"]
                 if "runtime" in c else []),
               *([f"# the same kernel's calls inside the runtime's CGOPipe decode loop on the GPU, "

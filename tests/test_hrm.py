@@ -204,6 +204,26 @@ def test_overlapped_cpu_attention_rate_prices_cgopipe_only():
         estimate(MIXTRAL, iso, MTBENCH, s3).decode_layer["cpu"])
 
 
+def test_per_schedule_visit_cost_prices_its_schedule():
+    hw = load_profile("h200")
+    m = replace(hw.measured, decode_visit_s=1e-3, decode_visit_s_by_schedule=(("s4", 3e-3),))
+    slow = replace(hw, measured=m)
+    s4 = Policy(512, 16, attention_on_gpu=True, schedule="s4")
+    assert estimate(MIXTRAL, slow, MTBENCH, s4).decode_layer["launch"] == pytest.approx(32 * 3e-3)
+    assert estimate(MIXTRAL, slow, MTBENCH, Policy(512, 16)).decode_layer["launch"] == pytest.approx(32 * 1e-3)
+
+
+def test_unknown_schedule_in_a_profile_is_named(tmp_path):
+    from hrm.hardware import HardwareError
+    text = (Path(load_profile("h200-measured").path).read_text()
+            + "\n")
+    text = text.replace("[measured]\n", "[measured]\ndecode_visit_us_by_schedule = { cgopipe = 1500, s5 = 2 }\n")
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text)
+    with pytest.raises(HardwareError, match="s5"):
+        load_profile(bad)
+
+
 def test_measured_runtime_overheads_price_many_micro_batches():
     """A measured fixed cost per (micro-batch, layer) visit makes tiny micro-batches launch-bound."""
     hw = load_profile("h200")

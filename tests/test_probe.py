@@ -43,6 +43,8 @@ def _fake_gpu_result(cpu_result: dict) -> dict:
                      d2h_bytes_per_s=[22e9, 49e9, 55.2e9], duplex_bytes_per_s=120e9, duplex_size_bytes=1024 * MiB,
                      pageable_h2d_bytes_per_s=14e9, pageable_size_bytes=1024 * MiB)
     r["cpu"]["runtime"] = dict(decode_visit_s=1.5e-3, cpu_attention_call_s=2e-4, visit_model="mixtral-8x7b[1L]",
+                               decode_visit_s_by_schedule={"cgopipe": 1.5e-3, "s3": 1.4e-3, "s4": 2.5e-3,
+                                                           "blocking": 1.2e-3},
                                cpu_attention_overlapped_bytes_per_s=31e9, overlap_shape=[32, 512],
                                overlap_calls=64, overlap_decode_visit_s=2e-3)
     return r
@@ -141,6 +143,7 @@ def test_profile_from_measured_gpu(cpu_result, tmp_path):
     assert m.h2d_rate(4 * MiB, 0) == pytest.approx(43e9, rel=1e-3)
     assert m.gpu_hbm_bytes_per_s == pytest.approx(4.1e12, rel=1e-3)
     assert m.decode_visit_s == pytest.approx(1.5e-3, rel=1e-3)
+    assert dict(m.decode_visit_s_by_schedule)["s4"] == pytest.approx(2.5e-3, rel=1e-3)
     assert m.cpu_attention_overlapped_bytes_per_s == pytest.approx(31e9, rel=1e-3)
     for section in (p.gpu, p.cpu, p.link):
         assert f"measured by moe-lightning profile on {r['date']}" in section.source
@@ -228,6 +231,9 @@ def test_runtime_overheads_measured_on_a_tiny_model():
                    num_key_value_heads=2, head_dim=16, vocab_size=256)
     r = runtime_overheads(spec, visits=32, calls=20)
     assert 0 < r["decode_visit_s"] < 1.0
+    assert sorted(r["decode_visit_s_by_schedule"]) == ["blocking", "cgopipe", "s3", "s4"]
+    assert r["decode_visit_s"] == r["decode_visit_s_by_schedule"]["cgopipe"]
+    assert all(0 < v < 1.0 for v in r["decode_visit_s_by_schedule"].values())
     assert 0 < r["cpu_attention_call_s"] < 0.1
 
 
