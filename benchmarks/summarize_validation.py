@@ -1,9 +1,10 @@
 """Summarise committed validation runs: prediction error, the optimizer's choice against the best
 measured policy, pipeline efficiency, and our chosen plan against the peers.
 
-    python benchmarks/summarize_validation.py benchmarks/results/validation_24gb.csv \
-        benchmarks/results/validation_48gb.csv --peer benchmarks/results/peer_hf_24gb.json \
-        -o benchmarks/results/validation_summary.json
+    python benchmarks/summarize_validation.py \
+        benchmarks/results/h200/validation_24gb.csv+benchmarks/results/h200/validation_24gb_from7.csv \
+        benchmarks/results/h200/validation_48gb.csv --peer benchmarks/results/h200/peer_hf_24gb_b16_gen32.json \
+        -o benchmarks/results/h200/validation_summary.json
 
 Prints a markdown table (for benchmarks/README.md) and writes the numbers as JSON.
 """
@@ -46,9 +47,14 @@ def rows_from_log(log_text: str, sweep: int) -> pd.DataFrame:
     return df
 
 
-def summarize(csv_path: Path, peers: list[dict]) -> dict:
-    df = pd.read_csv(csv_path)
-    return summarize_frame(df, csv_path, peers)
+def summarize(csv_arg: str, peers: list[dict]) -> dict:
+    """One sweep, from one CSV or from its parts joined with '+' (a sweep finished with validate.py
+    --skip); the sidecar JSON of the first part describes the run."""
+    parts = [Path(p) for p in str(csv_arg).split("+")]
+    df = pd.concat([pd.read_csv(p) for p in parts], ignore_index=True)
+    summary = summarize_frame(df, parts[0], peers)
+    summary["file"] = " + ".join(p.name for p in parts)
+    return summary
 
 
 def summarize_frame(df: pd.DataFrame, csv_path: Path, peers: list[dict]) -> dict:
@@ -120,7 +126,7 @@ def markdown(summaries: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("csv", nargs="*", type=Path)
+    ap.add_argument("csv", nargs="*", help="a validate.py CSV, or the parts of one sweep joined with '+'")
     ap.add_argument("--from-log", nargs=2, action="append", default=[], metavar=("LOG", "SWEEP"),
                     help="also summarise the SWEEP-th sweep (0-based) printed in a validate.py log")
     ap.add_argument("--peer", action="append", type=Path, default=[], help="peer_hf_accelerate.py JSON output")
