@@ -31,6 +31,8 @@ RESOURCE_LABELS = {
     "serial": "sum of stages (no overlap)",
     "launch": "runtime overhead per micro-batch (kernel launches, hand-offs)",
     "weights_block": "next layer's weights as one block, activations waiting behind it",
+    "host_chain": "launches in series with CPU attention (the host waits for each, S3)",
+    "host_block": "next layer's weights as one block, then launches in series with CPU attention (S3)",
 }
 
 
@@ -165,9 +167,15 @@ class LayerTimes:
             # CPU attention is not overlapped with GPU work. The next layer's weights go as one block on
             # the H2D stream after the first micro-batch's activations, so every later micro-batch's
             # activations wait behind it: the block plus the rest of the serial chain (MISSION.md S2/S3).
+            # The launching thread also waits for each attention in place, so its per-visit work runs in
+            # series with the attention: the same chain with the launches in place of the GPU's work (two
+            # terms rather than a max inside one, so that every term stays linear in r_w and r_c).
             serial = self.gpu_s + self.cpu_s + self.d2h_s + self.h2d_act_s
+            host_chain = self.launch_s + self.cpu_s + self.d2h_s + self.h2d_act_s
+            rest = 1.0 - 1.0 / self.num_micro_batches
             return {"h2d": self.h2d_s, "link": self.link_s, "serial": serial, "launch": self.launch_s,
-                    "weights_block": self.h2d_weights_s + (1.0 - 1.0 / self.num_micro_batches) * serial}
+                    "weights_block": self.h2d_weights_s + rest * serial,
+                    "host_chain": host_chain, "host_block": self.h2d_weights_s + rest * host_chain}
         return {"gpu": self.gpu_s, "cpu": self.cpu_s, "h2d": self.h2d_s, "d2h": self.d2h_s,
                 "link": self.link_s, "pipeline": self.pipeline_s, "launch": self.launch_s}
 

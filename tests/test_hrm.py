@@ -224,6 +224,22 @@ def test_unknown_schedule_in_a_profile_is_named(tmp_path):
         load_profile(bad)
 
 
+def test_s3_launches_wait_for_cpu_attention_in_series():
+    """In S3 the launching thread waits for each attention in place: with launches slower than the GPU's
+    work, the S3 chain holds the launches, not the GPU time."""
+    hw = load_profile("h200")
+    slow = replace(hw, measured=replace(hw.measured, decode_visit_s=2e-3))
+    est = estimate(MIXTRAL, slow, MTBENCH, Policy(512, 16, schedule="s3"))
+    d = est.decode_layer
+    assert d["launch"] > d["gpu"]
+    lt = decode_layer_times(Setting.of(MIXTRAL, slow, MTBENCH, Policy(512, 16, schedule="s3")),
+                            512, 16, 0.0, 0.0, MTBENCH.prompt_len)
+    terms = lt.terms("s3")
+    assert terms["host_chain"] == pytest.approx(lt.launch_s + lt.cpu_s + lt.d2h_s + lt.h2d_act_s)
+    assert terms["host_block"] > terms["weights_block"]
+    assert est.bound in ("host_block", "host_chain")
+
+
 def test_measured_runtime_overheads_price_many_micro_batches():
     """A measured fixed cost per (micro-batch, layer) visit makes tiny micro-batches launch-bound."""
     hw = load_profile("h200")
