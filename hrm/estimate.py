@@ -276,7 +276,7 @@ def prefill_layer_times(s: Setting, N, mu, r_w, r_c) -> LayerTimes:
     def gpu_mb(seqs):
         tokens = seqs * p
         return (gpu_time(s, ops.layer_gpu_ops(spec, tokens) + ops.attention(spec, seqs, p, 0), tokens)
-                + gpu_time(s, ops.routed_experts(spec, tokens), ops.tokens_per_expert(spec, tokens)))
+                + prefill_experts_time(s, tokens))
 
     gpu = _per_micro_batch(gpu_mb, N, mu)
     frac_moe = spec.num_moe_layers / spec.num_hidden_layers
@@ -289,6 +289,19 @@ def prefill_layer_times(s: Setting, N, mu, r_w, r_c) -> LayerTimes:
     link = (weights_bytes + 2 * hidden_bytes + kv_bytes) / duplex_bytes_per_s(s)
     return LayerTimes(gpu_s=gpu, cpu_s=0.0, h2d_weights_s=h2d, h2d_act_s=0.0, h2d_kv_s=0.0, d2h_s=d2h,
                       link_s=link, pipeline_s=0.0, num_micro_batches=m)
+
+
+def prefill_experts_time(s: Setting, tokens):
+    """The routed experts of one layer for a prefill micro-batch of `tokens` tokens: at the measured rate
+    of the runtime's own MoE layer where the profile has it (interpolated in log tokens, held flat
+    beyond the measured range), else the roofline at the GEMM rate of tokens per expert."""
+    cost = ops.routed_experts(s.spec, tokens)
+    m = _measured(s)
+    if m is not None and m.gpu_moe_tokens:
+        rate = np.interp(np.log(np.maximum(np.asarray(tokens, float), 1.0)), np.log(np.asarray(m.gpu_moe_tokens)),
+                         np.asarray(m.gpu_moe_flops)) * s.hardware.gpu.count
+        return cost.flops / rate
+    return gpu_time(s, cost, ops.tokens_per_expert(s.spec, tokens))
 
 
 def lm_head_time(s: Setting, N):

@@ -128,6 +128,36 @@ def gpu_gemm_flops(tokens: Sequence[int] = GEMM_TOKENS, hidden_size: int = 4096,
     return rates
 
 
+MOE_TOKENS = (1024, 2048, 4096, 8192)
+MOE_TOKENS_QUICK = (1024, 2048)
+
+
+def gpu_moe_flops(spec, tokens: Sequence[int] = MOE_TOKENS, repeats: int = 5, device: str = "cuda") -> list[float]:
+    """Routed-expert FLOP/s (top-k FLOPs, hrm.ops.routed_experts) of the runtime's own MoE layer at
+    prefill token counts: runtime.model.moe through the page-table view the pipeline passes, on one MoE
+    layer of `spec` with synthetic bf16 weights, every expert resident. It holds what plain GEMMs do not:
+    routing, the per-expert split and gathers, the combination."""
+    from dataclasses import replace
+
+    from hrm import ops
+
+    from . import model
+    from .synthetic import synthesize
+    from .weights import WeightStore
+
+    one = replace(spec, first_dense_layers=0).with_layers(1)
+    store = WeightStore(one, torch.bfloat16, device, num_resident=one.num_experts, num_pages=1)
+    synthesize(store, seed=0, progress=False)
+    layer, table = store.dense.layers[0], store.lookup(0, 0)
+    rates = []
+    for t in tokens:
+        h = _fill_random(torch.empty(t, one.hidden_size, dtype=torch.bfloat16, device=device), 3)  # [t, hidden]
+        s = _median_cuda_s(lambda: model.moe(h, layer, table, one), repeats)
+        rates.append(float(ops.routed_experts(one, t).flops) / s)
+    del store
+    return rates
+
+
 def gpu_square_gemm_flops(n: int = 8192, dtype: torch.dtype = torch.bfloat16, repeats: int = 10,
                           device: str = "cuda") -> float:
     """FLOP/s of an n x n x n GEMM (the dense peak; fp32 uses torch's current TF32 setting)."""
@@ -531,9 +561,17 @@ def profile_machine(spec=None, quick: bool = False, progress: bool = True, gpu: 
         from hrm.hf_config import load_model
         c["runtime"] = runtime_overheads(spec or load_model("mixtral-8x7b"), visits=64 if quick else 256)
 
+    def moe():
+        from hrm.hf_config import load_model
+        g["moe_tokens"] = list(MOE_TOKENS_QUICK if quick else MOE_TOKENS)
+        g["moe_flops_per_s"] = gpu_moe_flops(spec or load_model("mixtral-8x7b"), g["moe_tokens"],
+                                             repeats=2 if quick else 5)
+
     steps += [("CPU DRAM copy/read", dram), ("CPU matmul fp32/bf16", matmul), ("CPU decode attention", attention)]
     if use_gpu or not quick:
         steps.append(("runtime decode overheads", overheads))
+    if use_gpu:
+        steps.append(("runtime MoE layer at prefill sizes", moe))
 
     t0 = time.perf_counter()
     with _progress(len(steps), progress) as bar:
@@ -687,6 +725,10 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
                   f"d2h_sizes_mib = {_arr([x / MiB for x in lk['sizes_bytes']])}",
                   f"d2h_gb_per_s = {_arr([x / GB for x in lk['d2h_bytes_per_s']])}",
                   f"gpu_hbm_gb_per_s = {_num(g['hbm_copy_bytes_per_s'] / GB)}"]
+        if g.get("moe_tokens"):
+            lines += ["# runtime.model.moe, one MoE layer, every expert resident: routed top-k FLOP/s by tokens",
+                      f"gpu_moe_tokens = {_arr(g['moe_tokens'])}",
+                      f"gpu_moe_tflops = {_arr([x / TFLOPS for x in g['moe_flops_per_s']])}"]
     elif donor.measured is not None:
         m = donor.measured
         lines.append(f"# GPU curves from profile {donor.name!r} ({m.method}, {m.date})")

@@ -240,6 +240,21 @@ def test_s3_launches_wait_for_cpu_attention_in_series():
     assert est.bound in ("host_block", "host_chain")
 
 
+def test_measured_moe_layer_rate_prices_prefill():
+    """A measured MoE-layer rate (the runtime's own kernel) replaces the GEMM roofline for prefill experts."""
+    hw = load_profile("h200")
+    p = Policy(256, 32)
+    base = estimate(MIXTRAL, hw, MTBENCH, p)
+    tokens = 32 * MTBENCH.prompt_len
+    flops = float(ops.routed_experts(MIXTRAL, tokens).flops)
+    slow = replace(hw, measured=replace(hw.measured, gpu_moe_tokens=(1024.0, 8192.0), gpu_moe_flops=(100e12, 100e12)))
+    s = Setting.of(MIXTRAL, slow, MTBENCH, p)
+    from hrm.estimate import prefill_experts_time
+    assert prefill_experts_time(s, tokens) == pytest.approx(flops / 100e12)
+    assert estimate(MIXTRAL, slow, MTBENCH, p).prefill_s > base.prefill_s
+    assert estimate(MIXTRAL, slow, MTBENCH, p).decode_s == pytest.approx(base.decode_s)   # decode unchanged
+
+
 def test_measured_runtime_overheads_price_many_micro_batches():
     """A measured fixed cost per (micro-batch, layer) visit makes tiny micro-batches launch-bound."""
     hw = load_profile("h200")

@@ -38,7 +38,8 @@ def _fake_gpu_result(cpu_result: dict) -> dict:
                     gemm_flops_per_s=[2.5e12, 32e12, 404e12, 760e12],
                     gemm_shape="[tokens x 4096] x [4096 x 14336] bf16", square_gemm_n=8192,
                     square_gemm_flops_per_s={"bf16": 748e12, "fp16": 750e12, "fp32": 51e12},
-                    hbm_copy_size_bytes=1024 * MiB, hbm_copy_bytes_per_s=4.1e12)
+                    hbm_copy_size_bytes=1024 * MiB, hbm_copy_bytes_per_s=4.1e12,
+                    moe_tokens=[1024, 8192], moe_flops_per_s=[300e12, 450e12])
     r["link"] = dict(sizes_bytes=[256 * 1024, 4 * MiB, 1024 * MiB], h2d_bytes_per_s=[20e9, 43e9, 55e9],
                      d2h_bytes_per_s=[22e9, 49e9, 55.2e9], duplex_bytes_per_s=120e9, duplex_size_bytes=1024 * MiB,
                      pageable_h2d_bytes_per_s=14e9, pageable_size_bytes=1024 * MiB)
@@ -143,6 +144,7 @@ def test_profile_from_measured_gpu(cpu_result, tmp_path):
     assert m.h2d_rate(4 * MiB, 0) == pytest.approx(43e9, rel=1e-3)
     assert m.gpu_hbm_bytes_per_s == pytest.approx(4.1e12, rel=1e-3)
     assert m.decode_visit_s == pytest.approx(1.5e-3, rel=1e-3)
+    assert m.gpu_moe_tokens == (1024, 8192) and m.gpu_moe_flops[1] == pytest.approx(450e12, rel=1e-3)
     assert dict(m.decode_visit_s_by_schedule)["s4"] == pytest.approx(2.5e-3, rel=1e-3)
     assert m.cpu_attention_overlapped_bytes_per_s == pytest.approx(31e9, rel=1e-3)
     for section in (p.gpu, p.cpu, p.link):
@@ -197,6 +199,9 @@ def test_quick_gpu_profile(tmp_path):
     assert lk["duplex_bytes_per_s"] > 0 and lk["pageable_h2d_bytes_per_s"] > 0
     p = write_profile_toml(r, tmp_path / "gpu.toml")
     assert p.gpu.flops("bf16") >= max(g["gemm_flops_per_s"]) * (1 - 1e-3)
+    assert len(p.measured.gpu_moe_tokens) == len(g["moe_tokens"]) and all(f > 1e9 for f in g["moe_flops_per_s"])
+    assert sorted(dict(p.measured.decode_visit_s_by_schedule)) == ["blocking", "cgopipe", "s3", "s4"]
+    assert p.measured.cpu_attention_overlapped_bytes_per_s > 0
 
 
 @pytest.mark.slow
