@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
-        "command": " ".join([sys.executable.split("/")[-1]] + sys.argv), "date": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "command": " ".join(["python", "benchmarks/validate.py"] + list(sys.argv[1:] if argv is None else argv)), "date": dt.datetime.now(dt.timezone.utc).isoformat(),
         "machine": platform.node(), "hardware_profile": hw.path or hw.name, "model": spec.name,
         "full_model_layers": full.num_hidden_layers, "gpu_budget_full_model_bytes": budget_full,
         "gpu_budget_bytes": budget, "cpu_budget_bytes": problem.budgets.cpu_bytes,
@@ -230,6 +230,9 @@ def main(argv=None) -> int:
         row["err_decode_tok_s"] = (est.decode_tok_s - m.decode_tokens_per_s) / m.decode_tokens_per_s
         row["err_prefill_s"] = (est.prefill_s - m.prefill_s) / m.prefill_s
         row["pipeline_efficiency"] = m.decode_tokens_per_s / ideal.decode_tok_s
+        # decode seconds per (micro-batch, layer) visit, against the profile's fixed host cost per visit
+        row["meas_visit_s"] = m.decode_s / max(1, m.decode_layer_steps * p.num_micro_batches)
+        row["pred_visit_s"] = est.decode_layer["launch"] / p.num_micro_batches
         rows.append(row)
         write_csv(out, rows)
         print(f"[{i + 1}/{len(policies)}] {tag:18s} {p.short():58s} pred {est.throughput_tok_s:8.1f} "
