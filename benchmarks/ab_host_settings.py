@@ -1,6 +1,6 @@
 """A/B of the runtime's host settings on one policy: attention-worker threads left to the launcher
-(runtime.cpu_attention.HOST_CORES_RESERVED) and the GIL switch interval while generating
-(runtime.engine.SWITCH_INTERVAL_S). Same machine, same policy, alternating, one JSON line per run.
+(runtime.cpu_attention.HOST_CORES_RESERVED), the GIL switch interval while generating
+(runtime.engine.SWITCH_INTERVAL_S) and decode PostAttn CUDA graphs. Same machine, same policy, alternating, one JSON line per run.
 
     PYTHONPATH=. python benchmarks/ab_host_settings.py --hardware hardware_profiles/h200-measured.toml
 """
@@ -20,8 +20,10 @@ from hrm.policy import Policy  # noqa: E402
 from hrm.spec import Workload  # noqa: E402
 from optimizer.space import parse_size  # noqa: E402
 
-SETTINGS = {"reserve2_switch0.1ms": (2, 1e-4), "reserve0_switch5ms": (0, 5e-3),
-            "reserve0_switch0.1ms": (0, 1e-4), "reserve2_switch5ms": (2, 5e-3)}
+SETTINGS = {  # name -> (cores reserved, switch interval s, CUDA graphs)
+    "reserve2_switch0.1ms": (2, 1e-4, False), "reserve0_switch5ms": (0, 5e-3, False),
+    "reserve0_switch0.1ms": (0, 1e-4, False), "reserve2_switch5ms": (2, 5e-3, False),
+    "reserve2_switch0.1ms_graphs": (2, 1e-4, True)}
 
 
 def main() -> int:
@@ -36,8 +38,8 @@ def main() -> int:
     budget = scaled_budget(spec, 32, parse_size("24GiB"))
     for r in range(args.repeats):
         for name in args.settings.split(","):
-            cpu_attention.HOST_CORES_RESERVED, engine.SWITCH_INTERVAL_S = SETTINGS[name]
-            m, _ = run_one(spec, policy, Workload.uniform(256, 32), budget, seed=r)
+            cpu_attention.HOST_CORES_RESERVED, engine.SWITCH_INTERVAL_S, graphs = SETTINGS[name]
+            m, _ = run_one(spec, policy, Workload.uniform(256, 32), budget, seed=r, cuda_graphs=graphs)
             print(json.dumps({"setting": name, "repeat": r, "policy": policy.short(), "tok_s": m.tokens_per_s,
                               "decode_s": m.decode_s, "prefill_s": m.prefill_s,
                               "cpu_attention_s": sum(s.total_s for s in m.stages if s.name == "cpu_attention"

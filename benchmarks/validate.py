@@ -106,14 +106,15 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     atomic_write(path, write)
 
 
-def run_one(spec, policy, workload, budget_bytes, seed: int):
+def run_one(spec, policy, workload, budget_bytes, seed: int, cuda_graphs: bool = False):
     """Measure one policy with synthetic weights: (Measurement, recorded spans)."""
     import torch
     from runtime.engine import Engine
 
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(10, spec.vocab_size - 10, (policy.batch_size, workload.max_prompt_len), generator=g).tolist()
-    with Engine(spec, policy, gpu_memory_budget_bytes=int(budget_bytes), seed=seed, progress=False) as eng:
+    with Engine(spec, policy, gpu_memory_budget_bytes=int(budget_bytes), seed=seed, progress=False,
+                cuda_graphs=cuda_graphs) as eng:
         eng.warm_up(prompts)     # H200: a policy's first run in a process measured 9% below its second
         _, m = eng.generate(prompts, workload.gen_len)
         spans = eng.last_spans
@@ -145,6 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--time-limit-s", type=float, default=500, help="start no new policy after this")
     ap.add_argument("--out", required=True, help="CSV path; a .json sidecar and a .png are written beside it")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cuda-graphs", action="store_true", help="run every policy with decode PostAttn graphs")
     ap.add_argument("--dry-run", action="store_true", help="list the policies with their predictions, run nothing")
     args = ap.parse_args(argv)
 
@@ -180,7 +182,7 @@ def main(argv=None) -> int:
         "machine": platform.node(), "hardware_profile": hw.path or hw.name, "model": spec.name,
         "full_model_layers": full.num_hidden_layers, "gpu_budget_full_model_bytes": budget_full,
         "gpu_budget_bytes": budget, "cpu_budget_bytes": problem.budgets.cpu_bytes,
-        "workload": workload.__dict__, "chosen_policy": plan.policy.__dict__,
+        "workload": workload.__dict__, "chosen_policy": plan.policy.__dict__, "cuda_graphs": args.cuda_graphs,
         "baselines": [b.to_dict(plan.throughput_tok_s) for b in baselines],
     }
     try:
@@ -213,7 +215,7 @@ def main(argv=None) -> int:
         row.update({f"pred_layer_{k}_s": v for k, v in est.decode_layer.items()})
         t0 = time.perf_counter()
         try:
-            m, spans = run_one(spec, p, workload, budget, args.seed + i)
+            m, spans = run_one(spec, p, workload, budget, args.seed + i, cuda_graphs=args.cuda_graphs)
             if tag == "chosen":
                 _timeline(spans, f"{spec.name}, {m.device}: {p.short()}", out.with_name(out.stem + "_timeline.png"))
         except Exception as e:  # a policy that fails is recorded, not hidden

@@ -58,6 +58,8 @@ def add_parser(sub) -> None:
     ex.add_argument("--seed", type=int, default=0, help="weights, prompts and sampling seed")
     ex.add_argument("--no-warmup", action="store_true",
                     help="skip the unmeasured warm-up (two micro-batches, two tokens) that loads the kernels")
+    ex.add_argument("--cuda-graphs", action="store_true",
+                    help="replay each decode PostAttn as a CUDA graph (fewer launches per micro-batch; GPU only)")
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print the measurement as JSON only")
     out.add_argument("-o", "--output", metavar="MEASUREMENT.json", help="write the Measurement JSON here")
@@ -138,7 +140,7 @@ def run(args) -> int:
     subject = target.plan if target.plan is not None and not args.num_layers else target.spec
     policy = None if subject is target.plan else target.policy
     with Engine(subject, policy, model_dir=args.model_dir, seed=args.seed, dtype=args.dtype,
-                gpu_memory_budget_bytes=budget, progress=progress) as engine:
+                gpu_memory_budget_bytes=budget, progress=progress, cuda_graphs=args.cuda_graphs) as engine:
         if not args.no_warmup:
             engine.warm_up(prompts, padded=padded)
         _, m = engine.generate(prompts, gen_len, temperature=args.temperature, top_p=args.top_p,

@@ -22,6 +22,7 @@ from hrm.policy import Policy
 from hrm.spec import ModelSpec
 
 from .checkpoint import load_checkpoint
+from .graphs import PostAttentionGraphs
 from .cpu_attention import AttentionWorker, attention_threads
 from .host_memory import pinned_bytes
 from .kv_cache import KVCache, device_micro_batches, kv_elems
@@ -85,7 +86,7 @@ class Engine:
     def __init__(self, plan_or_spec, policy: Policy | None = None, *, model_dir: str | Path | None = None,
                  seed: int = 0, dtype: torch.dtype | str | None = None, device: str | None = None,
                  gpu_memory_budget_bytes: int | None = None, progress: bool | None = None,
-                 record: bool = True):
+                 record: bool = True, cuda_graphs: bool = False):
         if policy is None:
             plan = plan_or_spec
             spec, policy = plan.spec, plan.policy
@@ -121,6 +122,11 @@ class Engine:
             load_checkpoint(model_dir, self.store, progress=progress)
         else:
             synthesize(self.store, seed=seed, progress=progress)
+        self.graphs = None
+        if cuda_graphs:
+            if self.device.type != "cuda":
+                raise UnsupportedPolicy("CUDA graphs need a CUDA device")
+            self.graphs = PostAttentionGraphs(spec, self.store)
         self.kv = KVCache(spec, dtype, self.device)
         self.worker = AttentionWorker(attention_threads(self.device.type == "cuda"))
         self.last_spans: list[Span] = []
@@ -212,7 +218,9 @@ class Engine:
                                    self.kv.host_bytes_needed(mbs, num_dev), "KV cache and activations"))
         self.kv.carve(mbs, num_dev)
         pipe = Pipeline(self.spec, self.policy, self.store, self.kv, mbs, num_dev, sampling, uniforms,
-                        prompts, max_new_tokens, rec, self.worker)
+                        prompts, max_new_tokens, rec, self.worker, self.graphs)
+        if self.graphs is not None:
+            self.graphs.capture(pipe.graph_keys())       # before the pass: capturing synchronises
         t0 = time.perf_counter()
         pipe.prefill()
         self._synchronize()

@@ -96,6 +96,7 @@ class _MB:
     rows_host: torch.Tensor         # [B] host
     rope: tuple                     # (cos, sin, signed sin) [max_new, B, d] device, per decode step
     qkv_dev_parts: tuple = ()       # q [B, n_q, d], k, v [B, n_kv, d]: views of qkv_dev
+    h_buf: torch.Tensor | None = None   # [B, hidden] device: where a PostAttn graph's output is copied
     qkv_host_parts: tuple = ()      # the same views of qkv_host (built once: the worker needs the GIL less)
     h: torch.Tensor | None = None   # [B, hidden] device residual stream
     cos: torch.Tensor | None = None
@@ -114,9 +115,10 @@ class Pipeline:
     def __init__(self, spec: ModelSpec, policy: Policy, store: WeightStore, kv: KVCache,
                  micro_batches: tuple[MicroBatch, ...], num_device_kv: int, sampling: Sampling,
                  uniforms: torch.Tensor, prompts: list[list[int]], max_new_tokens: int,
-                 recorder: Recorder, worker: AttentionWorker):
+                 recorder: Recorder, worker: AttentionWorker, graphs=None):
         self.spec, self.policy, self.store, self.kv = spec, policy, store, kv
         self.mbs, self.sampling, self.rec, self.worker = micro_batches, sampling, recorder, worker
+        self.graphs = graphs                       # runtime.graphs.PostAttentionGraphs, or None (eager)
         self.prompts, self.max_new = prompts, max_new_tokens
         self.device, self.dtype = store.device, store.dtype
         self.streams = Streams(self.device)
@@ -384,9 +386,19 @@ class Pipeline:
         st.wait(st.compute, m.ev_load_h)
         if j == 0:
             self._wait_pages(visit)
+        graph = self.graphs.get(layer, visit % 2, m.mb.size) if self.graphs is not None else None
         with st.use(st.compute), self.rec.gpu("gpu_compute", st.compute, self._label(visit, j)):
-            lookup = self.store.lookup(layer, visit % 2)
-            m.h = post_attention(m.h, m.attn_dev, self.store.dense.layers[layer], lookup, self.spec)
+            if graph is None:
+                lookup = self.store.lookup(layer, visit % 2)
+                m.h = post_attention(m.h, m.attn_dev, self.store.dense.layers[layer], lookup, self.spec)
+            else:
+                g, h_in, attn_in, out = graph
+                h_in.copy_(m.h)
+                attn_in.copy_(m.attn_dev)
+                g.replay()
+                if m.h_buf is None:
+                    m.h_buf = torch.empty_like(out)
+                m.h = m.h_buf.copy_(out)            # before the next replay of this graph overwrites it
             if layer == self.L - 1:
                 step = visit // self.L - 1
                 logits = final_logits(m.h, self.store.dense, self.spec)             # [B, vocab]
@@ -413,6 +425,12 @@ class Pipeline:
         self.post_attn(visit, j)
 
     # ---- decode schedules ------------------------------------------------------------------------
+    def graph_keys(self) -> set[tuple[int, int, int]]:
+        """(layer, weight buffer, micro-batch size) of every decode PostAttn of the pass (buffer parity
+        repeats every 2 L visits)."""
+        visits = range(self.L, min(self.num_visits, 3 * self.L))
+        return {(v % self.L, v % 2, m.mb.size) for v in visits for m in self.state}
+
     @property
     def num_visits(self) -> int:
         return self.L * self.max_new      # prefill + (max_new - 1) decode steps

@@ -270,3 +270,27 @@ def test_gpu_overlapped_schedules_equal_the_synchronous_one():
         return any(x.start_s < y.end_s and y.start_s < x.end_s
                    for x in decode if x.stage == a for y in decode if y.stage == b)
     assert overlaps("h2d_weights", "gpu_compute") and overlaps("cpu_attention", "gpu_compute")
+
+
+def test_cuda_graphs_need_a_cuda_device():
+    from runtime.engine import UnsupportedPolicy
+    with pytest.raises(UnsupportedPolicy, match="CUDA"):
+        Engine(QWEN2, Policy(4, 2), dtype=torch.float32, seed=0, device="cpu", cuda_graphs=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", [Policy(48, 8), Policy(48, 8, weights_gpu_frac=0.25), Policy(48, 8, schedule="s3"),
+                                    Policy(48, 8, attention_on_gpu=True, schedule="s4")],
+                         ids=["cgopipe", "cgopipe-rw", "s3", "s4"])
+def test_gpu_post_attention_graphs_give_the_eager_tokens(policy):
+    """Graph replays run the eager kernels on copies of the same inputs: identical greedy tokens, with a
+    partial last micro-batch (46 = 5 x 8 + 6) and uneven prompts."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 1000, (int(n),), generator=g).tolist() for n in torch.randint(8, 64, (46,), generator=g)]
+    runs = []
+    for graphs in (False, True):
+        with Engine(WIDE, policy, dtype=torch.float32, seed=1, device="cuda", cuda_graphs=graphs) as e:
+            runs.append(e.generate(prompts, 8)[0])
+            if graphs:
+                assert len(e.graphs) > 0
+    assert runs[0] == runs[1]
