@@ -32,11 +32,9 @@ class PostAttentionGraphs:
         self._graphs: dict[tuple[int, int, int], tuple[torch.CUDAGraph, torch.Tensor]] = {}
 
     def capturable(self, size: int) -> bool:
-        if size <= model.MOE_DENSE_MAX_TOKENS:
-            return True
+        """Micro-batches whose MoE path does not synchronise with the host."""
         groups = self.store.lookup(self.spec.first_dense_layers, 0).groups
-        return (size <= model.MOE_GROUPED_MAX_TOKENS and model.grouped_mm_available(self.device, self.store.dtype)
-                and model._grouped_aligned(groups, self.spec, self.store.dtype.itemsize))
+        return model.moe_path(size, groups, self.spec, self.device, self.store.dtype) != "sparse"
 
     def capture(self, keys) -> None:
         """Capture every (layer, buffer, size) of `keys` not captured yet (synchronises the device: call it

@@ -336,10 +336,10 @@ def moe(h: torch.Tensor, layer: LayerWeights, experts: ExpertLookup, spec: Model
     synchronises with the host); otherwise the sparse path (one host synchronisation: the per-expert token counts)."""
     weights, ids = route(h, layer.router, spec)                            # [tokens, k]
     groups = getattr(experts, "groups", None)
-    if groups and h.shape[0] <= MOE_DENSE_MAX_TOKENS:
+    path = moe_path(h.shape[0], groups, spec, h.device, h.dtype)
+    if path == "dense":
         out = _routed_dense(h, weights, ids, groups, spec)
-    elif (groups and h.shape[0] <= MOE_GROUPED_MAX_TOKENS and grouped_mm_available(h.device, h.dtype)
-          and _grouped_aligned(groups, spec, h.element_size())):
+    elif path == "grouped":
         out = _routed_grouped(h, weights, ids, groups, spec)
     else:
         out = _routed_sparse(h, weights, ids, experts, spec)
@@ -418,6 +418,19 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
                 ok = False
         _GROUPED_MM_OK[key] = ok
     return _GROUPED_MM_OK[key]
+
+
+def moe_path(tokens: int, groups, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> str:
+    """Which routed-expert path moe() takes: "dense" or "grouped" (no host synchronisation: what a CUDA
+    graph can capture) or "sparse". `groups`: the ExpertTable's store groups, or None for a plain lookup."""
+    if not groups:
+        return "sparse"
+    if tokens <= MOE_DENSE_MAX_TOKENS:
+        return "dense"
+    if (tokens <= MOE_GROUPED_MAX_TOKENS and grouped_mm_available(device, dtype)
+            and _grouped_aligned(groups, spec, dtype.itemsize)):
+        return "grouped"
+    return "sparse"
 
 
 def _grouped_aligned(groups: tuple[tuple[int, torch.Tensor], ...], spec: ModelSpec, elem_bytes: int) -> bool:
