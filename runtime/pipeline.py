@@ -7,8 +7,9 @@ Decode tasks (MISSION.md, Algorithm 1): PreAttn (GPU: norm, QKV, RoPE) -> Offloa
 router, experts through the page table; LM head + sampling after the last layer). Weight pages of the
 next layer visit follow each LoadH on the same H2D stream. A "visit" is one layer of one forward
 (prefill: visits 0..L-1, decode step s: visits L(s+1)..L(s+2)-1); visit v reads buffer v % 2.
-Schedules: cgopipe (PIPELINE_AHEAD micro-batches ahead), s3 (CPU attention, nothing overlapped with it), s4 (GPU
-attention, KV of the next micro-batch prefetched from the host), blocking (load a layer, then compute).
+Schedules: cgopipe (PIPELINE_AHEAD micro-batches ahead), s3 (CPU attention, nothing overlapped with
+it), s4 (GPU attention, KV of the next micro-batch prefetched from the host), blocking (load a layer,
+then compute). With `graphs` (runtime/graphs.py) the decode PostAttn replays a captured CUDA graph.
 Micro-batches whose KV the policy keeps on the device (r_c) attend on the device in every schedule.
 Without CUDA, streams are None and events are already complete, so the same code runs sequentially.
 """
@@ -96,8 +97,8 @@ class _MB:
     rows_host: torch.Tensor         # [B] host
     rope: tuple                     # (cos, sin, signed sin) [max_new, B, d] device, per decode step
     qkv_dev_parts: tuple = ()       # q [B, n_q, d], k, v [B, n_kv, d]: views of qkv_dev
-    h_buf: torch.Tensor | None = None   # [B, hidden] device: where a PostAttn graph's output is copied
     qkv_host_parts: tuple = ()      # the same views of qkv_host (built once: the worker needs the GIL less)
+    h_buf: torch.Tensor | None = None   # [B, hidden] device: where a PostAttn graph's output is copied
     h: torch.Tensor | None = None   # [B, hidden] device residual stream
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
