@@ -264,6 +264,18 @@ def test_predicted_vs_measured_figure():
         predicted_vs_measured_figure(df.drop(columns=["measured_tok_s"]))
 
 
+def test_error_by_micro_batches_figure():
+    from viz import error_by_micro_batches_figure
+    df = _validation_frame().assign(policy_batch_size=[100, 100, 64, 8], policy_micro_batch_size=[10, 10, 16, 8],
+                                    policy_schedule=["cgopipe", "cgopipe", "s3", "s4"], source="v.csv")
+    fig = error_by_micro_batches_figure(df)
+    assert_readable(fig)
+    assert fig.moe_lightning_data["micro_batches"] == [10, 10, 4, 1]
+    assert fig.moe_lightning_data["error_pct"] == pytest.approx([10.0, -10.0, 25.0, -20.0])
+    with pytest.raises(ValueError, match="policy_schedule"):
+        error_by_micro_batches_figure(df.drop(columns=["policy_schedule"]))
+
+
 def test_baselines_figure(target):
     from viz import baselines_figure
     spec, hw, wl = target

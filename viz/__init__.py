@@ -17,6 +17,7 @@ _EXPORTS = {
     "baselines_figure": "viz.baselines_plot",
     "predicted_vs_measured_figure": "viz.validation",
     "error_table": "viz.validation",
+    "error_by_micro_batches_figure": "viz.validation",
     "throughput_grid": "viz.grid",
     "ThroughputGrid": "viz.grid",
     "timeline_figure": "viz.timeline",

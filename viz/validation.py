@@ -102,6 +102,44 @@ def predicted_vs_measured_figure(df, title: str | None = None, band_pct: float =
     return fig
 
 
+def error_by_micro_batches_figure(df, title: str | None = None, band_pct: float = 10.0):
+    """Relative error of each run against its number of micro-batches (ceil(N / mu)), one marker per
+    schedule, one colour per source file, with a +-band_pct% band. A fixed cost per micro-batch that the
+    model under-prices shows as an error growing to the right. Needs policy_batch_size,
+    policy_micro_batch_size and policy_schedule (validate.py's CSV columns)."""
+    need = ("policy_batch_size", "policy_micro_batch_size", "policy_schedule")
+    _check(df)
+    missing = [c for c in need if c not in df.columns]
+    if missing:
+        raise ValueError(f"error by micro-batches needs columns {', '.join(missing)}")
+    from matplotlib import colormaps
+    n = np.ceil(df["policy_batch_size"].to_numpy(float) / df["policy_micro_batch_size"].to_numpy(float))
+    err = 100.0 * (df["predicted_tok_s"].to_numpy(float) - df["measured_tok_s"].to_numpy(float)) \
+        / df["measured_tok_s"].to_numpy(float)
+    sources = list(dict.fromkeys(df["source"])) if "source" in df.columns else [None]
+    colors = {src: colormaps["tab10"](i % 10) for i, src in enumerate(sources)}
+    markers = {"cgopipe": "o", "s3": "s", "s4": "^", "blocking": "D"}
+    fig = new_figure(8.5, 5.2)
+    ax = fig.subplots()
+    ax.axhspan(-band_pct, band_pct, color="0.9", zorder=0, label=f"+-{band_pct:g}%")
+    ax.axhline(0.0, color="0.4", lw=0.8)
+    for sched in dict.fromkeys(df["policy_schedule"]):
+        for src in sources:
+            sel = (df["policy_schedule"] == sched).to_numpy()
+            if src is not None:
+                sel = sel & (df["source"] == src).to_numpy()
+            if sel.any():
+                ax.scatter(n[sel], err[sel], marker=markers.get(sched, "x"), color=colors[src], s=46,
+                           label=f"{sched}" + (f" ({src})" if src is not None and len(sources) > 1 else ""))
+    ax.set_xscale("log")
+    ax.set_xlabel("micro-batches per layer (N / mu, log)")
+    ax.set_ylabel("prediction error of end-to-end tok/s (%)\n(predicted - measured) / measured")
+    ax.set_title(title or "Prediction error against the number of micro-batches")
+    ax.legend(fontsize=8, loc="best")
+    fig.moe_lightning_data = {"micro_batches": n.tolist(), "error_pct": err.tolist()}
+    return fig
+
+
 COLUMN_ALIASES = {
     "predicted_tok_s": ("predicted_tok_s", "pred_tok_s", "predicted_tokens_per_s", "predicted_throughput_tok_s", "predicted"),
     "measured_tok_s": ("measured_tok_s", "meas_tok_s", "measured_tokens_per_s", "measured_throughput_tok_s", "tokens_per_s",
