@@ -29,7 +29,7 @@ for phase in "$@"; do
     echo "== $phase $(date -u +%FT%TZ)"
     case $phase in
     tests)
-        timeout 120 python -m pytest -q -m gpu tests 2>&1 | tail -4 ;;
+        timeout 240 python -m pytest -q -m gpu tests 2>&1 | tail -8 ;;
     profile)
         "${cli[@]}" profile -o "$res/h200-measured.toml" --name h200-measured --no-progress 2>&1 \
             | tee "$res/profile.log" | tail -6

@@ -321,7 +321,7 @@ def cpu_attention_bytes_per_s(shapes: Sequence[tuple[int, int]] = ATTENTION_SHAP
     return rates
 
 
-def runtime_overheads(spec, visits: int = 256, calls: int = 200) -> dict:
+def runtime_overheads(spec, visits: int = 256, calls: int = 200, quick: bool = False) -> dict:
     """Fixed costs of the runtime's own decode loop, at sizes where compute and transfers vanish.
 
     decode_visit_s_by_schedule: per schedule, decode seconds per (micro-batch, layer) visit (see
@@ -351,7 +351,8 @@ def runtime_overheads(spec, visits: int = 256, calls: int = 200) -> dict:
     out = {"decode_visit_s": by_schedule["cgopipe"], "decode_visit_s_by_schedule": by_schedule,
            "cpu_attention_call_s": call_s, "visit_model": one.name}
     if torch.cuda.is_available():
-        out.update(attention_in_pipeline(spec))
+        out.update(attention_in_pipeline(spec, micro_batch=16, micro_batches=4, prompt_len=256, steps=4)
+                   if quick else attention_in_pipeline(spec))
     return out
 
 
@@ -559,7 +560,7 @@ def profile_machine(spec=None, quick: bool = False, progress: bool = True, gpu: 
 
     def overheads():
         from hrm.hf_config import load_model
-        c["runtime"] = runtime_overheads(spec or load_model("mixtral-8x7b"), visits=64 if quick else 256)
+        c["runtime"] = runtime_overheads(spec or load_model("mixtral-8x7b"), visits=64 if quick else 256, quick=quick)
 
     def moe():
         from hrm.hf_config import load_model
