@@ -173,7 +173,8 @@ def main(argv=None) -> int:
 
     # the HRM's ideal bound: the measured ceilings without the runtime's fixed per-visit costs
     ideal_hw = hw if hw.measured is None else replace(hw, measured=replace(
-        hw.measured, decode_visit_s=0.0, decode_visit_s_by_schedule=(), cpu_attention_call_s=0.0))
+        hw.measured, decode_visit_s=0.0, decode_visit_s_by_schedule=(), decode_visit_s_grouped_by_schedule=(),
+        cpu_attention_call_s=0.0))
     policies = sweep_policies(plan.policy, baselines, spec, fits)[: args.max_policies]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -112,13 +112,19 @@ def duplex_bytes_per_s(s: Setting) -> float:
     return s.hardware.link.duplex_bytes_per_s * s.hardware.gpu.count
 
 
-def decode_visit_s(s: Setting) -> float:
-    """The runtime's fixed cost of one micro-batch visiting one layer under the setting's schedule
-    (measured; the schedule-independent figure where the profile has none per schedule; 0 without one)."""
+def decode_visit_s(s: Setting, mu):
+    """The runtime's fixed cost of one micro-batch of `mu` visiting one layer under the setting's schedule
+    (measured; 0 without a measurement). Micro-batches above the profile's `grouped_above_tokens` take the
+    runtime's grouped MoE path, which launches more kernels, and cost what was measured for it; the rest
+    cost the per-schedule figure, or the schedule-independent one where the profile has none."""
     m = _measured(s)
     if m is None:
         return 0.0
-    return dict(m.decode_visit_s_by_schedule).get(s.schedule, m.decode_visit_s)
+    small = dict(m.decode_visit_s_by_schedule).get(s.schedule, m.decode_visit_s)
+    large = dict(m.decode_visit_s_grouped_by_schedule).get(s.schedule)
+    if large is None or not m.grouped_above_tokens:
+        return small
+    return np.where(np.asarray(mu) > m.grouped_above_tokens, large, small)
 
 
 def cpu_attention_call_s(s: Setting) -> float:
@@ -255,7 +261,7 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
     # one micro-batch's round trip through the loop (does not depend on r_w)
     mu_arr = np.minimum(np.asarray(mu), np.asarray(N))
     loop = gpu_mb(mu_arr) + experts_gpu_mb(mu_arr)
-    loop = loop + decode_visit_s(s)
+    loop = loop + decode_visit_s(s, mu_arr)
     if not s.attention_on_gpu:
         loop = loop + (cpu_time(s, ops.attention(spec, mu_arr, 1, ctx), cpu_attention_bytes_per_s(s))
                        + cpu_attention_call_s(s)
@@ -263,7 +269,7 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
                        + mu_arr * _attn_out_elems(spec) * ab / h2d_bytes_per_s(s, mu_arr * _attn_out_elems(spec) * ab))
     return LayerTimes(gpu_s=gpu, cpu_s=cpu, h2d_weights_s=h2d_weights, h2d_act_s=h2d_act, h2d_kv_s=h2d_kv,
                       d2h_s=d2h, link_s=link, pipeline_s=loop, num_micro_batches=m,
-                      launch_s=m * decode_visit_s(s))
+                      launch_s=m * decode_visit_s(s, mu_arr))
 
 
 def prefill_layer_times(s: Setting, N, mu, r_w, r_c) -> LayerTimes:

@@ -81,6 +81,8 @@ class Measured:
     gpu_hbm_bytes_per_s: float = 0.0
     decode_visit_s: float = 0.0                # the runtime's fixed cost of one micro-batch visit of a layer
     decode_visit_s_by_schedule: tuple[tuple[str, float], ...] = ()   # the same per schedule, where measured
+    decode_visit_s_grouped_by_schedule: tuple[tuple[str, float], ...] = ()  # micro-batches above ...
+    grouped_above_tokens: int = 0              # ... this many tokens (the runtime's grouped MoE path)
     cpu_attention_call_s: float = 0.0          # fixed cost of one CPU attention call (hand-off, masks, append)
     method: str = ""
     date: str = ""
@@ -228,6 +230,10 @@ def _measured(table: Mapping, where: str) -> Measured:
         decode_visit_s=float(table.get("decode_visit_us", 0.0)) * 1e-6,
         decode_visit_s_by_schedule=_by_schedule(table.get("decode_visit_us_by_schedule", {}),
                                                 "decode_visit_us_by_schedule", 1e-6, where),
+        decode_visit_s_grouped_by_schedule=_by_schedule(table.get("decode_visit_us_grouped_by_schedule", {}),
+                                                        "decode_visit_us_grouped_by_schedule", 1e-6, where),
+        grouped_above_tokens=int(_positive(table["grouped_above_tokens"], "grouped_above_tokens", where))
+        if "grouped_above_tokens" in table else 0,
         cpu_attention_call_s=float(table.get("cpu_attention_call_us", 0.0)) * 1e-6,
         method=str(_req(table, "method", where)), date=str(_req(table, "date", where)),
     )

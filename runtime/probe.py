@@ -331,7 +331,13 @@ def runtime_overheads(spec, visits: int = 256, calls: int = 200, quick: bool = F
     With CUDA also the CPU attention rate inside the pipelined loop (attention_in_pipeline)."""
     from .cpu_attention import AttentionWorker, attention_threads, decode_attention
 
+    from . import model
+
     by_schedule = decode_visit_costs(spec, visits)
+    grouped_size = model.MOE_DENSE_MAX_TOKENS + 1
+    grouped = {}
+    if torch.cuda.is_available() and model.grouped_mm_available(torch.device("cuda"), torch.bfloat16):
+        grouped = decode_visit_costs(spec, visits, micro_batches=8, micro_batch_size=grouped_size)
     one = spec.with_layers(spec.first_dense_layers + 1)
     d = spec.head_dim
     q = torch.randn(1, spec.num_attention_heads, d).to(torch.bfloat16)    # [1, q_heads, d]
@@ -349,6 +355,7 @@ def runtime_overheads(spec, visits: int = 256, calls: int = 200, quick: bool = F
     finally:
         worker.close()
     out = {"decode_visit_s": by_schedule["cgopipe"], "decode_visit_s_by_schedule": by_schedule,
+           "decode_visit_s_grouped_by_schedule": grouped, "grouped_above_tokens": model.MOE_DENSE_MAX_TOKENS,
            "cpu_attention_call_s": call_s, "visit_model": one.name}
     if torch.cuda.is_available():
         out.update(attention_in_pipeline(spec, micro_batch=16, micro_batches=4, prompt_len=256, steps=4)
@@ -359,13 +366,15 @@ def runtime_overheads(spec, visits: int = 256, calls: int = 200, quick: bool = F
 SCHEDULE_ATTENTION_ON_GPU = {"cgopipe": False, "s3": False, "s4": True, "blocking": True}
 
 
-def decode_visit_costs(spec, visits: int = 256, micro_batches: int = 16) -> dict[str, float]:
+def decode_visit_costs(spec, visits: int = 256, micro_batches: int = 16, micro_batch_size: int = 1) -> dict[str, float]:
     """Seconds per (micro-batch, layer) visit of the runtime's decode loop under each schedule, where
     compute and transfers vanish: a one-layer copy of `spec` whose experts are 16 wide (the model's
     kernel sequence with tiny expert GEMMs and weight pages), half of them streamed (two expert groups
     and a page copy per visit, as offloading plans run), micro-batches of one sequence over a few tokens,
     KV on the host, stage recording on (as measured runs record). What remains is the host's work per
-    visit: kernel launches, stream and event bookkeeping, hand-offs to the attention worker."""
+    visit: kernel launches, stream and event bookkeeping, hand-offs to the attention worker. With
+    `micro_batch_size` above runtime.model.MOE_DENSE_MAX_TOKENS the MoE takes its grouped path (more
+    kernels) where the device has one."""
     from dataclasses import replace
 
     from hrm.policy import Policy
@@ -375,11 +384,11 @@ def decode_visit_costs(spec, visits: int = 256, micro_batches: int = 16) -> dict
     one = replace(spec.with_layers(spec.first_dense_layers + 1), moe_intermediate_size=16,
                   shared_expert_intermediate_size=16 if spec.shared_expert_intermediate_size else 0)
     steps = max(2, visits // micro_batches)
-    prompts = [[1 + i, 2, 3, 4] for i in range(micro_batches)]
+    prompts = [[1 + i % 1000, 2, 3, 4] for i in range(micro_batches * micro_batch_size)]
     out = {}
     for schedule, on_gpu in SCHEDULE_ATTENTION_ON_GPU.items():
-        policy = Policy(batch_size=micro_batches, micro_batch_size=1, weights_gpu_frac=0.5,
-                        attention_on_gpu=on_gpu, schedule=schedule)
+        policy = Policy(batch_size=micro_batches * micro_batch_size, micro_batch_size=micro_batch_size,
+                        weights_gpu_frac=0.5, attention_on_gpu=on_gpu, schedule=schedule)
         with Engine(one, policy, seed=0, progress=False, record=True) as eng:
             eng.generate(prompts, 3)                                       # warm-up
             _, m = eng.generate(prompts, steps + 1)
@@ -753,6 +762,11 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
                  *([f"decode_visit_us_by_schedule = "
                     f"{_table({k: v * 1e6 for k, v in c['runtime']['decode_visit_s_by_schedule'].items()})}"]
                    if c["runtime"].get("decode_visit_s_by_schedule") else []),
+                 *([f"# the same with micro-batches of {c['runtime']['grouped_above_tokens'] + 1}: the grouped MoE path",
+                    f"grouped_above_tokens = {c['runtime']['grouped_above_tokens']}",
+                    f"decode_visit_us_grouped_by_schedule = "
+                    f"{_table({k: v * 1e6 for k, v in c['runtime']['decode_visit_s_grouped_by_schedule'].items()})}"]
+                   if c["runtime"].get("decode_visit_s_grouped_by_schedule") else []),
                  f"cpu_attention_call_us = {_num(c['runtime']['cpu_attention_call_s'] * 1e6)}"]
                 if "runtime" in c else []),
               *([f"# the same kernel's calls inside the runtime's CGOPipe decode loop on the GPU, "

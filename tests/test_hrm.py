@@ -213,6 +213,19 @@ def test_per_schedule_visit_cost_prices_its_schedule():
     assert estimate(MIXTRAL, slow, MTBENCH, Policy(512, 16)).decode_layer["launch"] == pytest.approx(32 * 1e-3)
 
 
+def test_grouped_micro_batches_cost_their_own_visit():
+    """Micro-batches above grouped_above_tokens take the runtime's grouped MoE path and its visit cost."""
+    hw = load_profile("h200")
+    m = replace(hw.measured, decode_visit_s=1e-3, decode_visit_s_grouped_by_schedule=(("cgopipe", 4e-3),),
+                grouped_above_tokens=64)
+    slow = replace(hw, measured=m)
+    small = estimate(MIXTRAL, slow, MTBENCH, Policy(512, 64)).decode_layer["launch"]
+    large = estimate(MIXTRAL, slow, MTBENCH, Policy(520, 65)).decode_layer["launch"]
+    assert small == pytest.approx(8 * 1e-3) and large == pytest.approx(8 * 4e-3)
+    s3 = estimate(MIXTRAL, slow, MTBENCH, Policy(520, 65, schedule="s3")).decode_layer["launch"]
+    assert s3 == pytest.approx(8 * 1e-3)                  # no grouped figure for s3: the plain one
+
+
 def test_unknown_schedule_in_a_profile_is_named(tmp_path):
     from hrm.hardware import HardwareError
     text = (Path(load_profile("h200-measured").path).read_text()

@@ -46,6 +46,8 @@ def _fake_gpu_result(cpu_result: dict) -> dict:
     r["cpu"]["runtime"] = dict(decode_visit_s=1.5e-3, cpu_attention_call_s=2e-4, visit_model="mixtral-8x7b[1L]",
                                decode_visit_s_by_schedule={"cgopipe": 1.5e-3, "s3": 1.4e-3, "s4": 2.5e-3,
                                                            "blocking": 1.2e-3},
+                               decode_visit_s_grouped_by_schedule={"cgopipe": 2.2e-3, "s4": 3e-3},
+                               grouped_above_tokens=64,
                                cpu_attention_overlapped_bytes_per_s=31e9, overlap_shape=[32, 512],
                                overlap_calls=64, overlap_decode_visit_s=2e-3)
     return r
@@ -146,6 +148,8 @@ def test_profile_from_measured_gpu(cpu_result, tmp_path):
     assert m.decode_visit_s == pytest.approx(1.5e-3, rel=1e-3)
     assert m.gpu_moe_tokens == (1024, 8192) and m.gpu_moe_flops[1] == pytest.approx(450e12, rel=1e-3)
     assert dict(m.decode_visit_s_by_schedule)["s4"] == pytest.approx(2.5e-3, rel=1e-3)
+    assert dict(m.decode_visit_s_grouped_by_schedule)["cgopipe"] == pytest.approx(2.2e-3, rel=1e-3)
+    assert m.grouped_above_tokens == 64
     assert m.cpu_attention_overlapped_bytes_per_s == pytest.approx(31e9, rel=1e-3)
     for section in (p.gpu, p.cpu, p.link):
         assert f"measured by moe-lightning profile on {r['date']}" in section.source
@@ -201,6 +205,8 @@ def test_quick_gpu_profile(tmp_path):
     assert p.gpu.flops("bf16") >= max(g["gemm_flops_per_s"]) * (1 - 1e-3)
     assert len(p.measured.gpu_moe_tokens) == len(g["moe_tokens"]) and all(f > 1e9 for f in g["moe_flops_per_s"])
     assert sorted(dict(p.measured.decode_visit_s_by_schedule)) == ["blocking", "cgopipe", "s3", "s4"]
+    if r["cpu"]["runtime"]["decode_visit_s_grouped_by_schedule"]:                 # sm90+: grouped GEMM
+        assert len(p.measured.decode_visit_s_grouped_by_schedule) == 4 and p.measured.grouped_above_tokens == 64
     assert p.measured.cpu_attention_overlapped_bytes_per_s > 0
 
 
