@@ -83,12 +83,25 @@ def _print(r: dict, donor, profile, output) -> None:
     for (batch, ctx), rate in zip(a["shapes"], a["kv_bytes_per_s"]):
         rows.append(("", f"decode attention batch {batch} x ctx {ctx}, {s['num_attention_heads']}/"
                          f"{s['num_key_value_heads']} heads, d {s['head_dim']}, {a['dtype']} KV", f"{rate / 1e9:,.1f} GB/s"))
-    rows.append(("", f"  kernel: {a['kernel']}", ""))
+    rows.append(("", f"  kernel: {a['kernel']} ({a['threads']} threads)", ""))
     if "runtime" in c:
         rt = c["runtime"]
         rows.append(("runtime", f"decode visit (one micro-batch, one layer), {rt['visit_model']}",
                      f"{rt['decode_visit_s'] * 1e6:,.0f} us"))
+        for sched, sec in rt.get("decode_visit_s_by_schedule", {}).items():
+            rows.append(("", f"  {sched}, micro-batches of 1", f"{sec * 1e6:,.0f} us"))
+        for sched, sec in rt.get("decode_visit_s_grouped_by_schedule", {}).items():
+            rows.append(("", f"  {sched}, micro-batches of {rt['grouped_above_tokens'] + 1} (grouped MoE)",
+                         f"{sec * 1e6:,.0f} us"))
         rows.append(("", "CPU attention call overhead", f"{rt['cpu_attention_call_s'] * 1e6:,.0f} us"))
+        if rt.get("cpu_attention_overlapped_bytes_per_s"):
+            b, ctx = rt["overlap_shape"]
+            rows.append(("", f"decode attention inside the CGOPipe loop, batch {b} x ctx {ctx}",
+                         f"{rt['cpu_attention_overlapped_bytes_per_s'] / 1e9:,.1f} GB/s"))
+    if g and g.get("moe_tokens"):
+        for i, (tok, f) in enumerate(zip(g["moe_tokens"], g["moe_flops_per_s"])):
+            rows.append(("GPU" if i == 0 else "", f"runtime MoE layer, {tok} tokens (routed top-k FLOP/s)",
+                         f"{f / 1e12:,.1f} TFLOP/s"))
 
     head = (f"moe-lightning profile on {r['host']} ({r['date']}, torch {r['versions']['torch']}"
             f"{', quick mode' if r['quick'] else ''}), shapes of {r['shapes']['model']}, {r['elapsed_s']:.1f} s")
