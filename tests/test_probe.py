@@ -262,3 +262,14 @@ def test_attention_in_pipeline_counts_every_call():
     assert r["overlap_calls"] == 3 * 4                     # micro-batches x decode steps x one layer
     assert 1e6 < r["cpu_attention_overlapped_bytes_per_s"] < 1e13
     assert r["overlap_shape"] == [4, 32] and r["overlap_decode_visit_s"] > 0
+
+
+def test_profile_table_shows_the_runtime_rows(cpu_result, capsys):
+    from moe_lightning_cli.profile import _print
+    r = _fake_gpu_result(cpu_result)
+    r["elapsed_s"] = 1.0
+    _print(r, None, None, "x.toml")
+    out = capsys.readouterr().out
+    for text in ("s4, micro-batches of 1", "micro-batches of 65 (grouped MoE)", "inside the CGOPipe loop",
+                 "runtime MoE layer, 8192 tokens"):
+        assert text in out, text
