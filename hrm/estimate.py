@@ -18,7 +18,7 @@ import numpy as np
 from . import ops
 from .cost import Cost
 from .hardware import HardwareProfile
-from .policy import Policy
+from .policy import PREFILL_CHUNK_TOKENS, Policy, prefill_chunk_sequences
 from .spec import ModelSpec, Workload
 
 CONTEXT_SAMPLES = 8
@@ -78,15 +78,15 @@ def gpu_hbm_bytes_per_s(s: Setting) -> float:
     return bw * s.hardware.gpu.count
 
 
-def cpu_attention_bytes_per_s(s: Setting) -> float:
-    """KV bytes/s of CPU decode attention: in CGOPipe the attention overlaps the main thread's launching
-    of GPU work on the same host, so the rate measured inside that loop applies where it was measured."""
+def cpu_attention_bytes_per_s(s: Setting, num_micro_batches=2):
+    """KV bytes/s of CPU decode attention. In CGOPipe with two or more micro-batches the attention overlaps
+    the main thread's launching of GPU work on the same host, so the rate measured inside that loop
+    applies; with one micro-batch (nothing to overlap) and in S3 the host waits: the isolated rate."""
     m = _measured(s)
+    isolated = m.cpu_attention_bytes_per_s if m is not None and m.cpu_attention_bytes_per_s else cpu_dram_bytes_per_s(s)
     if m is not None and s.schedule == "cgopipe" and m.cpu_attention_overlapped_bytes_per_s:
-        return m.cpu_attention_overlapped_bytes_per_s
-    if m is not None and m.cpu_attention_bytes_per_s:
-        return m.cpu_attention_bytes_per_s
-    return cpu_dram_bytes_per_s(s)
+        return np.where(np.asarray(num_micro_batches) > 1, m.cpu_attention_overlapped_bytes_per_s, isolated)
+    return isolated
 
 
 def cpu_dram_bytes_per_s(s: Setting) -> float:
@@ -233,7 +233,7 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
     h2d_act_bytes = 0.0
     d2h_bytes = 0.0
     if not s.attention_on_gpu:
-        cpu = cpu_time(s, ops.attention(spec, N, 1, ctx), cpu_attention_bytes_per_s(s)) + m * cpu_attention_call_s(s)
+        cpu = cpu_time(s, ops.attention(spec, N, 1, ctx), cpu_attention_bytes_per_s(s, m)) + m * cpu_attention_call_s(s)
         h2d_act_bytes = N * _attn_out_elems(spec) * ab
         d2h_bytes = N * _qkv_elems(spec) * ab
     if not s.ffn_on_gpu:
@@ -263,7 +263,7 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
     loop = gpu_mb(mu_arr) + experts_gpu_mb(mu_arr)
     loop = loop + decode_visit_s(s, mu_arr)
     if not s.attention_on_gpu:
-        loop = loop + (cpu_time(s, ops.attention(spec, mu_arr, 1, ctx), cpu_attention_bytes_per_s(s))
+        loop = loop + (cpu_time(s, ops.attention(spec, mu_arr, 1, ctx), cpu_attention_bytes_per_s(s, m))
                        + cpu_attention_call_s(s)
                        + mu_arr * _qkv_elems(spec) * ab / d2h_bytes_per_s(s)
                        + mu_arr * _attn_out_elems(spec) * ab / h2d_bytes_per_s(s, mu_arr * _attn_out_elems(spec) * ab))
@@ -279,10 +279,15 @@ def prefill_layer_times(s: Setting, N, mu, r_w, r_c) -> LayerTimes:
     ab, E, p = spec.dtypes.act_bytes, spec.num_experts, s.workload.prompt_len
     _, _, m = _micro_batches(N, mu)
 
-    def gpu_mb(seqs):
+    def gpu_chunk(seqs):
         tokens = seqs * p
         return (gpu_time(s, ops.layer_gpu_ops(spec, tokens) + ops.attention(spec, seqs, p, 0), tokens)
                 + prefill_experts_time(s, tokens))
+
+    chunk = prefill_chunk_sequences(p)
+
+    def gpu_mb(seqs):                # a micro-batch runs in chunks of at most `chunk` sequences
+        return _per_micro_batch(gpu_chunk, seqs, np.minimum(seqs, chunk))
 
     gpu = _per_micro_batch(gpu_mb, N, mu)
     frac_moe = spec.num_moe_layers / spec.num_hidden_layers
@@ -373,6 +378,11 @@ def memory_use(s: Setting, N, mu, r_w, r_c) -> MemoryUse:
     kv_layer_mb = mu * wl.max_context_len * spec.kv_elems_per_token_layer * spec.dtypes.kv_bytes
     streamed = 1 - r_w if s.ffn_on_gpu else 0.0
     prompt = wl.prompt_len
+    # tokens in flight on the GPU at once: a prefill chunk (whole sequences, at most PREFILL_CHUNK_TOKENS
+    # or one longest prompt) or a decode micro-batch, whichever is larger; logits rows of one chunk
+    prefill_tokens = np.minimum(mu * prompt, max(PREFILL_CHUNK_TOKENS, wl.max_prompt_len))
+    workspace_tokens = np.maximum(prefill_tokens, mu)
+    prefill_rows = np.minimum(mu, prefill_chunk_sequences(prompt))
     gpu = {
         "non_expert_weights": spec.non_expert_params * wb,
         "resident_experts": r_w * all_experts,
@@ -380,8 +390,8 @@ def memory_use(s: Setting, N, mu, r_w, r_c) -> MemoryUse:
         "kv_cache": r_c * kv_all,
         "kv_stream_buffer": 2 * (1 - r_c) * kv_layer_mb if s.attention_on_gpu else 0.0,
         "decode_buffers": 4 * N * (spec.hidden_size + _qkv_elems(spec)) * ab,
-        "prefill_workspace": mu * prompt * activation_bytes_per_token(spec)
-                             + mu * spec.vocab_size * 4.0,
+        "activation_workspace": workspace_tokens * activation_bytes_per_token(spec)
+                                + prefill_rows * spec.vocab_size * 4.0,
     }
     staging = 0.0 if s.pin_all_weights else 2 * streamed * layer_experts
     io_buffers = 2 * N * (_qkv_elems(spec) + spec.hidden_size) * ab

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 class PolicyError(ValueError):
     """A policy that is not self-consistent (the message names the field)."""
@@ -12,6 +14,18 @@ SCHEDULES = ("cgopipe", "s3", "s4", "blocking")
 """cgopipe: the paper's S1 (CPU attention overlapped, weights paged per micro-batch);
 s3: FlexGen(c), CPU attention without overlap; s4: FlexGen, GPU attention with the KV cache streamed;
 blocking: nothing overlapped (DeepSpeed Zero-Inference style: load a layer, then compute it)."""
+
+
+PREFILL_CHUNK_TOKENS = 4096
+"""The runtime runs each micro-batch's prefill in chunks of whole sequences of at most this many tokens
+(at least one sequence). GEMMs are near their peak rate from ~1,000 tokens (the H200's measured curve
+flattens above 1,024), and the chunk, not the micro-batch, sets the prefill activation peak: without
+chunks the prefill workspace bounded mu to ~36 under a 24 GB budget for Mixtral."""
+
+
+def prefill_chunk_sequences(prompt_len):
+    """Sequences per prefill chunk at a prompt length (numpy-friendly)."""
+    return np.maximum(1, PREFILL_CHUNK_TOKENS // np.maximum(1, np.asarray(prompt_len, dtype=int)))
 
 
 @dataclass(frozen=True)

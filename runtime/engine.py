@@ -29,7 +29,7 @@ from .kv_cache import KVCache, device_micro_batches, kv_elems
 from .measure import Measurement, Recorder, Span, stage_times
 from .model import check_supported
 from .packing import MicroBatch, in_order, layout, pack
-from .pipeline import Pipeline
+from .pipeline import Pipeline, prefill_chunks
 from .sampling import Sampling
 from .synthetic import synthesize
 from .weights import WeightStore
@@ -71,13 +71,15 @@ def free_host_bytes() -> int:
 
 
 def activation_bytes(spec: ModelSpec, micro_batches: tuple[MicroBatch, ...], elem_bytes: int) -> int:
-    """Rough device working set: the largest prefill micro-batch's activations, logits and MoE
-    intermediates, plus per-micro-batch decode buffers."""
-    tokens = max(mb.prefill_tokens for mb in micro_batches)
+    """Rough device working set: the largest prefill chunk's activations, logits and MoE intermediates,
+    plus per-micro-batch decode buffers."""
+    chunks = [(mb, sum(mb.prefill_lens[i] for i in rows), len(rows))
+              for mb in micro_batches for rows in prefill_chunks(mb)]                # prefill runs by chunk
+    tokens = max(max(t for _, t, _ in chunks), max(mb.size for mb in micro_batches))   # prefill or decode
     widths = (4 * spec.hidden_size + 2 * (spec.q_dim + 2 * spec.num_key_value_heads * spec.head_dim)
               + 3 * max(spec.moe_intermediate_size, spec.shared_expert_intermediate_size))
-    kv_pad = max(mb.size * mb.prefill_len for mb in micro_batches) * 4 * spec.num_key_value_heads * spec.head_dim
-    logits = max(mb.size for mb in micro_batches) * spec.vocab_size * 8
+    kv_pad = max(n * mb.prefill_len for mb, _, n in chunks) * 4 * spec.num_key_value_heads * spec.head_dim
+    logits = max(n for _, _, n in chunks) * spec.vocab_size * 8
     decode = sum(mb.size for mb in micro_batches) * (2 * spec.hidden_size + 2 * spec.q_dim) * 2
     return (tokens * widths + kv_pad + decode) * elem_bytes + logits
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hrm.policy import Policy
+from hrm.policy import PREFILL_CHUNK_TOKENS, Policy
 from hrm.spec import ModelSpec
 
 from .cpu_attention import AttentionWorker, attention_mask, decode_attention
@@ -48,6 +48,20 @@ class _Done:
 
 
 DONE = _Done()
+
+
+def prefill_chunks(mb: MicroBatch, max_tokens: int | None = None) -> list[range]:
+    """Rows of a micro-batch in consecutive chunks of at most max_tokens (default PREFILL_CHUNK_TOKENS)
+    prefill tokens, at least one sequence each."""
+    max_tokens = PREFILL_CHUNK_TOKENS if max_tokens is None else max_tokens
+    out, start, tokens = [], 0, 0
+    for row, n in enumerate(mb.prefill_lens):
+        if row > start and tokens + n > max_tokens:
+            out.append(range(start, row))
+            start, tokens = row, 0
+        tokens += n
+    out.append(range(start, mb.size))
+    return out
 
 
 class Streams:
@@ -184,30 +198,34 @@ class Pipeline:
 
     # ---- prefill ---------------------------------------------------------------------------------
     def prefill(self) -> None:
-        """All layers on the device, micro-batch by micro-batch; hidden states and KV go to the host
-        between layers (KV to the device cache for micro-batches that keep it there)."""
+        """All layers on the device, micro-batch by micro-batch, each in chunks of whole sequences of at
+        most PREFILL_CHUNK_TOKENS tokens (the chunk, not the micro-batch, sets the activation peak);
+        hidden states and KV go to the host between layers (KV to the device cache for micro-batches
+        that keep it there)."""
         self.rec.phase = "prefill"
         st, spec = self.streams, self.spec
         self.load_pages(0, self.store.page_table.pages)
-        seqs = [self._prefill_inputs(m) for m in self.state]
-        hidden = [empty_host((x["tokens"].shape[0], spec.hidden_size), self.dtype, st.cuda) for x in seqs]
-        ev_hidden_d2h: list[object] = [None] * self.n
+        chunks = [(m, rows, self._prefill_inputs(m, rows)) for m in self.state for rows in prefill_chunks(m.mb)]
+        hidden = [empty_host((x["tokens"].shape[0], spec.hidden_size), self.dtype, st.cuda) for _, _, x in chunks]
+        ev_hidden_d2h: list[object] = [None] * len(chunks)
         kv_writes: list[object] = []
         for visit in range(self.L):
             layer = self.store.dense.layers[visit]
-            for j, (m, x) in enumerate(zip(self.state, seqs)):
-                label = self._label(visit, j)
+            for c, (m, rows, x) in enumerate(chunks):
+                j, first_of_mb = m.mb.index, rows.start == 0
+                label = self._label(visit, j) + ("" if len(rows) == m.mb.size else f" r{rows.start}")
                 if visit == 0:
                     h_in = None
                 else:
-                    st.wait(st.h2d, ev_hidden_d2h[j])
+                    st.wait(st.h2d, ev_hidden_d2h[c])
                     with st.use(st.h2d), self.rec.gpu("h2d_hidden", st.h2d, label):
-                        h_in = hidden[j].to(self.device, non_blocking=True)
+                        h_in = hidden[c].to(self.device, non_blocking=True)
                         ev_h = st.record(st.h2d)
-                self.load_pages(visit + 1, self._pages_for(j))
+                if first_of_mb:
+                    self.load_pages(visit + 1, self._pages_for(j))
                 if visit > 0:
                     st.wait(st.compute, ev_h)
-                if j == 0:
+                if c == 0:
                     self._wait_pages(visit)
                 with st.use(st.compute), self.rec.gpu("gpu_compute", st.compute, label):
                     h = self.store.dense.embed[x["tokens"]] if visit == 0 else h_in  # [tokens, hidden]
@@ -216,20 +234,21 @@ class Pipeline:
                     for idx, _, pad in x["groups"]:                                  # idx [G, len]
                         attn[idx] = causal_attention(q[idx], k[idx], v[idx], pad)
                     h = post_attention(h, attn, layer, self.store.lookup(visit, visit % 2), spec)
-                    kpad, vpad = self._padded_kv(k, v, x, m.mb)                      # [B, n_kv, S, d]
+                    kpad, vpad = self._padded_kv(k, v, x, m.mb, len(rows))           # [rows, n_kv, S, d]
                     if visit == self.L - 1:
-                        logits = final_logits(h[x["last"]], self.store.dense, spec)  # [B, vocab]
-                        m.tokens = sample(logits, self.sampling, m.uniforms[:, 0])
-                        m.out[:, 0] = m.tokens
+                        logits = final_logits(h[x["last"]], self.store.dense, spec)  # [rows, vocab]
+                        m.tokens[rows.start:rows.stop] = sample(logits, self.sampling,
+                                                                m.uniforms[rows.start:rows.stop, 0])
+                        m.out[rows.start:rows.stop, 0] = m.tokens[rows.start:rows.stop]
                     ev_c = st.record(st.compute)
-                if j == self.n - 1:
+                if c == len(chunks) - 1:
                     self.buffer_free[visit % 2] = ev_c
-                kv_writes.append(self._store_prefill_kv(visit, m, kpad, vpad, ev_c, label))
+                kv_writes.append(self._store_prefill_kv(visit, m, rows, kpad, vpad, ev_c, label))
                 if visit < self.L - 1:
                     st.wait(st.d2h, ev_c)
                     with st.use(st.d2h), self.rec.gpu("d2h", st.d2h, label):
-                        hidden[j].copy_(h, non_blocking=True)
-                        ev_hidden_d2h[j] = st.record(st.d2h)
+                        hidden[c].copy_(h, non_blocking=True)
+                        ev_hidden_d2h[c] = st.record(st.d2h)
                         if st.cuda:
                             h.record_stream(st.d2h)
                 if st.cuda and visit > 0:
@@ -238,10 +257,11 @@ class Pipeline:
             if f is not None:
                 f.result()
 
-    def _prefill_inputs(self, m: _MB) -> dict:
-        """Flattened prefill tokens of a micro-batch (left padding as token 0), positions, segments."""
+    def _prefill_inputs(self, m: _MB, rows: range) -> dict:
+        """Flattened prefill tokens of rows `rows` of a micro-batch (left padding as token 0), positions,
+        segments (rows counted from rows.start)."""
         tokens, positions, segments, last = [], [], [], []
-        for r, pad in zip(m.mb.requests, m.mb.pads):
+        for r, pad in zip(m.mb.requests[rows.start:rows.stop], m.mb.pads[rows.start:rows.stop]):
             prompt = self.prompts[r]
             a = len(tokens)
             tokens += [0] * pad + list(prompt)
@@ -266,10 +286,11 @@ class Pipeline:
             out.append((idx, torch.tensor([r for r, _ in members], device=self.device), pad))
         return out
 
-    def _padded_kv(self, k: torch.Tensor, v: torch.Tensor, x: dict, mb: MicroBatch):
-        """Varlen k, v [tokens, n_kv, d] -> [B, n_kv, prefill_len, d] in the cache layout."""
+    def _padded_kv(self, k: torch.Tensor, v: torch.Tensor, x: dict, mb: MicroBatch, num_rows: int):
+        """Varlen k, v [tokens, n_kv, d] of num_rows sequences -> [rows, n_kv, prefill_len, d] in the
+        cache layout."""
         s = self.spec
-        shape = (mb.size, mb.prefill_len, s.num_key_value_heads, s.head_dim)
+        shape = (num_rows, mb.prefill_len, s.num_key_value_heads, s.head_dim)
         kpad = torch.zeros(shape, dtype=k.dtype, device=k.device)
         vpad = torch.zeros(shape, dtype=v.dtype, device=v.device)
         for idx, rows, _ in x["groups"]:
@@ -277,11 +298,12 @@ class Pipeline:
             kpad[rows, :length], vpad[rows, :length] = k[idx], v[idx]
         return kpad.transpose(1, 2).contiguous(), vpad.transpose(1, 2).contiguous()
 
-    def _store_prefill_kv(self, visit: int, m: _MB, kpad, vpad, ev_c, label: str):
-        """KV of one (layer, micro-batch) into its cache: a device copy, or D2H then a host copy in the
-        worker (which later runs that micro-batch's attention, so FIFO order keeps them consistent)."""
+    def _store_prefill_kv(self, visit: int, m: _MB, rows: range, kpad, vpad, ev_c, label: str):
+        """KV of one (layer, micro-batch rows) into its cache: a device copy, or D2H then a host copy in
+        the worker (which later runs that micro-batch's attention, so FIFO order keeps them consistent)."""
         st, j, t = self.streams, m.mb.index, m.mb.prefill_len
-        kc, vc = self.kv.k(visit, j), self.kv.v(visit, j)
+        kc = self.kv.k(visit, j)[rows.start:rows.stop]                            # [rows, n_kv, T, d]
+        vc = self.kv.v(visit, j)[rows.start:rows.stop]
         if m.kv_on_device:
             kc[:, :, :t].copy_(kpad)
             vc[:, :, :t].copy_(vpad)

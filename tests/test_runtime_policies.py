@@ -64,6 +64,34 @@ def test_greedy_tokens_equal_reference(reference, policy, padded):
     assert m.generated_tokens == len(prompts) * MAX_NEW
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["packed", "padded"])
+@pytest.mark.parametrize("policy", [Policy(7, 7), Policy(7, 3, kv_gpu_frac=0.5), Policy(7, 4, schedule="s3")],
+                         ids=["one-mb", "device-kv", "s3"])
+def test_prefill_in_chunks_gives_the_reference_tokens(reference, monkeypatch, policy, padded):
+    """Micro-batches prefilled a few sequences at a time (tiny chunk cap): KV rows, hidden states and
+    first tokens land in the right rows."""
+    import runtime.pipeline as pipeline
+    monkeypatch.setattr(pipeline, "PREFILL_CHUNK_TOKENS", 2 * max(PROMPT_LENS))
+    prompts, expected = reference
+    with Engine(QWEN2, policy, dtype=torch.float64, seed=3) as e:
+        assert e.generate(prompts, MAX_NEW, padded=padded)[0] == expected
+
+
+def test_prefill_chunks_cap_tokens_and_keep_whole_sequences():
+    from runtime.packing import layout, pack
+    from runtime.pipeline import prefill_chunks
+    lens = [5, 9, 3, 12, 4]
+    (mb,) = layout(pack(lens, 5), lens, 2, False)
+    chunks = prefill_chunks(mb, max_tokens=12)
+    assert [r.start for r in chunks] == sorted(r.start for r in chunks) and chunks[0].start == 0
+    assert sum(len(r) for r in chunks) == mb.size and chunks[-1].stop == mb.size
+    for r in chunks:
+        tokens = sum(mb.prefill_lens[i] for i in r)
+        assert tokens <= 12 or len(r) == 1
+    assert prefill_chunks(mb, max_tokens=1) == [range(i, i + 1) for i in range(mb.size)]
+    assert prefill_chunks(mb, max_tokens=10**6) == [range(0, mb.size)]
+
+
 def test_unwritten_cache_slots_do_not_leak(reference, monkeypatch):
     """Attention reads slots past a short sequence's end under a mask; NaN there must not leak (0 * NaN)."""
     import runtime.kv_cache as kv_cache

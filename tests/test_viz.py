@@ -102,9 +102,22 @@ def test_grid_cell_equals_estimate(target, policy):
     assert g.cpu_bytes[0, 0] == pytest.approx(e.memory.cpu_bytes, rel=1e-9)
 
 
+def _splitting_budgets(spec, hw, wl, **grid_kw):
+    """Budgets that cut the grid inside its axes: the GPU one halfway between the least GPU memory of the
+    smallest and of the largest cell (no expert resident), since with prefill in chunks the GPU need
+    grows only slowly with N and a fixed fraction of a card need not bind anywhere."""
+    from hrm.estimate import Setting, memory_use
+    axes = vg.throughput_grid(spec, hw, wl, budgets=vg.MemoryBudgets(1e18, 1e18), **grid_kw)
+    s = Setting.of(spec, hw, wl, Policy(1, 1))
+    cpu_bytes = 0.8 * hw.cpu.memory_bytes
+    fits_cpu = [int(n) for n in axes.batch_sizes if memory_use(s, int(n), 1, 0.0, 0.0).cpu_bytes <= cpu_bytes]
+    lo, hi = (memory_use(s, n, n, 0.0, 0.0).gpu_bytes for n in (1, fits_cpu[-1]))
+    return vg.MemoryBudgets(gpu_bytes=(lo + hi) / 2, cpu_bytes=cpu_bytes)
+
+
 def test_grid_marks_cells_by_the_budget_they_break(target):
     spec, hw, wl = target
-    budgets = vg.MemoryBudgets(gpu_bytes=0.86 * hw.gpu.memory_bytes, cpu_bytes=0.8 * hw.cpu.memory_bytes)
+    budgets = _splitting_budgets(spec, hw, wl, n_batch=24, n_micro=24)
     g = vg.throughput_grid(spec, hw, wl, budgets=budgets, n_batch=24, n_micro=24)
     codes = set(np.unique(g.status).tolist())
     assert {vg.FEASIBLE, vg.GPU_LIMIT, vg.CPU_LIMIT, vg.NOT_APPLICABLE} <= codes
@@ -184,7 +197,8 @@ def test_throughput_heatmap_marks_infeasible_and_chosen(target):
     from matplotlib.collections import PatchCollection
     from viz import throughput_heatmap
     spec, hw, wl = target
-    fig = throughput_heatmap(spec, hw, wl, chosen=Policy(504, 36), n_batch=16, n_micro=16)
+    budgets = _splitting_budgets(spec, hw, wl, n_batch=16, n_micro=16)
+    fig = throughput_heatmap(spec, hw, wl, chosen=Policy(504, 36), n_batch=16, n_micro=16, budgets=budgets)
     assert_readable(fig)
     g = fig.moe_lightning_data
     assert isinstance(g, vg.ThroughputGrid)
