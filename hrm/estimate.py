@@ -260,8 +260,8 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
 
     # one micro-batch's round trip through the loop (does not depend on r_w)
     mu_arr = np.minimum(np.asarray(mu), np.asarray(N))
-    loop = gpu_mb(mu_arr) + experts_gpu_mb(mu_arr)
-    loop = loop + decode_visit_s(s, mu_arr)
+    # the host launches while the GPU executes: the slower of the two, then the chain through the CPU
+    loop = np.maximum(gpu_mb(mu_arr) + experts_gpu_mb(mu_arr), decode_visit_s(s, mu_arr))
     if not s.attention_on_gpu:
         loop = loop + (cpu_time(s, ops.attention(spec, mu_arr, 1, ctx), cpu_attention_bytes_per_s(s, m))
                        + cpu_attention_call_s(s)

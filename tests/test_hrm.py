@@ -237,6 +237,17 @@ def test_unknown_schedule_in_a_profile_is_named(tmp_path):
         load_profile(bad)
 
 
+@pytest.mark.parametrize("profile", ["h200-measured", "t4-s1"])
+def test_one_micro_batch_cgopipe_is_s3(profile):
+    """With one micro-batch nothing overlaps the CPU attention: CGOPipe and S3 are the same schedule and
+    must be priced the same (launches against GPU work, the chain through the CPU, the weights)."""
+    hw = load_profile(profile)
+    for n in (64, 700):
+        a = estimate(MIXTRAL, hw, MTBENCH, Policy(n, n, weights_gpu_frac=0.25))
+        b = estimate(MIXTRAL, hw, MTBENCH, Policy(n, n, weights_gpu_frac=0.25, schedule="s3"))
+        assert a.throughput_tok_s == pytest.approx(b.throughput_tok_s, rel=1e-12)
+
+
 def test_s3_launches_wait_for_cpu_attention_in_series():
     """In S3 the launching thread waits for each attention in place: with launches slower than the GPU's
     work, the S3 chain holds the launches, not the GPU time."""
