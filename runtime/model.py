@@ -119,13 +119,25 @@ class ExpertTable:
     as `groups`: (first expert id, flat store [n, X]) for consecutive ids first .. first + n - 1. The dense
     MoE path reads each group as [n, 2I, H] (gate | up) and [n, H, I] (down) views, without copies."""
 
-    __slots__ = ("views", "groups")
+    __slots__ = ("views", "groups", "_matrices")
 
     def __init__(self, views: list[ExpertWeights], groups: tuple[tuple[int, torch.Tensor], ...]):
         self.views, self.groups = views, groups
+        self._matrices = None
 
     def __call__(self, expert: int) -> ExpertWeights:
         return self.views[expert]
+
+    def matrices(self, spec: ModelSpec) -> tuple[tuple[int, torch.Tensor, torch.Tensor], ...]:
+        """Per group: (first expert id, gate|up as [n, H, 2I], down as [n, I, H]): the right operands of
+        x @ W.T as views of the store, built once (on the decode path each view is a dispatcher call)."""
+        if self._matrices is None:
+            hid, inter = spec.hidden_size, spec.moe_intermediate_size
+            gi = inter * hid
+            self._matrices = tuple((first, store[:, :2 * gi].view(-1, 2 * inter, hid).transpose(1, 2),
+                                    store[:, 2 * gi:].view(-1, hid, inter).transpose(1, 2))
+                                   for first, store in self.groups)
+        return self._matrices
 
 
 def expert_elems(spec: ModelSpec) -> int:
@@ -338,9 +350,9 @@ def moe(h: torch.Tensor, layer: LayerWeights, experts: ExpertLookup, spec: Model
     groups = getattr(experts, "groups", None)
     path = moe_path(h.shape[0], groups, spec, h.device, h.dtype)
     if path == "dense":
-        out = _routed_dense(h, weights, ids, groups, spec)
+        out = _routed_dense(h, weights, ids, experts.matrices(spec), spec)
     elif path == "grouped":
-        out = _routed_grouped(h, weights, ids, groups, spec)
+        out = _routed_grouped(h, weights, ids, experts.matrices(spec), spec)
     else:
         out = _routed_sparse(h, weights, ids, experts, spec)
     if layer.shared is not None:
@@ -373,26 +385,21 @@ def _routed_sparse(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, ex
     return out
 
 
-def _routed_dense(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                  groups: tuple[tuple[int, torch.Tensor], ...], spec: ModelSpec) -> torch.Tensor:
+def _routed_dense(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, matrices, spec: ModelSpec) -> torch.Tensor:
     """Every expert on every token, batched over the experts of each store group, no host sync.
     Same math as _routed_sparse: per (token, expert) the SwiGLU output in the model dtype, cast to the
     accumulation dtype, times its routing weight; unselected experts get weight 0 (an exact 0 term: the
     combination adds the same k products, in expert order for k = 2). Differences from the sparse path are
     the matmul kernels' own summation orders (bmm over all tokens vs mm over the routed subset).
-    [tokens, hidden] in the accumulation dtype. ~4 kernels per group + 5."""
+    [tokens, hidden] in the accumulation dtype. `matrices`: ExpertTable.matrices. ~4 kernels per group + 5."""
     t, hid, inter = h.shape[0], spec.hidden_size, spec.moe_intermediate_size
     e_all = spec.num_experts
     dense_w = torch.zeros(t, e_all, dtype=weights.dtype, device=h.device).scatter_(1, ids, weights)  # [t, E]
     y = torch.empty(e_all, t, hid, dtype=h.dtype, device=h.device)        # [E, tokens, hidden]
-    gi = inter * hid
-    for first, store in groups:                                            # store [n, X] (flat experts)
-        n = store.shape[0]
-        gate_up = store[:, :2 * gi].view(n, 2 * inter, hid)                # [n, 2I, H] (gate rows, then up)
-        down = store[:, 2 * gi:].view(n, hid, inter)                       # [n, H, I]
-        gu = torch.matmul(h.expand(n, t, hid), gate_up.transpose(1, 2))   # [n, t, 2I]
+    for first, gate_up_t, down_t in matrices:                              # [n, H, 2I], [n, I, H]
+        gu = torch.matmul(h, gate_up_t)                                    # [n, t, 2I] (h broadcast)
         a = F.silu(gu[..., :inter]).mul_(gu[..., inter:])                  # [n, t, I]
-        torch.matmul(a, down.transpose(1, 2), out=y[first:first + n])      # [n, t, H]
+        torch.matmul(a, down_t, out=y[first:first + gate_up_t.shape[0]])   # [n, t, H]
     contrib = y * dense_w.t()[:, :, None]              # [E, t, H] acc (promotion: y cast up exactly, fused)
     if h.dtype == torch.float16:   # an unselected expert overflowing to inf must not give 0 * inf = NaN
         contrib = torch.where(dense_w.t()[:, :, None] != 0, contrib, 0.0)
@@ -440,19 +447,19 @@ def _grouped_aligned(groups: tuple[tuple[int, torch.Tensor], ...], spec: ModelSp
             and all(st.data_ptr() % 16 == 0 and st.stride(0) * elem_bytes % 16 == 0 for _, st in groups))
 
 
-def _routed_grouped(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                    groups: tuple[tuple[int, torch.Tensor], ...], spec: ModelSpec) -> torch.Tensor:
+def _routed_grouped(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, matrices,
+                    spec: ModelSpec) -> torch.Tensor:
     """Per store group, its (token, slot) pairs sorted by expert and run through two grouped GEMMs whose
     group offsets stay on the device, so there is no host sync. Same math as _routed_sparse; pairs routed
     to other groups sort last, beyond the last offset, where the grouped GEMM leaves its output unwritten,
-    so they are masked (not multiplied) out. [tokens, hidden] in the accumulation dtype."""
+    so they are masked (not multiplied) out. `matrices`: ExpertTable.matrices. [tokens, hidden] in the
+    accumulation dtype."""
     t, k = ids.shape
     hid, inter = spec.hidden_size, spec.moe_intermediate_size
-    gi = inter * hid
     flat, w_flat = ids.reshape(-1), weights.reshape(-1)                      # [t * k]
     out = torch.zeros(t, hid, dtype=weights.dtype, device=h.device)         # [tokens, hidden] acc
-    for first, store in groups:                                            # store [n, X] (flat experts)
-        n = store.shape[0]
+    for first, gate_up_t, down_t in matrices:                              # [n, H, 2I], [n, I, H]
+        n = gate_up_t.shape[0]
         local = flat - first
         inside = (local >= 0) & (local < n)                                # [t * k]
         key = torch.where(inside, local, n)
@@ -460,11 +467,9 @@ def _routed_grouped(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
         counts = torch.zeros(n + 1, dtype=torch.long, device=h.device).scatter_add_(0, key, torch.ones_like(key))
         offs = torch.cumsum(counts[:n], 0, dtype=torch.int32)              # [n] (bincount would sync)
         tok = order // k
-        gate_up = store[:, :2 * gi].view(n, 2 * inter, hid)                # [n, 2I, H]
-        down = store[:, 2 * gi:].view(n, hid, inter)                       # [n, H, I]
-        gu = torch._grouped_mm(h[tok], gate_up.transpose(1, 2), offs=offs)  # [t * k, 2I]
+        gu = torch._grouped_mm(h[tok], gate_up_t, offs=offs)               # [t * k, 2I]
         a = F.silu(gu[:, :inter]) * gu[:, inter:]                           # [t * k, I]
-        y = torch._grouped_mm(a, down.transpose(1, 2), offs=offs)          # [t * k, H]
+        y = torch._grouped_mm(a, down_t, offs=offs)                        # [t * k, H]
         keep = inside[order, None]                                         # [t * k, 1]
         out.index_add_(0, tok, torch.where(keep, y.to(out.dtype) * w_flat[order, None], 0.0))
     return out

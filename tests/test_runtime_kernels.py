@@ -89,7 +89,7 @@ def test_grouped_moe_equals_sparse(spec, resident, dtype):
     tokens = model.MOE_DENSE_MAX_TOKENS + 37
     h = torch.randn(tokens, spec.hidden_size, generator=torch.Generator().manual_seed(5)).to(dtype)
     weights, ids = model.route(h, layer.router, spec)
-    grouped = model._routed_grouped(h, weights, ids, table.groups, spec)
+    grouped = model._routed_grouped(h, weights, ids, table.matrices(spec), spec)
     sparse = model._routed_sparse(h, weights, ids, table, spec)
     assert torch.isfinite(grouped).all()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
