@@ -70,6 +70,6 @@ class PostAttentionGraphs:
             model.post_attention(*args)      # first calls (kernel choice, workspaces) outside the capture
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):   # worker idle
             out = model.post_attention(*args)                                 # [size, hidden]
         return graph, out
