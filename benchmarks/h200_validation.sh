@@ -24,7 +24,7 @@ res="$out/h200"
 mkdir -p "$res"
 profile=${PROFILE:-hardware_profiles/h200-measured.toml}
 cli=(python -m moe_lightning_cli.main)
-sweep=(python benchmarks/validate.py --num-layers 8 --prompt-len 256 --gen-len 32 --max-policies 14)
+sweep=(python benchmarks/validate.py --num-layers 8 --prompt-len 256 --gen-len 32 --max-policies 16)
 for phase in "$@"; do
     echo "== $phase $(date -u +%FT%TZ)"
     case $phase in

@@ -76,11 +76,12 @@ def sweep_policies(chosen: Policy, baselines, spec: ModelSpec, fits) -> list[tup
     cands.append(("s3", _policy(chosen, schedule="s3", **cpu_attn)))
     cands.append(("gpu attention s4", _policy(chosen, attention_on_gpu=True, schedule="s4",
                                               batch_size=max(1, N // 4), micro_batch_size=max(1, min(mu, N // 4)))))
-    for n_frac in (0.25, 0.5, 1.0):
-        for mu_frac in (0.5, 1.0, 2.0):
-            n = max(1, int(N * n_frac))
-            m = max(1, min(n, int(mu * mu_frac * n_frac) if n_frac < 1 else int(mu * mu_frac)))
-            cands.append(("grid", replace(chosen, batch_size=n, micro_batch_size=m)))
+    # N at 1/4, 1/2 and 1 of the chosen, each with 1, 4 and 16 micro-batches (the fixed cost per
+    # micro-batch visit shows only across micro-batch counts)
+    for n_frac in (1.0, 0.5, 0.25):
+        n = max(1, int(N * n_frac))
+        for count in (16, 4, 1):
+            cands.append(("grid", replace(chosen, batch_size=n, micro_batch_size=max(1, -(-n // count)))))
     seen = {p for _, p in out}
     for tag, p in cands:
         if p is not None and p not in seen and fits(p):
