@@ -24,7 +24,13 @@ res="$out/h200"
 mkdir -p "$res"
 profile=${PROFILE:-hardware_profiles/h200-measured.toml}
 cli=(python -m moe_lightning_cli.main)
-sweep=(python benchmarks/validate.py --num-layers 8 --prompt-len 256 --gen-len 32 --max-policies 16)
+# sweep GIB TIME_LIMIT_S SKIP: validate.py under a GIB GiB full-model budget -> validation_GIBgb[_fromSKIP].*
+sweep() {
+    local name="validation_${1}gb${3:+_from$3}"
+    python benchmarks/validate.py --num-layers 8 --prompt-len 256 --gen-len 32 --max-policies 16 \
+        --hardware "$profile" --gpu-budget "${1}GiB" --time-limit-s "$2" --skip "${3:-0}" \
+        --out "$res/$name.csv" 2>&1 | tee "$res/$name.log"
+}
 for phase in "$@"; do
     echo "== $phase $(date -u +%FT%TZ)"
     case $phase in
@@ -44,13 +50,9 @@ for phase in "$@"; do
             --timeline "$d/timeline.png" --trace "$d/trace.json" -o "$d/measurement.json" 2>&1 \
             | tee "$d/run.txt" | grep -v "^\s*\(Average\|Socket\|Signals\|Swaps\|File system\|Page size\)" ;;
     sweep24)
-        "${sweep[@]}" --hardware "$profile" --gpu-budget 24GiB --time-limit-s "${T24_S:-330}" \
-            --skip "${SKIP24:-0}" --out "$res/validation_24gb${SKIP24:+_from$SKIP24}.csv" 2>&1 \
-            | tee "$res/validation_24gb${SKIP24:+_from$SKIP24}.log" ;;
+        sweep 24 "${T24_S:-330}" "${SKIP24:-}" ;;
     sweep48)
-        "${sweep[@]}" --hardware "$profile" --gpu-budget 48GiB --time-limit-s "${T48_S:-330}" \
-            --skip "${SKIP48:-0}" --out "$res/validation_48gb${SKIP48:+_from$SKIP48}.csv" 2>&1 \
-            | tee "$res/validation_48gb${SKIP48:+_from$SKIP48}.log" ;;
+        sweep 48 "${T48_S:-330}" "${SKIP48:-}" ;;
     peer)
         timeout "${PEER_S:-200}" python benchmarks/peer_hf_accelerate.py --num-layers 8 --gpu-budget-gib 24 \
             --batch-sizes 16 --prompt-len 256 --gen-len 32 --experts-implementation eager \

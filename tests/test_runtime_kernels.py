@@ -24,8 +24,8 @@ QWEN2 = ModelSpec(name="tiny-qwen2", model_type="qwen2_moe", hidden_size=24, num
                   shared_expert_gate=True, qkv_bias=True, norm_topk_prob=False)
 
 
-def _store(spec, resident, dtype=torch.float64, buffer=1, layer=1):
-    store = WeightStore(spec, dtype, "cpu", num_resident=resident, num_pages=2)
+def _store(spec, resident, dtype=torch.float64, buffer=1, layer=1, device="cpu"):
+    store = WeightStore(spec, dtype, device, num_resident=resident, num_pages=2)
     synthesize(store, seed=7, progress=False)
     for page in store.page_table.pages:
         store.copy_page(layer, buffer, page)
@@ -168,20 +168,22 @@ def test_decode_attention_kernels_match_naive(monkeypatch, kernel, dtype, tol):
         assert float((out.double() - ref).abs().max()) < tol
 
 
-@pytest.mark.gpu
-def test_gpu_dense_moe_does_not_synchronise():
-    store = WeightStore(MIXTRAL3, torch.float32, "cuda", num_resident=1, num_pages=2)
-    synthesize(store, seed=7, progress=False)
-    for page in store.page_table.pages:
-        store.copy_page(1, 1, page)
-    h = torch.randn(7, MIXTRAL3.hidden_size, device="cuda")
-    table, layer = store.lookup(1, 1), store.dense.layers[1]
+def _moe_with_sync_as_error(h, layer, table, spec):
+    """model.moe with CUDA's sync debug mode set to raise on any host synchronisation."""
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        dense = model.moe(h, layer, table, MIXTRAL3)
+        return model.moe(h, layer, table, spec)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_gpu_dense_moe_does_not_synchronise():
+    store = _store(MIXTRAL3, 1, dtype=torch.float32, device="cuda")
+    h = torch.randn(7, MIXTRAL3.hidden_size, device="cuda")
+    table, layer = store.lookup(1, 1), store.dense.layers[1]
+    dense = _moe_with_sync_as_error(h, layer, table, MIXTRAL3)
     sparse = model.moe(h, layer, lambda e: table(e), MIXTRAL3)
     assert float((dense - sparse).abs().max()) <= 1e-5 * float(sparse.abs().max())
 
@@ -191,18 +193,10 @@ def test_gpu_grouped_moe_does_not_synchronise_and_equals_sparse():
     """Decode micro-batches above MOE_DENSE_MAX_TOKENS take the grouped path on sm90+ (bf16)."""
     if not model.grouped_mm_available(torch.device("cuda"), torch.bfloat16):
         pytest.skip("no CUDA grouped GEMM for bf16 on this GPU")
-    store = WeightStore(ALIGNED, torch.bfloat16, "cuda", num_resident=2, num_pages=2)
-    synthesize(store, seed=7, progress=False)
-    for page in store.page_table.pages:
-        store.copy_page(1, 1, page)
+    store = _store(ALIGNED, 2, dtype=torch.bfloat16, device="cuda")
     h = torch.randn(model.MOE_DENSE_MAX_TOKENS + 11, ALIGNED.hidden_size, device="cuda").to(torch.bfloat16)
     table, layer = store.lookup(1, 1), store.dense.layers[1]
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        grouped = model.moe(h, layer, table, ALIGNED)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    grouped = _moe_with_sync_as_error(h, layer, table, ALIGNED)
     sparse = model.moe(h, layer, lambda e: table(e), ALIGNED)
     assert float((grouped.float() - sparse.float()).abs().max()) <= 2e-2 * float(sparse.float().abs().max())
 
