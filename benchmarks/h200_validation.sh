@@ -15,8 +15,8 @@
 #            shapes cut to 8 layers (budgets scaled as validate.py says), prompt 256, gen 32
 #   peer     HF transformers + accelerate CPU offload on the same model, budget and workload
 # Everything lands in $OUT/h200 (default benchmarks/results/h200); $OUT/h200.tgz packs it, because the
-# device returns at most 8 files. Env: PROFILE (default hardware_profiles/h200-measured.toml),
-# T24_S / T48_S (time limits of the sweeps), SKIP24 / SKIP48 (start a sweep at that policy).
+# device returns at most 8 files (packed after each phase). Env: PROFILE (default hardware_profiles/h200-measured.toml),
+# T24_S / T48_S (time limits of the sweeps), TESTS_S, SKIP24 / SKIP48 (start a sweep at that policy).
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 out=${OUT:-benchmarks/results}
@@ -35,11 +35,11 @@ for phase in "$@"; do
     echo "== $phase $(date -u +%FT%TZ)"
     case $phase in
     tests)
-        timeout 240 python -m pytest -q -m gpu tests 2>&1 | tail -8 ;;
+        timeout "${TESTS_S:-180}" python -m pytest -q -m gpu tests 2>&1 | tail -12 ;;
     profile)
         "${cli[@]}" profile -o "$res/h200-measured.toml" --name h200-measured --no-progress 2>&1 \
-            | tee "$res/profile.log" | tail -6
-        profile="$res/h200-measured.toml" ;;
+            | tee "$res/profile.log" | tail -40
+        [ -f "$res/h200-measured.toml" ] && profile="$res/h200-measured.toml" ;;
     full24)
         d="$res/full_model_32_layers"
         mkdir -p "$d"
@@ -60,5 +60,7 @@ for phase in "$@"; do
     *)
         echo "unknown phase $phase (tests profile full24 sweep24 sweep48 peer)"; exit 2 ;;
     esac
+    # packed after every phase: a call cut off by its time limit still returns what finished
+    tar czf "$out/h200.tgz.part" -C "$out" h200 && mv "$out/h200.tgz.part" "$out/h200.tgz"
 done
-tar czf "$out/h200.tgz" -C "$out" h200 && echo "packed $out/h200.tgz"
+echo "packed $out/h200.tgz"
