@@ -112,19 +112,27 @@ def duplex_bytes_per_s(s: Setting) -> float:
     return s.hardware.link.duplex_bytes_per_s * s.hardware.gpu.count
 
 
-def decode_visit_s(s: Setting, mu):
+def decode_visit_s(s: Setting, mu, num_micro_batches=2):
     """The runtime's fixed cost of one micro-batch of `mu` visiting one layer under the setting's schedule
     (measured; 0 without a measurement). Micro-batches above the profile's `grouped_above_tokens` take the
     runtime's grouped MoE path, which launches more kernels, and cost what was measured for it; the rest
-    cost the per-schedule figure, or the schedule-independent one where the profile has none."""
+    cost the per-schedule figure, or the schedule-independent one where the profile has none. CGOPipe with
+    CPU attention and one micro-batch has nothing to overlap its host work with, so it runs as S3 does and
+    costs S3's visit."""
     m = _measured(s)
     if m is None:
         return 0.0
-    small = dict(m.decode_visit_s_by_schedule).get(s.schedule, m.decode_visit_s)
-    large = dict(m.decode_visit_s_grouped_by_schedule).get(s.schedule)
-    if large is None or not m.grouped_above_tokens:
-        return small
-    return np.where(np.asarray(mu) > m.grouped_above_tokens, large, small)
+
+    def cost(schedule):
+        small = dict(m.decode_visit_s_by_schedule).get(schedule, m.decode_visit_s)
+        large = dict(m.decode_visit_s_grouped_by_schedule).get(schedule)
+        if large is None or not m.grouped_above_tokens:
+            return small
+        return np.where(np.asarray(mu) > m.grouped_above_tokens, large, small)
+
+    if s.schedule == "cgopipe" and not s.attention_on_gpu:
+        return np.where(np.asarray(num_micro_batches) > 1, cost("cgopipe"), cost("s3"))
+    return cost(s.schedule)
 
 
 def cpu_attention_call_s(s: Setting) -> float:
@@ -261,7 +269,7 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
     # one micro-batch's round trip through the loop (does not depend on r_w)
     mu_arr = np.minimum(np.asarray(mu), np.asarray(N))
     # the host launches while the GPU executes: the slower of the two, then the chain through the CPU
-    loop = np.maximum(gpu_mb(mu_arr) + experts_gpu_mb(mu_arr), decode_visit_s(s, mu_arr))
+    loop = np.maximum(gpu_mb(mu_arr) + experts_gpu_mb(mu_arr), decode_visit_s(s, mu_arr, m))
     if not s.attention_on_gpu:
         loop = loop + (cpu_time(s, ops.attention(spec, mu_arr, 1, ctx), cpu_attention_bytes_per_s(s, m))
                        + cpu_attention_call_s(s)
@@ -269,7 +277,7 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
                        + mu_arr * _attn_out_elems(spec) * ab / h2d_bytes_per_s(s, mu_arr * _attn_out_elems(spec) * ab))
     return LayerTimes(gpu_s=gpu, cpu_s=cpu, h2d_weights_s=h2d_weights, h2d_act_s=h2d_act, h2d_kv_s=h2d_kv,
                       d2h_s=d2h, link_s=link, pipeline_s=loop, num_micro_batches=m,
-                      launch_s=m * decode_visit_s(s, mu_arr))
+                      launch_s=m * decode_visit_s(s, mu_arr, m))
 
 
 def prefill_layer_times(s: Setting, N, mu, r_w, r_c) -> LayerTimes:
@@ -281,6 +289,9 @@ def prefill_layer_times(s: Setting, N, mu, r_w, r_c) -> LayerTimes:
 
     def gpu_chunk(seqs):
         tokens = seqs * p
+        rate = prefill_layer_flops_per_s(s, tokens)
+        if rate is not None:
+            return ops.prefill_layer(spec, seqs, p).flops / rate
         return (gpu_time(s, ops.layer_gpu_ops(spec, tokens) + ops.attention(spec, seqs, p, 0), tokens)
                 + prefill_experts_time(s, tokens))
 
@@ -300,6 +311,18 @@ def prefill_layer_times(s: Setting, N, mu, r_w, r_c) -> LayerTimes:
     link = (weights_bytes + 2 * hidden_bytes + kv_bytes) / duplex_bytes_per_s(s)
     return LayerTimes(gpu_s=gpu, cpu_s=0.0, h2d_weights_s=h2d, h2d_act_s=0.0, h2d_kv_s=0.0, d2h_s=d2h,
                       link_s=link, pipeline_s=0.0, num_micro_batches=m)
+
+
+def prefill_layer_flops_per_s(s: Setting, tokens):
+    """The measured FLOP/s (over ops.prefill_layer's count) of the runtime's whole prefill layer for a
+    chunk of `tokens` tokens (interpolated in log tokens, flat beyond the measured range), or None where
+    the profile has no such measurement. It holds what the roofline of its parts misses: the chunk's
+    attention layout, KV and hidden-state staging, the MoE's per-expert split, and their launches."""
+    m = _measured(s)
+    if m is None or not m.gpu_prefill_tokens:
+        return None
+    return np.interp(np.log(np.maximum(np.asarray(tokens, float), 1.0)), np.log(np.asarray(m.gpu_prefill_tokens)),
+                     np.asarray(m.gpu_prefill_flops)) * s.hardware.gpu.count
 
 
 def prefill_experts_time(s: Setting, tokens):

@@ -74,6 +74,8 @@ class Measured:
     h2d_sizes_bytes: tuple[float, ...] = ()
     gpu_moe_tokens: tuple[float, ...] = ()     # the runtime's MoE layer at prefill sizes: tokens per call ...
     gpu_moe_flops: tuple[float, ...] = ()      # ... and routed top-k FLOP/s
+    gpu_prefill_tokens: tuple[float, ...] = ()  # the runtime's whole prefill layer: tokens per chunk ...
+    gpu_prefill_flops: tuple[float, ...] = ()   # ... and FLOP/s over hrm.ops.prefill_layer's count
     h2d_bytes_per_s: tuple[float, ...] = ()
     cpu_attention_bytes_per_s: float = 0.0     # KV bytes/s of the runtime's CPU decode attention
     cpu_attention_overlapped_bytes_per_s: float = 0.0  # the same inside the pipelined decode loop (host shared)
@@ -134,6 +136,7 @@ class HardwareProfile:
                 self.measured, h2d_bytes_per_s=tuple(v * link for v in self.measured.h2d_bytes_per_s),
                 gpu_gemm_flops=tuple(v * gpu_flops for v in self.measured.gpu_gemm_flops),
                 gpu_moe_flops=tuple(v * gpu_flops for v in self.measured.gpu_moe_flops),
+                gpu_prefill_flops=tuple(v * gpu_flops for v in self.measured.gpu_prefill_flops),
                 cpu_dram_bytes_per_s=self.measured.cpu_dram_bytes_per_s * cpu_mem_bw,
                 cpu_attention_bytes_per_s=self.measured.cpu_attention_bytes_per_s * cpu_mem_bw,
                 cpu_attention_overlapped_bytes_per_s=self.measured.cpu_attention_overlapped_bytes_per_s * cpu_mem_bw),
@@ -220,9 +223,10 @@ def _measured(table: Mapping, where: str) -> Measured:
     gt, gf = pair("gpu_gemm_tokens", "gpu_gemm_tflops", 1.0, TFLOPS)
     hs, hr = pair("h2d_sizes_mib", "h2d_gb_per_s", 2.0 ** 20, GB)
     mt, mf = pair("gpu_moe_tokens", "gpu_moe_tflops", 1.0, TFLOPS)
+    pt, pf = pair("gpu_prefill_tokens", "gpu_prefill_tflops", 1.0, TFLOPS)
     return Measured(
         gpu_gemm_tokens=gt, gpu_gemm_flops=gf, h2d_sizes_bytes=hs, h2d_bytes_per_s=hr,
-        gpu_moe_tokens=mt, gpu_moe_flops=mf,
+        gpu_moe_tokens=mt, gpu_moe_flops=mf, gpu_prefill_tokens=pt, gpu_prefill_flops=pf,
         cpu_attention_bytes_per_s=float(table.get("cpu_attention_gb_per_s", 0.0)) * GB,
         cpu_attention_overlapped_bytes_per_s=float(table.get("cpu_attention_overlapped_gb_per_s", 0.0)) * GB,
         cpu_dram_bytes_per_s=float(table.get("cpu_dram_gb_per_s", 0.0)) * GB,

@@ -154,3 +154,9 @@ def lm_head(spec: ModelSpec, tokens) -> Cost:
 def layer_gpu_ops(spec: ModelSpec, tokens) -> Cost:
     """Everything of a layer the GPU runs besides attention and the routed experts."""
     return pre_attention(spec, tokens) + o_proj(spec, tokens) + router(spec, tokens) + dense_ffn(spec, tokens)
+
+
+def prefill_layer(spec: ModelSpec, seqs, prompt_len) -> Cost:
+    """One layer's prefill of `seqs` sequences of `prompt_len` tokens: everything, routed experts included."""
+    tokens = np.asarray(seqs) * prompt_len
+    return layer_gpu_ops(spec, tokens) + attention(spec, seqs, prompt_len, 0) + routed_experts(spec, tokens)

@@ -23,6 +23,11 @@ flattens above 1,024), and the chunk, not the micro-batch, sets the prefill acti
 chunks the prefill workspace bounded mu to ~36 under a 24 GB budget for Mixtral."""
 
 
+def device_micro_batches(kv_gpu_frac: float, num_micro_batches: int) -> int:
+    """Micro-batches whose KV cache lives on the GPU: r_c realised per whole micro-batch (floor)."""
+    return int(kv_gpu_frac * num_micro_batches + 1e-9)
+
+
 def prefill_chunk_sequences(prompt_len):
     """Sequences per prefill chunk at a prompt length (numpy-friendly)."""
     return np.maximum(1, PREFILL_CHUNK_TOKENS // np.maximum(1, np.asarray(prompt_len, dtype=int)))

@@ -102,6 +102,10 @@ def _print(r: dict, donor, profile, output) -> None:
         for i, (tok, f) in enumerate(zip(g["moe_tokens"], g["moe_flops_per_s"])):
             rows.append(("GPU" if i == 0 else "", f"runtime MoE layer, {tok} tokens (routed top-k FLOP/s)",
                          f"{f / 1e12:,.1f} TFLOP/s"))
+    if g and g.get("prefill_tokens"):
+        for tok, f in zip(g["prefill_tokens"], g["prefill_flops_per_s"]):
+            rows.append(("", f"runtime prefill layer, {tok} tokens in prompts of {g['prefill_prompt_len']}",
+                         f"{f / 1e12:,.1f} TFLOP/s"))
 
     head = (f"moe-lightning profile on {r['host']} ({r['date']}, torch {r['versions']['torch']}"
             f"{', quick mode' if r['quick'] else ''}), shapes of {r['shapes']['model']}, {r['elapsed_s']:.1f} s")

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from hrm.policy import Policy
+from hrm.policy import Policy, device_micro_batches
 from hrm.spec import ModelSpec
 
 from .checkpoint import load_checkpoint
 from .graphs import PostAttentionGraphs
 from .cpu_attention import AttentionWorker, attention_threads
 from .host_memory import pinned_bytes
-from .kv_cache import KVCache, device_micro_batches, kv_elems
+from .kv_cache import KVCache, kv_elems
 from .measure import Measurement, Recorder, Span, stage_times
 from .model import check_supported
 from .packing import MicroBatch, in_order, layout, pack

@@ -20,11 +20,6 @@ def kv_elems(spec: ModelSpec, micro_batches: tuple[MicroBatch, ...]) -> int:
     return per_slot * sum(mb.size * mb.capacity for mb in micro_batches)
 
 
-def device_micro_batches(kv_gpu_frac: float, num_micro_batches: int) -> int:
-    """Micro-batches whose KV lives on the device: r_c realised per whole micro-batch (floor)."""
-    return int(kv_gpu_frac * num_micro_batches + 1e-9)
-
-
 class KVCache:
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> None:
         self.spec, self.dtype, self.device = spec, dtype, device

@@ -228,8 +228,9 @@ def test_grouped_micro_batches_cost_their_own_visit():
 
 def test_unknown_schedule_in_a_profile_is_named(tmp_path):
     from hrm.hardware import HardwareError
-    text = (Path(load_profile("h200-measured").path).read_text()
-            + "\n")
+    import re
+    text = Path(load_profile("h200-measured").path).read_text()
+    text = re.sub(r"(?m)^decode_visit_us_by_schedule = .*\n", "", text)
     text = text.replace("[measured]\n", "[measured]\ndecode_visit_us_by_schedule = { cgopipe = 1500, s5 = 2 }\n")
     bad = tmp_path / "bad.toml"
     bad.write_text(text)
@@ -277,6 +278,32 @@ def test_measured_moe_layer_rate_prices_prefill():
     assert prefill_experts_time(s, tokens) == pytest.approx(flops / 100e12)
     assert estimate(MIXTRAL, slow, MTBENCH, p).prefill_s > base.prefill_s
     assert estimate(MIXTRAL, slow, MTBENCH, p).decode_s == pytest.approx(base.decode_s)   # decode unchanged
+
+
+def test_measured_prefill_layer_rate_prices_each_chunk():
+    """A measured rate of the runtime's whole prefill layer prices every chunk of every micro-batch:
+    ops.prefill_layer's FLOPs of the chunk over the rate at the chunk's tokens (flat beyond the range)."""
+    from hrm.estimate import prefill_layer_times
+    from hrm.policy import prefill_chunk_sequences
+
+    hw = load_profile("h200")
+    wl = Workload.uniform(256, 32)
+    p = Policy(100, 40)                              # micro-batches 40, 40, 20; chunks of 16 sequences
+    measured = replace(hw.measured, gpu_prefill_tokens=(1024.0, 4096.0), gpu_prefill_flops=(100e12, 200e12))
+    s = Setting.of(MIXTRAL, replace(hw, measured=measured), wl, p)
+    chunk = prefill_chunk_sequences(256)
+    assert chunk == 16
+    sizes = [16, 16, 8, 16, 16, 8, 16, 4]          # the chunks of 40, 40 and 20 sequences
+
+    def t(n):
+        tokens = n * 256
+        rate = np.interp(np.log(tokens), np.log([1024, 4096]), [100e12, 200e12])
+        return float(ops.prefill_layer(MIXTRAL, n, 256).flops) / rate
+    pre = prefill_layer_times(s, 100, 40, 0.0, 0.0)
+    assert float(pre.gpu_s) == pytest.approx(sum(t(n) for n in sizes), rel=1e-9)
+    base = estimate(MIXTRAL, hw, wl, p)
+    priced = estimate(MIXTRAL, replace(hw, measured=measured), wl, p)
+    assert priced.decode_s == pytest.approx(base.decode_s)                          # decode unchanged
 
 
 def test_measured_runtime_overheads_price_many_micro_batches():

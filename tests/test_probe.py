@@ -39,7 +39,8 @@ def _fake_gpu_result(cpu_result: dict) -> dict:
                     gemm_shape="[tokens x 4096] x [4096 x 14336] bf16", square_gemm_n=8192,
                     square_gemm_flops_per_s={"bf16": 748e12, "fp16": 750e12, "fp32": 51e12},
                     hbm_copy_size_bytes=1024 * MiB, hbm_copy_bytes_per_s=4.1e12,
-                    moe_tokens=[1024, 8192], moe_flops_per_s=[300e12, 450e12])
+                    moe_tokens=[1024, 8192], moe_flops_per_s=[300e12, 450e12], prefill_prompt_len=256,
+                    prefill_tokens=[1024, 4096], prefill_flops_per_s=[250e12, 380e12])
     r["link"] = dict(sizes_bytes=[256 * 1024, 4 * MiB, 1024 * MiB], h2d_bytes_per_s=[20e9, 43e9, 55e9],
                      d2h_bytes_per_s=[22e9, 49e9, 55.2e9], duplex_bytes_per_s=120e9, duplex_size_bytes=1024 * MiB,
                      pageable_h2d_bytes_per_s=14e9, pageable_size_bytes=1024 * MiB)
@@ -147,6 +148,7 @@ def test_profile_from_measured_gpu(cpu_result, tmp_path):
     assert m.gpu_hbm_bytes_per_s == pytest.approx(4.1e12, rel=1e-3)
     assert m.decode_visit_s == pytest.approx(1.5e-3, rel=1e-3)
     assert m.gpu_moe_tokens == (1024, 8192) and m.gpu_moe_flops[1] == pytest.approx(450e12, rel=1e-3)
+    assert m.gpu_prefill_tokens == (1024, 4096) and m.gpu_prefill_flops[1] == pytest.approx(380e12, rel=1e-3)
     assert dict(m.decode_visit_s_by_schedule)["s4"] == pytest.approx(2.5e-3, rel=1e-3)
     assert dict(m.decode_visit_s_grouped_by_schedule)["cgopipe"] == pytest.approx(2.2e-3, rel=1e-3)
     assert m.grouped_above_tokens == 64
@@ -204,6 +206,8 @@ def test_quick_gpu_profile(tmp_path):
     p = write_profile_toml(r, tmp_path / "gpu.toml")
     assert p.gpu.flops("bf16") >= max(g["gemm_flops_per_s"]) * (1 - 1e-3)
     assert len(p.measured.gpu_moe_tokens) == len(g["moe_tokens"]) and all(f > 1e9 for f in g["moe_flops_per_s"])
+    assert len(p.measured.gpu_prefill_tokens) == len(g["prefill_tokens"])
+    assert all(1e12 < f < 2 * p.gpu.flops("bf16") for f in g["prefill_flops_per_s"])
     assert sorted(dict(p.measured.decode_visit_s_by_schedule)) == ["blocking", "cgopipe", "s3", "s4"]
     if r["cpu"]["runtime"]["decode_visit_s_grouped_by_schedule"]:                 # sm90+: grouped GEMM
         assert len(p.measured.decode_visit_s_grouped_by_schedule) == 4 and p.measured.grouped_above_tokens == 64
@@ -246,6 +250,35 @@ def test_runtime_overheads_measured_on_a_tiny_model():
     assert r["decode_visit_s"] == r["decode_visit_s_by_schedule"]["cgopipe"]
     assert all(0 < v < 1.0 for v in r["decode_visit_s_by_schedule"].values())
     assert 0 < r["cpu_attention_call_s"] < 0.1
+
+
+def test_prefill_layer_rate_divides_the_counted_flops_by_the_engines_prefill_time(monkeypatch):
+    """The prefill probe runs the runtime's own prefill (two layers, several one-chunk micro-batches) and
+    reports hrm.ops.prefill_layer's FLOPs per chunk over the engine's prefill seconds per (layer, chunk)."""
+    from dataclasses import replace
+
+    from hrm import ops
+    from hrm.hf_config import load_model
+    from runtime import engine as engine_mod
+    from runtime.probe import prefill_layer_flops
+
+    spec = replace(load_model("mixtral-8x7b"), hidden_size=64, moe_intermediate_size=128, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, vocab_size=256)
+    seen = []
+    real = engine_mod.Engine.generate
+
+    def spy(self, prompts, max_new_tokens, **kw):
+        tokens, m = real(self, prompts, max_new_tokens, **kw)
+        seen.append((self.policy.micro_batch_size, len(prompts), self.spec.num_hidden_layers, m.prefill_s))
+        return tokens, m
+    monkeypatch.setattr(engine_mod.Engine, "generate", spy)
+    rates = prefill_layer_flops(spec, seqs=(2, 4), prompt_len=16, chunks=3, repeats=1)
+    assert len(rates) == 2 and all(r > 0 for r in rates)
+    measured = [x for x in seen[1::2]]                   # each engine: a warm-up, then one measured pass
+    for (mu, n, layers, prefill_s), rate, seqs in zip(measured, rates, (2, 4)):
+        assert (mu, n, layers) == (seqs, 3 * seqs, 2)
+        two = spec.with_layers(2)
+        assert rate == pytest.approx(float(ops.prefill_layer(two, seqs, 16).flops) / (prefill_s / 6), rel=1e-9)
 
 
 def test_attention_in_pipeline_counts_every_call():
