@@ -325,6 +325,14 @@ def prefill_layer_flops_per_s(s: Setting, tokens):
                      np.asarray(m.gpu_prefill_flops)) * s.hardware.gpu.count
 
 
+def prefill_once_s(s: Setting, N):
+    """What prefill pays once, not per layer: the LM head over the last positions, and the runtime's
+    per-pass cost (measured per prompt token; 0 without a measurement)."""
+    m = _measured(s)
+    per_pass = N * s.workload.prompt_len * m.prefill_pass_s_per_token if m is not None else 0.0
+    return lm_head_time(s, N) + per_pass
+
+
 def prefill_experts_time(s: Setting, tokens):
     """The routed experts of one layer for a prefill micro-batch of `tokens` tokens: at the measured rate
     of the runtime's own MoE layer where the profile has it (interpolated in log tokens, held flat
@@ -523,7 +531,7 @@ def estimate(spec: ModelSpec, hardware: HardwareProfile, workload: Workload, pol
     pre = prefill_layer_times(s, N, mu, r_w, r_c)
     pre_terms = {"gpu": pre.gpu_s, "h2d": pre.h2d_s, "d2h": pre.d2h_s, "link": pre.link_s}
     pre_layer, _, _ = _max_terms(pre_terms)
-    prefill_s = float(L * pre_layer + head)
+    prefill_s = float(L * pre_layer + prefill_once_s(s, N))
 
     ctxs, weights = context_samples(workload)
     decode_s = 0.0

@@ -76,6 +76,7 @@ class Measured:
     gpu_moe_flops: tuple[float, ...] = ()      # ... and routed top-k FLOP/s
     gpu_prefill_tokens: tuple[float, ...] = ()  # the runtime's whole prefill layer: tokens per chunk ...
     gpu_prefill_flops: tuple[float, ...] = ()   # ... and FLOP/s over hrm.ops.prefill_layer's count
+    prefill_pass_s_per_token: float = 0.0       # the runtime's prefill cost per prompt token paid once per pass
     h2d_bytes_per_s: tuple[float, ...] = ()
     cpu_attention_bytes_per_s: float = 0.0     # KV bytes/s of the runtime's CPU decode attention
     cpu_attention_overlapped_bytes_per_s: float = 0.0  # the same inside the pipelined decode loop (host shared)
@@ -227,6 +228,7 @@ def _measured(table: Mapping, where: str) -> Measured:
     return Measured(
         gpu_gemm_tokens=gt, gpu_gemm_flops=gf, h2d_sizes_bytes=hs, h2d_bytes_per_s=hr,
         gpu_moe_tokens=mt, gpu_moe_flops=mf, gpu_prefill_tokens=pt, gpu_prefill_flops=pf,
+        prefill_pass_s_per_token=float(table.get("prefill_pass_ns_per_token", 0.0)) * 1e-9,
         cpu_attention_bytes_per_s=float(table.get("cpu_attention_gb_per_s", 0.0)) * GB,
         cpu_attention_overlapped_bytes_per_s=float(table.get("cpu_attention_overlapped_gb_per_s", 0.0)) * GB,
         cpu_dram_bytes_per_s=float(table.get("cpu_dram_gb_per_s", 0.0)) * GB,

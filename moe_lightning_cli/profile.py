@@ -106,6 +106,7 @@ def _print(r: dict, donor, profile, output) -> None:
         for tok, f in zip(g["prefill_tokens"], g["prefill_flops_per_s"]):
             rows.append(("", f"runtime prefill layer, {tok} tokens in prompts of {g['prefill_prompt_len']}",
                          f"{f / 1e12:,.1f} TFLOP/s"))
+        rows.append(("", "runtime prefill, once per pass", f"{g['prefill_pass_s_per_token'] * 1e9:,.0f} ns/token"))
 
     head = (f"moe-lightning profile on {r['host']} ({r['date']}, torch {r['versions']['torch']}"
             f"{', quick mode' if r['quick'] else ''}), shapes of {r['shapes']['model']}, {r['elapsed_s']:.1f} s")

@@ -72,7 +72,7 @@ def total_time(s: hrm.Setting, N, mu, r_w, r_c):
     """(prefill_s, decode_s), broadcast over arrays of N, mu, r_w, r_c."""
     L = s.spec.num_hidden_layers
     head = hrm.lm_head_time(s, N)
-    prefill = L * _max(prefill_terms(hrm.prefill_layer_times(s, N, mu, r_w, r_c))) + head
+    prefill = L * _max(prefill_terms(hrm.prefill_layer_times(s, N, mu, r_w, r_c))) + hrm.prefill_once_s(s, N)
     decode = 0.0
     for ctx, w in zip(*hrm.context_samples(s.workload)):
         lt = hrm.decode_layer_times(s, N, mu, r_w, r_c, ctx)
@@ -171,7 +171,7 @@ def _max_of(group, r_w, r_c):
 class PairTerms:
     """Everything needed to price any (r_w, r_c) for a set of (N, mu) pairs under one placement."""
     num_layers: int
-    head_s: np.ndarray
+    prefill_once_s: np.ndarray    # hrm.prefill_once_s
     prefill: tuple                # the prefill terms, grouped (_group)
     decode: tuple                 # per context sample: (weight, layer terms grouped, step at layer time 0, d step / d layer time)
     gpu_bytes: Affine
@@ -196,12 +196,13 @@ def pair_terms(s: hrm.Setting, N, mu) -> PairTerms:
         slope = np.broadcast_to(np.asarray(hrm.step_time(1.0, lt, L, head) - at0, float), (3, P))[0]
         decode.append((float(w), terms, Affine.of(at0, P), slope))
     gpu, cpu = _memory(s, N, mu)
-    return PairTerms(L, head, pre, tuple(decode), gpu, cpu)
+    once = np.broadcast_to(np.asarray(hrm.prefill_once_s(s, N), float), (P,))
+    return PairTerms(L, once, pre, tuple(decode), gpu, cpu)
 
 
 def price(pt: PairTerms, r_w, r_c):
     """(prefill_s, decode_s) of candidates (r_w, r_c) (arrays [candidate, pair] or broadcastable)."""
-    prefill = pt.num_layers * _max_of(pt.prefill, r_w, r_c) + pt.head_s
+    prefill = pt.num_layers * _max_of(pt.prefill, r_w, r_c) + pt.prefill_once_s
     decode = 0.0
     for w, terms, at0, slope in pt.decode:
         decode = decode + w * (at0.at(r_w, r_c) + slope * _max_of(terms, r_w, r_c))

@@ -3,7 +3,7 @@
 For each pair i the model has an integer e_i in [0, n_e] (r_w = e_i / n_e), a continuous r_c,i in
 [0, 1] (fixed at 0 when attention runs on the CPU), an epigraph variable t_pre,i >= every prefill term
 and one t_i,j >= every decode term at each context sample j. Its time is
-    L * t_pre,i + head_i + sum_j w_j * step_time(t_i,j)
+    L * t_pre,i + once_i + sum_j w_j * step_time(t_i,j)   (once_i: hrm.prefill_once_s)
 subject to GPU and CPU bytes within the budgets. Every term and byte comes from hrm.estimate's functions
 called with pulp expressions for r_w and r_c (object arrays: one entry per pair), so the equations are
 the ones the grid search evaluates with numpy. Pairs are independent, so one CBC call minimises the sum
@@ -88,7 +88,8 @@ def _solve_chunk(problem: Problem, placement: Placement, N: np.ndarray, mu: np.n
     for name, term in grid.prefill_terms(hrm.prefill_layer_times(s, N, mu, r_w, r_c)).items():
         for i in range(P):
             prob += tau_pre[i] >= _at(term, i) * (1 / pre_ref[i]), f"pre_{name}_{i}"
-    totals = [L * pre_ref[i] * tau_pre[i] + float(head[i]) for i in range(P)]
+    once = np.broadcast_to(np.asarray(hrm.prefill_once_s(s, N), float), (P,))
+    totals = [L * pre_ref[i] * tau_pre[i] + float(once[i]) for i in range(P)]
     for j, (ctx, w) in enumerate(zip(*hrm.context_samples(problem.workload))):
         lt = hrm.decode_layer_times(s, N, mu, r_w, r_c, ctx)
         ref = _scale(hrm.decode_layer_times(s, N, mu, zero_w, zero_c, ctx).terms(s.schedule), P)

@@ -161,34 +161,42 @@ def gpu_moe_flops(spec, tokens: Sequence[int] = MOE_TOKENS, repeats: int = 5, de
 PREFILL_PROMPT_LEN = 256
 PREFILL_SEQS = (4, 8, 16)          # sequences per chunk: 1,024 to 4,096 tokens (PREFILL_CHUNK_TOKENS)
 PREFILL_SEQS_QUICK = (4, 16)
+PREFILL_LAYERS = (2, 6)
 
 
-def prefill_layer_flops(spec, seqs: Sequence[int] = PREFILL_SEQS, prompt_len: int = PREFILL_PROMPT_LEN,
-                        chunks: int = 4, repeats: int = 3) -> list[float]:
-    """FLOP/s (hrm.ops.prefill_layer's count) of the runtime's own prefill, per layer and chunk, for chunks
-    of each of `seqs` sequences of `prompt_len` tokens: runtime.Engine on two MoE layers of `spec`
-    (hidden states staged through the host between them, as in any deeper model), every expert resident,
-    CPU attention (the KV goes to the host cache through the attention worker, as offloading plans do),
-    `chunks` micro-batches of one chunk each (so that staging overlaps the next chunk's compute, as it
-    does in steady state). Prefill seconds (the engine's own measurement) / (layers x chunks); the
-    median of `repeats` after a warm-up."""
+def prefill_costs(spec, seqs: Sequence[int] = PREFILL_SEQS, prompt_len: int = PREFILL_PROMPT_LEN,
+                  chunks: int = 4, layers: tuple[int, int] = PREFILL_LAYERS, repeats: int = 3) -> dict:
+    """The runtime's own prefill, split into what grows with layers and what does not. runtime.Engine on
+    `layers` MoE layers of `spec`, every expert resident, CPU attention (the KV goes to the host cache
+    through the attention worker, as offloading plans do), `chunks` micro-batches of one chunk of each of
+    `seqs` sequences of `prompt_len` tokens. The prefill seconds t(L) (the engine's own measurement, the
+    median of `repeats` after a warm-up) are a line in L: its slope per chunk is the steady cost of one
+    (layer, chunk), staging overlapped by the next chunk's compute; its intercept is paid once per pass
+    (inputs, host staging buffers, the last layer's hand-offs).
+
+    flops_per_s: per chunk size, hrm.ops.prefill_layer's FLOPs / seconds per (layer, chunk);
+    pass_s_per_token: the median intercept per prompt token."""
     from hrm import ops
     from hrm.policy import Policy
 
     from .engine import Engine
 
-    two = spec.with_layers(spec.first_dense_layers + 2)
     g = torch.Generator().manual_seed(0)
-    rates = []
+    lo, hi = layers
+    rates, pass_per_token = [], []
     for n in seqs:
         policy = Policy(batch_size=n * chunks, micro_batch_size=n, weights_gpu_frac=1.0)
         prompts = torch.randint(10, max(11, spec.vocab_size - 10), (n * chunks, prompt_len), generator=g).tolist()
-        with Engine(two, policy, seed=0, progress=False) as eng:
-            eng.generate(prompts, 1)                                       # warm-up
-            times = [eng.generate(prompts, 1)[1].prefill_s for _ in range(repeats)]
-        per_chunk_s = statistics.median(times) / (two.num_hidden_layers * chunks)
-        rates.append(float(ops.prefill_layer(two, n, prompt_len).flops) / per_chunk_s)
-    return rates
+        t = {}
+        for num_layers in layers:
+            model = spec.with_layers(spec.first_dense_layers + num_layers)
+            with Engine(model, policy, seed=0, progress=False) as eng:
+                eng.generate(prompts, 1)                                   # warm-up
+                t[num_layers] = statistics.median(eng.generate(prompts, 1)[1].prefill_s for _ in range(repeats))
+        per_layer_chunk_s = max(t[hi] - t[lo], 1e-9) / ((hi - lo) * chunks)
+        rates.append(float(ops.prefill_layer(spec, n, prompt_len).flops) / per_layer_chunk_s)
+        pass_per_token.append(max(0.0, t[lo] - lo * chunks * per_layer_chunk_s) / (n * chunks * prompt_len))
+    return {"flops_per_s": rates, "pass_s_per_token": statistics.median(pass_per_token)}
 
 
 def gpu_square_gemm_flops(n: int = 8192, dtype: torch.dtype = torch.bfloat16, repeats: int = 10,
@@ -614,13 +622,14 @@ def profile_machine(spec=None, quick: bool = False, progress: bool = True, gpu: 
         from hrm.hf_config import load_model
         seqs = PREFILL_SEQS_QUICK if quick else PREFILL_SEQS
         try:
-            rates = prefill_layer_flops(spec or load_model("mixtral-8x7b"), seqs, repeats=2 if quick else 3)
+            r = prefill_costs(spec or load_model("mixtral-8x7b"), seqs, repeats=2 if quick else 3)
         except Exception as e:  # the other measurements still make a profile; the HRM falls back
-            result["notes"].append(f"runtime prefill layer not measured: {type(e).__name__}: {e}".splitlines()[0])
+            result["notes"].append(f"runtime prefill not measured: {type(e).__name__}: {e}".splitlines()[0])
             return
         g["prefill_prompt_len"] = PREFILL_PROMPT_LEN
         g["prefill_tokens"] = [n * PREFILL_PROMPT_LEN for n in seqs]
-        g["prefill_flops_per_s"] = rates
+        g["prefill_flops_per_s"] = r["flops_per_s"]
+        g["prefill_pass_s_per_token"] = r["pass_s_per_token"]
 
     steps += [("CPU DRAM copy/read", dram), ("CPU matmul fp32/bf16", matmul), ("CPU decode attention", attention)]
     if use_gpu or not quick:
@@ -786,10 +795,13 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
                       f"gpu_moe_tokens = {_arr(g['moe_tokens'])}",
                       f"gpu_moe_tflops = {_arr([x / TFLOPS for x in g['moe_flops_per_s']])}"]
         if g.get("prefill_tokens"):
-            lines += [f"# runtime.Engine prefill, two MoE layers, every expert resident, CPU attention, prompts of "
-                      f"{g['prefill_prompt_len']}: FLOP/s (hrm.ops.prefill_layer) by tokens per chunk",
+            lines += [f"# runtime.Engine prefill, every expert resident, CPU attention, prompts of "
+                      f"{g['prefill_prompt_len']}: FLOP/s (hrm.ops.prefill_layer) per (layer, chunk) by tokens "
+                      f"per chunk (slope over layers) ...",
                       f"gpu_prefill_tokens = {_arr(g['prefill_tokens'])}",
-                      f"gpu_prefill_tflops = {_arr([x / TFLOPS for x in g['prefill_flops_per_s']])}"]
+                      f"gpu_prefill_tflops = {_arr([x / TFLOPS for x in g['prefill_flops_per_s']])}",
+                      "# ... and what it pays once per pass, whatever the layers, per prompt token",
+                      f"prefill_pass_ns_per_token = {g['prefill_pass_s_per_token'] * 1e9:.4g}"]
     elif donor.measured is not None:
         m = donor.measured
         lines.append(f"# GPU curves from profile {donor.name!r} ({m.method}, {m.date})")

@@ -304,6 +304,9 @@ def test_measured_prefill_layer_rate_prices_each_chunk():
     base = estimate(MIXTRAL, hw, wl, p)
     priced = estimate(MIXTRAL, replace(hw, measured=measured), wl, p)
     assert priced.decode_s == pytest.approx(base.decode_s)                          # decode unchanged
+    per_pass = replace(measured, prefill_pass_s_per_token=1e-6)                     # + 100 x 256 us, once
+    assert (estimate(MIXTRAL, replace(hw, measured=per_pass), wl, p).prefill_s
+            == pytest.approx(priced.prefill_s + 100 * 256 * 1e-6))
 
 
 def test_measured_runtime_overheads_price_many_micro_batches():

@@ -10,6 +10,7 @@ import csv
 import importlib.util
 import json
 import os
+import statistics
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,8 @@ def _fake_gpu_result(cpu_result: dict) -> dict:
                     square_gemm_flops_per_s={"bf16": 748e12, "fp16": 750e12, "fp32": 51e12},
                     hbm_copy_size_bytes=1024 * MiB, hbm_copy_bytes_per_s=4.1e12,
                     moe_tokens=[1024, 8192], moe_flops_per_s=[300e12, 450e12], prefill_prompt_len=256,
-                    prefill_tokens=[1024, 4096], prefill_flops_per_s=[250e12, 380e12])
+                    prefill_tokens=[1024, 4096], prefill_flops_per_s=[250e12, 380e12],
+                    prefill_pass_s_per_token=2e-6)
     r["link"] = dict(sizes_bytes=[256 * 1024, 4 * MiB, 1024 * MiB], h2d_bytes_per_s=[20e9, 43e9, 55e9],
                      d2h_bytes_per_s=[22e9, 49e9, 55.2e9], duplex_bytes_per_s=120e9, duplex_size_bytes=1024 * MiB,
                      pageable_h2d_bytes_per_s=14e9, pageable_size_bytes=1024 * MiB)
@@ -149,6 +151,7 @@ def test_profile_from_measured_gpu(cpu_result, tmp_path):
     assert m.decode_visit_s == pytest.approx(1.5e-3, rel=1e-3)
     assert m.gpu_moe_tokens == (1024, 8192) and m.gpu_moe_flops[1] == pytest.approx(450e12, rel=1e-3)
     assert m.gpu_prefill_tokens == (1024, 4096) and m.gpu_prefill_flops[1] == pytest.approx(380e12, rel=1e-3)
+    assert m.prefill_pass_s_per_token == pytest.approx(2e-6, rel=1e-3)
     assert dict(m.decode_visit_s_by_schedule)["s4"] == pytest.approx(2.5e-3, rel=1e-3)
     assert dict(m.decode_visit_s_grouped_by_schedule)["cgopipe"] == pytest.approx(2.2e-3, rel=1e-3)
     assert m.grouped_above_tokens == 64
@@ -206,7 +209,7 @@ def test_quick_gpu_profile(tmp_path):
     p = write_profile_toml(r, tmp_path / "gpu.toml")
     assert p.gpu.flops("bf16") >= max(g["gemm_flops_per_s"]) * (1 - 1e-3)
     assert len(p.measured.gpu_moe_tokens) == len(g["moe_tokens"]) and all(f > 1e9 for f in g["moe_flops_per_s"])
-    assert len(p.measured.gpu_prefill_tokens) == len(g["prefill_tokens"])
+    assert len(p.measured.gpu_prefill_tokens) == len(g["prefill_tokens"]) and g["prefill_pass_s_per_token"] >= 0
     assert all(1e12 < f < 2 * p.gpu.flops("bf16") for f in g["prefill_flops_per_s"])
     assert sorted(dict(p.measured.decode_visit_s_by_schedule)) == ["blocking", "cgopipe", "s3", "s4"]
     if r["cpu"]["runtime"]["decode_visit_s_grouped_by_schedule"]:                 # sm90+: grouped GEMM
@@ -252,33 +255,34 @@ def test_runtime_overheads_measured_on_a_tiny_model():
     assert 0 < r["cpu_attention_call_s"] < 0.1
 
 
-def test_prefill_layer_rate_divides_the_counted_flops_by_the_engines_prefill_time(monkeypatch):
-    """The prefill probe runs the runtime's own prefill (two layers, several one-chunk micro-batches) and
-    reports hrm.ops.prefill_layer's FLOPs per chunk over the engine's prefill seconds per (layer, chunk)."""
+def test_prefill_costs_split_the_engines_prefill_into_a_line_over_layers(monkeypatch):
+    """The prefill probe runs the runtime's own prefill at two depths; the slope per (layer, chunk) gives
+    the rate over hrm.ops.prefill_layer's FLOPs, the intercept the per-pass cost per prompt token."""
     from dataclasses import replace
 
     from hrm import ops
     from hrm.hf_config import load_model
     from runtime import engine as engine_mod
-    from runtime.probe import prefill_layer_flops
+    from runtime.probe import prefill_costs
 
     spec = replace(load_model("mixtral-8x7b"), hidden_size=64, moe_intermediate_size=128, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16, vocab_size=256)
-    seen = []
+    fake = {2: 0.050, 6: 0.130}                          # seconds of prefill by layers: 20 ms per layer
     real = engine_mod.Engine.generate
+    seen = []
 
-    def spy(self, prompts, max_new_tokens, **kw):
+    def timed(self, prompts, max_new_tokens, **kw):
         tokens, m = real(self, prompts, max_new_tokens, **kw)
-        seen.append((self.policy.micro_batch_size, len(prompts), self.spec.num_hidden_layers, m.prefill_s))
-        return tokens, m
-    monkeypatch.setattr(engine_mod.Engine, "generate", spy)
-    rates = prefill_layer_flops(spec, seqs=(2, 4), prompt_len=16, chunks=3, repeats=1)
-    assert len(rates) == 2 and all(r > 0 for r in rates)
-    measured = [x for x in seen[1::2]]                   # each engine: a warm-up, then one measured pass
-    for (mu, n, layers, prefill_s), rate, seqs in zip(measured, rates, (2, 4)):
-        assert (mu, n, layers) == (seqs, 3 * seqs, 2)
-        two = spec.with_layers(2)
-        assert rate == pytest.approx(float(ops.prefill_layer(two, seqs, 16).flops) / (prefill_s / 6), rel=1e-9)
+        seen.append((self.policy.micro_batch_size, len(prompts), self.spec.num_hidden_layers))
+        return tokens, replace(m, prefill_s=fake[self.spec.num_hidden_layers])
+    monkeypatch.setattr(engine_mod.Engine, "generate", timed)
+    r = prefill_costs(spec, seqs=(2, 4), prompt_len=16, chunks=4, repeats=1)
+    assert sorted(set(seen)) == [(2, 8, 2), (2, 8, 6), (4, 16, 2), (4, 16, 6)]
+    per_layer_chunk = 0.080 / (4 * 4)
+    for n, rate in zip((2, 4), r["flops_per_s"]):
+        assert rate == pytest.approx(float(ops.prefill_layer(spec, n, 16).flops) / per_layer_chunk, rel=1e-9)
+    once = 0.050 - 2 * 4 * per_layer_chunk                # 10 ms per pass
+    assert r["pass_s_per_token"] == pytest.approx(statistics.median([once / (8 * 16), once / (16 * 16)]))
 
 
 def test_attention_in_pipeline_counts_every_call():
