@@ -6,7 +6,9 @@ measured policy, pipeline efficiency, and our chosen plan against the peers.
         benchmarks/results/h200/validation_48gb.csv --peer benchmarks/results/h200/peer_hf_24gb_b16_gen32.json \
         -o benchmarks/results/h200/validation_summary.json
 
-Prints a markdown table (for benchmarks/README.md) and writes the numbers as JSON.
+Prints a markdown table (for benchmarks/README.md) and writes the numbers as JSON. With --reprice PROFILE
+the predictions of the committed measurements are recomputed under another profile (say, one measured
+after the runs): the measurements stay as they were; the summary names the profile.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))          # validate.py, for --reprice
 from hrm.atomic import atomic_write_text  # noqa: E402
 
 FLEXGEN_TAGS = ("baseline:flexgen", "baseline:flexgen-c")
@@ -47,14 +50,39 @@ def rows_from_log(log_text: str, sweep: int) -> pd.DataFrame:
     return df
 
 
-def summarize(csv_arg: str, peers: list[dict]) -> dict:
+def reprice(df: pd.DataFrame, meta: dict, profile) -> pd.DataFrame:
+    """The measured rows of one sweep with every prediction column recomputed by the HRM under `profile`
+    (a HardwareProfile): same policies, model, layers and workload as the run (from its command line)."""
+    from hrm.policy import Policy
+    from validate import error_columns, parser, predicted_columns, sweep_setting
+
+    command = meta["command"].split()
+    _, spec, workload = sweep_setting(parser().parse_args(command[command.index("benchmarks/validate.py") + 1:]))
+    rows = []
+    for _, r in df[df["meas_tok_s"].notna()].iterrows():
+        row = r.to_dict()
+        fields = {k[len("policy_"):]: (v.item() if hasattr(v, "item") else v)
+                  for k, v in row.items() if k.startswith("policy_") and k != "policy_"}
+        row.update(predicted_columns(spec, profile, workload, Policy(**fields)))
+        row.update(error_columns(row))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summarize(csv_arg: str, peers: list[dict], profile=None) -> tuple[dict, pd.DataFrame]:
     """One sweep, from one CSV or from its parts joined with '+' (a sweep finished with validate.py
-    --skip); the sidecar JSON of the first part describes the run."""
+    --skip); the sidecar JSON of the first part describes the run. With `profile`, the predictions are
+    recomputed under it (reprice). Returns the summary and the rows it was made from."""
     parts = [Path(p) for p in str(csv_arg).split("+")]
     df = pd.concat([pd.read_csv(p) for p in parts], ignore_index=True)
+    if profile is not None:
+        df = reprice(df, json.loads(parts[0].with_suffix(".json").read_text()), profile)
     summary = summarize_frame(df, parts[0], peers)
     summary["file"] = " + ".join(p.name for p in parts)
-    return summary
+    if profile is not None:
+        summary["repriced_with"] = profile.path or profile.name
+    df.insert(0, "sweep", summary["file"])
+    return summary, df
 
 
 def summarize_frame(df: pd.DataFrame, csv_path: Path, peers: list[dict]) -> dict:
@@ -130,10 +158,21 @@ def main(argv=None) -> int:
     ap.add_argument("--from-log", nargs=2, action="append", default=[], metavar=("LOG", "SWEEP"),
                     help="also summarise the SWEEP-th sweep (0-based) printed in a validate.py log")
     ap.add_argument("--peer", action="append", type=Path, default=[], help="peer_hf_accelerate.py JSON output")
+    ap.add_argument("--reprice", metavar="PROFILE",
+                    help="recompute every prediction under this hardware profile (name or .toml) before summarising")
+    ap.add_argument("--rows", type=Path, help="also write the rows summarised (repriced ones with --reprice) as CSV")
     ap.add_argument("-o", "--output", type=Path)
     args = ap.parse_args(argv)
     peers = [json.loads(p.read_text()) for p in args.peer]
-    summaries = [summarize(p, peers) for p in args.csv]
+    profile = None
+    if args.reprice:
+        from hrm.hardware import load_profile
+        profile = load_profile(args.reprice)
+    done = [summarize(p, peers, profile) for p in args.csv]
+    summaries = [s for s, _ in done]
+    if args.rows and done:
+        frame = pd.concat([d for _, d in done], ignore_index=True)
+        atomic_write_text(args.rows, frame.to_csv(index=False))
     summaries += [summarize_frame(rows_from_log(Path(log).read_text(), int(k)), Path(f"{Path(log).name}#sweep{k}"), peers)
                   for log, k in args.from_log]
     print(markdown(summaries))

@@ -97,6 +97,34 @@ def _policy(base: Policy, **changes) -> Policy | None:
         return None
 
 
+def ideal_profile(hw):
+    """The HRM's ideal bound: the measured ceilings without the runtime's fixed per-visit costs."""
+    if hw.measured is None:
+        return hw
+    return replace(hw, measured=replace(hw.measured, decode_visit_s=0.0, decode_visit_s_by_schedule=(),
+                                        decode_visit_s_grouped_by_schedule=(), cpu_attention_call_s=0.0))
+
+
+def predicted_columns(spec, hw, workload, p: Policy) -> dict:
+    """The HRM's prediction of one policy, as CSV columns (pred_*, ideal_decode_tok_s)."""
+    est = estimate(spec, hw, workload, p)
+    ideal = estimate(spec, ideal_profile(hw), workload, p)
+    row = {"pred_tok_s": est.throughput_tok_s, "pred_decode_tok_s": est.decode_tok_s,
+           "pred_prefill_s": est.prefill_s, "pred_decode_s": est.decode_s, "pred_bound": est.bound,
+           "pred_gpu_bytes": est.memory.gpu_bytes, "ideal_decode_tok_s": ideal.decode_tok_s}
+    row.update({f"pred_layer_{k}_s": v for k, v in est.decode_layer.items()})
+    row["pred_visit_s"] = est.decode_layer["launch"] / p.num_micro_batches
+    return row
+
+
+def error_columns(row: dict) -> dict:
+    """Relative errors (predicted - measured) / measured and the pipeline efficiency of a measured row."""
+    return {"err_tok_s": (row["pred_tok_s"] - row["meas_tok_s"]) / row["meas_tok_s"],
+            "err_decode_tok_s": (row["pred_decode_tok_s"] - row["meas_decode_tok_s"]) / row["meas_decode_tok_s"],
+            "err_prefill_s": (row["pred_prefill_s"] - row["meas_prefill_s"]) / row["meas_prefill_s"],
+            "pipeline_efficiency": row["meas_decode_tok_s"] / row["ideal_decode_tok_s"]}
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     keys = list(dict.fromkeys(k for r in rows for k in r))
 
@@ -133,7 +161,7 @@ def _timeline(spans, title: str, path: Path) -> None:
         print(f"timeline skipped: {e}")
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mixtral-8x7b")
     ap.add_argument("--num-layers", type=int, default=None, help="run the model cut to this many layers")
@@ -149,13 +177,22 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cuda-graphs", action="store_true", help="run every policy with decode PostAttn graphs")
     ap.add_argument("--dry-run", action="store_true", help="list the policies with their predictions, run nothing")
-    args = ap.parse_args(argv)
+    return ap
 
-    t_start = time.perf_counter()
+
+def sweep_setting(args):
+    """(full model spec, spec as run, workload) of a validate.py command line."""
     full = load_model(args.model)
     spec = full.with_layers(args.num_layers) if args.num_layers else full
+    return full, spec, Workload.uniform(args.prompt_len, args.gen_len)
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+
+    t_start = time.perf_counter()
+    full, spec, workload = sweep_setting(args)
     hw = load_profile(args.hardware)
-    workload = Workload.uniform(args.prompt_len, args.gen_len)
     budget_full = parse_size(args.gpu_budget)
     budget = scaled_budget(spec, full.num_hidden_layers, budget_full) if args.num_layers else budget_full
     # host memory holds per-layer things only (offloaded experts, KV cache): it scales with the layers
@@ -172,10 +209,6 @@ def main(argv=None) -> int:
         e = estimate(spec, hw, workload, p)
         return e.memory.gpu_bytes <= problem.budgets.gpu_bytes and e.memory.cpu_bytes <= problem.budgets.cpu_bytes
 
-    # the HRM's ideal bound: the measured ceilings without the runtime's fixed per-visit costs
-    ideal_hw = hw if hw.measured is None else replace(hw, measured=replace(
-        hw.measured, decode_visit_s=0.0, decode_visit_s_by_schedule=(), decode_visit_s_grouped_by_schedule=(),
-        cpu_attention_call_s=0.0))
     policies = sweep_policies(plan.policy, baselines, spec, fits)[: args.max_policies]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -208,13 +241,8 @@ def main(argv=None) -> int:
         if time.perf_counter() - t_start > args.time_limit_s:
             print(f"time limit reached; {len(policies) - i} policies not run", flush=True)
             break
-        est = estimate(spec, hw, workload, p)
-        ideal = estimate(spec, ideal_hw, workload, p)
         row = {"tag": tag, "policy": p.short(), **{f"policy_{k}": v for k, v in p.__dict__.items()},
-               "pred_tok_s": est.throughput_tok_s, "pred_decode_tok_s": est.decode_tok_s,
-               "pred_prefill_s": est.prefill_s, "pred_decode_s": est.decode_s, "pred_bound": est.bound,
-               "pred_gpu_bytes": est.memory.gpu_bytes, "ideal_decode_tok_s": ideal.decode_tok_s}
-        row.update({f"pred_layer_{k}_s": v for k, v in est.decode_layer.items()})
+               **predicted_columns(spec, hw, workload, p)}
         t0 = time.perf_counter()
         try:
             m, spans = run_one(spec, p, workload, budget, args.seed + i, cuda_graphs=args.cuda_graphs)
@@ -230,16 +258,12 @@ def main(argv=None) -> int:
                     "meas_prefill_s": m.prefill_s, "meas_decode_s": m.decode_s, "meas_gpu_peak_bytes": m.gpu_peak_bytes,
                     "meas_pinned_bytes": m.pinned_bytes, "wall_s": time.perf_counter() - t0})
         row.update({f"meas_layer_{k}_s": m.per_layer_step_s(v) for k, v in STAGE_MAP.items()})
-        row["err_tok_s"] = (est.throughput_tok_s - m.tokens_per_s) / m.tokens_per_s
-        row["err_decode_tok_s"] = (est.decode_tok_s - m.decode_tokens_per_s) / m.decode_tokens_per_s
-        row["err_prefill_s"] = (est.prefill_s - m.prefill_s) / m.prefill_s
-        row["pipeline_efficiency"] = m.decode_tokens_per_s / ideal.decode_tok_s
+        row.update(error_columns(row))
         # decode seconds per (micro-batch, layer) visit, against the profile's fixed host cost per visit
         row["meas_visit_s"] = m.decode_s / max(1, m.decode_layer_steps * p.num_micro_batches)
-        row["pred_visit_s"] = est.decode_layer["launch"] / p.num_micro_batches
         rows.append(row)
         write_csv(out, rows)
-        print(f"[{i + 1}/{len(policies)}] {tag:18s} {p.short():58s} pred {est.throughput_tok_s:8.1f} "
+        print(f"[{i + 1}/{len(policies)}] {tag:18s} {p.short():58s} pred {row['pred_tok_s']:8.1f} "
               f"meas {m.tokens_per_s:8.1f} tok/s ({row['err_tok_s']:+.1%}) prefill {m.prefill_s:.2f}s "
               f"decode {m.decode_s:.2f}s gpu peak {m.gpu_peak_bytes / 1e9:.1f} GB", flush=True)
     meta["elapsed_s"] = time.perf_counter() - t_start

@@ -33,6 +33,9 @@ def error_table(df):
     return pd.DataFrame(out)
 
 
+LEGEND_MAX_POLICIES = 10     # above this, the scatter's colours are named by the bar chart beside it only
+
+
 def predicted_vs_measured_figure(df, title: str | None = None, band_pct: float = 20.0,
                                  measured_label: str = "measured throughput (generated tok/s)",
                                  predicted_label: str = "predicted throughput (generated tok/s)"):
@@ -46,7 +49,7 @@ def predicted_vs_measured_figure(df, title: str | None = None, band_pct: float =
     cmap = colormaps["tab10"] if len(policies) <= 10 else colormaps["tab20"]
     colors = {p: cmap(i % cmap.N) for i, p in enumerate(policies)}
 
-    fig = new_figure(13, 5.8)
+    fig = new_figure(13, max(5.8, 1.5 + 0.24 * len(policies)))
     ax, ax_err = fig.subplots(1, 2, width_ratios=[1, 1.1])
     pred, meas = df["predicted_tok_s"].to_numpy(float), df["measured_tok_s"].to_numpy(float)
     lo, hi = float(np.nanmin([pred.min(), meas.min()])), float(np.nanmax([pred.max(), meas.max()]))
@@ -65,7 +68,7 @@ def predicted_vs_measured_figure(df, title: str | None = None, band_pct: float =
     for p in policies:
         rows = df[df["policy"] == p]
         ax.plot(rows["measured_tok_s"], rows["predicted_tok_s"], "o", ms=8, mec="black", color=colors[p],
-                label=str(p))
+                label=str(p) if len(policies) <= LEGEND_MAX_POLICIES else None)
     ax.set_xlim(*lim)
     ax.set_ylim(*lim)
     ax.set_aspect("equal", adjustable="box")
@@ -73,7 +76,8 @@ def predicted_vs_measured_figure(df, title: str | None = None, band_pct: float =
     ax.set_ylabel(predicted_label)
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(True, alpha=0.3)
-    ax.set_title("Predicted vs measured, one point per run")
+    ax.set_title("Predicted vs measured, one point per run" if len(policies) <= LEGEND_MAX_POLICIES
+                 else "Predicted vs measured (colours: the bars' policies)")
 
     y = np.arange(len(policies))
     err = table["error_pct"].to_numpy(float)
@@ -93,10 +97,10 @@ def predicted_vs_measured_figure(df, title: str | None = None, band_pct: float =
     span = max(float(np.nanmax(np.abs(np.concatenate([err, table["min_error_pct"], table["max_error_pct"]])))),
                band_pct) * 1.35
     ax_err.set_xlim(-span, span)
-    ax_err.set_xlabel("relative error of the prediction, (predicted - measured) / measured (%)")
+    ax_err.set_xlabel("(predicted - measured) / measured (%); > 0: the model is optimistic")
     ax_err.legend(fontsize=8, loc="lower right")
     mape = float(table["abs_error_pct"].mean())
-    ax_err.set_title(f"Error per policy (mean |error| {mape:.1f}%; > 0: model optimistic)")
+    ax_err.set_title(f"Error per policy (mean |error| {mape:.1f}%)")
     fig.suptitle(title or f"Predicted vs measured throughput ({len(df)} runs, {len(policies)} policies)")
     fig.moe_lightning_data = table
     return fig
