@@ -45,3 +45,39 @@ def test_skip_runs_the_sweep_from_a_policy(tmp_path):
                    "--gen-len", "2", "--max-policies", "3", "--skip", "2", "--out", str(out)])
     rows = list(csv.DictReader(out.open()))
     assert [r["tag"] for r in rows] == ["baseline:deepspeed"]
+
+
+def test_reprice_recomputes_predictions_and_keeps_measurements(tmp_path):
+    """summarize_validation.py --reprice: every prediction column comes from the HRM under the given
+    profile, for the run's own model, layers and workload (read from its command line); the measured
+    columns stay as they were."""
+    import summarize_validation
+    from hrm.estimate import estimate
+    from hrm.hardware import load_profile
+    from hrm.hf_config import load_model
+    from hrm.policy import Policy
+    from hrm.spec import Workload
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(TINY))
+    out = tmp_path / "v.csv"
+    validate.main(["--model", str(cfg), "--hardware", "h200", "--gpu-budget", "4MB", "--prompt-len", "16",
+                   "--gen-len", "2", "--max-policies", "2", "--out", str(out)])
+    before = list(csv.DictReader(out.open()))
+    rows = tmp_path / "rows.csv"
+    assert summarize_validation.main([str(out), "--reprice", "t4-s1", "--rows", str(rows),
+                                      "-o", str(tmp_path / "s.json")]) == 0
+    after = list(csv.DictReader(rows.open()))
+    assert len(after) == len(before) == 2
+    hw, spec, wl = load_profile("t4-s1"), load_model(str(cfg)), Workload.uniform(16, 2)
+    for b, a in zip(before, after):
+        assert a["meas_tok_s"] == b["meas_tok_s"] and a["sweep"] == "v.csv"
+        p = Policy(batch_size=int(a["policy_batch_size"]), micro_batch_size=int(a["policy_micro_batch_size"]),
+                   weights_gpu_frac=float(a["policy_weights_gpu_frac"]), kv_gpu_frac=float(a["policy_kv_gpu_frac"]),
+                   attention_on_gpu=a["policy_attention_on_gpu"] == "True", ffn_on_gpu=a["policy_ffn_on_gpu"] == "True",
+                   schedule=a["policy_schedule"])
+        pred = estimate(spec, hw, wl, p).throughput_tok_s
+        assert float(a["pred_tok_s"]) == pytest.approx(pred, rel=1e-9)
+        assert float(a["err_tok_s"]) == pytest.approx((pred - float(a["meas_tok_s"])) / float(a["meas_tok_s"]))
+    summary = json.loads((tmp_path / "s.json").read_text())["runs"][0]
+    assert summary["repriced_with"].endswith("t4-s1.toml") or summary["repriced_with"] == "t4-s1"
