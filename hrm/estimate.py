@@ -18,7 +18,7 @@ import numpy as np
 from . import ops
 from .cost import Cost
 from .hardware import HardwareProfile
-from .policy import PREFILL_CHUNK_TOKENS, Policy, prefill_chunk_sequences
+from .policy import PREFILL_CHUNK_TOKENS, Policy, prefill_chunk_sequences, realised_kv_frac
 from .spec import ModelSpec, Workload
 
 CONTEXT_SAMPLES = 8
@@ -29,6 +29,7 @@ RESOURCE_LABELS = {
     "gpu": "GPU compute", "cpu": "CPU attention/compute", "h2d": "CPU->GPU link (weights, KV, activations)",
     "d2h": "GPU->CPU link", "link": "CPU<->GPU link, both directions", "pipeline": "pipeline latency (too few micro-batches)",
     "serial": "sum of stages (no overlap)",
+    "serial_host": "transfers and CPU work in series with the host's launches (blocking)",
     "launch": "runtime overhead per micro-batch (kernel launches, hand-offs)",
     "weights_block": "next layer's weights as one block, activations waiting behind it",
     "host_chain": "launches in series with CPU attention (the host waits for each, S3)",
@@ -168,6 +169,7 @@ class LayerTimes:
     pipeline_s: object      # one micro-batch's round trip GPU -> D2H -> CPU -> H2D (latency, not load)
     num_micro_batches: object
     launch_s: object = 0.0  # the launching thread's fixed cost: micro-batches x one visit's overhead
+    pipelined: bool = True  # layers overlap (next layer's weights load during this one); False: blocking
 
     @property
     def h2d_s(self):
@@ -176,7 +178,10 @@ class LayerTimes:
     def terms(self, schedule: str) -> dict:
         """The quantities whose maximum is the layer's time under `schedule`."""
         if schedule == "blocking":
-            return {"serial": self.h2d_s + self.gpu_s + self.cpu_s + self.d2h_s, "launch": self.launch_s}
+            # every visit synchronises, so nothing overlaps the transfers and the CPU work; the host's
+            # launches run beside the GPU's work (two terms, so that each stays linear in r_w and r_c)
+            rest = self.h2d_s + self.cpu_s + self.d2h_s
+            return {"serial": rest + self.gpu_s, "serial_host": rest + self.launch_s}
         if schedule == "s3":
             # CPU attention is not overlapped with GPU work. The next layer's weights go as one block on
             # the H2D stream after the first micro-batch's activations, so every later micro-batch's
@@ -257,13 +262,16 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
     h2d_act = h2d_act_bytes / h2d_bytes_per_s(s, h2d_act_bytes / m)
     h2d_kv = 0.0
     if s.attention_on_gpu:
-        kv_stream = N * ctx * kv_layer_bytes
+        # the runtime moves each micro-batch's whole cache buffer, its slots for the longest prompt and every
+        # generated token, not only the ctx slots filled so far
+        kv_slots = s.workload.max_prompt_len + max(s.workload.gen_len - 1, 0)
+        kv_stream = N * kv_slots * kv_layer_bytes
         h2d_kv = (1 - r_c) * kv_stream / h2d_bytes_per_s(s, kv_stream / m)
         d2h_bytes = d2h_bytes + (1 - r_c) * N * kv_layer_bytes   # the new entries go back to the CPU cache
     d2h = d2h_bytes / d2h_bytes_per_s(s)
     link_bytes = ((1 - r_w) * layer_expert_bytes if s.ffn_on_gpu else 0.0) + h2d_act_bytes + d2h_bytes
     if s.attention_on_gpu:
-        link_bytes = link_bytes + (1 - r_c) * N * ctx * kv_layer_bytes
+        link_bytes = link_bytes + (1 - r_c) * kv_stream
     link = link_bytes / duplex_bytes_per_s(s)
 
     # one micro-batch's round trip through the loop (does not depend on r_w)
@@ -277,7 +285,7 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
                        + mu_arr * _attn_out_elems(spec) * ab / h2d_bytes_per_s(s, mu_arr * _attn_out_elems(spec) * ab))
     return LayerTimes(gpu_s=gpu, cpu_s=cpu, h2d_weights_s=h2d_weights, h2d_act_s=h2d_act, h2d_kv_s=h2d_kv,
                       d2h_s=d2h, link_s=link, pipeline_s=loop, num_micro_batches=m,
-                      launch_s=m * decode_visit_s(s, mu_arr, m))
+                      launch_s=m * decode_visit_s(s, mu_arr, m), pipelined=s.schedule != "blocking")
 
 
 def prefill_layer_times(s: Setting, N, mu, r_w, r_c) -> LayerTimes:
@@ -362,11 +370,14 @@ def context_samples(workload: Workload):
 
 
 def step_time(layer_time, lt: LayerTimes, num_layers: int, lm_head_s):
-    """One decode step: the layers pipelined back to back, plus one fill/drain and the LM head.
+    """One decode step: the layers pipelined back to back, plus one fill/drain and the LM head (blocking:
+    the layers one after the other, plus the LM head).
 
     With m micro-batches in flight the makespan of L*m round trips through the loop is about
     L*T_layer + (round trip - T_layer/m).
     """
+    if not lt.pipelined:       # blocking: each layer starts when the last has finished, nothing to fill
+        return num_layers * layer_time + lm_head_s
     return (num_layers - 1.0 / lt.num_micro_batches) * layer_time + lt.pipeline_s + lm_head_s
 
 
@@ -524,7 +535,7 @@ def estimate(spec: ModelSpec, hardware: HardwareProfile, workload: Workload, pol
     s = Setting.of(spec, hardware, workload, policy, pin_all_weights=pin_all_weights, use_measured=use_measured)
     N, mu = policy.batch_size, policy.micro_batch_size
     r_w = policy.resident_experts(spec.num_experts) / spec.num_experts
-    r_c = policy.kv_gpu_frac
+    r_c = float(realised_kv_frac(policy.kv_gpu_frac, policy.num_micro_batches))   # as the runtime places it
     L = spec.num_hidden_layers
     head = float(lm_head_time(s, N))
 

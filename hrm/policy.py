@@ -28,6 +28,12 @@ def device_micro_batches(kv_gpu_frac: float, num_micro_batches: int) -> int:
     return int(kv_gpu_frac * num_micro_batches + 1e-9)
 
 
+def realised_kv_frac(kv_gpu_frac, num_micro_batches):
+    """r_c as the runtime realises it (device_micro_batches / micro-batches); numpy-broadcast."""
+    m = np.asarray(num_micro_batches, float)
+    return np.floor(np.asarray(kv_gpu_frac, float) * m + 1e-9) / m
+
+
 def prefill_chunk_sequences(prompt_len):
     """Sequences per prefill chunk at a prompt length (numpy-friendly)."""
     return np.maximum(1, PREFILL_CHUNK_TOKENS // np.maximum(1, np.asarray(prompt_len, dtype=int)))

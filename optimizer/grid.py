@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hrm import estimate as hrm
+from hrm.policy import realised_kv_frac
 from .space import KV_FRAC_STEP, Placement, Problem
 
 DENSE_EXPERTS = 33
@@ -88,16 +89,18 @@ def memory_lines(s: hrm.Setting, N, mu, r_w):
     return g0, np.asarray(m1.gpu_bytes, float) - g0, c0, np.asarray(m1.cpu_bytes, float) - c0
 
 
-def kv_for_budget(problem: Problem, placement: Placement, g0, g_slope, c0, c_slope):
-    """(r_c, feasible): the largest KV fraction the GPU budget allows (realised on KV_FRAC_STEP, rounded
-    down), or the placement's fixed fraction; feasible where both budgets hold."""
+def kv_for_budget(problem: Problem, placement: Placement, g0, g_slope, c0, c_slope, num_micro_batches):
+    """(r_c, feasible): the largest KV fraction the GPU budget allows, rounded down to what the runtime
+    realises (whole micro-batches, hrm.policy.realised_kv_frac), or the placement's fixed fraction;
+    feasible where both budgets hold."""
     G, C = problem.budgets.gpu_bytes, problem.budgets.cpu_bytes
     if placement.searches_kv:
         with np.errstate(divide="ignore", invalid="ignore"):
             room = np.where(g_slope > 0, (G - g0) / np.where(g_slope > 0, g_slope, 1.0), 1.0)
-        r_c = np.floor(np.clip(room, 0.0, 1.0) / KV_FRAC_STEP) * KV_FRAC_STEP
+        r_c = realised_kv_frac(np.floor(np.clip(room, 0.0, 1.0) / KV_FRAC_STEP) * KV_FRAC_STEP, num_micro_batches)
     else:
-        r_c = np.full(np.broadcast(g0, g_slope).shape, float(placement.kv_gpu_frac or 0.0))
+        r_c = np.broadcast_to(realised_kv_frac(float(placement.kv_gpu_frac or 0.0), num_micro_batches),
+                              np.broadcast(g0, g_slope).shape)
     gpu = g0 + r_c * g_slope
     cpu = c0 + r_c * c_slope
     ok = (gpu <= G * (1 + _REL_TOL)) & (cpu <= C * (1 + _REL_TOL))
@@ -212,17 +215,18 @@ def price(pt: PairTerms, r_w, r_c):
 # ---------------------------------------------------------------------------------------------------
 # feasibility
 
-def _candidates(problem: Problem, placement: Placement, gpu: Affine, cpu: Affine):
+def _candidates(problem: Problem, placement: Placement, gpu: Affine, cpu: Affine, N, mu):
     es = _expert_candidates(problem, placement)
     r_w = (es / problem.num_experts)[:, None]
-    r_c, ok = kv_for_budget(problem, placement, gpu.a + gpu.b * r_w, gpu.c, cpu.a + cpu.b * r_w, cpu.c)
+    r_c, ok = kv_for_budget(problem, placement, gpu.a + gpu.b * r_w, gpu.c, cpu.a + cpu.b * r_w, cpu.c,
+                            -(-N // mu))
     return es, r_c, ok
 
 
 def feasible_experts(problem: Problem, placement: Placement, N, mu):
     """(e [K], r_c [K, P], feasible [K, P]) for every candidate expert count of every pair."""
     N, mu = np.atleast_1d(np.asarray(N, np.int64)), np.atleast_1d(np.asarray(mu, np.int64))
-    return _candidates(problem, placement, *_memory(problem.setting(placement), N, mu))
+    return _candidates(problem, placement, *_memory(problem.setting(placement), N, mu), N, mu)
 
 
 def feasible(problem: Problem, placement: Placement, N, mu) -> np.ndarray:
@@ -257,7 +261,7 @@ def best_per_pair(problem: Problem, placement: Placement, N, mu) -> Choice:
         z = np.zeros(0)
         return Choice(N, mu, z.astype(np.int64), z, z, z.astype(bool))
     pt = pair_terms(problem.setting(placement), N, mu)
-    es, r_c, ok = _candidates(problem, placement, pt.gpu_bytes, pt.cpu_bytes)
+    es, r_c, ok = _candidates(problem, placement, pt.gpu_bytes, pt.cpu_bytes, N, mu)
     E = problem.num_experts
     if len(es) <= DENSE_EXPERTS:
         e_grid = np.broadcast_to(es[:, None], ok.shape)

@@ -15,6 +15,7 @@ import numpy as np
 
 from hrm import estimate as hrm
 from . import grid
+from hrm.policy import realised_kv_frac
 from .space import KV_FRAC_STEP, Placement, Problem
 
 CHUNK = 64
@@ -66,12 +67,14 @@ def _solve_chunk(problem: Problem, placement: Placement, N: np.ndarray, mu: np.n
     else:
         e_vars = None
         r_w = np.full(P, e_fixed / E)
+    m = -(-np.asarray(N, np.int64) // np.asarray(mu, np.int64))      # micro-batches per pair
     if placement.searches_kv:
-        c_vars = [new_var(prob, f"rc_{i}", 0, 1) for i in range(P)]
-        r_c = np.array(c_vars, dtype=object)
+        # r_c in whole micro-batches, as the runtime realises it: k_i of m_i micro-batches keep their KV
+        c_vars = [new_var(prob, f"kv_mbs_{i}", 0, int(m[i]), integer=True) for i in range(P)]
+        r_c = np.array([v * (1.0 / float(m[i])) for i, v in enumerate(c_vars)], dtype=object)
     else:
         c_vars = None
-        r_c = np.full(P, float(placement.kv_gpu_frac or 0.0))
+        r_c = realised_kv_frac(np.full(P, float(placement.kv_gpu_frac or 0.0)), m)
 
     # Scaling: CBC's tolerances are absolute (~1e-7), so every constraint is written in units of its own
     # size: bytes / budget, and each pair's layer times / that pair's layer time at r_w = r_c = 0.
@@ -108,7 +111,8 @@ def _solve_chunk(problem: Problem, placement: Placement, N: np.ndarray, mu: np.n
     if pulp.LpStatus[status] != "Optimal":
         return None
     e = (np.array([int(round(v.value())) for v in e_vars]) if e_vars is not None else np.full(P, e_fixed))
-    rc = (np.array([float(v.value() or 0.0) for v in c_vars]) if c_vars is not None else r_c.astype(float))
+    rc = (np.array([round(float(v.value() or 0.0)) / float(m[i]) for i, v in enumerate(c_vars)])
+          if c_vars is not None else r_c.astype(float))
     return e, rc
 
 
@@ -137,18 +141,15 @@ def best_per_pair(problem: Problem, placement: Placement, N, mu) -> grid.Choice:
 
 
 def _realise(problem, placement, N, mu, e, rc, ok) -> grid.Choice:
-    """Round r_c up to KV_FRAC_STEP, capped at what the GPU budget allows (more KV on the GPU never costs
-    time and only relieves the CPU), and price the result with the numpy composition the grid uses."""
+    """Take r_c as the most KV the GPU budget allows in whole micro-batches (what the runtime realises;
+    more KV on the GPU never costs time and only relieves the CPU, so the MILP's continuous r_c is at
+    most that), and price the result with the numpy composition the grid uses."""
     s = problem.setting(placement)
     r_w = e / problem.num_experts
     g0, gs, c0, cs = grid.memory_lines(s, N, mu, r_w)
-    room, fits = grid.kv_for_budget(problem, placement, g0, gs, c0, cs)
-    if placement.searches_kv:
-        rc = np.clip(np.ceil(rc / KV_FRAC_STEP - 1e-6) * KV_FRAC_STEP, 0.0, room)
-        gpu, cpu = g0 + rc * gs, c0 + rc * cs
-        fits = (gpu <= problem.budgets.gpu_bytes * (1 + 1e-9)) & (cpu <= problem.budgets.cpu_bytes * (1 + 1e-9))
-    else:
-        rc = room
+    m = -(-np.asarray(N) // np.asarray(mu))
+    room, fits = grid.kv_for_budget(problem, placement, g0, gs, c0, cs, m)
+    rc = room
     ok = ok & fits
     prefill, decode = grid.total_time(s, N, mu, r_w, rc)
     total = np.where(ok, prefill + decode, np.inf)

@@ -320,3 +320,29 @@ def test_measured_runtime_overheads_price_many_micro_batches():
     assert est.decode_s > base.decode_s
     few = estimate(MIXTRAL, slow, MTBENCH, Policy(512, 128))
     assert few.decode_layer["launch"] == pytest.approx(4 * 2e-3) and few.bound != "launch"
+
+
+def test_kv_fraction_is_priced_as_the_runtime_realises_it():
+    """The runtime keeps whole micro-batches' KV on the GPU (floor of r_c x micro-batches): one
+    micro-batch with r_c = 0.6 streams all of its KV, two with r_c = 0.6 keep one on the GPU."""
+    hw = load_profile("h200")
+    one = dict(attention_on_gpu=True, schedule="s4")
+    assert (estimate(MIXTRAL, hw, MTBENCH, Policy(64, 64, kv_gpu_frac=0.6, **one)).decode_s
+            == pytest.approx(estimate(MIXTRAL, hw, MTBENCH, Policy(64, 64, kv_gpu_frac=0.0, **one)).decode_s))
+    assert (estimate(MIXTRAL, hw, MTBENCH, Policy(64, 32, kv_gpu_frac=0.6, **one)).decode_s
+            == pytest.approx(estimate(MIXTRAL, hw, MTBENCH, Policy(64, 32, kv_gpu_frac=0.5, **one)).decode_s))
+
+
+def test_blocking_adds_the_host_launches_to_its_transfers():
+    """Blocking synchronises every visit: its transfers run in series with the slower of the GPU's work
+    and the host's launches (not the slower of all transfers and the launches)."""
+    from hrm.estimate import decode_layer_times
+
+    hw = load_profile("h200")
+    slow = replace(hw, measured=replace(hw.measured, decode_visit_s_by_schedule=(("blocking", 0.05),),
+                                        decode_visit_s_grouped_by_schedule=()))
+    p = Policy(128, 128, attention_on_gpu=True, schedule="blocking")
+    lt = decode_layer_times(Setting.of(MIXTRAL, slow, MTBENCH, p), 128, 128, 0.0, 0.0, 300)
+    terms = lt.terms("blocking")
+    assert float(lt.launch_s) == pytest.approx(0.05) and float(lt.launch_s) > float(lt.gpu_s)
+    assert max(terms.values()) == pytest.approx(float(lt.h2d_s + lt.cpu_s + lt.d2h_s + lt.launch_s))

@@ -44,6 +44,8 @@ def test_plan_within_budgets(req):
     assert plan.memory.within_budgets
     assert mem.pinned_bytes <= mem.cpu_bytes
     assert plan.throughput_tok_s > 0 and 1 <= plan.policy.micro_batch_size <= plan.policy.batch_size
+    k = plan.policy.kv_gpu_frac * plan.policy.num_micro_batches      # whole micro-batches: what the runtime keeps
+    assert k == pytest.approx(round(k), abs=1e-6)
 
 
 @pytest.mark.parametrize("text,value", [("16GiB", 16 * GiB), ("24GB", 24e9), ("500MB", 5e8), ("1.5TiB", 1.5 * 2 ** 40),
