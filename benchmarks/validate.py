@@ -255,7 +255,8 @@ def main(argv=None) -> int:
             write_csv(out, rows)
             continue
         row.update({"meas_tok_s": m.tokens_per_s, "meas_decode_tok_s": m.decode_tokens_per_s,
-                    "meas_prefill_s": m.prefill_s, "meas_decode_s": m.decode_s, "meas_gpu_peak_bytes": m.gpu_peak_bytes,
+                    "meas_prefill_s": m.prefill_s, "meas_decode_s": m.decode_s, "meas_setup_s": m.setup_s,
+                    "meas_gpu_peak_bytes": m.gpu_peak_bytes,
                     "meas_pinned_bytes": m.pinned_bytes, "wall_s": time.perf_counter() - t0})
         row.update({f"meas_layer_{k}_s": m.per_layer_step_s(v) for k, v in STAGE_MAP.items()})
         row.update(error_columns(row))

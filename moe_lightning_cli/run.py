@@ -211,7 +211,8 @@ def _print(m, est) -> None:
     o.add_column("measured", justify="right")
     if est is not None:
         o.add_column("predicted", justify="right")
-    rows = [("prefill", fmt_s(m.prefill_s), est and fmt_s(est.prefill_s)),
+    rows = [("setup (per pass, not in tokens/s)", fmt_s(m.setup_s), est and "-"),
+            ("prefill", fmt_s(m.prefill_s), est and fmt_s(est.prefill_s)),
             ("decode", fmt_s(m.decode_s), est and fmt_s(est.decode_s)),
             ("tokens/s", f"{m.tokens_per_s:,.1f}", est and f"{est.throughput_tok_s:,.1f}"),
             ("decode tokens/s", f"{m.decode_tokens_per_s:,.1f}", est and f"{est.decode_tok_s:,.1f}"),

@@ -24,12 +24,12 @@ from hrm.spec import ModelSpec
 from .checkpoint import load_checkpoint
 from .graphs import PostAttentionGraphs
 from .cpu_attention import AttentionWorker, attention_threads
-from .host_memory import pinned_bytes
+from .host_memory import HostArena, pinned_bytes
 from .kv_cache import KVCache, kv_elems
 from .measure import Measurement, Recorder, Span, stage_times
 from .model import check_supported
 from .packing import MicroBatch, in_order, layout, pack
-from .pipeline import Pipeline, prefill_chunks
+from .pipeline import Pipeline, prefill_chunks, prefill_staging_elems
 from .sampling import Sampling
 from .synthetic import synthesize
 from .weights import WeightStore
@@ -130,6 +130,7 @@ class Engine:
                 raise UnsupportedPolicy("CUDA graphs need a CUDA device")
             self.graphs = PostAttentionGraphs(spec, self.store)
         self.kv = KVCache(spec, dtype, self.device)
+        self.staging = HostArena(dtype, pin=self.device.type == "cuda")   # prefill hidden states between layers
         self.worker = AttentionWorker(attention_threads(self.device.type == "cuda"))
         self.last_spans: list[Span] = []
 
@@ -175,7 +176,7 @@ class Engine:
             torch.cuda.reset_peak_memory_stats(self.device)
         rec.start()
         out: list[list[int]] = [[] for _ in prompts]
-        prefill_s = decode_s = 0.0
+        setup_s = prefill_s = decode_s = 0.0
         n = self.policy.batch_size
         interval = sys.getswitchinterval()
         if self.device.type == "cuda":
@@ -183,11 +184,11 @@ class Engine:
         try:
             for first in range(0, len(prompts), n):
                 batch = prompts[first:first + n]
-                tokens, p_s, d_s = self._run_pass(batch, uniforms[first:first + n], max_new_tokens, sampling,
-                                                  padded, rec)
+                tokens, s_s, p_s, d_s = self._run_pass(batch, uniforms[first:first + n], max_new_tokens,
+                                                       sampling, padded, rec)
                 for r, row in tokens.items():
                     out[first + r] = row
-                prefill_s, decode_s = prefill_s + p_s, decode_s + d_s
+                setup_s, prefill_s, decode_s = setup_s + s_s, prefill_s + p_s, decode_s + d_s
         finally:
             sys.setswitchinterval(interval)
         self.last_spans = rec.finish()
@@ -201,7 +202,7 @@ class Engine:
             stages=stage_times(self.last_spans),
             gpu_peak_bytes=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0,
             cpu_peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            pinned_bytes=pinned_bytes())
+            pinned_bytes=pinned_bytes(), setup_s=setup_s)
         return out, m
 
     def warm_up(self, prompts: list[list[int]], padded: bool = False) -> None:
@@ -210,27 +211,33 @@ class Engine:
         self.generate(prompts[:2 * self.policy.micro_batch_size], 2, padded=padded)
 
     def _run_pass(self, prompts, uniforms, max_new_tokens, sampling, padded, rec):
+        """One pass of at most batch_size prompts: (tokens, setup, prefill and decode seconds). Setup lays out
+        the pass (caches, staging, inputs) and is not part of prefill."""
+        t_start = time.perf_counter()
         lens = [len(p) for p in prompts]
         mu = self.policy.micro_batch_size
         packing = in_order(len(prompts), mu) if padded else pack(lens, mu)
         mbs = layout(packing, lens, max_new_tokens, padded)
         num_dev = device_micro_batches(self.policy.kv_gpu_frac, len(mbs))
         kv_dev = kv_elems(self.spec, mbs[:num_dev]) * self.dtype.itemsize
+        staging = self.staging.extra_bytes(prefill_staging_elems(self.spec, mbs))
         self.check_fits(MemoryNeed(kv_dev + activation_bytes(self.spec, mbs, self.dtype.itemsize),
-                                   self.kv.host_bytes_needed(mbs, num_dev), "KV cache and activations"))
+                                   self.kv.host_bytes_needed(mbs, num_dev) + staging,
+                                   "KV cache, prefill staging and activations"))
         self.kv.carve(mbs, num_dev)
         pipe = Pipeline(self.spec, self.policy, self.store, self.kv, mbs, num_dev, sampling, uniforms,
-                        prompts, max_new_tokens, rec, self.worker, self.graphs)
+                        prompts, max_new_tokens, rec, self.worker, self.graphs, self.staging)
         if self.graphs is not None:
             self.graphs.capture(pipe.graph_keys())       # before the pass: capturing synchronises
         t0 = time.perf_counter()
+        t_setup = t0 - t_start
         pipe.prefill()
         self._synchronize()
         t1 = time.perf_counter()
         pipe.decode()
         tokens = pipe.tokens()
         t2 = time.perf_counter()
-        return tokens, t1 - t0, t2 - t1
+        return tokens, t_setup, t1 - t0, t2 - t1
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":

@@ -43,3 +43,26 @@ def empty_host(shape: tuple[int, ...], dtype: torch.dtype, pin: bool | None = No
         _account(nbytes)
         weakref.finalize(t, _unregister, t.data_ptr(), nbytes)
     return t
+
+
+class HostArena:
+    """One host buffer reused across passes: `take(n)` returns its first n elements, reallocating (pinned
+    when `pin`) only when a pass needs more than it holds."""
+
+    def __init__(self, dtype: torch.dtype, pin: bool):
+        self.dtype, self.pin = dtype, pin
+        self._buf = torch.empty(0, dtype=dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self._buf.numel() * self._buf.element_size()
+
+    def extra_bytes(self, numel: int) -> int:
+        """Bytes `take(numel)` would allocate (0 when the buffer is large enough)."""
+        return max(0, numel - self._buf.numel()) * self._buf.element_size()
+
+    def take(self, numel: int) -> torch.Tensor:
+        if numel > self._buf.numel():
+            self._buf = torch.empty(0, dtype=self.dtype)     # release first: never both pinned at once
+            self._buf = empty_host((numel,), self.dtype, self.pin)
+        return self._buf[:numel]

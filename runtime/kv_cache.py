@@ -10,7 +10,7 @@ import torch
 
 from hrm.spec import ModelSpec
 
-from .host_memory import empty_host
+from .host_memory import HostArena
 from .packing import MicroBatch
 
 
@@ -23,27 +23,24 @@ def kv_elems(spec: ModelSpec, micro_batches: tuple[MicroBatch, ...]) -> int:
 class KVCache:
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> None:
         self.spec, self.dtype, self.device = spec, dtype, device
-        self._host = torch.empty(0, dtype=dtype)
+        self._arena = HostArena(dtype, pin=device.type == "cuda")
         self._k: list[list[torch.Tensor]] = []
         self._v: list[list[torch.Tensor]] = []
 
     @property
     def host_bytes(self) -> int:
-        return self._host.numel() * self._host.element_size()
+        return self._arena.nbytes
 
     def host_bytes_needed(self, micro_batches: tuple[MicroBatch, ...], num_device: int) -> int:
         """Extra host bytes `carve` would allocate (0 when the current buffer is large enough)."""
-        need = kv_elems(self.spec, micro_batches[num_device:]) * self.dtype.itemsize
-        return max(0, need - self.host_bytes)
+        return self._arena.extra_bytes(kv_elems(self.spec, micro_batches[num_device:]))
 
     def carve(self, micro_batches: tuple[MicroBatch, ...], num_device: int) -> None:
         """Lay out the caches of one pass; the first `num_device` micro-batches on the device."""
         s = self.spec
         need = kv_elems(s, micro_batches[num_device:])
-        if need > self._host.numel():
-            self._host = torch.empty(0, dtype=self.dtype)
-            self._host = empty_host((need,), self.dtype, pin=self.device.type == "cuda")
-        self._host[:need].zero_()      # attention reads unwritten slots under a mask: 0 * NaN would leak
+        host = self._arena.take(need)
+        host.zero_()                   # attention reads unwritten slots under a mask: 0 * NaN would leak
         offset = 0
         self._k, self._v = [], []
         for _ in range(s.num_hidden_layers):
@@ -55,8 +52,8 @@ class KVCache:
                     vs.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
                     continue
                 n = mb.size * s.num_key_value_heads * mb.capacity * s.head_dim
-                ks.append(self._host[offset:offset + n].view(shape))
-                vs.append(self._host[offset + n:offset + 2 * n].view(shape))
+                ks.append(host[offset:offset + n].view(shape))
+                vs.append(host[offset + n:offset + 2 * n].view(shape))
                 offset += 2 * n
             self._k.append(ks)
             self._v.append(vs)

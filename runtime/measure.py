@@ -127,6 +127,7 @@ class Measurement:
     gpu_peak_bytes: int
     cpu_peak_bytes: int                # process peak resident set
     pinned_bytes: int                  # page-locked host bytes at the end of the run
+    setup_s: float = 0.0               # per pass before prefill (cache and staging layout, inputs); not in total_s
 
     @property
     def total_s(self) -> float:

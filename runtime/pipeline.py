@@ -24,7 +24,7 @@ from hrm.policy import PREFILL_CHUNK_TOKENS, Policy
 from hrm.spec import ModelSpec
 
 from .cpu_attention import AttentionWorker, attention_mask, decode_attention
-from .host_memory import empty_host
+from .host_memory import HostArena, empty_host
 from .kv_cache import KVCache, append
 from .measure import Recorder
 from .model import (causal_attention, final_logits, fused_qkv, post_attention, pre_attention,
@@ -126,11 +126,16 @@ class _MB:
     future: object = None
 
 
+def prefill_staging_elems(spec: ModelSpec, micro_batches) -> int:
+    """Host elements of one pass's prefill hidden states (every prefill slot, padding included)."""
+    return sum(mb.prefill_tokens for mb in micro_batches) * spec.hidden_size
+
+
 class Pipeline:
     def __init__(self, spec: ModelSpec, policy: Policy, store: WeightStore, kv: KVCache,
                  micro_batches: tuple[MicroBatch, ...], num_device_kv: int, sampling: Sampling,
                  uniforms: torch.Tensor, prompts: list[list[int]], max_new_tokens: int,
-                 recorder: Recorder, worker: AttentionWorker, graphs=None):
+                 recorder: Recorder, worker: AttentionWorker, graphs=None, staging: HostArena | None = None):
         self.spec, self.policy, self.store, self.kv = spec, policy, store, kv
         self.mbs, self.sampling, self.rec, self.worker = micro_batches, sampling, recorder, worker
         self.graphs = graphs                       # runtime.graphs.PostAttentionGraphs, or None (eager)
@@ -142,6 +147,13 @@ class Pipeline:
         self.pages_done: dict[int, object] = {}    # visit -> event after its last page
         self.state = [self._mb_state(mb, mb.index < num_device_kv, uniforms) for mb in micro_batches]
         self.qkv = [fused_qkv(layer.attn) for layer in store.dense.layers]   # [q|k|v, hidden] views or None
+        # prefill inputs per chunk and their hidden states' host staging between layers, laid out before
+        # the pass like the caches (staging from `staging`, reused across passes, when given)
+        self.chunks = [(m, rows, self._prefill_inputs(m, rows)) for m in self.state for rows in prefill_chunks(m.mb)]
+        sizes = [x["tokens"].shape[0] * spec.hidden_size for _, _, x in self.chunks]
+        flat = (staging.take(sum(sizes)) if staging is not None
+                else empty_host((sum(sizes),), self.dtype, self.streams.cuda))
+        self.hidden = [v.view(-1, spec.hidden_size) for v in torch.split(flat, sizes)]   # [tokens, hidden] each
 
     # ---- setup -----------------------------------------------------------------------------------
     def _mb_state(self, mb: MicroBatch, kv_on_device: bool, uniforms: torch.Tensor) -> _MB:
@@ -205,8 +217,7 @@ class Pipeline:
         self.rec.phase = "prefill"
         st, spec = self.streams, self.spec
         self.load_pages(0, self.store.page_table.pages)
-        chunks = [(m, rows, self._prefill_inputs(m, rows)) for m in self.state for rows in prefill_chunks(m.mb)]
-        hidden = [empty_host((x["tokens"].shape[0], spec.hidden_size), self.dtype, st.cuda) for _, _, x in chunks]
+        chunks, hidden = self.chunks, self.hidden
         ev_hidden_d2h: list[object] = [None] * len(chunks)
         kv_writes: list[object] = []
         for visit in range(self.L):

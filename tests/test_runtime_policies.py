@@ -94,11 +94,22 @@ def test_prefill_chunks_cap_tokens_and_keep_whole_sequences():
 
 def test_unwritten_cache_slots_do_not_leak(reference, monkeypatch):
     """Attention reads slots past a short sequence's end under a mask; NaN there must not leak (0 * NaN)."""
-    import runtime.kv_cache as kv_cache
-    monkeypatch.setattr(kv_cache, "empty_host", lambda shape, dtype, pin=None: torch.full(shape, math.nan, dtype=dtype))
+    import runtime.host_memory as host_memory      # every host buffer (KV cache, staging) starts as NaN
+    monkeypatch.setattr(host_memory, "empty_host", lambda shape, dtype, pin=None: torch.full(shape, math.nan, dtype=dtype))
     prompts, expected = reference
     with Engine(QWEN2, Policy(7, 3), dtype=torch.float64, seed=3) as e:
         assert e.generate(prompts, MAX_NEW)[0] == expected
+
+
+def test_prefill_staging_is_laid_out_before_the_pass_and_reused(reference):
+    """The hidden states' host staging is taken before prefill starts (setup, not prefill time) from one
+    buffer the engine keeps: later passes of the same size allocate nothing."""
+    prompts, expected = reference
+    with Engine(QWEN2, Policy(4, 2), dtype=torch.float64, seed=3) as e:
+        out, m = e.generate(prompts, MAX_NEW)                      # two passes (7 prompts, N = 4)
+        size = e.staging.nbytes
+        assert out == expected and size > 0 and m.setup_s > 0
+        assert e.generate(prompts, MAX_NEW)[0] == expected and e.staging.nbytes == size
 
 
 def test_qk_norm_family_across_schedules():
