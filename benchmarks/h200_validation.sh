@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU validation (issues 4 and 5), run on the lent H200 machine from the repo root in phases, so that
 # each device call stays under its time limit:
-#   bash benchmarks/h200_validation.sh tests profile full24 sweep24      (one call)
-#   bash benchmarks/h200_validation.sh sweep48 peer                      (the next)
+#   bash benchmarks/h200_validation.sh tests profile sweep48             (one call, ~8 min)
+#   bash benchmarks/h200_validation.sh sweep24 full24                    (the next)
+# Set the environment for the script itself (T24_S=... bash benchmarks/h200_validation.sh ...).
 # Phases:
 #   tests    the GPU-only tests
-#   profile  `moe-lightning profile`: measures the machine, incl. the runtime's fixed decode costs and its
-#            CPU attention rate inside the pipelined loop -> h200-measured.toml (later phases use it)
+#   profile  `moe-lightning profile`: measures the machine, incl. the runtime's fixed decode costs, its
+#            CPU attention rate inside the pipelined loop and its own prefill (per layer and chunk, and
+#            per pass) -> h200-measured.toml (later phases use it)
 #   full24   issue 4: the optimizer's plan for all 32 layers of Mixtral-8x7B under a 24 GB GPU budget,
 #            prompt 256, gen 32, run end to end with a timeline and a trace. The host budget is 80% of
 #            RAM (--cpu-frac 0.8), not the default 90%: the runtime pins all of it, and the process needs

@@ -164,6 +164,20 @@ PREFILL_SEQS_QUICK = (4, 16)
 PREFILL_LAYERS = (2, 6)
 
 
+def prefill_layers(spec, free_bytes: int, most: int = PREFILL_LAYERS[1]) -> tuple[int, int] | None:
+    """The two depths prefill_costs runs at on a GPU with `free_bytes` free: up to `most` layers whose
+    resident weights take at most 60% of it (the rest: activations, caches), or None where two do not fit."""
+    from .weights import WeightStore
+
+    def fits(k: int) -> bool:
+        model = spec.with_layers(spec.first_dense_layers + k)
+        return WeightStore.required_bytes(model, torch.bfloat16, model.num_experts)[0] <= 0.6 * free_bytes
+    hi = max((k for k in range(2, most + 1) if fits(k)), default=None)
+    if hi is None:
+        return None
+    return (2, hi) if hi >= 4 else (1, hi)
+
+
 def prefill_costs(spec, seqs: Sequence[int] = PREFILL_SEQS, prompt_len: int = PREFILL_PROMPT_LEN,
                   chunks: int = 4, layers: tuple[int, int] = PREFILL_LAYERS, repeats: int = 3) -> dict:
     """The runtime's own prefill, split into what grows with layers and what does not. runtime.Engine on
@@ -621,12 +635,18 @@ def profile_machine(spec=None, quick: bool = False, progress: bool = True, gpu: 
     def prefill():
         from hrm.hf_config import load_model
         seqs = PREFILL_SEQS_QUICK if quick else PREFILL_SEQS
+        model = spec or load_model("mixtral-8x7b")
+        depths = prefill_layers(model, torch.cuda.mem_get_info()[0])
+        if depths is None:
+            result["notes"].append("runtime prefill not measured: two layers of the model do not fit the GPU")
+            return
         try:
-            r = prefill_costs(spec or load_model("mixtral-8x7b"), seqs, repeats=2 if quick else 3)
+            r = prefill_costs(model, seqs, layers=depths, repeats=2 if quick else 3)
         except Exception as e:  # the other measurements still make a profile; the HRM falls back
             result["notes"].append(f"runtime prefill not measured: {type(e).__name__}: {e}".splitlines()[0])
             return
         g["prefill_prompt_len"] = PREFILL_PROMPT_LEN
+        g["prefill_layers"] = list(depths)
         g["prefill_tokens"] = [n * PREFILL_PROMPT_LEN for n in seqs]
         g["prefill_flops_per_s"] = r["flops_per_s"]
         g["prefill_pass_s_per_token"] = r["pass_s_per_token"]
@@ -797,7 +817,7 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
         if g.get("prefill_tokens"):
             lines += [f"# runtime.Engine prefill, every expert resident, CPU attention, prompts of "
                       f"{g['prefill_prompt_len']}: FLOP/s (hrm.ops.prefill_layer) per (layer, chunk) by tokens "
-                      f"per chunk (slope over layers) ...",
+                      f"per chunk (slope over {g.get('prefill_layers', '2 and 6')} layers) ...",
                       f"gpu_prefill_tokens = {_arr(g['prefill_tokens'])}",
                       f"gpu_prefill_tflops = {_arr([x / TFLOPS for x in g['prefill_flops_per_s']])}",
                       "# ... and what it pays once per pass, whatever the layers, per prompt token",
