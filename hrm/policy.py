@@ -23,15 +23,16 @@ flattens above 1,024), and the chunk, not the micro-batch, sets the prefill acti
 chunks the prefill workspace bounded mu to ~36 under a 24 GB budget for Mixtral."""
 
 
-def device_micro_batches(kv_gpu_frac: float, num_micro_batches: int) -> int:
-    """Micro-batches whose KV cache lives on the GPU: r_c realised per whole micro-batch (floor)."""
-    return int(kv_gpu_frac * num_micro_batches + 1e-9)
+def device_micro_batches(kv_gpu_frac, num_micro_batches):
+    """Micro-batches whose KV cache lives on the GPU: r_c realised per whole micro-batch (floor);
+    numpy-broadcast (an int for scalars)."""
+    k = np.floor(np.asarray(kv_gpu_frac, float) * np.asarray(num_micro_batches, float) + 1e-9)
+    return int(k) if k.ndim == 0 else k
 
 
 def realised_kv_frac(kv_gpu_frac, num_micro_batches):
-    """r_c as the runtime realises it (device_micro_batches / micro-batches); numpy-broadcast."""
-    m = np.asarray(num_micro_batches, float)
-    return np.floor(np.asarray(kv_gpu_frac, float) * m + 1e-9) / m
+    """r_c as the runtime realises it: device_micro_batches / micro-batches."""
+    return device_micro_batches(kv_gpu_frac, num_micro_batches) / np.asarray(num_micro_batches, float)
 
 
 def prefill_chunk_sequences(prompt_len):
