@@ -421,6 +421,22 @@ def runtime_overheads(spec, visits: int = 256, calls: int = 200, quick: bool = F
 SCHEDULE_ATTENTION_ON_GPU = {"cgopipe": False, "s3": False, "s4": True, "blocking": True}
 
 
+def visit_probe(spec, schedule: str, visits: int = 256, micro_batches: int = 16, micro_batch_size: int = 1):
+    """The decode-visit probe's setting for one schedule (see decode_visit_costs): (model, policy,
+    prompts, measured decode steps)."""
+    from dataclasses import replace
+
+    from hrm.policy import Policy
+
+    one = replace(spec.with_layers(spec.first_dense_layers + 1), moe_intermediate_size=16,
+                  shared_expert_intermediate_size=16 if spec.shared_expert_intermediate_size else 0)
+    steps = max(2, visits // micro_batches)
+    prompts = [[1 + i % 1000, 2, 3, 4] for i in range(micro_batches * micro_batch_size)]
+    policy = Policy(batch_size=micro_batches * micro_batch_size, micro_batch_size=micro_batch_size,
+                    weights_gpu_frac=0.5, attention_on_gpu=SCHEDULE_ATTENTION_ON_GPU[schedule], schedule=schedule)
+    return one, policy, prompts, steps
+
+
 def decode_visit_costs(spec, visits: int = 256, micro_batches: int = 16, micro_batch_size: int = 1) -> dict[str, float]:
     """Seconds per (micro-batch, layer) visit of the runtime's decode loop under each schedule, where
     compute and transfers vanish: a one-layer copy of `spec` whose experts are 16 wide (the model's
@@ -430,20 +446,11 @@ def decode_visit_costs(spec, visits: int = 256, micro_batches: int = 16, micro_b
     visit: kernel launches, stream and event bookkeeping, hand-offs to the attention worker. With
     `micro_batch_size` above runtime.model.MOE_DENSE_MAX_TOKENS the MoE takes its grouped path (more
     kernels) where the device has one."""
-    from dataclasses import replace
-
-    from hrm.policy import Policy
-
     from .engine import Engine
 
-    one = replace(spec.with_layers(spec.first_dense_layers + 1), moe_intermediate_size=16,
-                  shared_expert_intermediate_size=16 if spec.shared_expert_intermediate_size else 0)
-    steps = max(2, visits // micro_batches)
-    prompts = [[1 + i % 1000, 2, 3, 4] for i in range(micro_batches * micro_batch_size)]
     out = {}
-    for schedule, on_gpu in SCHEDULE_ATTENTION_ON_GPU.items():
-        policy = Policy(batch_size=micro_batches * micro_batch_size, micro_batch_size=micro_batch_size,
-                        weights_gpu_frac=0.5, attention_on_gpu=on_gpu, schedule=schedule)
+    for schedule in SCHEDULE_ATTENTION_ON_GPU:
+        one, policy, prompts, steps = visit_probe(spec, schedule, visits, micro_batches, micro_batch_size)
         with Engine(one, policy, seed=0, progress=False, record=True) as eng:
             eng.generate(prompts, 3)                                       # warm-up
             _, m = eng.generate(prompts, steps + 1)

@@ -81,3 +81,22 @@ def test_reprice_recomputes_predictions_and_keeps_measurements(tmp_path):
         assert float(a["err_tok_s"]) == pytest.approx((pred - float(a["meas_tok_s"])) / float(a["meas_tok_s"]))
     summary = json.loads((tmp_path / "s.json").read_text())["runs"][0]
     assert summary["repriced_with"].endswith("t4-s1.toml") or summary["repriced_with"] == "t4-s1"
+
+
+def test_profile_visit_splits_the_probe_visit(tmp_path):
+    """benchmarks/profile_visit.py runs the decode-visit probe's setting as the probe does and under the
+    profiler, and writes per-visit waits of the main thread (on the CPU: the attention worker's futures)."""
+    import profile_visit
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(TINY))
+    out = tmp_path / "visit.json"
+    assert profile_visit.main(["--model", str(cfg), "--schedules", "cgopipe", "--visits", "8",
+                               "--micro-batches", "2", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())["results"][0]
+    assert r["schedule"] == "cgopipe" and r["visits"] == 8 and r["visit_ms"] > 0 and r["profiled_visit_ms"] > 0
+    waits = r["main_thread_waits_per_visit"]
+    assert waits["future result"]["calls"] >= 1                 # each visit waits for its CPU attention
+    assert r["main_thread_busiest_self_ms_per_visit"][0]["ms"] > 0
+    assert (tmp_path / "visit_cgopipe.trace.json.gz").stat().st_size > 0
+    assert profile_visit.main(["--model", str(cfg), "--schedules", "s5", "--out", str(out)]) == 2
