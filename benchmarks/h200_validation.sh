@@ -15,6 +15,7 @@
 #            the rest
 #   sweep24, sweep48   benchmarks/validate.py: predicted vs measured over a sweep of policies, Mixtral-8x7B
 #            shapes cut to 8 layers (budgets scaled as validate.py says), prompt 256, gen 32
+#   visit    benchmarks/profile_visit.py: the decode-visit probe under torch.profiler, per schedule
 #   peer     HF transformers + accelerate CPU offload on the same model, budget and workload
 # Everything lands in $OUT/h200 (default benchmarks/results/h200); $OUT/h200.tgz packs it, because the
 # device returns at most 8 files (packed after each phase). Env: PROFILE (default hardware_profiles/h200-measured.toml),
@@ -55,12 +56,15 @@ for phase in "$@"; do
         sweep 24 "${T24_S:-330}" "${SKIP24:-}" ;;
     sweep48)
         sweep 48 "${T48_S:-330}" "${SKIP48:-}" ;;
+    visit)
+        timeout 240 python benchmarks/profile_visit.py --schedules s4,cgopipe,s3,blocking \
+            --out "$res/visit_profile.json" 2>&1 | tail -6 ;;
     peer)
         timeout "${PEER_S:-200}" python benchmarks/peer_hf_accelerate.py --num-layers 8 --gpu-budget-gib 24 \
             --batch-sizes 16 --prompt-len 256 --gen-len 32 --experts-implementation eager \
             --output "$res/peer_hf_24gb_b16_gen32.json" 2>&1 | tail -6 ;;
     *)
-        echo "unknown phase $phase (tests profile full24 sweep24 sweep48 peer)"; exit 2 ;;
+        echo "unknown phase $phase (tests profile visit full24 sweep24 sweep48 peer)"; exit 2 ;;
     esac
     # packed after every phase: a call cut off by its time limit still returns what finished
     tar czf "$out/h200.tgz.part" -C "$out" h200 && mv "$out/h200.tgz.part" "$out/h200.tgz"
