@@ -17,7 +17,7 @@ import numpy as np
 
 from . import ops
 from .cost import Cost
-from .hardware import HardwareProfile
+from .hardware import HardwareProfile, interp_log
 from .policy import PREFILL_CHUNK_TOKENS, Policy, prefill_chunk_sequences, realised_kv_frac
 from .spec import ModelSpec, Workload
 
@@ -67,8 +67,7 @@ def gpu_gemm_flops(s: Setting, tokens_per_gemm):
     peak = gpu.flops(s.spec.dtypes.name)
     m = _measured(s)
     if m is not None and m.gpu_gemm_tokens:
-        rate = np.interp(np.log(np.maximum(np.asarray(tokens_per_gemm, float), 1e-9)),
-                         np.log(np.asarray(m.gpu_gemm_tokens)), np.asarray(m.gpu_gemm_flops))
+        rate = interp_log(tokens_per_gemm, m.gpu_gemm_tokens, m.gpu_gemm_flops)
         return np.minimum(rate, peak) * gpu.count
     return peak * gpu.count
 
@@ -99,8 +98,7 @@ def h2d_bytes_per_s(s: Setting, transfer_bytes) -> float:
     lk, n = s.hardware.link, s.hardware.gpu.count
     m = _measured(s)
     if m is not None and m.h2d_sizes_bytes:
-        rate = np.interp(np.log(np.maximum(np.asarray(transfer_bytes, float), 1.0)),
-                         np.log(np.asarray(m.h2d_sizes_bytes)), np.asarray(m.h2d_bytes_per_s))
+        rate = interp_log(transfer_bytes, m.h2d_sizes_bytes, m.h2d_bytes_per_s)
         return np.minimum(rate, lk.h2d_bytes_per_s) * n
     return lk.h2d_bytes_per_s * n
 
@@ -329,8 +327,7 @@ def prefill_layer_flops_per_s(s: Setting, tokens):
     m = _measured(s)
     if m is None or not m.gpu_prefill_tokens:
         return None
-    return np.interp(np.log(np.maximum(np.asarray(tokens, float), 1.0)), np.log(np.asarray(m.gpu_prefill_tokens)),
-                     np.asarray(m.gpu_prefill_flops)) * s.hardware.gpu.count
+    return interp_log(tokens, m.gpu_prefill_tokens, m.gpu_prefill_flops) * s.hardware.gpu.count
 
 
 def prefill_once_s(s: Setting, N):
@@ -348,8 +345,7 @@ def prefill_experts_time(s: Setting, tokens):
     cost = ops.routed_experts(s.spec, tokens)
     m = _measured(s)
     if m is not None and m.gpu_moe_tokens:
-        rate = np.interp(np.log(np.maximum(np.asarray(tokens, float), 1.0)), np.log(np.asarray(m.gpu_moe_tokens)),
-                         np.asarray(m.gpu_moe_flops)) * s.hardware.gpu.count
+        rate = interp_log(tokens, m.gpu_moe_tokens, m.gpu_moe_flops) * s.hardware.gpu.count
         return cost.flops / rate
     return gpu_time(s, cost, ops.tokens_per_expert(s.spec, tokens))
 

@@ -97,10 +97,15 @@ class Measured:
         return _interp_log(size_bytes, self.h2d_sizes_bytes, self.h2d_bytes_per_s, default)
 
 
+def interp_log(x, xs, ys):
+    """A measured curve (xs ascending, positive) read at x, interpolated in log(x) and held flat beyond
+    the measured range; numpy-broadcast over x."""
+    return np.interp(np.log(np.maximum(np.asarray(x, float), 1e-30)), np.log(np.asarray(xs, float)),
+                     np.asarray(ys, float))
+
+
 def _interp_log(x, xs, ys, default):
-    if not xs:
-        return default
-    return float(np.interp(np.log(max(float(x), 1e-30)), np.log(np.asarray(xs, float)), np.asarray(ys, float)))
+    return float(interp_log(x, xs, ys)) if xs else default
 
 
 @dataclass(frozen=True)

@@ -158,6 +158,11 @@ def gpu_moe_flops(spec, tokens: Sequence[int] = MOE_TOKENS, repeats: int = 5, de
     return rates
 
 
+def _random_prompts(spec, n: int, length: int, generator: torch.Generator) -> list[list[int]]:
+    """n prompts of `length` random token ids (clear of the vocabulary's first and last ten)."""
+    return torch.randint(10, max(11, spec.vocab_size - 10), (n, length), generator=generator).tolist()
+
+
 PREFILL_PROMPT_LEN = 256
 PREFILL_SEQS = (4, 8, 16)          # sequences per chunk: 1,024 to 4,096 tokens (PREFILL_CHUNK_TOKENS)
 PREFILL_SEQS_QUICK = (4, 16)
@@ -200,7 +205,7 @@ def prefill_costs(spec, seqs: Sequence[int] = PREFILL_SEQS, prompt_len: int = PR
     rates, pass_per_token = [], []
     for n in seqs:
         policy = Policy(batch_size=n * chunks, micro_batch_size=n, weights_gpu_frac=1.0)
-        prompts = torch.randint(10, max(11, spec.vocab_size - 10), (n * chunks, prompt_len), generator=g).tolist()
+        prompts = _random_prompts(spec, n * chunks, prompt_len, g)
         t = {}
         for num_layers in layers:
             model = spec.with_layers(spec.first_dense_layers + num_layers)
@@ -472,7 +477,7 @@ def attention_in_pipeline(spec, micro_batch: int = 32, micro_batches: int = 8, p
     one = spec.with_layers(spec.first_dense_layers + 1)
     policy = Policy(batch_size=micro_batch * micro_batches, micro_batch_size=micro_batch, weights_gpu_frac=1.0)
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(10, max(11, spec.vocab_size - 10), (policy.batch_size, prompt_len), generator=g).tolist()
+    prompts = _random_prompts(spec, policy.batch_size, prompt_len, g)
     with Engine(one, policy, seed=0, progress=False, record=True) as eng:
         eng.generate(prompts, 3)                                           # warm-up
         _, m = eng.generate(prompts, steps + 1)
