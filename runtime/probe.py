@@ -829,7 +829,7 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
         if g.get("prefill_tokens"):
             lines += [f"# runtime.Engine prefill, every expert resident, CPU attention, prompts of "
                       f"{g['prefill_prompt_len']}: FLOP/s (hrm.ops.prefill_layer) per (layer, chunk) by tokens "
-                      f"per chunk (slope over {g.get('prefill_layers', '2 and 6')} layers) ...",
+                      f"per chunk (slope over {g['prefill_layers']} layers) ...",
                       f"gpu_prefill_tokens = {_arr(g['prefill_tokens'])}",
                       f"gpu_prefill_tflops = {_arr([x / TFLOPS for x in g['prefill_flops_per_s']])}",
                       "# ... and what it pays once per pass, whatever the layers, per prompt token",

@@ -41,7 +41,7 @@ def _fake_gpu_result(cpu_result: dict) -> dict:
                     square_gemm_flops_per_s={"bf16": 748e12, "fp16": 750e12, "fp32": 51e12},
                     hbm_copy_size_bytes=1024 * MiB, hbm_copy_bytes_per_s=4.1e12,
                     moe_tokens=[1024, 8192], moe_flops_per_s=[300e12, 450e12], prefill_prompt_len=256,
-                    prefill_tokens=[1024, 4096], prefill_flops_per_s=[250e12, 380e12],
+                    prefill_tokens=[1024, 4096], prefill_flops_per_s=[250e12, 380e12], prefill_layers=[2, 6],
                     prefill_pass_s_per_token=2e-6)
     r["link"] = dict(sizes_bytes=[256 * 1024, 4 * MiB, 1024 * MiB], h2d_bytes_per_s=[20e9, 43e9, 55e9],
                      d2h_bytes_per_s=[22e9, 49e9, 55.2e9], duplex_bytes_per_s=120e9, duplex_size_bytes=1024 * MiB,
