@@ -19,7 +19,7 @@
 #   peer     HF transformers + accelerate CPU offload on the same model, budget and workload
 # Everything lands in $OUT/h200 (default benchmarks/results/h200); $OUT/h200.tgz packs it, because the
 # device returns at most 8 files (packed after each phase). Env: PROFILE (default hardware_profiles/h200-measured.toml),
-# T24_S / T48_S (time limits of the sweeps), TESTS_S, SKIP24 / SKIP48 (start a sweep at that policy).
+# T24_S / T48_S (time limits of the sweeps), TESTS_S, VISIT_S, VISIT_LAYERS (of the visit phase), SKIP24 / SKIP48 (start a sweep at that policy).
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 out=${OUT:-benchmarks/results}
@@ -57,8 +57,8 @@ for phase in "$@"; do
     sweep48)
         sweep 48 "${T48_S:-330}" "${SKIP48:-}" ;;
     visit)
-        timeout 240 python benchmarks/profile_visit.py --schedules s4,cgopipe,s3,blocking \
-            --out "$res/visit_profile.json" 2>&1 | tail -6 ;;
+        timeout "${VISIT_S:-240}" python benchmarks/profile_visit.py --schedules s4,cgopipe,s3,blocking \
+            --layers "${VISIT_LAYERS:-1,4}" --out "$res/visit_profile.json" 2>&1 | tail -6 ;;
     peer)
         timeout "${PEER_S:-200}" python benchmarks/peer_hf_accelerate.py --num-layers 8 --gpu-budget-gib 24 \
             --batch-sizes 16 --prompt-len 256 --gen-len 32 --experts-implementation eager \

@@ -69,14 +69,14 @@ def summarise(events, visits: int, top: int = 15) -> dict:
 
 
 def profile_schedule(spec, schedule: str, visits: int, micro_batches: int, micro_batch_size: int,
-                     trace: Path | None = None) -> dict:
+                     layers: int = 1, trace: Path | None = None) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from runtime.engine import Engine
     from runtime.probe import visit_probe
 
-    one, policy, prompts, steps = visit_probe(spec, schedule, visits, micro_batches, micro_batch_size)
+    one, policy, prompts, steps = visit_probe(spec, schedule, visits, micro_batches, micro_batch_size, layers)
     n_visits = steps * micro_batches * one.num_hidden_layers
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with Engine(one, policy, seed=0, progress=False, record=True) as eng:
@@ -90,7 +90,7 @@ def profile_schedule(spec, schedule: str, visits: int, micro_batches: int, micro
         with open(raw, "rb") as f_in, gzip.open(trace, "wb") as f_out:
             f_out.write(f_in.read())
         raw.unlink()
-    out = {"schedule": schedule, "policy": policy.short(), "visits": n_visits,
+    out = {"schedule": schedule, "layers": one.num_hidden_layers, "policy": policy.short(), "visits": n_visits,
            "visit_ms": plain.decode_s / n_visits * 1e3, "profiled_visit_ms": traced.decode_s / n_visits * 1e3}
     out.update(summarise(prof.events(), n_visits))
     return out
@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--visits", type=int, default=128)
     ap.add_argument("--micro-batches", type=int, default=16)
     ap.add_argument("--micro-batch-size", type=int, default=1)
+    ap.add_argument("--layers", default="1", help="comma-separated decoder-layer counts of the probe's model")
     ap.add_argument("--out", type=Path, required=True, help="JSON; gzipped chrome traces are written beside it")
     args = ap.parse_args(argv)
     from runtime.probe import SCHEDULE_ATTENTION_ON_GPU
@@ -111,22 +112,31 @@ def main(argv=None) -> int:
     if bad:
         print(f"error: unknown schedule {bad[0]!r} (one of {', '.join(SCHEDULE_ATTENTION_ON_GPU)})", file=sys.stderr)
         return 2
+    try:
+        layer_counts = [int(x) for x in args.layers.split(",") if x.strip()]
+    except ValueError:
+        layer_counts = []
+    if not layer_counts or min(layer_counts) < 1:
+        print(f"error: --layers wants positive integers, got {args.layers!r}", file=sys.stderr)
+        return 2
     spec = load_model(args.model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    results = []
-    for schedule in schedules:
-        trace = args.out.with_name(f"{args.out.stem}_{schedule}.trace.json.gz")
-        r = profile_schedule(spec, schedule, args.visits, args.micro_batches, args.micro_batch_size, trace)
-        results.append(r)
-        waits = ", ".join(f"{k} {v['ms']:.3f} ms ({v['calls']:.1f})" for k, v in r["main_thread_waits_per_visit"].items())
-        print(f"{schedule:9s} visit {r['visit_ms']:.3f} ms (profiled {r['profiled_visit_ms']:.3f}); per visit: {waits}",
-              flush=True)
     import torch
+    results = []
     meta = {"command": " ".join(["python", "benchmarks/profile_visit.py"] + list(sys.argv[1:] if argv is None else argv)),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(), "machine": platform.node(), "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "model": spec.name,
             "micro_batches": args.micro_batches, "micro_batch_size": args.micro_batch_size, "results": results}
-    atomic_write_text(args.out, json.dumps(meta, indent=2))
+    for layers in layer_counts:
+        for schedule in schedules:
+            trace = args.out.with_name(f"{args.out.stem}_{schedule}_{layers}l.trace.json.gz")
+            r = profile_schedule(spec, schedule, args.visits, args.micro_batches, args.micro_batch_size, layers, trace)
+            results.append(r)
+            waits = ", ".join(f"{k} {v['ms']:.3f} ms ({v['calls']:.1f})"
+                              for k, v in r["main_thread_waits_per_visit"].items())
+            print(f"{schedule:9s} {layers} layer(s): visit {r['visit_ms']:.3f} ms (profiled {r['profiled_visit_ms']:.3f});"
+                  f" per visit: {waits}", flush=True)
+            atomic_write_text(args.out, json.dumps(meta, indent=2))    # after each: a cut-off run keeps what ran
     return 0
 
 

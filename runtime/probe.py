@@ -424,25 +424,28 @@ def runtime_overheads(spec, visits: int = 256, calls: int = 200, quick: bool = F
 
 
 SCHEDULE_ATTENTION_ON_GPU = {"cgopipe": False, "s3": False, "s4": True, "blocking": True}
+VISIT_LAYERS = 1      # decoder layers of the decode-visit probe's model
 
 
-def visit_probe(spec, schedule: str, visits: int = 256, micro_batches: int = 16, micro_batch_size: int = 1):
+def visit_probe(spec, schedule: str, visits: int = 256, micro_batches: int = 16, micro_batch_size: int = 1,
+                layers: int = VISIT_LAYERS):
     """The decode-visit probe's setting for one schedule (see decode_visit_costs): (model, policy,
-    prompts, measured decode steps)."""
+    prompts, measured decode steps). `layers`: decoder layers after the model's leading dense ones."""
     from dataclasses import replace
 
     from hrm.policy import Policy
 
-    one = replace(spec.with_layers(spec.first_dense_layers + 1), moe_intermediate_size=16,
+    one = replace(spec.with_layers(spec.first_dense_layers + layers), moe_intermediate_size=16,
                   shared_expert_intermediate_size=16 if spec.shared_expert_intermediate_size else 0)
-    steps = max(2, visits // micro_batches)
+    steps = max(2, visits // (micro_batches * layers))
     prompts = [[1 + i % 1000, 2, 3, 4] for i in range(micro_batches * micro_batch_size)]
     policy = Policy(batch_size=micro_batches * micro_batch_size, micro_batch_size=micro_batch_size,
                     weights_gpu_frac=0.5, attention_on_gpu=SCHEDULE_ATTENTION_ON_GPU[schedule], schedule=schedule)
     return one, policy, prompts, steps
 
 
-def decode_visit_costs(spec, visits: int = 256, micro_batches: int = 16, micro_batch_size: int = 1) -> dict[str, float]:
+def decode_visit_costs(spec, visits: int = 256, micro_batches: int = 16, micro_batch_size: int = 1,
+                       layers: int = VISIT_LAYERS) -> dict[str, float]:
     """Seconds per (micro-batch, layer) visit of the runtime's decode loop under each schedule, where
     compute and transfers vanish: a one-layer copy of `spec` whose experts are 16 wide (the model's
     kernel sequence with tiny expert GEMMs and weight pages), half of them streamed (two expert groups
@@ -455,7 +458,7 @@ def decode_visit_costs(spec, visits: int = 256, micro_batches: int = 16, micro_b
 
     out = {}
     for schedule in SCHEDULE_ATTENTION_ON_GPU:
-        one, policy, prompts, steps = visit_probe(spec, schedule, visits, micro_batches, micro_batch_size)
+        one, policy, prompts, steps = visit_probe(spec, schedule, visits, micro_batches, micro_batch_size, layers)
         with Engine(one, policy, seed=0, progress=False, record=True) as eng:
             eng.generate(prompts, 3)                                       # warm-up
             _, m = eng.generate(prompts, steps + 1)

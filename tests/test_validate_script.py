@@ -92,11 +92,14 @@ def test_profile_visit_splits_the_probe_visit(tmp_path):
     cfg.write_text(json.dumps(TINY))
     out = tmp_path / "visit.json"
     assert profile_visit.main(["--model", str(cfg), "--schedules", "cgopipe", "--visits", "8",
-                               "--micro-batches", "2", "--out", str(out)]) == 0
-    r = json.loads(out.read_text())["results"][0]
-    assert r["schedule"] == "cgopipe" and r["visits"] == 8 and r["visit_ms"] > 0 and r["profiled_visit_ms"] > 0
+                               "--micro-batches", "2", "--layers", "1,2", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [(r["schedule"], r["layers"], r["visits"]) for r in results] == [("cgopipe", 1, 8), ("cgopipe", 2, 8)]
+    r = results[0]
+    assert r["visit_ms"] > 0 and r["profiled_visit_ms"] > 0
     waits = r["main_thread_waits_per_visit"]
     assert waits["future result"]["calls"] >= 1                 # each visit waits for its CPU attention
     assert r["main_thread_busiest_self_ms_per_visit"][0]["ms"] > 0
-    assert (tmp_path / "visit_cgopipe.trace.json.gz").stat().st_size > 0
+    assert (tmp_path / "visit_cgopipe_1l.trace.json.gz").stat().st_size > 0
     assert profile_visit.main(["--model", str(cfg), "--schedules", "s5", "--out", str(out)]) == 2
+    assert profile_visit.main(["--model", str(cfg), "--layers", "0", "--out", str(out)]) == 2
