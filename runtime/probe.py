@@ -49,6 +49,14 @@ ATTENTION_SHAPES_QUICK = ((4, 128),)
 AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+# Decoder layers of the decode-visit probe's model. At one layer a micro-batch's next visit is the same
+# layer's next step, so S4's KV prefetch waits on the host append of the visit just before it, a chain that
+# runs with L layers meet only L x micro-batches visits later (H200: S4 4.36 ms per visit at one layer,
+# 1.90 ms at four; benchmarks/results/h200/2026-11-29b/visit_profile.json).
+VISIT_LAYERS = 4
+VISIT_VISITS = 512
+
+
 class ProbeError(ValueError):
     """A profile that cannot be produced here (the message says what to pass instead)."""
 
@@ -381,7 +389,7 @@ def cpu_attention_bytes_per_s(shapes: Sequence[tuple[int, int]] = ATTENTION_SHAP
     return rates
 
 
-def runtime_overheads(spec, visits: int = 256, calls: int = 200, quick: bool = False) -> dict:
+def runtime_overheads(spec, visits: int = VISIT_VISITS, calls: int = 200, quick: bool = False) -> dict:
     """Fixed costs of the runtime's own decode loop, at sizes where compute and transfers vanish.
 
     decode_visit_s_by_schedule: per schedule, decode seconds per (micro-batch, layer) visit (see
@@ -398,7 +406,6 @@ def runtime_overheads(spec, visits: int = 256, calls: int = 200, quick: bool = F
     grouped = {}
     if torch.cuda.is_available() and model.grouped_mm_available(torch.device("cuda"), torch.bfloat16):
         grouped = decode_visit_costs(spec, visits, micro_batches=8, micro_batch_size=grouped_size)
-    one = spec.with_layers(spec.first_dense_layers + 1)
     d = spec.head_dim
     q = torch.randn(1, spec.num_attention_heads, d).to(torch.bfloat16)    # [1, q_heads, d]
     k = torch.randn(1, spec.num_key_value_heads, 16, d).to(torch.bfloat16)
@@ -416,7 +423,7 @@ def runtime_overheads(spec, visits: int = 256, calls: int = 200, quick: bool = F
         worker.close()
     out = {"decode_visit_s": by_schedule["cgopipe"], "decode_visit_s_by_schedule": by_schedule,
            "decode_visit_s_grouped_by_schedule": grouped, "grouped_above_tokens": model.MOE_DENSE_MAX_TOKENS,
-           "cpu_attention_call_s": call_s, "visit_model": one.name}
+           "cpu_attention_call_s": call_s, "visit_model": visit_probe(spec, "cgopipe", visits)[0].name}
     if torch.cuda.is_available():
         out.update(attention_in_pipeline(spec, micro_batch=16, micro_batches=4, prompt_len=256, steps=4)
                    if quick else attention_in_pipeline(spec))
@@ -424,10 +431,9 @@ def runtime_overheads(spec, visits: int = 256, calls: int = 200, quick: bool = F
 
 
 SCHEDULE_ATTENTION_ON_GPU = {"cgopipe": False, "s3": False, "s4": True, "blocking": True}
-VISIT_LAYERS = 1      # decoder layers of the decode-visit probe's model
 
 
-def visit_probe(spec, schedule: str, visits: int = 256, micro_batches: int = 16, micro_batch_size: int = 1,
+def visit_probe(spec, schedule: str, visits: int = VISIT_VISITS, micro_batches: int = 16, micro_batch_size: int = 1,
                 layers: int = VISIT_LAYERS):
     """The decode-visit probe's setting for one schedule (see decode_visit_costs): (model, policy,
     prompts, measured decode steps). `layers`: decoder layers after the model's leading dense ones."""
@@ -444,10 +450,10 @@ def visit_probe(spec, schedule: str, visits: int = 256, micro_batches: int = 16,
     return one, policy, prompts, steps
 
 
-def decode_visit_costs(spec, visits: int = 256, micro_batches: int = 16, micro_batch_size: int = 1,
+def decode_visit_costs(spec, visits: int = VISIT_VISITS, micro_batches: int = 16, micro_batch_size: int = 1,
                        layers: int = VISIT_LAYERS) -> dict[str, float]:
     """Seconds per (micro-batch, layer) visit of the runtime's decode loop under each schedule, where
-    compute and transfers vanish: a one-layer copy of `spec` whose experts are 16 wide (the model's
+    compute and transfers vanish: a `layers`-layer copy of `spec` whose experts are 16 wide (the model's
     kernel sequence with tiny expert GEMMs and weight pages), half of them streamed (two expert groups
     and a page copy per visit, as offloading plans run), micro-batches of one sequence over a few tokens,
     KV on the host, stage recording on (as measured runs record). What remains is the host's work per
