@@ -19,7 +19,7 @@
 #   peer     HF transformers + accelerate CPU offload on the same model, budget and workload
 # Everything lands in $OUT/h200 (default benchmarks/results/h200); $OUT/h200.tgz packs it, because the
 # device returns at most 8 files (packed after each phase). Env: PROFILE (default hardware_profiles/h200-measured.toml),
-# T24_S / T48_S (time limits of the sweeps), TESTS_S, VISIT_S, VISIT_LAYERS (of the visit phase), SKIP24 / SKIP48 (start a sweep at that policy).
+# T24_S / T48_S (time limits of the sweeps), MAX_POLICIES, TESTS_S, VISIT_S, VISIT_LAYERS (of the visit phase), SKIP24 / SKIP48 (start a sweep at that policy).
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 out=${OUT:-benchmarks/results}
@@ -30,7 +30,7 @@ cli=(python -m moe_lightning_cli.main)
 # sweep GIB TIME_LIMIT_S SKIP: validate.py under a GIB GiB full-model budget -> validation_GIBgb[_fromSKIP].*
 sweep() {
     local name="validation_${1}gb${3:+_from$3}"
-    python benchmarks/validate.py --num-layers 8 --prompt-len 256 --gen-len 32 --max-policies 16 \
+    python benchmarks/validate.py --num-layers 8 --prompt-len 256 --gen-len 32 --max-policies "${MAX_POLICIES:-16}" \
         --hardware "$profile" --gpu-budget "${1}GiB" --time-limit-s "$2" --skip "${3:-0}" \
         --out "$res/$name.csv" 2>&1 | tee "$res/$name.log"
 }

@@ -142,7 +142,7 @@ def run(args) -> int:
     with Engine(subject, policy, model_dir=args.model_dir, seed=args.seed, dtype=args.dtype,
                 gpu_memory_budget_bytes=budget, progress=progress, cuda_graphs=args.cuda_graphs) as engine:
         if not args.no_warmup:
-            engine.warm_up(prompts, padded=padded)
+            engine.warm_up(prompts, gen_len, padded=padded)
         _, m = engine.generate(prompts, gen_len, temperature=args.temperature, top_p=args.top_p,
                                seed=args.seed, padded=padded)
         spans = engine.last_spans

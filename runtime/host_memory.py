@@ -47,7 +47,9 @@ def empty_host(shape: tuple[int, ...], dtype: torch.dtype, pin: bool | None = No
 
 class HostArena:
     """One host buffer reused across passes: `take(n)` returns its first n elements, reallocating (pinned
-    when `pin`) only when a pass needs more than it holds."""
+    when `pin`) only when a pass needs more than it holds. A new buffer is zeroed once; later passes find
+    what earlier ones wrote (finite values), so readers of unwritten elements under a mask see 0 * finite,
+    never uninitialised memory (0 * NaN)."""
 
     def __init__(self, dtype: torch.dtype, pin: bool):
         self.dtype, self.pin = dtype, pin
@@ -65,4 +67,5 @@ class HostArena:
         if numel > self._buf.numel():
             self._buf = torch.empty(0, dtype=self.dtype)     # release first: never both pinned at once
             self._buf = empty_host((numel,), self.dtype, self.pin)
+            self._buf.zero_()
         return self._buf[:numel]

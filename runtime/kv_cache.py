@@ -2,7 +2,8 @@
 
 Micro-batches whose index is below `num_device_micro_batches` (r_c of the policy, per whole micro-batch)
 keep their cache on the device; the others live in one preallocated host buffer (pinned when CUDA is
-present) that is reused by later passes when large enough.
+present) that is reused by later passes when large enough. The host buffer is zeroed when allocated, not
+per pass: attention reads unwritten slots under a mask, and what an earlier pass left there is finite.
 """
 from __future__ import annotations
 
@@ -35,12 +36,18 @@ class KVCache:
         """Extra host bytes `carve` would allocate (0 when the current buffer is large enough)."""
         return self._arena.extra_bytes(kv_elems(self.spec, micro_batches[num_device:]))
 
+    def reserve(self, micro_batches: tuple[MicroBatch, ...], num_device: int) -> None:
+        """Allocate the host buffer for such a pass now (a one-time cost, like loading the weights)."""
+        self._arena.take(kv_elems(self.spec, micro_batches[num_device:]))
+
+    def release(self) -> None:
+        """Drop the last pass's layout (its device caches are freed; the host buffer stays)."""
+        self._k, self._v = [], []
+
     def carve(self, micro_batches: tuple[MicroBatch, ...], num_device: int) -> None:
         """Lay out the caches of one pass; the first `num_device` micro-batches on the device."""
         s = self.spec
-        need = kv_elems(s, micro_batches[num_device:])
-        host = self._arena.take(need)
-        host.zero_()                   # attention reads unwritten slots under a mask: 0 * NaN would leak
+        host = self._arena.take(kv_elems(s, micro_batches[num_device:]))
         offset = 0
         self._k, self._v = [], []
         for _ in range(s.num_hidden_layers):

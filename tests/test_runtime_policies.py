@@ -112,6 +112,39 @@ def test_prefill_staging_is_laid_out_before_the_pass_and_reused(reference):
         assert e.generate(prompts, MAX_NEW)[0] == expected and e.staging.nbytes == size
 
 
+def test_warm_up_reserves_the_host_buffers_of_the_coming_pass(reference, monkeypatch):
+    """With max_new_tokens, warm_up allocates the host KV cache and staging of a full pass, so that the
+    measured pass allocates nothing; the previous pass's device caches are dropped before the fit check."""
+    prompts, expected = reference
+    with Engine(QWEN2, Policy(7, 3, kv_gpu_frac=1 / 3), dtype=torch.float64, seed=3) as e:
+        e.warm_up(prompts, MAX_NEW)
+        kv_bytes, staging_bytes = e.kv.host_bytes, e.staging.nbytes
+        assert kv_bytes > 0 and staging_bytes > 0
+        import runtime.host_memory as host_memory
+
+        def refuse(*a, **k):
+            raise AssertionError("the measured pass allocated a host buffer")
+        monkeypatch.setattr(host_memory, "empty_host", refuse)
+        assert e.generate(prompts, MAX_NEW)[0] == expected
+        assert (e.kv.host_bytes, e.staging.nbytes) == (kv_bytes, staging_bytes)
+        assert e.kv.k(0, 0).device == e.device          # micro-batch 0 keeps its cache on the device
+        e.kv.release()
+        with pytest.raises(IndexError):
+            e.kv.k(0, 0)
+
+
+def test_host_arena_zeroes_new_buffers_only(monkeypatch):
+    """A new buffer starts at zero even where the allocator returns NaN; a pass that fits reuses it as left."""
+    import runtime.host_memory as host_memory
+    monkeypatch.setattr(host_memory, "empty_host", lambda shape, dtype, pin=None: torch.full(shape, math.nan, dtype=dtype))
+    arena = host_memory.HostArena(torch.float32, pin=False)
+    a = arena.take(8)
+    assert torch.equal(a, torch.zeros(8))
+    a.fill_(3.0)
+    assert torch.equal(arena.take(5), torch.full((5,), 3.0)) and arena.nbytes == 32
+    assert torch.equal(arena.take(16), torch.zeros(16)) and arena.nbytes == 64
+
+
 def test_qk_norm_family_across_schedules():
     prompts = _prompts(QWEN3.vocab_size, seed=2)
     results = []
