@@ -8,6 +8,7 @@ to the longest prompt of the pass (the paper's MTBench setting).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 
@@ -55,16 +56,17 @@ class MicroBatch:
     def size(self) -> int:
         return len(self.requests)
 
-    @property
+    # computed once per micro-batch: the runtime reads them per row and per chunk (O(size^2) otherwise)
+    @cached_property
     def prefill_lens(self) -> tuple[int, ...]:
         """Slots each sequence fills at prefill (padding included)."""
         return tuple(p + n for p, n in zip(self.pads, self.prompt_lens))
 
-    @property
+    @cached_property
     def prefill_len(self) -> int:
         return max(self.prefill_lens)
 
-    @property
+    @cached_property
     def prefill_tokens(self) -> int:
         return sum(self.prefill_lens)
 

@@ -271,15 +271,17 @@ class Pipeline:
     def _prefill_inputs(self, m: _MB, rows: range) -> dict:
         """Flattened prefill tokens of rows `rows` of a micro-batch (left padding as token 0), positions,
         segments (rows counted from rows.start)."""
-        tokens, positions, segments, last = [], [], [], []
+        tokens, segments, last = [], [], []
         for r, pad in zip(m.mb.requests[rows.start:rows.stop], m.mb.pads[rows.start:rows.stop]):
-            prompt = self.prompts[r]
             a = len(tokens)
-            tokens += [0] * pad + list(prompt)
-            positions += [max(0, s - pad) for s in range(pad + len(prompt))]
+            tokens += [0] * pad
+            tokens += self.prompts[r]
             segments.append((a, len(tokens), pad))
             last.append(len(tokens) - 1)
-        pos = torch.tensor(positions, device=self.device)
+        # position of each slot: 0 over the left padding, then 0, 1, ... over the prompt
+        starts = torch.tensor([a + pad for a, _, pad in segments])                        # [rows]
+        lengths = torch.tensor([b - a for a, b, _ in segments])                           # [rows]
+        pos = (torch.arange(len(tokens)) - starts.repeat_interleave(lengths)).clamp_(min=0).to(self.device)
         cos, sin = rope_cos_sin(pos, self.spec, self.dtype)
         return {"tokens": torch.tensor(tokens, device=self.device), "cos": cos, "sin": sin,
                 "groups": self._segment_groups(segments), "last": torch.tensor(last, device=self.device)}
