@@ -78,14 +78,18 @@ def gpu_hbm_bytes_per_s(s: Setting) -> float:
     return bw * s.hardware.gpu.count
 
 
-def cpu_attention_bytes_per_s(s: Setting, num_micro_batches=2):
+def cpu_attention_bytes_per_s(s: Setting, num_micro_batches=2, mu=None):
     """KV bytes/s of CPU decode attention. In CGOPipe with two or more micro-batches the attention overlaps
     the main thread's launching of GPU work on the same host, so the rate measured inside that loop
-    applies; with one micro-batch (nothing to overlap) and in S3 the host waits: the isolated rate."""
+    applies, read at micro-batch size `mu` where the profile has it by size; with one micro-batch (nothing
+    to overlap) and in S3 the host waits: the isolated rate."""
     m = _measured(s)
     isolated = m.cpu_attention_bytes_per_s if m is not None and m.cpu_attention_bytes_per_s else cpu_dram_bytes_per_s(s)
     if m is not None and s.schedule == "cgopipe" and m.cpu_attention_overlapped_bytes_per_s:
-        return np.where(np.asarray(num_micro_batches) > 1, m.cpu_attention_overlapped_bytes_per_s, isolated)
+        overlapped = m.cpu_attention_overlapped_bytes_per_s
+        if mu is not None and m.cpu_attention_overlapped_micro_batches:
+            overlapped = interp_log(mu, m.cpu_attention_overlapped_micro_batches, m.cpu_attention_overlapped_by_micro_batch)
+        return np.where(np.asarray(num_micro_batches) > 1, overlapped, isolated)
     return isolated
 
 
@@ -240,11 +244,14 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
     experts_gpu = _per_micro_batch(experts_gpu_mb, N, mu)
     gpu = gpu_fixed + (experts_gpu if s.ffn_on_gpu else r_w * experts_gpu)
 
+    # one micro-batch's size (N when a single one holds them all)
+    mu_arr = np.minimum(np.asarray(mu), np.asarray(N))
+    attn_rate = cpu_attention_bytes_per_s(s, m, mu_arr)
     cpu = 0.0
     h2d_act_bytes = 0.0
     d2h_bytes = 0.0
     if not s.attention_on_gpu:
-        cpu = cpu_time(s, ops.attention(spec, N, 1, ctx), cpu_attention_bytes_per_s(s, m)) + m * cpu_attention_call_s(s)
+        cpu = cpu_time(s, ops.attention(spec, N, 1, ctx), attn_rate) + m * cpu_attention_call_s(s)
         h2d_act_bytes = N * _attn_out_elems(spec) * ab
         d2h_bytes = N * _qkv_elems(spec) * ab
     if not s.ffn_on_gpu:
@@ -273,11 +280,10 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
     link = link_bytes / duplex_bytes_per_s(s)
 
     # one micro-batch's round trip through the loop (does not depend on r_w)
-    mu_arr = np.minimum(np.asarray(mu), np.asarray(N))
     # the host launches while the GPU executes: the slower of the two, then the chain through the CPU
     loop = np.maximum(gpu_mb(mu_arr) + experts_gpu_mb(mu_arr), decode_visit_s(s, mu_arr, m))
     if not s.attention_on_gpu:
-        loop = loop + (cpu_time(s, ops.attention(spec, mu_arr, 1, ctx), cpu_attention_bytes_per_s(s, m))
+        loop = loop + (cpu_time(s, ops.attention(spec, mu_arr, 1, ctx), attn_rate)
                        + cpu_attention_call_s(s)
                        + mu_arr * _qkv_elems(spec) * ab / d2h_bytes_per_s(s)
                        + mu_arr * _attn_out_elems(spec) * ab / h2d_bytes_per_s(s, mu_arr * _attn_out_elems(spec) * ab))

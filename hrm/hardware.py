@@ -80,6 +80,8 @@ class Measured:
     h2d_bytes_per_s: tuple[float, ...] = ()
     cpu_attention_bytes_per_s: float = 0.0     # KV bytes/s of the runtime's CPU decode attention
     cpu_attention_overlapped_bytes_per_s: float = 0.0  # the same inside the pipelined decode loop (host shared)
+    cpu_attention_overlapped_micro_batches: tuple[float, ...] = ()   # ... where measured by micro-batch size:
+    cpu_attention_overlapped_by_micro_batch: tuple[float, ...] = ()  # ... sizes and KV bytes/s
     cpu_dram_bytes_per_s: float = 0.0
     gpu_hbm_bytes_per_s: float = 0.0
     decode_visit_s: float = 0.0                # the runtime's fixed cost of one micro-batch visit of a layer
@@ -145,7 +147,9 @@ class HardwareProfile:
                 gpu_prefill_flops=tuple(v * gpu_flops for v in self.measured.gpu_prefill_flops),
                 cpu_dram_bytes_per_s=self.measured.cpu_dram_bytes_per_s * cpu_mem_bw,
                 cpu_attention_bytes_per_s=self.measured.cpu_attention_bytes_per_s * cpu_mem_bw,
-                cpu_attention_overlapped_bytes_per_s=self.measured.cpu_attention_overlapped_bytes_per_s * cpu_mem_bw),
+                cpu_attention_overlapped_bytes_per_s=self.measured.cpu_attention_overlapped_bytes_per_s * cpu_mem_bw,
+                cpu_attention_overlapped_by_micro_batch=tuple(
+                    v * cpu_mem_bw for v in self.measured.cpu_attention_overlapped_by_micro_batch)),
         )
 
 
@@ -230,12 +234,14 @@ def _measured(table: Mapping, where: str) -> Measured:
     hs, hr = pair("h2d_sizes_mib", "h2d_gb_per_s", 2.0 ** 20, GB)
     mt, mf = pair("gpu_moe_tokens", "gpu_moe_tflops", 1.0, TFLOPS)
     pt, pf = pair("gpu_prefill_tokens", "gpu_prefill_tflops", 1.0, TFLOPS)
+    om, ob = pair("cpu_attention_overlapped_micro_batches", "cpu_attention_overlapped_gb_per_s_by_micro_batch", 1.0, GB)
     return Measured(
         gpu_gemm_tokens=gt, gpu_gemm_flops=gf, h2d_sizes_bytes=hs, h2d_bytes_per_s=hr,
         gpu_moe_tokens=mt, gpu_moe_flops=mf, gpu_prefill_tokens=pt, gpu_prefill_flops=pf,
         prefill_pass_s_per_token=float(table.get("prefill_pass_ns_per_token", 0.0)) * 1e-9,
         cpu_attention_bytes_per_s=float(table.get("cpu_attention_gb_per_s", 0.0)) * GB,
         cpu_attention_overlapped_bytes_per_s=float(table.get("cpu_attention_overlapped_gb_per_s", 0.0)) * GB,
+        cpu_attention_overlapped_micro_batches=om, cpu_attention_overlapped_by_micro_batch=ob,
         cpu_dram_bytes_per_s=float(table.get("cpu_dram_gb_per_s", 0.0)) * GB,
         gpu_hbm_bytes_per_s=float(table.get("gpu_hbm_gb_per_s", 0.0)) * GB,
         decode_visit_s=float(table.get("decode_visit_us", 0.0)) * 1e-6,

@@ -96,8 +96,11 @@ def _print(r: dict, donor, profile, output) -> None:
         rows.append(("", "CPU attention call overhead", f"{rt['cpu_attention_call_s'] * 1e6:,.0f} us"))
         if rt.get("cpu_attention_overlapped_bytes_per_s"):
             b, ctx = rt["overlap_shape"]
-            rows.append(("", f"decode attention inside the CGOPipe loop, batch {b} x ctx {ctx}",
-                         f"{rt['cpu_attention_overlapped_bytes_per_s'] / 1e9:,.1f} GB/s"))
+            sizes = rt.get("cpu_attention_overlapped_micro_batches") or [b]
+            rates = rt.get("cpu_attention_overlapped_bytes_per_s_by_micro_batch") or [rt["cpu_attention_overlapped_bytes_per_s"]]
+            for size, rate in zip(sizes, rates):
+                rows.append(("", f"decode attention inside the CGOPipe loop, batch {size} x ctx {ctx}",
+                             f"{rate / 1e9:,.1f} GB/s"))
     if g and g.get("moe_tokens"):
         for i, (tok, f) in enumerate(zip(g["moe_tokens"], g["moe_flops_per_s"])):
             rows.append(("GPU" if i == 0 else "", f"runtime MoE layer, {tok} tokens (routed top-k FLOP/s)",

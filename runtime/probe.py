@@ -55,6 +55,9 @@ AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Ten
 # 1.90 ms at four; benchmarks/results/h200/2026-11-29b/visit_profile.json).
 VISIT_LAYERS = 4
 VISIT_VISITS = 512
+# the CPU attention rate inside the CGOPipe loop, at these micro-batch sizes (attention_in_pipeline's arguments)
+OVERLAP_SETTINGS = (dict(micro_batch=32, micro_batches=8), dict(micro_batch=256, micro_batches=4))
+OVERLAP_SETTINGS_QUICK = (dict(micro_batch=16, micro_batches=4, prompt_len=256, steps=4),)
 
 
 class ProbeError(ValueError):
@@ -425,8 +428,7 @@ def runtime_overheads(spec, visits: int = VISIT_VISITS, calls: int = 200, quick:
            "decode_visit_s_grouped_by_schedule": grouped, "grouped_above_tokens": model.MOE_DENSE_MAX_TOKENS,
            "cpu_attention_call_s": call_s, "visit_model": visit_probe(spec, "cgopipe", visits)[0].name}
     if torch.cuda.is_available():
-        out.update(attention_in_pipeline(spec, micro_batch=16, micro_batches=4, prompt_len=256, steps=4)
-                   if quick else attention_in_pipeline(spec))
+        out.update(attention_in_pipeline_by_micro_batch(spec, quick))
     return out
 
 
@@ -469,6 +471,18 @@ def decode_visit_costs(spec, visits: int = VISIT_VISITS, micro_batches: int = 16
             eng.generate(prompts, 3)                                       # warm-up
             _, m = eng.generate(prompts, steps + 1)
         out[schedule] = m.decode_s / (steps * micro_batches * one.num_hidden_layers)
+    return out
+
+
+def attention_in_pipeline_by_micro_batch(spec, quick: bool = False) -> dict:
+    """attention_in_pipeline at each of OVERLAP_MICRO_BATCHES (the rate grows with the micro-batch: H200 run
+    5 priced 28.7 GB/s from micro-batches of 32, and runs with micro-batches of 200-400 got about 36): the
+    first size's figures as before, plus the curve over sizes."""
+    settings = OVERLAP_SETTINGS_QUICK if quick else OVERLAP_SETTINGS
+    runs = [attention_in_pipeline(spec, **kw) for kw in settings]
+    out = dict(runs[0])
+    out["cpu_attention_overlapped_micro_batches"] = [kw["micro_batch"] for kw in settings]
+    out["cpu_attention_overlapped_bytes_per_s_by_micro_batch"] = [r["cpu_attention_overlapped_bytes_per_s"] for r in runs]
     return out
 
 
@@ -876,7 +890,13 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
               *([f"# the same kernel's calls inside the runtime's CGOPipe decode loop on the GPU, "
                  f"[batch, ctx] = {c['runtime']['overlap_shape']}: the host also launches the GPU's work",
                  f"cpu_attention_overlapped_gb_per_s = "
-                 f"{_num(c['runtime']['cpu_attention_overlapped_bytes_per_s'] / GB)}"]
+                 f"{_num(c['runtime']['cpu_attention_overlapped_bytes_per_s'] / GB)}",
+                 *([f"# ... and by micro-batch size (ctx as above)",
+                    f"cpu_attention_overlapped_micro_batches = "
+                    f"{json.dumps(c['runtime']['cpu_attention_overlapped_micro_batches'])}",
+                    f"cpu_attention_overlapped_gb_per_s_by_micro_batch = "
+                    f"{_arr([x / GB for x in c['runtime']['cpu_attention_overlapped_bytes_per_s_by_micro_batch']])}"]
+                   if len(c["runtime"].get("cpu_attention_overlapped_micro_batches", ())) > 1 else [])]
                 if c.get("runtime", {}).get("cpu_attention_overlapped_bytes_per_s") else []),
               f"cpu_dram_copy_gb_per_s = {_num(c['dram_copy_bytes_per_s'] / GB)}"]
     method = "moe-lightning profile (runtime/probe.py): torch micro-benchmarks, median of repeats" + \

@@ -204,6 +204,27 @@ def test_overlapped_cpu_attention_rate_prices_cgopipe_only():
         estimate(MIXTRAL, iso, MTBENCH, s3).decode_layer["cpu"])
 
 
+def test_overlapped_cpu_attention_rate_by_micro_batch_size():
+    """Where the in-loop attention rate is measured by micro-batch size, CGOPipe reads it at its micro-batch
+    (log-interpolated, flat beyond the measured sizes); one micro-batch keeps the isolated rate."""
+    hw = load_profile("h200")
+    flat = replace(hw, measured=replace(hw.measured, cpu_attention_bytes_per_s=50e9,
+                                        cpu_attention_overlapped_bytes_per_s=25e9))
+    curve = replace(flat, measured=replace(flat.measured, cpu_attention_overlapped_micro_batches=(32.0, 256.0),
+                                           cpu_attention_overlapped_by_micro_batch=(25e9, 40e9)))
+
+    def cpu_s(h, p):
+        return estimate(MIXTRAL, h, MTBENCH, p).decode_layer["cpu"]
+    small, mid, large = Policy(512, 32), Policy(512, 128), Policy(1024, 512)
+    assert cpu_s(curve, small) == pytest.approx(cpu_s(flat, small))
+    assert cpu_s(flat, mid) > cpu_s(curve, mid) > cpu_s(flat, mid) * 25 / 40     # between the two rates
+    assert cpu_s(curve, large) < cpu_s(flat, large)
+    one = Policy(512, 512)
+    assert cpu_s(curve, one) == pytest.approx(cpu_s(flat, one))
+    scaled = curve.scaled(cpu_mem_bw=2.0).measured
+    assert scaled.cpu_attention_overlapped_by_micro_batch == (50e9, 80e9)
+
+
 def test_per_schedule_visit_cost_prices_its_schedule():
     hw = load_profile("h200")
     m = replace(hw.measured, decode_visit_s=1e-3, decode_visit_s_by_schedule=(("s4", 3e-3),))
