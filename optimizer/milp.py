@@ -16,7 +16,7 @@ import numpy as np
 from hrm import estimate as hrm
 from . import grid
 from hrm.policy import realised_kv_frac
-from .space import KV_FRAC_STEP, Placement, Problem
+from .space import Placement, Problem
 
 CHUNK = 64
 """Pairs per CBC call."""
@@ -53,7 +53,7 @@ def _scale(terms: dict, P: int) -> np.ndarray:
 
 
 def _solve_chunk(problem: Problem, placement: Placement, N: np.ndarray, mu: np.ndarray):
-    """(e, r_c) of one chunk's pairs, or None when CBC found no optimum."""
+    """The expert counts e of one chunk's pairs, or None when CBC found no optimum."""
     import pulp
 
     spec, b = problem.spec, problem.budgets
@@ -70,10 +70,9 @@ def _solve_chunk(problem: Problem, placement: Placement, N: np.ndarray, mu: np.n
     m = -(-np.asarray(N, np.int64) // np.asarray(mu, np.int64))      # micro-batches per pair
     if placement.searches_kv:
         # r_c in whole micro-batches, as the runtime realises it: k_i of m_i micro-batches keep their KV
-        c_vars = [new_var(prob, f"kv_mbs_{i}", 0, int(m[i]), integer=True) for i in range(P)]
-        r_c = np.array([v * (1.0 / float(m[i])) for i, v in enumerate(c_vars)], dtype=object)
+        r_c = np.array([new_var(prob, f"kv_mbs_{i}", 0, int(m[i]), integer=True) * (1.0 / float(m[i]))
+                        for i in range(P)], dtype=object)
     else:
-        c_vars = None
         r_c = realised_kv_frac(np.full(P, float(placement.kv_gpu_frac or 0.0)), m)
 
     # Scaling: CBC's tolerances are absolute (~1e-7), so every constraint is written in units of its own
@@ -110,10 +109,8 @@ def _solve_chunk(problem: Problem, placement: Placement, N: np.ndarray, mu: np.n
     status = prob.solve(cbc())
     if pulp.LpStatus[status] != "Optimal":
         return None
-    e = (np.array([int(round(v.value())) for v in e_vars]) if e_vars is not None else np.full(P, e_fixed))
-    rc = (np.array([round(float(v.value() or 0.0)) / float(m[i]) for i, v in enumerate(c_vars)])
-          if c_vars is not None else r_c.astype(float))
-    return e, rc
+    # r_c is not read back: _realise takes the most KV the budget allows, which never costs time
+    return np.array([int(round(v.value())) for v in e_vars]) if e_vars is not None else np.full(P, e_fixed)
 
 
 def best_per_pair(problem: Problem, placement: Placement, N, mu) -> grid.Choice:
@@ -122,7 +119,6 @@ def best_per_pair(problem: Problem, placement: Placement, N, mu) -> grid.Choice:
     mu = np.atleast_1d(np.asarray(mu, np.int64))
     P = len(N)
     e = np.zeros(P, np.int64)
-    rc = np.zeros(P)
     ok = grid.feasible(problem, placement, N, mu) if P else np.zeros(0, bool)
     idx = np.flatnonzero(ok)
     for start in range(0, len(idx), CHUNK):
@@ -134,22 +130,21 @@ def best_per_pair(problem: Problem, placement: Placement, N, mu) -> grid.Choice:
                 if one is None:
                     ok[i] = False
                 else:
-                    e[i], rc[i] = one[0][0], one[1][0]
+                    e[i] = one[0]
         else:
-            e[part], rc[part] = solved
-    return _realise(problem, placement, N, mu, e, rc, ok)
+            e[part] = solved
+    return _realise(problem, placement, N, mu, e, ok)
 
 
-def _realise(problem, placement, N, mu, e, rc, ok) -> grid.Choice:
+def _realise(problem, placement, N, mu, e, ok) -> grid.Choice:
     """Take r_c as the most KV the GPU budget allows in whole micro-batches (what the runtime realises;
-    more KV on the GPU never costs time and only relieves the CPU, so the MILP's continuous r_c is at
-    most that), and price the result with the numpy composition the grid uses."""
+    more KV on the GPU never costs time and only relieves the CPU, so the MILP's r_c is at most that),
+    and price the result with the numpy composition the grid uses."""
     s = problem.setting(placement)
     r_w = e / problem.num_experts
     g0, gs, c0, cs = grid.memory_lines(s, N, mu, r_w)
     m = -(-np.asarray(N) // np.asarray(mu))
-    room, fits = grid.kv_for_budget(problem, placement, g0, gs, c0, cs, m)
-    rc = room
+    rc, fits = grid.kv_for_budget(problem, placement, g0, gs, c0, cs, m)
     ok = ok & fits
     prefill, decode = grid.total_time(s, N, mu, r_w, rc)
     total = np.where(ok, prefill + decode, np.inf)

@@ -218,11 +218,13 @@ class Engine:
         batch_size prompts now: a one-time cost like loading the weights, kept across passes, so that a
         measured pass pays only its per-pass layout (setup_s)."""
         mbs, num_dev = self._layout(prompts[:self.policy.batch_size], max_new_tokens, padded)
-        self.check_fits(MemoryNeed(0, self.kv.host_bytes_needed(mbs, num_dev)
-                                   + self.staging.extra_bytes(prefill_staging_elems(self.spec, mbs)),
-                                   "KV cache and prefill staging"))
+        self.check_fits(MemoryNeed(0, self._host_bytes_needed(mbs, num_dev), "KV cache and prefill staging"))
         self.kv.reserve(mbs, num_dev)
         self.staging.take(prefill_staging_elems(self.spec, mbs))
+
+    def _host_bytes_needed(self, mbs, num_dev) -> int:
+        """Host bytes a pass over `mbs` would allocate beyond what the KV cache and staging hold now."""
+        return self.kv.host_bytes_needed(mbs, num_dev) + self.staging.extra_bytes(prefill_staging_elems(self.spec, mbs))
 
     def _layout(self, prompts, max_new_tokens, padded):
         """(micro-batches, number whose KV lives on the device) of one pass over `prompts`."""
@@ -239,10 +241,8 @@ class Engine:
         self.kv.release()              # the last pass's device caches, before measuring what is free
         mbs, num_dev = self._layout(prompts, max_new_tokens, padded)
         kv_dev = kv_elems(self.spec, mbs[:num_dev]) * self.dtype.itemsize
-        staging = self.staging.extra_bytes(prefill_staging_elems(self.spec, mbs))
         self.check_fits(MemoryNeed(kv_dev + activation_bytes(self.spec, mbs, self.dtype.itemsize),
-                                   self.kv.host_bytes_needed(mbs, num_dev) + staging,
-                                   "KV cache, prefill staging and activations"))
+                                   self._host_bytes_needed(mbs, num_dev), "KV cache, prefill staging and activations"))
         self.kv.carve(mbs, num_dev)
         pipe = Pipeline(self.spec, self.policy, self.store, self.kv, mbs, num_dev, sampling, uniforms,
                         prompts, max_new_tokens, rec, self.worker, self.graphs, self.staging)
