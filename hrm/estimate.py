@@ -18,7 +18,8 @@ import numpy as np
 from . import ops
 from .cost import Cost
 from .hardware import HardwareProfile, interp_log
-from .policy import PREFILL_CHUNK_TOKENS, Policy, prefill_chunk_sequences, realised_kv_frac
+from .memory import MemoryUse, memory_use
+from .policy import Policy, prefill_chunk_sequences, realised_kv_frac
 from .spec import ModelSpec, Workload
 
 CONTEXT_SAMPLES = 8
@@ -384,77 +385,6 @@ def step_time(layer_time, lt: LayerTimes, num_layers: int, lm_head_s):
 
 
 # ---------------------------------------------------------------------------------------------------
-# memory
-
-@dataclass(frozen=True)
-class MemoryUse:
-    """Peak bytes per level, with the parts that make them up (values linear in r_w, r_c)."""
-    gpu: dict
-    cpu: dict
-    pinned: dict
-
-    @property
-    def gpu_bytes(self):
-        return sum(self.gpu.values())
-
-    @property
-    def cpu_bytes(self):
-        return sum(self.cpu.values())
-
-    @property
-    def pinned_bytes(self):
-        return sum(self.pinned.values())
-
-
-def activation_bytes_per_token(spec: ModelSpec) -> float:
-    """GPU workspace per token in flight: hidden/residual buffers, q/k/v, and the MoE intermediate."""
-    widest_ffn = max(spec.num_experts_per_tok * spec.moe_intermediate_size,
-                     spec.shared_expert_intermediate_size, spec.dense_intermediate_size)
-    return (4 * spec.hidden_size + spec.q_dim + spec.kv_elems_per_token_layer + 3 * widest_ffn) * spec.dtypes.act_bytes
-
-
-def memory_use(s: Setting, N, mu, r_w, r_c) -> MemoryUse:
-    spec, wl = s.spec, s.workload
-    wb, ab = spec.dtypes.weight_bytes, spec.dtypes.act_bytes
-    all_experts = spec.num_moe_layers * spec.num_experts * spec.expert_bytes
-    layer_experts = spec.num_experts * spec.expert_bytes
-    kv_all = N * wl.max_context_len * spec.kv_bytes_per_token
-    kv_layer_mb = mu * wl.max_context_len * spec.kv_elems_per_token_layer * spec.dtypes.kv_bytes
-    streamed = 1 - r_w if s.ffn_on_gpu else 0.0
-    prompt = wl.prompt_len
-    # tokens in flight on the GPU at once: a prefill chunk (whole sequences, at most PREFILL_CHUNK_TOKENS
-    # or one longest prompt) or a decode micro-batch, whichever is larger; logits rows of one chunk
-    prefill_tokens = np.minimum(mu * prompt, max(PREFILL_CHUNK_TOKENS, wl.max_prompt_len))
-    workspace_tokens = np.maximum(prefill_tokens, mu)
-    prefill_rows = np.minimum(mu, prefill_chunk_sequences(prompt))
-    gpu = {
-        "non_expert_weights": spec.non_expert_params * wb,
-        "resident_experts": r_w * all_experts,
-        "expert_double_buffer": 2 * streamed * layer_experts,
-        "kv_cache": r_c * kv_all,
-        "kv_stream_buffer": 2 * (1 - r_c) * kv_layer_mb if s.attention_on_gpu else 0.0,
-        "decode_buffers": 4 * N * (spec.hidden_size + _qkv_elems(spec)) * ab,
-        "activation_workspace": workspace_tokens * activation_bytes_per_token(spec)
-                                + prefill_rows * spec.vocab_size * 4.0,
-    }
-    staging = 0.0 if s.pin_all_weights else 2 * streamed * layer_experts
-    io_buffers = 2 * N * (_qkv_elems(spec) + spec.hidden_size) * ab
-    cpu = {
-        "offloaded_experts": (1 - r_w) * all_experts,
-        "kv_cache": (1 - r_c) * kv_all,
-        "pinned_staging": staging,
-        "prefill_hidden_states": N * prompt * spec.hidden_size * ab,
-        "io_buffers": io_buffers,
-    }
-    pinned = {
-        "offloaded_experts": (1 - r_w) * all_experts if s.pin_all_weights else 0.0,
-        "pinned_staging": staging,
-        "io_buffers": io_buffers,
-    }
-    return MemoryUse(gpu=gpu, cpu=cpu, pinned=pinned)
-
-
-# ---------------------------------------------------------------------------------------------------
 # the estimate of one policy
 
 def _max_terms(terms: dict):
@@ -508,9 +438,8 @@ class Estimate:
         rows += [{"phase": "total", "item": k, "value": v, "unit": u} for k, v, u in (
             ("prefill", self.prefill_s, "s"), ("decode", self.decode_s, "s"),
             ("throughput", self.throughput_tok_s, "tok/s"), ("decode throughput", self.decode_tok_s, "tok/s"))]
-        for level in ("gpu", "cpu", "pinned"):
-            rows += [{"phase": f"memory {level}", "item": k, "value": float(v), "unit": "B"}
-                     for k, v in getattr(self.memory, level).items()]
+        rows += [{"phase": f"memory {level}", "item": k, "value": float(v), "unit": "B"}
+                 for level, k, v in self.memory.rows()]
         return rows
 
     def to_dict(self) -> dict:
@@ -520,9 +449,7 @@ class Estimate:
             "total_s": self.total_s, "throughput_tok_s": self.throughput_tok_s, "decode_tok_s": self.decode_tok_s,
             "bound": self.bound, "layer_time_s": self.layer_time_s, "step_time_s": self.step_time_s,
             "decode_layer_s": self.decode_layer, "prefill_layer_s": self.prefill_layer,
-            "memory_bytes": {"gpu": self.memory.gpu, "cpu": self.memory.cpu, "pinned": self.memory.pinned,
-                             "gpu_total": self.memory.gpu_bytes, "cpu_total": self.memory.cpu_bytes,
-                             "pinned_total": self.memory.pinned_bytes},
+            "memory_bytes": self.memory.to_dict(),
             "realised_weights_gpu_frac": self.realised_weights_gpu_frac,
         }
 
@@ -565,6 +492,6 @@ def estimate(spec: ModelSpec, hardware: HardwareProfile, workload: Workload, pol
         model=spec.name, hardware=hardware.name, policy=policy, workload=workload,
         prefill_s=prefill_s, decode_s=float(decode_s), decode_layer=_floats(shown), prefill_layer=_floats(pre_terms),
         layer_time_s=float(t_mid), step_time_s=float(step_time(t_mid, mid, L, head)), bound=bound,
-        memory=MemoryUse(gpu=_floats(mem.gpu), cpu=_floats(mem.cpu), pinned=_floats(mem.pinned)),
+        memory=mem.floats(),
         realised_weights_gpu_frac=r_w,
     )

@@ -14,6 +14,8 @@ from typing import Mapping
 
 import numpy as np
 
+from .memory import MemoryProfile
+
 GB = 1e9
 GiB = 2.0 ** 30
 TFLOPS = 1e12
@@ -119,6 +121,7 @@ class HardwareProfile:
     link: Link
     measured: Measured | None = None
     path: str = ""
+    memory: MemoryProfile = MemoryProfile()
 
     @property
     def num_gpus(self) -> int:
@@ -163,6 +166,25 @@ def local_cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "CPU"
+
+
+def _meminfo_bytes(key: str) -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return float(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def this_machine_available_bytes(hw: HardwareProfile) -> float | None:
+    """Host memory available now (MemAvailable) when `hw` describes this machine (same CPU model, total
+    memory within 2%), else None: the budget a plan made here for here may take."""
+    total = _meminfo_bytes("MemTotal")
+    if total is None or hw.cpu.name != local_cpu_name() or abs(hw.cpu.memory_bytes - total) > 0.02 * total:
+        return None
+    return _meminfo_bytes("MemAvailable")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -256,6 +278,27 @@ def _measured(table: Mapping, where: str) -> Measured:
     )
 
 
+MEMORY_KEYS = {"cuda_context_gib": ("cuda_context_bytes", GiB), "process_baseline_gib": ("process_baseline_bytes", GiB),
+               "gpu_allocator_frac": ("gpu_allocator_frac", 1.0)}
+"""[memory] keys -> (MemoryProfile field, scale to SI)."""
+
+
+def _memory(table, where: str) -> MemoryProfile:
+    if not isinstance(table, Mapping):
+        raise HardwareError(f"{where}: must be a table")
+    odd = [k for k in table if k not in MEMORY_KEYS and k != "source"]
+    if odd:
+        raise HardwareError(f"{where}: unknown key(s) {odd}; known: {', '.join(MEMORY_KEYS)}, source")
+    kw = {}
+    for key, (field_name, scale) in MEMORY_KEYS.items():
+        if key in table:
+            value = table[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise HardwareError(f"{where}: '{key}' must be a non-negative number, got {value!r}")
+            kw[field_name] = float(value) * scale
+    return MemoryProfile(**kw, measured=True, source=str(_req(table, "source", where)))
+
+
 def parse_profile(data: Mapping, name: str, path: str = "") -> HardwareProfile:
     where = path or name
     for section in ("gpu", "cpu", "link"):
@@ -275,7 +318,7 @@ def parse_profile(data: Mapping, name: str, path: str = "") -> HardwareProfile:
         name=str(data.get("name", name)), description=str(data.get("description", "")),
         gpu=_unit(data["gpu"], f"{where} [gpu]"), cpu=_unit(data["cpu"], f"{where} [cpu]"), link=link,
         measured=_measured(data["measured"], f"{where} [measured]") if "measured" in data else None,
-        path=path,
+        path=path, memory=_memory(data["memory"], f"{where} [memory]") if "memory" in data else MemoryProfile(),
     )
 
 

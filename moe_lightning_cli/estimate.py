@@ -68,8 +68,7 @@ def _print(est, spec, hw, labels) -> None:
     m.add_column("level")
     m.add_column("total", justify="right")
     m.add_column("parts")
-    for level in ("gpu", "cpu", "pinned"):
-        parts = getattr(est.memory, level)
+    for level, parts in est.memory.levels().items():
         total = sum(parts.values())
         m.add_row(level, fmt_bytes(total), ", ".join(f"{k} {fmt_bytes(v)}" for k, v in parts.items() if v > 0))
     con.print(m)

@@ -21,12 +21,15 @@ def add_parser(sub) -> None:
     add_target_args(p)
     g = p.add_argument_group("budgets")
     g.add_argument("--gpu-memory", metavar="SIZE", default=None,
-                   help="memory of each GPU to plan for, used as the budget (e.g. 16GiB, 24GB); "
-                        "default: the profile's memory x --gpu-frac")
+                   help="memory of each GPU the process may use in all, CUDA context included (e.g. 16GiB, "
+                        "24GB); default: the profile's memory x --gpu-frac")
     g.add_argument("--cpu-memory", metavar="SIZE", default=None,
-                   help="host memory to plan for, used as the budget (e.g. 100GB); default: the profile's x --cpu-frac")
-    g.add_argument("--gpu-frac", type=float, default=0.9, help="share of the profile's GPU memory to use (default 0.9)")
-    g.add_argument("--cpu-frac", type=float, default=0.9, help="share of the profile's host memory to use (default 0.9)")
+                   help="host memory the process may use in all (e.g. 100GB); default: what this machine has "
+                        "available when the profile is its own, else the profile's x --cpu-frac")
+    g.add_argument("--gpu-frac", type=float, default=1.0, help="share of the profile's GPU memory to use (default 1)")
+    g.add_argument("--cpu-frac", type=float, default=None,
+                   help="share of the profile's host memory to use (default 0.9, or what is available on the "
+                        "profiled machine itself)")
     s = p.add_argument_group("search")
     s.add_argument("--solver", choices=("grid", "milp"), default="grid",
                    help="vectorised grid search (fast, default) or MILP with pulp/CBC (slower)")

@@ -17,14 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hrm.atomic import atomic_write_text
-from hrm.estimate import Estimate, MemoryUse, estimate
+from hrm.estimate import Estimate, estimate
+from hrm.memory import MemoryProfile, MemoryUse
 from hrm.hardware import ComputeUnit, HardwareProfile, Link, Measured
 from hrm.policy import Policy
 from hrm.spec import DTypes, ModelSpec, Workload
 from .space import Budgets
 
 FORMAT = "moe-lightning-plan"
-VERSION = 1
+VERSION = 2
 
 
 class PlanError(ValueError):
@@ -74,7 +75,8 @@ def hardware_to_dict(hw: HardwareProfile) -> dict:
                 "peak_flops": dict(u.peak_flops), "count": u.count, "cores": u.cores, "source": u.source}
     return {"name": hw.name, "description": hw.description, "path": hw.path, "gpu": unit(hw.gpu), "cpu": unit(hw.cpu),
             "link": dataclasses.asdict(hw.link),
-            "measured": None if hw.measured is None else dataclasses.asdict(hw.measured)}
+            "measured": None if hw.measured is None else dataclasses.asdict(hw.measured),
+            "memory": dataclasses.asdict(hw.memory)}
 
 
 def hardware_from_dict(d: dict) -> HardwareProfile:
@@ -85,8 +87,9 @@ def hardware_from_dict(d: dict) -> HardwareProfile:
         m = d.get("measured")
         measured = None if m is None else Measured(**{k: tuple(v) if isinstance(v, list) else v
                                                       for k, v in _need(m, dict, "hardware.measured").items()})
+        memory = MemoryProfile(**_need(d["memory"], dict, "hardware.memory"))
         return HardwareProfile(name=str(d["name"]), description=str(d.get("description", "")), gpu=gpu, cpu=cpu,
-                               link=link, measured=measured, path=str(d.get("path", "")))
+                               link=link, measured=measured, path=str(d.get("path", "")), memory=memory)
     except KeyError as e:
         raise PlanError(f"malformed plan: missing 'hardware.{e.args[0]}'") from None
     except TypeError as e:
@@ -263,7 +266,10 @@ def _estimate_from_dict(d: dict, policy: Policy, workload: Workload) -> Estimate
     if Policy(**d["policy"]) != policy or Workload(**d["workload"]) != workload:
         raise PlanError("the estimate was made for a different policy or workload than the plan's")
     mem = _need(d["memory_bytes"], dict, "estimate.memory_bytes")
-    memory = MemoryUse(gpu=_floats(mem["gpu"]), cpu=_floats(mem["cpu"]), pinned=_floats(mem["pinned"]))
+    if not all(isinstance(mem.get(k), dict) for k in ("gpu", "pinned", "pageable")):
+        raise PlanError("malformed plan: estimate.memory_bytes needs the levels gpu, pinned and pageable "
+                        "(a plan written before the memory account: plan it again)")
+    memory = MemoryUse.from_dict(mem)
     return Estimate(model=str(d["model"]), hardware=str(d["hardware"]), policy=policy, workload=workload,
                     prefill_s=float(d["prefill_s"]), decode_s=float(d["decode_s"]),
                     decode_layer=_floats(d["decode_layer_s"]), prefill_layer=_floats(d["prefill_layer_s"]),

@@ -23,7 +23,7 @@ from hrm.estimate import memory_use
 from hrm.hardware import HardwareProfile
 from hrm.spec import ModelSpec, Workload
 from . import grid
-from .space import (DEFAULT_CPU_FRAC, DEFAULT_GPU_FRAC, DEFAULT_PLACEMENTS, GRID_RESOLUTION, MILP_RESOLUTION,
+from .space import (DEFAULT_GPU_FRAC, DEFAULT_PLACEMENTS, GRID_RESOLUTION, MILP_RESOLUTION,
                     Budgets, Pairs, Placement, Problem, Resolution, SearchError, format_size, int_grid,
                     neighbours, span)
 
@@ -251,7 +251,7 @@ def diagnose(problem: Problem, placements) -> str:
 
 def make_problem(spec: ModelSpec, hardware: HardwareProfile, workload: Workload, *, budgets: Budgets | None = None,
                  gpu_memory=None, cpu_memory=None, gpu_frac: float = DEFAULT_GPU_FRAC,
-                 cpu_frac: float = DEFAULT_CPU_FRAC, pin_all_weights: bool = True,
+                 cpu_frac: float | None = None, pin_all_weights: bool = True,
                  use_measured: bool = True) -> Problem:
     if budgets is None:
         budgets = Budgets.from_hardware(hardware, gpu_memory=gpu_memory, cpu_memory=cpu_memory,
@@ -261,7 +261,7 @@ def make_problem(spec: ModelSpec, hardware: HardwareProfile, workload: Workload,
 
 def search(spec: ModelSpec, hardware: HardwareProfile, workload: Workload, *, solver: str = "grid",
            mode: str = "default", budgets: Budgets | None = None, gpu_memory=None, cpu_memory=None,
-           gpu_frac: float = DEFAULT_GPU_FRAC, cpu_frac: float = DEFAULT_CPU_FRAC,
+           gpu_frac: float = DEFAULT_GPU_FRAC, cpu_frac: float | None = None,
            placements: tuple[Placement, ...] | None = None, pairs: Pairs | None = None,
            resolution: Resolution | None = None, pin_all_weights: bool = True, use_measured: bool = True):
     """The best policy as a `Plan` (raises SearchError with a one-line reason when nothing fits).

@@ -17,13 +17,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from hrm.estimate import Setting
-from hrm.hardware import HardwareProfile
+from hrm.memory import GPU_HEADROOM_FRAC, HOST_HEADROOM_FRAC
+from hrm.hardware import HardwareProfile, this_machine_available_bytes
 from hrm.spec import ModelSpec, Workload
 
-DEFAULT_GPU_FRAC = 0.9
-"""Share of GPU memory a plan may use by default (allocator fragmentation, CUDA context, kernels)."""
+DEFAULT_GPU_FRAC = 1.0
+"""Share of the profile's GPU memory a plan may use by default: the CUDA context, the allocator's slack and
+the workspaces are parts of the memory account, and the search keeps hrm.memory.GPU_HEADROOM_FRAC free."""
 DEFAULT_CPU_FRAC = 0.9
-"""Share of host memory a plan may use by default (OS, page cache, the Python process)."""
+"""Share of a profile's host memory a plan may use when the profile is not this machine's (the OS and
+other processes hold the rest); on the profiled machine itself the default is what it has available."""
 
 KV_FRAC_STEP = 1e-4
 """kv_gpu_frac is realised on this grid, rounded down, so a plan never overshoots its GPU budget."""
@@ -75,25 +78,46 @@ def format_size(n_bytes: float) -> str:
 
 @dataclass(frozen=True)
 class Budgets:
-    """Bytes a plan may use: all GPUs together, and host DRAM (pinned memory counts within it)."""
+    """Bytes a plan may use: all GPUs together, and host DRAM (pinned memory counts within it).
+
+    gpu_total_bytes / cpu_total_bytes are the process's totals as stated (the user's --gpu-memory, or the
+    profile's); gpu_bytes / cpu_bytes, what the search lets the memory account reach, keep the headroom
+    (hrm.memory.GPU_HEADROOM_FRAC, HOST_HEADROOM_FRAC) free. Built directly, the totals default to the limits."""
     gpu_bytes: float
     cpu_bytes: float
     gpu_source: str = ""     # how the number was obtained, for printouts and plan files
     cpu_source: str = ""
+    gpu_total_bytes: float = 0.0
+    cpu_total_bytes: float = 0.0
 
     def __post_init__(self):
         for name in ("gpu_bytes", "cpu_bytes"):
             v = getattr(self, name)
             if not v > 0 or not math.isfinite(v):
                 raise SearchError(f"{name} budget must be positive, got {v}")
+        for name, limit in (("gpu_total_bytes", self.gpu_bytes), ("cpu_total_bytes", self.cpu_bytes)):
+            if not getattr(self, name):
+                object.__setattr__(self, name, float(limit))
+
+    @classmethod
+    def from_totals(cls, gpu_total: float, cpu_total: float, gpu_source: str, cpu_source: str) -> "Budgets":
+        """Budgets from the process's totals, with the headroom kept free."""
+        gpu, cpu = gpu_total * (1 - GPU_HEADROOM_FRAC), cpu_total * (1 - HOST_HEADROOM_FRAC)
+        return cls(gpu_bytes=float(gpu), cpu_bytes=float(cpu), gpu_total_bytes=float(gpu_total),
+                   cpu_total_bytes=float(cpu_total),
+                   gpu_source=f"{gpu_source}, less {GPU_HEADROOM_FRAC:.0%} headroom",
+                   cpu_source=f"{cpu_source}, less {HOST_HEADROOM_FRAC:.0%} headroom")
 
     @classmethod
     def from_hardware(cls, hw: HardwareProfile, *, gpu_memory=None, cpu_memory=None,
-                      gpu_frac: float = DEFAULT_GPU_FRAC, cpu_frac: float = DEFAULT_CPU_FRAC) -> "Budgets":
-        """Default: memory x count x safety fraction. gpu_memory (per GPU) / cpu_memory, given as bytes or
-        strings like '16GiB', replace the profile's memory and are used as they are (no safety fraction)."""
+                      gpu_frac: float = DEFAULT_GPU_FRAC, cpu_frac: float | None = None,
+                      host_available_bytes: float | None = None) -> "Budgets":
+        """The process's totals, with the headroom kept free. GPU: gpu_memory per GPU (bytes or '24GB'),
+        else the profile's memory x gpu_frac. Host: cpu_memory, else `host_available_bytes` (what this
+        machine has available, found when the profile is this machine's), else the profile's memory x cpu_frac
+        (default DEFAULT_CPU_FRAC)."""
         for name, frac in (("gpu_frac", gpu_frac), ("cpu_frac", cpu_frac)):
-            if not 0 < frac <= 1:
+            if frac is not None and not 0 < frac <= 1:
                 raise SearchError(f"{name} must be in (0, 1], got {frac}")
         n = hw.gpu.count
         if gpu_memory is not None:
@@ -105,14 +129,19 @@ class Budgets:
         if cpu_memory is not None:
             cpu = parse_size(cpu_memory)
             csrc = f"user: {format_size(cpu)}"
+        elif cpu_frac is None and (host_available_bytes := host_available_bytes or this_machine_available_bytes(hw)):
+            cpu = float(host_available_bytes)
+            csrc = f"this machine: {format_size(cpu)} available"
         else:
-            cpu = hw.cpu.memory_bytes * cpu_frac
-            csrc = f"{cpu_frac:g} x {format_size(hw.cpu.memory_bytes)}"
-        return cls(gpu_bytes=float(gpu), cpu_bytes=float(cpu), gpu_source=gsrc, cpu_source=csrc)
+            frac = DEFAULT_CPU_FRAC if cpu_frac is None else cpu_frac
+            cpu = hw.cpu.memory_bytes * frac
+            csrc = f"{frac:g} x {format_size(hw.cpu.memory_bytes)}"
+        return cls.from_totals(gpu, cpu, gsrc, csrc)
 
     def to_dict(self) -> dict:
         return {"gpu_bytes": self.gpu_bytes, "cpu_bytes": self.cpu_bytes,
-                "gpu_source": self.gpu_source, "cpu_source": self.cpu_source}
+                "gpu_source": self.gpu_source, "cpu_source": self.cpu_source,
+                "gpu_total_bytes": self.gpu_total_bytes, "cpu_total_bytes": self.cpu_total_bytes}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from hrm.policy import PREFILL_CHUNK_TOKENS
+from hrm.policy import MOE_DENSE_MAX_TOKENS, MOE_GROUPED_MAX_TOKENS
 from hrm.spec import ModelSpec
 
 SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
@@ -107,13 +107,6 @@ class ExpertWeights:
 
 ExpertLookup = Callable[[int], ExpertWeights]
 
-MOE_DENSE_MAX_TOKENS = 64   # moe() takes the sync-free dense path up to this many tokens (ExpertTable only)
-MOE_GROUPED_MAX_TOKENS = PREFILL_CHUNK_TOKENS // 2
-"""Above this many tokens moe() takes the sparse path. The grouped one holds [tokens * k, 2I] and its
-companions at once, about 250 KB per token for Mixtral against the ~217 KB per token of the activation
-workspace the HRM reserves for max(prefill chunk, micro-batch) tokens, so half a prefill chunk fits. On
-the H200 (8-layer Mixtral, 11 GB budget) whole prefill micro-batches of 36 x 256 tokens ran out of memory
-with it, before prefill ran in chunks."""
 _GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}   # (device type, dtype) -> torch._grouped_mm works
 
 

@@ -139,7 +139,7 @@ def test_decode_time_grows_with_context():
     short = estimate(MIXTRAL, hw, Workload(128, 128, 64), Policy(1024, 128))
     long_ = estimate(MIXTRAL, hw, Workload(4096, 4096, 64), Policy(1024, 128))
     assert long_.decode_s > short.decode_s
-    assert long_.memory.cpu["kv_cache"] > 20 * short.memory.cpu["kv_cache"]
+    assert long_.memory.pinned["kv_cache"] > 20 * short.memory.pinned["kv_cache"]
 
 
 def test_prefill_priced():

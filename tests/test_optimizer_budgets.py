@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hrm.hardware import GiB, available_profiles, load_profile
+from hrm.memory import GPU_HEADROOM_FRAC, HOST_HEADROOM_FRAC
 from hrm.hf_config import builtin_models, load_model
 from hrm.spec import Workload
 from optimizer.space import Budgets, SearchError, format_size, int_grid, parse_size
@@ -63,11 +64,13 @@ def test_parse_size_rejects(text):
 def test_budgets_default_and_override():
     hw = load_profile("2xt4-s6")
     b = Budgets.from_hardware(hw)
-    assert b.gpu_bytes == pytest.approx(0.9 * 2 * hw.gpu.memory_bytes)
-    assert b.cpu_bytes == pytest.approx(0.9 * hw.cpu.memory_bytes)
+    assert b.gpu_total_bytes == pytest.approx(2 * hw.gpu.memory_bytes)      # the default: all of it
+    assert b.cpu_total_bytes == pytest.approx(0.9 * hw.cpu.memory_bytes)    # not this machine's profile
+    assert b.gpu_bytes == pytest.approx((1 - GPU_HEADROOM_FRAC) * b.gpu_total_bytes)   # what the search may fill
+    assert b.cpu_bytes == pytest.approx((1 - HOST_HEADROOM_FRAC) * b.cpu_total_bytes)
     o = Budgets.from_hardware(hw, gpu_memory="8GiB", cpu_memory="100GB")
-    assert o.gpu_bytes == 2 * 8 * GiB and o.cpu_bytes == 100e9       # per GPU x count; used as given
-    assert "user" in o.gpu_source and format_size(o.cpu_bytes) == "93.13 GiB"
+    assert o.gpu_total_bytes == 2 * 8 * GiB and o.cpu_total_bytes == 100e9   # per GPU x count: the totals
+    assert "user" in o.gpu_source and format_size(o.cpu_total_bytes) == "93.13 GiB"
 
 
 def test_int_grid():

@@ -34,7 +34,7 @@ def test_contents(plan):
     assert d["format"] == FORMAT and d["version"] == VERSION
     assert d["model"]["spec_sha256"] == spec_sha256(MIXTRAL) and d["model"]["spec"]["hidden_size"] == 4096
     assert d["hardware"]["name"] == "h200" and d["hardware"]["gpu"]["memory_bytes"] > 0
-    assert d["budgets"]["gpu_bytes"] == 24 * 2 ** 30
+    assert d["budgets"]["gpu_total_bytes"] == 24 * 2 ** 30
     e = plan.policy.resident_experts(8)
     assert d["placement"]["moe_layers"] == list(range(32))
     assert d["placement"]["resident_experts"] == [list(range(e))] * 32
@@ -62,7 +62,7 @@ def test_rejects_garbage(text, match):
 
 
 @pytest.mark.parametrize("mutate,match", [
-    (lambda d: d.update(version=2), "version"),
+    (lambda d: d.update(version=VERSION + 1), "version"),
     (lambda d: d.pop("policy"), "policy"),
     (lambda d: d["policy"].update(batch_size=0), "batch_size"),
     (lambda d: d["model"]["spec"].update(hidden_size=5120), "sha256"),

@@ -15,6 +15,7 @@ from hrm.spec import Workload
 from optimizer import grid, milp
 from optimizer.search import best_policy, make_problem, search
 from optimizer.space import ALL_PLACEMENTS, DEFAULT_PLACEMENTS, Budgets, Pairs, Placement, Problem
+from oracles import bare_profile
 
 MIXTRAL = load_model("mixtral-8x7b")
 # A tiny Mixtral-shaped model (2 layers, 4 experts): small enough that the MILP solves every pair fast,
@@ -28,7 +29,7 @@ SMALL_PAIRS = Pairs(batch_sizes=(1, 2, 3, 5, 8, 12, 17, 24, 31, 40), micro_batch
 
 
 def tiny_problem(hw="t4-s1") -> Problem:
-    return Problem(TINY, load_profile(hw), TINY_WL, TINY_BUDGETS)
+    return Problem(TINY, bare_profile(hw), TINY_WL, TINY_BUDGETS)
 
 
 @pytest.mark.parametrize("placement", ALL_PLACEMENTS, ids=lambda p: p.name)
@@ -57,8 +58,8 @@ def test_tiny_space_exercises_the_choices():
 
 @pytest.mark.parametrize("hw", ["t4-s1", "h200"])
 def test_search_milp_equals_grid_on_small_space(hw):
-    grid_plan = search(TINY, load_profile(hw), TINY_WL, budgets=TINY_BUDGETS, pairs=SMALL_PAIRS, solver="grid")
-    milp_plan = search(TINY, load_profile(hw), TINY_WL, budgets=TINY_BUDGETS, pairs=SMALL_PAIRS, solver="milp")
+    grid_plan = search(TINY, bare_profile(hw), TINY_WL, budgets=TINY_BUDGETS, pairs=SMALL_PAIRS, solver="grid")
+    milp_plan = search(TINY, bare_profile(hw), TINY_WL, budgets=TINY_BUDGETS, pairs=SMALL_PAIRS, solver="milp")
     assert milp_plan.throughput_tok_s == pytest.approx(grid_plan.throughput_tok_s, rel=1e-9)
 
 
@@ -95,7 +96,7 @@ def test_terms_linear_and_nonincreasing_in_kv_fraction():
 def test_many_experts_coarse_then_fine_is_exact():
     """With more than DENSE_EXPERTS expert counts the grid scans coarse then fine; same optimum as all."""
     spec = dataclasses.replace(TINY, name="tiny-many", num_experts=96, num_experts_per_tok=4, moe_intermediate_size=32)
-    pb = Problem(spec, load_profile("t4-s1"), TINY_WL, Budgets(gpu_bytes=3.0e6, cpu_bytes=2.0e6))
+    pb = Problem(spec, bare_profile("t4-s1"), TINY_WL, Budgets(gpu_bytes=4.0e6, cpu_bytes=2.0e6))
     N, mu = SMALL_PAIRS.arrays()
     for placement in ALL_PLACEMENTS:
         fast = grid.best_per_pair(pb, placement, N, mu)

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import validate  # noqa: E402
+from oracles import bare_profile_file  # noqa: E402
 
 TINY = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": 64,
         "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -25,7 +26,7 @@ def test_validate_sweep_writes_rows_sidecar_and_plot(tmp_path):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(TINY))
     out = tmp_path / "v.csv"
-    assert validate.main(["--model", str(cfg), "--hardware", "h200", "--gpu-budget", "4MB", "--prompt-len", "16",
+    assert validate.main(["--model", str(cfg), "--hardware", bare_profile_file("h200", tmp_path), "--gpu-budget", "4MB", "--prompt-len", "16",
                           "--gen-len", "4", "--max-policies", "3", "--out", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 3 and rows[0]["tag"] == "chosen"
@@ -41,7 +42,7 @@ def test_skip_runs_the_sweep_from_a_policy(tmp_path):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(TINY))
     out = tmp_path / "v.csv"
-    validate.main(["--model", str(cfg), "--hardware", "h200", "--gpu-budget", "4MB", "--prompt-len", "16",
+    validate.main(["--model", str(cfg), "--hardware", bare_profile_file("h200", tmp_path), "--gpu-budget", "4MB", "--prompt-len", "16",
                    "--gen-len", "2", "--max-policies", "3", "--skip", "2", "--out", str(out)])
     rows = list(csv.DictReader(out.open()))
     assert [r["tag"] for r in rows] == ["baseline:deepspeed"]
@@ -61,7 +62,7 @@ def test_reprice_recomputes_predictions_and_keeps_measurements(tmp_path):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(TINY))
     out = tmp_path / "v.csv"
-    validate.main(["--model", str(cfg), "--hardware", "h200", "--gpu-budget", "4MB", "--prompt-len", "16",
+    validate.main(["--model", str(cfg), "--hardware", bare_profile_file("h200", tmp_path), "--gpu-budget", "4MB", "--prompt-len", "16",
                    "--gen-len", "2", "--max-policies", "2", "--out", str(out)])
     before = list(csv.DictReader(out.open()))
     rows = tmp_path / "rows.csv"

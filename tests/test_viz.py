@@ -103,15 +103,17 @@ def test_grid_cell_equals_estimate(target, policy):
 
 
 def _splitting_budgets(spec, hw, wl, **grid_kw):
-    """Budgets that cut the grid inside its axes: the GPU one halfway between the least GPU memory of the
-    smallest and of the largest cell (no expert resident), since with prefill in chunks the GPU need
+    """Budgets that cut the grid inside its axes: the GPU one halfway between the GPU memory of the
+    cells with one sequence per micro-batch and of those with one micro-batch (no expert resident), since with prefill in chunks the GPU need
     grows only slowly with N and a fixed fraction of a card need not bind anywhere."""
     from hrm.estimate import Setting, memory_use
     axes = vg.throughput_grid(spec, hw, wl, budgets=vg.MemoryBudgets(1e18, 1e18), **grid_kw)
     s = Setting.of(spec, hw, wl, Policy(1, 1))
     cpu_bytes = 0.8 * hw.cpu.memory_bytes
     fits_cpu = [int(n) for n in axes.batch_sizes if memory_use(s, int(n), 1, 0.0, 0.0).cpu_bytes <= cpu_bytes]
-    lo, hi = (memory_use(s, n, n, 0.0, 0.0).gpu_bytes for n in (1, fits_cpu[-1]))
+    # per-sequence state grows the GPU need with N too: between the most at mu = 1 and the most at mu = N
+    lo = max(memory_use(s, n, 1, 0.0, 0.0).gpu_bytes for n in fits_cpu)
+    hi = max(memory_use(s, n, n, 0.0, 0.0).gpu_bytes for n in fits_cpu)   # workspaces differ by MoE path
     return vg.MemoryBudgets(gpu_bytes=(lo + hi) / 2, cpu_bytes=cpu_bytes)
 
 

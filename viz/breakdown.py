@@ -115,13 +115,13 @@ def draw_memory(ax, e: Estimate, gpu_capacity_bytes: float | None = None, cpu_ca
     from matplotlib import colormaps
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
-    keys = [k for k in dict.fromkeys(list(e.memory.gpu) + list(e.memory.cpu))
-            if e.memory.gpu.get(k, 0) > 0 or e.memory.cpu.get(k, 0) > 0]
+    keys = [k for k in dict.fromkeys(list(e.memory.gpu) + list(e.memory.host))
+            if e.memory.gpu.get(k, 0) > 0 or e.memory.host.get(k, 0) > 0]
     cmap = colormaps["tab10"]
     colors = {k: cmap(i % 10) for i, k in enumerate(keys)}
     relative = bool(gpu_capacity_bytes and cpu_capacity_bytes)
     levels = (("GPU", e.memory.gpu, gpu_capacity_bytes, gpu_budget_bytes),
-              ("CPU", e.memory.cpu, cpu_capacity_bytes, cpu_budget_bytes))
+              ("CPU", e.memory.host, cpu_capacity_bytes, cpu_budget_bytes))
     for x, (name, parts, cap, budget) in enumerate(levels):
         frac = budget / cap if relative and budget else None
         scale = 100.0 / cap if relative else 1e-9

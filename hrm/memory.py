@@ -1,0 +1,303 @@
+"""The memory account: every byte one pass of the runtime holds, by level and by named part.
+
+Levels: `gpu` (the process's device memory: the CUDA context and the caching allocator's blocks),
+`pinned` (page-locked host memory) and `pageable` (the rest of the process's resident host memory); the
+host total is pinned + pageable. The optimizer constrains these totals, `estimate` reports them, and the
+runtime sizes its buffers from the same parts and checks the whole account against the machine before
+its first large allocation. One formula per part, here; nothing else computes a size.
+
+A pass is described by its `PassShape` (sequences, KV slots, prefill tokens and chunks), made either from
+a workload (`PassShape.nominal`, what the planner knows) or from the micro-batches the runtime actually
+laid out (`PassShape.of_micro_batches`). Every part is linear in r_w and r_c for fixed N and mu, so the
+same function takes floats, numpy arrays (the grid) or pulp expressions (the MILP).
+
+Sizes that belong to the machine and the software stack (the CUDA context, the process's own resident
+memory before any model buffer, the caching allocator's slack) come from the profile's [memory] table,
+measured by `moe-lightning profile`; `MemoryProfile()` holds defaults for profiles that lack it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .policy import MOE_DENSE_MAX_TOKENS, MOE_GROUPED_MAX_TOKENS, PREFILL_CHUNK_TOKENS, prefill_chunk_sequences
+from .spec import ModelSpec, Workload
+
+GIB = 2.0 ** 30
+ACC_BYTES = 4.0              # the runtime accumulates routing and expert outputs in fp32
+INDEX_BYTES = 8.0            # int64 token ids, slots, positions
+KV_TRANSFER_SLOTS = 4
+"""Pinned buffers the prefill's KV offload cycles through (one (k, v) pair of a chunk each): the GPU runs at
+most this many chunks ahead of the worker that copies them into the host cache."""
+GPU_HEADROOM_FRAC = 0.03
+"""Share of the GPU budget the search leaves unused beyond the account (kernels' own scratch the account
+does not list, the allocator's worst case)."""
+HOST_HEADROOM_FRAC = 0.05
+"""Share of the host budget the search leaves unused beyond the account (the OS, the page cache, the
+dataset and results in Python objects)."""
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """Sizes that belong to the machine and the software stack, not to the model (measured by
+    `moe-lightning profile`; these defaults stand in where a profile has no [memory] table)."""
+    cuda_context_bytes: float = 0.5 * GIB      # per GPU: context, cuBLAS workspaces, loaded kernels
+    process_baseline_bytes: float = 3.0 * GIB  # host RSS of the runtime before any model buffer (torch, CUDA libs)
+    gpu_allocator_frac: float = 0.02           # caching allocator: reserved over allocated at the peak, minus 1
+    measured: bool = False
+    source: str = "defaults (hrm.memory.MemoryProfile); run `moe-lightning profile` to measure them"
+
+
+@dataclass(frozen=True)
+class MemoryUse:
+    """Peak bytes per level, part by part (values linear in r_w and r_c)."""
+    gpu: dict
+    pinned: dict
+    pageable: dict
+
+    @property
+    def gpu_bytes(self):
+        return sum(self.gpu.values())
+
+    @property
+    def pinned_bytes(self):
+        return sum(self.pinned.values())
+
+    @property
+    def pageable_bytes(self):
+        return sum(self.pageable.values())
+
+    @property
+    def cpu_bytes(self):
+        """Host total: pinned + pageable."""
+        return self.pinned_bytes + self.pageable_bytes
+
+    @property
+    def host(self) -> dict:
+        """Host parts, pinned and pageable together (a part on both levels summed)."""
+        out: dict = {}
+        for parts in (self.pinned, self.pageable):
+            for k, v in parts.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+    def levels(self) -> dict:
+        return {"gpu": self.gpu, "pinned": self.pinned, "pageable": self.pageable}
+
+    def rows(self) -> list[tuple[str, str, float]]:
+        """(level, part, bytes) for every part."""
+        return [(level, k, v) for level, parts in self.levels().items() for k, v in parts.items()]
+
+    def to_dict(self) -> dict:
+        return {"gpu": self.gpu, "pinned": self.pinned, "pageable": self.pageable,
+                "gpu_total": self.gpu_bytes, "pinned_total": self.pinned_bytes,
+                "pageable_total": self.pageable_bytes, "cpu_total": self.cpu_bytes}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MemoryUse":
+        return cls(**{k: {p: float(v) for p, v in d[k].items()} for k in ("gpu", "pinned", "pageable")})
+
+    def floats(self) -> "MemoryUse":
+        return MemoryUse(**{k: {p: float(v) for p, v in parts.items()} for k, parts in self.levels().items()})
+
+
+@dataclass(frozen=True)
+class PassShape:
+    """The geometry of one pass that sets its memory (numbers, or numpy arrays over (N, mu) pairs).
+
+    KV slots are sequences x slots per sequence, summed over micro-batches; a chunk is the runtime's unit of
+    prefill work (whole sequences, at most PREFILL_CHUNK_TOKENS tokens)."""
+    sequences: object                # N
+    micro_batch: object              # sequences of the largest micro-batch
+    kv_slots_device: object          # KV slots of the micro-batches whose cache is on the GPU
+    kv_slots_host: object            # ... and on the host
+    kv_slots_micro_batch: object     # KV slots of the largest micro-batch (one layer of it streams in s4)
+    kv_capacity: object              # the most slots of one sequence (decode masks)
+    prefill_tokens: object           # prefill slots of the pass, padding included (the staging between layers)
+    chunk_tokens: object             # the largest prefill chunk's tokens
+    chunk_rows: object               # ... its sequences
+    chunk_kv_slots: object           # ... rows x slots its KV takes at prefill
+    new_tokens: int                  # tokens generated per sequence
+
+    @classmethod
+    def nominal(cls, workload: Workload, N, mu, r_c) -> "PassShape":
+        """What the planner knows of a pass: N sequences of the workload in micro-batches of mu, r_c of them
+        (in whole micro-batches, as the runtime places them) keeping their KV on the GPU. A micro-batch
+        holds its longest prompt's slots for every sequence (the runtime's cache layout)."""
+        N, mu = np.asarray(N), np.asarray(mu)
+        p, longest, gen = workload.prompt_len, workload.max_prompt_len, workload.gen_len
+        capacity = longest + max(gen - 1, 0)
+        mu_eff = np.minimum(mu, N)
+        rows = np.minimum(mu_eff, prefill_chunk_sequences(p))
+        total = N * capacity
+        return cls(sequences=N, micro_batch=mu_eff, kv_slots_device=r_c * total, kv_slots_host=(1 - r_c) * total,
+                   kv_slots_micro_batch=mu_eff * capacity, kv_capacity=capacity, prefill_tokens=N * p,
+                   chunk_tokens=np.minimum(mu_eff * p, np.maximum(PREFILL_CHUNK_TOKENS, longest)),
+                   chunk_rows=rows, chunk_kv_slots=rows * longest, new_tokens=gen)
+
+    @classmethod
+    def of_layout(cls, sizes, capacities, num_device: int, chunks, new_tokens: int) -> "PassShape":
+        """The pass the runtime laid out: per micro-batch its sequences and KV slots per sequence (the first
+        `num_device` keep their KV on the GPU); per prefill chunk (tokens, rows, KV slots at prefill)."""
+        slots = [n * c for n, c in zip(sizes, capacities)]
+        return cls(sequences=sum(sizes), micro_batch=max(sizes), kv_slots_device=sum(slots[:num_device]),
+                   kv_slots_host=sum(slots[num_device:]), kv_slots_micro_batch=max(slots),
+                   kv_capacity=max(capacities), prefill_tokens=sum(t for t, _, _ in chunks),
+                   chunk_tokens=max(t for t, _, _ in chunks), chunk_rows=max(r for _, r, _ in chunks),
+                   chunk_kv_slots=max(k for _, _, k in chunks), new_tokens=new_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------
+# transient workspaces (the peak of live temporaries, counted from the runtime's code paths)
+
+def moe_path(tokens) -> str:
+    """The routed-expert path the runtime takes for a call of `tokens` tokens (runtime.model.moe_path
+    where the GPU has a grouped GEMM)."""
+    if tokens <= MOE_DENSE_MAX_TOKENS:
+        return "dense"
+    return "grouped" if tokens <= MOE_GROUPED_MAX_TOKENS else "sparse"
+
+
+def moe_workspace_bytes(spec: ModelSpec, tokens):
+    """Peak live temporaries of one MoE call over `tokens` tokens (numpy-broadcast): routing, then the
+    larger of the paths that call can take."""
+    t = np.asarray(tokens, float)
+    H, I, E, k = spec.hidden_size, spec.moe_intermediate_size, spec.num_experts, spec.num_experts_per_tok
+    ab = spec.dtypes.act_bytes
+    tk = t * k
+    route = t * E * (ab + ACC_BYTES) + tk * (2 * ACC_BYTES + INDEX_BYTES)
+    # dense: every expert on every token; y [E, t, H], per group gate|up [n, t, 2I] and silu(gate)*up
+    dense = t * E * ACC_BYTES + E * t * H * ab + np.maximum(E * t * 3 * I * ab + E * t * I * ab,
+                                                            E * t * H * ACC_BYTES + t * H * ACC_BYTES)
+    # grouped: per store group the (token, slot) pairs sorted by expert; gate|up of the previous group is
+    # still referenced while the next one is computed
+    grouped = (t * H * ACC_BYTES + 6 * tk * INDEX_BYTES + 2 * tk * 2 * I * ab
+               + np.maximum(tk * H * ab, tk * 2 * I * ab + tk * H * ab + 2 * tk * H * ACC_BYTES))
+    # sparse: per expert its tokens (twice the mean share, at most all tokens)
+    n = np.minimum(t, 2.0 * tk / E)
+    sparse = t * H * ACC_BYTES + 4 * tk * INDEX_BYTES + n * (2 * H * ab + 3 * I * ab + 2 * H * ACC_BYTES)
+    paths = np.where(t <= MOE_DENSE_MAX_TOKENS, dense, np.where(t <= MOE_GROUPED_MAX_TOKENS, np.maximum(grouped, sparse), sparse))
+    shared = 0.0
+    if spec.shared_expert_intermediate_size:
+        shared = t * (3 * spec.shared_expert_intermediate_size * ab + H * ACC_BYTES)
+    return route + paths + shared
+
+
+def decode_workspace_bytes(spec: ModelSpec, tokens):
+    """Peak temporaries of one decode visit of a micro-batch of `tokens` sequences: PreAttn's norm and RoPE
+    scratch, PostAttn's projections and MoE, the LM head's logits after the last layer."""
+    t = np.asarray(tokens, float)
+    H, ab = spec.hidden_size, spec.dtypes.act_bytes
+    qk = (spec.num_attention_heads + spec.num_key_value_heads) * spec.head_dim
+    pre = t * (H + 2 * qk) * ab
+    post = 3 * t * H * ab + moe_workspace_bytes(spec, t)
+    head = t * spec.vocab_size * (ab + ACC_BYTES) + t * H * ab
+    return np.maximum(np.maximum(pre, post), head)
+
+
+def prefill_workspace_bytes(spec: ModelSpec, tokens, rows, kv_slots):
+    """Peak temporaries of one prefill (layer, chunk): the chunk's input, q/k/v with their RoPE copies and
+    attention output live through the MoE; then the KV laid out per row (padded, transposed, and the
+    previous chunk's pair still in flight to the host); the LM head over the chunk's last positions."""
+    t, r = np.asarray(tokens, float), np.asarray(rows, float)
+    H, ab = spec.hidden_size, spec.dtypes.act_bytes
+    qkv = spec.q_dim + 2 * spec.num_key_value_heads * spec.head_dim
+    held = t * (2 * H + 2 * qkv + 2 * spec.q_dim) * ab        # input, previous chunk's output in flight, q/k/v, attention
+    moe = held + 2 * t * H * ab + moe_workspace_bytes(spec, t)
+    kv_pair = np.asarray(kv_slots, float) * spec.num_key_value_heads * spec.head_dim * 2 * ab
+    layout = held + t * H * ab + 2 * kv_pair
+    head = held + r * spec.vocab_size * (ab + ACC_BYTES)
+    return np.maximum(np.maximum(moe, layout), head)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the account
+
+def per_sequence_device_bytes(spec: ModelSpec, new_tokens: int, kv_capacity) -> object:
+    """Device state of one sequence for a pass: current token, generated tokens, sampling uniforms (fp64),
+    slots, padding, prompt length, row index, q|k|v and attention output buffers, the residual stream,
+    RoPE tables (cos, sin, signed sin) for every decode step, and its decode mask."""
+    ab, d = spec.dtypes.act_bytes, spec.head_dim
+    qkv = (spec.num_attention_heads + 2 * spec.num_key_value_heads) * d
+    return (INDEX_BYTES * (6 + new_tokens) + 8.0 * new_tokens
+            + ab * (qkv + spec.q_dim + spec.hidden_size + 3 * new_tokens * d) + kv_capacity)
+
+
+def per_prefill_token_device_bytes(spec: ModelSpec) -> float:
+    """Device inputs of one prefill slot, laid out before the pass: token id, cos and sin, gather index."""
+    return 2 * INDEX_BYTES + 2 * spec.head_dim * spec.dtypes.act_bytes
+
+
+def per_sequence_host_bytes(spec: ModelSpec, new_tokens: int, kv_capacity) -> object:
+    """Pageable host state of one sequence: padding, prompt length, base slot, row index, this step's slot
+    and mask, and its sampling uniforms (fp64)."""
+    return INDEX_BYTES * 5 + 8.0 * new_tokens + kv_capacity
+
+
+def io_buffer_bytes_per_sequence(spec: ModelSpec) -> float:
+    """Pinned q|k|v (to the CPU attention) and attention output (back) of one sequence."""
+    qkv = (spec.num_attention_heads + 2 * spec.num_key_value_heads) * spec.head_dim
+    return (qkv + spec.q_dim) * spec.dtypes.act_bytes
+
+
+def kv_bytes_per_slot(spec: ModelSpec) -> float:
+    """K and V of one slot over all layers."""
+    return spec.kv_bytes_per_token
+
+
+def account(spec: ModelSpec, shape: PassShape, r_w, *, profile: MemoryProfile, num_gpus: int = 1,
+            attention_on_gpu: bool = False, ffn_on_gpu: bool = True, schedule: str = "cgopipe",
+            pin_all_weights: bool = True) -> MemoryUse:
+    """Every part of one pass's peak memory. r_w: fraction of routed experts resident on the GPU (whole
+    experts: the runtime keeps int(E r_w) of every layer)."""
+    wb, ab = spec.dtypes.weight_bytes, spec.dtypes.act_bytes
+    L = spec.num_hidden_layers
+    layer_experts = spec.num_experts * spec.expert_bytes
+    all_experts = L * layer_experts
+    streamed = (1 - r_w) if ffn_on_gpu else 0.0
+    kv_slot = kv_bytes_per_slot(spec)
+    kv_layer_slot = kv_slot / L
+    n = shape.sequences
+    stream = 0.0
+    if attention_on_gpu:        # one layer of a host micro-batch's KV on the GPU: s4 double-buffers it
+        stream = (2.0 if schedule == "s4" else 1.0) * shape.kv_slots_micro_batch * kv_layer_slot
+    workspace = np.maximum(prefill_workspace_bytes(spec, shape.chunk_tokens, shape.chunk_rows, shape.chunk_kv_slots),
+                           decode_workspace_bytes(spec, shape.micro_batch))
+    tensors = {
+        "non_expert_weights": spec.non_expert_params * wb,
+        "resident_experts": r_w * all_experts,
+        "expert_double_buffer": 2 * streamed * layer_experts,
+        "kv_cache": shape.kv_slots_device * kv_slot,
+        "kv_stream_buffer": stream,
+        "pass_state": n * per_sequence_device_bytes(spec, shape.new_tokens, shape.kv_capacity),
+        "prefill_inputs": shape.prefill_tokens * per_prefill_token_device_bytes(spec),
+        "workspace": workspace,
+    }
+    gpu = {"cuda_context": profile.cuda_context_bytes * num_gpus, **tensors,
+           "allocator_slack": profile.gpu_allocator_frac * sum(tensors.values())}
+    offloaded = (1 - r_w) * all_experts
+    pinned = {
+        "offloaded_experts": offloaded if pin_all_weights else 0.0,
+        "pinned_staging": 0.0 if pin_all_weights else 2 * streamed * layer_experts,
+        "kv_cache": shape.kv_slots_host * kv_slot,
+        "prefill_staging": shape.prefill_tokens * spec.hidden_size * ab,
+        "io_buffers": n * io_buffer_bytes_per_sequence(spec),
+        "kv_transfer": KV_TRANSFER_SLOTS * shape.chunk_kv_slots * kv_layer_slot,
+    }
+    pageable = {
+        "process_baseline": profile.process_baseline_bytes,
+        "offloaded_experts": 0.0 if pin_all_weights else offloaded,
+        "pass_state": n * per_sequence_host_bytes(spec, shape.new_tokens, shape.kv_capacity),
+    }
+    return MemoryUse(gpu=gpu, pinned=pinned, pageable=pageable)
+
+
+def memory_use(s, N, mu, r_w, r_c) -> MemoryUse:
+    """The account of a pass of N sequences in micro-batches of mu under the setting `s`
+    (hrm.estimate.Setting), r_c realised by the caller."""
+    hw = s.hardware
+    return account(s.spec, PassShape.nominal(s.workload, N, mu, r_c), r_w, profile=hw.memory,
+                   num_gpus=hw.gpu.count, attention_on_gpu=s.attention_on_gpu, ffn_on_gpu=s.ffn_on_gpu,
+                   schedule=s.schedule, pin_all_weights=s.pin_all_weights)
+
