@@ -38,6 +38,15 @@ HOST_HEADROOM_FRAC = 0.05
 dataset and results in Python objects)."""
 
 
+def format_size(n_bytes: float) -> str:
+    """'14.40 GiB': binary units, two decimals."""
+    n = float(n_bytes)
+    for unit, scale in (("TiB", 2.0 ** 40), ("GiB", 2.0 ** 30), ("MiB", 2.0 ** 20), ("KiB", 2.0 ** 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n:,.0f} B"
+
+
 @dataclass(frozen=True)
 class MemoryProfile:
     """Sizes that belong to the machine and the software stack, not to the model (measured by
@@ -110,7 +119,8 @@ class PassShape:
     prefill work (whole sequences, at most PREFILL_CHUNK_TOKENS tokens)."""
     sequences: object                # N
     micro_batch: object              # sequences of the largest micro-batch
-    kv_slots_device: object          # KV slots of the micro-batches whose cache is on the GPU
+    device_sequences: object         # sequences of the micro-batches whose cache is on the GPU
+    kv_slots_device: object          # ... and their KV slots
     kv_slots_host: object            # ... and on the host
     kv_slots_micro_batch: object     # KV slots of the largest micro-batch (one layer of it streams in s4)
     kv_capacity: object              # the most slots of one sequence (decode masks)
@@ -131,7 +141,7 @@ class PassShape:
         mu_eff = np.minimum(mu, N)
         rows = np.minimum(mu_eff, prefill_chunk_sequences(p))
         total = N * capacity
-        return cls(sequences=N, micro_batch=mu_eff, kv_slots_device=r_c * total, kv_slots_host=(1 - r_c) * total,
+        return cls(sequences=N, micro_batch=mu_eff, device_sequences=r_c * N, kv_slots_device=r_c * total, kv_slots_host=(1 - r_c) * total,
                    kv_slots_micro_batch=mu_eff * capacity, kv_capacity=capacity, prefill_tokens=N * p,
                    chunk_tokens=np.minimum(mu_eff * p, np.maximum(PREFILL_CHUNK_TOKENS, longest)),
                    chunk_rows=rows, chunk_kv_slots=rows * longest, new_tokens=gen)
@@ -141,7 +151,8 @@ class PassShape:
         """The pass the runtime laid out: per micro-batch its sequences and KV slots per sequence (the first
         `num_device` keep their KV on the GPU); per prefill chunk (tokens, rows, KV slots at prefill)."""
         slots = [n * c for n, c in zip(sizes, capacities)]
-        return cls(sequences=sum(sizes), micro_batch=max(sizes), kv_slots_device=sum(slots[:num_device]),
+        return cls(sequences=sum(sizes), micro_batch=max(sizes), device_sequences=sum(sizes[:num_device]),
+                   kv_slots_device=sum(slots[:num_device]),
                    kv_slots_host=sum(slots[num_device:]), kv_slots_micro_batch=max(slots),
                    kv_capacity=max(capacities), prefill_tokens=sum(t for t, _, _ in chunks),
                    chunk_tokens=max(t for t, _, _ in chunks), chunk_rows=max(r for _, r, _ in chunks),
@@ -214,25 +225,31 @@ def prefill_workspace_bytes(spec: ModelSpec, tokens, rows, kv_slots):
 # ---------------------------------------------------------------------------------------------------
 # the account
 
-def per_sequence_device_bytes(spec: ModelSpec, new_tokens: int, kv_capacity) -> object:
+def per_sequence_device_bytes(spec: ModelSpec, new_tokens: int) -> float:
     """Device state of one sequence for a pass: current token, generated tokens, sampling uniforms (fp64),
-    slots, padding, prompt length, row index, q|k|v and attention output buffers, the residual stream,
-    RoPE tables (cos, sin, signed sin) for every decode step, and its decode mask."""
+    base slot, padding, prompt length, row index, q|k|v and attention output buffers, the residual stream,
+    and RoPE tables (cos, sin, signed sin) for every decode step. (Its decode step's slot and mask, one byte
+    per KV slot, are where its attention runs: `decode_step_bytes`.)"""
     ab, d = spec.dtypes.act_bytes, spec.head_dim
     qkv = (spec.num_attention_heads + 2 * spec.num_key_value_heads) * d
-    return (INDEX_BYTES * (6 + new_tokens) + 8.0 * new_tokens
-            + ab * (qkv + spec.q_dim + spec.hidden_size + 3 * new_tokens * d) + kv_capacity)
+    return (INDEX_BYTES * (5 + new_tokens) + 8.0 * new_tokens
+            + ab * (qkv + spec.q_dim + spec.hidden_size + 3 * new_tokens * d))
 
 
-def per_prefill_token_device_bytes(spec: ModelSpec) -> float:
-    """Device inputs of one prefill slot, laid out before the pass: token id, cos and sin, gather index."""
-    return 2 * INDEX_BYTES + 2 * spec.head_dim * spec.dtypes.act_bytes
+def prefill_input_bytes(spec: ModelSpec, prefill_tokens, sequences):
+    """Device inputs of a pass's prefill, laid out before it: per slot its token id, cos and sin and gather
+    index; per sequence its last position and its row in its length group."""
+    return prefill_tokens * (2 * INDEX_BYTES + 2 * spec.head_dim * spec.dtypes.act_bytes) + sequences * 2 * INDEX_BYTES
 
 
-def per_sequence_host_bytes(spec: ModelSpec, new_tokens: int, kv_capacity) -> object:
-    """Pageable host state of one sequence: padding, prompt length, base slot, row index, this step's slot
-    and mask, and its sampling uniforms (fp64)."""
-    return INDEX_BYTES * 5 + 8.0 * new_tokens + kv_capacity
+def per_sequence_host_bytes(spec: ModelSpec, new_tokens: int) -> float:
+    """Pageable host state of one sequence: padding, base slot, row index, and its sampling uniforms (fp64)."""
+    return INDEX_BYTES * 3 + 8.0 * new_tokens
+
+
+def decode_step_bytes(sequences, kv_slots):
+    """A decode step's slot (int64) per sequence and mask (a byte per KV slot), where the attention runs."""
+    return INDEX_BYTES * sequences + kv_slots
 
 
 def io_buffer_bytes_per_sequence(spec: ModelSpec) -> float:
@@ -262,6 +279,13 @@ def account(spec: ModelSpec, shape: PassShape, r_w, *, profile: MemoryProfile, n
     stream = 0.0
     if attention_on_gpu:        # one layer of a host micro-batch's KV on the GPU: s4 double-buffers it
         stream = (2.0 if schedule == "s4" else 1.0) * shape.kv_slots_micro_batch * kv_layer_slot
+    # decode step slots and masks where each sequence attends: on the GPU for the micro-batches whose KV
+    # is there and for all under GPU attention, else on the host
+    host_seqs = n - shape.device_sequences
+    device_steps = decode_step_bytes(shape.device_sequences, shape.kv_slots_device)
+    host_steps = decode_step_bytes(host_seqs, shape.kv_slots_host)
+    if attention_on_gpu:
+        device_steps, host_steps = device_steps + host_steps, 0.0
     workspace = np.maximum(prefill_workspace_bytes(spec, shape.chunk_tokens, shape.chunk_rows, shape.chunk_kv_slots),
                            decode_workspace_bytes(spec, shape.micro_batch))
     tensors = {
@@ -270,8 +294,8 @@ def account(spec: ModelSpec, shape: PassShape, r_w, *, profile: MemoryProfile, n
         "expert_double_buffer": 2 * streamed * layer_experts,
         "kv_cache": shape.kv_slots_device * kv_slot,
         "kv_stream_buffer": stream,
-        "pass_state": n * per_sequence_device_bytes(spec, shape.new_tokens, shape.kv_capacity),
-        "prefill_inputs": shape.prefill_tokens * per_prefill_token_device_bytes(spec),
+        "pass_state": n * per_sequence_device_bytes(spec, shape.new_tokens) + device_steps,
+        "prefill_inputs": prefill_input_bytes(spec, shape.prefill_tokens, n),
         "workspace": workspace,
     }
     gpu = {"cuda_context": profile.cuda_context_bytes * num_gpus, **tensors,
@@ -288,7 +312,7 @@ def account(spec: ModelSpec, shape: PassShape, r_w, *, profile: MemoryProfile, n
     pageable = {
         "process_baseline": profile.process_baseline_bytes,
         "offloaded_experts": 0.0 if pin_all_weights else offloaded,
-        "pass_state": n * per_sequence_host_bytes(spec, shape.new_tokens, shape.kv_capacity),
+        "pass_state": n * per_sequence_host_bytes(spec, shape.new_tokens) + host_steps,
     }
     return MemoryUse(gpu=gpu, pinned=pinned, pageable=pageable)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hrm.estimate import Setting
-from hrm.memory import GPU_HEADROOM_FRAC, HOST_HEADROOM_FRAC
+from hrm.memory import GPU_HEADROOM_FRAC, HOST_HEADROOM_FRAC, format_size  # noqa: F401  (format_size: re-exported)
 from hrm.hardware import HardwareProfile, this_machine_available_bytes
 from hrm.spec import ModelSpec, Workload
 
@@ -62,15 +62,6 @@ def parse_size(text) -> float:
     if not value > 0 or not math.isfinite(value):
         raise SearchError(f"memory size must be positive, got {text!r}")
     return value
-
-
-def format_size(n_bytes: float) -> str:
-    """'14.40 GiB': binary units, two decimals."""
-    n = float(n_bytes)
-    for unit, scale in (("TiB", 2.0 ** 40), ("GiB", 2.0 ** 30), ("MiB", 2.0 ** 20), ("KiB", 2.0 ** 10)):
-        if abs(n) >= scale:
-            return f"{n / scale:,.2f} {unit}"
-    return f"{n:,.0f} B"
 
 
 # ---------------------------------------------------------------------------------------------------

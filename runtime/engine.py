@@ -13,23 +13,25 @@ import hashlib
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from hrm.memory import PassShape
 from hrm.policy import Policy, device_micro_batches
-from hrm.spec import ModelSpec
+from hrm.spec import DTypes, ModelSpec, Workload
 
 from .checkpoint import load_checkpoint
 from .graphs import PostAttentionGraphs
 from .cpu_attention import AttentionWorker, attention_threads
 from .host_memory import HostArena, pinned_bytes
-from .kv_cache import KVCache, kv_elems
+from .kv_cache import KVCache
 from .measure import Measurement, Recorder, Span, stage_times
+from .memory import DoesNotFit, Machine, MemoryMeter, check, pass_shape, phase_dicts, policy_account  # noqa: F401
 from .model import check_supported
-from .packing import MicroBatch, in_order, layout, pack
-from .pipeline import Pipeline, prefill_chunks, prefill_staging_elems
+from .packing import in_order, layout, pack
+from .pipeline import Pipeline, prefill_chunks
 from .sampling import Sampling
 from .synthetic import synthesize
 from .weights import WeightStore
@@ -43,53 +45,22 @@ TORCH_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torc
                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
 
 
-class DoesNotFit(MemoryError):
-    """The placement needs more memory than the machine has free (one line naming the numbers)."""
-
-
 class UnsupportedPolicy(ValueError):
     """A policy this runtime cannot execute."""
 
 
-@dataclass(frozen=True)
-class MemoryNeed:
-    device_bytes: int
-    host_bytes: int          # all of it page-locked when CUDA is present
-    what: str
-
-
-def free_host_bytes() -> int:
-    """MemAvailable from /proc/meminfo (else physical pages free)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def activation_bytes(spec: ModelSpec, micro_batches: tuple[MicroBatch, ...], elem_bytes: int) -> int:
-    """Rough device working set: the largest prefill chunk's activations, logits and MoE intermediates,
-    plus per-micro-batch decode buffers."""
-    chunks = [(mb, sum(mb.prefill_lens[i] for i in rows), len(rows))
-              for mb in micro_batches for rows in prefill_chunks(mb)]                # prefill runs by chunk
-    tokens = max(max(t for _, t, _ in chunks), max(mb.size for mb in micro_batches))   # prefill or decode
-    widths = (4 * spec.hidden_size + 2 * (spec.q_dim + 2 * spec.num_key_value_heads * spec.head_dim)
-              + 3 * max(spec.moe_intermediate_size, spec.shared_expert_intermediate_size))
-    kv_pad = max(n * mb.prefill_len for mb, _, n in chunks) * 4 * spec.num_key_value_heads * spec.head_dim
-    logits = max(n for _, _, n in chunks) * spec.vocab_size * 8
-    decode = sum(mb.size for mb in micro_batches) * (2 * spec.hidden_size + 2 * spec.q_dim) * 2
-    return (tokens * widths + kv_pad + decode) * elem_bytes + logits
+WARM_UP_MICRO_BATCH = 256
+"""The warm-up pass runs two micro-batches of at most this many sequences: every kernel and MoE path of
+the real pass (prefill chunks, decode micro-batches above MOE_DENSE_MAX_TOKENS), at a fraction of its time."""
 
 
 class Engine:
     def __init__(self, plan_or_spec, policy: Policy | None = None, *, model_dir: str | Path | None = None,
                  seed: int = 0, dtype: torch.dtype | str | None = None, device: str | None = None,
                  gpu_memory_budget_bytes: int | None = None, progress: bool | None = None,
-                 record: bool = True, cuda_graphs: bool = False):
-        if policy is None:
+                 record: bool = True, cuda_graphs: bool = False, machine: Machine | None = None):
+        from_plan = policy is None
+        if from_plan:
             plan = plan_or_spec
             spec, policy = plan.spec, plan.policy
             self.plan_id = str(getattr(plan, "plan_id", "") or getattr(plan, "id", "") or "")
@@ -113,12 +84,25 @@ class Engine:
             dtype = TORCH_DTYPES[name]
         self.dtype = dtype
         self.gpu_budget_bytes = gpu_memory_budget_bytes
+        hw = getattr(plan_or_spec, "hardware", None) if from_plan else None
+        self.machine = machine or Machine.measure(self.device, gpu_memory_budget_bytes,
+                                                  hw.memory.gpu_allocator_frac if hw is not None else None)
         if self.device.type == "cuda" and gpu_memory_budget_bytes:
+            # the budget is the process's total: the allocator gets what the CUDA context leaves of it
             total = torch.cuda.get_device_properties(self.device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_memory_budget_bytes / total), self.device)
+            room = gpu_memory_budget_bytes - self.machine.profile.cuda_context_bytes
+            torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, room / total)), self.device)
+        self.meter = MemoryMeter(self.device, self.machine.profile.cuda_context_bytes)
+        self.meter.phase("load")
         self.num_resident = policy.resident_experts(spec.num_experts)
-        dev_b, host_b = WeightStore.required_bytes(spec, dtype, self.num_resident)
-        self.check_fits(MemoryNeed(dev_b, host_b, "weights"))
+        # the whole account before the first large allocation: the plan's own pass, else the weights with
+        # one sequence
+        workload = getattr(plan_or_spec, "workload", None) if from_plan else None
+        shape = (PassShape.nominal(workload, policy.batch_size, policy.micro_batch_size,
+                                   float(device_micro_batches(policy.kv_gpu_frac, policy.num_micro_batches))
+                                   / policy.num_micro_batches)
+                 if workload is not None else PassShape.nominal(Workload.uniform(1, 1), 1, 1, 0.0))
+        check(self.account(shape), self.machine, "the plan" if workload is not None else "the weights")
         self.store = WeightStore(spec, dtype, self.device, self.num_resident, policy.num_micro_batches)
         if model_dir is not None:
             load_checkpoint(model_dir, self.store, progress=progress)
@@ -130,36 +114,24 @@ class Engine:
                 raise UnsupportedPolicy("CUDA graphs need a CUDA device")
             self.graphs = PostAttentionGraphs(spec, self.store)
         self.kv = KVCache(spec, dtype, self.device)
-        self.staging = HostArena(dtype, pin=self.device.type == "cuda")   # prefill hidden states between layers
+        pin = self.device.type == "cuda"
+        self.staging = HostArena(dtype, pin=pin)        # prefill hidden states between layers
+        self.kv_transfer = HostArena(dtype, pin=pin)    # prefill KV on its way to the host cache
         self.worker = AttentionWorker(attention_threads(self.device.type == "cuda"))
         self.last_spans: list[Span] = []
+        self.last_account = None                        # hrm.memory.MemoryUse of the last pass as laid out
+        self._pipe: Pipeline | None = None
+        self.meter.end()
+        self.setup_memory = self.meter.take()
 
-    # ---- memory ----------------------------------------------------------------------------------
-    def free_device_bytes(self) -> int:
-        if self.device.type != "cuda":
-            return free_host_bytes()
-        free, total = torch.cuda.mem_get_info(self.device)
-        if self.gpu_budget_bytes:
-            reserved = torch.cuda.memory_reserved(self.device)
-            free = min(free + reserved, self.gpu_budget_bytes) - torch.cuda.memory_allocated(self.device)
-        return free
-
-    def check_fits(self, need: MemoryNeed) -> None:
-        """Raise DoesNotFit (one line) when `need` exceeds what is free now."""
-        host_free = free_host_bytes()
-        if self.device.type != "cuda":
-            total = need.device_bytes + need.host_bytes
-            if total > host_free:
-                raise DoesNotFit(f"{need.what} need {total / GIB:.2f} GiB of host memory "
-                                 f"but {host_free / GIB:.2f} GiB is available")
-            return
-        dev_free = self.free_device_bytes()
-        if need.device_bytes > dev_free:
-            raise DoesNotFit(f"{need.what} need {need.device_bytes / GIB:.2f} GiB of GPU memory but "
-                             f"{dev_free / GIB:.2f} GiB is free{' within the budget' if self.gpu_budget_bytes else ''}")
-        if need.host_bytes > host_free:
-            raise DoesNotFit(f"{need.what} need {need.host_bytes / GIB:.2f} GiB of pinned host memory "
-                             f"but {host_free / GIB:.2f} GiB is available")
+    def account(self, shape: PassShape):
+        """The memory account of a pass of this shape in the engine's dtype, with this process's measured
+        CUDA context and baseline."""
+        name = str(self.dtype).removeprefix("torch.")
+        b = float(self.dtype.itemsize)
+        spec = (self.spec if name == self.spec.dtypes.name
+                else replace(self.spec, dtypes=DTypes(weight_bytes=b, kv_bytes=b, act_bytes=b, name=name)))
+        return policy_account(spec, self.policy, shape, self.machine.profile)
 
     # ---- generation ------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
@@ -172,8 +144,6 @@ class Engine:
         sampling = Sampling(temperature, top_p, seed)
         uniforms = sampling.uniforms(len(prompts), max_new_tokens)
         rec = Recorder(self.device, enabled=self.record)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
         rec.start()
         out: list[list[int]] = [[] for _ in prompts]
         setup_s = prefill_s = decode_s = 0.0
@@ -191,8 +161,10 @@ class Engine:
                 setup_s, prefill_s, decode_s = setup_s + s_s, prefill_s + p_s, decode_s + d_s
         finally:
             sys.setswitchinterval(interval)
+            self.meter.end()
         self.last_spans = rec.finish()
         passes = -(-len(prompts) // n)
+        phases = self.setup_memory + self.meter.take()
         m = Measurement(
             plan_id=self.plan_id, model=self.spec.name, policy=self.policy.short(), device=self._device_name(),
             num_sequences=len(prompts), prompt_tokens=sum(len(p) for p in prompts),
@@ -200,31 +172,66 @@ class Engine:
             prefill_s=prefill_s, decode_s=decode_s,
             decode_layer_steps=passes * self.spec.num_hidden_layers * (max_new_tokens - 1),
             stages=stage_times(self.last_spans),
-            gpu_peak_bytes=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0,
-            cpu_peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            pinned_bytes=pinned_bytes(), setup_s=setup_s)
+            gpu_peak_bytes=max(p.gpu_process_peak_bytes for p in phases),
+            cpu_peak_bytes=max([p.host_rss_peak_bytes for p in phases]
+                               + [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 * (not phases)]),
+            pinned_bytes=pinned_bytes(), setup_s=setup_s, memory_phases=tuple(phase_dicts(phases)),
+            account_bytes=self.last_account.to_dict() if self.last_account is not None else None,
+            allocated_bytes=self.allocated_bytes())
         return out, m
 
     def warm_up(self, prompts: list[list[int]], max_new_tokens: int | None = None, padded: bool = False) -> None:
-        """An unmeasured pass of two micro-batches and two tokens: the first call of each kernel (cuBLAS
-        handles and heuristics, the grouped-GEMM check, lazy module loads) costs far more than later ones.
-        With `max_new_tokens`, the host buffers of the coming pass are then allocated (see `reserve`)."""
-        self.generate(prompts[:2 * self.policy.micro_batch_size], 2, padded=padded)
+        """An unmeasured pass of two micro-batches (of at most WARM_UP_MICRO_BATCH sequences) and two
+        tokens: the first call of each kernel (cuBLAS handles and heuristics, the grouped-GEMM check, lazy
+        module loads) costs far more than later ones. With `max_new_tokens`, the host buffers of the coming
+        pass are allocated first (see `reserve`), so the warm-up's smaller pass reuses them."""
         if max_new_tokens is not None:
             self.reserve(prompts, max_new_tokens, padded)
+        self.generate(prompts[:2 * min(self.policy.micro_batch_size, WARM_UP_MICRO_BATCH)], 2, padded=padded)
 
     def reserve(self, prompts: list[list[int]], max_new_tokens: int, padded: bool = False) -> None:
-        """Allocate (pin and zero) the host KV cache and prefill staging of a pass over the first
-        batch_size prompts now: a one-time cost like loading the weights, kept across passes, so that a
-        measured pass pays only its per-pass layout (setup_s)."""
+        """Allocate (pin and zero) the host buffers of a pass over the first batch_size prompts now (KV
+        cache, prefill staging, KV transfer): a one-time cost like loading the weights, kept across passes,
+        so that a measured pass pays only its per-pass layout (setup_s). Measured as the "reserve" phase."""
+        self.meter.phase("reserve")
         mbs, num_dev = self._layout(prompts[:self.policy.batch_size], max_new_tokens, padded)
-        self.check_fits(MemoryNeed(0, self._host_bytes_needed(mbs, num_dev), "KV cache and prefill staging"))
-        self.kv.reserve(mbs, num_dev)
-        self.staging.take(prefill_staging_elems(self.spec, mbs))
+        acc = self._pass_account(mbs, num_dev, max_new_tokens)
+        check(self._held(acc), self.machine, "the pass's KV cache and buffers")
+        self._host_buffers(acc)
+        self.meter.end()
+        self.setup_memory = self.setup_memory + self.meter.take()
 
-    def _host_bytes_needed(self, mbs, num_dev) -> int:
-        """Host bytes a pass over `mbs` would allocate beyond what the KV cache and staging hold now."""
-        return self.kv.host_bytes_needed(mbs, num_dev) + self.staging.extra_bytes(prefill_staging_elems(self.spec, mbs))
+    def _pass_account(self, mbs, num_dev: int, max_new_tokens: int):
+        return self.account(pass_shape(mbs, num_dev, [prefill_chunks(mb) for mb in mbs], max_new_tokens))
+
+    def _held(self, acc):
+        """The account with the host buffers as large as the arenas already hold (an arena keeps the
+        largest pass's size): what the process holds during the pass."""
+        held = {"kv_cache": self.kv.host_bytes, "prefill_staging": self.staging.nbytes,
+                "kv_transfer": self.kv_transfer.nbytes}
+        return replace(acc, pinned={k: max(v, held.get(k, 0.0)) for k, v in acc.pinned.items()})
+
+    def _host_buffers(self, acc) -> None:
+        """The pass's host buffers at the account's sizes (an arena grows only when a pass needs more)."""
+        elem = self.dtype.itemsize
+        self.kv.release()              # the last pass's views and device caches, before any buffer moves
+        self.kv.reserve(int(acc.pinned["kv_cache"]) // elem)
+        self.staging.take(int(acc.pinned["prefill_staging"]) // elem)
+        self.kv_transfer.take(int(acc.pinned["kv_transfer"]) // elem)
+
+    def allocated_bytes(self) -> dict:
+        """Bytes the runtime holds now, by the account's parts (level -> part -> bytes), from its tensors."""
+        pipe = self._pipe
+        gpu = {**self.store.allocated_bytes(), "kv_cache": self.kv.device_bytes}
+        pinned = {"offloaded_experts": self.store.offloaded_bytes, "kv_cache": self.kv.host_bytes,
+                  "prefill_staging": self.staging.nbytes, "kv_transfer": self.kv_transfer.nbytes}
+        pageable = {}
+        if pipe is not None:
+            state = pipe.allocated_bytes()
+            gpu.update(pass_state=state["gpu_pass_state"], prefill_inputs=state["prefill_inputs"])
+            pinned["io_buffers"] = state["io_buffers"]
+            pageable["pass_state"] = state["host_pass_state"]
+        return {"gpu": gpu, "pinned": pinned, "pageable": pageable}
 
     def _layout(self, prompts, max_new_tokens, padded):
         """(micro-batches, number whose KV lives on the device) of one pass over `prompts`."""
@@ -236,16 +243,21 @@ class Engine:
 
     def _run_pass(self, prompts, uniforms, max_new_tokens, sampling, padded, rec):
         """One pass of at most batch_size prompts: (tokens, setup, prefill and decode seconds). Setup lays out
-        the pass (caches, staging, inputs) and is not part of prefill."""
+        the pass (caches, staging, inputs) and is not part of prefill. The pass's account is checked
+        against what this process may hold before anything of it is allocated."""
         t_start = time.perf_counter()
+        self.meter.phase("prefill")
+        self._pipe = None
         self.kv.release()              # the last pass's device caches, before measuring what is free
         mbs, num_dev = self._layout(prompts, max_new_tokens, padded)
-        kv_dev = kv_elems(self.spec, mbs[:num_dev]) * self.dtype.itemsize
-        self.check_fits(MemoryNeed(kv_dev + activation_bytes(self.spec, mbs, self.dtype.itemsize),
-                                   self._host_bytes_needed(mbs, num_dev), "KV cache, prefill staging and activations"))
+        acc = self._pass_account(mbs, num_dev, max_new_tokens)
+        self.last_account = self._held(acc)
+        check(self.last_account, self.machine, "the pass")
+        self._host_buffers(acc)
         self.kv.carve(mbs, num_dev)
         pipe = Pipeline(self.spec, self.policy, self.store, self.kv, mbs, num_dev, sampling, uniforms,
-                        prompts, max_new_tokens, rec, self.worker, self.graphs, self.staging)
+                        prompts, max_new_tokens, rec, self.worker, self.graphs, self.staging, self.kv_transfer)
+        self._pipe = pipe
         if self.graphs is not None:
             self.graphs.capture(pipe.graph_keys())       # before the pass: capturing synchronises
         t0 = time.perf_counter()
@@ -253,6 +265,7 @@ class Engine:
         pipe.prefill()
         self._synchronize()
         t1 = time.perf_counter()
+        self.meter.phase("decode")
         pipe.decode()
         tokens = pipe.tokens()
         t2 = time.perf_counter()

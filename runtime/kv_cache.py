@@ -27,29 +27,40 @@ class KVCache:
         self._arena = HostArena(dtype, pin=device.type == "cuda")
         self._k: list[list[torch.Tensor]] = []
         self._v: list[list[torch.Tensor]] = []
+        self._host_numel = 0
+        self._device_bytes = 0
 
     @property
     def host_bytes(self) -> int:
         return self._arena.nbytes
 
-    def host_bytes_needed(self, micro_batches: tuple[MicroBatch, ...], num_device: int) -> int:
-        """Extra host bytes `carve` would allocate (0 when the current buffer is large enough)."""
-        return self._arena.extra_bytes(kv_elems(self.spec, micro_batches[num_device:]))
+    @property
+    def device_bytes(self) -> int:
+        """Bytes of the device caches of the pass laid out now."""
+        return self._device_bytes
 
-    def reserve(self, micro_batches: tuple[MicroBatch, ...], num_device: int) -> None:
-        """Allocate the host buffer for such a pass now (a one-time cost, like loading the weights)."""
-        self._arena.take(kv_elems(self.spec, micro_batches[num_device:]))
+    def reserve(self, numel: int) -> None:
+        """Make the host buffer hold at least `numel` elements (the account's kv_cache part); it is kept
+        across passes and grows only when a pass needs more."""
+        self._host_numel = numel
+        self._arena.take(numel)
 
     def release(self) -> None:
-        """Drop the last pass's layout (its device caches are freed; the host buffer stays)."""
+        """Drop the last pass's layout: its device caches are freed and no view of the host buffer stays,
+        so the buffer can be replaced without both being held."""
         self._k, self._v = [], []
+        self._device_bytes = 0
 
     def carve(self, micro_batches: tuple[MicroBatch, ...], num_device: int) -> None:
-        """Lay out the caches of one pass; the first `num_device` micro-batches on the device."""
+        """Lay out the caches of one pass in the host buffer `reserve` sized (the account's kv_cache part);
+        the first `num_device` micro-batches on the device."""
         s = self.spec
-        host = self._arena.take(kv_elems(s, micro_batches[num_device:]))
+        need = kv_elems(s, micro_batches[num_device:])
+        if need != self._host_numel:
+            raise AssertionError(f"the pass lays out {need} host KV elements, the memory account {self._host_numel}")
+        host = self._arena.take(need)
         offset = 0
-        self._k, self._v = [], []
+        self._k, self._v, self._device_bytes = [], [], 0
         for _ in range(s.num_hidden_layers):
             ks, vs = [], []
             for mb in micro_batches:
@@ -57,6 +68,7 @@ class KVCache:
                 if mb.index < num_device:
                     ks.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
                     vs.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
+                    self._device_bytes += 2 * ks[-1].numel() * ks[-1].element_size()
                     continue
                 n = mb.size * s.num_key_value_heads * mb.capacity * s.head_dim
                 ks.append(host[offset:offset + n].view(shape))

@@ -124,10 +124,13 @@ class Measurement:
     decode_s: float
     decode_layer_steps: int            # layers x decode steps, summed over passes
     stages: tuple[StageTime, ...]
-    gpu_peak_bytes: int
+    gpu_peak_bytes: int                # the process's GPU peak: CUDA context + the allocator's reserved peak
     cpu_peak_bytes: int                # process peak resident set
     pinned_bytes: int                  # page-locked host bytes at the end of the run
     setup_s: float = 0.0               # per pass before prefill (cache and staging layout, inputs); not in total_s
+    memory_phases: tuple = ()          # runtime.memory.PhaseMemory as dicts: load, reserve, prefill, decode
+    account_bytes: dict | None = None  # hrm.memory.MemoryUse.to_dict() of the last pass as laid out
+    allocated_bytes: dict | None = None  # what the runtime's tensors hold, by the account's level and part
 
     @property
     def total_s(self) -> float:
@@ -165,6 +168,7 @@ class Measurement:
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
         kw["stages"] = tuple(StageTime(**s) for s in d["stages"])
+        kw["memory_phases"] = tuple(kw.get("memory_phases", ()))
         return cls(**kw)
 
     def to_json(self) -> str:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hrm.memory import KV_TRANSFER_SLOTS
 from hrm.policy import PREFILL_CHUNK_TOKENS, Policy
 from hrm.spec import ModelSpec
 
@@ -126,20 +127,17 @@ class _MB:
     future: object = None
 
 
-def prefill_staging_elems(spec: ModelSpec, micro_batches) -> int:
-    """Host elements of one pass's prefill hidden states (every prefill slot, padding included)."""
-    return sum(mb.prefill_tokens for mb in micro_batches) * spec.hidden_size
-
-
 class Pipeline:
     def __init__(self, spec: ModelSpec, policy: Policy, store: WeightStore, kv: KVCache,
                  micro_batches: tuple[MicroBatch, ...], num_device_kv: int, sampling: Sampling,
                  uniforms: torch.Tensor, prompts: list[list[int]], max_new_tokens: int,
-                 recorder: Recorder, worker: AttentionWorker, graphs=None, staging: HostArena | None = None):
+                 recorder: Recorder, worker: AttentionWorker, graphs=None, staging: HostArena | None = None,
+                 kv_transfer: HostArena | None = None):
         self.spec, self.policy, self.store, self.kv = spec, policy, store, kv
         self.mbs, self.sampling, self.rec, self.worker = micro_batches, sampling, recorder, worker
         self.graphs = graphs                       # runtime.graphs.PostAttentionGraphs, or None (eager)
         self.prompts, self.max_new = prompts, max_new_tokens
+        self.uniforms_host = uniforms                # [N, max_new] fp64, the pass's sampling uniforms
         self.device, self.dtype = store.device, store.dtype
         self.streams = Streams(self.device)
         self.L, self.n = spec.num_hidden_layers, len(micro_batches)
@@ -154,6 +152,14 @@ class Pipeline:
         flat = (staging.take(sum(sizes)) if staging is not None
                 else empty_host((sum(sizes),), self.dtype, self.streams.cuda))
         self.hidden = [v.view(-1, spec.hidden_size) for v in torch.split(flat, sizes)]   # [tokens, hidden] each
+        # prefill KV goes to the host through KV_TRANSFER_SLOTS pinned (k, v) slots of the largest chunk
+        slot = max(len(rows) * m.mb.prefill_len for m, rows, _ in self.chunks) * spec.num_key_value_heads * spec.head_dim
+        ring = (kv_transfer.take(2 * KV_TRANSFER_SLOTS * slot) if kv_transfer is not None
+                else empty_host((2 * KV_TRANSFER_SLOTS * slot,), self.dtype, self.streams.cuda))
+        self.kv_slots = [(ring[2 * i * slot:(2 * i + 1) * slot], ring[(2 * i + 1) * slot:(2 * i + 2) * slot])
+                         for i in range(KV_TRANSFER_SLOTS)]
+        self.kv_slot_writes: list[object] = [None] * KV_TRANSFER_SLOTS    # the worker's copy out of each slot
+        self._kv_slot_next = 0
 
     # ---- setup -----------------------------------------------------------------------------------
     def _mb_state(self, mb: MicroBatch, kv_on_device: bool, uniforms: torch.Tensor) -> _MB:
@@ -321,10 +327,15 @@ class Pipeline:
             kc[:, :, :t].copy_(kpad)
             vc[:, :, :t].copy_(vpad)
             return None
+        i = self._kv_slot_next
+        self._kv_slot_next = (i + 1) % KV_TRANSFER_SLOTS
+        if self.kv_slot_writes[i] is not None:
+            self.kv_slot_writes[i].result()                                       # slot i copied out again
+        k_host, v_host = (buf[:kpad.numel()].view(kpad.shape) for buf in self.kv_slots[i])  # [B, n_kv, S, d]
         st.wait(st.d2h, ev_c)
         with st.use(st.d2h), self.rec.gpu("d2h", st.d2h, label):
-            k_host = kpad.to("cpu", non_blocking=True)                            # [B, n_kv, S, d]
-            v_host = vpad.to("cpu", non_blocking=True)
+            k_host.copy_(kpad, non_blocking=True)
+            v_host.copy_(vpad, non_blocking=True)
             ev = st.record(st.d2h)
             if st.cuda:
                 kpad.record_stream(st.d2h)
@@ -335,7 +346,8 @@ class Pipeline:
             with self.rec.host("d2h", label + " kv", phase="prefill"):
                 kc[:, :, :t].copy_(k_host)
                 vc[:, :, :t].copy_(v_host)
-        return self.worker.submit(write)
+        self.kv_slot_writes[i] = self.worker.submit(write)
+        return self.kv_slot_writes[i]
 
     # ---- decode tasks ----------------------------------------------------------------------------
     def _begin_token(self, m: _MB, step: int) -> None:
@@ -582,6 +594,29 @@ class Pipeline:
     def _synchronize(self) -> None:
         if self.streams.cuda:
             torch.cuda.synchronize()
+
+    # ---- memory ----------------------------------------------------------------------------------
+    def allocated_bytes(self) -> dict:
+        """Bytes of the pass's own tensors by the memory account's parts: device state of the sequences
+        (with the decode masks built so far), prefill inputs, pinned q|k|v and attention buffers, and the
+        host state of the sequences."""
+        def nbytes(x) -> int:
+            if isinstance(x, torch.Tensor):
+                return x.numel() * x.element_size()
+            if isinstance(x, (tuple, list)):
+                return sum(nbytes(v) for v in x)
+            return 0
+        dev = ("tokens", "out", "uniforms", "base_slot", "pads", "prompt_lens", "qkv_dev", "attn_dev", "rows",
+               "rope", "h")
+        gpu_state = sum(nbytes(getattr(m, f)) for m in self.state for f in dev)
+        gpu_state += sum(nbytes(m.step_dev[1:]) for m in self.state if m.step_dev is not None)
+        host_state = nbytes(self.uniforms_host) + sum(
+            nbytes((m.pads_host, m.base_slot_host, m.rows_host)) + (nbytes(m.step_host[1:]) if m.step_host else 0)
+            for m in self.state)
+        inputs = sum(nbytes((x["tokens"], x["cos"], x["sin"], x["last"], [g[:2] for g in x["groups"]]))
+                     for _, _, x in self.chunks)
+        return {"gpu_pass_state": gpu_state, "prefill_inputs": inputs, "host_pass_state": host_state,
+                "io_buffers": sum(nbytes((m.qkv_host, m.attn_host)) for m in self.state)}
 
     # ---- results ---------------------------------------------------------------------------------
     def tokens(self) -> dict[int, list[int]]:

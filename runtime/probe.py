@@ -180,14 +180,23 @@ PREFILL_SEQS_QUICK = (4, 16)
 PREFILL_LAYERS = (2, 6)
 
 
+def resident_weight_bytes(spec) -> float:
+    """Device bytes of a model with every expert resident (the memory account's weight parts, bf16)."""
+    from dataclasses import replace
+
+    from hrm.memory import MemoryProfile, PassShape, account
+    from hrm.spec import DTypes, Workload
+
+    m = account(replace(spec, dtypes=DTypes.named("bfloat16")), PassShape.nominal(Workload.uniform(1, 1), 1, 1, 0.0),
+                1.0, profile=MemoryProfile())
+    return m.gpu["non_expert_weights"] + m.gpu["resident_experts"]
+
+
 def prefill_layers(spec, free_bytes: int, most: int = PREFILL_LAYERS[1]) -> tuple[int, int] | None:
     """The two depths prefill_costs runs at on a GPU with `free_bytes` free: up to `most` layers whose
     resident weights take at most 60% of it (the rest: activations, caches), or None where two do not fit."""
-    from .weights import WeightStore
-
     def fits(k: int) -> bool:
-        model = spec.with_layers(spec.first_dense_layers + k)
-        return WeightStore.required_bytes(model, torch.bfloat16, model.num_experts)[0] <= 0.6 * free_bytes
+        return resident_weight_bytes(spec.with_layers(spec.first_dense_layers + k)) <= 0.6 * free_bytes
     hi = max((k for k in range(2, most + 1) if fits(k)), default=None)
     if hi is None:
         return None

@@ -124,16 +124,16 @@ class WeightStore:
         self.buffers = torch.empty((2, s, x), dtype=dtype, device=self.device)       # [2, E - r, X]
         self._lookups = [[self._buffer_lookup(layer, b) for b in (0, 1)] for layer in range(L)]
 
-    # ---- sizes ----------------------------------------------------------------------------------
-    @staticmethod
-    def required_bytes(spec: ModelSpec, dtype: torch.dtype, num_resident: int) -> tuple[int, int]:
-        """(device bytes, host bytes) a store for this placement allocates."""
-        elem = torch.empty((), dtype=dtype).element_size()
-        dense = sum(math.prod(s) for s in dense_weight_shapes(spec).values())
-        x, L, e = expert_elems(spec), spec.num_hidden_layers, spec.num_experts
-        device = (dense + L * num_resident * x + 2 * (e - num_resident) * x) * elem
-        host = L * (e - num_resident) * x * elem
-        return device, host
+    # ---- sizes (the memory account's parts, from the tensors) -------------------------------------
+    def allocated_bytes(self) -> dict:
+        """Device bytes by the account's parts."""
+        nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+        return {"non_expert_weights": sum(nbytes(t) for t in self._dense.values()),
+                "resident_experts": nbytes(self.resident), "expert_double_buffer": nbytes(self.buffers)}
+
+    @property
+    def offloaded_bytes(self) -> int:
+        return self.offloaded.numel() * self.offloaded.element_size()
 
     @property
     def streamed_bytes_per_layer(self) -> int:

@@ -294,13 +294,12 @@ def test_prefill_probe_depths_fit_the_gpu():
     16 GB card measures at 1 and 3 Mixtral layers, a large one at 2 and 6; none where 2 do not fit."""
     from hrm.hf_config import load_model
     from runtime.probe import prefill_layers
-    from runtime.weights import WeightStore
 
     spec = load_model("mixtral-8x7b")
     assert prefill_layers(spec, 139 * 2**30) == (2, 6)
     lo, hi = prefill_layers(spec, 15 * 2**30)
     model = spec.with_layers(hi)
-    assert lo == 1 and hi >= 2 and WeightStore.required_bytes(model, torch.bfloat16, 8)[0] <= 0.6 * 15 * 2**30
+    assert lo == 1 and hi >= 2 and probe.resident_weight_bytes(model) <= 0.6 * 15 * 2**30
     assert prefill_layers(spec, 6 * 2**30) is None
 
 

@@ -187,7 +187,8 @@ def test_engine_refuses_what_does_not_fit():
     huge = ModelSpec(name="huge", model_type="mixtral", hidden_size=1 << 16, num_hidden_layers=64,
                      num_attention_heads=64, num_key_value_heads=8, head_dim=1024, vocab_size=32000,
                      num_experts=64, num_experts_per_tok=2, moe_intermediate_size=1 << 16)
-    with pytest.raises(DoesNotFit, match=r"^weights need [\d.]+ GiB of host memory but [\d.]+ GiB is available$"):
+    with pytest.raises(DoesNotFit, match=r"^the weights: host memory needs [\d.,]+ TiB but [\d.,]+ GiB is available; "
+                                         r"non_expert_weights \([\d.,]+ (?:[KMGT]i)?B\) does not fit$"):
         Engine(huge, Policy(4, 2))
 
 
