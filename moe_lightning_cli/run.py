@@ -135,7 +135,7 @@ def run(args) -> int:
     padded = bool(_workload_arg(args, target.plan, "padded", False))
     budget = int(args.gpu_budget_gb * 2**30) if args.gpu_budget_gb else None
     if budget is None and target.plan is not None:
-        budget = int(target.plan.budgets.gpu_bytes)
+        budget = int(target.plan.budgets.gpu_total_bytes)
     progress = False if args.json else None
     subject = target.plan if target.plan is not None and not args.num_layers else target.spec
     policy = None if subject is target.plan else target.policy

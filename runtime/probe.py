@@ -192,6 +192,55 @@ def resident_weight_bytes(spec) -> float:
     return m.gpu["non_expert_weights"] + m.gpu["resident_experts"]
 
 
+_MEMORY_PROBE = """
+import json, sys, torch
+import runtime.engine
+from runtime.memory import rss_bytes
+out = {}
+if sys.argv[1] == "gpu":
+    a = torch.randn(1024, 1024, device="cuda")
+    (a @ a).sum().item()
+    del a
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    out["cuda_context_bytes"] = total - free - torch.cuda.memory_reserved()
+else:
+    out["cuda_context_bytes"] = 0
+out["process_baseline_bytes"] = rss_bytes()
+print(json.dumps(out))
+"""
+
+
+def memory_baseline(gpu: bool, quick: bool = False) -> dict:
+    """The stack's own memory, measured in a fresh runtime process (the profiler's own process has done
+    too much to stand for one): its resident set and CUDA context once the runtime is imported and the
+    GPU has run a matmul; and the caching allocator's slack, reserved over allocated at the peak of a
+    small Engine pass here (Mixtral shapes, two layers), minus 1."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                                    os.environ.get("PYTHONPATH", "")])))
+    done = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, "gpu" if gpu else "cpu"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    if done.returncode != 0:
+        raise ProbeError(f"memory probe failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out["gpu_allocator_frac"], out["allocator_probe"] = 0.0, "nothing (no GPU)"
+    if gpu:
+        from hrm.hf_config import load_model
+        from hrm.policy import Policy
+
+        from .engine import Engine
+        spec = load_model("mixtral-8x7b").with_layers(2)
+        n, mu = (32, 16) if quick else (256, 128)
+        with Engine(spec, Policy(n, mu, weights_gpu_frac=0.5), progress=False) as eng:
+            prompts = _random_prompts(spec, n, 256, torch.Generator().manual_seed(0))
+            torch.cuda.reset_peak_memory_stats()
+            eng.generate(prompts, 4)
+            alloc, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+        out["gpu_allocator_frac"] = reserved / alloc - 1.0
+        out["allocator_probe"] = f"runtime.Engine, mixtral-8x7b[2L], N={n} mu={mu} r_w=0.5, prompts 256, 4 tokens"
+    return out
+
+
 def prefill_layers(spec, free_bytes: int, most: int = PREFILL_LAYERS[1]) -> tuple[int, int] | None:
     """The two depths prefill_costs runs at on a GPU with `free_bytes` free: up to `most` layers whose
     resident weights take at most 60% of it (the rest: activations, caches), or None where two do not fit."""
@@ -698,9 +747,13 @@ def profile_machine(spec=None, quick: bool = False, progress: bool = True, gpu: 
     steps += [("CPU DRAM copy/read", dram), ("CPU matmul fp32/bf16", matmul), ("CPU decode attention", attention)]
     if use_gpu or not quick:
         steps.append(("runtime decode overheads", overheads))
+    def memory():
+        result["memory"] = memory_baseline(use_gpu, quick=quick)
+
     if use_gpu:
         steps.append(("runtime MoE layer at prefill sizes", moe))
         steps.append(("runtime prefill layer", prefill))
+    steps.append(("runtime process memory", memory))
 
     t0 = time.perf_counter()
     with _progress(len(steps), progress) as bar:
@@ -914,6 +967,17 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
     lines += [f"method = {_str(method)}", f"date = {_str(date)}", f"model_shapes = {_str(result['shapes']['model'])}"]
     lines += [f"{k}_version = {_str(val)}" for k, val in v.items() if k != "git_commit"]
     lines += [f"git_commit = {_str(v.get('git_commit', ''))}", f"elapsed_s = {_num(result.get('elapsed_s', 1e-3))}", ""]
+    mem = result.get("memory")
+    if mem:
+        lines += ["[memory]",
+                  "# a fresh runtime process (python -c, the runtime imported, CUDA up, one matmul): resident set, and the",
+                  "# device memory it holds beyond torch's allocator; the allocator's reserved over allocated peak, minus 1,",
+                  f"# over {mem['allocator_probe']}",
+                  f"process_baseline_gib = {_num(mem['process_baseline_bytes'] / GiB)}"]
+        if g:
+            lines += [f"cuda_context_gib = {mem['cuda_context_bytes'] / GiB:.4g}",
+                      f"gpu_allocator_frac = {max(mem['gpu_allocator_frac'], 0.0):.4g}"]
+        lines += [f"source = {_str(source)}", ""]
     return "\n".join(lines)
 
 
