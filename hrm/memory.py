@@ -11,8 +11,9 @@ a workload (`PassShape.nominal`, what the planner knows) or from the micro-batch
 laid out (`PassShape.of_micro_batches`). Every part is linear in r_w and r_c for fixed N and mu, so the
 same function takes floats, numpy arrays (the grid) or pulp expressions (the MILP).
 
-Sizes that belong to the machine and the software stack (the CUDA context, the process's own resident
-memory before any model buffer, the caching allocator's slack) come from the profile's [memory] table,
+Sizes that belong to the machine and the software stack (the CUDA context with its loaded kernels and
+library handles, the process's own resident memory before any model buffer, the caching allocator's slack
+per byte of transient workspace: the blocks it keeps cached beside the live ones) come from the profile's [memory] table,
 measured by `moe-lightning profile`; `MemoryProfile()` holds defaults for profiles that lack it.
 """
 from __future__ import annotations
@@ -53,7 +54,7 @@ class MemoryProfile:
     `moe-lightning profile`; these defaults stand in where a profile has no [memory] table)."""
     cuda_context_bytes: float = 0.5 * GIB      # per GPU: context, cuBLAS workspaces, loaded kernels
     process_baseline_bytes: float = 3.0 * GIB  # host RSS of the runtime before any model buffer (torch, CUDA libs)
-    gpu_allocator_frac: float = 0.02           # caching allocator: reserved over allocated at the peak, minus 1
+    gpu_allocator_frac: float = 1.0            # caching allocator: reserved minus allocated at the peak, per workspace byte
     measured: bool = False
     source: str = "defaults (hrm.memory.MemoryProfile); run `moe-lightning profile` to measure them"
 
@@ -299,7 +300,7 @@ def account(spec: ModelSpec, shape: PassShape, r_w, *, profile: MemoryProfile, n
         "workspace": workspace,
     }
     gpu = {"cuda_context": profile.cuda_context_bytes * num_gpus, **tensors,
-           "allocator_slack": profile.gpu_allocator_frac * sum(tensors.values())}
+           "allocator_slack": profile.gpu_allocator_frac * workspace}
     offloaded = (1 - r_w) * all_experts
     pinned = {
         "offloaded_experts": offloaded if pin_all_weights else 0.0,

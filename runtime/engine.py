@@ -86,7 +86,7 @@ class Engine:
         self.gpu_budget_bytes = gpu_memory_budget_bytes
         hw = getattr(plan_or_spec, "hardware", None) if from_plan else None
         self.machine = machine or Machine.measure(self.device, gpu_memory_budget_bytes,
-                                                  hw.memory.gpu_allocator_frac if hw is not None else None)
+                                                  hw.memory if hw is not None else None)
         if self.device.type == "cuda" and gpu_memory_budget_bytes:
             # the budget is the process's total: the allocator gets what the CUDA context leaves of it
             total = torch.cuda.get_device_properties(self.device).total_memory

@@ -76,10 +76,11 @@ class Machine:
 
     @classmethod
     def measure(cls, device: torch.device, gpu_budget_bytes: int | None = None,
-                allocator_frac: float | None = None) -> "Machine":
+                profile: MemoryProfile | None = None) -> "Machine":
         """Measure now, before any model buffer: the process's resident set is its baseline, and on a GPU
-        the device memory in use beyond the allocator's blocks is the CUDA context (the device is ours)."""
-        frac = MemoryProfile().gpu_allocator_frac if allocator_frac is None else allocator_frac
+        the device memory in use beyond the allocator's blocks is the CUDA context (the device is ours). The
+        context grows once kernels load: where the plan's profile measured a larger one, that one counts."""
+        frac = (profile or MemoryProfile()).gpu_allocator_frac
         rss = rss_bytes()
         host = available_host_bytes() + rss
         if device.type != "cuda":
@@ -87,6 +88,8 @@ class Machine:
         torch.empty(1, device=device)            # the context exists
         free, total = torch.cuda.mem_get_info(device)
         context = max(0, total - free - torch.cuda.memory_reserved(device))
+        if profile is not None and profile.measured:
+            context = max(context, profile.cuda_context_bytes)
         gpu = int(gpu_budget_bytes) if gpu_budget_bytes else int(total)
         return cls(gpu, host, MemoryProfile(float(context), float(rss), frac, True, "measured in this process"),
                    gpu_budget=bool(gpu_budget_bytes))
@@ -163,13 +166,17 @@ class MemoryMeter:
     def end(self) -> None:
         if self._open is None:
             return
-        alloc = reserved = 0
+        alloc = reserved = process = 0
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             alloc = torch.cuda.max_memory_allocated(self.device)
             reserved = torch.cuda.max_memory_reserved(self.device)
-        self.phases.append(PhaseMemory(self._open, alloc, reserved, self.context + reserved if reserved else 0,
-                                       rss_peak_bytes(), pinned_bytes()))
+            # the context grows as kernels load and libraries make their handles: read it now, as the
+            # device's use beyond the allocator's blocks (the device is this process's)
+            free, total = torch.cuda.mem_get_info(self.device)
+            self.context = max(self.context, total - free - torch.cuda.memory_reserved(self.device))
+            process = self.context + reserved
+        self.phases.append(PhaseMemory(self._open, alloc, reserved, process, rss_peak_bytes(), pinned_bytes()))
         self._open = None
 
     def take(self) -> tuple[PhaseMemory, ...]:

@@ -214,8 +214,8 @@ print(json.dumps(out))
 def memory_baseline(gpu: bool, quick: bool = False) -> dict:
     """The stack's own memory, measured in a fresh runtime process (the profiler's own process has done
     too much to stand for one): its resident set and CUDA context once the runtime is imported and the
-    GPU has run a matmul; and the caching allocator's slack, reserved over allocated at the peak of a
-    small Engine pass here (Mixtral shapes, two layers), minus 1."""
+    GPU has run a matmul; and the caching allocator's slack, reserved minus allocated at the peak of a
+    small Engine pass here (Mixtral shapes, two layers; its second pass), per byte of its account's workspace."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                                     os.environ.get("PYTHONPATH", "")])))
     done = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, "gpu" if gpu else "cpu"], capture_output=True,
@@ -233,10 +233,12 @@ def memory_baseline(gpu: bool, quick: bool = False) -> dict:
         n, mu = (32, 16) if quick else (256, 128)
         with Engine(spec, Policy(n, mu, weights_gpu_frac=0.5), progress=False) as eng:
             prompts = _random_prompts(spec, n, 256, torch.Generator().manual_seed(0))
+            eng.generate(prompts, 4)
             torch.cuda.reset_peak_memory_stats()
             eng.generate(prompts, 4)
             alloc, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
-        out["gpu_allocator_frac"] = reserved / alloc - 1.0
+            workspace = eng.last_account.gpu["workspace"]
+        out["gpu_allocator_frac"] = (reserved - alloc) / workspace
         out["allocator_probe"] = f"runtime.Engine, mixtral-8x7b[2L], N={n} mu={mu} r_w=0.5, prompts 256, 4 tokens"
     return out
 
@@ -971,7 +973,8 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
     if mem:
         lines += ["[memory]",
                   "# a fresh runtime process (python -c, the runtime imported, CUDA up, one matmul): resident set, and the",
-                  "# device memory it holds beyond torch's allocator; the allocator's reserved over allocated peak, minus 1,",
+                  "# device memory it holds beyond torch's allocator; the allocator's reserved minus allocated peak per byte",
+                  "# of the memory account's transient workspace,",
                   f"# over {mem['allocator_probe']}",
                   f"process_baseline_gib = {_num(mem['process_baseline_bytes'] / GiB)}"]
         if g:
