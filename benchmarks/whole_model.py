@@ -35,7 +35,6 @@ from hrm.policy import Policy  # noqa: E402
 from hrm.spec import Workload  # noqa: E402
 from optimizer.plan import build_plan  # noqa: E402
 from optimizer.search import make_problem, search  # noqa: E402
-from optimizer.space import Budgets  # noqa: E402
 
 COLUMNS = ("date", "model", "num_layers", "model_layers", "gpu_budget_bytes", "host_budget_bytes", "tag", "policy",
            "completed", "error", "pred_tok_s", "meas_tok_s", "pred_prefill_s", "meas_prefill_s", "pred_decode_s",

@@ -168,11 +168,12 @@ def local_cpu_name() -> str:
     return platform.processor() or platform.machine() or "CPU"
 
 
-def _meminfo_bytes(key: str) -> float | None:
+def proc_kib_bytes(key: str, path: str = "/proc/meminfo") -> int | None:
+    """A 'Key:  N kB' field of a /proc file (meminfo, self/status) in bytes, or None where absent."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in Path(path).read_text().splitlines():
             if line.startswith(key + ":"):
-                return float(line.split()[1]) * 1024
+                return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
@@ -181,10 +182,10 @@ def _meminfo_bytes(key: str) -> float | None:
 def this_machine_available_bytes(hw: HardwareProfile) -> float | None:
     """Host memory available now (MemAvailable) when `hw` describes this machine (same CPU model, total
     memory within 2%), else None: the budget a plan made here for here may take."""
-    total = _meminfo_bytes("MemTotal")
+    total = proc_kib_bytes("MemTotal")
     if total is None or hw.cpu.name != local_cpu_name() or abs(hw.cpu.memory_bytes - total) > 0.02 * total:
         return None
-    return _meminfo_bytes("MemAvailable")
+    return proc_kib_bytes("MemAvailable")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,13 +8,13 @@ its first large allocation. One formula per part, here; nothing else computes a 
 
 A pass is described by its `PassShape` (sequences, KV slots, prefill tokens and chunks), made either from
 a workload (`PassShape.nominal`, what the planner knows) or from the micro-batches the runtime actually
-laid out (`PassShape.of_micro_batches`). Every part is linear in r_w and r_c for fixed N and mu, so the
+laid out (`PassShape.of_layout`). Every part is linear in r_w and r_c for fixed N and mu, so the
 same function takes floats, numpy arrays (the grid) or pulp expressions (the MILP).
 
 Sizes that belong to the machine and the software stack (the CUDA context with its loaded kernels and
 library handles, the process's own resident memory before any model buffer, the caching allocator's slack
-per byte of transient workspace: the blocks it keeps cached beside the live ones) come from the profile's [memory] table,
-measured by `moe-lightning profile`; `MemoryProfile()` holds defaults for profiles that lack it.
+per byte of transient workspace: the blocks it keeps cached beside the live ones) come from the
+profile's [memory] table, measured by `moe-lightning profile`; `MemoryProfile()` holds defaults for profiles that lack it.
 """
 from __future__ import annotations
 
@@ -163,14 +163,6 @@ class PassShape:
 # ---------------------------------------------------------------------------------------------------
 # transient workspaces (the peak of live temporaries, counted from the runtime's code paths)
 
-def moe_path(tokens) -> str:
-    """The routed-expert path the runtime takes for a call of `tokens` tokens (runtime.model.moe_path
-    where the GPU has a grouped GEMM)."""
-    if tokens <= MOE_DENSE_MAX_TOKENS:
-        return "dense"
-    return "grouped" if tokens <= MOE_GROUPED_MAX_TOKENS else "sparse"
-
-
 def moe_workspace_bytes(spec: ModelSpec, tokens):
     """Peak live temporaries of one MoE call over `tokens` tokens (numpy-broadcast): routing, then the
     larger of the paths that call can take."""
@@ -259,11 +251,6 @@ def io_buffer_bytes_per_sequence(spec: ModelSpec) -> float:
     return (qkv + spec.q_dim) * spec.dtypes.act_bytes
 
 
-def kv_bytes_per_slot(spec: ModelSpec) -> float:
-    """K and V of one slot over all layers."""
-    return spec.kv_bytes_per_token
-
-
 def account(spec: ModelSpec, shape: PassShape, r_w, *, profile: MemoryProfile, num_gpus: int = 1,
             attention_on_gpu: bool = False, ffn_on_gpu: bool = True, schedule: str = "cgopipe",
             pin_all_weights: bool = True) -> MemoryUse:
@@ -274,7 +261,7 @@ def account(spec: ModelSpec, shape: PassShape, r_w, *, profile: MemoryProfile, n
     layer_experts = spec.num_experts * spec.expert_bytes
     all_experts = L * layer_experts
     streamed = (1 - r_w) if ffn_on_gpu else 0.0
-    kv_slot = kv_bytes_per_slot(spec)
+    kv_slot = spec.kv_bytes_per_token       # K and V of one slot, all layers
     kv_layer_slot = kv_slot / L
     n = shape.sequences
     stream = 0.0

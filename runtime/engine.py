@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from hrm.memory import PassShape
-from hrm.policy import Policy, device_micro_batches
+from hrm.policy import Policy, device_micro_batches, realised_kv_frac
 from hrm.spec import DTypes, ModelSpec, Workload
 
 from .checkpoint import load_checkpoint
@@ -28,7 +28,8 @@ from .cpu_attention import AttentionWorker, attention_threads
 from .host_memory import HostArena, pinned_bytes
 from .kv_cache import KVCache
 from .measure import Measurement, Recorder, Span, stage_times
-from .memory import DoesNotFit, Machine, MemoryMeter, check, pass_shape, phase_dicts, policy_account  # noqa: F401
+from .memory import DoesNotFit  # noqa: F401  (raised from here; callers import it from the engine)
+from .memory import Machine, MemoryMeter, check, pass_shape, phase_dicts, policy_account
 from .model import check_supported
 from .packing import in_order, layout, pack
 from .pipeline import Pipeline, prefill_chunks
@@ -36,7 +37,6 @@ from .sampling import Sampling
 from .synthetic import synthesize
 from .weights import WeightStore
 
-GIB = 2**30
 SWITCH_INTERVAL_S = 1e-4
 """Python's GIL switch interval while the engine generates on a GPU (default 5 ms). The main thread
 holds the GIL between kernel launches and re-takes it faster than a waiting thread wakes, so the attention
@@ -99,8 +99,7 @@ class Engine:
         # one sequence
         workload = getattr(plan_or_spec, "workload", None) if from_plan else None
         shape = (PassShape.nominal(workload, policy.batch_size, policy.micro_batch_size,
-                                   float(device_micro_batches(policy.kv_gpu_frac, policy.num_micro_batches))
-                                   / policy.num_micro_batches)
+                                   float(realised_kv_frac(policy.kv_gpu_frac, policy.num_micro_batches)))
                  if workload is not None else PassShape.nominal(Workload.uniform(1, 1), 1, 1, 0.0))
         check(self.account(shape), self.machine, "the plan" if workload is not None else "the weights")
         self.store = WeightStore(spec, dtype, self.device, self.num_resident, policy.num_micro_batches)

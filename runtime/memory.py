@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
+from hrm.hardware import proc_kib_bytes
 from hrm.memory import MemoryProfile, MemoryUse, PassShape, account, format_size
 from hrm.policy import Policy
 from hrm.spec import ModelSpec
@@ -20,7 +20,6 @@ from hrm.spec import ModelSpec
 from .host_memory import pinned_bytes
 from .packing import MicroBatch
 
-GIB = 2**30
 
 
 class DoesNotFit(MemoryError):
@@ -29,14 +28,8 @@ class DoesNotFit(MemoryError):
 
 # ---- this process and this machine ------------------------------------------------------------------
 
-def _status_bytes(key: str, path: str = "/proc/self/status") -> int:
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+def _status_bytes(key: str) -> int:
+    return proc_kib_bytes(key, "/proc/self/status") or 0
 
 
 def rss_bytes() -> int:
@@ -60,7 +53,7 @@ def reset_rss_peak() -> None:
 
 def available_host_bytes() -> int:
     """MemAvailable (else physical pages free)."""
-    avail = _status_bytes("MemAvailable", "/proc/meminfo")
+    avail = proc_kib_bytes("MemAvailable")
     return avail or os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 

@@ -3,6 +3,14 @@ import math
 
 import torch
 
+from hrm.spec import ModelSpec
+
+# a tiny Qwen2-MoE: shared expert with its gate, qkv biases, no top-k renormalisation, odd widths
+QWEN2 = ModelSpec(name="tiny-qwen2", model_type="qwen2_moe", hidden_size=48, num_hidden_layers=3,
+                  num_attention_heads=6, num_key_value_heads=3, head_dim=8, vocab_size=97, num_experts=5,
+                  num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=32,
+                  shared_expert_gate=True, qkv_bias=True, norm_topk_prob=False)
+
 
 def naive_decode_attention(q, k, v, starts, ends):
     """One query per sequence over its slots [starts[b], ends[b]), head by head in float64.

@@ -9,17 +9,14 @@ torch = pytest.importorskip("torch")
 from hrm.hardware import load_profile  # noqa: E402
 from hrm.memory import MemoryProfile, PassShape, account  # noqa: E402
 from hrm.policy import Policy  # noqa: E402
-from hrm.spec import ModelSpec, Workload  # noqa: E402
+from hrm.spec import Workload  # noqa: E402
 from runtime import engine as engine_module  # noqa: E402
 from runtime.engine import DoesNotFit, Engine  # noqa: E402
 from runtime.memory import Machine  # noqa: E402
+from oracles import QWEN2  # noqa: E402
 
 torch.set_num_threads(1)
 
-QWEN2 = ModelSpec(name="tiny-qwen2", model_type="qwen2_moe", hidden_size=48, num_hidden_layers=3,
-                  num_attention_heads=6, num_key_value_heads=3, head_dim=8, vocab_size=97, num_experts=5,
-                  num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=32,
-                  shared_expert_gate=True, qkv_bias=True, norm_topk_prob=False)
 MIXED = (5, 9, 3, 7, 12, 4, 8, 11, 2)
 MAX_NEW = 4
 # parts the runtime holds as tensors for the whole pass (the rest are the stack's, or transient)

@@ -15,14 +15,10 @@ from runtime.measure import Measurement, StageTime  # noqa: E402
 from runtime.model import greedy_generate  # noqa: E402
 from runtime.packing import in_order, layout, pack  # noqa: E402
 from runtime.weights import PageTable, WeightStore  # noqa: E402
-from oracles import naive_decode_attention
+from oracles import QWEN2, naive_decode_attention
 
 torch.set_num_threads(1)
 
-QWEN2 = ModelSpec(name="tiny-qwen2", model_type="qwen2_moe", hidden_size=48, num_hidden_layers=3,
-                  num_attention_heads=6, num_key_value_heads=3, head_dim=8, vocab_size=97, num_experts=5,
-                  num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=32,
-                  shared_expert_gate=True, qkv_bias=True, norm_topk_prob=False)
 QWEN3 = ModelSpec(name="tiny-qwen3", model_type="qwen3_moe", hidden_size=40, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=12, vocab_size=89, num_experts=4,
                   num_experts_per_tok=2, moe_intermediate_size=20, qk_norm=True, norm_topk_prob=True)
