@@ -6,10 +6,11 @@ A null field counts as absent. Defaults for absent optional fields follow transf
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
-from .spec import DTypes, ModelSpec, SpecError
+from .spec import DTypes, ModelSpec, RopeParameters, SpecError
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 
@@ -69,12 +70,74 @@ class _Config:
         return value
 
 
-def _rope_theta(c: _Config, default: float) -> float:
-    for key in ("rope_theta", "rope_parameters.rope_theta", "rope_scaling.rope_theta",
-                "rope_parameters.full_attention.rope_theta"):
-        if c.get(key) is not None:
-            return c.float(key)
-    return default
+def _rope_source(c: _Config) -> str:
+    """The dotted key of the config's RoPE dict: the legacy `rope_scaling` first (transformers lets it
+    override `rope_parameters`); in a dict nested per layer type, its full-attention entry. "" if none."""
+    for key in ("rope_scaling", "rope_parameters"):
+        value = c.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise SpecError(f"{c.model_type} config: field {key!r} must be an object, got {value!r}")
+        nested = [k for k, v in value.items() if isinstance(v, dict)]
+        if nested and not ({"rope_type", "type"} & set(value)):
+            return f"{key}.{'full_attention' if 'full_attention' in nested else nested[0]}"
+        return key
+    return ""
+
+
+def _rope(c: _Config, default_theta: float, max_positions: int) -> dict:
+    """rope_theta and RopeParameters (None for plain RoPE over the whole head), read as transformers'
+    rope utilities read them."""
+    src = _rope_source(c)
+    at = (lambda field: f"{src}.{field}") if src else (lambda field: field)
+    theta = c.float(at("rope_theta"), "rope_theta", default=default_theta)
+    rope_type = c.get(at("rope_type"), c.get(at("type"), "default")) if src else "default"
+    if not isinstance(rope_type, str):
+        raise SpecError(f"{c.model_type} config: field {at('rope_type')!r} must be a name, got {rope_type!r}")
+    partial = c.float(at("partial_rotary_factor"), "partial_rotary_factor", default=1.0)
+    if not 0 < partial <= 1:
+        raise SpecError(f"{c.model_type} config: field 'partial_rotary_factor' must be in (0, 1], got {partial!r}")
+    if rope_type == "default" and partial == 1.0:
+        return dict(rope_theta=theta, rope_parameters=None)
+
+    def positive(field: str, default=None) -> float:
+        value = c.float(at(field), default=default)
+        if not value > 0:
+            raise SpecError(f"{c.model_type} config: field {at(field)!r} must be positive, got {value!r}")
+        return value
+
+    fields: dict = dict(rope_type=rope_type, partial_rotary_factor=partial)
+    if rope_type in ("linear", "dynamic", "llama3"):
+        fields["factor"] = positive("factor")
+    if rope_type in ("yarn", "llama3", "longrope"):   # a top-level value wins, as in transformers
+        original = c.int("original_max_position_embeddings", at("original_max_position_embeddings"),
+                         default=max_positions)
+        fields["original_max_position_embeddings"] = original
+    if rope_type == "llama3":
+        fields.update(low_freq_factor=positive("low_freq_factor"), high_freq_factor=positive("high_freq_factor"))
+        if fields["high_freq_factor"] == fields["low_freq_factor"]:
+            raise SpecError(f"{c.model_type} config: fields {at('low_freq_factor')!r} and "
+                            f"{at('high_freq_factor')!r} must differ")
+    if rope_type == "yarn":
+        factor = positive("factor", default=max_positions / original)
+        attention = c.get(at("attention_factor"))
+        if attention is None:
+            mscale, mscale_all = c.get(at("mscale")), c.get(at("mscale_all_dim"))
+            attention = (_yarn_mscale(factor, float(mscale)) / _yarn_mscale(factor, float(mscale_all))
+                         if mscale and mscale_all else _yarn_mscale(factor))
+        else:
+            attention = positive("attention_factor")
+        fields.update(factor=factor, attention_factor=float(attention),
+                      beta_fast=c.float(at("beta_fast"), default=0.0) or 32.0,
+                      beta_slow=c.float(at("beta_slow"), default=0.0) or 1.0,
+                      truncate=c.bool(at("truncate"), True))
+    return dict(rope_theta=theta, rope_parameters=RopeParameters(**fields))
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature for a context `scale` times the original (1 when not longer)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def _dtypes(c: _Config) -> DTypes:
@@ -103,6 +166,7 @@ def _standard(c: _Config, width_key: str, eps: float = 1e-5, theta: float = 1000
     if c.get("head_dim") is None and heads and hidden % heads:
         raise SpecError(f"{c.model_type} config: missing field 'head_dim' "
                         f"(hidden_size {hidden} is not a multiple of num_attention_heads {heads})")
+    common = _common(c)
     return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                 num_key_value_heads=c.int("num_key_value_heads", default=heads),
                 head_dim=c.int("head_dim", default=hidden // heads if heads else 0),
@@ -110,8 +174,7 @@ def _standard(c: _Config, width_key: str, eps: float = 1e-5, theta: float = 1000
                 num_experts_per_tok=c.int("num_experts_per_tok", "experts_per_token"),
                 moe_intermediate_size=c.int(width_key),
                 rms_norm_eps=c.float("rms_norm_eps", default=eps),
-                rope_theta=_rope_theta(c, theta),
-                **_common(c))
+                **_rope(c, theta, common["max_position_embeddings"]), **common)
 
 
 def _sliding(c: _Config, s: dict, default_layer_types: list[str] | None = None) -> dict:
@@ -151,7 +214,7 @@ def _qwen2_moe(c: _Config) -> dict:
     s = _standard(c, "moe_intermediate_size", eps=1e-6)
     _every_layer_moe(c, decoder_sparse_step=1, mlp_only_layers=[])
     return dict(s, shared_expert_intermediate_size=c.int("shared_expert_intermediate_size"),
-                shared_expert_gate=True, qkv_bias=True, norm_topk_prob=c.bool("norm_topk_prob", False),
+                shared_expert_gate=True, qkv_bias=c.bool("qkv_bias", True), norm_topk_prob=c.bool("norm_topk_prob", False),
                 **_sliding(c, s))
 
 

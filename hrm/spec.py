@@ -35,6 +35,32 @@ class DTypes:
         return cls(weight_bytes=b, kv_bytes=b, act_bytes=b, name=name)
 
 
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")   # the kinds of RoPE the runtime computes
+
+
+@dataclass(frozen=True)
+class RopeParameters:
+    """RoPE beyond the base frequency `ModelSpec.rope_theta`, as transformers' `rope_parameters` (or the
+    legacy `rope_scaling`) define it. Fields a type does not use keep their defaults.
+
+    linear: positions divided by `factor`. dynamic: NTK-aware base growth past max_position_embeddings
+    (plain RoPE up to it). yarn: per-frequency blend of interpolation and extrapolation between the
+    correction dims of `beta_fast` / `beta_slow` rotations over `original_max_position_embeddings`, cos and
+    sin scaled by `attention_factor`. llama3: low frequencies divided by `factor`, a smooth ramp between
+    `low_freq_factor` and `high_freq_factor`. `partial_rotary_factor`: the share of each head RoPE rotates.
+    """
+    rope_type: str = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 0
+    low_freq_factor: float = 1.0           # llama3
+    high_freq_factor: float = 4.0          # llama3
+    beta_fast: float = 32.0                # yarn
+    beta_slow: float = 1.0                 # yarn
+    truncate: bool = True                  # yarn: correction range rounded outwards to whole dims
+    attention_factor: float = 1.0          # yarn: cos and sin multiplied by it
+    partial_rotary_factor: float = 1.0
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Architecture of a decoder-only MoE transformer.
@@ -77,6 +103,7 @@ class ModelSpec:
     clip_qkv: float = 0.0                  # DBRX
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_parameters: RopeParameters | None = None   # None: plain RoPE over the whole head
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     dtypes: DTypes = field(default_factory=DTypes)

@@ -21,7 +21,7 @@ from hrm.estimate import Estimate, estimate
 from hrm.memory import MemoryProfile, MemoryUse
 from hrm.hardware import ComputeUnit, HardwareProfile, Link, Measured
 from hrm.policy import Policy
-from hrm.spec import DTypes, ModelSpec, Workload
+from hrm.spec import DTypes, ModelSpec, RopeParameters, Workload
 from .space import Budgets
 
 FORMAT = "moe-lightning-plan"
@@ -44,7 +44,9 @@ def toolkit_version() -> str:
 # model spec identity
 
 def spec_to_dict(spec: ModelSpec) -> dict:
-    return dataclasses.asdict(spec)
+    """Every field; an optional one that is None (plain RoPE) is left out, so its digest stays that of a
+    spec written before the field existed."""
+    return {k: v for k, v in dataclasses.asdict(spec).items() if not (k == "rope_parameters" and v is None)}
 
 
 def spec_sha256(spec: ModelSpec) -> str:
@@ -60,7 +62,10 @@ def spec_from_dict(d: dict) -> ModelSpec:
     if unknown:
         raise PlanError(f"malformed plan: unknown model spec field(s) {', '.join(unknown)}")
     dt = _need(d.pop("dtypes", {}), dict, "model.spec.dtypes")
+    rope = d.pop("rope_parameters", None)
     try:
+        if rope is not None:
+            d["rope_parameters"] = RopeParameters(**_need(rope, dict, "model.spec.rope_parameters"))
         return ModelSpec(**d, dtypes=DTypes(**dt))
     except TypeError as e:
         raise PlanError(f"malformed plan: model spec: {e}") from None

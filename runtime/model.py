@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from hrm.policy import MOE_DENSE_MAX_TOKENS, MOE_GROUPED_MAX_TOKENS
 from hrm.spec import ModelSpec
 
+from .rope import rope_cos_sin, rope_problem  # noqa: F401  (rope_cos_sin: the layers' RoPE tables)
+
 SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 FULL_WIDTH_QK_NORM = ("olmoe",)  # q_norm/k_norm over the whole projection, not per head
 
@@ -45,6 +47,8 @@ def check_supported(spec: ModelSpec) -> None:
         problems.append(f"router {spec.router!r}")
     if spec.sliding_window or spec.attention_sinks or spec.lm_head_bias:
         problems.append("sliding window / attention sinks / lm_head bias")
+    if rope_problem(spec):
+        problems.append(rope_problem(spec))
     if spec.num_attention_heads % spec.num_key_value_heads:
         problems.append(f"{spec.num_attention_heads} query heads not a multiple of "
                         f"{spec.num_key_value_heads} kv heads")
@@ -201,15 +205,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     F.rms_norm computes x * rsqrt(mean(x^2) + eps) in the accumulation dtype (opmath) and rounds once to
     x's dtype: the same as casting up, normalising and casting back, in one kernel on CUDA (no casts)."""
     return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
-
-
-def rope_cos_sin(positions: torch.Tensor, spec: ModelSpec, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [tokens, head_dim] for integer positions [tokens]."""
-    d = spec.head_dim
-    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=positions.device) / d))
-    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]       # [tokens, d/2]
-    emb = torch.cat((freqs, freqs), dim=-1)                                # [tokens, d]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,9 @@ from .host_memory import HostArena, empty_host
 from .kv_cache import KVCache, append
 from .measure import Recorder
 from .model import (causal_attention, final_logits, fused_qkv, post_attention, pre_attention,
-                    pre_attention_packed, rope_cos_sin, signed_sin)
+                    pre_attention_packed, signed_sin)
 from .packing import MicroBatch
+from .rope import rope_cos_sin
 from .sampling import Sampling, sample
 from .weights import Page, WeightStore
 

@@ -12,6 +12,38 @@ QWEN2 = ModelSpec(name="tiny-qwen2", model_type="qwen2_moe", hidden_size=48, num
                   shared_expert_gate=True, qkv_bias=True, norm_topk_prob=False)
 
 
+# tiny transformers models of each family the runtime executes (odd sizes: hidden 48, 3 kv heads x 2
+# groups, 3-4 experts, top-2): (config class, model class, family-specific config fields)
+HF_COMMON = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3,
+                 vocab_size=101, num_experts_per_tok=2, max_position_embeddings=256)
+HF_FAMILIES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=3, intermediate_size=40)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(num_experts=3, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                       intermediate_size=40, norm_topk_prob=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(num_experts=4, moe_intermediate_size=24, intermediate_size=40, head_dim=16,
+                       norm_topk_prob=True)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=3, intermediate_size=32, norm_topk_prob=False)),
+}
+
+
+def hf_tiny_model(family: str, seed: int = 0, **overrides):
+    """A random tiny transformers model of `family` in eval mode, float32; `overrides` go to its config.
+    Norm weights and biases are moved off 1 and 0, which would hide mistakes in them."""
+    import transformers
+
+    cfg_cls, model_cls, extra = HF_FAMILIES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, cfg_cls)(**{**HF_COMMON, **extra, **overrides})
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
 def naive_decode_attention(q, k, v, starts, ends):
     """One query per sequence over its slots [starts[b], ends[b]), head by head in float64.
     q [B, n_q, d]; k, v [B, n_kv, T, d] -> [B, n_q * d]."""

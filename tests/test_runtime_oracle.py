@@ -15,40 +15,16 @@ from runtime.engine import Engine  # noqa: E402
 from hrm.policy import Policy  # noqa: E402
 from runtime.model import forward  # noqa: E402
 from runtime.weights import WeightStore  # noqa: E402
+from oracles import HF_FAMILIES, hf_tiny_model  # noqa: E402
 
 torch.set_num_threads(1)
 MAX_REL_ERR = 1e-4
-COMMON = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3,
-              vocab_size=101, num_experts_per_tok=2, max_position_embeddings=256)
-FAMILIES = {
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=3, intermediate_size=40)),
-    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
-                  dict(num_experts=3, moe_intermediate_size=24, shared_expert_intermediate_size=40,
-                       intermediate_size=40, norm_topk_prob=False)),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
-                  dict(num_experts=4, moe_intermediate_size=24, intermediate_size=40, head_dim=16,
-                       norm_topk_prob=True)),
-    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=3, intermediate_size=32, norm_topk_prob=False)),
-}
-
-
-def _build(family: str, seed: int = 0):
-    cfg_cls, model_cls, extra = FAMILIES[family]
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**COMMON, **extra)).eval()
-    with torch.no_grad():   # norms at 1 and biases at 0 would hide mistakes in them
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.3)
-    return model
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     out = {}
-    for family in FAMILIES:
+    for family in HF_FAMILIES:
         d = tmp_path_factory.mktemp(family)
-        model = _build(family)
+        model = hf_tiny_model(family)
         model.save_pretrained(d, max_shard_size="40KB" if family == "qwen2_moe" else "1GB")
         out[family] = (d, model)
     return out
@@ -66,7 +42,7 @@ def _rel_err(ours, ref):
     return float((ours - ref).abs().max() / ref.abs().max())
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(HF_FAMILIES))
 def test_logits_match_transformers(checkpoints, family):
     d, model = checkpoints[family]
     ours, tokens = _logits_ours(d)

@@ -1,0 +1,135 @@
+"""Every config feature of the executed families is computed as transformers defines it, or refused:
+each RoPE type (default, linear, dynamic, yarn, llama3; through `rope_parameters` or the legacy
+`rope_scaling`), attention / qkv biases present and absent. fp32 logits within 1e-4 relative of
+transformers' forward and the engine's greedy tokens equal to transformers' generate."""
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from hrm.policy import Policy  # noqa: E402
+from hrm.spec import ModelSpec, SpecError  # noqa: E402
+from oracles import HF_COMMON, HF_FAMILIES, hf_tiny_model  # noqa: E402
+from runtime.checkpoint import load_checkpoint  # noqa: E402
+from runtime.engine import Engine  # noqa: E402
+from runtime.model import UnsupportedModel, check_supported, forward  # noqa: E402
+from runtime.weights import WeightStore  # noqa: E402
+
+torch.set_num_threads(1)
+MAX_REL_ERR = 1e-4
+# contexts run to 21 tokens, past the 16 original positions the yarn and llama3 entries scale from
+ROPES = {
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    "yarn-tuned": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 8.0,
+                   "beta_slow": 2.0, "truncate": False, "attention_factor": 0.8},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16},
+}
+BIAS_FLIPS = {"qwen2_moe": {"qkv_bias": False}, "qwen3_moe": {"attention_bias": True},
+              "olmoe": {"attention_bias": True}}
+CASES = ([(f, r, {}) for f in HF_FAMILIES for r in ROPES]
+         + [(f, r, flip) for f, flip in BIAS_FLIPS.items() for r in ("default", "yarn")])
+TOKENS = [3, 17, 99, 42, 0, 7, 64, 5, 88, 23, 11, 100, 2]
+PROMPTS = [TOKENS, [8, 1, 90]]
+NEW_TOKENS = 8
+
+
+def _checkpoint(tmp_path, family, rope, extra):
+    overrides = dict(extra, max_position_embeddings=64)
+    if family == "mixtral":   # transformers' dynamic and yarn read config.head_dim, which Mixtral leaves None
+        overrides["head_dim"] = 8
+    if ROPES[rope] is not None:
+        overrides["rope_parameters"] = {"rope_theta": 10000.0, **ROPES[rope]}
+    model = hf_tiny_model(family, **overrides)
+    model.save_pretrained(tmp_path)
+    return model
+
+
+@pytest.mark.parametrize("family, rope, extra", CASES,
+                         ids=[f"{f}-{r}" + "".join(f"-{k}={v}" for k, v in e.items()) for f, r, e in CASES])
+def test_parity_with_transformers(tmp_path, family, rope, extra):
+    model = _checkpoint(tmp_path, family, rope, extra)
+    spec = ModelSpec.from_hf_config(tmp_path)
+    assert (spec.rope_parameters is None) == (rope == "default")
+    store = WeightStore(spec, torch.float32, "cpu", num_resident=1, num_pages=2)
+    load_checkpoint(tmp_path, store, progress=False)
+    tokens = torch.tensor(TOKENS)
+    ours = forward(tokens, store.dense, store.at_rest, spec)
+    with torch.no_grad():
+        ref = model(tokens[None]).logits[0]
+    assert float((ours - ref).abs().max() / ref.abs().max()) < MAX_REL_ERR
+
+    with Engine(spec, Policy(2, 1), model_dir=tmp_path, dtype=torch.float32) as engine:
+        generated, _ = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
+    for prompt, got in zip(PROMPTS, generated):
+        want = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                              attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+        assert got == want[0, len(prompt):].tolist()
+
+
+def _config(family="qwen3_moe", **fields) -> dict:
+    return {"model_type": family, **HF_COMMON, **HF_FAMILIES[family][2], "max_position_embeddings": 64, **fields}
+
+
+@pytest.mark.parametrize("rope", [r for r in ROPES if r != "default"])
+def test_legacy_rope_scaling_key_reads_the_same(rope):
+    legacy = {("type" if k == "rope_type" else k): v for k, v in ROPES[rope].items()}
+    new = ModelSpec.from_hf_config(_config(rope_parameters={"rope_theta": 5e5, **ROPES[rope]}))
+    old = ModelSpec.from_hf_config(_config(rope_theta=5e5, rope_scaling=legacy))
+    assert new == old and new.rope_theta == 5e5
+
+
+def test_yarn_attention_factor_from_mscale():
+    """DeepSeek's form: no attention_factor, mscale / mscale_all_dim, factor from the context ratio."""
+    spec = ModelSpec.from_hf_config(_config(rope_scaling={"type": "yarn", "mscale": 1.0, "mscale_all_dim": 0.5,
+                                                          "original_max_position_embeddings": 16}))
+    r = spec.rope_parameters
+    assert r.factor == 4.0
+    assert r.attention_factor == pytest.approx((0.1 * 1.0 * 1.3862943611 + 1) / (0.1 * 0.5 * 1.3862943611 + 1))
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(rope_parameters={"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}),
+     "rope_parameters.rope_type 'longrope'"),
+    (dict(partial_rotary_factor=0.5), "partial_rotary_factor 0.5"),
+])
+def test_rope_the_runtime_cannot_compute_is_refused(fields, words):
+    spec = ModelSpec.from_hf_config(_config(**fields))
+    with pytest.raises(UnsupportedModel, match=words):
+        check_supported(spec)
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(rope_parameters={"rope_type": "linear"}), "missing field 'rope_parameters.factor'"),
+    (dict(rope_scaling={"type": "linear", "factor": -2}), "'rope_scaling.factor' must be positive"),
+    (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}),
+     "missing field 'rope_parameters.high_freq_factor'"),
+    (dict(rope_scaling=[1, 2]), "field 'rope_scaling' must be an object"),
+    (dict(partial_rotary_factor=1.5), "'partial_rotary_factor' must be in (0, 1]"),
+])
+def test_malformed_rope_config_names_the_field(fields, words):
+    with pytest.raises(SpecError) as e:
+        ModelSpec.from_hf_config(_config(**fields))
+    assert words in str(e.value)
+
+
+def test_context_past_max_positions_is_refused(tmp_path):
+    """Within max_position_embeddings dynamic RoPE is plain RoPE; past it, the engine refuses."""
+    _checkpoint(tmp_path, "qwen3_moe", "dynamic", {})
+    spec = ModelSpec.from_hf_config(tmp_path)
+    with Engine(spec, Policy(2, 1), model_dir=tmp_path, dtype=torch.float32) as engine:
+        with pytest.raises(ValueError, match="context of 65 tokens .* max_position_embeddings 64"):
+            engine.generate([[1] * 60], max_new_tokens=5)
+
+
+def test_plan_round_trips_rope_parameters(tmp_path):
+    from optimizer.plan import spec_from_dict, spec_to_dict
+    spec = ModelSpec.from_hf_config(_config(rope_parameters={"rope_theta": 1e4, **ROPES["llama3"]}))
+    assert spec_from_dict(json.loads(json.dumps(spec_to_dict(spec)))) == spec
+    plain = ModelSpec.from_hf_config(_config())
+    assert "rope_parameters" not in spec_to_dict(plain)
