@@ -174,14 +174,17 @@ def moe_workspace_bytes(spec: ModelSpec, tokens):
     # dense: every expert on every token; y [E, t, H], per group gate|up [n, t, 2I] and silu(gate)*up
     dense = t * E * ACC_BYTES + E * t * H * ab + np.maximum(E * t * 3 * I * ab + E * t * I * ab,
                                                             E * t * H * ACC_BYTES + t * H * ACC_BYTES)
-    # grouped: per store group the (token, slot) pairs sorted by expert; gate|up of the previous group is
-    # still referenced while the next one is computed
-    grouped = (t * H * ACC_BYTES + 6 * tk * INDEX_BYTES + 2 * tk * 2 * I * ab
-               + np.maximum(tk * H * ab, tk * 2 * I * ab + tk * H * ab + 2 * tk * H * ACC_BYTES))
+    # grouped: slices of at most MOE_GROUPED_MAX_TOKENS tokens into one output; per store group a slice's
+    # (token, slot) pairs sorted by expert; gate|up of the previous group is still referenced while the
+    # next one is computed
+    ts = np.minimum(t, MOE_GROUPED_MAX_TOKENS)
+    tks = ts * k
+    grouped = (t * H * ACC_BYTES + 6 * tks * INDEX_BYTES + 2 * tks * 2 * I * ab
+               + np.maximum(tks * H * ab, tks * 2 * I * ab + tks * H * ab + 2 * tks * H * ACC_BYTES))
     # sparse: per expert its tokens (twice the mean share, at most all tokens)
     n = np.minimum(t, 2.0 * tk / E)
     sparse = t * H * ACC_BYTES + 4 * tk * INDEX_BYTES + n * (2 * H * ab + 3 * I * ab + 2 * H * ACC_BYTES)
-    paths = np.where(t <= MOE_DENSE_MAX_TOKENS, dense, np.where(t <= MOE_GROUPED_MAX_TOKENS, np.maximum(grouped, sparse), sparse))
+    paths = np.where(t <= MOE_DENSE_MAX_TOKENS, dense, np.maximum(grouped, sparse))
     shared = 0.0
     if spec.shared_expert_intermediate_size:
         shared = t * (3 * spec.shared_expert_intermediate_size * ab + H * ACC_BYTES)

@@ -25,8 +25,8 @@ chunks the prefill workspace bounded mu to ~36 under a 24 GB budget for Mixtral.
 MOE_DENSE_MAX_TOKENS = 64
 """The runtime's MoE takes its sync-free dense path (every expert on every token) up to this many tokens."""
 MOE_GROUPED_MAX_TOKENS = PREFILL_CHUNK_TOKENS // 2
-"""... then, where the GPU has a grouped GEMM, the grouped path up to this many; above it the sparse path.
-The grouped path holds [tokens * k, 2I] and its companions at once (hrm.memory.moe_workspace_bytes)."""
+"""... then, where the GPU has a grouped GEMM, the grouped path, in slices of at most this many tokens: a
+slice holds [tokens * k, 2I] and its companions at once (hrm.memory.moe_workspace_bytes)."""
 
 
 def device_micro_batches(kv_gpu_frac, num_micro_batches):

@@ -9,8 +9,8 @@ graph). The experts are read where they live: resident slots, or weight buffer `
 pipeline overwrites between visits, as it does for the eager path. All graphs share one memory pool;
 they replay one after another on the compute stream, so their intermediates never overlap in time.
 
-Only the sync-free MoE paths can be captured: micro-batches up to MOE_DENSE_MAX_TOKENS (dense), or up to
-MOE_GROUPED_MAX_TOKENS where the grouped GEMM exists. Larger ones run eagerly.
+Only the sync-free MoE paths can be captured: micro-batches up to MOE_DENSE_MAX_TOKENS (dense), or any
+size where the grouped GEMM exists. Otherwise they run eagerly.
 """
 from __future__ import annotations
 

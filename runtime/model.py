@@ -6,11 +6,13 @@ through an `ExpertLookup` (expert id -> ExpertWeights) so that a page table can 
 Norms, softmax, RoPE and the expert sum run in `acc_dtype(dtype)` (fp32, or fp64 for fp64 models).
 
 Three MoE paths with the same math: the sparse one (tokens grouped per expert; one host synchronisation
-for the per-expert counts) and two sync-free ones for experts read through an `ExpertTable` (the
-pipeline's page-table view): for at most MOE_DENSE_MAX_TOKENS tokens a dense one that runs every expert
-of the layer on every token with batched matmuls over the expert dimension and combines them with a dense
-[tokens, experts] routing matrix; above that a grouped one (tokens sorted per expert, torch._grouped_mm
-with device-side group offsets), where torch provides a grouped GEMM for the device and dtype.
+for the per-expert counts, a Python loop over the experts: the slow, obvious oracle) and two sync-free
+ones for experts read through an `ExpertTable` (the pipeline's page-table view, resident and streamed
+experts alike): for at most MOE_DENSE_MAX_TOKENS tokens a dense one that runs every expert of the layer
+on every token with batched matmuls over the expert dimension and combines them with a dense
+[tokens, experts] routing matrix; above that a grouped one (tokens sorted per expert on the device,
+torch._grouped_mm with device-side group offsets, in slices of MOE_GROUPED_MAX_TOKENS tokens), where
+torch has a fused grouped GEMM for the device and dtype.
 """
 from __future__ import annotations
 
@@ -334,9 +336,9 @@ def route(h: torch.Tensor, router: torch.Tensor, spec: ModelSpec) -> tuple[torch
 
 def moe(h: torch.Tensor, layer: LayerWeights, experts: ExpertLookup, spec: ModelSpec) -> torch.Tensor:
     """Routed experts (SwiGLU, read through `experts`) plus the shared expert. h [tokens, hidden] -> same.
-    Through an ExpertTable, up to MOE_DENSE_MAX_TOKENS tokens: the dense path, then up to
-    MOE_GROUPED_MAX_TOKENS the grouped path where the device has a grouped GEMM for the dtype (neither
-    synchronises with the host); otherwise the sparse path (one host synchronisation: the per-expert token counts)."""
+    Through an ExpertTable, up to MOE_DENSE_MAX_TOKENS tokens: the dense path, above it the grouped path
+    where the device has a grouped GEMM for the dtype (neither synchronises with the host); otherwise the
+    sparse path (one host synchronisation: the per-expert token counts)."""
     weights, ids = route(h, layer.router, spec)                            # [tokens, k]
     groups = getattr(experts, "groups", None)
     path = moe_path(h.shape[0], groups, spec, h.device, h.dtype)
@@ -398,11 +400,15 @@ def _routed_dense(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, mat
 
 
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch._grouped_mm runs and is right for this device type and dtype (checked once on a
-    16 x 16 case against plain matmuls: CUDA needs sm90+ and 16-bit types, the CPU build any float but fp64)."""
+    """Whether torch._grouped_mm is a sync-free grouped GEMM for this device and dtype, and right (checked
+    once on a 16 x 16 case against plain matmuls). On CUDA only Hopper and Blackwell (sm90, sm100) have
+    the fused kernel: below, torch falls back to one matmul per group after copying the offsets to the
+    host, which is the sparse path with a sync per expert. The CPU build's fallback is used, for tests."""
     key = (device.type, dtype)
     if key not in _GROUPED_MM_OK:
         ok = hasattr(torch, "_grouped_mm")
+        if ok and device.type == "cuda":
+            ok = torch.cuda.get_device_capability(device)[0] in (9, 10) and dtype in (torch.bfloat16,)
         if ok:
             try:
                 g = torch.Generator().manual_seed(0)
@@ -425,8 +431,7 @@ def moe_path(tokens: int, groups, spec: ModelSpec, device: torch.device, dtype: 
         return "sparse"
     if tokens <= MOE_DENSE_MAX_TOKENS:
         return "dense"
-    if (tokens <= MOE_GROUPED_MAX_TOKENS and grouped_mm_available(device, dtype)
-            and _grouped_aligned(groups, spec, dtype.itemsize)):
+    if grouped_mm_available(device, dtype) and _grouped_aligned(groups, spec, dtype.itemsize):
         return "grouped"
     return "sparse"
 
@@ -440,15 +445,26 @@ def _grouped_aligned(groups: tuple[tuple[int, torch.Tensor], ...], spec: ModelSp
 
 def _routed_grouped(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, matrices,
                     spec: ModelSpec) -> torch.Tensor:
+    """The grouped path over slices of at most MOE_GROUPED_MAX_TOKENS tokens (which bound its workspace),
+    each written into its rows of the output: no host sync at any size. [tokens, hidden] in the
+    accumulation dtype. `matrices`: ExpertTable.matrices."""
+    t = h.shape[0]
+    out = torch.zeros(t, spec.hidden_size, dtype=weights.dtype, device=h.device)  # [tokens, hidden] acc
+    for first in range(0, t, MOE_GROUPED_MAX_TOKENS):
+        rows = slice(first, first + MOE_GROUPED_MAX_TOKENS)
+        _grouped_slice(out[rows], h[rows], weights[rows], ids[rows], matrices, spec)
+    return out
+
+
+def _grouped_slice(out: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, matrices,
+                   spec: ModelSpec) -> None:
     """Per store group, its (token, slot) pairs sorted by expert and run through two grouped GEMMs whose
-    group offsets stay on the device, so there is no host sync. Same math as _routed_sparse; pairs routed
-    to other groups sort last, beyond the last offset, where the grouped GEMM leaves its output unwritten,
-    so they are masked (not multiplied) out. `matrices`: ExpertTable.matrices. [tokens, hidden] in the
-    accumulation dtype."""
-    t, k = ids.shape
-    hid, inter = spec.hidden_size, spec.moe_intermediate_size
+    group offsets stay on the device. Same math as _routed_sparse; pairs routed to other groups sort last,
+    beyond the last offset, where the grouped GEMM neither computes nor writes, so they are masked (not
+    multiplied) out. Adds into out [tokens, hidden] (accumulation dtype)."""
+    k = ids.shape[1]
+    inter = spec.moe_intermediate_size
     flat, w_flat = ids.reshape(-1), weights.reshape(-1)                      # [t * k]
-    out = torch.zeros(t, hid, dtype=weights.dtype, device=h.device)         # [tokens, hidden] acc
     for first, gate_up_t, down_t in matrices:                              # [n, H, 2I], [n, I, H]
         n = gate_up_t.shape[0]
         local = flat - first
@@ -463,7 +479,6 @@ def _routed_grouped(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, m
         y = torch._grouped_mm(a, down_t, offs=offs)                        # [t * k, H]
         keep = inside[order, None]                                         # [t * k, 1]
         out.index_add_(0, tok, torch.where(keep, y.to(out.dtype) * w_flat[order, None], 0.0))
-    return out
 
 
 def post_attention(x: torch.Tensor, attn: torch.Tensor, layer: LayerWeights, experts: ExpertLookup,

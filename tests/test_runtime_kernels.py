@@ -96,6 +96,36 @@ def test_grouped_moe_equals_sparse(spec, resident, dtype):
     assert float((grouped - sparse).abs().max()) <= tol * float(sparse.abs().max())
 
 
+def _routing(case: str, tokens: int, spec: ModelSpec):
+    """(weights, ids) [tokens, k] for odd routings: `skewed`: the last expert gets no token and the one
+    before it exactly one; `all-same`: every token on experts 0 .. k-1; `one-token`: a single token."""
+    k, e = spec.num_experts_per_tok, spec.num_experts
+    g = torch.Generator().manual_seed(11)
+    if case == "all-same":
+        ids = torch.arange(k).repeat(tokens, 1)
+    else:
+        ids = torch.stack([torch.randperm(e - 2, generator=g)[:k] for _ in range(tokens)])
+        ids[tokens // 2, 0] = e - 2
+    w = torch.rand(tokens, k, generator=g, dtype=torch.float32)
+    return w / w.sum(-1, keepdim=True), ids
+
+
+@pytest.mark.parametrize("case, tokens", [("skewed", 53), ("all-same", 53), ("one-token", 1), ("skewed", 16)])
+@pytest.mark.parametrize("resident", [0, 3, 5], ids=["streamed", "split", "resident"])
+def test_grouped_moe_equals_the_oracle_on_odd_routings(monkeypatch, case, tokens, resident):
+    """Experts with no token, one token, all tokens; slices of 16 tokens (53 = 3 full slices + 5)."""
+    if not model.grouped_mm_available(torch.device("cpu"), torch.float32):
+        pytest.skip("this torch has no CPU grouped GEMM")
+    monkeypatch.setattr(model, "MOE_GROUPED_MAX_TOKENS", 16)
+    store = _store(ALIGNED, resident, dtype=torch.float32)
+    table = store.lookup(1, 1)
+    h = torch.randn(tokens, ALIGNED.hidden_size, generator=torch.Generator().manual_seed(3))
+    weights, ids = _routing(case, tokens, ALIGNED)
+    grouped = model._routed_grouped(h, weights, ids, table.matrices(ALIGNED), ALIGNED)
+    oracle = model._routed_sparse(h, weights, ids, table, ALIGNED)
+    assert float((grouped - oracle).abs().max()) <= 1e-5 * float(oracle.abs().max())
+
+
 def test_moe_takes_the_grouped_path_above_the_threshold(monkeypatch):
     if not model.grouped_mm_available(torch.device("cpu"), torch.float32):
         pytest.skip("this torch has no CPU grouped GEMM")
