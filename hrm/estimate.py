@@ -302,11 +302,10 @@ def prefill_layer_times(s: Setting, N, mu, r_w, r_c) -> LayerTimes:
 
     def gpu_chunk(seqs):
         tokens = seqs * p
-        rate = prefill_layer_flops_per_s(s, tokens)
-        if rate is not None:
-            return ops.prefill_layer(spec, seqs, p).flops / rate
-        return (gpu_time(s, ops.layer_gpu_ops(spec, tokens) + ops.attention(spec, seqs, p, 0), tokens)
-                + prefill_experts_time(s, tokens))
+        rest = ops.layer_gpu_ops(spec, tokens) + ops.attention(spec, seqs, p, 0)   # all but the routed experts
+        rate = prefill_rest_flops_per_s(s, tokens)
+        rest_s = gpu_time(s, rest, tokens) if rate is None else rest.flops / rate
+        return rest_s + prefill_experts_time(s, tokens)
 
     chunk = prefill_chunk_sequences(p)
 
@@ -326,15 +325,35 @@ def prefill_layer_times(s: Setting, N, mu, r_w, r_c) -> LayerTimes:
                       link_s=link, pipeline_s=0.0, num_micro_batches=m)
 
 
-def prefill_layer_flops_per_s(s: Setting, tokens):
-    """The measured FLOP/s (over ops.prefill_layer's count) of the runtime's whole prefill layer for a
-    chunk of `tokens` tokens (interpolated in log tokens, flat beyond the measured range), or None where
-    the profile has no such measurement. It holds what the roofline of its parts misses: the chunk's
-    attention layout, KV and hidden-state staging, the MoE's per-expert split, and their launches."""
+def prefill_rest_flops_per_s(s: Setting, tokens):
+    """The measured FLOP/s of the runtime's prefill layer without its routed experts (its time less the
+    MoE layer's at the measured model's shape, over the FLOPs of hrm.ops.layer_gpu_ops and attention) for
+    a chunk of `tokens` tokens (interpolated in log tokens, flat beyond the measured range), or None where
+    the profile has no such measurement. It holds what the roofline of those parts misses: the chunk's
+    attention layout, KV and hidden-state staging, and their launches."""
     m = _measured(s)
     if m is None or not m.gpu_prefill_tokens:
         return None
-    return interp_log(tokens, m.gpu_prefill_tokens, m.gpu_prefill_flops) * s.hardware.gpu.count
+    return interp_log(tokens, m.gpu_prefill_tokens, m.gpu_prefill_rest_flops) * s.hardware.gpu.count
+
+
+MOE_SHAPE_TOLERANCE = 1.5
+"""A measured MoE curve prices a model whose hidden and expert widths are each within this factor of the
+measured shape's (the nearest such shape, in log distance); other models take the GEMM roofline."""
+
+
+def moe_curve(s: Setting):
+    """(tokens per expert, routed FLOP/s) of the profile's MoE curve for this model's expert shape, or
+    None where no measured shape is within MOE_SHAPE_TOLERANCE."""
+    m = _measured(s)
+    if m is None or not m.gpu_moe_shapes:
+        return None
+    want = np.log([s.spec.hidden_size, s.spec.moe_intermediate_size])
+    dist = [np.abs(np.log(shape[:2]) - want) for shape in m.gpu_moe_shapes]
+    best = int(np.argmin([d.sum() for d in dist]))
+    if dist[best].max() > np.log(MOE_SHAPE_TOLERANCE):
+        return None
+    return m.gpu_moe_tokens_per_expert[best], m.gpu_moe_flops[best]
 
 
 def prefill_once_s(s: Setting, N):
@@ -346,15 +365,16 @@ def prefill_once_s(s: Setting, N):
 
 
 def prefill_experts_time(s: Setting, tokens):
-    """The routed experts of one layer for a prefill micro-batch of `tokens` tokens: at the measured rate
-    of the runtime's own MoE layer where the profile has it (interpolated in log tokens, held flat
-    beyond the measured range), else the roofline at the GEMM rate of tokens per expert."""
+    """The routed experts of one layer for a prefill chunk of `tokens` tokens: at the measured rate of the
+    runtime's own MoE layer at this model's expert shape where the profile has it (moe_curve, read at the
+    model's tokens per expert, interpolated in log and held flat beyond the measured range), else the
+    roofline at the GEMM rate of tokens per expert."""
     cost = ops.routed_experts(s.spec, tokens)
-    m = _measured(s)
-    if m is not None and m.gpu_moe_tokens:
-        rate = interp_log(tokens, m.gpu_moe_tokens, m.gpu_moe_flops) * s.hardware.gpu.count
-        return cost.flops / rate
-    return gpu_time(s, cost, ops.tokens_per_expert(s.spec, tokens))
+    per_expert = ops.tokens_per_expert(s.spec, tokens)
+    curve = moe_curve(s)
+    if curve is not None:
+        return cost.flops / (interp_log(per_expert, *curve) * s.hardware.gpu.count)
+    return gpu_time(s, cost, per_expert)
 
 
 def lm_head_time(s: Setting, N):

@@ -74,10 +74,12 @@ class Measured:
     gpu_gemm_tokens: tuple[float, ...] = ()
     gpu_gemm_flops: tuple[float, ...] = ()
     h2d_sizes_bytes: tuple[float, ...] = ()
-    gpu_moe_tokens: tuple[float, ...] = ()     # the runtime's MoE layer at prefill sizes: tokens per call ...
-    gpu_moe_flops: tuple[float, ...] = ()      # ... and routed top-k FLOP/s
-    gpu_prefill_tokens: tuple[float, ...] = ()  # the runtime's whole prefill layer: tokens per chunk ...
-    gpu_prefill_flops: tuple[float, ...] = ()   # ... and FLOP/s over hrm.ops.prefill_layer's count
+    gpu_moe_shapes: tuple[tuple[int, int, int, int], ...] = ()  # the runtime's MoE layer measured at these
+    #   expert shapes (hidden, intermediate, experts, top-k) ...
+    gpu_moe_tokens_per_expert: tuple[tuple[float, ...], ...] = ()  # ... per shape: tokens per expert ...
+    gpu_moe_flops: tuple[tuple[float, ...], ...] = ()              # ... and routed top-k FLOP/s
+    gpu_prefill_tokens: tuple[float, ...] = ()  # the runtime's prefill layer: tokens per chunk ...
+    gpu_prefill_rest_flops: tuple[float, ...] = ()  # ... and FLOP/s of all but its routed experts
     prefill_pass_s_per_token: float = 0.0       # the runtime's prefill cost per prompt token paid once per pass
     h2d_bytes_per_s: tuple[float, ...] = ()
     cpu_attention_bytes_per_s: float = 0.0     # KV bytes/s of the runtime's CPU decode attention
@@ -146,8 +148,8 @@ class HardwareProfile:
             measured=None if self.measured is None else replace(
                 self.measured, h2d_bytes_per_s=tuple(v * link for v in self.measured.h2d_bytes_per_s),
                 gpu_gemm_flops=tuple(v * gpu_flops for v in self.measured.gpu_gemm_flops),
-                gpu_moe_flops=tuple(v * gpu_flops for v in self.measured.gpu_moe_flops),
-                gpu_prefill_flops=tuple(v * gpu_flops for v in self.measured.gpu_prefill_flops),
+                gpu_moe_flops=tuple(tuple(v * gpu_flops for v in curve) for curve in self.measured.gpu_moe_flops),
+                gpu_prefill_rest_flops=tuple(v * gpu_flops for v in self.measured.gpu_prefill_rest_flops),
                 cpu_dram_bytes_per_s=self.measured.cpu_dram_bytes_per_s * cpu_mem_bw,
                 cpu_attention_bytes_per_s=self.measured.cpu_attention_bytes_per_s * cpu_mem_bw,
                 cpu_attention_overlapped_bytes_per_s=self.measured.cpu_attention_overlapped_bytes_per_s * cpu_mem_bw,
@@ -255,12 +257,17 @@ def _measured(table: Mapping, where: str) -> Measured:
 
     gt, gf = pair("gpu_gemm_tokens", "gpu_gemm_tflops", 1.0, TFLOPS)
     hs, hr = pair("h2d_sizes_mib", "h2d_gb_per_s", 2.0 ** 20, GB)
-    mt, mf = pair("gpu_moe_tokens", "gpu_moe_tflops", 1.0, TFLOPS)
-    pt, pf = pair("gpu_prefill_tokens", "gpu_prefill_tflops", 1.0, TFLOPS)
+    for old, new in (("gpu_moe_tokens", "gpu_moe_shapes"), ("gpu_prefill_tflops", "gpu_prefill_rest_tflops")):
+        if old in table:
+            raise HardwareError(f"{where}: '{old}' is the old form of '{new}' (measured at Mixtral's shape only); "
+                                f"re-run `moe-lightning profile`")
+    shapes, moe_x, moe_y = _moe_curves(table, where)
+    pt, pf = pair("gpu_prefill_tokens", "gpu_prefill_rest_tflops", 1.0, TFLOPS)
     om, ob = pair("cpu_attention_overlapped_micro_batches", "cpu_attention_overlapped_gb_per_s_by_micro_batch", 1.0, GB)
     return Measured(
         gpu_gemm_tokens=gt, gpu_gemm_flops=gf, h2d_sizes_bytes=hs, h2d_bytes_per_s=hr,
-        gpu_moe_tokens=mt, gpu_moe_flops=mf, gpu_prefill_tokens=pt, gpu_prefill_flops=pf,
+        gpu_moe_shapes=shapes, gpu_moe_tokens_per_expert=moe_x, gpu_moe_flops=moe_y,
+        gpu_prefill_tokens=pt, gpu_prefill_rest_flops=pf,
         prefill_pass_s_per_token=float(table.get("prefill_pass_ns_per_token", 0.0)) * 1e-9,
         cpu_attention_bytes_per_s=float(table.get("cpu_attention_gb_per_s", 0.0)) * GB,
         cpu_attention_overlapped_bytes_per_s=float(table.get("cpu_attention_overlapped_gb_per_s", 0.0)) * GB,
@@ -277,6 +284,28 @@ def _measured(table: Mapping, where: str) -> Measured:
         cpu_attention_call_s=float(table.get("cpu_attention_call_us", 0.0)) * 1e-6,
         method=str(_req(table, "method", where)), date=str(_req(table, "date", where)),
     )
+
+
+def _moe_curves(table: Mapping, where: str):
+    """gpu_moe_shapes [[hidden, intermediate, experts, top-k], ...] with, per shape, a curve of
+    gpu_moe_tflops over gpu_moe_tokens_per_expert (ascending after reading)."""
+    shapes = table.get("gpu_moe_shapes", [])
+    xs, ys = table.get("gpu_moe_tokens_per_expert", []), table.get("gpu_moe_tflops", [])
+    if not isinstance(shapes, list) or not (len(shapes) == len(xs) == len(ys)):
+        raise HardwareError(f"{where}: 'gpu_moe_shapes', 'gpu_moe_tokens_per_expert' and 'gpu_moe_tflops' must be "
+                            f"lists of one entry per shape")
+    out_shapes, out_x, out_y = [], [], []
+    for shape, x, y in zip(shapes, xs, ys):
+        if not isinstance(shape, list) or len(shape) != 4:
+            raise HardwareError(f"{where}: 'gpu_moe_shapes' entries are [hidden, intermediate, experts, top_k], "
+                                f"got {shape!r}")
+        if not isinstance(x, list) or not isinstance(y, list) or len(x) != len(y) or not x:
+            raise HardwareError(f"{where}: the curve of shape {shape} needs as many tokens per expert as TFLOP/s")
+        order = np.argsort(x)
+        out_shapes.append(tuple(int(_positive(v, "gpu_moe_shapes", where)) for v in shape))
+        out_x.append(tuple(_positive(x[i], "gpu_moe_tokens_per_expert", where) for i in order))
+        out_y.append(tuple(_positive(y[i], "gpu_moe_tflops", where) * TFLOPS for i in order))
+    return tuple(out_shapes), tuple(out_x), tuple(out_y)
 
 
 MEMORY_KEYS = {"cuda_context_gib": ("cuda_context_bytes", GiB), "process_baseline_gib": ("process_baseline_bytes", GiB),

@@ -101,13 +101,17 @@ def _print(r: dict, donor, profile, output) -> None:
             for size, rate in zip(sizes, rates):
                 rows.append(("", f"decode attention inside the CGOPipe loop, batch {size} x ctx {ctx}",
                              f"{rate / 1e9:,.1f} GB/s"))
-    if g and g.get("moe_tokens"):
-        for i, (tok, f) in enumerate(zip(g["moe_tokens"], g["moe_flops_per_s"])):
-            rows.append(("GPU" if i == 0 else "", f"runtime MoE layer, {tok} tokens (routed top-k FLOP/s)",
-                         f"{f / 1e12:,.1f} TFLOP/s"))
+    if g and g.get("moe_shapes"):
+        for i, (name, curve_x, curve_y) in enumerate(zip(g["moe_models"], g["moe_tokens_per_expert"],
+                                                         g["moe_flops_per_s"])):
+            rates = ", ".join(f"{f / 1e12:,.0f}" for f in curve_y)
+            rows.append(("GPU" if i == 0 else "", f"runtime MoE layer at {name}'s shape, tokens per expert "
+                         f"{', '.join(f'{x:g}' for x in curve_x)}", f"{rates} TFLOP/s"))
     if g and g.get("prefill_tokens"):
-        for tok, f in zip(g["prefill_tokens"], g["prefill_flops_per_s"]):
-            rows.append(("", f"runtime prefill layer, {tok} tokens in prompts of {g['prefill_prompt_len']}",
+        rest = g.get("prefill_rest_flops_per_s") or [None] * len(g["prefill_tokens"])
+        for tok, f, r_f in zip(g["prefill_tokens"], g["prefill_flops_per_s"], rest):
+            rows.append(("", f"runtime prefill layer, {tok} tokens in prompts of {g['prefill_prompt_len']}"
+                         + ("" if r_f is None else f" (all but the experts: {r_f / 1e12:,.1f})"),
                          f"{f / 1e12:,.1f} TFLOP/s"))
         rows.append(("", "runtime prefill, once per pass", f"{g['prefill_pass_s_per_token'] * 1e9:,.0f} ns/token"))
 

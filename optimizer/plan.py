@@ -84,13 +84,18 @@ def hardware_to_dict(hw: HardwareProfile) -> dict:
             "memory": dataclasses.asdict(hw.memory)}
 
 
+def _tuples(value):
+    """JSON lists, nested or not, as the tuples the frozen dataclasses hold."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def hardware_from_dict(d: dict) -> HardwareProfile:
     d = _need(d, dict, "hardware")
     try:
         gpu, cpu = (ComputeUnit(**_need(d[k], dict, f"hardware.{k}")) for k in ("gpu", "cpu"))
         link = Link(**_need(d["link"], dict, "hardware.link"))
         m = d.get("measured")
-        measured = None if m is None else Measured(**{k: tuple(v) if isinstance(v, list) else v
+        measured = None if m is None else Measured(**{k: _tuples(v)
                                                       for k, v in _need(m, dict, "hardware.measured").items()})
         memory = MemoryProfile(**_need(d["memory"], dict, "hardware.memory"))
         return HardwareProfile(name=str(d["name"]), description=str(d.get("description", "")), gpu=gpu, cpu=cpu,

@@ -139,15 +139,25 @@ def gpu_gemm_flops(tokens: Sequence[int] = GEMM_TOKENS, hidden_size: int = 4096,
     return rates
 
 
-MOE_TOKENS = (1024, 2048, 4096, 8192)
-MOE_TOKENS_QUICK = (1024, 2048)
+MOE_MODELS = ("mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b")
+"""Expert shapes the profile measures the runtime's MoE layer at: 8 large experts (14336 x 4096, top-2),
+128 small ones (768 x 2048, top-8), 64 of 1024 x 2048 (top-8); the profiled model's own shape is added."""
+MOE_TOKENS_PER_EXPERT = (32, 128, 512, 2048)
+MOE_TOKENS_PER_EXPERT_QUICK = (128, 1024)
 
 
-def gpu_moe_flops(spec, tokens: Sequence[int] = MOE_TOKENS, repeats: int = 5, device: str = "cuda") -> list[float]:
-    """Routed-expert FLOP/s (top-k FLOPs, hrm.ops.routed_experts) of the runtime's own MoE layer at
-    prefill token counts: runtime.model.moe through the page-table view the pipeline passes, on one MoE
-    layer of `spec` with synthetic bf16 weights, every expert resident. It holds what plain GEMMs do not:
-    routing, the per-expert split and gathers, the combination."""
+def moe_shape(spec) -> list[int]:
+    """[hidden, intermediate, experts, top-k]: the key of a measured MoE curve."""
+    return [spec.hidden_size, spec.moe_intermediate_size, spec.num_experts, spec.num_experts_per_tok]
+
+
+def gpu_moe_flops(spec, tokens_per_expert: Sequence[float] = MOE_TOKENS_PER_EXPERT, repeats: int = 5,
+                  device: str = "cuda") -> list[float]:
+    """Routed-expert FLOP/s (top-k FLOPs, hrm.ops.routed_experts) of the runtime's own MoE layer by tokens
+    per expert (calls of tokens_per_expert * experts / top-k tokens): runtime.model.moe through the
+    page-table view the pipeline passes, on one MoE layer of `spec` with synthetic bf16 weights, every
+    expert resident. It holds what plain GEMMs do not: routing, the per-expert split and gathers, the
+    combination."""
     from dataclasses import replace
 
     from hrm import ops
@@ -161,12 +171,33 @@ def gpu_moe_flops(spec, tokens: Sequence[int] = MOE_TOKENS, repeats: int = 5, de
     synthesize(store, seed=0, progress=False)
     layer, table = store.dense.layers[0], store.lookup(0, 0)
     rates = []
-    for t in tokens:
+    for per_expert in tokens_per_expert:
+        t = max(1, round(per_expert * one.num_experts / one.num_experts_per_tok))
         h = _fill_random(torch.empty(t, one.hidden_size, dtype=torch.bfloat16, device=device), 3)  # [t, hidden]
         s = _median_cuda_s(lambda: model.moe(h, layer, table, one), repeats)
         rates.append(float(ops.routed_experts(one, t).flops) / s)
     del store
     return rates
+
+
+def prefill_rest_flops(spec, tokens: Sequence[int], layer_flops_per_s: Sequence[float], prompt_len: int,
+                       repeats: int = 5, device: str = "cuda") -> list[float | None]:
+    """FLOP/s of the runtime's prefill layer without its routed experts, per chunk of `tokens` tokens:
+    the layer's measured time less the MoE layer's at the same tokens, over the FLOPs of the rest
+    (hrm.ops.layer_gpu_ops and attention). None where the MoE alone took as long as the layer."""
+    from hrm import ops
+
+    per_expert = [float(ops.tokens_per_expert(spec, t)) for t in tokens]
+    moe_rates = gpu_moe_flops(spec, per_expert, repeats=repeats, device=device)
+    out = []
+    for t, layer_rate, moe_rate in zip(tokens, layer_flops_per_s, moe_rates):
+        seqs = t // prompt_len
+        layer_s = float(ops.prefill_layer(spec, seqs, prompt_len).flops) / layer_rate
+        moe_flops = float(ops.routed_experts(spec, t).flops)
+        rest_s = layer_s - moe_flops / moe_rate
+        out.append((float(ops.prefill_layer(spec, seqs, prompt_len).flops) - moe_flops) / rest_s
+                   if rest_s > 0 else None)
+    return out
 
 
 def _random_prompts(spec, n: int, length: int, generator: torch.Generator) -> list[list[int]]:
@@ -723,9 +754,14 @@ def profile_machine(spec=None, quick: bool = False, progress: bool = True, gpu: 
 
     def moe():
         from hrm.hf_config import load_model
-        g["moe_tokens"] = list(MOE_TOKENS_QUICK if quick else MOE_TOKENS)
-        g["moe_flops_per_s"] = gpu_moe_flops(spec or load_model("mixtral-8x7b"), g["moe_tokens"],
-                                             repeats=2 if quick else 5)
+        models = [load_model(name) for name in MOE_MODELS]
+        if spec is not None and moe_shape(spec) not in [moe_shape(m) for m in models]:
+            models.append(spec)
+        per_expert = list(MOE_TOKENS_PER_EXPERT_QUICK if quick else MOE_TOKENS_PER_EXPERT)
+        g["moe_models"] = [m.name for m in models]
+        g["moe_shapes"] = [moe_shape(m) for m in models]
+        g["moe_tokens_per_expert"] = [per_expert for _ in models]
+        g["moe_flops_per_s"] = [gpu_moe_flops(m, per_expert, repeats=2 if quick else 5) for m in models]
 
     def prefill():
         from hrm.hf_config import load_model
@@ -745,6 +781,14 @@ def profile_machine(spec=None, quick: bool = False, progress: bool = True, gpu: 
         g["prefill_tokens"] = [n * PREFILL_PROMPT_LEN for n in seqs]
         g["prefill_flops_per_s"] = r["flops_per_s"]
         g["prefill_pass_s_per_token"] = r["pass_s_per_token"]
+        g["prefill_model"] = model.name
+        rest = prefill_rest_flops(model, g["prefill_tokens"], r["flops_per_s"], PREFILL_PROMPT_LEN,
+                                  repeats=2 if quick else 5)
+        if None in rest:
+            result["notes"].append("runtime prefill: the MoE layer alone took as long as the whole layer; "
+                                   "the rest of the layer is priced by its roofline")
+        else:
+            g["prefill_rest_flops_per_s"] = rest
 
     steps += [("CPU DRAM copy/read", dram), ("CPU matmul fp32/bf16", matmul), ("CPU decode attention", attention)]
     if use_gpu or not quick:
@@ -909,16 +953,22 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
                   f"d2h_sizes_mib = {_arr([x / MiB for x in lk['sizes_bytes']])}",
                   f"d2h_gb_per_s = {_arr([x / GB for x in lk['d2h_bytes_per_s']])}",
                   f"gpu_hbm_gb_per_s = {_num(g['hbm_copy_bytes_per_s'] / GB)}"]
-        if g.get("moe_tokens"):
-            lines += ["# runtime.model.moe, one MoE layer, every expert resident: routed top-k FLOP/s by tokens",
-                      f"gpu_moe_tokens = {_arr(g['moe_tokens'])}",
-                      f"gpu_moe_tflops = {_arr([x / TFLOPS for x in g['moe_flops_per_s']])}"]
+        if g.get("moe_shapes"):
+            lines += ["# runtime.model.moe, one MoE layer, every expert resident, at the expert shapes [hidden, "
+                      f"intermediate, experts, top-k] of {', '.join(g['moe_models'])}: routed top-k FLOP/s by "
+                      "tokens per expert",
+                      f"gpu_moe_shapes = {json.dumps(g['moe_shapes'])}",
+                      f"gpu_moe_tokens_per_expert = {json.dumps(g['moe_tokens_per_expert'])}",
+                      "gpu_moe_tflops = [" + ", ".join(_arr([x / TFLOPS for x in curve])
+                                                       for curve in g["moe_flops_per_s"]) + "]"]
         if g.get("prefill_tokens"):
-            lines += [f"# runtime.Engine prefill, every expert resident, CPU attention, prompts of "
-                      f"{g['prefill_prompt_len']}: FLOP/s (hrm.ops.prefill_layer) per (layer, chunk) by tokens "
-                      f"per chunk (slope over {g['prefill_layers']} layers) ...",
+            lines += [f"# runtime.Engine prefill of {g.get('prefill_model', 'the model')}, every expert resident, "
+                      f"CPU attention, prompts of {g['prefill_prompt_len']}: per (layer, chunk) by tokens per chunk "
+                      f"(slope over {g['prefill_layers']} layers) the layer's time less the MoE layer's, as FLOP/s "
+                      "of hrm.ops.layer_gpu_ops + attention ...",
                       f"gpu_prefill_tokens = {_arr(g['prefill_tokens'])}",
-                      f"gpu_prefill_tflops = {_arr([x / TFLOPS for x in g['prefill_flops_per_s']])}",
+                      *([f"gpu_prefill_rest_tflops = {_arr([x / TFLOPS for x in g['prefill_rest_flops_per_s']])}"]
+                        if g.get("prefill_rest_flops_per_s") else []),
                       "# ... and what it pays once per pass, whatever the layers, per prompt token",
                       f"prefill_pass_ns_per_token = {g['prefill_pass_s_per_token'] * 1e9:.4g}"]
     elif donor.measured is not None:

@@ -287,13 +287,16 @@ def test_s3_launches_wait_for_cpu_attention_in_series():
 
 
 def test_measured_moe_layer_rate_prices_prefill():
-    """A measured MoE-layer rate (the runtime's own kernel) replaces the GEMM roofline for prefill experts."""
+    """A measured MoE-layer curve (the runtime's own kernel) at the model's expert shape replaces the GEMM
+    roofline for prefill experts, read at the model's tokens per expert."""
     hw = load_profile("h200")
     p = Policy(256, 32)
     base = estimate(MIXTRAL, hw, MTBENCH, p)
     tokens = 32 * MTBENCH.prompt_len
     flops = float(ops.routed_experts(MIXTRAL, tokens).flops)
-    slow = replace(hw, measured=replace(hw.measured, gpu_moe_tokens=(1024.0, 8192.0), gpu_moe_flops=(100e12, 100e12)))
+    slow = replace(hw, measured=replace(hw.measured, gpu_moe_shapes=((4096, 14336, 8, 2),),
+                                        gpu_moe_tokens_per_expert=((256.0, 2048.0),),
+                                        gpu_moe_flops=((100e12, 100e12),)))
     s = Setting.of(MIXTRAL, slow, MTBENCH, p)
     from hrm.estimate import prefill_experts_time
     assert prefill_experts_time(s, tokens) == pytest.approx(flops / 100e12)
@@ -301,16 +304,43 @@ def test_measured_moe_layer_rate_prices_prefill():
     assert estimate(MIXTRAL, slow, MTBENCH, p).decode_s == pytest.approx(base.decode_s)   # decode unchanged
 
 
-def test_measured_prefill_layer_rate_prices_each_chunk():
-    """A measured rate of the runtime's whole prefill layer prices every chunk of every micro-batch:
-    ops.prefill_layer's FLOPs of the chunk over the rate at the chunk's tokens (flat beyond the range)."""
-    from hrm.estimate import prefill_layer_times
+def test_each_model_is_priced_at_its_own_expert_shape():
+    """Of several measured shapes the nearest within MOE_SHAPE_TOLERANCE prices a model, at its own tokens
+    per expert; a model far from every measured shape takes the GEMM roofline."""
+    from hrm.estimate import MOE_SHAPE_TOLERANCE, moe_curve, prefill_experts_time
+    hw = load_profile("h200")
+    curves = dict(gpu_moe_shapes=((4096, 14336, 8, 2), (2048, 768, 128, 8)),
+                  gpu_moe_tokens_per_expert=((64.0, 1024.0), (64.0, 1024.0)),
+                  gpu_moe_flops=((500e12, 600e12), (100e12, 300e12)))
+    measured = replace(hw, measured=replace(hw.measured, **curves))
+    qwen3, olmoe, deepseek = (load_model(k) for k in ("qwen3-30b-a3b", "olmoe-1b-7b", "deepseek-v3"))
+    wl = Workload.uniform(256, 32)
+    tokens = 4096                                  # 256 per expert for Qwen3 (128 experts, top-8)
+    s = Setting.of(qwen3, measured, wl, Policy(16, 16))
+    assert moe_curve(s)[1] == (100e12, 300e12)
+    rate = np.interp(np.log(256), np.log([64, 1024]), [100e12, 300e12])
+    assert prefill_experts_time(s, tokens) == pytest.approx(float(ops.routed_experts(qwen3, tokens).flops) / rate)
+    assert 1024 / 768 < MOE_SHAPE_TOLERANCE      # OLMoE's 1024-wide experts: the Qwen3 curve
+    assert moe_curve(Setting.of(olmoe, measured, wl, Policy(16, 16)))[1] == (100e12, 300e12)
+    s_far = Setting.of(deepseek, measured, wl, Policy(16, 16))
+    assert moe_curve(s_far) is None
+    roofline = Setting.of(deepseek, replace(hw, measured=replace(hw.measured, gpu_moe_shapes=(),
+                                                                 gpu_moe_tokens_per_expert=(), gpu_moe_flops=())),
+                          wl, Policy(16, 16))
+    assert prefill_experts_time(s_far, tokens) == pytest.approx(prefill_experts_time(roofline, tokens))
+
+
+def test_measured_prefill_rest_rate_prices_each_chunk():
+    """A measured rate of the runtime's prefill layer without its experts prices every chunk of every
+    micro-batch: the rest's FLOPs (layer_gpu_ops + attention) of the chunk over the rate at the chunk's
+    tokens (flat beyond the range), plus the chunk's experts."""
+    from hrm.estimate import prefill_experts_time, prefill_layer_times
     from hrm.policy import prefill_chunk_sequences
 
     hw = load_profile("h200")
     wl = Workload.uniform(256, 32)
     p = Policy(100, 40)                              # micro-batches 40, 40, 20; chunks of 16 sequences
-    measured = replace(hw.measured, gpu_prefill_tokens=(1024.0, 4096.0), gpu_prefill_flops=(100e12, 200e12))
+    measured = replace(hw.measured, gpu_prefill_tokens=(1024.0, 4096.0), gpu_prefill_rest_flops=(100e12, 200e12))
     s = Setting.of(MIXTRAL, replace(hw, measured=measured), wl, p)
     chunk = prefill_chunk_sequences(256)
     assert chunk == 16
@@ -319,7 +349,8 @@ def test_measured_prefill_layer_rate_prices_each_chunk():
     def t(n):
         tokens = n * 256
         rate = np.interp(np.log(tokens), np.log([1024, 4096]), [100e12, 200e12])
-        return float(ops.prefill_layer(MIXTRAL, n, 256).flops) / rate
+        rest = ops.layer_gpu_ops(MIXTRAL, tokens) + ops.attention(MIXTRAL, n, 256, 0)
+        return float(rest.flops) / rate + float(prefill_experts_time(s, tokens))
     pre = prefill_layer_times(s, 100, 40, 0.0, 0.0)
     assert float(pre.gpu_s) == pytest.approx(sum(t(n) for n in sizes), rel=1e-9)
     base = estimate(MIXTRAL, hw, wl, p)
@@ -367,3 +398,15 @@ def test_blocking_adds_the_host_launches_to_its_transfers():
     terms = lt.terms("blocking")
     assert float(lt.launch_s) == pytest.approx(0.05) and float(lt.launch_s) > float(lt.gpu_s)
     assert max(terms.values()) == pytest.approx(float(lt.h2d_s + lt.cpu_s + lt.d2h_s + lt.launch_s))
+
+
+def test_the_rest_rate_gives_back_the_measured_layer():
+    """h200-measured holds the prefill layer's rate without the experts (the measured whole layer less
+    the MoE curve at Mixtral's shape): Mixtral's chunk time at the measured sizes is the measured whole
+    layer's, FLOPs over the rate that was measured (335.6, 420.5, 487.7 TFLOP/s)."""
+    from hrm.estimate import prefill_layer_times
+    hw = load_profile("h200-measured")
+    for seqs, whole in ((4, 335.6e12), (8, 420.5e12), (16, 487.7e12)):
+        s = Setting.of(MIXTRAL, hw, Workload.uniform(256, 32), Policy(seqs, seqs))
+        t = float(prefill_layer_times(s, seqs, seqs, 1.0, 0.0).gpu_s)
+        assert t == pytest.approx(float(ops.prefill_layer(MIXTRAL, seqs, 256).flops) / whole, rel=2e-3)

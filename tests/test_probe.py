@@ -40,8 +40,11 @@ def _fake_gpu_result(cpu_result: dict) -> dict:
                     gemm_shape="[tokens x 4096] x [4096 x 14336] bf16", square_gemm_n=8192,
                     square_gemm_flops_per_s={"bf16": 748e12, "fp16": 750e12, "fp32": 51e12},
                     hbm_copy_size_bytes=1024 * MiB, hbm_copy_bytes_per_s=4.1e12,
-                    moe_tokens=[1024, 8192], moe_flops_per_s=[300e12, 450e12], prefill_prompt_len=256,
+                    moe_models=["mixtral-8x7b", "qwen3-30b-a3b"], moe_shapes=[[4096, 14336, 8, 2], [2048, 768, 128, 8]],
+                    moe_tokens_per_expert=[[32, 2048], [32, 2048]],
+                    moe_flops_per_s=[[300e12, 450e12], [80e12, 250e12]], prefill_prompt_len=256,
                     prefill_tokens=[1024, 4096], prefill_flops_per_s=[250e12, 380e12], prefill_layers=[2, 6],
+                    prefill_rest_flops_per_s=[150e12, 260e12], prefill_model="mixtral-8x7b",
                     prefill_pass_s_per_token=2e-6)
     r["link"] = dict(sizes_bytes=[256 * 1024, 4 * MiB, 1024 * MiB], h2d_bytes_per_s=[20e9, 43e9, 55e9],
                      d2h_bytes_per_s=[22e9, 49e9, 55.2e9], duplex_bytes_per_s=120e9, duplex_size_bytes=1024 * MiB,
@@ -151,8 +154,9 @@ def test_profile_from_measured_gpu(cpu_result, tmp_path):
     assert m.h2d_rate(4 * MiB, 0) == pytest.approx(43e9, rel=1e-3)
     assert m.gpu_hbm_bytes_per_s == pytest.approx(4.1e12, rel=1e-3)
     assert m.decode_visit_s == pytest.approx(1.5e-3, rel=1e-3)
-    assert m.gpu_moe_tokens == (1024, 8192) and m.gpu_moe_flops[1] == pytest.approx(450e12, rel=1e-3)
-    assert m.gpu_prefill_tokens == (1024, 4096) and m.gpu_prefill_flops[1] == pytest.approx(380e12, rel=1e-3)
+    assert m.gpu_moe_shapes == ((4096, 14336, 8, 2), (2048, 768, 128, 8))
+    assert m.gpu_moe_tokens_per_expert[1] == (32, 2048) and m.gpu_moe_flops[1][1] == pytest.approx(250e12, rel=1e-3)
+    assert m.gpu_prefill_tokens == (1024, 4096) and m.gpu_prefill_rest_flops[1] == pytest.approx(260e12, rel=1e-3)
     assert m.prefill_pass_s_per_token == pytest.approx(2e-6, rel=1e-3)
     assert dict(m.decode_visit_s_by_schedule)["s4"] == pytest.approx(2.5e-3, rel=1e-3)
     assert dict(m.decode_visit_s_grouped_by_schedule)["cgopipe"] == pytest.approx(2.2e-3, rel=1e-3)
@@ -212,7 +216,8 @@ def test_quick_gpu_profile(tmp_path):
     assert lk["duplex_bytes_per_s"] > 0 and lk["pageable_h2d_bytes_per_s"] > 0
     p = write_profile_toml(r, tmp_path / "gpu.toml")
     assert p.gpu.flops("bf16") >= max(g["gemm_flops_per_s"]) * (1 - 1e-3)
-    assert len(p.measured.gpu_moe_tokens) == len(g["moe_tokens"]) and all(f > 1e9 for f in g["moe_flops_per_s"])
+    assert len(p.measured.gpu_moe_shapes) == len(g["moe_shapes"]) >= 3
+    assert all(f > 1e9 for curve in g["moe_flops_per_s"] for f in curve)
     assert len(p.measured.gpu_prefill_tokens) == len(g["prefill_tokens"]) and g["prefill_pass_s_per_token"] >= 0
     assert all(1e12 < f < 2 * p.gpu.flops("bf16") for f in g["prefill_flops_per_s"])
     assert sorted(dict(p.measured.decode_visit_s_by_schedule)) == ["blocking", "cgopipe", "s3", "s4"]
@@ -326,5 +331,5 @@ def test_profile_table_shows_the_runtime_rows(cpu_result, capsys):
     _print(r, None, None, "x.toml")
     out = capsys.readouterr().out
     for text in ("s4, micro-batches of 1", "micro-batches of 65 (grouped MoE)", "inside the CGOPipe loop",
-                 "runtime MoE layer, 8192 tokens"):
+                 "runtime MoE layer at qwen3-30b-a3b's shape", "(all but the experts: 260.0)"):
         assert text in out, text
