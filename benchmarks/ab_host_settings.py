@@ -2,7 +2,7 @@
 (runtime.cpu_attention.HOST_CORES_RESERVED), the GIL switch interval while generating
 (runtime.engine.SWITCH_INTERVAL_S) and decode PostAttn CUDA graphs. Same machine, same policy, alternating, one JSON line per run.
 
-    PYTHONPATH=. python benchmarks/ab_host_settings.py --hardware hardware_profiles/h200-measured.toml
+    PYTHONPATH=. python benchmarks/ab_host_settings.py --hardware hrm/hardware_profiles/h200-measured.toml
 """
 import argparse
 import json

@@ -1,4 +1,4 @@
-"""Machines as data: `HardwareProfile` loaded from `hardware_profiles/*.toml`.
+"""Machines as data: `HardwareProfile` loaded from `hrm/hardware_profiles/*.toml` (package data).
 
 Files use human units (GB/s, TFLOP/s, GiB) with the unit in the key; they are converted to SI once,
 here, on load. Every section carries a `source` string (datasheet, paper, or a measurement's method
@@ -20,7 +20,7 @@ GB = 1e9
 GiB = 2.0 ** 30
 TFLOPS = 1e12
 
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "hardware_profiles"
+PROFILE_DIR = Path(__file__).resolve().with_name("hardware_profiles")
 
 
 class HardwareError(ValueError):

@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("plan", "estimate", "run", "profile", "validate")
+SUBCOMMANDS = ("plan", "estimate", "run", "generate", "profile", "validate")
 
 
 class CLIError(Exception):
@@ -21,6 +21,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         prog="moe-lightning",
         description="High-throughput MoE inference on memory-constrained GPUs: predict (HRM), plan (policy "
                     "search) and run (CGOPipe runtime).")
+    parser.add_argument("--version", action="version", version=f"moe-lightning {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
     for name in SUBCOMMANDS:
@@ -33,6 +34,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         module.add_parser(sub)
         modules[name] = module
     return parser, modules
+
+
+def _version() -> str:
+    from optimizer.plan import toolkit_version
+    return toolkit_version()
 
 
 def main(argv: list[str] | None = None) -> int:

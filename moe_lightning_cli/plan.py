@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
     s.add_argument("--no-baselines", action="store_true", help="skip the baseline comparison")
     p.add_argument("-o", "--output", metavar="PLAN.json", help="write the plan to this file")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON only")
-    p.add_argument("--plot", metavar="FILE.png", help="also write a figure of the plan (needs matplotlib)")
+    p.add_argument("--plot", metavar="FILE.png", help="also write a figure of the plan")
 
 
 def run(args) -> int:

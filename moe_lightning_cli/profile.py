@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
                     "pinned H2D/D2H by size, both directions at once, pageable H2D, CPU DRAM, CPU matmul and "
                     "the runtime's CPU decode attention. Writes a hardware profile TOML with -o.")
     p.add_argument("-o", "--output", metavar="PROFILE.toml",
-                   help="write the profile here (e.g. hardware_profiles/NAME.toml)")
+                   help="write the profile here (e.g. hrm/hardware_profiles/NAME.toml)")
     p.add_argument("--name", help="profile name (default: the output file's stem)")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (seconds; for smoke tests)")
     p.add_argument("--gpu-from", metavar="PROFILE",

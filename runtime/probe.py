@@ -6,7 +6,7 @@ overhead of tiny calls is amortised), CPU work with perf_counter. Data is random
 buffers are large enough to leave the caches (1 GiB copies, 117 MB GEMM weights at Mixtral's shape).
 
     profile_machine() -> dict        runs them all (progress bar), CPU part only without CUDA
-    write_profile_toml(result, ...)  a complete hardware profile in hardware_profiles/ format
+    write_profile_toml(result, ...)  a complete hardware profile in hrm/hardware_profiles/ format
 
 Bandwidth conventions: a device or host *copy* counts read + write bytes; an H2D/D2H transfer counts
 the bytes moved once; "duplex" is the total of both directions running at once; CPU attention counts
@@ -901,7 +901,7 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
     att = c["attention"]
     lines = [f"# Written by `moe-lightning profile` on {result.get('timestamp', date)} ({result.get('host', '')})"
              f"{' in quick mode' if result.get('quick') else ''}.",
-             "# Units as in hardware_profiles/README.md: GB = 1e9 bytes, GiB = 2^30 bytes, TFLOP/s = 1e12 FLOP/s.",
+             "# Units as in hrm/hardware_profiles/README.md: GB = 1e9 bytes, GiB = 2^30 bytes, TFLOP/s = 1e12 FLOP/s.",
              *[f"# note: {n}" for n in result.get("notes", [])],
              f"name = {_str(name)}"]
     desc = (f"{g['count']}x {g['name']}" if g else f"GPU from profile {donor.name!r}") + \
