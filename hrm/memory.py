@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .policy import MOE_DENSE_MAX_TOKENS, MOE_GROUPED_MAX_TOKENS, PREFILL_CHUNK_TOKENS, prefill_chunk_sequences
+from .policy import (KV_BLOCK_RATIO, MOE_DENSE_MAX_TOKENS, MOE_GROUPED_MAX_TOKENS, PREFILL_CHUNK_TOKENS,
+                     prefill_chunk_sequences)
 from .spec import ModelSpec, Workload
 
 GIB = 2.0 ** 30
@@ -134,28 +135,35 @@ class PassShape:
     @classmethod
     def nominal(cls, workload: Workload, N, mu, r_c) -> "PassShape":
         """What the planner knows of a pass: N sequences of the workload in micro-batches of mu, r_c of them
-        (in whole micro-batches, as the runtime places them) keeping their KV on the GPU. A micro-batch
-        holds its longest prompt's slots for every sequence (the runtime's cache layout)."""
+        (in whole micro-batches, as the runtime places them) keeping their KV on the GPU. Padded, every
+        sequence holds the longest prompt's slots; packed, its own prompt's, in blocks that hold at most
+        KV_BLOCK_RATIO more (hrm.policy.kv_blocks), and a micro-batch at most one longest prompt more than
+        its share (Algorithm 2 fills the micro-batch with the fewest tokens)."""
         N, mu = np.asarray(N), np.asarray(mu)
         p, longest, gen = workload.prompt_len, workload.max_prompt_len, workload.gen_len
-        capacity = longest + max(gen - 1, 0)
+        new = max(gen - 1, 0)
+        capacity = longest + new
         mu_eff = np.minimum(mu, N)
         rows = np.minimum(mu_eff, prefill_chunk_sequences(p))
-        total = N * capacity
+        total, per_mb = N * capacity, mu_eff * capacity
+        if not workload.padded:
+            own = KV_BLOCK_RATIO * (workload.avg_prompt_len + new)
+            total = np.minimum(total, N * own)
+            per_mb = np.minimum(per_mb, mu_eff * own + KV_BLOCK_RATIO * capacity)
         return cls(sequences=N, micro_batch=mu_eff, device_sequences=r_c * N, kv_slots_device=r_c * total, kv_slots_host=(1 - r_c) * total,
-                   kv_slots_micro_batch=mu_eff * capacity, kv_capacity=capacity, prefill_tokens=N * p,
+                   kv_slots_micro_batch=per_mb, kv_capacity=capacity, prefill_tokens=N * p,
                    chunk_tokens=np.minimum(mu_eff * p, np.maximum(PREFILL_CHUNK_TOKENS, longest)),
                    chunk_rows=rows, chunk_kv_slots=rows * longest, new_tokens=gen)
 
     @classmethod
-    def of_layout(cls, sizes, capacities, num_device: int, chunks, new_tokens: int) -> "PassShape":
-        """The pass the runtime laid out: per micro-batch its sequences and KV slots per sequence (the first
-        `num_device` keep their KV on the GPU); per prefill chunk (tokens, rows, KV slots at prefill)."""
-        slots = [n * c for n, c in zip(sizes, capacities)]
+    def of_layout(cls, sizes, slots, capacity: int, num_device: int, chunks, new_tokens: int) -> "PassShape":
+        """The pass the runtime laid out: per micro-batch its sequences and KV slots (the first `num_device`
+        keep their KV on the GPU), the most slots of one sequence; per prefill chunk (tokens, rows, KV
+        slots at prefill)."""
         return cls(sequences=sum(sizes), micro_batch=max(sizes), device_sequences=sum(sizes[:num_device]),
                    kv_slots_device=sum(slots[:num_device]),
                    kv_slots_host=sum(slots[num_device:]), kv_slots_micro_batch=max(slots),
-                   kv_capacity=max(capacities), prefill_tokens=sum(t for t, _, _ in chunks),
+                   kv_capacity=capacity, prefill_tokens=sum(t for t, _, _ in chunks),
                    chunk_tokens=max(t for t, _, _ in chunks), chunk_rows=max(r for _, r, _ in chunks),
                    chunk_kv_slots=max(k for _, _, k in chunks), new_tokens=new_tokens)
 

@@ -41,6 +41,25 @@ def realised_kv_frac(kv_gpu_frac, num_micro_batches):
     return device_micro_batches(kv_gpu_frac, num_micro_batches) / np.asarray(num_micro_batches, float)
 
 
+KV_BLOCK_RATIO = 1.125
+"""In the packed mode a micro-batch's KV cache is sized by its sequences' own lengths: consecutive
+sequences share a dense block [rows, n_kv, slots, d] while their capacities (prompt + new tokens) lie
+within this ratio of the block's largest. A pass then holds at most this much more than its sequences'
+own slots, for a few more attention calls per micro-batch (about log(longest / shortest) / log(ratio))."""
+
+
+def kv_blocks(capacities) -> tuple[tuple[int, int, int], ...]:
+    """(first row, stop row, slots per row) of the KV blocks of a micro-batch whose rows need
+    `capacities` slots each (in the order given; descending in the packed layout)."""
+    out: list[tuple[int, int, int]] = []
+    for row, cap in enumerate(capacities):
+        if out and cap <= out[-1][2] and cap * KV_BLOCK_RATIO >= out[-1][2]:
+            out[-1] = (out[-1][0], row + 1, out[-1][2])
+        else:
+            out.append((row, row + 1, cap))
+    return tuple(out)
+
+
 def prefill_chunk_sequences(prompt_len):
     """Sequences per prefill chunk at a prompt length (numpy-friendly)."""
     return np.maximum(1, PREFILL_CHUNK_TOKENS // np.maximum(1, np.asarray(prompt_len, dtype=int)))

@@ -1,4 +1,5 @@
-"""KV cache: per layer and micro-batch, K and V [B, n_kv, capacity, head_dim].
+"""KV cache: per layer and micro-batch, K and V in blocks of consecutive rows, [rows, n_kv, slots, head_dim]
+each (packing.MicroBatch.blocks: one block unless the packed mode's sequences differ in length).
 
 Micro-batches whose index is below `num_device_micro_batches` (r_c of the policy, per whole micro-batch)
 keep their cache on the device; the others live in one preallocated host buffer (pinned when CUDA is
@@ -18,15 +19,17 @@ from .packing import MicroBatch
 def kv_elems(spec: ModelSpec, micro_batches: tuple[MicroBatch, ...]) -> int:
     """Elements of K and V of all layers for these micro-batches."""
     per_slot = 2 * spec.num_key_value_heads * spec.head_dim * spec.num_hidden_layers
-    return per_slot * sum(mb.size * mb.capacity for mb in micro_batches)
+    return per_slot * sum(mb.kv_slots for mb in micro_batches)
+
+
+Block = tuple  # (KVBlock, k [rows, n_kv, slots, d], v [rows, n_kv, slots, d])
 
 
 class KVCache:
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> None:
         self.spec, self.dtype, self.device = spec, dtype, device
         self._arena = HostArena(dtype, pin=device.type == "cuda")
-        self._k: list[list[torch.Tensor]] = []
-        self._v: list[list[torch.Tensor]] = []
+        self._blocks: list[list[tuple[Block, ...]]] = []      # [layer][micro-batch]
         self._host_numel = 0
         self._device_bytes = 0
 
@@ -48,7 +51,7 @@ class KVCache:
     def release(self) -> None:
         """Drop the last pass's layout: its device caches are freed and no view of the host buffer stays,
         so the buffer can be replaced without both being held."""
-        self._k, self._v = [], []
+        self._blocks = []
         self._device_bytes = 0
 
     def carve(self, micro_batches: tuple[MicroBatch, ...], num_device: int) -> None:
@@ -60,28 +63,29 @@ class KVCache:
             raise AssertionError(f"the pass lays out {need} host KV elements, the memory account {self._host_numel}")
         host = self._arena.take(need)
         offset = 0
-        self._k, self._v, self._device_bytes = [], [], 0
+        self._blocks, self._device_bytes = [], 0
         for _ in range(s.num_hidden_layers):
-            ks, vs = [], []
+            per_mb = []
             for mb in micro_batches:
-                shape = (mb.size, s.num_key_value_heads, mb.capacity, s.head_dim)
-                if mb.index < num_device:
-                    ks.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
-                    vs.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
-                    self._device_bytes += 2 * ks[-1].numel() * ks[-1].element_size()
-                    continue
-                n = mb.size * s.num_key_value_heads * mb.capacity * s.head_dim
-                ks.append(host[offset:offset + n].view(shape))
-                vs.append(host[offset + n:offset + 2 * n].view(shape))
-                offset += 2 * n
-            self._k.append(ks)
-            self._v.append(vs)
+                blocks = []
+                for block in mb.blocks:
+                    shape = (block.size, s.num_key_value_heads, block.capacity, s.head_dim)
+                    if mb.index < num_device:
+                        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                        self._device_bytes += 2 * k.numel() * k.element_size()
+                    else:
+                        n = block.size * s.num_key_value_heads * block.capacity * s.head_dim
+                        k = host[offset:offset + n].view(shape)
+                        v = host[offset + n:offset + 2 * n].view(shape)
+                        offset += 2 * n
+                    blocks.append((block, k, v))
+                per_mb.append(tuple(blocks))
+            self._blocks.append(per_mb)
 
-    def k(self, layer: int, mb: int) -> torch.Tensor:
-        return self._k[layer][mb]
-
-    def v(self, layer: int, mb: int) -> torch.Tensor:
-        return self._v[layer][mb]
+    def blocks(self, layer: int, mb: int) -> tuple[Block, ...]:
+        """(KVBlock, k, v) of one layer and micro-batch, in row order."""
+        return self._blocks[layer][mb]
 
 
 def append(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,

@@ -94,8 +94,8 @@ def pass_shape(micro_batches: tuple[MicroBatch, ...], num_device: int, chunks, m
     """The PassShape of a laid-out pass; `chunks`: per micro-batch its prefill chunks (ranges of rows)."""
     per_chunk = [(sum(mb.prefill_lens[r] for r in rows), len(rows), len(rows) * mb.prefill_len)
                  for mb, rows_of_mb in zip(micro_batches, chunks) for rows in rows_of_mb]
-    return PassShape.of_layout([mb.size for mb in micro_batches], [mb.capacity for mb in micro_batches],
-                               num_device, per_chunk, max_new_tokens)
+    return PassShape.of_layout([mb.size for mb in micro_batches], [mb.kv_slots for mb in micro_batches],
+                               max(mb.capacity for mb in micro_batches), num_device, per_chunk, max_new_tokens)
 
 
 def policy_account(spec: ModelSpec, policy: Policy, shape: PassShape, profile: MemoryProfile,

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Sequence
 
+from hrm.policy import kv_blocks
+
 
 @dataclass(frozen=True)
 class Packing:
@@ -43,18 +45,43 @@ def in_order(num_requests: int, micro_batch_size: int) -> Packing:
 
 
 @dataclass(frozen=True)
+class KVBlock:
+    """Consecutive rows of a micro-batch that share one dense KV tensor [rows, n_kv, capacity, d]."""
+    rows: slice
+    capacity: int                                # KV slots per row
+    prefill_len: int                             # the most slots a row of it fills at prefill
+
+    @property
+    def size(self) -> int:
+        return self.rows.stop - self.rows.start
+
+
+@dataclass(frozen=True)
 class MicroBatch:
-    """One micro-batch's requests and where their tokens sit in its KV cache [B, n_kv, capacity, d].
+    """One micro-batch's requests and where their tokens sit in its KV cache: blocks of consecutive rows
+    [rows, n_kv, slots, d] (hrm.policy.kv_blocks; one block when every row needs the same slots).
     Sequence b holds `pads[b]` left-padding slots, then its prompt, then generated tokens."""
     index: int
     requests: tuple[int, ...]
     prompt_lens: tuple[int, ...]
     pads: tuple[int, ...]
-    capacity: int                                # KV slots per sequence
+    capacity: int                                # KV slots of its longest sequence
+    new_slots: int = 0                           # slots each sequence adds after prefill
 
     @property
     def size(self) -> int:
         return len(self.requests)
+
+    @cached_property
+    def blocks(self) -> tuple[KVBlock, ...]:
+        caps = [n + self.new_slots for n in self.prefill_lens]
+        return tuple(KVBlock(slice(a, b), cap, max(self.prefill_lens[a:b]))
+                     for a, b, cap in kv_blocks(caps))
+
+    @cached_property
+    def kv_slots(self) -> int:
+        """KV slots of all its sequences (one layer, K or V)."""
+        return sum(b.size * b.capacity for b in self.blocks)
 
     # computed once per micro-batch: the runtime reads them per row and per chunk (O(size^2) otherwise)
     @cached_property
@@ -72,7 +99,9 @@ class MicroBatch:
 
 
 def layout(packing: Packing, prompt_lens: Sequence[int], max_new_tokens: int, padded: bool) -> tuple[MicroBatch, ...]:
-    """Micro-batches with their cache geometry. Decode writes max_new_tokens - 1 tokens after the prefill."""
+    """Micro-batches with their cache geometry. Decode writes max_new_tokens - 1 tokens after the prefill;
+    packed, each sequence's slots are its own prompt's (in blocks, hrm.policy.kv_blocks), padded the
+    longest prompt's."""
     reqs = [r for mb in packing.micro_batches for r in mb]
     longest = max(prompt_lens[r] for r in reqs)
     out = []
@@ -80,5 +109,6 @@ def layout(packing: Packing, prompt_lens: Sequence[int], max_new_tokens: int, pa
         lens = tuple(int(prompt_lens[r]) for r in mb)
         pads = tuple(longest - n for n in lens) if padded else (0,) * len(lens)
         filled = max(p + n for p, n in zip(pads, lens))
-        out.append(MicroBatch(j, tuple(mb), lens, pads, filled + max(0, max_new_tokens - 1)))
+        new = max(0, max_new_tokens - 1)
+        out.append(MicroBatch(j, tuple(mb), lens, pads, filled + new, new))
     return tuple(out)

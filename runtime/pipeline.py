@@ -66,6 +66,29 @@ def prefill_chunks(mb: MicroBatch, max_tokens: int | None = None) -> list[range]
     return out
 
 
+def _copy_prefill_kv(blocks, rows: range, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Prefill KV of micro-batch rows `rows` (k, v [rows, n_kv, S, d], S >= every block's prefill_len) into
+    the KV blocks those rows belong to."""
+    for block, kc, vc in blocks:
+        a, b = max(block.rows.start, rows.start), min(block.rows.stop, rows.stop)
+        if a >= b:
+            continue
+        t, first = block.prefill_len, block.rows.start
+        kc[a - first:b - first, :, :t].copy_(k[a - rows.start:b - rows.start, :, :t])
+        vc[a - first:b - first, :, :t].copy_(v[a - rows.start:b - rows.start, :, :t])
+
+
+def attend_blocks(blocks, masks, step: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  slots: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
+    """One decode step of a micro-batch over its KV blocks: this step's k, v [B, n_kv, d] appended at
+    slots [B], then q [B, n_q, d] attends block by block into out [B, n_q d]. masks: per block
+    [rows, 1, 1, T] (Pipeline._step_tensors); rows: arange(>= the largest block) on the cache's device."""
+    for (block, kc, vc), mask in zip(blocks, masks):
+        r = block.rows
+        append(kc, vc, k[r], v[r], slots[r], rows[:block.size])
+        out[r] = decode_attention(q[r], kc, vc, None, None, block.prefill_len + step + 1, mask=mask)
+
+
 class Streams:
     """compute (the current stream), h2d (activations + weight pages), h2d_kv (s4's KV), d2h."""
 
@@ -321,12 +344,10 @@ class Pipeline:
     def _store_prefill_kv(self, visit: int, m: _MB, rows: range, kpad, vpad, ev_c, label: str):
         """KV of one (layer, micro-batch rows) into its cache: a device copy, or D2H then a host copy in
         the worker (which later runs that micro-batch's attention, so FIFO order keeps them consistent)."""
-        st, j, t = self.streams, m.mb.index, m.mb.prefill_len
-        kc = self.kv.k(visit, j)[rows.start:rows.stop]                            # [rows, n_kv, T, d]
-        vc = self.kv.v(visit, j)[rows.start:rows.stop]
+        st, j = self.streams, m.mb.index
+        blocks = self.kv.blocks(visit, j)
         if m.kv_on_device:
-            kc[:, :, :t].copy_(kpad)
-            vc[:, :, :t].copy_(vpad)
+            _copy_prefill_kv(blocks, rows, kpad, vpad)
             return None
         i = self._kv_slot_next
         self._kv_slot_next = (i + 1) % KV_TRANSFER_SLOTS
@@ -345,8 +366,7 @@ class Pipeline:
         def write() -> None:
             ev.synchronize()
             with self.rec.host("d2h", label + " kv", phase="prefill"):
-                kc[:, :, :t].copy_(k_host)
-                vc[:, :, :t].copy_(v_host)
+                _copy_prefill_kv(blocks, rows, k_host, v_host)
         self.kv_slot_writes[i] = self.worker.submit(write)
         return self.kv_slot_writes[i]
 
@@ -376,10 +396,12 @@ class Pipeline:
                 qkv[:, nq + nkv:].view(b, -1, d))
 
     def _step_tensors(self, m: _MB, step: int, base_slot: torch.Tensor, pads: torch.Tensor) -> tuple:
-        """(step, slots [B] of this step's token, valid-slot mask [B, 1, 1, T]) of a micro-batch: they
-        depend on the step only, so they are built once per step and reused by every layer."""
+        """(step, slots [B] of this step's token, per KV block its valid-slot mask [rows, 1, 1, T]) of a
+        micro-batch: they depend on the step only, so they are built once per step and reused by every
+        layer."""
         slots = base_slot + step                                                    # [B]
-        return step, slots, attention_mask(pads, slots + 1, m.mb.prefill_len + step + 1)
+        return step, slots, tuple(attention_mask(pads[b.rows], slots[b.rows] + 1, b.prefill_len + step + 1)
+                                  for b in m.mb.blocks)
 
     def offload_qkv(self, visit: int, j: int) -> None:
         st, m = self.streams, self.state[j]
@@ -392,7 +414,7 @@ class Pipeline:
         """Submit KV append + attention of (visit, j) to the worker (it waits for the D2H itself)."""
         m, layer, step = self.state[j], self._layer(visit), visit // self.L - 1
         ev_d2h, ev_prev_load = m.ev_d2h, m.ev_load_h
-        kc, vc, label = self.kv.k(layer, j), self.kv.v(layer, j), self._label(visit, j)
+        blocks, label = self.kv.blocks(layer, j), self._label(visit, j)
 
         def task() -> None:
             ev_d2h.synchronize()
@@ -402,10 +424,8 @@ class Pipeline:
                 q, k, v = m.qkv_host_parts
                 if m.step_host is None or m.step_host[0] != step:                  # once per step, not per layer
                     m.step_host = self._step_tensors(m, step, m.base_slot_host, m.pads_host)
-                _, slots, mask = m.step_host
-                append(kc, vc, k, v, slots, m.rows_host)
-                out = decode_attention(q, kc, vc, None, None, m.mb.prefill_len + step + 1, mask=mask)
-                m.attn_host.copy_(out)
+                _, slots, masks = m.step_host
+                attend_blocks(blocks, masks, step, q, k, v, slots, m.rows_host, m.attn_host)
         m.future = self.worker.submit(task)
 
     def load_h(self, visit: int, j: int) -> None:
@@ -416,18 +436,16 @@ class Pipeline:
             m.attn_dev.copy_(m.attn_host, non_blocking=True)
             m.ev_load_h = st.record(st.h2d)
 
-    def device_attn(self, visit: int, j: int, k_cache=None, v_cache=None) -> None:
-        """Append + attention on the device, over the device cache or an H2D-streamed copy (s4)."""
+    def device_attn(self, visit: int, j: int, blocks=None) -> None:
+        """Append + attention on the device, over the device cache or an H2D-streamed copy of its blocks (s4)."""
         st, m, layer, step = self.streams, self.state[j], self._layer(visit), visit // self.L - 1
-        kc = self.kv.k(layer, j) if k_cache is None else k_cache
-        vc = self.kv.v(layer, j) if v_cache is None else v_cache
+        blocks = self.kv.blocks(layer, j) if blocks is None else blocks
         with st.use(st.compute), self.rec.gpu("gpu_compute", st.compute, self._label(visit, j)):
             q, k, v = m.qkv_dev_parts
             if m.step_dev is None or m.step_dev[0] != step:
                 m.step_dev = self._step_tensors(m, step, m.base_slot, m.pads)
-            _, slots, mask = m.step_dev
-            append(kc, vc, k, v, slots, m.rows)
-            m.attn_dev.copy_(decode_attention(q, kc, vc, None, None, m.mb.prefill_len + step + 1, mask=mask))
+            _, slots, masks = m.step_dev
+            attend_blocks(blocks, masks, step, q, k, v, slots, m.rows, m.attn_dev)
             m.ev_load_h = st.record(st.compute)
 
     def post_attn(self, visit: int, j: int) -> None:
@@ -526,8 +544,7 @@ class Pipeline:
                 appends.pop(j).result()      # host cache holds the previous step's token
             st.wait(st.h2d_kv, used_ev[b])
             with st.use(st.h2d_kv), self.rec.gpu("h2d_kv", st.h2d_kv, self._label(visit, j)):
-                staging[b] = (self.kv.k(layer, j).to(self.device, non_blocking=True),
-                              self.kv.v(layer, j).to(self.device, non_blocking=True))
+                staging[b] = self._to_device(self.kv.blocks(layer, j), non_blocking=True)
                 staged_ev[b] = st.record(st.h2d_kv)
 
         if order:
@@ -542,11 +559,12 @@ class Pipeline:
             else:
                 b = t % 2
                 st.wait(st.compute, staged_ev[b])
-                self.device_attn(visit, j, *staging[b])
+                self.device_attn(visit, j, staging[b])
                 used_ev[b] = m.ev_load_h
                 if st.cuda:
-                    staging[b][0].record_stream(st.compute)
-                    staging[b][1].record_stream(st.compute)
+                    for _, kc, vc in staging[b]:
+                        kc.record_stream(st.compute)
+                        vc.record_stream(st.compute)
                 self.offload_qkv(visit, j)
                 appends[j] = self._append_on_host(visit, j)
             self.load_pages(visit + 1, self.store.page_table.pages if j == 0 else ())
@@ -557,13 +575,16 @@ class Pipeline:
     def _append_on_host(self, visit: int, j: int):
         """Worker: write the new token's k, v (offloaded with q) into the host cache."""
         m, layer, step = self.state[j], self._layer(visit), visit // self.L - 1
-        kc, vc, ev = self.kv.k(layer, j), self.kv.v(layer, j), m.ev_d2h
+        blocks, ev = self.kv.blocks(layer, j), m.ev_d2h
 
         def task() -> None:
             ev.synchronize()
             with self.rec.host("cpu_attention", self._label(visit, j) + " append", phase="decode"):
                 _, k, v = m.qkv_host_parts
-                append(kc, vc, k, v, m.base_slot_host + step, m.rows_host)
+                slots = m.base_slot_host + step
+                for block, kc, vc in blocks:
+                    r = block.rows
+                    append(kc, vc, k[r], v[r], slots[r], m.rows_host[:block.size])
         return self.worker.submit(task)
 
     def _decode_blocking(self) -> None:
@@ -578,9 +599,8 @@ class Pipeline:
                 elif self.policy.attention_on_gpu:
                     layer = self._layer(visit)
                     with self.rec.gpu("h2d_kv", self.streams.compute, self._label(visit, j)):
-                        kc = self.kv.k(layer, j).to(self.device)
-                        vc = self.kv.v(layer, j).to(self.device)
-                    self.device_attn(visit, j, kc, vc)
+                        staged = self._to_device(self.kv.blocks(layer, j))
+                    self.device_attn(visit, j, staged)
                     self.offload_qkv(visit, j)
                     self._append_on_host(visit, j).result()
                 else:
@@ -591,6 +611,11 @@ class Pipeline:
                 self.post_attn(visit, j)
                 self._synchronize()
             self.load_pages(visit + 1, self.store.page_table.pages)
+
+    def _to_device(self, blocks, non_blocking: bool = False):
+        """Device copies of a micro-batch's KV blocks (s4 and blocking stream them per layer)."""
+        return tuple((block, kc.to(self.device, non_blocking=non_blocking),
+                      vc.to(self.device, non_blocking=non_blocking)) for block, kc, vc in blocks)
 
     def _synchronize(self) -> None:
         if self.streams.cuda:

@@ -114,3 +114,51 @@ def test_phases_are_measured():
     assert [p["phase"] for p in m.memory_phases] == ["load", "reserve", "prefill", "decode"]
     assert all(p["host_rss_peak_bytes"] > 0 for p in m.memory_phases)
     assert m.cpu_peak_bytes == max(p["host_rss_peak_bytes"] for p in m.memory_phases)
+
+
+def _host_fit(eng, prompts, padded: bool, host_bytes: int) -> int:
+    """The most of `prompts` (a prefix) whose pass the engine's check lets through on `host_bytes`."""
+    from runtime.memory import check
+    machine = replace(eng.machine, host_bytes=host_bytes)
+    lo, hi = 0, len(prompts)
+    while lo < hi:
+        n = (lo + hi + 1) // 2
+        try:
+            check(eng._pass_account(*eng._layout(prompts[:n], MAX_NEW, padded), MAX_NEW), machine, "the pass")
+            lo = n
+        except DoesNotFit:
+            hi = n - 1
+    return lo
+
+
+def test_packed_prompts_fit_more_sequences_than_padded_by_their_token_ratio():
+    """Packed, every sequence holds its own prompt's KV slots (in blocks within KV_BLOCK_RATIO), so under
+    one host budget a mix of long and short prompts fits about padded/real times more sequences."""
+    from hrm.policy import KV_BLOCK_RATIO
+    lens = (40, 4, 4, 4) * 1000
+    prompts = _prompts(lens)
+    new = MAX_NEW - 1
+    ratio = (max(lens) + new) / (sum(lens) / len(lens) + new)             # padded / real slots: 2.69
+    with Engine(QWEN2, Policy(len(lens), 50), dtype=torch.float32, progress=False,
+                machine=_machine(1e12, 1e12, cuda=False)) as eng:
+        # beyond one full micro-batch (its workspace and staging), the budget holds KV and per-sequence state
+        first = eng._pass_account(*eng._layout(prompts[:50], MAX_NEW, True), MAX_NEW)
+        budget = int(first.gpu_bytes + first.cpu_bytes + 30e6)         # no CUDA: every level is host memory
+        padded, packed = _host_fit(eng, prompts, True, budget), _host_fit(eng, prompts, False, budget)
+        assert 50 < padded < packed < len(prompts)
+        assert packed / padded >= ratio / KV_BLOCK_RATIO, (packed, padded, ratio)
+        mbs, _ = eng._layout(prompts[:packed], MAX_NEW, False)
+        own = sum(n + new for mb in mbs for n in mb.prompt_lens)
+        assert own <= sum(mb.kv_slots for mb in mbs) <= KV_BLOCK_RATIO * own
+
+
+def test_nominal_packed_shape_bounds_the_runtime_layout():
+    """The planner's packed account (average prompt, blocks within KV_BLOCK_RATIO) holds the runtime's
+    layout of such a pass, and is below the padded one."""
+    lens = (40, 4, 4, 4) * 10
+    with Engine(QWEN2, Policy(40, 8), dtype=torch.float32, progress=False,
+                machine=_machine(1e12, 1e12, cuda=False)) as eng:
+        real = eng._pass_account(*eng._layout(_prompts(lens), MAX_NEW, False), MAX_NEW)
+        packed = eng.account(PassShape.nominal(Workload.from_prompt_lens(lens, MAX_NEW), 40, 8, 0.0))
+        padded = eng.account(PassShape.nominal(Workload.from_prompt_lens(lens, MAX_NEW, padded=True), 40, 8, 0.0))
+    assert real.pinned["kv_cache"] <= packed.pinned["kv_cache"] < padded.pinned["kv_cache"] / 2

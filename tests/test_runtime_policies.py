@@ -123,10 +123,10 @@ def test_warm_up_reserves_the_host_buffers_of_the_coming_pass(reference, monkeyp
         monkeypatch.setattr(host_memory, "empty_host", refuse)
         assert e.generate(prompts, MAX_NEW)[0] == expected
         assert (e.kv.host_bytes, e.staging.nbytes) == (kv_bytes, staging_bytes)
-        assert e.kv.k(0, 0).device == e.device          # micro-batch 0 keeps its cache on the device
+        assert e.kv.blocks(0, 0)[0][1].device == e.device         # micro-batch 0 keeps its cache on the device
         e.kv.release()
         with pytest.raises(IndexError):
-            e.kv.k(0, 0)
+            e.kv.blocks(0, 0)
 
 
 def test_host_arena_zeroes_new_buffers_only(monkeypatch):
