@@ -15,7 +15,10 @@ DEFAULT_GEN_LEN = 128
 def add_target_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model, machine and workload")
     g.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"built-in model name or path to a HF config.json / model directory (default {DEFAULT_MODEL})")
+                   help=f"built-in model name, path to a HF config.json / model directory, or a Hub id in the "
+                        f"local Hugging Face cache (default {DEFAULT_MODEL})")
+    g.add_argument("--download", action="store_true",
+                   help="fetch a Hub id's config.json when it is not in the local cache (default: offline)")
     g.add_argument("--hardware", default=DEFAULT_HARDWARE,
                    help=f"built-in hardware profile or path to a .toml (default {DEFAULT_HARDWARE})")
     g.add_argument("--prompt-len", type=float, default=DEFAULT_PROMPT_LEN,
@@ -32,8 +35,9 @@ def build_target(args):
     from hrm.hardware import load_profile
     from hrm.hf_config import load_model
     from hrm.spec import Workload
+    from moe_lightning.hub import resolve_model
 
-    spec = load_model(args.model)
+    spec = load_model(resolve_model(args.model, download=args.download))
     if args.num_layers:
         spec = spec.with_layers(args.num_layers)
     hw = load_profile(args.hardware)
