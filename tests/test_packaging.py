@@ -92,3 +92,21 @@ def test_unknown_profile_lists_the_packaged_ones(installed):
     r = _run(installed, "moe-lightning", "plan", "--hardware", "nowhere", check=False)
     assert r.returncode == 2
     assert "t4-s1" in r.stderr and "h200" in r.stderr
+
+
+def test_generate_from_the_wheel(installed, tmp_path):
+    """A tiny checkpoint with a real tokenizer, through the installed console script; its output equals
+    the checkout's."""
+    import tiny_text_model
+    from moe_lightning_cli.main import main
+
+    model = tiny_text_model.build(tmp_path / "model")
+    reqs = tmp_path / "in.jsonl"
+    reqs.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(tiny_text_model.PROMPTS)))
+    _run(installed, "moe-lightning", "generate", "--model", str(model), "-i", str(reqs), "-o", "out.jsonl",
+         "--max-tokens", "5", "-q")
+    assert main(["generate", "--model", str(model), "-i", str(reqs), "-o", str(tmp_path / "here.jsonl"),
+                 "--max-tokens", "5", "-q"]) == 0
+    out = (installed[1] / "out.jsonl").read_text()
+    assert len(out.splitlines()) == len(tiny_text_model.PROMPTS)
+    assert out == (tmp_path / "here.jsonl").read_text()
