@@ -18,7 +18,7 @@ import numpy as np
 from . import ops
 from .cost import Cost
 from .hardware import HardwareProfile, interp_log
-from .memory import MemoryUse, memory_use
+from .memory import MemoryUse, kv_slots_per_sequence, memory_use
 from .policy import Policy, prefill_chunk_sequences, realised_kv_frac
 from .spec import ModelSpec, Workload
 
@@ -268,10 +268,9 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
     h2d_act = h2d_act_bytes / h2d_bytes_per_s(s, h2d_act_bytes / m)
     h2d_kv = 0.0
     if s.attention_on_gpu:
-        # the runtime moves each micro-batch's whole cache buffer, its slots for the longest prompt and every
-        # generated token, not only the ctx slots filled so far
-        kv_slots = s.workload.max_prompt_len + max(s.workload.gen_len - 1, 0)
-        kv_stream = N * kv_slots * kv_layer_bytes
+        # the runtime moves each micro-batch's whole cache (every slot its sequences hold, generated tokens
+        # included), not only the ctx slots filled so far
+        kv_stream = N * kv_slots_per_sequence(s.workload) * kv_layer_bytes
         h2d_kv = (1 - r_c) * kv_stream / h2d_bytes_per_s(s, kv_stream / m)
         d2h_bytes = d2h_bytes + (1 - r_c) * N * kv_layer_bytes   # the new entries go back to the CPU cache
     d2h = d2h_bytes / d2h_bytes_per_s(s)

@@ -113,6 +113,14 @@ class MemoryUse:
         return MemoryUse(**{k: {p: float(v) for p, v in parts.items()} for k, parts in self.levels().items()})
 
 
+def kv_slots_per_sequence(workload: Workload) -> float:
+    """KV slots the runtime holds per sequence of a workload, at most: padded, the longest prompt's and
+    every new token's; packed, its own prompt's, in blocks that hold at most KV_BLOCK_RATIO more."""
+    new = max(workload.gen_len - 1, 0)
+    padded = workload.max_prompt_len + new
+    return float(padded if workload.padded else min(padded, KV_BLOCK_RATIO * (workload.avg_prompt_len + new)))
+
+
 @dataclass(frozen=True)
 class PassShape:
     """The geometry of one pass that sets its memory (numbers, or numpy arrays over (N, mu) pairs).
@@ -141,15 +149,12 @@ class PassShape:
         its share (Algorithm 2 fills the micro-batch with the fewest tokens)."""
         N, mu = np.asarray(N), np.asarray(mu)
         p, longest, gen = workload.prompt_len, workload.max_prompt_len, workload.gen_len
-        new = max(gen - 1, 0)
-        capacity = longest + new
+        capacity = longest + max(gen - 1, 0)
         mu_eff = np.minimum(mu, N)
         rows = np.minimum(mu_eff, prefill_chunk_sequences(p))
-        total, per_mb = N * capacity, mu_eff * capacity
-        if not workload.padded:
-            own = KV_BLOCK_RATIO * (workload.avg_prompt_len + new)
-            total = np.minimum(total, N * own)
-            per_mb = np.minimum(per_mb, mu_eff * own + KV_BLOCK_RATIO * capacity)
+        per_seq = kv_slots_per_sequence(workload)
+        total = N * per_seq
+        per_mb = np.minimum(mu_eff * capacity, mu_eff * per_seq + KV_BLOCK_RATIO * capacity)
         return cls(sequences=N, micro_batch=mu_eff, device_sequences=r_c * N, kv_slots_device=r_c * total, kv_slots_host=(1 - r_c) * total,
                    kv_slots_micro_batch=per_mb, kv_capacity=capacity, prefill_tokens=N * p,
                    chunk_tokens=np.minimum(mu_eff * p, np.maximum(PREFILL_CHUNK_TOKENS, longest)),

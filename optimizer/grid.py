@@ -12,8 +12,9 @@ Why the inner choice is exact:
   combination of such maxima, so the total time is convex in (r_w, r_c);
 - every term is non-increasing in r_c (more KV on the GPU streams less), so for a given e the best r_c
   is the largest the GPU budget allows, `kv_for_budget`;
-- along e with r_c = kv_for_budget(e) (a concave function of e) the time stays convex, so when n_e is
-  large a coarse scan of e followed by a scan of the neighbourhood of the coarse best finds the optimum.
+- along e with r_c constant the time stays convex, so when n_e is large a coarse scan of e followed by
+  a scan of the neighbourhood of the coarse best finds the optimum; r_c is realised per whole
+  micro-batch, a step function of e, so the pairs where it steps along e are scanned in full.
 """
 from __future__ import annotations
 
@@ -181,6 +182,20 @@ class PairTerms:
     cpu_bytes: Affine
 
 
+def _columns(x, cols):
+    """PairTerms (or any part of one) restricted to the pairs `cols`."""
+    if isinstance(x, PairTerms):
+        return PairTerms(x.num_layers, *(_columns(getattr(x, f), cols) for f in
+                                         ("prefill_once_s", "prefill", "decode", "gpu_bytes", "cpu_bytes")))
+    if isinstance(x, Affine):
+        return Affine(x.a[cols], x.b[cols], x.c[cols])
+    if isinstance(x, tuple):
+        return tuple(_columns(v, cols) for v in x)
+    if isinstance(x, np.ndarray) and x.ndim:
+        return x[cols]
+    return x
+
+
 def _memory(s: hrm.Setting, N, mu) -> tuple[Affine, Affine]:
     m = hrm.memory_use(s, N, mu, _CORNER_W, _CORNER_C)
     return Affine.of(m.gpu_bytes, len(N)), Affine.of(m.cpu_bytes, len(N))
@@ -274,8 +289,26 @@ def best_per_pair(problem: Problem, placement: Placement, N, mu) -> Choice:
 
 def _coarse_then_fine(pt: PairTerms, E: int, r_c_all, ok_all):
     """Many experts (candidates are e = 0..E): scan about sqrt(2 E) expert counts over each pair's
-    feasible range, then every count within one coarse step of the coarse best (exact for a convex
-    time, see the module docstring)."""
+    feasible range, then every count within one coarse step of the coarse best: exact where the time
+    is convex in e, that is where r_c stays constant over the pair's feasible range (see the module
+    docstring). r_c is realised per whole micro-batch, a step function of e, so pairs where it steps
+    are scanned in full."""
+    t, e, rc = _coarse_then_fine_convex(pt, E, r_c_all, ok_all)
+    rc_ok = np.where(ok_all, r_c_all, np.nan)
+    steps = np.nanmax(rc_ok, axis=0, initial=-np.inf) > np.nanmin(rc_ok, axis=0, initial=np.inf)
+    if steps.any():
+        cols = np.flatnonzero(steps)
+        sub = _columns(pt, cols)
+        K = ok_all.shape[0]
+        e_grid = np.broadcast_to(np.arange(K)[:, None], (K, cols.size))
+        t_all, e_all, rc_all = _pick(_evaluate(sub, E, e_grid, r_c_all[:, cols], ok_all[:, cols]), e_grid,
+                                     r_c_all[:, cols])
+        t, e, rc = t.copy(), e.copy(), rc.copy()
+        t[cols], e[cols], rc[cols] = t_all, e_all, rc_all
+    return t, e, rc
+
+
+def _coarse_then_fine_convex(pt: PairTerms, E: int, r_c_all, ok_all):
     K, P = ok_all.shape
     cols = np.arange(P)
     any_ok = ok_all.any(axis=0)

@@ -56,7 +56,10 @@ AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Ten
 VISIT_LAYERS = 4
 VISIT_VISITS = 512
 # the CPU attention rate inside the CGOPipe loop, at these micro-batch sizes (attention_in_pipeline's arguments)
-OVERLAP_SETTINGS = (dict(micro_batch=32, micro_batches=8), dict(micro_batch=256, micro_batches=4))
+OVERLAP_SETTINGS = (dict(micro_batch=32, micro_batches=8), dict(micro_batch=256, micro_batches=4),
+                    dict(micro_batch=1024, micro_batches=2))
+"""Whole-model plans run micro-batches of ~900-1,200 (H200, 2026-12-01: 43 ms per attention call at 1,210
+sequences of ~272 slots, 31 GB/s, where the curve to 256 priced 46 GB/s)."""
 OVERLAP_SETTINGS_QUICK = (dict(micro_batch=16, micro_batches=4, prompt_len=256, steps=4),)
 
 
