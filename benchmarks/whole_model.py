@@ -56,6 +56,11 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     p.add_argument("--out", default=None)
     p.add_argument("--keep", default=None, help="folder for each run's plan and measurement JSON")
+    p.add_argument("--jobs", default=None, metavar="A:B",
+                   help="run only jobs A..B-1 (the chosen plans first, then --policies in order), to split a "
+                        "sweep over calls")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each job's prediction and memory against its budgets; run nothing")
     return p.parse_args(argv)
 
 
@@ -132,16 +137,24 @@ def main(argv=None) -> int:
         plan = build_plan(problem, Policy(**item["policy"]), budgets=problem.budgets, solver="given", mode="default",
                           search_time_s=0.0)
         jobs.append((item.get("tag", "policy"), item["gpu_memory"], plan))
+    first, stop = (int(x) for x in args.jobs.split(":")) if args.jobs else (0, len(jobs))
     for i, (tag, g, plan) in enumerate(jobs):
+        if not first <= i < stop:
+            continue
         name = f"{spec.name}-{g}-{i}-{tag}".replace(":", "_")
-        print(f"[{i + 1}/{len(jobs)}] {g} {tag}: {plan.policy.short()} predicted {plan.estimate.throughput_tok_s:,.1f} "
-              f"tok/s, GPU {plan.estimate.memory.gpu_bytes / 2**30:.2f} GiB, host {plan.estimate.memory.cpu_bytes / 2**30:.2f} GiB",
-              flush=True)
+        est, b = plan.estimate, plan.budgets
+        print(f"[{i + 1}/{len(jobs)}] {g} {tag}: {plan.policy.short()} predicted {est.throughput_tok_s:,.1f} "
+              f"tok/s, GPU {est.memory.gpu_bytes / 2**30:.2f} of {b.gpu_bytes / 2**30:.2f} GiB, host "
+              f"{est.memory.cpu_bytes / 2**30:.2f} of {b.cpu_bytes / 2**30:.2f} GiB", flush=True)
+        if args.dry_run:
+            continue
         meas, error, wall = run_one(plan, keep, name, args.timeout)
         rows.append(_row_of(date, spec, plan.budgets, tag, plan, meas, error, wall, name))
         _write_csv(out, rows)
         print(f"    {'measured %.1f tok/s, GPU %.2f GiB, host %.2f GiB' % (meas['derived']['tokens_per_s'], meas['gpu_peak_bytes'] / 2**30, meas['cpu_peak_bytes'] / 2**30) if meas else 'FAILED ' + error}"
               f" ({wall:.0f} s)", flush=True)
+    if args.dry_run:
+        return 0
     meta = {"command": " ".join([Path(sys.argv[0]).name] + list(argv if argv is not None else sys.argv[1:])),
             "date": date, "host": platform.node(), "hardware_profile": hw.name,
             "runs": len(jobs)}

@@ -475,10 +475,13 @@ def _grouped_slice(out: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, id
         offs = torch.cumsum(counts[:n], 0, dtype=torch.int32)              # [n] (bincount would sync)
         tok = order // k
         gu = torch._grouped_mm(h[tok], gate_up_t, offs=offs)               # [t * k, 2I]
-        a = F.silu(gu[:, :inter]) * gu[:, inter:]                           # [t * k, I]
+        a = F.silu(gu[:, :inter], inplace=True).mul(gu[:, inter:])         # [t * k, I]
+        del gu                                                              # the peak: h[tok], gu, a
         y = torch._grouped_mm(a, down_t, offs=offs)                        # [t * k, H]
-        keep = inside[order, None]                                         # [t * k, 1]
-        out.index_add_(0, tok, torch.where(keep, y.to(out.dtype) * w_flat[order, None], 0.0))
+        del a
+        yw = y.to(out.dtype).mul_(w_flat[order, None])                     # [t * k, H] acc
+        out.index_add_(0, tok, yw.masked_fill_(~inside[order, None], 0.0))
+        del y, yw                                                           # before the next group's
 
 
 def post_attention(x: torch.Tensor, attn: torch.Tensor, layer: LayerWeights, experts: ExpertLookup,
