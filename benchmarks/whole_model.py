@@ -145,7 +145,8 @@ def main(argv=None) -> int:
         est, b = plan.estimate, plan.budgets
         print(f"[{i + 1}/{len(jobs)}] {g} {tag}: {plan.policy.short()} predicted {est.throughput_tok_s:,.1f} "
               f"tok/s, GPU {est.memory.gpu_bytes / 2**30:.2f} of {b.gpu_bytes / 2**30:.2f} GiB, host "
-              f"{est.memory.cpu_bytes / 2**30:.2f} of {b.cpu_bytes / 2**30:.2f} GiB", flush=True)
+              f"{est.memory.cpu_bytes / 2**30:.2f} of {b.cpu_bytes / 2**30:.2f} GiB"
+              + ("" if plan.memory.within_budgets else "  EXCEEDS ITS BUDGETS"), flush=True)
         if args.dry_run:
             continue
         meas, error, wall = run_one(plan, keep, name, args.timeout)
