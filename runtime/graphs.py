@@ -18,7 +18,7 @@ import torch
 
 from hrm.spec import ModelSpec
 
-from . import model
+from . import model, moe
 from .weights import WeightStore
 
 
@@ -34,7 +34,7 @@ class PostAttentionGraphs:
     def capturable(self, size: int) -> bool:
         """Micro-batches whose MoE path does not synchronise with the host."""
         groups = self.store.lookup(self.spec.first_dense_layers, 0).groups
-        return model.moe_path(size, groups, self.spec, self.device, self.store.dtype) != "sparse"
+        return moe.moe_path(size, groups, self.spec, self.device, self.store.dtype) != "sparse"
 
     def capture(self, keys) -> None:
         """Capture every (layer, buffer, size) of `keys` not captured yet (synchronises the device: call it

@@ -157,7 +157,7 @@ def moe_shape(spec) -> list[int]:
 def gpu_moe_flops(spec, tokens_per_expert: Sequence[float] = MOE_TOKENS_PER_EXPERT, repeats: int = 5,
                   device: str = "cuda") -> list[float]:
     """Routed-expert FLOP/s (top-k FLOPs, hrm.ops.routed_experts) of the runtime's own MoE layer by tokens
-    per expert (calls of tokens_per_expert * experts / top-k tokens): runtime.model.moe through the
+    per expert (calls of tokens_per_expert * experts / top-k tokens): runtime.moe.moe through the
     page-table view the pipeline passes, on one MoE layer of `spec` with synthetic bf16 weights, every
     expert resident. It holds what plain GEMMs do not: routing, the per-expert split and gathers, the
     combination."""
@@ -165,7 +165,7 @@ def gpu_moe_flops(spec, tokens_per_expert: Sequence[float] = MOE_TOKENS_PER_EXPE
 
     from hrm import ops
 
-    from . import model
+    from . import moe
     from .synthetic import synthesize
     from .weights import WeightStore
 
@@ -177,7 +177,7 @@ def gpu_moe_flops(spec, tokens_per_expert: Sequence[float] = MOE_TOKENS_PER_EXPE
     for per_expert in tokens_per_expert:
         t = max(1, round(per_expert * one.num_experts / one.num_experts_per_tok))
         h = _fill_random(torch.empty(t, one.hidden_size, dtype=torch.bfloat16, device=device), 3)  # [t, hidden]
-        s = _median_cuda_s(lambda: model.moe(h, layer, table, one), repeats)
+        s = _median_cuda_s(lambda: moe.moe(h, layer, table, one), repeats)
         rates.append(float(ops.routed_experts(one, t).flops) / s)
     del store
     return rates
@@ -496,12 +496,12 @@ def runtime_overheads(spec, visits: int = VISIT_VISITS, calls: int = 200, quick:
     With CUDA also the CPU attention rate inside the pipelined loop (attention_in_pipeline)."""
     from .cpu_attention import AttentionWorker, attention_threads, decode_attention
 
-    from . import model
+    from . import moe
 
     by_schedule = decode_visit_costs(spec, visits)
-    grouped_size = model.MOE_DENSE_MAX_TOKENS + 1
+    grouped_size = moe.MOE_DENSE_MAX_TOKENS + 1
     grouped = {}
-    if torch.cuda.is_available() and model.grouped_mm_available(torch.device("cuda"), torch.bfloat16):
+    if torch.cuda.is_available() and moe.grouped_mm_available(torch.device("cuda"), torch.bfloat16):
         grouped = decode_visit_costs(spec, visits, micro_batches=8, micro_batch_size=grouped_size)
     d = spec.head_dim
     q = torch.randn(1, spec.num_attention_heads, d).to(torch.bfloat16)    # [1, q_heads, d]
@@ -519,7 +519,7 @@ def runtime_overheads(spec, visits: int = VISIT_VISITS, calls: int = 200, quick:
     finally:
         worker.close()
     out = {"decode_visit_s": by_schedule["cgopipe"], "decode_visit_s_by_schedule": by_schedule,
-           "decode_visit_s_grouped_by_schedule": grouped, "grouped_above_tokens": model.MOE_DENSE_MAX_TOKENS,
+           "decode_visit_s_grouped_by_schedule": grouped, "grouped_above_tokens": moe.MOE_DENSE_MAX_TOKENS,
            "cpu_attention_call_s": call_s, "visit_model": visit_probe(spec, "cgopipe", visits)[0].name}
     if torch.cuda.is_available():
         out.update(attention_in_pipeline_by_micro_batch(spec, quick))
@@ -554,7 +554,7 @@ def decode_visit_costs(spec, visits: int = VISIT_VISITS, micro_batches: int = 16
     and a page copy per visit, as offloading plans run), micro-batches of one sequence over a few tokens,
     KV on the host, stage recording on (as measured runs record). What remains is the host's work per
     visit: kernel launches, stream and event bookkeeping, hand-offs to the attention worker. With
-    `micro_batch_size` above runtime.model.MOE_DENSE_MAX_TOKENS the MoE takes its grouped path (more
+    `micro_batch_size` above runtime.moe.MOE_DENSE_MAX_TOKENS the MoE takes its grouped path (more
     kernels) where the device has one."""
     from .engine import Engine
 
@@ -957,7 +957,7 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
                   f"d2h_gb_per_s = {_arr([x / GB for x in lk['d2h_bytes_per_s']])}",
                   f"gpu_hbm_gb_per_s = {_num(g['hbm_copy_bytes_per_s'] / GB)}"]
         if g.get("moe_shapes"):
-            lines += ["# runtime.model.moe, one MoE layer, every expert resident, at the expert shapes [hidden, "
+            lines += ["# runtime.moe.moe, one MoE layer, every expert resident, at the expert shapes [hidden, "
                       f"intermediate, experts, top-k] of {', '.join(g['moe_models'])}: routed top-k FLOP/s by "
                       "tokens per expert",
                       f"gpu_moe_shapes = {json.dumps(g['moe_shapes'])}",

@@ -16,8 +16,8 @@ import torch
 from hrm.spec import ModelSpec
 
 from .host_memory import empty_host
-from .model import (DenseWeights, ExpertLookup, ExpertTable, ExpertWeights, dense_weight_shapes,
-                    dense_weights_from, expert_elems, expert_view)
+from .model import DenseWeights, dense_weight_shapes, dense_weights_from
+from .moe import ExpertLookup, ExpertTable, ExpertWeights, expert_elems, expert_view
 
 EXPERT_PARTS = ("gate", "up", "down")
 PAGE_ALIGN_ELEMS = 256

@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 
 import runtime.cpu_attention as cpu_attention  # noqa: E402
 from hrm.spec import ModelSpec  # noqa: E402
-from runtime import model  # noqa: E402
+from runtime import model, moe  # noqa: E402
 from runtime.synthetic import synthesize  # noqa: E402
 from runtime.weights import WeightStore  # noqa: E402
 from oracles import naive_decode_attention
@@ -42,10 +42,10 @@ def test_dense_moe_equals_sparse(spec, resident, tokens):
     layer = store.dense.layers[1]
     g = torch.Generator().manual_seed(tokens)
     h = torch.randn(tokens, spec.hidden_size, generator=g, dtype=torch.float64)
-    assert tokens <= model.MOE_DENSE_MAX_TOKENS
-    dense = model.moe(h, layer, table, spec)                      # ExpertTable: dense path
-    sparse = model.moe(h, layer, lambda e: table(e), spec)        # plain lookup: sparse path
-    reference = model.moe(h, layer, store.at_rest(1), spec)
+    assert tokens <= moe.MOE_DENSE_MAX_TOKENS
+    dense = moe.moe(h, layer, table, spec)                      # ExpertTable: dense path
+    sparse = moe.moe(h, layer, lambda e: table(e), spec)        # plain lookup: sparse path
+    reference = moe.moe(h, layer, store.at_rest(1), spec)
     assert torch.equal(sparse, reference)
     assert float((dense - sparse).abs().max()) <= 1e-12 * float(sparse.abs().max())
 
@@ -54,7 +54,7 @@ def test_dense_moe_bf16_matches_sparse_closely():
     store = _store(MIXTRAL3, 1, dtype=torch.bfloat16)
     table, layer = store.lookup(1, 1), store.dense.layers[1]
     h = torch.randn(7, MIXTRAL3.hidden_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    dense, sparse = model.moe(h, layer, table, MIXTRAL3), model.moe(h, layer, lambda e: table(e), MIXTRAL3)
+    dense, sparse = moe.moe(h, layer, table, MIXTRAL3), moe.moe(h, layer, lambda e: table(e), MIXTRAL3)
     assert float((dense.float() - sparse.float()).abs().max()) <= 1e-2 * float(sparse.float().abs().max())
 
 
@@ -64,11 +64,11 @@ def test_moe_takes_the_sparse_path_above_the_threshold(monkeypatch):
     h = torch.randn(9, MIXTRAL3.hidden_size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     used = []
     for name in ("_routed_dense", "_routed_sparse"):
-        fn = getattr(model, name)
-        monkeypatch.setattr(model, name, lambda *a, fn=fn, name=name: used.append(name) or fn(*a))
-    monkeypatch.setattr(model, "MOE_DENSE_MAX_TOKENS", 8)
-    model.moe(h, layer, table, MIXTRAL3)
-    model.moe(h[:8], layer, table, MIXTRAL3)
+        fn = getattr(moe, name)
+        monkeypatch.setattr(moe, name, lambda *a, fn=fn, name=name: used.append(name) or fn(*a))
+    monkeypatch.setattr(moe, "MOE_DENSE_MAX_TOKENS", 8)
+    moe.moe(h, layer, table, MIXTRAL3)
+    moe.moe(h[:8], layer, table, MIXTRAL3)
     assert used == ["_routed_sparse", "_routed_dense"]
 
 
@@ -82,15 +82,15 @@ ALIGNED = ModelSpec(name="tiny-aligned", model_type="qwen2_moe", hidden_size=32,
                          ids=["streamed", "split", "resident"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_grouped_moe_equals_sparse(spec, resident, dtype):
-    if not model.grouped_mm_available(torch.device("cpu"), dtype):
+    if not moe.grouped_mm_available(torch.device("cpu"), dtype):
         pytest.skip("this torch has no CPU grouped GEMM")
     store = _store(spec, resident, dtype=dtype)
     table, layer = store.lookup(1, 1), store.dense.layers[1]
-    tokens = model.MOE_DENSE_MAX_TOKENS + 37
+    tokens = moe.MOE_DENSE_MAX_TOKENS + 37
     h = torch.randn(tokens, spec.hidden_size, generator=torch.Generator().manual_seed(5)).to(dtype)
-    weights, ids = model.route(h, layer.router, spec)
-    grouped = model._routed_grouped(h, weights, ids, table.matrices(spec), spec)
-    sparse = model._routed_sparse(h, weights, ids, table, spec)
+    weights, ids = moe.route(h, layer.router, spec)
+    grouped = moe._routed_grouped(h, weights, ids, table.matrices(spec), spec)
+    sparse = moe._routed_sparse(h, weights, ids, table, spec)
     assert torch.isfinite(grouped).all()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert float((grouped - sparse).abs().max()) <= tol * float(sparse.abs().max())
@@ -114,32 +114,32 @@ def _routing(case: str, tokens: int, spec: ModelSpec):
 @pytest.mark.parametrize("resident", [0, 3, 5], ids=["streamed", "split", "resident"])
 def test_grouped_moe_equals_the_oracle_on_odd_routings(monkeypatch, case, tokens, resident):
     """Experts with no token, one token, all tokens; slices of 16 tokens (53 = 3 full slices + 5)."""
-    if not model.grouped_mm_available(torch.device("cpu"), torch.float32):
+    if not moe.grouped_mm_available(torch.device("cpu"), torch.float32):
         pytest.skip("this torch has no CPU grouped GEMM")
-    monkeypatch.setattr(model, "MOE_GROUPED_MAX_TOKENS", 16)
+    monkeypatch.setattr(moe, "MOE_GROUPED_MAX_TOKENS", 16)
     store = _store(ALIGNED, resident, dtype=torch.float32)
     table = store.lookup(1, 1)
     h = torch.randn(tokens, ALIGNED.hidden_size, generator=torch.Generator().manual_seed(3))
     weights, ids = _routing(case, tokens, ALIGNED)
-    grouped = model._routed_grouped(h, weights, ids, table.matrices(ALIGNED), ALIGNED)
-    oracle = model._routed_sparse(h, weights, ids, table, ALIGNED)
+    grouped = moe._routed_grouped(h, weights, ids, table.matrices(ALIGNED), ALIGNED)
+    oracle = moe._routed_sparse(h, weights, ids, table, ALIGNED)
     assert float((grouped - oracle).abs().max()) <= 1e-5 * float(oracle.abs().max())
 
 
 def test_moe_takes_the_grouped_path_above_the_threshold(monkeypatch):
-    if not model.grouped_mm_available(torch.device("cpu"), torch.float32):
+    if not moe.grouped_mm_available(torch.device("cpu"), torch.float32):
         pytest.skip("this torch has no CPU grouped GEMM")
     used = []
     for name in ("_routed_dense", "_routed_grouped", "_routed_sparse"):
-        fn = getattr(model, name)
-        monkeypatch.setattr(model, name, lambda *a, fn=fn, name=name: used.append(name) or fn(*a))
-    monkeypatch.setattr(model, "MOE_DENSE_MAX_TOKENS", 8)
+        fn = getattr(moe, name)
+        monkeypatch.setattr(moe, name, lambda *a, fn=fn, name=name: used.append(name) or fn(*a))
+    monkeypatch.setattr(moe, "MOE_DENSE_MAX_TOKENS", 8)
     for spec in (ALIGNED, QWEN2):            # QWEN2: 10-float (40-byte) expert rows, not 16-byte multiples
         store = _store(spec, 1, dtype=torch.float32)
         table, layer = store.lookup(1, 1), store.dense.layers[1]
         h = torch.randn(9, spec.hidden_size, generator=torch.Generator().manual_seed(1))
-        model.moe(h, layer, table, spec)
-        model.moe(h, layer, lambda e: table(e), spec)
+        moe.moe(h, layer, table, spec)
+        moe.moe(h, layer, lambda e: table(e), spec)
     assert used == ["_routed_grouped", "_routed_sparse", "_routed_sparse", "_routed_sparse"]
 
 
@@ -199,11 +199,11 @@ def test_decode_attention_kernels_match_naive(monkeypatch, kernel, dtype, tol):
 
 
 def _moe_with_sync_as_error(h, layer, table, spec):
-    """model.moe with CUDA's sync debug mode set to raise on any host synchronisation."""
+    """moe.moe with CUDA's sync debug mode set to raise on any host synchronisation."""
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        return model.moe(h, layer, table, spec)
+        return moe.moe(h, layer, table, spec)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -214,20 +214,20 @@ def test_gpu_dense_moe_does_not_synchronise():
     h = torch.randn(7, MIXTRAL3.hidden_size, device="cuda")
     table, layer = store.lookup(1, 1), store.dense.layers[1]
     dense = _moe_with_sync_as_error(h, layer, table, MIXTRAL3)
-    sparse = model.moe(h, layer, lambda e: table(e), MIXTRAL3)
+    sparse = moe.moe(h, layer, lambda e: table(e), MIXTRAL3)
     assert float((dense - sparse).abs().max()) <= 1e-5 * float(sparse.abs().max())
 
 
 @pytest.mark.gpu
 def test_gpu_grouped_moe_does_not_synchronise_and_equals_sparse():
     """Decode micro-batches above MOE_DENSE_MAX_TOKENS take the grouped path on sm90+ (bf16)."""
-    if not model.grouped_mm_available(torch.device("cuda"), torch.bfloat16):
+    if not moe.grouped_mm_available(torch.device("cuda"), torch.bfloat16):
         pytest.skip("no CUDA grouped GEMM for bf16 on this GPU")
     store = _store(ALIGNED, 2, dtype=torch.bfloat16, device="cuda")
-    h = torch.randn(model.MOE_DENSE_MAX_TOKENS + 11, ALIGNED.hidden_size, device="cuda").to(torch.bfloat16)
+    h = torch.randn(moe.MOE_DENSE_MAX_TOKENS + 11, ALIGNED.hidden_size, device="cuda").to(torch.bfloat16)
     table, layer = store.lookup(1, 1), store.dense.layers[1]
     grouped = _moe_with_sync_as_error(h, layer, table, ALIGNED)
-    sparse = model.moe(h, layer, lambda e: table(e), ALIGNED)
+    sparse = moe.moe(h, layer, lambda e: table(e), ALIGNED)
     assert float((grouped.float() - sparse.float()).abs().max()) <= 2e-2 * float(sparse.float().abs().max())
 
 

@@ -1,0 +1,250 @@
+"""Routed experts and the shared expert of an MoE layer, and the three paths of the routed experts.
+
+Routed experts are read through an `ExpertLookup` (expert id -> ExpertWeights) so that a page table can
+place them anywhere; through an `ExpertTable` (the pipeline's page-table view, resident and streamed
+experts alike) the layer also sees the stores they live in. The three paths have the same math: the
+sparse one (tokens grouped per expert; one host synchronisation for the per-expert counts, a Python loop
+over the experts: the slow, obvious oracle) and two sync-free ones through an ExpertTable: for at most
+MOE_DENSE_MAX_TOKENS tokens a dense one that runs every expert of the layer on every token with batched
+matmuls over the expert dimension and combines them with a dense [tokens, experts] routing matrix; above
+that a grouped one (tokens sorted per expert on the device, torch._grouped_mm with device-side group
+offsets, in slices of MOE_GROUPED_MAX_TOKENS tokens), where torch has a fused grouped GEMM for the device
+and dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from hrm.policy import MOE_DENSE_MAX_TOKENS, MOE_GROUPED_MAX_TOKENS
+from hrm.spec import ModelSpec
+
+from .precision import acc_dtype
+
+
+@dataclass(frozen=True)
+class SharedExpertWeights:
+    gate: torch.Tensor                     # [shared, hidden]
+    up: torch.Tensor                       # [shared, hidden]
+    down: torch.Tensor                     # [hidden, shared]
+    gate_weight: torch.Tensor | None       # [1, hidden]: sigmoid gate (Qwen2-MoE)
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    gate: torch.Tensor                     # [moe_intermediate, hidden]
+    up: torch.Tensor                       # [moe_intermediate, hidden]
+    down: torch.Tensor                     # [hidden, moe_intermediate]
+
+
+ExpertLookup = Callable[[int], ExpertWeights]
+
+_GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}   # (device type, dtype) -> torch._grouped_mm works
+
+
+class ExpertTable:
+    """An ExpertLookup (expert id -> ExpertWeights views) that also exposes the stores the experts live in,
+    as `groups`: (first expert id, flat store [n, X]) for consecutive ids first .. first + n - 1. The dense
+    MoE path reads each group as [n, 2I, H] (gate | up) and [n, H, I] (down) views, without copies."""
+
+    __slots__ = ("views", "groups", "_matrices")
+
+    def __init__(self, views: list[ExpertWeights], groups: tuple[tuple[int, torch.Tensor], ...]):
+        self.views, self.groups = views, groups
+        self._matrices = None
+
+    def __call__(self, expert: int) -> ExpertWeights:
+        return self.views[expert]
+
+    def matrices(self, spec: ModelSpec) -> tuple[tuple[int, torch.Tensor, torch.Tensor], ...]:
+        """Per group: (first expert id, gate|up as [n, H, 2I], down as [n, I, H]): the right operands of
+        x @ W.T as views of the store, built once (on the decode path each view is a dispatcher call)."""
+        if self._matrices is None:
+            hid, inter = spec.hidden_size, spec.moe_intermediate_size
+            gi = inter * hid
+            self._matrices = tuple((first, store[:, :2 * gi].view(-1, 2 * inter, hid).transpose(1, 2),
+                                    store[:, 2 * gi:].view(-1, hid, inter).transpose(1, 2))
+                                   for first, store in self.groups)
+        return self._matrices
+
+
+def expert_elems(spec: ModelSpec) -> int:
+    """Elements of one routed expert stored flat as gate | up | down."""
+    return 3 * spec.moe_intermediate_size * spec.hidden_size
+
+
+def expert_view(flat: torch.Tensor, spec: ModelSpec) -> ExpertWeights:
+    """Views of one expert stored flat ([3 * inter * hidden]) as gate | up | down."""
+    i, h = spec.moe_intermediate_size, spec.hidden_size
+    n = i * h
+    return ExpertWeights(flat[:n].view(i, h), flat[n:2 * n].view(i, h), flat[2 * n:].view(h, i))
+
+
+def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """x [tokens, hidden] -> [tokens, hidden]."""
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def route(h: torch.Tensor, router: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax (accumulation dtype) -> top-k -> renormalise when norm_topk_prob (always for Mixtral).
+    h [tokens, hidden] -> weights [tokens, k] (acc dtype), expert ids [tokens, k]."""
+    logits = F.linear(h, router)                                           # [tokens, experts]
+    probs = torch.softmax(logits, dim=-1, dtype=acc_dtype(h.dtype))       # casts up first, in one kernel
+    weights, ids = torch.topk(probs, spec.num_experts_per_tok, dim=-1)
+    if spec.norm_topk_prob or spec.model_type == "mixtral":
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def moe(h: torch.Tensor, layer, experts: ExpertLookup, spec: ModelSpec) -> torch.Tensor:
+    """Routed experts (SwiGLU, read through `experts`) plus the shared expert of `layer` (a
+    runtime.model.LayerWeights: its router and shared expert). h [tokens, hidden] -> same.
+    Through an ExpertTable, up to MOE_DENSE_MAX_TOKENS tokens: the dense path, above it the grouped path
+    where the device has a grouped GEMM for the dtype (neither synchronises with the host); otherwise the
+    sparse path (one host synchronisation: the per-expert token counts)."""
+    weights, ids = route(h, layer.router, spec)                            # [tokens, k]
+    groups = getattr(experts, "groups", None)
+    path = moe_path(h.shape[0], groups, spec, h.device, h.dtype)
+    if path == "dense":
+        out = _routed_dense(h, weights, ids, experts.matrices(spec), spec)
+    elif path == "grouped":
+        out = _routed_grouped(h, weights, ids, experts.matrices(spec), spec)
+    else:
+        out = _routed_sparse(h, weights, ids, experts, spec)
+    if layer.shared is not None:
+        s = layer.shared
+        y = swiglu(h, s.gate, s.up, s.down).to(out.dtype)
+        if s.gate_weight is not None:
+            y = torch.sigmoid(F.linear(h, s.gate_weight).to(out.dtype)) * y
+        out += y
+    return out.to(h.dtype)
+
+
+def _routed_sparse(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertLookup,
+                   spec: ModelSpec) -> torch.Tensor:
+    """Tokens grouped per expert; [tokens, hidden] in the accumulation dtype. Syncs on the counts."""
+    t, k = h.shape[0], spec.num_experts_per_tok
+    out = torch.zeros(t, h.shape[1], dtype=weights.dtype, device=h.device)  # [tokens, hidden] acc
+    flat = ids.reshape(-1)                                                 # [tokens * k]
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=spec.num_experts).tolist()
+    tok_all, slot_all = order // k, order % k
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        tok, slot = tok_all[start:start + n], slot_all[start:start + n]    # [n]
+        start += n
+        w = experts(e)
+        y = swiglu(h[tok], w.gate, w.up, w.down)                           # [n, hidden]
+        out.index_add_(0, tok, y.to(out.dtype) * weights[tok, slot, None])
+    return out
+
+
+def _routed_dense(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, matrices, spec: ModelSpec) -> torch.Tensor:
+    """Every expert on every token, batched over the experts of each store group, no host sync.
+    Same math as _routed_sparse: per (token, expert) the SwiGLU output in the model dtype, cast to the
+    accumulation dtype, times its routing weight; unselected experts get weight 0 (an exact 0 term: the
+    combination adds the same k products, in expert order for k = 2). Differences from the sparse path are
+    the matmul kernels' own summation orders (bmm over all tokens vs mm over the routed subset).
+    [tokens, hidden] in the accumulation dtype. `matrices`: ExpertTable.matrices. ~4 kernels per group + 5."""
+    t, hid, inter = h.shape[0], spec.hidden_size, spec.moe_intermediate_size
+    e_all = spec.num_experts
+    dense_w = torch.zeros(t, e_all, dtype=weights.dtype, device=h.device).scatter_(1, ids, weights)  # [t, E]
+    y = torch.empty(e_all, t, hid, dtype=h.dtype, device=h.device)        # [E, tokens, hidden]
+    for first, gate_up_t, down_t in matrices:                              # [n, H, 2I], [n, I, H]
+        gu = torch.matmul(h, gate_up_t)                                    # [n, t, 2I] (h broadcast)
+        a = F.silu(gu[..., :inter]).mul_(gu[..., inter:])                  # [n, t, I]
+        torch.matmul(a, down_t, out=y[first:first + gate_up_t.shape[0]])   # [n, t, H]
+    contrib = y * dense_w.t()[:, :, None]              # [E, t, H] acc (promotion: y cast up exactly, fused)
+    if h.dtype == torch.float16:   # an unselected expert overflowing to inf must not give 0 * inf = NaN
+        contrib = torch.where(dense_w.t()[:, :, None] != 0, contrib, 0.0)
+    return contrib.sum(dim=0)
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm is a sync-free grouped GEMM for this device and dtype, and right (checked
+    once on a 16 x 16 case against plain matmuls). On CUDA only Hopper and Blackwell (sm90, sm100) have
+    the fused kernel: below, torch falls back to one matmul per group after copying the offsets to the
+    host, which is the sparse path with a sync per expert. The CPU build's fallback is used, for tests."""
+    key = (device.type, dtype)
+    if key not in _GROUPED_MM_OK:
+        ok = hasattr(torch, "_grouped_mm")
+        if ok and device.type == "cuda":
+            ok = torch.cuda.get_device_capability(device)[0] in (9, 10) and dtype in (torch.bfloat16,)
+        if ok:
+            try:
+                g = torch.Generator().manual_seed(0)
+                a = torch.randn(16, 16, generator=g).to(device, dtype)                  # [rows, K]
+                b = torch.randn(2, 16, 16, generator=g).to(device, dtype)               # [groups, N, K]
+                offs = torch.tensor([5, 16], dtype=torch.int32, device=device)
+                y = torch._grouped_mm(a, b.transpose(1, 2), offs=offs)                 # [rows, N]
+                ref = torch.cat((a[:5] @ b[0].t(), a[5:] @ b[1].t()))
+                ok = bool(torch.allclose(y.float(), ref.float(), rtol=2e-2, atol=2e-2))
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        _GROUPED_MM_OK[key] = ok
+    return _GROUPED_MM_OK[key]
+
+
+def moe_path(tokens: int, groups, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> str:
+    """Which routed-expert path moe() takes: "dense" or "grouped" (no host synchronisation: what a CUDA
+    graph can capture) or "sparse". `groups`: the ExpertTable's store groups, or None for a plain lookup."""
+    if not groups:
+        return "sparse"
+    if tokens <= MOE_DENSE_MAX_TOKENS:
+        return "dense"
+    if grouped_mm_available(device, dtype) and _grouped_aligned(groups, spec, dtype.itemsize):
+        return "grouped"
+    return "sparse"
+
+
+def _grouped_aligned(groups: tuple[tuple[int, torch.Tensor], ...], spec: ModelSpec, elem_bytes: int) -> bool:
+    """torch._grouped_mm wants every operand's rows and base addresses on 16-byte boundaries."""
+    widths = (spec.hidden_size, spec.moe_intermediate_size, 2 * spec.moe_intermediate_size * spec.hidden_size)
+    return (all(w * elem_bytes % 16 == 0 for w in widths)
+            and all(st.data_ptr() % 16 == 0 and st.stride(0) * elem_bytes % 16 == 0 for _, st in groups))
+
+
+def _routed_grouped(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, matrices,
+                    spec: ModelSpec) -> torch.Tensor:
+    """The grouped path over slices of at most MOE_GROUPED_MAX_TOKENS tokens (which bound its workspace),
+    each written into its rows of the output: no host sync at any size. [tokens, hidden] in the
+    accumulation dtype. `matrices`: ExpertTable.matrices."""
+    t = h.shape[0]
+    out = torch.zeros(t, spec.hidden_size, dtype=weights.dtype, device=h.device)  # [tokens, hidden] acc
+    for first in range(0, t, MOE_GROUPED_MAX_TOKENS):
+        rows = slice(first, first + MOE_GROUPED_MAX_TOKENS)
+        _grouped_slice(out[rows], h[rows], weights[rows], ids[rows], matrices, spec)
+    return out
+
+
+def _grouped_slice(out: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, matrices,
+                   spec: ModelSpec) -> None:
+    """Per store group, its (token, slot) pairs sorted by expert and run through two grouped GEMMs whose
+    group offsets stay on the device. Same math as _routed_sparse; pairs routed to other groups sort last,
+    beyond the last offset, where the grouped GEMM neither computes nor writes, so they are masked (not
+    multiplied) out. Adds into out [tokens, hidden] (accumulation dtype)."""
+    k = ids.shape[1]
+    inter = spec.moe_intermediate_size
+    flat, w_flat = ids.reshape(-1), weights.reshape(-1)                      # [t * k]
+    for first, gate_up_t, down_t in matrices:                              # [n, H, 2I], [n, I, H]
+        n = gate_up_t.shape[0]
+        local = flat - first
+        inside = (local >= 0) & (local < n)                                # [t * k]
+        key = torch.where(inside, local, n)
+        order = torch.argsort(key, stable=True)                            # [t * k]: by expert, others last
+        counts = torch.zeros(n + 1, dtype=torch.long, device=h.device).scatter_add_(0, key, torch.ones_like(key))
+        offs = torch.cumsum(counts[:n], 0, dtype=torch.int32)              # [n] (bincount would sync)
+        tok = order // k
+        gu = torch._grouped_mm(h[tok], gate_up_t, offs=offs)               # [t * k, 2I]
+        a = F.silu(gu[:, :inter], inplace=True).mul(gu[:, inter:])         # [t * k, I]
+        del gu                                                              # the peak: h[tok], gu, a
+        y = torch._grouped_mm(a, down_t, offs=offs)                        # [t * k, H]
+        del a
+        yw = y.to(out.dtype).mul_(w_flat[order, None])                     # [t * k, H] acc
+        out.index_add_(0, tok, yw.masked_fill_(~inside[order, None], 0.0))
+        del y, yw                                                           # before the next group's
