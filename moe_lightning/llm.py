@@ -43,6 +43,35 @@ def schedule(requests: Sequence[Request], batch_size: int) -> list[Batch]:
     return out
 
 
+def pass_seconds(spec, hardware, policy, prompt_lens: Sequence[int], max_tokens: int) -> float:
+    """The model's prediction for one engine pass (hrm.estimate at the pass's own size and prompt lengths)."""
+    from hrm.estimate import estimate
+    from hrm.spec import Workload
+    n = len(prompt_lens)
+    policy = replace(policy, batch_size=n, micro_batch_size=min(policy.micro_batch_size, n))
+    return estimate(spec, hardware, Workload.from_prompt_lens(prompt_lens, max_tokens), policy).total_s
+
+
+@dataclass(frozen=True)
+class JobPrediction:
+    """How long a whole job takes under a policy: its passes, each priced at its own size."""
+    num_requests: int
+    passes: int
+    generated_tokens: int          # max_tokens of every request (the runtime does not stop early)
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"num_requests": self.num_requests, "passes": self.passes,
+                "generated_tokens": self.generated_tokens, "seconds": self.seconds}
+
+
+def predict_job(spec, hardware, policy, requests: Sequence[Request], prompt_lens: Sequence[int]) -> JobPrediction:
+    batches = schedule(requests, policy.batch_size)
+    seconds = sum(pass_seconds(spec, hardware, policy, [prompt_lens[i] for i in b.rows], b.params.max_tokens)
+                  for b in batches)
+    return JobPrediction(len(requests), len(batches), sum(r.params.max_tokens for r in requests), seconds)
+
+
 def machine_profile(hardware: str | None):
     """(HardwareProfile, how it was chosen): the one named, else the built-in profile of this machine's
     GPU (a measured one first), else on a machine without CUDA the default profile."""
@@ -127,13 +156,8 @@ class LLM:
         return replace(p, batch_size=self.batch_size, micro_batch_size=min(p.micro_batch_size, self.batch_size))
 
     def predicted_s(self, batch: Batch, prompt_ids: Sequence[list[int]]) -> float:
-        """The model's prediction for one pass (hrm.estimate at the pass's own size and prompt lengths)."""
-        from hrm.estimate import estimate
-        from hrm.spec import Workload
-        n = len(batch.rows)
-        policy = replace(self.policy, batch_size=n, micro_batch_size=min(self.policy.micro_batch_size, n))
-        workload = Workload.from_prompt_lens([len(prompt_ids[i]) for i in batch.rows], batch.params.max_tokens)
-        return estimate(self.spec, self.plan.hardware, workload, policy).total_s
+        return pass_seconds(self.spec, self.plan.hardware, self.policy, [len(prompt_ids[i]) for i in batch.rows],
+                            batch.params.max_tokens)
 
     def engine(self):
         if self._engine is None:

@@ -19,6 +19,14 @@ def add_parser(sub) -> None:
                        description="Search the policy (N, mu, attention/expert placement, experts and KV on the "
                                    "GPU) with the highest predicted throughput, and compare it with baselines.")
     add_target_args(p)
+    d = p.add_argument_group("workload from a dataset (replaces --prompt-len / --max-prompt-len)")
+    d.add_argument("--dataset", metavar="REQUESTS.jsonl",
+                   help="requests as `generate` takes them: the prompt lengths after tokenization (and each "
+                        "request's max_tokens, default --gen-len) make the workload, and the whole job is priced")
+    d.add_argument("--num-prompts", type=int, default=None, metavar="K",
+                   help="price a job of K prompts: the dataset's first K, or its lengths repeated (default: all)")
+    d.add_argument("--tokenizer", metavar="DIR", default=None,
+                   help="tokenizer directory (default: the --model directory)")
     g = p.add_argument_group("budgets")
     g.add_argument("--gpu-memory", metavar="SIZE", default=None,
                    help="memory of each GPU the process may use in all, CUDA context included (e.g. 16GiB, "
@@ -58,12 +66,20 @@ def run(args) -> int:
 
 def _run(args) -> int:
     from optimizer.search import make_problem, search
+    from hrm.spec import Workload
     from optimizer.space import ALL_PLACEMENTS
 
     spec, hw, workload = build_target(args)
+    job = None
+    if args.dataset:
+        requests, lens = dataset_prompts(args)
+        workload = Workload.from_prompt_lens(lens, max(r.params.max_tokens for r in requests), padded=bool(args.padded))
     plan = search(spec, hw, workload, solver=args.solver, mode=args.search_mode, gpu_memory=args.gpu_memory,
                   cpu_memory=args.cpu_memory, gpu_frac=args.gpu_frac, cpu_frac=args.cpu_frac,
                   use_measured=not args.datasheet, placements=ALL_PLACEMENTS if args.cpu_experts else None)
+    if args.dataset:
+        from moe_lightning.llm import predict_job
+        job = predict_job(plan.spec, plan.hardware, plan.policy, requests, lens)
     baselines = []
     if args.search_mode == "default" and not args.no_baselines:
         from optimizer.baselines import compare_baselines
@@ -78,14 +94,41 @@ def _run(args) -> int:
             raise ValueError(f"--plot needs the viz package with matplotlib ({e})") from None
         plot_for_plan(plan, args.plot, baselines=baselines or None, use_measured=not args.datasheet)
     if args.json:
-        print_json(to_json_dict(plan, baselines, args.output))
+        print_json({**to_json_dict(plan, baselines, args.output), "job": job and job.to_dict()})
         return 0
     print_plan(plan, baselines)
+    if job is not None:
+        print(f"the whole job: {job.num_requests:,} prompts in {job.passes:,} passes of N <= "
+              f"{plan.policy.batch_size:,}, {job.generated_tokens:,} tokens generated, predicted {fmt_s(job.seconds)}")
     if args.output:
         print(f"wrote {args.output}")
     if args.plot:
         print(f"wrote {args.plot}")
     return 0
+
+
+def dataset_prompts(args):
+    """(requests, prompt lengths) of --dataset after tokenization, cut or repeated to --num-prompts."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from moe_lightning.hub import resolve_model
+    from moe_lightning.requests import RequestError, SamplingParams, read_requests
+    from moe_lightning.text import TextCodec
+
+    requests = read_requests(args.dataset, SamplingParams(max_tokens=int(args.gen_len)))
+    k = len(requests) if args.num_prompts is None else args.num_prompts
+    if k < 1:
+        raise RequestError(f"--num-prompts must be >= 1, got {k}")
+    tok_dir = args.tokenizer or resolve_model(args.model, download=args.download)
+    if not Path(tok_dir).is_dir():
+        raise RequestError(f"--dataset needs a tokenizer: give --tokenizer DIR or a --model directory "
+                           f"(not {tok_dir!r})")
+    codec = TextCodec.from_model_dir(tok_dir)
+    lens = [len(codec.encode(r)) for r in requests]
+    order = [i % len(requests) for i in range(k)]
+    return ([replace(requests[i], id=f"{requests[i].id}#{n // len(requests)}") for n, i in enumerate(order)],
+            [lens[i] for i in order])
 
 
 def to_json_dict(plan, baselines, output=None) -> dict:

@@ -183,3 +183,38 @@ def test_a_hub_id_resolves_from_the_local_cache_offline(model_dir, tmp_path):
     r = subprocess.run(cli + ["plan", "--json", "--no-baselines", "--model", "tiny-org/not-cached"], env=env,
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "not in the local Hugging Face cache" in r.stderr and r.stderr.count("\n") == 1
+
+
+def _plan_json(capsys, *args) -> dict:
+    assert main(["plan", "--json", "--no-baselines", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_plan_takes_the_workload_from_a_dataset_and_prices_the_job(model_dir, reference, tmp_path, capsys):
+    tok, _ = reference
+    reqs = tmp_path / "in.jsonl"
+    reqs.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(tiny_text_model.PROMPTS)))
+    lens = [len(tok(p)["input_ids"]) for p in tiny_text_model.PROMPTS]
+    d = _plan_json(capsys, "--dataset", str(reqs), "--tokenizer", str(model_dir), "--gen-len", "32")
+    w, est = d["plan"]["workload"], d["plan"]["estimate"]
+    assert (w["avg_prompt_len"], w["max_prompt_len"], w["gen_len"]) == (pytest.approx(sum(lens) / len(lens)), max(lens), 32)
+    n, one_pass = d["plan"]["policy"]["batch_size"], est["prefill_s"] + est["decode_s"]
+    assert d["job"]["passes"] == 1 and d["job"]["num_requests"] == len(lens) and n > len(lens)
+    assert d["job"]["seconds"] < one_pass                 # 5 prompts cost less than a pass of N
+
+    # 5 N prompts: the same lengths (cycled), so the same plan, and five full passes each priced as the plan
+    k = 5 * n
+    d = _plan_json(capsys, "--dataset", str(reqs), "--tokenizer", str(model_dir), "--gen-len", "32",
+                   "--num-prompts", str(k))
+    assert d["plan"]["policy"]["batch_size"] == n
+    job = d["job"]
+    assert (job["num_requests"], job["passes"], job["generated_tokens"]) == (k, 5, 32 * k)
+    assert job["seconds"] == pytest.approx(5 * one_pass, rel=0.01)
+
+
+def test_plan_dataset_needs_a_tokenizer(tmp_path, capsys):
+    reqs = tmp_path / "in.jsonl"
+    reqs.write_text('{"id": 0, "prompt": "the fox"}\n')
+    assert main(["plan", "--dataset", str(reqs)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--tokenizer" in err
