@@ -50,8 +50,9 @@ def add_parser(sub) -> None:
                          help="pad prompts to the longest (default: the plan's, else packed)")
     ex = p.add_argument_group("execution")
     ex.add_argument("--hardware", help="hardware profile for the predicted column (default: the plan's)")
-    ex.add_argument("--gpu-budget-gb", type=float, default=None,
-                    help="emulate a GPU with this much memory (default: the plan's GPU budget)")
+    ex.add_argument("--gpu-memory", metavar="SIZE", default=None,
+                    help="emulate a GPU with this much memory, as plan's --gpu-memory (e.g. 24GiB = 24 x 2^30 "
+                         "bytes, 24GB = 24 x 10^9; default: the plan's GPU budget)")
     ex.add_argument("--dtype", default=None, help="weight/activation dtype (default: the model's)")
     ex.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     ex.add_argument("--top-p", type=float, default=1.0)
@@ -133,7 +134,8 @@ def run(args) -> int:
     prompts = load_prompts(args, target)
     gen_len = int(_workload_arg(args, target.plan, "gen_len", DEFAULT_GEN_LEN))
     padded = bool(_workload_arg(args, target.plan, "padded", False))
-    budget = int(args.gpu_budget_gb * 2**30) if args.gpu_budget_gb else None
+    from optimizer.space import parse_size
+    budget = int(parse_size(args.gpu_memory)) if args.gpu_memory else None
     if budget is None and target.plan is not None:
         budget = int(target.plan.budgets.gpu_total_bytes)
     progress = False if args.json else None

@@ -49,3 +49,27 @@ def test_run_with_model_and_policy_json(tmp_path, capsys):
 def test_run_without_plan_or_policy_is_a_one_line_error(capsys):
     assert main(["run", "--model", "mixtral-8x7b"]) == 2
     assert "give --plan, or --model with --policy-json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size, expected", [("24GB", 24 * 10**9), ("1GiB", 2**30), ("1.5GiB", 3 * 2**29)])
+def test_run_gpu_memory_is_read_as_written(plan_file, monkeypatch, capsys, size, expected):
+    """One unit convention with plan's --gpu-memory: GB = 1e9 bytes, GiB = 2^30."""
+    import runtime.engine
+    seen = []
+
+    class Recording(runtime.engine.Engine):
+        def __init__(self, *a, **kw):
+            seen.append(kw["gpu_memory_budget_bytes"])
+            super().__init__(*a, **kw)
+    monkeypatch.setattr(runtime.engine, "Engine", Recording)
+    path, _ = plan_file
+    assert main(["run", "--plan", str(path), "--synthetic", "--num-prompts", "2", "--no-warmup", "--json",
+                 "--gpu-memory", size]) == 0
+    assert seen == [expected]
+
+
+def test_run_gpu_memory_without_a_unit_is_a_one_line_error(plan_file, capsys):
+    path, _ = plan_file
+    assert main(["run", "--plan", str(path), "--synthetic", "--gpu-memory", "24 bananas"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read memory size" in err
