@@ -106,11 +106,11 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", default="1", help="comma-separated decoder-layer counts of the probe's model")
     ap.add_argument("--out", type=Path, required=True, help="JSON; gzipped chrome traces are written beside it")
     args = ap.parse_args(argv)
-    from runtime.probe import SCHEDULE_ATTENTION_ON_GPU
+    from hrm.schedules import SCHEDULES
     schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
-    bad = [s for s in schedules if s not in SCHEDULE_ATTENTION_ON_GPU]
+    bad = [s for s in schedules if s not in SCHEDULES]
     if bad:
-        print(f"error: unknown schedule {bad[0]!r} (one of {', '.join(SCHEDULE_ATTENTION_ON_GPU)})", file=sys.stderr)
+        print(f"error: unknown schedule {bad[0]!r} (one of {', '.join(SCHEDULES)})", file=sys.stderr)
         return 2
     try:
         layer_counts = [int(x) for x in args.layers.split(",") if x.strip()]

@@ -20,6 +20,7 @@ from .cost import Cost
 from .hardware import HardwareProfile, interp_log
 from .memory import MemoryUse, kv_slots_per_sequence, memory_use
 from .policy import Policy, prefill_chunk_sequences, realised_kv_frac
+from .schedules import SCHEDULES
 from .spec import ModelSpec, Workload
 
 CONTEXT_SAMPLES = 8
@@ -86,7 +87,7 @@ def cpu_attention_bytes_per_s(s: Setting, num_micro_batches=2, mu=None):
     to overlap) and in S3 the host waits: the isolated rate."""
     m = _measured(s)
     isolated = m.cpu_attention_bytes_per_s if m is not None and m.cpu_attention_bytes_per_s else cpu_dram_bytes_per_s(s)
-    if m is not None and s.schedule == "cgopipe" and m.cpu_attention_overlapped_bytes_per_s:
+    if m is not None and SCHEDULES[s.schedule].overlapped_attention and m.cpu_attention_overlapped_bytes_per_s:
         overlapped = m.cpu_attention_overlapped_bytes_per_s
         if mu is not None and m.cpu_attention_overlapped_micro_batches:
             overlapped = interp_log(mu, m.cpu_attention_overlapped_micro_batches, m.cpu_attention_overlapped_by_micro_batch)
@@ -134,8 +135,9 @@ def decode_visit_s(s: Setting, mu, num_micro_batches=2):
             return small
         return np.where(np.asarray(mu) > m.grouped_above_tokens, large, small)
 
-    if s.schedule == "cgopipe" and not s.attention_on_gpu:
-        return np.where(np.asarray(num_micro_batches) > 1, cost("cgopipe"), cost("s3"))
+    alone = SCHEDULES[s.schedule].one_micro_batch_as
+    if alone is not None and not s.attention_on_gpu:
+        return np.where(np.asarray(num_micro_batches) > 1, cost(s.schedule), cost(alone))
     return cost(s.schedule)
 
 
@@ -179,27 +181,8 @@ class LayerTimes:
         return self.h2d_weights_s + self.h2d_act_s + self.h2d_kv_s
 
     def terms(self, schedule: str) -> dict:
-        """The quantities whose maximum is the layer's time under `schedule`."""
-        if schedule == "blocking":
-            # every visit synchronises, so nothing overlaps the transfers and the CPU work; the host's
-            # launches run beside the GPU's work (two terms, so that each stays linear in r_w and r_c)
-            rest = self.h2d_s + self.cpu_s + self.d2h_s
-            return {"serial": rest + self.gpu_s, "serial_host": rest + self.launch_s}
-        if schedule == "s3":
-            # CPU attention is not overlapped with GPU work. The next layer's weights go as one block on
-            # the H2D stream after the first micro-batch's activations, so every later micro-batch's
-            # activations wait behind it: the block plus the rest of the serial chain (MISSION.md S2/S3).
-            # The launching thread also waits for each attention in place, so its per-visit work runs in
-            # series with the attention: the same chain with the launches in place of the GPU's work (two
-            # terms rather than a max inside one, so that every term stays linear in r_w and r_c).
-            serial = self.gpu_s + self.cpu_s + self.d2h_s + self.h2d_act_s
-            host_chain = self.launch_s + self.cpu_s + self.d2h_s + self.h2d_act_s
-            rest = 1.0 - 1.0 / self.num_micro_batches
-            return {"h2d": self.h2d_s, "link": self.link_s, "serial": serial, "launch": self.launch_s,
-                    "weights_block": self.h2d_weights_s + rest * serial,
-                    "host_chain": host_chain, "host_block": self.h2d_weights_s + rest * host_chain}
-        return {"gpu": self.gpu_s, "cpu": self.cpu_s, "h2d": self.h2d_s, "d2h": self.d2h_s,
-                "link": self.link_s, "pipeline": self.pipeline_s, "launch": self.launch_s}
+        """The quantities whose maximum is the layer's time under `schedule` (hrm.schedules)."""
+        return SCHEDULES[schedule].terms(self)
 
 
 def _micro_batches(N, mu):
@@ -289,7 +272,7 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
                        + mu_arr * _attn_out_elems(spec) * ab / h2d_bytes_per_s(s, mu_arr * _attn_out_elems(spec) * ab))
     return LayerTimes(gpu_s=gpu, cpu_s=cpu, h2d_weights_s=h2d_weights, h2d_act_s=h2d_act, h2d_kv_s=h2d_kv,
                       d2h_s=d2h, link_s=link, pipeline_s=loop, num_micro_batches=m,
-                      launch_s=m * decode_visit_s(s, mu_arr, m), pipelined=s.schedule != "blocking")
+                      launch_s=m * decode_visit_s(s, mu_arr, m), pipelined=SCHEDULES[s.schedule].pipelined)
 
 
 def prefill_layer_times(s: Setting, N, mu, r_w, r_c) -> LayerTimes:

@@ -213,7 +213,7 @@ def _memory_bytes(table: Mapping, where: str) -> float:
 
 def _by_schedule(table, key: str, scale: float, where: str) -> tuple[tuple[str, float], ...]:
     """{schedule = number} -> ((schedule, number * scale), ...), every schedule a known one."""
-    from .policy import SCHEDULES
+    from .schedules import SCHEDULES
     if not isinstance(table, Mapping):
         raise HardwareError(f"{where}: '{key}' must be a table like {{ cgopipe = 1500 }}, got {table!r}")
     odd = [k for k in table if k not in SCHEDULES]

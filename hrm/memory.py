@@ -24,6 +24,7 @@ import numpy as np
 
 from .policy import (KV_BLOCK_RATIO, MOE_DENSE_MAX_TOKENS, MOE_GROUPED_MAX_TOKENS, PREFILL_CHUNK_TOKENS,
                      prefill_chunk_sequences)
+from .schedules import SCHEDULES
 from .spec import ModelSpec, Workload
 
 GIB = 2.0 ** 30
@@ -281,8 +282,8 @@ def account(spec: ModelSpec, shape: PassShape, r_w, *, profile: MemoryProfile, n
     kv_layer_slot = kv_slot / L
     n = shape.sequences
     stream = 0.0
-    if attention_on_gpu:        # one layer of a host micro-batch's KV on the GPU: s4 double-buffers it
-        stream = (2.0 if schedule == "s4" else 1.0) * shape.kv_slots_micro_batch * kv_layer_slot
+    if attention_on_gpu:        # one layer of a host micro-batch's KV on the GPU (s4 double-buffers it)
+        stream = SCHEDULES[schedule].kv_stream_buffers * shape.kv_slots_micro_batch * kv_layer_slot
     # decode step slots and masks where each sequence attends: on the GPU for the micro-batches whose KV
     # is there and for all under GPU attention, else on the host
     host_seqs = n - shape.device_sequences

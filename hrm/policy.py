@@ -10,10 +10,7 @@ class PolicyError(ValueError):
     """A policy that is not self-consistent (the message names the field)."""
 
 
-SCHEDULES = ("cgopipe", "s3", "s4", "blocking")
-"""cgopipe: the paper's S1 (CPU attention overlapped, weights paged per micro-batch);
-s3: FlexGen(c), CPU attention without overlap; s4: FlexGen, GPU attention with the KV cache streamed;
-blocking: nothing overlapped (DeepSpeed Zero-Inference style: load a layer, then compute it)."""
+from .schedules import SCHEDULES
 
 
 PREFILL_CHUNK_TOKENS = 4096
@@ -86,11 +83,10 @@ class Policy:
             if not 0.0 <= v <= 1.0:
                 raise PolicyError(f"{name} must be in [0, 1], got {v}")
         if self.schedule not in SCHEDULES:
-            raise PolicyError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.schedule == "s4" and not self.attention_on_gpu:
-            raise PolicyError("schedule 's4' runs attention on the GPU: set attention_on_gpu")
-        if self.schedule in ("cgopipe", "s3") and self.attention_on_gpu:
-            raise PolicyError(f"schedule {self.schedule!r} runs attention on the CPU")
+            raise PolicyError(f"schedule must be one of {tuple(SCHEDULES)}, got {self.schedule!r}")
+        if not SCHEDULES[self.schedule].allows(self.attention_on_gpu):
+            raise PolicyError(f"schedule {self.schedule!r} runs attention on the CPU" if self.attention_on_gpu
+                              else f"schedule {self.schedule!r} runs attention on the GPU: set attention_on_gpu")
 
     @property
     def num_micro_batches(self) -> int:

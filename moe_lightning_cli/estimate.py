@@ -1,6 +1,8 @@
 """`moe-lightning estimate`: price one policy with the Hierarchical Roofline Model."""
 from __future__ import annotations
 
+from hrm.schedules import SCHEDULES
+
 from .common import add_target_args, build_target, fmt_bytes, fmt_s, print_json
 
 
@@ -15,7 +17,7 @@ def add_parser(sub) -> None:
     g.add_argument("--ffn", choices=("gpu", "cpu"), default="gpu", help="where the routed experts run")
     g.add_argument("--weights-gpu-frac", type=float, default=0.0, help="fraction of expert weights resident on the GPU")
     g.add_argument("--kv-gpu-frac", type=float, default=0.0, help="fraction of the KV cache resident on the GPU")
-    g.add_argument("--schedule", choices=("cgopipe", "s3", "s4", "blocking"), default=None,
+    g.add_argument("--schedule", choices=tuple(SCHEDULES), default=None,
                    help="pipeline schedule (default: cgopipe with CPU attention, s4 with GPU attention)")
     g.add_argument("--datasheet", action="store_true", help="ignore the profile's measured efficiencies")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON only")

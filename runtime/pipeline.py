@@ -42,6 +42,18 @@ as the paper's Algorithm 1 (two ahead). Three ahead was measured on the H200 (Mi
 N 732, mu 23; benchmarks/results/h200/full_model_32_layers*): decode 64.6 s against 60.3 s with two."""
 
 
+DECODE_LOOPS: dict = {}
+"""Schedule name (hrm.schedules) -> the decode loop that runs it: a function of the Pipeline."""
+
+
+def decode_loop(name: str):
+    """Register a decode loop under a schedule's name."""
+    def register(fn):
+        DECODE_LOOPS[name] = fn
+        return fn
+    return register
+
+
 class _Done:
     """The event of work that already ran (no CUDA)."""
 
@@ -505,8 +517,9 @@ class Pipeline:
     def decode(self) -> None:
         self.rec.phase = "decode"
         if self.max_new > 1:
-            getattr(self, "_decode_" + self.policy.schedule)()
+            DECODE_LOOPS[self.policy.schedule](self)
 
+    @decode_loop("cgopipe")
     def _decode_cgopipe(self) -> None:
         """Algorithm 1 over the flattened (visit, micro-batch) sequence, `ahead` tasks in front."""
         first, n = self.L, self.n
@@ -519,6 +532,7 @@ class Pipeline:
             if t + ahead < len(tasks):
                 self.front(*tasks[t + ahead])
 
+    @decode_loop("s3")
     def _decode_s3(self) -> None:
         """FlexGen(c): next layer's weights loaded at the layer start; CPU attention waited for in place."""
         for visit in range(self.L, self.num_visits):
@@ -526,6 +540,7 @@ class Pipeline:
                 self.front(visit, j)
                 self.back(visit, j, self.store.page_table.pages if j == 0 else ())
 
+    @decode_loop("s4")
     def _decode_s4(self) -> None:
         """FlexGen: GPU attention; KV of the next micro-batch prefetched from the host on its own stream."""
         st = self.streams
@@ -587,6 +602,7 @@ class Pipeline:
                     append(kc, vc, k[r], v[r], slots[r], m.rows_host[:block.size])
         return self.worker.submit(task)
 
+    @decode_loop("blocking")
     def _decode_blocking(self) -> None:
         """DeepSpeed-style: load the whole layer, wait, compute every micro-batch, nothing overlapped."""
         for visit in range(self.L, self.num_visits):

@@ -526,7 +526,10 @@ def runtime_overheads(spec, visits: int = VISIT_VISITS, calls: int = 200, quick:
     return out
 
 
-SCHEDULE_ATTENTION_ON_GPU = {"cgopipe": False, "s3": False, "s4": True, "blocking": True}
+def _probe_attention_on_gpu() -> dict:
+    """Per schedule, where the visit probe runs its attention: on the GPU where the schedule allows it."""
+    from hrm.schedules import SCHEDULES
+    return {name: sched.attention_on_gpu[-1] for name, sched in SCHEDULES.items()}
 
 
 def visit_probe(spec, schedule: str, visits: int = VISIT_VISITS, micro_batches: int = 16, micro_batch_size: int = 1,
@@ -542,7 +545,7 @@ def visit_probe(spec, schedule: str, visits: int = VISIT_VISITS, micro_batches: 
     steps = max(2, visits // (micro_batches * layers))
     prompts = [[1 + i % 1000, 2, 3, 4] for i in range(micro_batches * micro_batch_size)]
     policy = Policy(batch_size=micro_batches * micro_batch_size, micro_batch_size=micro_batch_size,
-                    weights_gpu_frac=0.5, attention_on_gpu=SCHEDULE_ATTENTION_ON_GPU[schedule], schedule=schedule)
+                    weights_gpu_frac=0.5, attention_on_gpu=_probe_attention_on_gpu()[schedule], schedule=schedule)
     return one, policy, prompts, steps
 
 
@@ -559,7 +562,7 @@ def decode_visit_costs(spec, visits: int = VISIT_VISITS, micro_batches: int = 16
     from .engine import Engine
 
     out = {}
-    for schedule in SCHEDULE_ATTENTION_ON_GPU:
+    for schedule in _probe_attention_on_gpu():
         one, policy, prompts, steps = visit_probe(spec, schedule, visits, micro_batches, micro_batch_size, layers)
         with Engine(one, policy, seed=0, progress=False, record=True) as eng:
             eng.generate(prompts, 3)                                       # warm-up
