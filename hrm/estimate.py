@@ -184,6 +184,10 @@ class LayerTimes:
         """The quantities whose maximum is the layer's time under `schedule` (hrm.schedules)."""
         return SCHEDULES[schedule].terms(self)
 
+    def prefill_terms(self) -> dict:
+        """The resources a prefill layer keeps busy: its time is their max."""
+        return {"gpu": self.gpu_s, "h2d": self.h2d_s, "d2h": self.d2h_s, "link": self.link_s}
+
 
 def _micro_batches(N, mu):
     """(full micro-batches, size of the last partial one or 0, number of micro-batches)."""
@@ -387,6 +391,54 @@ def step_time(layer_time, lt: LayerTimes, num_layers: int, lm_head_s):
 
 
 # ---------------------------------------------------------------------------------------------------
+# the time of a pass, composed once (estimate, the grid search and the MILP all compose it here)
+
+def _max_of(terms: dict, key=None):
+    """Elementwise max of the terms (numpy-broadcast); `key` names the max for solvers that need it."""
+    values = list(terms.values())
+    out = np.asarray(values[0], dtype=float)
+    for v in values[1:]:
+        out = np.maximum(out, v)
+    return out
+
+
+@dataclass(frozen=True)
+class PassTerms:
+    """What a pass's time is made of: per layer, the prefill terms and, at each decode context sample,
+    the decode terms (a layer's time is the max of its terms); what prefill pays once; the LM head.
+    Values are numbers, numpy arrays or solver expressions (linear in r_w and r_c)."""
+    num_layers: int
+    prefill: dict                 # term -> seconds per prefill layer
+    prefill_once: object          # prefill_once_s
+    decode: tuple                 # per context sample: (decode steps it stands for, terms, LayerTimes)
+    lm_head: object               # seconds per decode step
+
+    def compose(self, layer_max=_max_of):
+        """(prefill_s, decode_s). `layer_max(terms, key)` is the layer time of a set of terms: their max,
+        or a solver's epigraph variable (key: "prefill" or ("decode", sample index))."""
+        L = self.num_layers
+        prefill = L * layer_max(self.prefill, "prefill") + self.prefill_once
+        decode = 0.0
+        for j, (w, terms, lt) in enumerate(self.decode):
+            decode = decode + w * step_time(layer_max(terms, ("decode", j)), lt, L, self.lm_head)
+        return prefill, decode
+
+
+def pass_terms(s: Setting, N, mu, r_w, r_c) -> PassTerms:
+    terms = []
+    for ctx, w in zip(*context_samples(s.workload)):
+        lt = decode_layer_times(s, N, mu, r_w, r_c, ctx)
+        terms.append((float(w), lt.terms(s.schedule), lt))
+    return PassTerms(s.spec.num_hidden_layers, prefill_layer_times(s, N, mu, r_w, r_c).prefill_terms(),
+                     prefill_once_s(s, N), tuple(terms), lm_head_time(s, N))
+
+
+def pass_time(s: Setting, N, mu, r_w, r_c):
+    """(prefill_s, decode_s) of passes of N sequences, broadcast over arrays of N, mu, r_w, r_c."""
+    return pass_terms(s, N, mu, r_w, r_c).compose()
+
+
+# ---------------------------------------------------------------------------------------------------
 # the estimate of one policy
 
 def _max_terms(terms: dict):
@@ -469,18 +521,9 @@ def estimate(spec: ModelSpec, hardware: HardwareProfile, workload: Workload, pol
     r_c = float(realised_kv_frac(policy.kv_gpu_frac, policy.num_micro_batches))   # as the runtime places it
     L = spec.num_hidden_layers
     head = float(lm_head_time(s, N))
-
-    pre = prefill_layer_times(s, N, mu, r_w, r_c)
-    pre_terms = {"gpu": pre.gpu_s, "h2d": pre.h2d_s, "d2h": pre.d2h_s, "link": pre.link_s}
-    pre_layer, _, _ = _max_terms(pre_terms)
-    prefill_s = float(L * pre_layer + prefill_once_s(s, N))
-
-    ctxs, weights = context_samples(workload)
-    decode_s = 0.0
-    for ctx, w in zip(ctxs, weights):
-        lt = decode_layer_times(s, N, mu, r_w, r_c, ctx)
-        t_layer, _, _ = _max_terms(lt.terms(policy.schedule))
-        decode_s += w * float(step_time(t_layer, lt, L, head))
+    terms_of_pass = pass_terms(s, N, mu, r_w, r_c)
+    prefill_s, decode_s = (float(t) for t in terms_of_pass.compose())
+    pre_terms = terms_of_pass.prefill
 
     mid = decode_layer_times(s, N, mu, r_w, r_c, workload.prompt_len + workload.gen_len / 2.0)
     terms = mid.terms(policy.schedule)

@@ -65,23 +65,6 @@ def _max(terms) -> np.ndarray:
     return out
 
 
-def prefill_terms(lt: hrm.LayerTimes) -> dict:
-    """The resources prefill of one layer keeps busy (its time is their max), as in estimate()."""
-    return {"gpu": lt.gpu_s, "h2d": lt.h2d_s, "d2h": lt.d2h_s, "link": lt.link_s}
-
-
-def total_time(s: hrm.Setting, N, mu, r_w, r_c):
-    """(prefill_s, decode_s), broadcast over arrays of N, mu, r_w, r_c."""
-    L = s.spec.num_hidden_layers
-    head = hrm.lm_head_time(s, N)
-    prefill = L * _max(prefill_terms(hrm.prefill_layer_times(s, N, mu, r_w, r_c))) + hrm.prefill_once_s(s, N)
-    decode = 0.0
-    for ctx, w in zip(*hrm.context_samples(s.workload)):
-        lt = hrm.decode_layer_times(s, N, mu, r_w, r_c, ctx)
-        decode = decode + w * hrm.step_time(_max(lt.terms(s.schedule)), lt, L, head)
-    return prefill, decode
-
-
 def memory_lines(s: hrm.Setting, N, mu, r_w):
     """GPU and CPU bytes as lines in r_c: (gpu at r_c=0, gpu slope, cpu at r_c=0, cpu slope)."""
     m0 = hrm.memory_use(s, N, mu, r_w, 0.0)
@@ -202,19 +185,18 @@ def _memory(s: hrm.Setting, N, mu) -> tuple[Affine, Affine]:
 
 
 def pair_terms(s: hrm.Setting, N, mu) -> PairTerms:
-    P, L = len(N), s.spec.num_hidden_layers
-    head = np.broadcast_to(np.asarray(hrm.lm_head_time(s, N), float), (P,))
-    pre = _group(tuple(Affine.of(v, P) for v in
-                       prefill_terms(hrm.prefill_layer_times(s, N, mu, _CORNER_W, _CORNER_C)).values()))
+    """hrm.estimate.pass_terms at the corners (r_w, r_c) = (0, 0), (1, 0), (0, 1), each term kept affine."""
+    P = len(N)
+    terms = hrm.pass_terms(s, N, mu, _CORNER_W, _CORNER_C)
+    L, head = terms.num_layers, np.broadcast_to(np.asarray(terms.lm_head, float), (P,))
+    pre = _group(tuple(Affine.of(v, P) for v in terms.prefill.values()))
     decode = []
-    for ctx, w in zip(*hrm.context_samples(s.workload)):
-        lt = hrm.decode_layer_times(s, N, mu, _CORNER_W, _CORNER_C, ctx)
-        terms = _group(tuple(Affine.of(v, P) for v in lt.terms(s.schedule).values()))
+    for w, layer_terms, lt in terms.decode:
         at0 = hrm.step_time(0.0, lt, L, head)            # step_time is affine in the layer time
         slope = np.broadcast_to(np.asarray(hrm.step_time(1.0, lt, L, head) - at0, float), (3, P))[0]
-        decode.append((float(w), terms, Affine.of(at0, P), slope))
+        decode.append((w, _group(tuple(Affine.of(v, P) for v in layer_terms.values())), Affine.of(at0, P), slope))
     gpu, cpu = _memory(s, N, mu)
-    once = np.broadcast_to(np.asarray(hrm.prefill_once_s(s, N), float), (P,))
+    once = np.broadcast_to(np.asarray(terms.prefill_once, float), (P,))
     return PairTerms(L, once, pre, tuple(decode), gpu, cpu)
 
 

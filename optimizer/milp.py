@@ -1,9 +1,10 @@
 """MILP (pulp + bundled CBC): the best resident-expert count and KV fraction for many (N, mu) pairs.
 
-For each pair i the model has an integer e_i in [0, n_e] (r_w = e_i / n_e), a continuous r_c,i in
-[0, 1] (fixed at 0 when attention runs on the CPU), an epigraph variable t_pre,i >= every prefill term
-and one t_i,j >= every decode term at each context sample j. Its time is
-    L * t_pre,i + once_i + sum_j w_j * step_time(t_i,j)   (once_i: hrm.prefill_once_s)
+For each pair i the model has an integer e_i in [0, n_e] (r_w = e_i / n_e), r_c,i in whole micro-batches
+(fixed when the placement fixes it), an epigraph variable t_pre,i >= every prefill term and one
+t_i,j >= every decode term at each context sample j. Its time is hrm.estimate.PassTerms.compose with
+those variables as the layer times:
+    L * t_pre,i + once_i + sum_j w_j * step_time(t_i,j)
 subject to GPU and CPU bytes within the budgets. Every term and byte comes from hrm.estimate's functions
 called with pulp expressions for r_w and r_c (object arrays: one entry per pair), so the equations are
 the ones the grid search evaluates with numpy. Pairs are independent, so one CBC call minimises the sum
@@ -57,7 +58,7 @@ def _solve_chunk(problem: Problem, placement: Placement, N: np.ndarray, mu: np.n
     import pulp
 
     spec, b = problem.spec, problem.budgets
-    E, L, P = spec.num_experts, spec.num_hidden_layers, len(N)
+    E, P = spec.num_experts, len(N)
     s = problem.setting(placement)
     prob = pulp.LpProblem("moe_lightning_policy", pulp.LpMinimize)
     e_fixed = grid.fixed_experts(problem, placement)
@@ -84,27 +85,23 @@ def _solve_chunk(problem: Problem, placement: Placement, N: np.ndarray, mu: np.n
         prob += _at(cpu, i) * (1 / b.cpu_bytes) <= 1, f"cpu_mem_{i}"
 
     zero_w, zero_c = np.zeros(P), np.zeros(P)
-    head = np.broadcast_to(np.asarray(hrm.lm_head_time(s, N), float), (P,))
-    pre_ref = _scale(grid.prefill_terms(hrm.prefill_layer_times(s, N, mu, zero_w, zero_c)), P)
-    tau_pre = [new_var(prob, f"tpre_{i}", 0) for i in range(P)]
-    for name, term in grid.prefill_terms(hrm.prefill_layer_times(s, N, mu, r_w, r_c)).items():
-        for i in range(P):
-            prob += tau_pre[i] >= _at(term, i) * (1 / pre_ref[i]), f"pre_{name}_{i}"
-    once = np.broadcast_to(np.asarray(hrm.prefill_once_s(s, N), float), (P,))
-    totals = [L * pre_ref[i] * tau_pre[i] + float(once[i]) for i in range(P)]
-    for j, (ctx, w) in enumerate(zip(*hrm.context_samples(problem.workload))):
-        lt = hrm.decode_layer_times(s, N, mu, r_w, r_c, ctx)
-        ref = _scale(hrm.decode_layer_times(s, N, mu, zero_w, zero_c, ctx).terms(s.schedule), P)
-        tau = [new_var(prob, f"t_{j}_{i}", 0) for i in range(P)]
-        for name, term in lt.terms(s.schedule).items():
+    reference = hrm.pass_terms(s, N, mu, zero_w, zero_c)      # each layer time's size, for its scale
+    ref_terms = {"prefill": reference.prefill, **{("decode", j): t for j, (_, t, _) in enumerate(reference.decode)}}
+
+    def epigraph(terms: dict, key):
+        """The layer time of `terms`: a variable per pair, in units of its size at r_w = r_c = 0, at least
+        every term."""
+        ref = _scale(ref_terms[key], P)
+        tag = "pre" if key == "prefill" else f"dec_{key[1]}"
+        tau = [new_var(prob, f"t_{tag}_{i}", 0) for i in range(P)]
+        for name, term in terms.items():
             for i in range(P):
-                prob += tau[i] >= _at(term, i) * (1 / ref[i]), f"dec_{j}_{name}_{i}"
-        step = hrm.step_time(np.array([ref[i] * tau[i] for i in range(P)], dtype=object), lt, L, head)
-        for i in range(P):
-            totals[i] = totals[i] + float(w) * _at(step, i)
-    reference = grid.total_time(s, N, mu, zero_w, zero_c)
-    ref_total = np.asarray(reference[0] + reference[1], float)
-    objective = [totals[i] * (1 / float(ref_total[i])) for i in range(P)]
+                prob.addConstraint(tau[i] >= _at(term, i) * (1 / ref[i]), f"{tag}_{name}_{i}")
+        return np.array([ref[i] * tau[i] for i in range(P)], dtype=object)
+
+    prefill, decode = hrm.pass_terms(s, N, mu, r_w, r_c).compose(epigraph)
+    ref_total = np.asarray(np.add(*reference.compose()), float)
+    objective = [(_at(prefill, i) + _at(decode, i)) * (1 / float(ref_total[i])) for i in range(P)]
     prob += pulp.lpSum(objective)
     status = prob.solve(cbc())
     if pulp.LpStatus[status] != "Optimal":
@@ -146,6 +143,6 @@ def _realise(problem, placement, N, mu, e, ok) -> grid.Choice:
     m = -(-np.asarray(N) // np.asarray(mu))
     rc, fits = grid.kv_for_budget(problem, placement, g0, gs, c0, cs, m)
     ok = ok & fits
-    prefill, decode = grid.total_time(s, N, mu, r_w, rc)
+    prefill, decode = hrm.pass_time(s, N, mu, r_w, rc)
     total = np.where(ok, prefill + decode, np.inf)
     return grid.Choice(N, mu, np.where(ok, e, 0).astype(np.int64), np.where(ok, rc, 0.0), total, ok)

@@ -89,7 +89,7 @@ def test_terms_linear_and_nonincreasing_in_kv_fraction():
             v00, v10, v01 = (np.asarray(lt[k][name], float) for k in ("00", "10", "01"))
             np.testing.assert_allclose(lt["ab"][name], v00 + a * (v10 - v00) + b * (v01 - v00), rtol=1e-9, atol=1e-15)
             assert np.all(v01 <= v00 + 1e-15), name
-    pre0, pre1 = (grid.total_time(s, N, mu, 0.3, rc)[0] for rc in (0.0, 1.0))
+    pre0, pre1 = (hrm.pass_time(s, N, mu, 0.3, rc)[0] for rc in (0.0, 1.0))
     assert np.all(pre1 <= pre0)
 
 
@@ -101,7 +101,7 @@ def test_many_experts_coarse_then_fine_is_exact():
     for placement in ALL_PLACEMENTS:
         fast = grid.best_per_pair(pb, placement, N, mu)
         es, r_c, ok = grid.feasible_experts(pb, placement, N, mu)
-        prefill, decode = grid.total_time(pb.setting(placement), N, mu, (es / spec.num_experts)[:, None], r_c)
+        prefill, decode = hrm.pass_time(pb.setting(placement), N, mu, (es / spec.num_experts)[:, None], r_c)
         total = np.where(ok, prefill + decode, np.inf)
         np.testing.assert_allclose(fast.total_s, total.min(axis=0), rtol=1e-12)
         assert len(np.unique(fast.experts[fast.feasible])) > 3
@@ -117,7 +117,7 @@ def test_affine_pricing_equals_direct_composition():
             r_w = np.array([[0.0], [0.25], [1.0]])
             r_c = np.array([[0.0], [0.7], [0.3]])
             got = grid.price(grid.pair_terms(s, N, mu), r_w, r_c)
-            want = grid.total_time(s, N, mu, r_w, r_c)
+            want = hrm.pass_time(s, N, mu, r_w, r_c)
             np.testing.assert_allclose(got[0], want[0], rtol=1e-10)
             np.testing.assert_allclose(got[1], want[1], rtol=1e-10)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hrm.estimate import pass_time
 from hrm.hardware import HardwareProfile
 from hrm.spec import ModelSpec, Workload
 from optimizer import grid as og
@@ -181,7 +182,7 @@ def throughput_grid(spec: ModelSpec, hw: HardwareProfile, workload: Workload, ba
     if (~choice.feasible).any():
         bad = ~choice.feasible
         e_bad = es[k_least_gpu[bad]]
-        pre, dec = og.total_time(s, N[bad], M[bad], e_bad / spec.num_experts, r_c[k_least_gpu[bad], cols[bad]])
+        pre, dec = pass_time(s, N[bad], M[bad], e_bad / spec.num_experts, r_c[k_least_gpu[bad], cols[bad]])
         tput[bad] = N[bad] * float(workload.gen_len) / (pre + dec)
     label = f"{spec.name} on {hw.name}, prompt {workload.prompt_len:g} + gen {workload.gen_len}"
     status_full = np.full(shape, NOT_APPLICABLE, dtype=np.int8)
