@@ -213,10 +213,6 @@ class ModelSpec:
         return replace(self, num_hidden_layers=num_hidden_layers,
                        name=f"{self.name}[{num_hidden_layers}L]")
 
-    @classmethod
-    def from_hf_config(cls, path_or_dict, name: str | None = None) -> "ModelSpec":
-        from .hf_config import spec_from_hf_config
-        return spec_from_hf_config(path_or_dict, name=name)
 
 
 @dataclass(frozen=True)

@@ -35,13 +35,11 @@ where exact arithmetic ties 19, 20, 21, ...).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 
 from hrm.hardware import HardwareProfile
-from hrm.policy import Policy
 from hrm.spec import ModelSpec, Workload
-from .space import Budgets, SearchError, format_size, parse_size
+from .space import SearchError, format_size, parse_size
 
 ARTIFACT_GB = 2.0 ** 30
 GPU_CAP = 0.86
@@ -282,21 +280,3 @@ def paper_search(spec: ModelSpec, hw: HardwareProfile, workload: Workload, *, gp
                            cpu_s=r.cpu_s, gpu_bytes=r.gpu_bytes, cpu_bytes=r.cpu_bytes,
                            gpu_cap_bytes=GPU_CAP * machine.gpu_memory_bytes,
                            cpu_cap_bytes=CPU_CAP * machine.cpu_memory_bytes, lp_solves=lp.solves)
-
-
-def paper_plan(spec: ModelSpec, hw: HardwareProfile, workload: Workload, *, gpu_memory=None, cpu_memory=None):
-    """A Plan for the artifact's choice: policy with A_g = 0, F_g = 1, int(n_e r_w) resident experts; the
-    Plan's Estimate is our model's prediction for it, `plan.paper` the artifact model's."""
-    from .plan import build_plan
-    from .space import Problem
-
-    t0 = time.perf_counter()
-    pred = paper_search(spec, hw, workload, gpu_memory=gpu_memory, cpu_memory=cpu_memory)
-    elapsed = time.perf_counter() - t0
-    policy = Policy(batch_size=pred.batch_size, micro_batch_size=pred.micro_batch_size, attention_on_gpu=False,
-                    ffn_on_gpu=True, weights_gpu_frac=pred.resident_experts / spec.num_experts, kv_gpu_frac=0.0,
-                    schedule="cgopipe")
-    budgets = Budgets(gpu_bytes=pred.gpu_cap_bytes, cpu_bytes=pred.cpu_cap_bytes,
-                      gpu_source=f"artifact cap {GPU_CAP:g} x m_g", cpu_source=f"artifact cap {CPU_CAP:g} x m_c")
-    problem = Problem(spec, hw, workload, budgets)
-    return build_plan(problem, policy, budgets=budgets, solver="lp", mode="paper", search_time_s=elapsed, paper=pred)

@@ -22,6 +22,7 @@ from hrm.memory import MemoryProfile, MemoryUse
 from hrm.hardware import ComputeUnit, HardwareProfile, Link, Measured
 from hrm.policy import Policy
 from hrm.spec import DTypes, ModelSpec, RopeParameters, Workload
+from .paper import PaperPrediction
 from .space import Budgets
 
 FORMAT = "moe-lightning-plan"
@@ -139,7 +140,7 @@ class Plan:
     search_time_s: float
     toolkit_version: str
     created: str                                   # ISO 8601, UTC
-    paper: "object | None" = None                  # optimizer.paper.PaperPrediction in paper mode
+    paper: PaperPrediction | None = None           # in paper mode
 
     # ---- derived -----------------------------------------------------------------------------
     @property
@@ -246,7 +247,6 @@ def _from_dict(cls, data: dict, expected: ModelSpec | None) -> Plan:
     budgets = Budgets(**_need(data["budgets"], dict, "budgets"))
     paper = None
     if data.get("paper") is not None:
-        from .paper import PaperPrediction
         paper = PaperPrediction.from_dict(_need(data["paper"], dict, "paper"))
     search_time = float(data["search_time_s"])
     if not math.isfinite(search_time) or search_time < 0:

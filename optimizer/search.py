@@ -20,9 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from hrm.estimate import memory_use
+from hrm.policy import Policy
 from hrm.hardware import HardwareProfile
 from hrm.spec import ModelSpec, Workload
-from . import grid
+from . import grid, paper
+from .plan import build_plan, plan_from_found
 from .space import (DEFAULT_GPU_FRAC, DEFAULT_PLACEMENTS, GRID_RESOLUTION, MILP_RESOLUTION,
                     Budgets, Pairs, Placement, Problem, Resolution, SearchError, format_size, int_grid,
                     neighbours, span)
@@ -270,11 +272,9 @@ def search(spec: ModelSpec, hardware: HardwareProfile, workload: Workload, *, so
     mode="paper": the MoE-Lightning artifact's cost model and search (optimizer/paper.py); budgets are
     then its own caps (0.86 of GPU, 0.8 of CPU memory) and gpu_memory / cpu_memory replace m_g / m_c.
     """
-    from .plan import plan_from_found
     if solver not in SOLVERS:
         raise SearchError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     if mode == "paper":
-        from .paper import paper_plan
         return paper_plan(spec, hardware, workload, gpu_memory=gpu_memory, cpu_memory=cpu_memory)
     if mode != "default":
         raise SearchError(f"unknown search mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -288,3 +288,18 @@ def search(spec: ModelSpec, hardware: HardwareProfile, workload: Workload, *, so
     if found is None:
         raise SearchError(diagnose(problem, placements))
     return plan_from_found(problem, found, solver=solver, mode=mode, search_time_s=elapsed)
+
+
+def paper_plan(spec: ModelSpec, hw: HardwareProfile, workload: Workload, *, gpu_memory=None, cpu_memory=None):
+    """A Plan for the artifact's choice: policy with A_g = 0, F_g = 1, int(n_e r_w) resident experts; the
+    Plan's Estimate is our model's prediction for it, `plan.paper` the artifact model's."""
+    t0 = time.perf_counter()
+    pred = paper.paper_search(spec, hw, workload, gpu_memory=gpu_memory, cpu_memory=cpu_memory)
+    elapsed = time.perf_counter() - t0
+    policy = Policy(batch_size=pred.batch_size, micro_batch_size=pred.micro_batch_size, attention_on_gpu=False,
+                    ffn_on_gpu=True, weights_gpu_frac=pred.resident_experts / spec.num_experts, kv_gpu_frac=0.0,
+                    schedule="cgopipe")
+    budgets = Budgets(gpu_bytes=pred.gpu_cap_bytes, cpu_bytes=pred.cpu_cap_bytes,
+                      gpu_source=f"artifact cap {paper.GPU_CAP:g} x m_g", cpu_source=f"artifact cap {paper.CPU_CAP:g} x m_c")
+    problem = Problem(spec, hw, workload, budgets)
+    return build_plan(problem, policy, budgets=budgets, solver="lp", mode="paper", search_time_s=elapsed, paper=pred)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from hrm.hf_config import spec_from_hf_config
 from hrm.spec import ModelSpec
 
 from .weights import WeightStore, weight_shapes
@@ -46,7 +47,7 @@ class HubTensor:
 
 def read_spec(model_dir: str | Path) -> ModelSpec:
     """The ModelSpec of a checkpoint directory, from its config.json."""
-    return ModelSpec.from_hf_config(str(Path(model_dir) / "config.json"))
+    return spec_from_hf_config(str(Path(model_dir) / "config.json"))
 
 
 def checkpoint_files(model_dir: str | Path) -> dict[str, Path]:

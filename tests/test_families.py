@@ -10,7 +10,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from hrm.policy import Policy  # noqa: E402
-from hrm.spec import ModelSpec, SpecError  # noqa: E402
+from hrm.hf_config import spec_from_hf_config  # noqa: E402
+from hrm.spec import SpecError  # noqa: E402
 from oracles import HF_COMMON, HF_FAMILIES, hf_tiny_model  # noqa: E402
 from runtime.checkpoint import load_checkpoint  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
@@ -54,7 +55,7 @@ def _checkpoint(tmp_path, family, rope, extra):
                          ids=[f"{f}-{r}" + "".join(f"-{k}={v}" for k, v in e.items()) for f, r, e in CASES])
 def test_parity_with_transformers(tmp_path, family, rope, extra):
     model = _checkpoint(tmp_path, family, rope, extra)
-    spec = ModelSpec.from_hf_config(tmp_path)
+    spec = spec_from_hf_config(tmp_path)
     assert (spec.rope_parameters is None) == (rope == "default")
     store = WeightStore(spec, torch.float32, "cpu", num_resident=1, num_pages=2)
     load_checkpoint(tmp_path, store, progress=False)
@@ -79,14 +80,14 @@ def _config(family="qwen3_moe", **fields) -> dict:
 @pytest.mark.parametrize("rope", [r for r in ROPES if r != "default"])
 def test_legacy_rope_scaling_key_reads_the_same(rope):
     legacy = {("type" if k == "rope_type" else k): v for k, v in ROPES[rope].items()}
-    new = ModelSpec.from_hf_config(_config(rope_parameters={"rope_theta": 5e5, **ROPES[rope]}))
-    old = ModelSpec.from_hf_config(_config(rope_theta=5e5, rope_scaling=legacy))
+    new = spec_from_hf_config(_config(rope_parameters={"rope_theta": 5e5, **ROPES[rope]}))
+    old = spec_from_hf_config(_config(rope_theta=5e5, rope_scaling=legacy))
     assert new == old and new.rope_theta == 5e5
 
 
 def test_yarn_attention_factor_from_mscale():
     """DeepSeek's form: no attention_factor, mscale / mscale_all_dim, factor from the context ratio."""
-    spec = ModelSpec.from_hf_config(_config(rope_scaling={"type": "yarn", "mscale": 1.0, "mscale_all_dim": 0.5,
+    spec = spec_from_hf_config(_config(rope_scaling={"type": "yarn", "mscale": 1.0, "mscale_all_dim": 0.5,
                                                           "original_max_position_embeddings": 16}))
     r = spec.rope_parameters
     assert r.factor == 4.0
@@ -99,7 +100,7 @@ def test_yarn_attention_factor_from_mscale():
     (dict(partial_rotary_factor=0.5), "partial_rotary_factor 0.5"),
 ])
 def test_rope_the_runtime_cannot_compute_is_refused(fields, words):
-    spec = ModelSpec.from_hf_config(_config(**fields))
+    spec = spec_from_hf_config(_config(**fields))
     with pytest.raises(UnsupportedModel, match=words):
         check_supported(spec)
 
@@ -114,14 +115,14 @@ def test_rope_the_runtime_cannot_compute_is_refused(fields, words):
 ])
 def test_malformed_rope_config_names_the_field(fields, words):
     with pytest.raises(SpecError) as e:
-        ModelSpec.from_hf_config(_config(**fields))
+        spec_from_hf_config(_config(**fields))
     assert words in str(e.value)
 
 
 def test_context_past_max_positions_is_refused(tmp_path):
     """Within max_position_embeddings dynamic RoPE is plain RoPE; past it, the engine refuses."""
     _checkpoint(tmp_path, "qwen3_moe", "dynamic", {})
-    spec = ModelSpec.from_hf_config(tmp_path)
+    spec = spec_from_hf_config(tmp_path)
     with Engine(spec, Policy(2, 1), model_dir=tmp_path, dtype=torch.float32) as engine:
         with pytest.raises(ValueError, match="context of 65 tokens .* max_position_embeddings 64"):
             engine.generate([[1] * 60], max_new_tokens=5)
@@ -129,7 +130,7 @@ def test_context_past_max_positions_is_refused(tmp_path):
 
 def test_plan_round_trips_rope_parameters(tmp_path):
     from optimizer.plan import spec_from_dict, spec_to_dict
-    spec = ModelSpec.from_hf_config(_config(rope_parameters={"rope_theta": 1e4, **ROPES["llama3"]}))
+    spec = spec_from_hf_config(_config(rope_parameters={"rope_theta": 1e4, **ROPES["llama3"]}))
     assert spec_from_dict(json.loads(json.dumps(spec_to_dict(spec)))) == spec
-    plain = ModelSpec.from_hf_config(_config())
+    plain = spec_from_hf_config(_config())
     assert "rope_parameters" not in spec_to_dict(plain)

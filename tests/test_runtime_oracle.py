@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from hrm.spec import ModelSpec  # noqa: E402
+from hrm.hf_config import spec_from_hf_config  # noqa: E402
 from runtime.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
 from hrm.policy import Policy  # noqa: E402
@@ -31,7 +31,7 @@ def checkpoints(tmp_path_factory):
 
 
 def _logits_ours(d, spec=None, num_resident=1):
-    spec = spec or ModelSpec.from_hf_config(d)
+    spec = spec or spec_from_hf_config(d)
     store = WeightStore(spec, torch.float32, "cpu", num_resident=num_resident, num_pages=2)
     load_checkpoint(d, store, progress=False)
     tokens = torch.tensor([3, 17, 99, 42, 0, 7, 64, 5, 88, 23, 11, 100, 2])
@@ -60,7 +60,7 @@ def test_sharded_checkpoint_is_sharded(checkpoints):
 def test_fused_expert_layout_loads_the_same(checkpoints, tmp_path):
     """transformers' in-memory layout: experts.gate_up_proj [E, 2I, H] and experts.down_proj [E, H, I]."""
     d, _ = checkpoints["mixtral"]
-    spec = ModelSpec.from_hf_config(d)
+    spec = spec_from_hf_config(d)
     with safe_open(d / "model.safetensors", framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     fused = {}
@@ -86,7 +86,7 @@ def test_bf16_checkpoint_converts_into_fp32_store(checkpoints, tmp_path):
     d, model = checkpoints["qwen3_moe"]
     model.to(torch.bfloat16).save_pretrained(tmp_path)
     model.to(torch.float32)
-    spec = ModelSpec.from_hf_config(tmp_path)
+    spec = spec_from_hf_config(tmp_path)
     store = WeightStore(spec, torch.float32, "cpu", num_resident=0)
     load_checkpoint(tmp_path, store, progress=False)
     ref = model.model.layers[1].mlp.experts.down_proj[2].to(torch.bfloat16).float()
@@ -112,7 +112,7 @@ def _rewrite(src, dst, edit):
 def test_bad_checkpoint_names_the_tensors(checkpoints, tmp_path, edit, words):
     d, _ = checkpoints["mixtral"]
     _rewrite(d, tmp_path, edit)
-    spec = ModelSpec.from_hf_config(tmp_path)
+    spec = spec_from_hf_config(tmp_path)
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(tmp_path, WeightStore(spec, torch.float32, "cpu", 0), progress=False)
     msg = str(e.value)
@@ -124,14 +124,14 @@ def test_bad_checkpoint_names_the_tensors(checkpoints, tmp_path, edit, words):
 def test_many_missing_tensors_are_summarised(checkpoints, tmp_path):
     d, _ = checkpoints["mixtral"]
     _rewrite(d, tmp_path, lambda t: [t.pop(k) for k in list(t) if ".experts." in k])
-    spec = ModelSpec.from_hf_config(tmp_path)
+    spec = spec_from_hf_config(tmp_path)
     with pytest.raises(CheckpointError, match=r"18 missing: .* \(\+13 more\)"):
         load_checkpoint(tmp_path, WeightStore(spec, torch.float32, "cpu", 0), progress=False)
 
 
 def test_engine_greedy_matches_transformers_generate(checkpoints):
     d, model = checkpoints["qwen2_moe"]
-    spec = ModelSpec.from_hf_config(d)
+    spec = spec_from_hf_config(d)
     prompts = [[5, 9, 33, 2, 71], [8, 1, 90]]
     with Engine(spec, Policy(2, 1), model_dir=d, dtype=torch.float32) as engine:
         tokens, _ = engine.generate(prompts, max_new_tokens=5)

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from hrm.hf_config import CONFIG_DIR, builtin_models, load_model, spec_from_hf_config
-from hrm.spec import ModelSpec, SpecError
+from hrm.spec import SpecError
 
 KEYS = ["mixtral-8x7b", "mixtral-8x22b", "dbrx", "qwen1.5-moe-a2.7b", "qwen2-57b-a14b", "qwen3-30b-a3b",
         "qwen3-235b-a22b", "olmoe-1b-7b", "deepseek-v2-lite", "deepseek-v3", "phi-3.5-moe", "gpt-oss-20b",
@@ -185,7 +185,7 @@ def test_rope_theta_under_rope_scaling():
 def test_config_file_and_directory(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(MIXTRAL))
     from_file = spec_from_hf_config(tmp_path / "config.json")
-    from_dir = ModelSpec.from_hf_config(str(tmp_path), name="local")
+    from_dir = spec_from_hf_config(str(tmp_path), name="local")
     assert from_file.expert_params == from_dir.expert_params == 176_160_768
     assert from_dir.name == "local"
     assert load_model(tmp_path).hidden_size == 4096
