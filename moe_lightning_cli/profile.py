@@ -1,4 +1,4 @@
-"""`moe-lightning profile`: measure this machine and write a hardware profile (runtime/probe.py)."""
+"""`moe-lightning profile`: measure this machine and write a hardware profile (runtime/probe/)."""
 from __future__ import annotations
 
 import sys

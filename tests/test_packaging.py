@@ -22,6 +22,8 @@ def _copy_sources(dst: Path) -> None:
     for name in ("pyproject.toml", meta["project"]["readme"], *meta["project"]["license-files"]):
         shutil.copy2(ROOT / name, dst / name)
     for pkg in meta["tool"]["setuptools"]["packages"]:
+        if "." in pkg:                # a subpackage: copied with its parent
+            continue
         shutil.copytree(ROOT / pkg, dst / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
 
@@ -61,7 +63,7 @@ pytestmark = pytest.mark.slow
 
 def test_the_wheel_is_what_runs(installed):
     """The venv imports the installed copy, not the checkout (whose editable finder is on the system path)."""
-    out = _run(installed, "python", "-c", "import hrm, moe_lightning_cli; print(hrm.__file__)").stdout
+    out = _run(installed, "python", "-c", "import hrm, moe_lightning_cli, runtime.probe; print(hrm.__file__)").stdout
     assert Path(out.strip()).is_relative_to(installed[0].parent)
     assert not Path(out.strip()).is_relative_to(ROOT)
 
@@ -110,3 +112,11 @@ def test_generate_from_the_wheel(installed, tmp_path):
     out = (installed[1] / "out.jsonl").read_text()
     assert len(out.splitlines()) == len(tiny_text_model.PROMPTS)
     assert out == (tmp_path / "here.jsonl").read_text()
+
+
+def test_every_package_is_listed():
+    """Each directory with an __init__.py under the listed packages is itself listed (a wheel holds only those)."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for root in listed if "." not in root
+             for p in (ROOT / root).rglob("__init__.py")}
+    assert found == listed

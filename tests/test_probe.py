@@ -1,4 +1,4 @@
-"""Hardware probe (runtime/probe.py), `moe-lightning profile`, and the HF accelerate peer's smoke test.
+"""Hardware probe (runtime/probe/), `moe-lightning profile`, and the HF accelerate peer's smoke test.
 
 Properties only, never wall-clock thresholds: numbers are positive, in SI units (bytes/s, FLOP/s), and a
 written profile loads through hrm.hardware.load_profile with the values it was written from.

@@ -1,0 +1,26 @@
+"""Hardware micro-benchmarks and runtime calibrations: measure the machine this code runs on, and write a
+hardware profile.
+
+    machine.py          the machine: GPU GEMM and HBM, the CPU-GPU link, CPU DRAM, matmul, decode attention
+    calibration.py      the runtime itself: its MoE layer, prefill layer, process memory, decode visits
+    machine_profile.py  profile_machine(): all of them (progress bar), the CPU part only without CUDA
+    profile_toml.py     write_profile_toml(result, ...): a complete profile in hrm/hardware_profiles/ format
+    timing.py           medians of repeats after warm-up; random buffers
+"""
+from .calibration import (attention_in_pipeline, attention_in_pipeline_by_micro_batch, decode_visit_costs,
+                          gpu_moe_flops, memory_baseline, moe_shape, prefill_costs, prefill_layers,
+                          prefill_rest_flops, resident_weight_bytes, runtime_overheads, visit_probe)
+from .machine import (cpu_attention_bytes_per_s, cpu_dram_bytes_per_s, cpu_matmul_flops, cpu_memory_bytes, cpu_name,
+                      duplex_bytes_per_s, gpu_gemm_flops, gpu_hbm_bytes_per_s, gpu_square_gemm_flops,
+                      link_bytes_per_s, pageable_h2d_bytes_per_s, reference_decode_attention,
+                      runtime_attention_kernel)
+from .machine_profile import ProbeError, profile_machine
+from .profile_toml import profile_toml, write_profile_toml
+
+__all__ = ["ProbeError", "attention_in_pipeline", "attention_in_pipeline_by_micro_batch", "cpu_attention_bytes_per_s",
+           "cpu_dram_bytes_per_s", "cpu_matmul_flops", "cpu_memory_bytes", "cpu_name", "decode_visit_costs",
+           "duplex_bytes_per_s", "gpu_gemm_flops", "gpu_hbm_bytes_per_s", "gpu_moe_flops", "gpu_square_gemm_flops",
+           "link_bytes_per_s", "memory_baseline", "moe_shape", "pageable_h2d_bytes_per_s", "prefill_costs",
+           "prefill_layers", "prefill_rest_flops", "profile_machine", "profile_toml", "reference_decode_attention",
+           "resident_weight_bytes", "runtime_attention_kernel", "runtime_overheads", "visit_probe",
+           "write_profile_toml"]

@@ -1,0 +1,217 @@
+"""The measured machine as a hardware profile (hrm/hardware_profiles/ format): profile_toml and
+write_profile_toml.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tomllib
+from pathlib import Path
+from typing import Sequence
+
+
+from hrm.atomic import atomic_write_text
+from hrm.hardware import GB, GiB, TFLOPS, HardwareProfile, load_profile, parse_profile
+
+from .base import MiB, ProbeError
+
+
+def _num(x: float, digits: int = 4) -> str:
+    """A positive number with `digits` significant digits, as TOML."""
+    x = float(x)
+    if not 0 < x < float("inf"):
+        raise ProbeError(f"cannot write {x!r} into a profile: every measured number must be positive")
+    r = round(x, max(0, digits - 1 - int(math.floor(math.log10(x)))))
+    return str(int(r)) if r == int(r) and abs(r) < 1e15 else repr(r)
+
+
+def _str(s: str) -> str:
+    return json.dumps(str(s))          # a JSON string is a valid TOML basic string
+
+
+def _arr(xs: Sequence[float]) -> str:
+    return "[" + ", ".join(_num(x) for x in xs) + "]"
+
+
+def _table(d: dict) -> str:
+    return "{ " + ", ".join(f"{k} = {_num(v)}" for k, v in d.items()) + " }"
+
+
+def _gpu_section_from(hw: HardwareProfile) -> list[str]:
+    u, lk = hw.gpu, hw.link
+    src = f"from profile {hw.name!r} ({hw.path or 'built-in'}): "
+    lines = ["[gpu]", f"name = {_str(u.name)}", f"count = {u.count}",
+             f"memory_gib = {_num(u.memory_bytes / GiB)}", f"mem_gb_per_s = {_num(u.mem_bytes_per_s / GB)}",
+             f"tflops = {_table({k: v / TFLOPS for k, v in u.peak_flops.items()})}",
+             f"source = {_str(src + u.source)}", "", "[link]",
+             f"h2d_gb_per_s = {_num(lk.h2d_bytes_per_s / GB)}", f"d2h_gb_per_s = {_num(lk.d2h_bytes_per_s / GB)}",
+             f"duplex_gb_per_s = {_num(lk.duplex_bytes_per_s / GB)}"]
+    if lk.pageable_h2d_bytes_per_s:
+        lines.append(f"pageable_h2d_gb_per_s = {_num(lk.pageable_h2d_bytes_per_s / GB)}")
+    lines.append(f"source = {_str(src + lk.source)}")
+    return lines
+
+
+def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | HardwareProfile | None = None) -> str:
+    """The text of a complete hardware profile from `profile_machine`'s result.
+
+    Without a measured GPU, [gpu] and [link] (and the GPU curves of [measured]) come from `gpu_from`
+    (a profile name, path, or HardwareProfile); with neither, ProbeError."""
+    g, lk, c = result.get("gpu"), result.get("link"), result["cpu"]
+    if g is None and gpu_from is None:
+        raise ProbeError("no GPU was measured: the [gpu] and [link] sections cannot be written; "
+                         "pass --gpu-from PROFILE to take them from an existing profile")
+    donor = None
+    if g is None:
+        donor = gpu_from if isinstance(gpu_from, HardwareProfile) else load_profile(gpu_from)
+    v, date = result["versions"], result["date"]
+    device = f"{g['count']}x {g['name']}" if g else f"CPU {c['name']} (no GPU)"
+    source = f"measured by moe-lightning profile on {date}, torch {v['torch']}, {device}"
+    att = c["attention"]
+    lines = [f"# Written by `moe-lightning profile` on {result.get('timestamp', date)} ({result.get('host', '')})"
+             f"{' in quick mode' if result.get('quick') else ''}.",
+             "# Units as in hrm/hardware_profiles/README.md: GB = 1e9 bytes, GiB = 2^30 bytes, TFLOP/s = 1e12 FLOP/s.",
+             *[f"# note: {n}" for n in result.get("notes", [])],
+             f"name = {_str(name)}"]
+    desc = (f"{g['count']}x {g['name']}" if g else f"GPU from profile {donor.name!r}") + \
+           f", {c['cores']} cores {c['name']}, {c['memory_bytes'] / GiB:.1f} GiB RAM (measured {date})"
+    lines += [f"description = {_str(desc)}", ""]
+    if g:
+        best_bf16 = max([g["square_gemm_flops_per_s"]["bf16"], *g["gemm_flops_per_s"]])
+        tflops = {"bf16": best_bf16 / TFLOPS, "fp16": g["square_gemm_flops_per_s"]["fp16"] / TFLOPS,
+                  "fp32": g["square_gemm_flops_per_s"]["fp32"] / TFLOPS}
+        top = lk["sizes_bytes"].index(max(lk["sizes_bytes"]))
+        h2d, d2h = lk["h2d_bytes_per_s"][top], lk["d2h_bytes_per_s"][top]
+        lines += ["[gpu]", f"name = {_str(g['name'])}", f"count = {g['count']}",
+                  "# torch.cuda.mem_get_info total",
+                  f"memory_gib = {_num(g['memory_bytes'] / GiB)}",
+                  "# device copy, read + write bytes",
+                  f"mem_gb_per_s = {_num(g['hbm_copy_bytes_per_s'] / GB)}",
+                  f"# best measured GEMM: bf16 over {g['square_gemm_n']}^3 and the expert-shape sweep; fp16 and "
+                  f"fp32 at {g['square_gemm_n']}^3 (TF32 {'on' if g.get('tf32_matmul') else 'off'})",
+                  f"tflops = {_table(tflops)}",
+                  f"source = {_str(source)}", "",
+                  "[link]",
+                  f"# pinned, {lk['sizes_bytes'][top] / MiB:g} MiB transfers",
+                  f"h2d_gb_per_s = {_num(h2d / GB)}", f"d2h_gb_per_s = {_num(d2h / GB)}",
+                  f"# both directions at once, {lk['duplex_size_bytes'] / MiB:g} MiB each (capped at h2d + d2h)",
+                  f"duplex_gb_per_s = {_num(min(lk['duplex_bytes_per_s'], h2d + d2h) / GB)}",
+                  f"pageable_h2d_gb_per_s = {_num(lk['pageable_h2d_bytes_per_s'] / GB)}",
+                  f"source = {_str(source)}", ""]
+    else:
+        lines += _gpu_section_from(donor) + [""]
+    mm = c["matmul_flops_per_s"]
+    lines += ["[cpu]", f"name = {_str(c['name'])}", f"cores = {c['cores']}",
+              "# os.sysconf physical pages",
+              f"memory_gib = {_num(c['memory_bytes'] / GiB)}",
+              f"# DRAM read (sum over {c['dram_size_bytes'] / MiB:g} MiB); copy: "
+              f"{_num(c['dram_copy_bytes_per_s'] / GB)} GB/s read + write",
+              f"mem_gb_per_s = {_num(c['dram_read_bytes_per_s'] / GB)}",
+              f"# n^3 matmul, n = {c['matmul_n']['fp32']} (fp32) and {c['matmul_n']['bf16']} (bf16), "
+              f"{c['torch_threads']} torch threads",
+              f"tflops = {_table({'bf16': mm['bf16'] / TFLOPS, 'fp32': mm['fp32'] / TFLOPS})}",
+              f"source = {_str(source)}", ""]
+
+    lines += ["[measured]"]
+    if g:
+        lines += [f"# {g['gemm_shape']}", f"gpu_gemm_tokens = {_arr(g['gemm_tokens'])}",
+                  f"gpu_gemm_tflops = {_arr([x / TFLOPS for x in g['gemm_flops_per_s']])}",
+                  "# pinned, by transfer size",
+                  f"h2d_sizes_mib = {_arr([x / MiB for x in lk['sizes_bytes']])}",
+                  f"h2d_gb_per_s = {_arr([x / GB for x in lk['h2d_bytes_per_s']])}",
+                  f"d2h_sizes_mib = {_arr([x / MiB for x in lk['sizes_bytes']])}",
+                  f"d2h_gb_per_s = {_arr([x / GB for x in lk['d2h_bytes_per_s']])}",
+                  f"gpu_hbm_gb_per_s = {_num(g['hbm_copy_bytes_per_s'] / GB)}"]
+        if g.get("moe_shapes"):
+            lines += ["# runtime.moe.moe, one MoE layer, every expert resident, at the expert shapes [hidden, "
+                      f"intermediate, experts, top-k] of {', '.join(g['moe_models'])}: routed top-k FLOP/s by "
+                      "tokens per expert",
+                      f"gpu_moe_shapes = {json.dumps(g['moe_shapes'])}",
+                      f"gpu_moe_tokens_per_expert = {json.dumps(g['moe_tokens_per_expert'])}",
+                      "gpu_moe_tflops = [" + ", ".join(_arr([x / TFLOPS for x in curve])
+                                                       for curve in g["moe_flops_per_s"]) + "]"]
+        if g.get("prefill_tokens"):
+            lines += [f"# runtime.Engine prefill of {g.get('prefill_model', 'the model')}, every expert resident, "
+                      f"CPU attention, prompts of {g['prefill_prompt_len']}: per (layer, chunk) by tokens per chunk "
+                      f"(slope over {g['prefill_layers']} layers) the layer's time less the MoE layer's, as FLOP/s "
+                      "of hrm.ops.layer_gpu_ops + attention ...",
+                      f"gpu_prefill_tokens = {_arr(g['prefill_tokens'])}",
+                      *([f"gpu_prefill_rest_tflops = {_arr([x / TFLOPS for x in g['prefill_rest_flops_per_s']])}"]
+                        if g.get("prefill_rest_flops_per_s") else []),
+                      "# ... and what it pays once per pass, whatever the layers, per prompt token",
+                      f"prefill_pass_ns_per_token = {g['prefill_pass_s_per_token'] * 1e9:.4g}"]
+    elif donor.measured is not None:
+        m = donor.measured
+        lines.append(f"# GPU curves from profile {donor.name!r} ({m.method}, {m.date})")
+        if m.gpu_gemm_tokens:
+            lines += [f"gpu_gemm_tokens = {_arr(m.gpu_gemm_tokens)}",
+                      f"gpu_gemm_tflops = {_arr([x / TFLOPS for x in m.gpu_gemm_flops])}"]
+        if m.h2d_sizes_bytes:
+            lines += [f"h2d_sizes_mib = {_arr([x / MiB for x in m.h2d_sizes_bytes])}",
+                      f"h2d_gb_per_s = {_arr([x / GB for x in m.h2d_bytes_per_s])}"]
+        if m.gpu_hbm_bytes_per_s:
+            lines.append(f"gpu_hbm_gb_per_s = {_num(m.gpu_hbm_bytes_per_s / GB)}")
+    h, kv, d = (result["shapes"][k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
+    lines += [f"# {att['kernel']}, {att['dtype']} K/V, {h}/{kv} heads, d {d}: median over (batch, ctx) below",
+              f"cpu_attention_gb_per_s = {_num(c['attention_kv_bytes_per_s'] / GB)}",
+              f"cpu_attention_shapes = {json.dumps(att['shapes'])}",
+              f"cpu_attention_gb_per_s_by_shape = {_arr([x / GB for x in att['kv_bytes_per_s']])}",
+              f"cpu_dram_gb_per_s = {_num(c['dram_read_bytes_per_s'] / GB)}",
+              *([f"# runtime.Engine decode loop of {c['runtime']['visit_model']} with 16-wide experts, half streamed, "
+                 "mu = 1, recording on: the host's fixed work per visit, by schedule",
+                 f"decode_visit_us = {_num(c['runtime']['decode_visit_s'] * 1e6)}",
+                 *([f"decode_visit_us_by_schedule = "
+                    f"{_table({k: v * 1e6 for k, v in c['runtime']['decode_visit_s_by_schedule'].items()})}"]
+                   if c["runtime"].get("decode_visit_s_by_schedule") else []),
+                 *([f"# the same with micro-batches of {c['runtime']['grouped_above_tokens'] + 1}: the grouped MoE path",
+                    f"grouped_above_tokens = {c['runtime']['grouped_above_tokens']}",
+                    f"decode_visit_us_grouped_by_schedule = "
+                    f"{_table({k: v * 1e6 for k, v in c['runtime']['decode_visit_s_grouped_by_schedule'].items()})}"]
+                   if c["runtime"].get("decode_visit_s_grouped_by_schedule") else []),
+                 f"cpu_attention_call_us = {_num(c['runtime']['cpu_attention_call_s'] * 1e6)}"]
+                if "runtime" in c else []),
+              *([f"# the same kernel's calls inside the runtime's CGOPipe decode loop on the GPU, "
+                 f"[batch, ctx] = {c['runtime']['overlap_shape']}: the host also launches the GPU's work",
+                 f"cpu_attention_overlapped_gb_per_s = "
+                 f"{_num(c['runtime']['cpu_attention_overlapped_bytes_per_s'] / GB)}",
+                 *([f"# ... and by micro-batch size (ctx as above)",
+                    f"cpu_attention_overlapped_micro_batches = "
+                    f"{json.dumps(c['runtime']['cpu_attention_overlapped_micro_batches'])}",
+                    f"cpu_attention_overlapped_gb_per_s_by_micro_batch = "
+                    f"{_arr([x / GB for x in c['runtime']['cpu_attention_overlapped_bytes_per_s_by_micro_batch']])}"]
+                   if len(c["runtime"].get("cpu_attention_overlapped_micro_batches", ())) > 1 else [])]
+                if c.get("runtime", {}).get("cpu_attention_overlapped_bytes_per_s") else []),
+              f"cpu_dram_copy_gb_per_s = {_num(c['dram_copy_bytes_per_s'] / GB)}"]
+    method = "moe-lightning profile (runtime/probe/): torch micro-benchmarks, median of repeats" + \
+             (", quick mode" if result.get("quick") else "") + \
+             ("" if g else f"; no GPU here, [gpu] [link] and GPU curves from profile {donor.name!r}")
+    lines += [f"method = {_str(method)}", f"date = {_str(date)}", f"model_shapes = {_str(result['shapes']['model'])}"]
+    lines += [f"{k}_version = {_str(val)}" for k, val in v.items() if k != "git_commit"]
+    lines += [f"git_commit = {_str(v.get('git_commit', ''))}", f"elapsed_s = {_num(result.get('elapsed_s', 1e-3))}", ""]
+    mem = result.get("memory")
+    if mem:
+        lines += ["[memory]",
+                  "# a fresh runtime process (python -c, the runtime imported, CUDA up, one matmul): resident set, and the",
+                  "# device memory it holds beyond torch's allocator; the allocator's reserved minus allocated peak per byte",
+                  "# of the memory account's transient workspace,",
+                  f"# over {mem['allocator_probe']}",
+                  f"process_baseline_gib = {_num(mem['process_baseline_bytes'] / GiB)}"]
+        if g:
+            lines += [f"cuda_context_gib = {mem['cuda_context_bytes'] / GiB:.4g}",
+                      f"gpu_allocator_frac = {max(mem['gpu_allocator_frac'], 0.0):.4g}"]
+        lines += [f"source = {_str(source)}", ""]
+    return "\n".join(lines)
+
+
+def write_profile_toml(result: dict, path: str | os.PathLike, name: str | None = None,
+                       gpu_from: str | os.PathLike | HardwareProfile | None = None) -> HardwareProfile:
+    """Write the profile atomically (temporary file + os.replace) and return it as loaded.
+
+    The text is parsed with hrm.hardware before anything is written, so a file on disk always loads."""
+    path = Path(path)
+    name = name or path.stem
+    text = profile_toml(result, name, gpu_from)
+    profile = parse_profile(tomllib.loads(text), name, str(path))
+    atomic_write_text(path, text)
+    return profile
