@@ -1,6 +1,6 @@
 """Decode schedules as values: one registry holds, per schedule, where its attention may run, whether
 layers overlap, and how a layer's resource times compose into its time. The runtime registers a decode
-loop under each name (runtime.pipeline.DECODE_LOOPS); a test checks that the two registries agree.
+loop under each name (runtime.decode.DECODE_LOOPS); a test checks that the two registries agree.
 
 Adding a schedule: `register(Schedule(...))` here (or from any module) and a loop in the runtime.
 """

@@ -32,7 +32,8 @@ from .memory import DoesNotFit  # noqa: F401  (raised from here; callers import 
 from .memory import Machine, MemoryMeter, check, pass_shape, phase_dicts, policy_account
 from .model import check_supported
 from .packing import in_order, layout, pack
-from .pipeline import Pipeline, prefill_chunks
+from .pipeline import Pipeline
+from .prefill import prefill_chunks
 from .sampling import Sampling
 from .synthetic import synthesize
 from .weights import WeightStore

@@ -66,8 +66,8 @@ def test_greedy_tokens_equal_reference(reference, policy, padded):
 def test_prefill_in_chunks_gives_the_reference_tokens(reference, monkeypatch, policy, padded):
     """Micro-batches prefilled a few sequences at a time (tiny chunk cap): KV rows, hidden states and
     first tokens land in the right rows."""
-    import runtime.pipeline as pipeline
-    monkeypatch.setattr(pipeline, "PREFILL_CHUNK_TOKENS", 2 * max(PROMPT_LENS))
+    import runtime.prefill as prefill
+    monkeypatch.setattr(prefill, "PREFILL_CHUNK_TOKENS", 2 * max(PROMPT_LENS))
     prompts, expected = reference
     with Engine(QWEN2, policy, dtype=torch.float64, seed=3) as e:
         assert e.generate(prompts, MAX_NEW, padded=padded)[0] == expected
@@ -75,7 +75,7 @@ def test_prefill_in_chunks_gives_the_reference_tokens(reference, monkeypatch, po
 
 def test_prefill_chunks_cap_tokens_and_keep_whole_sequences():
     from runtime.packing import layout, pack
-    from runtime.pipeline import prefill_chunks
+    from runtime.prefill import prefill_chunks
     lens = [5, 9, 3, 12, 4]
     (mb,) = layout(pack(lens, 5), lens, 2, False)
     chunks = prefill_chunks(mb, max_tokens=12)

@@ -10,7 +10,7 @@ from hrm.policy import Policy, PolicyError  # noqa: E402
 from hrm.schedules import SCHEDULES, Schedule  # noqa: E402
 from hrm.spec import Workload  # noqa: E402
 from oracles import QWEN2  # noqa: E402
-from runtime import pipeline  # noqa: E402
+from runtime import decode  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
 from runtime.model import greedy_generate  # noqa: E402
 from runtime.weights import WeightStore  # noqa: E402
@@ -22,7 +22,7 @@ MAX_NEW = 5
 
 
 def test_the_hrm_and_the_runtime_name_the_same_schedules():
-    assert set(SCHEDULES) == set(pipeline.DECODE_LOOPS)
+    assert set(SCHEDULES) == set(decode.DECODE_LOOPS)
 
 
 def _serial_terms(lt) -> dict:
@@ -42,7 +42,7 @@ def _serial_loop(pipe) -> None:
 def toy(monkeypatch):
     monkeypatch.setitem(SCHEDULES, "toy-serial", Schedule("toy-serial", "every stage in series", (False,),
                                                           _serial_terms))
-    monkeypatch.setitem(pipeline.DECODE_LOOPS, "toy-serial", _serial_loop)
+    monkeypatch.setitem(decode.DECODE_LOOPS, "toy-serial", _serial_loop)
 
 
 def test_a_toy_schedule_is_priced_and_run(toy):
