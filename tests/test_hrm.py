@@ -307,7 +307,8 @@ def test_measured_moe_layer_rate_prices_prefill():
 def test_each_model_is_priced_at_its_own_expert_shape():
     """Of several measured shapes the nearest within MOE_SHAPE_TOLERANCE prices a model, at its own tokens
     per expert; a model far from every measured shape takes the GEMM roofline."""
-    from hrm.estimate import MOE_SHAPE_TOLERANCE, moe_curve, prefill_experts_time
+    from hrm.estimate import prefill_experts_time
+    from hrm.rates import MOE_SHAPE_TOLERANCE, moe_curve
     hw = load_profile("h200")
     curves = dict(gpu_moe_shapes=((4096, 14336, 8, 2), (2048, 768, 128, 8)),
                   gpu_moe_tokens_per_expert=((64.0, 1024.0), (64.0, 1024.0)),

@@ -1,0 +1,173 @@
+"""What each resource of a machine attains for a setting (model, machine, workload, placement): the
+measured curves of the profile where it has them (the runtime's own kernels and transfers), else the
+datasheet roofline; and the seconds a cost takes on the GPU or the CPU at those rates."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cost import Cost
+from .hardware import HardwareProfile, interp_log
+from .policy import Policy
+from .schedules import SCHEDULES
+from .spec import ModelSpec, Workload
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What stays fixed while a solver varies N, mu, r_w and r_c."""
+    spec: ModelSpec
+    hardware: HardwareProfile
+    workload: Workload
+    attention_on_gpu: bool = False
+    ffn_on_gpu: bool = True
+    schedule: str = "cgopipe"
+    pin_all_weights: bool = True    # offloaded weights live in pinned memory (no DRAM->pinned staging step)
+    use_measured: bool = True       # use the profile's measured curves instead of datasheet peaks
+
+    @classmethod
+    def of(cls, spec, hardware, workload, policy: Policy, **kw) -> "Setting":
+        return cls(spec, hardware, workload, policy.attention_on_gpu, policy.ffn_on_gpu, policy.schedule, **kw)
+
+
+
+def _measured(s: Setting):
+    return s.hardware.measured if s.use_measured else None
+
+
+
+def gpu_gemm_flops(s: Setting, tokens_per_gemm):
+    """Attainable GEMM FLOP/s of the GPU(s) at a given number of tokens per weight matrix."""
+    gpu = s.hardware.gpu
+    peak = gpu.flops(s.spec.dtypes.name)
+    m = _measured(s)
+    if m is not None and m.gpu_gemm_tokens:
+        rate = interp_log(tokens_per_gemm, m.gpu_gemm_tokens, m.gpu_gemm_flops)
+        return np.minimum(rate, peak) * gpu.count
+    return peak * gpu.count
+
+
+
+def gpu_hbm_bytes_per_s(s: Setting) -> float:
+    m = _measured(s)
+    bw = m.gpu_hbm_bytes_per_s if m is not None and m.gpu_hbm_bytes_per_s else s.hardware.gpu.mem_bytes_per_s
+    return bw * s.hardware.gpu.count
+
+
+
+def cpu_attention_bytes_per_s(s: Setting, num_micro_batches=2, mu=None):
+    """KV bytes/s of CPU decode attention. In CGOPipe with two or more micro-batches the attention overlaps
+    the main thread's launching of GPU work on the same host, so the rate measured inside that loop
+    applies, read at micro-batch size `mu` where the profile has it by size; with one micro-batch (nothing
+    to overlap) and in S3 the host waits: the isolated rate."""
+    m = _measured(s)
+    isolated = m.cpu_attention_bytes_per_s if m is not None and m.cpu_attention_bytes_per_s else cpu_dram_bytes_per_s(s)
+    if m is not None and SCHEDULES[s.schedule].overlapped_attention and m.cpu_attention_overlapped_bytes_per_s:
+        overlapped = m.cpu_attention_overlapped_bytes_per_s
+        if mu is not None and m.cpu_attention_overlapped_micro_batches:
+            overlapped = interp_log(mu, m.cpu_attention_overlapped_micro_batches, m.cpu_attention_overlapped_by_micro_batch)
+        return np.where(np.asarray(num_micro_batches) > 1, overlapped, isolated)
+    return isolated
+
+
+
+def cpu_dram_bytes_per_s(s: Setting) -> float:
+    m = _measured(s)
+    return m.cpu_dram_bytes_per_s if m is not None and m.cpu_dram_bytes_per_s else s.hardware.cpu.mem_bytes_per_s
+
+
+
+def h2d_bytes_per_s(s: Setting, transfer_bytes) -> float:
+    lk, n = s.hardware.link, s.hardware.gpu.count
+    m = _measured(s)
+    if m is not None and m.h2d_sizes_bytes:
+        rate = interp_log(transfer_bytes, m.h2d_sizes_bytes, m.h2d_bytes_per_s)
+        return np.minimum(rate, lk.h2d_bytes_per_s) * n
+    return lk.h2d_bytes_per_s * n
+
+
+
+def d2h_bytes_per_s(s: Setting) -> float:
+    return s.hardware.link.d2h_bytes_per_s * s.hardware.gpu.count
+
+
+
+def duplex_bytes_per_s(s: Setting) -> float:
+    return s.hardware.link.duplex_bytes_per_s * s.hardware.gpu.count
+
+
+
+def decode_visit_s(s: Setting, mu, num_micro_batches=2):
+    """The runtime's fixed cost of one micro-batch of `mu` visiting one layer under the setting's schedule
+    (measured; 0 without a measurement). Micro-batches above the profile's `grouped_above_tokens` take the
+    runtime's grouped MoE path, which launches more kernels, and cost what was measured for it; the rest
+    cost the per-schedule figure, or the schedule-independent one where the profile has none. CGOPipe with
+    CPU attention and one micro-batch has nothing to overlap its host work with, so it runs as S3 does and
+    costs S3's visit."""
+    m = _measured(s)
+    if m is None:
+        return 0.0
+
+    def cost(schedule):
+        small = dict(m.decode_visit_s_by_schedule).get(schedule, m.decode_visit_s)
+        large = dict(m.decode_visit_s_grouped_by_schedule).get(schedule)
+        if large is None or not m.grouped_above_tokens:
+            return small
+        return np.where(np.asarray(mu) > m.grouped_above_tokens, large, small)
+
+    alone = SCHEDULES[s.schedule].one_micro_batch_as
+    if alone is not None and not s.attention_on_gpu:
+        return np.where(np.asarray(num_micro_batches) > 1, cost(s.schedule), cost(alone))
+    return cost(s.schedule)
+
+
+
+def cpu_attention_call_s(s: Setting) -> float:
+    m = _measured(s)
+    return m.cpu_attention_call_s if m is not None else 0.0
+
+
+
+def gpu_time(s: Setting, cost: Cost, tokens_per_gemm):
+    """Roofline time of work on the GPU: max(FLOPs / attainable FLOP/s, bytes / HBM bandwidth)."""
+    return np.maximum(cost.flops / gpu_gemm_flops(s, tokens_per_gemm), cost.bytes / gpu_hbm_bytes_per_s(s))
+
+
+
+def cpu_time(s: Setting, cost: Cost, bytes_per_s):
+    return np.maximum(cost.flops / s.hardware.cpu.flops("fp32"), cost.bytes / bytes_per_s)
+
+
+
+def prefill_rest_flops_per_s(s: Setting, tokens):
+    """The measured FLOP/s of the runtime's prefill layer without its routed experts (its time less the
+    MoE layer's at the measured model's shape, over the FLOPs of hrm.ops.layer_gpu_ops and attention) for
+    a chunk of `tokens` tokens (interpolated in log tokens, flat beyond the measured range), or None where
+    the profile has no such measurement. It holds what the roofline of those parts misses: the chunk's
+    attention layout, KV and hidden-state staging, and their launches."""
+    m = _measured(s)
+    if m is None or not m.gpu_prefill_tokens:
+        return None
+    return interp_log(tokens, m.gpu_prefill_tokens, m.gpu_prefill_rest_flops) * s.hardware.gpu.count
+
+
+
+MOE_SHAPE_TOLERANCE = 1.5
+"""A measured MoE curve prices a model whose hidden and expert widths are each within this factor of the
+measured shape's (the nearest such shape, in log distance); other models take the GEMM roofline."""
+
+
+
+def moe_curve(s: Setting):
+    """(tokens per expert, routed FLOP/s) of the profile's MoE curve for this model's expert shape, or
+    None where no measured shape is within MOE_SHAPE_TOLERANCE."""
+    m = _measured(s)
+    if m is None or not m.gpu_moe_shapes:
+        return None
+    want = np.log([s.spec.hidden_size, s.spec.moe_intermediate_size])
+    dist = [np.abs(np.log(shape[:2]) - want) for shape in m.gpu_moe_shapes]
+    best = int(np.argmin([d.sum() for d in dist]))
+    if dist[best].max() > np.log(MOE_SHAPE_TOLERANCE):
+        return None
+    return m.gpu_moe_tokens_per_expert[best], m.gpu_moe_flops[best]
