@@ -18,7 +18,7 @@ from validate import run_one, scaled_budget  # noqa: E402
 from hrm.hf_config import load_model  # noqa: E402
 from hrm.policy import Policy  # noqa: E402
 from hrm.spec import Workload  # noqa: E402
-from optimizer.space import parse_size  # noqa: E402
+from hrm.units import parse_size  # noqa: E402
 
 SETTINGS = {  # name -> (cores reserved, switch interval s, CUDA graphs)
     "reserve2_switch0.1ms": (2, 1e-4, False), "reserve0_switch5ms": (0, 5e-3, False),

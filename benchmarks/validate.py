@@ -39,7 +39,8 @@ from hrm.policy import Policy, PolicyError  # noqa: E402
 from hrm.spec import ModelSpec, Workload  # noqa: E402
 from optimizer.baselines import compare_baselines  # noqa: E402
 from optimizer.search import make_problem, search  # noqa: E402
-from optimizer.space import DEFAULT_CPU_FRAC, DEFAULT_PLACEMENTS, Budgets, parse_size  # noqa: E402
+from optimizer.space import DEFAULT_CPU_FRAC, DEFAULT_PLACEMENTS, Budgets  # noqa: E402
+from hrm.units import parse_size  # noqa: E402
 
 STAGE_MAP = {  # predicted decode_layer key -> measured stage name
     "gpu": "gpu_compute", "cpu": "cpu_attention", "h2d_weights": "h2d_weights", "h2d_act": "h2d_hidden",

@@ -15,10 +15,8 @@ from typing import Mapping
 import numpy as np
 
 from .memory import MemoryProfile
+from .units import GB, GiB, TFLOPS
 
-GB = 1e9
-GiB = 2.0 ** 30
-TFLOPS = 1e12
 
 PROFILE_DIR = Path(__file__).resolve().with_name("hardware_profiles")
 

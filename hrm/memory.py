@@ -26,8 +26,8 @@ from .policy import (KV_BLOCK_RATIO, MOE_DENSE_MAX_TOKENS, MOE_GROUPED_MAX_TOKEN
                      prefill_chunk_sequences)
 from .schedules import SCHEDULES
 from .spec import ModelSpec, Workload
+from .units import GiB
 
-GIB = 2.0 ** 30
 ACC_BYTES = 4.0              # the runtime accumulates routing and expert outputs in fp32
 INDEX_BYTES = 8.0            # int64 token ids, slots, positions
 KV_TRANSFER_SLOTS = 4
@@ -41,21 +41,12 @@ HOST_HEADROOM_FRAC = 0.05
 dataset and results in Python objects)."""
 
 
-def format_size(n_bytes: float) -> str:
-    """'14.40 GiB': binary units, two decimals."""
-    n = float(n_bytes)
-    for unit, scale in (("TiB", 2.0 ** 40), ("GiB", 2.0 ** 30), ("MiB", 2.0 ** 20), ("KiB", 2.0 ** 10)):
-        if abs(n) >= scale:
-            return f"{n / scale:,.2f} {unit}"
-    return f"{n:,.0f} B"
-
-
 @dataclass(frozen=True)
 class MemoryProfile:
     """Sizes that belong to the machine and the software stack, not to the model (measured by
     `moe-lightning profile`; these defaults stand in where a profile has no [memory] table)."""
-    cuda_context_bytes: float = 0.5 * GIB      # per GPU: context, cuBLAS workspaces, loaded kernels
-    process_baseline_bytes: float = 3.0 * GIB  # host RSS of the runtime before any model buffer (torch, CUDA libs)
+    cuda_context_bytes: float = 0.5 * GiB      # per GPU: context, cuBLAS workspaces, loaded kernels
+    process_baseline_bytes: float = 3.0 * GiB  # host RSS of the runtime before any model buffer (torch, CUDA libs)
     gpu_allocator_frac: float = 1.0            # caching allocator: reserved minus allocated at the peak, per workspace byte
     measured: bool = False
     source: str = "defaults (hrm.memory.MemoryProfile); run `moe-lightning profile` to measure them"

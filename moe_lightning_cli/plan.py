@@ -149,7 +149,7 @@ def print_plan(plan, baselines, console=None) -> None:
     from rich.table import Table
 
     from hrm.estimate import RESOURCE_LABELS
-    from optimizer.space import format_size
+    from hrm.units import format_size
 
     con = console or Console()
     spec, wl, pol, est = plan.spec, plan.workload, plan.policy, plan.estimate

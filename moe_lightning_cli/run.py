@@ -134,7 +134,7 @@ def run(args) -> int:
     prompts = load_prompts(args, target)
     gen_len = int(_workload_arg(args, target.plan, "gen_len", DEFAULT_GEN_LEN))
     padded = bool(_workload_arg(args, target.plan, "padded", False))
-    from optimizer.space import parse_size
+    from hrm.units import parse_size
     budget = int(parse_size(args.gpu_memory)) if args.gpu_memory else None
     if budget is None and target.plan is not None:
         budget = int(target.plan.budgets.gpu_total_bytes)

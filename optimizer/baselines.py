@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from hrm.estimate import Estimate, estimate
 from hrm.policy import Policy
 from .search import best_policy, diagnose
-from .space import Placement, Problem, format_size
+from .space import Placement, Problem
+from hrm.units import format_size
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,8 @@ from dataclasses import asdict, dataclass
 
 from hrm.hardware import HardwareProfile
 from hrm.spec import ModelSpec, Workload
-from .space import SearchError, format_size, parse_size
+from .space import SearchError
+from hrm.units import format_size, parse_size
 
 ARTIFACT_GB = 2.0 ** 30
 GPU_CAP = 0.86

@@ -11,13 +11,13 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from hrm.estimate import Setting
-from hrm.memory import GPU_HEADROOM_FRAC, HOST_HEADROOM_FRAC, format_size  # noqa: F401  (format_size: re-exported)
+from hrm.memory import GPU_HEADROOM_FRAC, HOST_HEADROOM_FRAC
+from hrm.units import format_size, parse_size
 from hrm.hardware import HardwareProfile, this_machine_available_bytes
 from hrm.spec import ModelSpec, Workload
 
@@ -34,34 +34,6 @@ KV_FRAC_STEP = 1e-4
 
 class SearchError(ValueError):
     """The request cannot be planned; the message is one line that says what is missing and by how much."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# sizes
-
-_UNITS = {"": 1.0, "b": 1.0,
-          "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
-          "kib": 2.0 ** 10, "mib": 2.0 ** 20, "gib": 2.0 ** 30, "tib": 2.0 ** 40,
-          "k": 2.0 ** 10, "m": 2.0 ** 20, "g": 2.0 ** 30, "t": 2.0 ** 40}
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
-
-
-def parse_size(text) -> float:
-    """Bytes from '16GiB', '24GB', '500MB', '1.5TiB' or a plain number of bytes.
-
-    GB/MB/TB are decimal (1e9 ...), GiB/MiB/TiB binary; a bare G/M/T means binary, as in `free -g`.
-    """
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = float(text)
-    else:
-        m = _SIZE.match(str(text))
-        if not m or m.group(2).lower() not in _UNITS:
-            raise SearchError(f"cannot read memory size {str(text)!r}: use a number with a unit such as "
-                              f"16GiB, 24GB or 500MB")
-        value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if not value > 0 or not math.isfinite(value):
-        raise SearchError(f"memory size must be positive, got {text!r}")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from hrm.hardware import GiB, available_profiles, load_profile
 from hrm.memory import GPU_HEADROOM_FRAC, HOST_HEADROOM_FRAC
 from hrm.hf_config import builtin_models, load_model
 from hrm.spec import Workload
-from optimizer.space import Budgets, SearchError, format_size, int_grid, parse_size
+from optimizer.space import Budgets, SearchError, int_grid
+from hrm.units import SizeError, format_size, parse_size
 from optimizer.search import search
 
 
@@ -57,7 +58,7 @@ def test_parse_size(text, value):
 
 @pytest.mark.parametrize("text", ["", "GiB", "12 parsecs", "-4GB", "0", "nan"])
 def test_parse_size_rejects(text):
-    with pytest.raises(SearchError):
+    with pytest.raises(SizeError):
         parse_size(text)
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 from hrm.estimate import Estimate
 
 from .grid import resolve_budgets
-from .style import HIGHLIGHT, RESOURCE_COLORS, RESOURCE_NAMES, fmt_seconds, new_figure, policy_text
+from hrm.units import format_seconds
+
+from .style import HIGHLIGHT, RESOURCE_COLORS, RESOURCE_NAMES, new_figure, policy_text
 
 H2D_PARTS = ("h2d_weights", "h2d_act", "h2d_kv")
 MS = 1e3
@@ -49,7 +51,7 @@ def draw_decode_stages(ax, e: Estimate):
     bars = _decode_bars(e)
     for y, (res, parts) in enumerate(bars):
         total = _hbar(ax, y, parts, res == e.bound)
-        ax.text(total * MS, y, f" {fmt_seconds(total)}", va="center", fontsize=8,
+        ax.text(total * MS, y, f" {format_seconds(total)}", va="center", fontsize=8,
                 weight="bold" if res == e.bound else "normal")
     ax.set_yticks(range(len(bars)), [_wrap(_name(r)) for r, _ in bars])
     ax.invert_yaxis()
@@ -71,7 +73,7 @@ def draw_prefill_stages(ax, e: Estimate):
     names = {"h2d": "CPU->GPU: weights + hidden", "d2h": "GPU->CPU: KV + hidden"}
     for y, (res, v) in enumerate(items):
         _hbar(ax, y, {res: v}, res == bound)
-        ax.text(v * MS, y, f" {fmt_seconds(v)}", va="center", fontsize=8, weight="bold" if res == bound else "normal")
+        ax.text(v * MS, y, f" {format_seconds(v)}", va="center", fontsize=8, weight="bold" if res == bound else "normal")
     ax.set_yticks(range(len(items)), [names.get(r) or _wrap(_name(r)) for r, _ in items])
     ax.invert_yaxis()
     ax.set_xlim(0, max(v for _, v in items) * MS * 1.3)
@@ -87,7 +89,7 @@ def draw_time_split(ax, e: Estimate):
     bottom = 0.0
     for name, v, c in (("prefill", e.prefill_s, "#17becf"), ("decode", e.decode_s, "#1f77b4")):
         ax.bar(0, v, bottom=bottom, color=c, edgecolor="black", lw=0.5, width=0.5,
-               label=f"{name}: {fmt_seconds(v)} ({v / e.total_s:.0%})")
+               label=f"{name}: {format_seconds(v)} ({v / e.total_s:.0%})")
         bottom += v
     ax.set_xticks([0], [f"one pass of N={e.policy.batch_size}"])
     ax.set_xlim(-0.6, 0.6)

@@ -7,7 +7,9 @@ from hrm.hardware import HardwareProfile
 from hrm.spec import ModelSpec, Workload
 
 from . import grid as g
-from .style import fmt_bytes, new_figure
+from hrm.units import format_size
+
+from .style import new_figure
 
 INFEASIBLE_STYLE = {   # status -> (face colour, hatch)
     g.GPU_LIMIT: ("#f4b6b6", "//"),
@@ -147,5 +149,5 @@ def describe(data: g.ThroughputGrid) -> str:
     fixed.append("r_w searched" if p.weights_gpu_frac is None else f"r_w = {p.weights_gpu_frac:g}")
     if p.attention_on_gpu:
         fixed.append("r_c searched" if p.kv_gpu_frac is None else f"r_c = {p.kv_gpu_frac:g}")
-    return (f"{p.describe()}; {', '.join(fixed)} per cell; budgets GPU {fmt_bytes(data.gpu_budget_bytes)}, "
-            f"CPU {fmt_bytes(data.cpu_budget_bytes)}")
+    return (f"{p.describe()}; {', '.join(fixed)} per cell; budgets GPU {format_size(data.gpu_budget_bytes)}, "
+            f"CPU {format_size(data.cpu_budget_bytes)}")

@@ -38,21 +38,6 @@ def new_figure(width: float, height: float, **kw):
     return Figure(figsize=(width, height), layout=kw.pop("layout", "constrained"), **kw)
 
 
-def fmt_bytes(b: float) -> str:
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(b) >= scale:
-            return f"{b / scale:.3g} {unit}"
-    return f"{b:.3g} B"
-
-
-def fmt_seconds(t: float) -> str:
-    if t >= 1:
-        return f"{t:.3g} s"
-    if t >= 1e-3:
-        return f"{t * 1e3:.3g} ms"
-    return f"{t * 1e6:.3g} us"
-
-
 def policy_text(policy) -> str:
     """Short policy label: N, mu, r_w and where attention runs."""
     where = "GPU" if policy.attention_on_gpu else "CPU"

@@ -12,10 +12,8 @@ import torch
 
 
 
-MiB = 2 ** 20
 
 
-KiB = 2 ** 10
 
 
 def _median_cuda_s(fn: Callable[[], None], repeats: int, warmup: int = 2, target_s: float = 0.02) -> float:

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 
 from hrm.hardware import local_cpu_name
 
-from .base import KiB, MiB, _fill_random, _median_cpu_s, _median_cuda_s
+from hrm.units import KiB, MiB
+
+from .base import _fill_random, _median_cpu_s, _median_cuda_s
 
 
 # [tokens x hidden] x [hidden x ffn]: decode (1..64 tokens per expert GEMM) to prefill (4096)

@@ -15,7 +15,9 @@ from typing import Callable
 import torch
 
 
-from .base import MiB, ProbeError
+from hrm.units import MiB
+
+from .base import ProbeError
 from .calibration import (MOE_MODELS, MOE_TOKENS_PER_EXPERT, MOE_TOKENS_PER_EXPERT_QUICK, PREFILL_PROMPT_LEN,
                           PREFILL_SEQS, PREFILL_SEQS_QUICK, gpu_moe_flops, memory_baseline, moe_shape,
                           prefill_costs, prefill_layers, prefill_rest_flops, runtime_overheads)

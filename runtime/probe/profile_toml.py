@@ -14,7 +14,9 @@ from typing import Sequence
 from hrm.atomic import atomic_write_text
 from hrm.hardware import GB, GiB, TFLOPS, HardwareProfile, load_profile, parse_profile
 
-from .base import MiB, ProbeError
+from hrm.units import MiB
+
+from .base import ProbeError
 
 
 def _num(x: float, digits: int = 4) -> str:
