@@ -14,6 +14,52 @@ DEFAULT_MAX_PROMPT_LEN = 418
 DEFAULT_GEN_LEN = 128
 
 
+def value(kind=float, *, positive: bool = True, low: float = 0.0, high: float | None = None):
+    """An argparse type: a finite number of `kind` (int: an integer) in range; a bad one is argparse's
+    one-line usage error naming the flag."""
+    from hrm.checks import number
+
+    def parse(text: str):
+        try:
+            v = int(text) if kind is int else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        try:
+            return number(v, "value", integer=kind is int, positive=positive, low=low, high=high)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = kind.__name__
+    return parse
+
+
+COUNT = value(int)                                   # sequences, tokens, layers: 1 or more
+FRACTION = value(float, positive=False, high=1.0)    # a share in [0, 1]
+SHARE = value(float, high=1.0)                       # a share in (0, 1]
+
+
+def size(text: str) -> str:
+    """An argparse type for a memory size ('24GiB'): checked here, passed on as written."""
+    from hrm.checks import MAX_BYTES
+    from hrm.units import parse_size
+
+    try:
+        n = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if n > MAX_BYTES:
+        raise argparse.ArgumentTypeError(f"memory size {text!r} is more than 1 EiB")
+    return text
+
+
+def check_outputs(*paths) -> None:
+    """Refuse, before any work, an output path that is a directory or in a directory not writable."""
+    from hrm.atomic import check_writable
+    for path in paths:
+        if path:
+            check_writable(path)
+
+
 def add_target_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model, machine and workload")
     g.add_argument("--model", default=DEFAULT_MODEL,
@@ -23,30 +69,32 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
                    help="fetch a Hub id's config.json when it is not in the local cache (default: offline)")
     g.add_argument("--hardware", default=DEFAULT_HARDWARE,
                    help=f"built-in hardware profile or path to a .toml (default {DEFAULT_HARDWARE})")
-    g.add_argument("--prompt-len", type=float, default=DEFAULT_PROMPT_LEN,
+    g.add_argument("--prompt-len", type=value(), default=DEFAULT_PROMPT_LEN,
                    help=f"average prompt length in tokens (default {DEFAULT_PROMPT_LEN})")
-    g.add_argument("--max-prompt-len", type=int, default=None,
+    g.add_argument("--max-prompt-len", type=COUNT, default=None,
                    help=f"longest prompt (default {DEFAULT_MAX_PROMPT_LEN} with the default prompt length, else the average)")
-    g.add_argument("--gen-len", type=int, default=DEFAULT_GEN_LEN, help=f"tokens generated per sequence (default {DEFAULT_GEN_LEN})")
+    g.add_argument("--gen-len", type=COUNT, default=DEFAULT_GEN_LEN, help=f"tokens generated per sequence (default {DEFAULT_GEN_LEN})")
     g.add_argument("--padded", action="store_true", help="pad every prompt to the longest (default: packed)")
-    g.add_argument("--num-layers", type=int, default=None, help="evaluate the model with only this many layers")
+    g.add_argument("--num-layers", type=COUNT, default=None, help="evaluate the model with only this many layers")
 
 
 def build_target(args):
     """(ModelSpec, HardwareProfile, Workload) from parsed arguments."""
+    from hrm.checks import check_context
     from hrm.hardware import load_profile
     from hrm.hf_config import load_model
     from hrm.spec import Workload
     from moe_lightning.hub import resolve_model
 
     spec = load_model(resolve_model(args.model, download=args.download))
-    if args.num_layers:
+    if args.num_layers is not None:
         spec = spec.with_layers(args.num_layers)
     hw = load_profile(args.hardware)
     max_len = args.max_prompt_len
     if max_len is None:
         max_len = DEFAULT_MAX_PROMPT_LEN if args.prompt_len == DEFAULT_PROMPT_LEN else int(round(args.prompt_len))
     workload = Workload(float(args.prompt_len), int(max_len), int(args.gen_len), padded=bool(args.padded))
+    check_context(spec, workload.max_prompt_len, workload.gen_len)
     return spec, hw, workload
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from hrm.schedules import SCHEDULES
 
-from .common import add_target_args, build_target, fmt_bytes, fmt_s, print_json
+from .common import COUNT, FRACTION, add_target_args, build_target, check_outputs, fmt_bytes, fmt_s, print_json
 
 
 def add_parser(sub) -> None:
@@ -11,12 +11,12 @@ def add_parser(sub) -> None:
                        description="Predict per-layer stage times, memory peaks and throughput of one policy.")
     add_target_args(p)
     g = p.add_argument_group("policy")
-    g.add_argument("--batch-size", "-N", type=int, default=504, help="sequences per pass (default 504)")
-    g.add_argument("--micro-batch-size", "--mu", type=int, default=36, help="sequences per micro-batch (default 36)")
+    g.add_argument("--batch-size", "-N", type=COUNT, default=504, help="sequences per pass (default 504)")
+    g.add_argument("--micro-batch-size", "--mu", type=COUNT, default=36, help="sequences per micro-batch (default 36)")
     g.add_argument("--attention", choices=("cpu", "gpu"), default="cpu", help="where decode attention runs")
     g.add_argument("--ffn", choices=("gpu", "cpu"), default="gpu", help="where the routed experts run")
-    g.add_argument("--weights-gpu-frac", type=float, default=0.0, help="fraction of expert weights resident on the GPU")
-    g.add_argument("--kv-gpu-frac", type=float, default=0.0, help="fraction of the KV cache resident on the GPU")
+    g.add_argument("--weights-gpu-frac", type=FRACTION, default=0.0, help="fraction of expert weights resident on the GPU")
+    g.add_argument("--kv-gpu-frac", type=FRACTION, default=0.0, help="fraction of the KV cache resident on the GPU")
     g.add_argument("--schedule", choices=tuple(SCHEDULES), default=None,
                    help="pipeline schedule (default: cgopipe with CPU attention, s4 with GPU attention)")
     g.add_argument("--datasheet", action="store_true", help="ignore the profile's measured efficiencies")
@@ -28,6 +28,7 @@ def run(args) -> int:
     from hrm.estimate import RESOURCE_LABELS, estimate
     from hrm.policy import Policy
 
+    check_outputs(args.plot)
     spec, hw, workload = build_target(args)
     attention_on_gpu = args.attention == "gpu"
     schedule = args.schedule or ("s4" if attention_on_gpu else "cgopipe")

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_target_args, build_target, fmt_s, print_json
-
-EXIT_INFEASIBLE = 2
+from .common import COUNT, SHARE, add_target_args, build_target, check_outputs, fmt_s, print_json, size
 
 
 def add_parser(sub) -> None:
@@ -23,19 +21,19 @@ def add_parser(sub) -> None:
     d.add_argument("--dataset", metavar="REQUESTS.jsonl",
                    help="requests as `generate` takes them: the prompt lengths after tokenization (and each "
                         "request's max_tokens, default --gen-len) make the workload, and the whole job is priced")
-    d.add_argument("--num-prompts", type=int, default=None, metavar="K",
+    d.add_argument("--num-prompts", type=COUNT, default=None, metavar="K",
                    help="price a job of K prompts: the dataset's first K, or its lengths repeated (default: all)")
     d.add_argument("--tokenizer", metavar="DIR", default=None,
                    help="tokenizer directory (default: the --model directory)")
     g = p.add_argument_group("budgets")
-    g.add_argument("--gpu-memory", metavar="SIZE", default=None,
+    g.add_argument("--gpu-memory", metavar="SIZE", default=None, type=size,
                    help="memory of each GPU the process may use in all, CUDA context included (e.g. 16GiB, "
                         "24GB); default: the profile's memory x --gpu-frac")
-    g.add_argument("--cpu-memory", metavar="SIZE", default=None,
+    g.add_argument("--cpu-memory", metavar="SIZE", default=None, type=size,
                    help="host memory the process may use in all (e.g. 100GB); default: what this machine has "
                         "available when the profile is its own, else the profile's x --cpu-frac")
-    g.add_argument("--gpu-frac", type=float, default=1.0, help="share of the profile's GPU memory to use (default 1)")
-    g.add_argument("--cpu-frac", type=float, default=None,
+    g.add_argument("--gpu-frac", type=SHARE, default=1.0, help="share of the profile's GPU memory to use (default 1)")
+    g.add_argument("--cpu-frac", type=SHARE, default=None,
                    help="share of the profile's host memory to use (default 0.9, or what is available on the "
                         "profiled machine itself)")
     s = p.add_argument_group("search")
@@ -55,20 +53,14 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    """Plan; returns the exit code (2 with a one-line message on stderr when the request cannot be met)."""
-    try:
-        return _run(args)
-    except ValueError as e:      # SearchError, SpecError, HardwareError, PlanError, bad sizes
-        msg = " ".join(str(e).split())
-        print(f"moe-lightning plan: error: {msg}", file=sys.stderr)
-        return EXIT_INFEASIBLE
-
-
-def _run(args) -> int:
+    """Plan; a request that cannot be met raises (main prints one line and exits 2). The plan file and the
+    figure are replaced together, after both are made."""
+    from hrm.atomic import Outputs
     from optimizer.search import make_problem, search
     from hrm.spec import Workload
     from optimizer.space import ALL_PLACEMENTS
 
+    check_outputs(args.output, args.plot)
     spec, hw, workload = build_target(args)
     job = None
     if args.dataset:
@@ -85,14 +77,15 @@ def _run(args) -> int:
         from optimizer.baselines import compare_baselines
         problem = make_problem(spec, hw, workload, budgets=plan.budgets, use_measured=not args.datasheet)
         baselines = compare_baselines(problem, solver="grid")
-    if args.output:
-        plan.save(args.output)
-    if args.plot:
-        try:
-            from viz.cli import plot_for_plan
-        except ImportError as e:
-            raise ValueError(f"--plot needs the viz package with matplotlib ({e})") from None
-        plot_for_plan(plan, args.plot, baselines=baselines or None, use_measured=not args.datasheet)
+    with Outputs() as out:
+        if args.output:
+            out.add_text(args.output, plan.to_json())
+        if args.plot:
+            from viz import save_figure
+            from viz.cli import plan_figure
+            save_figure(plan_figure(plan, baselines=baselines or None, use_measured=not args.datasheet), args.plot,
+                        outputs=out)
+        out.commit()
     if args.json:
         print_json({**to_json_dict(plan, baselines, args.output), "job": job and job.to_dict()})
         return 0
@@ -222,10 +215,8 @@ def print_plan(plan, baselines, console=None) -> None:
 
 def main(argv=None) -> int:
     """Run `plan` on its own: python -m moe_lightning_cli.plan [args]."""
-    import argparse
-    parser = argparse.ArgumentParser(prog="moe-lightning")
-    add_parser(parser.add_subparsers(dest="command"))
-    return run(parser.parse_args(["plan", *(sys.argv[1:] if argv is None else argv)]))
+    from .main import main as cli
+    return cli(["plan", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

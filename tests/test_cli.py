@@ -25,7 +25,7 @@ def test_estimate_errors_are_one_line(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no-such-model" in err
     assert main(["estimate", "--gen-len", "0"]) == 2
-    assert "gen_len" in capsys.readouterr().err
+    assert "--gen-len" in capsys.readouterr().err
     assert main(["estimate", "-N", "4", "--mu", "8"]) == 2
     assert "micro_batch_size" in capsys.readouterr().err
     assert main(["estimate", "--hardware", "nowhere"]) == 2

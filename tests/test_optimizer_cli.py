@@ -68,8 +68,8 @@ def test_output_file_is_a_loadable_plan(capsys, tmp_path):
     (("--model", "mixtral-8x22b"), "short by"),                       # cannot fit even fully streamed
     (("--gpu-memory", "2GiB"), "non-expert weights"),                 # budget below the non-expert weights
     (("--cpu-memory", "40GiB"), "short by"),
-    (("--gen-len", "0"), "gen_len"),                                  # zero / negative lengths
-    (("--prompt-len", "-5"), "prompt length"),
+    (("--gen-len", "0"), "--gen-len"),                                # zero / negative lengths
+    (("--prompt-len", "-5"), "--prompt-len"),
     (("--gpu-memory", "lots"), "memory size"),
 ])
 def test_infeasible_requests_exit_2_with_one_line(capsys, args, needle):
