@@ -327,8 +327,47 @@ def _memory(table, where: str) -> MemoryProfile:
     return MemoryProfile(**kw, measured=True, source=str(_req(table, "source", where)))
 
 
+_UNIT_KEYS = frozenset({"name", "memory_gib", "memory_gb", "mem_gb_per_s", "tflops", "count", "cores", "source"})
+PROFILE_KEYS = {
+    "": frozenset({"name", "description", "gpu", "cpu", "link", "measured", "memory"}),
+    "gpu": _UNIT_KEYS,
+    "cpu": _UNIT_KEYS,
+    "link": frozenset({"h2d_gb_per_s", "d2h_gb_per_s", "duplex_gb_per_s", "pageable_h2d_gb_per_s", "source"}),
+    "measured": frozenset({
+        # curves and rates the cost model reads
+        "gpu_gemm_tokens", "gpu_gemm_tflops", "h2d_sizes_mib", "h2d_gb_per_s", "gpu_hbm_gb_per_s",
+        "gpu_moe_shapes", "gpu_moe_tokens_per_expert", "gpu_moe_tflops", "gpu_prefill_tokens",
+        "gpu_prefill_rest_tflops", "prefill_pass_ns_per_token", "cpu_attention_gb_per_s",
+        "cpu_attention_overlapped_gb_per_s", "cpu_attention_overlapped_micro_batches",
+        "cpu_attention_overlapped_gb_per_s_by_micro_batch", "cpu_dram_gb_per_s", "decode_visit_us",
+        "decode_visit_us_by_schedule", "decode_visit_us_grouped_by_schedule", "grouped_above_tokens",
+        "cpu_attention_call_us", "method", "date",
+        # measured and kept as the record (the cost model does not read them)
+        "d2h_sizes_mib", "d2h_gb_per_s", "cpu_attention_shapes", "cpu_attention_gb_per_s_by_shape",
+        "cpu_dram_copy_gb_per_s", "model_shapes", "elapsed_s", "git_commit", "python_version", "torch_version",
+        "cuda_version", "numpy_version", "moe_lightning_version",
+        # old forms, refused with their new names
+        "gpu_moe_tokens", "gpu_prefill_tflops"}),
+    "memory": frozenset(MEMORY_KEYS) | {"source"},
+}
+"""Every key a profile may hold, per section ("" the top level): a key outside it is refused, naming it."""
+
+
+def _known_keys(data: Mapping, where: str) -> None:
+    for section, known in PROFILE_KEYS.items():
+        table = data if not section else data.get(section, {})
+        if not isinstance(table, Mapping):
+            continue                                    # the section's own reader says what it must be
+        odd = sorted(k for k in table if k not in known)
+        if odd:
+            label = f"[{section}]" if section else "the top level"
+            raise HardwareError(f"{where}: unknown key(s) {', '.join(map(repr, odd))} in {label}; "
+                                f"known: {', '.join(sorted(known))}")
+
+
 def parse_profile(data: Mapping, name: str, path: str = "") -> HardwareProfile:
     where = path or name
+    _known_keys(data, where)
     for section in ("gpu", "cpu", "link"):
         if section not in data:
             raise HardwareError(f"{where}: missing section [{section}]")

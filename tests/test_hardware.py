@@ -1,7 +1,10 @@
 """Hardware profiles: every shipped TOML loads, carries sources, converts units once; bad input fails loudly."""
 from __future__ import annotations
 
+import json
+import re
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -279,3 +282,30 @@ def test_without_env_var_user_profile_is_unknown(tmp_path, monkeypatch):
     monkeypatch.delenv("MOE_LIGHTNING_PROFILES", raising=False)
     with pytest.raises(HardwareError, match="unknown hardware profile"):
         load_profile("my-box")
+
+
+@pytest.mark.parametrize("section", ["", "gpu", "cpu", "link", "measured", "memory"])
+def test_a_key_no_reader_knows_is_refused(tmp_path, section):
+    """A typo in any section of a profile is one line naming the key and the section, not ignored."""
+    from hrm.hardware import PROFILE_KEYS
+    data = tomllib.loads(Path(load_profile("h200-measured").path).read_text())
+    (data if not section else data[section])["typo_key"] = 3
+    assert "typo_key" not in PROFILE_KEYS[section]
+    lines = []
+    for k, v in data.items():
+        if not isinstance(v, dict):
+            lines.append(f"{k} = {json.dumps(v)}")
+    for k, v in data.items():
+        if isinstance(v, dict):
+            lines.append(f"[{k}]")
+            lines += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
+    path = tmp_path / "typo.toml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(HardwareError, match=rf"unknown key\(s\) 'typo_key' in {'the top level' if not section else re.escape('[' + section + ']')}"):
+        load_profile(path)
+
+
+def _toml_value(v):
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    return json.dumps(v)
