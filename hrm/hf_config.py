@@ -5,11 +5,11 @@ A null field counts as absent. Defaults for absent optional fields follow transf
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 
+from .checks import load_json, number, read_text
 from .spec import DTypes, ModelSpec, RopeParameters, SpecError
 
 CONFIG_DIR = Path(__file__).with_name("configs")
@@ -52,16 +52,16 @@ class _Config:
 
     def int(self, *keys: str, default: int | None = None) -> int:
         key, value = self._first(keys, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 0:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise SpecError(f"{self.model_type} config: field {key!r} must be a non-negative integer, "
                             f"got {value!r}")
-        return int(value)
+        return number(value, f"{self.model_type} config: field {key!r}", err=SpecError, integer=True)
 
     def float(self, *keys: str, default: float | None = None) -> float:
         key, value = self._first(keys, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SpecError(f"{self.model_type} config: field {key!r} must be a number, got {value!r}")
-        return float(value)
+        return number(value, f"{self.model_type} config: field {key!r}", err=SpecError, low=-math.inf)
 
     def bool(self, key: str, default: bool) -> bool:
         value = self.get(key, default)
@@ -305,10 +305,7 @@ def _read(path_or_dict) -> dict:
         path = path / "config.json"
     if not path.is_file():
         raise SpecError(f"no config.json at {path}")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SpecError(f"cannot read {path}: {e}") from None
+    raw = load_json(read_text(path, "model config", SpecError), str(path), SpecError)
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     return raw
@@ -327,6 +324,11 @@ def _check(spec: ModelSpec) -> None:
         raise SpecError(f"{where}: top-k {spec.num_experts_per_tok} exceeds {spec.num_experts} experts")
     if spec.first_dense_layers >= spec.num_hidden_layers:
         raise SpecError(f"{where}: first_dense_layers {spec.first_dense_layers} leaves no MoE layer")
+    for f in ("rms_norm_eps", "rope_theta", "max_position_embeddings", "routed_scaling_factor"):
+        if not getattr(spec, f) > 0:
+            raise SpecError(f"{where}: {f} must be positive, got {getattr(spec, f)}")
+    if spec.clip_qkv < 0:
+        raise SpecError(f"{where}: clip_qkv must not be negative, got {spec.clip_qkv}")
 
 
 def spec_from_hf_config(path_or_dict, name: str | None = None) -> ModelSpec:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from hrm.units import format_seconds as fmt_s, format_size as fmt_bytes  # noqa: F401  (the CLI's names)
 
@@ -78,15 +79,29 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-layers", type=COUNT, default=None, help="evaluate the model with only this many layers")
 
 
+def model_arg(name: str, download: bool = False):
+    """The ModelSpec of --model (a built-in name, a config path or directory, a Hub id); an error in a
+    config file names the file."""
+    from hrm.hf_config import load_model
+    from hrm.spec import SpecError
+    from moe_lightning.hub import resolve_model
+
+    where = resolve_model(name, download=download)
+    try:
+        return load_model(where)
+    except SpecError as e:
+        if Path(where).exists() and str(where) not in str(e):
+            raise SpecError(f"{where}: {e}") from None
+        raise
+
+
 def build_target(args):
     """(ModelSpec, HardwareProfile, Workload) from parsed arguments."""
     from hrm.checks import check_context
     from hrm.hardware import load_profile
-    from hrm.hf_config import load_model
     from hrm.spec import Workload
-    from moe_lightning.hub import resolve_model
 
-    spec = load_model(resolve_model(args.model, download=args.download))
+    spec = model_arg(args.model, download=args.download)
     if args.num_layers is not None:
         spec = spec.with_layers(args.num_layers)
     hw = load_profile(args.hardware)

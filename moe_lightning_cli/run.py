@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import fmt_bytes, fmt_s, print_json
+from .common import COUNT, SHARE, check_outputs, fmt_bytes, fmt_s, model_arg, print_json, size, value
 
 DEFAULT_PROMPT_LEN = 128
 DEFAULT_GEN_LEN = 32
@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
     what.add_argument("--plan", metavar="PLAN.json", help="plan file written by `moe-lightning plan`")
     what.add_argument("--model", help="built-in model or HF config path (without --plan)")
     what.add_argument("--policy-json", metavar="JSON|FILE", help="Policy fields as JSON (without --plan)")
-    what.add_argument("--num-layers", type=int, default=None, help="run only this many layers")
+    what.add_argument("--num-layers", type=COUNT, default=None, help="run only this many layers")
     weights = what.add_mutually_exclusive_group()
     weights.add_argument("--model-dir", metavar="DIR", help="checkpoint directory (config.json + safetensors)")
     weights.add_argument("--random-weights", action="store_true", help="synthetic weights (the default)")
@@ -40,23 +40,23 @@ def add_parser(sub) -> None:
     src = prompts.add_mutually_exclusive_group()
     src.add_argument("--prompts", metavar="FILE", help="JSON list of token-id lists (or one list per line)")
     src.add_argument("--synthetic", action="store_true", help="random token prompts (the default)")
-    prompts.add_argument("--num-prompts", type=int, default=None, help="synthetic prompts (default: batch size)")
-    prompts.add_argument("--prompt-len", type=float, default=None,
+    prompts.add_argument("--num-prompts", type=COUNT, default=None, help="synthetic prompts (default: batch size)")
+    prompts.add_argument("--prompt-len", type=value(), default=None,
                          help=f"synthetic: average prompt length (default: the plan's, else {DEFAULT_PROMPT_LEN})")
-    prompts.add_argument("--max-prompt-len", type=int, default=None, help="synthetic: longest prompt")
-    prompts.add_argument("--gen-len", type=int, default=None,
+    prompts.add_argument("--max-prompt-len", type=COUNT, default=None, help="synthetic: longest prompt")
+    prompts.add_argument("--gen-len", type=COUNT, default=None,
                          help=f"tokens generated per prompt (default: the plan's, else {DEFAULT_GEN_LEN})")
     prompts.add_argument("--padded", action="store_true", default=None,
                          help="pad prompts to the longest (default: the plan's, else packed)")
     ex = p.add_argument_group("execution")
     ex.add_argument("--hardware", help="hardware profile for the predicted column (default: the plan's)")
-    ex.add_argument("--gpu-memory", metavar="SIZE", default=None,
+    ex.add_argument("--gpu-memory", metavar="SIZE", default=None, type=size,
                     help="emulate a GPU with this much memory, as plan's --gpu-memory (e.g. 24GiB = 24 x 2^30 "
                          "bytes, 24GB = 24 x 10^9; default: the plan's GPU budget)")
     ex.add_argument("--dtype", default=None, help="weight/activation dtype (default: the model's)")
-    ex.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    ex.add_argument("--top-p", type=float, default=1.0)
-    ex.add_argument("--seed", type=int, default=0, help="weights, prompts and sampling seed")
+    ex.add_argument("--temperature", type=value(positive=False), default=0.0, help="0: greedy (default)")
+    ex.add_argument("--top-p", type=SHARE, default=1.0)
+    ex.add_argument("--seed", type=value(int, positive=False), default=0, help="weights, prompts and sampling seed")
     ex.add_argument("--no-warmup", action="store_true",
                     help="skip the unmeasured warm-up (two micro-batches, two tokens) that loads the kernels")
     ex.add_argument("--cuda-graphs", action="store_true",
@@ -70,16 +70,18 @@ def add_parser(sub) -> None:
                           "(format from the suffix)")
 
 
-def _read_json_arg(text: str) -> dict:
+def read_policy(text: str):
+    """--policy-json: Policy fields as JSON text or in a file; known fields only, each of its type."""
+    from hrm.checks import load_json, read_text, typed
+    from hrm.policy import Policy
+
     path = Path(text)
-    return json.loads(path.read_text() if path.exists() else text)
+    where = f"--policy-json {path}" if path.exists() else "--policy-json"
+    return typed(Policy, load_json(read_text(path, "--policy-json file") if path.exists() else text, where), where)
 
 
 def load_target(args) -> Target:
     from hrm.hardware import load_profile
-    from hrm.hf_config import load_model
-    from hrm.policy import Policy
-
     from .main import CLIError
 
     plan = hardware = None
@@ -88,10 +90,10 @@ def load_target(args) -> Target:
         plan = Plan.load(args.plan)
         spec, policy, hardware = plan.spec, plan.policy, plan.hardware
     elif args.model and args.policy_json:
-        spec, policy = load_model(args.model), Policy(**_read_json_arg(args.policy_json))
+        spec, policy = model_arg(args.model), read_policy(args.policy_json)
     else:
         raise CLIError("give --plan, or --model with --policy-json")
-    if args.num_layers:
+    if args.num_layers is not None:
         spec = spec.with_layers(args.num_layers)
     if args.hardware:
         hardware = load_profile(args.hardware)
@@ -111,30 +113,56 @@ def _workload_arg(args, plan, name: str, fallback):
 
 def load_prompts(args, target: Target) -> list[list[int]]:
     if args.prompts:
-        text = Path(args.prompts).read_text().strip()
-        prompts = json.loads(text) if text.startswith("[[") or text.startswith("[\n") else \
-            [json.loads(line) for line in text.splitlines() if line.strip()]
-        if not all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompts):
-            raise ValueError(f"{args.prompts}: expected lists of token ids")
-        return prompts
+        return read_prompts(args.prompts, target.spec.vocab_size)
     import numpy as np
-    n = args.num_prompts or target.policy.batch_size
+    from hrm.spec import Workload
+
+    n = args.num_prompts if args.num_prompts is not None else target.policy.batch_size
     avg = float(_workload_arg(args, target.plan, "prompt_len", DEFAULT_PROMPT_LEN))
     longest = _workload_arg(args, target.plan, "max_prompt_len", None) or int(round(avg))
+    Workload(avg, longest, 1)                    # the average within the longest, both positive
     shortest = max(1, int(round(2 * avg - longest)))
     rng = np.random.default_rng(args.seed)
     lens = rng.integers(min(shortest, longest), longest + 1, size=n)
     return [rng.integers(0, target.spec.vocab_size, size=int(k)).tolist() for k in lens]
 
 
+def read_prompts(path, vocab_size: int) -> list[list[int]]:
+    """A JSON list of token-id lists, or one list per line; every id an integer in [0, vocab_size)."""
+    from hrm.checks import load_json, need, read_text
+
+    text = read_text(path, "prompts file").strip()
+    if text.startswith("[[") or "\n" not in text:
+        data = load_json(text, f"prompts file {path}")
+        prompts = data if isinstance(data, list) and data and isinstance(data[0], list) else [data]
+    else:
+        prompts = [load_json(line, f"prompts file {path} line {i}")
+                   for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not prompts or prompts == [[]]:
+        raise ValueError(f"prompts file {path}: no prompts")
+    for i, p in enumerate(prompts):
+        need(p, list, f"prompts file {path}: prompt {i}")
+        if not p:
+            raise ValueError(f"prompts file {path}: prompt {i} is empty")
+        for t in p:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+                raise ValueError(f"prompts file {path}: prompt {i}: token id {t!r} is not an integer in the "
+                                 f"vocabulary [0, {vocab_size})")
+    return prompts
+
+
 def run(args) -> int:
+    from hrm.atomic import Outputs
+    from hrm.checks import check_context
+    from hrm.units import parse_size
     from runtime.engine import Engine
 
+    check_outputs(args.output, args.trace, args.timeline)
     target = load_target(args)
     prompts = load_prompts(args, target)
     gen_len = int(_workload_arg(args, target.plan, "gen_len", DEFAULT_GEN_LEN))
+    check_context(target.spec, max(len(p) for p in prompts), gen_len)
     padded = bool(_workload_arg(args, target.plan, "padded", False))
-    from hrm.units import parse_size
     budget = int(parse_size(args.gpu_memory)) if args.gpu_memory else None
     if budget is None and target.plan is not None:
         budget = int(target.plan.budgets.gpu_total_bytes)
@@ -148,15 +176,17 @@ def run(args) -> int:
         _, m = engine.generate(prompts, gen_len, temperature=args.temperature, top_p=args.top_p,
                                seed=args.seed, padded=padded)
         spans = engine.last_spans
-    if args.output:
-        m.write(args.output)
-    if args.trace:
-        Path(args.trace).write_text(json.dumps([s.__dict__ for s in spans]))
-    if args.timeline:
-        from viz import save_figure, timeline_figure
-        fig = timeline_figure(spans, phase="decode" if any(s.phase == "decode" for s in spans) else "prefill",
-                              title=f"{m.model} on {m.device}: {m.policy}")
-        save_figure(fig, args.timeline)
+    with Outputs() as out:                       # the three files replaced together, once all are made
+        if args.output:
+            out.add_text(args.output, m.to_json())
+        if args.trace:
+            out.add_text(args.trace, json.dumps([s.__dict__ for s in spans]))
+        if args.timeline:
+            from viz import save_figure, timeline_figure
+            fig = timeline_figure(spans, phase="decode" if any(s.phase == "decode" for s in spans) else "prefill",
+                                  title=f"{m.model} on {m.device}: {m.policy}")
+            save_figure(fig, args.timeline, outputs=out)
+        out.commit()
     est = _estimate(target, prompts, gen_len, padded) if target.hardware is not None else None
     if args.json:
         d = m.to_dict()
