@@ -14,6 +14,7 @@ from typing import Mapping
 
 import numpy as np
 
+from .checks import MAX_BYTES, need, number, read_text
 from .memory import MemoryProfile
 from .units import GB, GiB, TFLOPS
 
@@ -202,10 +203,9 @@ def _req(table: Mapping, key: str, where: str):
 def _memory_bytes(table: Mapping, where: str) -> float:
     if "memory_gib" in table and "memory_gb" in table:
         raise HardwareError(f"{where}: give 'memory_gib' or 'memory_gb', not both")
-    if "memory_gib" in table:
-        return _positive(table["memory_gib"], "memory_gib", where) * GiB
-    if "memory_gb" in table:
-        return _positive(table["memory_gb"], "memory_gb", where) * GB
+    for key, scale in (("memory_gib", GiB), ("memory_gb", GB)):
+        if key in table:
+            return _positive(table[key], key, where, high=MAX_BYTES / scale) * scale
     raise HardwareError(f"{where}: missing field 'memory_gib' (or 'memory_gb')")
 
 
@@ -220,13 +220,13 @@ def _by_schedule(table, key: str, scale: float, where: str) -> tuple[tuple[str, 
     return tuple((k, _positive(v, f"{key}.{k}", where) * scale) for k, v in table.items())
 
 
-def _positive(value, key: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise HardwareError(f"{where}: '{key}' must be a number, got {value!r}")
-    v = float(value)
-    if not 0 < v < float("inf"):
-        raise HardwareError(f"{where}: '{key}' must be positive, got {value}")
-    return v
+def _rate(table: Mapping, key: str, where: str) -> float:
+    """An optional measured number: finite and not negative, 0 where absent."""
+    return number(table.get(key, 0.0), f"{where}: '{key}'", err=HardwareError)
+
+
+def _positive(value, key: str, where: str, high: float | None = None) -> float:
+    return number(value, f"{where}: '{key}'", err=HardwareError, positive=True, high=high)
 
 
 def _unit(table: Mapping, where: str) -> ComputeUnit:
@@ -238,20 +238,20 @@ def _unit(table: Mapping, where: str) -> ComputeUnit:
         memory_bytes=_positive(_memory_bytes(table, where), "memory", where),
         mem_bytes_per_s=_positive(_req(table, "mem_gb_per_s", where), "mem_gb_per_s", where) * GB,
         peak_flops={k: _positive(v, f"tflops.{k}", where) * TFLOPS for k, v in tflops.items()},
-        count=int(_positive(table.get("count", 1), "count", where)),
-        cores=int(table.get("cores", 0)),
+        count=number(table.get("count", 1), f"{where}: 'count'", err=HardwareError, integer=True, positive=True),
+        cores=number(table.get("cores", 0), f"{where}: 'cores'", err=HardwareError, integer=True),
         source=str(_req(table, "source", where)),
     )
 
 
 def _measured(table: Mapping, where: str) -> Measured:
     def pair(xkey, ykey, xscale, yscale):
-        xs, ys = table.get(xkey, []), table.get(ykey, [])
+        xs, ys = ([_positive(v, key, where) for v in need(table.get(key, []), list, f"{where}: '{key}'", HardwareError)]
+                  for key in (xkey, ykey))
         if len(xs) != len(ys):
             raise HardwareError(f"{where}: '{xkey}' and '{ykey}' differ in length")
         order = np.argsort(xs)
-        return (tuple(_positive(xs[i], xkey, where) * xscale for i in order),
-                tuple(_positive(ys[i], ykey, where) * yscale for i in order))
+        return tuple(xs[i] * xscale for i in order), tuple(ys[i] * yscale for i in order)
 
     gt, gf = pair("gpu_gemm_tokens", "gpu_gemm_tflops", 1.0, TFLOPS)
     hs, hr = pair("h2d_sizes_mib", "h2d_gb_per_s", 2.0 ** 20, GB)
@@ -266,20 +266,20 @@ def _measured(table: Mapping, where: str) -> Measured:
         gpu_gemm_tokens=gt, gpu_gemm_flops=gf, h2d_sizes_bytes=hs, h2d_bytes_per_s=hr,
         gpu_moe_shapes=shapes, gpu_moe_tokens_per_expert=moe_x, gpu_moe_flops=moe_y,
         gpu_prefill_tokens=pt, gpu_prefill_rest_flops=pf,
-        prefill_pass_s_per_token=float(table.get("prefill_pass_ns_per_token", 0.0)) * 1e-9,
-        cpu_attention_bytes_per_s=float(table.get("cpu_attention_gb_per_s", 0.0)) * GB,
-        cpu_attention_overlapped_bytes_per_s=float(table.get("cpu_attention_overlapped_gb_per_s", 0.0)) * GB,
+        prefill_pass_s_per_token=_rate(table, "prefill_pass_ns_per_token", where) * 1e-9,
+        cpu_attention_bytes_per_s=_rate(table, "cpu_attention_gb_per_s", where) * GB,
+        cpu_attention_overlapped_bytes_per_s=_rate(table, "cpu_attention_overlapped_gb_per_s", where) * GB,
         cpu_attention_overlapped_micro_batches=om, cpu_attention_overlapped_by_micro_batch=ob,
-        cpu_dram_bytes_per_s=float(table.get("cpu_dram_gb_per_s", 0.0)) * GB,
-        gpu_hbm_bytes_per_s=float(table.get("gpu_hbm_gb_per_s", 0.0)) * GB,
-        decode_visit_s=float(table.get("decode_visit_us", 0.0)) * 1e-6,
+        cpu_dram_bytes_per_s=_rate(table, "cpu_dram_gb_per_s", where) * GB,
+        gpu_hbm_bytes_per_s=_rate(table, "gpu_hbm_gb_per_s", where) * GB,
+        decode_visit_s=_rate(table, "decode_visit_us", where) * 1e-6,
         decode_visit_s_by_schedule=_by_schedule(table.get("decode_visit_us_by_schedule", {}),
                                                 "decode_visit_us_by_schedule", 1e-6, where),
         decode_visit_s_grouped_by_schedule=_by_schedule(table.get("decode_visit_us_grouped_by_schedule", {}),
                                                         "decode_visit_us_grouped_by_schedule", 1e-6, where),
         grouped_above_tokens=int(_positive(table["grouped_above_tokens"], "grouped_above_tokens", where))
         if "grouped_above_tokens" in table else 0,
-        cpu_attention_call_s=float(table.get("cpu_attention_call_us", 0.0)) * 1e-6,
+        cpu_attention_call_s=_rate(table, "cpu_attention_call_us", where) * 1e-6,
         method=str(_req(table, "method", where)), date=str(_req(table, "date", where)),
     )
 
@@ -417,7 +417,9 @@ def load_profile(name_or_path: str | os.PathLike) -> HardwareProfile:
     if not p.is_file():
         raise HardwareError(f"hardware profile file not found: {p}")
     try:
-        data = tomllib.loads(p.read_text())
+        data = tomllib.loads(read_text(p, "hardware profile", HardwareError))
     except tomllib.TOMLDecodeError as e:
         raise HardwareError(f"{p}: not valid TOML ({e})") from None
+    except RecursionError:
+        raise HardwareError(f"{p}: TOML nested too deeply") from None
     return parse_profile(data, p.stem, str(p))
