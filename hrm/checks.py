@@ -98,21 +98,22 @@ def typed(cls, data, where: str, err=ValueError, *, skip=()):
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise err(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(names))}")
-    kw = {k: v if k in skip else _coerce(hints[k], v, f"{where}.{k}", err) for k, v in data.items()}
+        known = f"; known: {', '.join(sorted(names))}" if len(names) <= 12 else ""
+        raise err(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}{known}")
+    kw = {k: v if k in skip else coerce(hints[k], v, f"{where}.{k}", err) for k, v in data.items()}
     try:
         return cls(**kw)
     except TypeError as e:                 # a required field missing
         raise err(f"{where}: {one_line(e).split(') ', 1)[-1]}") from None
 
 
-def _coerce(tp, v, where: str, err):
+def coerce(tp, v, where: str, err):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if v is None and type(None) in args:
             return None
         (tp,) = [a for a in args if a is not type(None)]
-        return _coerce(tp, v, where, err)
+        return coerce(tp, v, where, err)
     if tp is bool:
         if not isinstance(v, bool):
             raise err(f"{where} must be true or false, got {_short(v)}")
@@ -128,13 +129,13 @@ def _coerce(tp, v, where: str, err):
     if origin is tuple:
         v = need(v, list, where, err) if not isinstance(v, tuple) else v
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], x, f"{where}[{i}]", err) for i, x in enumerate(v))
+            return tuple(coerce(args[0], x, f"{where}[{i}]", err) for i, x in enumerate(v))
         if len(v) != len(args):
             raise err(f"{where} must have {len(args)} entries, got {len(v)}")
-        return tuple(_coerce(a, x, f"{where}[{i}]", err) for i, (a, x) in enumerate(zip(args, v)))
+        return tuple(coerce(a, x, f"{where}[{i}]", err) for i, (a, x) in enumerate(zip(args, v)))
     if origin in (dict, collections.abc.Mapping):
         v = need(v, dict, where, err)
-        return {str(k): _coerce(args[1], x, f"{where}.{k}", err) for k, x in v.items()}
+        return {str(k): coerce(args[1], x, f"{where}.{k}", err) for k, x in v.items()}
     return v
 
 

@@ -17,16 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hrm.atomic import atomic_write_text
+from hrm.checks import check_context, coerce, load_json, need, number, one_line, read_text, typed
 from hrm.estimate import Estimate, estimate
-from hrm.memory import MemoryProfile, MemoryUse
-from hrm.hardware import ComputeUnit, HardwareProfile, Link, Measured
+from hrm.memory import MemoryUse
+from hrm.hardware import ComputeUnit, HardwareProfile
 from hrm.policy import Policy
-from hrm.spec import DTypes, ModelSpec, RopeParameters, Workload
+from hrm.spec import ModelSpec, Workload
 from .paper import PaperPrediction
 from .space import Budgets
 
 FORMAT = "moe-lightning-plan"
 VERSION = 2
+TOP_LEVEL_KEYS = frozenset({"format", "version", "created", "toolkit_version", "solver", "mode", "search_time_s",
+                            "model", "hardware", "workload", "policy", "placement", "estimate", "memory", "budgets",
+                            "paper"})
 
 
 class PlanError(ValueError):
@@ -57,19 +61,7 @@ def spec_sha256(spec: ModelSpec) -> str:
 
 
 def spec_from_dict(d: dict) -> ModelSpec:
-    d = dict(_need(d, dict, "model.spec"))
-    names = {f.name for f in dataclasses.fields(ModelSpec)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise PlanError(f"malformed plan: unknown model spec field(s) {', '.join(unknown)}")
-    dt = _need(d.pop("dtypes", {}), dict, "model.spec.dtypes")
-    rope = d.pop("rope_parameters", None)
-    try:
-        if rope is not None:
-            d["rope_parameters"] = RopeParameters(**_need(rope, dict, "model.spec.rope_parameters"))
-        return ModelSpec(**d, dtypes=DTypes(**dt))
-    except TypeError as e:
-        raise PlanError(f"malformed plan: model spec: {e}") from None
+    return typed(ModelSpec, d, "model.spec", PlanError)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -85,26 +77,18 @@ def hardware_to_dict(hw: HardwareProfile) -> dict:
             "memory": dataclasses.asdict(hw.memory)}
 
 
-def _tuples(value):
-    """JSON lists, nested or not, as the tuples the frozen dataclasses hold."""
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
 def hardware_from_dict(d: dict) -> HardwareProfile:
-    d = _need(d, dict, "hardware")
-    try:
-        gpu, cpu = (ComputeUnit(**_need(d[k], dict, f"hardware.{k}")) for k in ("gpu", "cpu"))
-        link = Link(**_need(d["link"], dict, "hardware.link"))
-        m = d.get("measured")
-        measured = None if m is None else Measured(**{k: _tuples(v)
-                                                      for k, v in _need(m, dict, "hardware.measured").items()})
-        memory = MemoryProfile(**_need(d["memory"], dict, "hardware.memory"))
-        return HardwareProfile(name=str(d["name"]), description=str(d.get("description", "")), gpu=gpu, cpu=cpu,
-                               link=link, measured=measured, path=str(d.get("path", "")), memory=memory)
-    except KeyError as e:
-        raise PlanError(f"malformed plan: missing 'hardware.{e.args[0]}'") from None
-    except TypeError as e:
-        raise PlanError(f"malformed plan: hardware: {e}") from None
+    """The plan's machine: every field of its type, and the rates the model divides by positive."""
+    hw = typed(HardwareProfile, d, "hardware", PlanError)
+    for where, rate in (("gpu.memory_bytes", hw.gpu.memory_bytes), ("gpu.mem_bytes_per_s", hw.gpu.mem_bytes_per_s),
+                        ("cpu.memory_bytes", hw.cpu.memory_bytes), ("cpu.mem_bytes_per_s", hw.cpu.mem_bytes_per_s),
+                        ("gpu.count", hw.gpu.count), ("link.h2d_bytes_per_s", hw.link.h2d_bytes_per_s),
+                        ("link.d2h_bytes_per_s", hw.link.d2h_bytes_per_s),
+                        ("link.duplex_bytes_per_s", hw.link.duplex_bytes_per_s),
+                        *((f"{u}.peak_flops.{k}", v) for u in ("gpu", "cpu")
+                          for k, v in getattr(hw, u).peak_flops.items())):
+        number(rate, f"malformed plan: hardware.{where}", err=PlanError, positive=True)
+    return hw
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -187,21 +171,14 @@ class Plan:
     @classmethod
     def from_json(cls, text: str, *, spec: ModelSpec | None = None) -> "Plan":
         """Parse and validate; `spec`, when given, must be the model the plan was made for."""
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
-            raise PlanError(f"not a plan file: invalid JSON ({_one_line(e)})") from None
-        return cls.from_dict(data, spec=spec)
+        if not isinstance(text, str):
+            raise PlanError(f"not a plan file: expected JSON text, got {type(text).__name__}")
+        return cls.from_dict(load_json(text, "not a plan file", PlanError), spec=spec)
 
     @classmethod
     def load(cls, path, *, spec: ModelSpec | None = None) -> "Plan":
         p = Path(path)
-        try:
-            text = p.read_text()
-        except FileNotFoundError:
-            raise PlanError(f"plan file not found: {p}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise PlanError(f"cannot read plan file {p}: {_one_line(e)}") from None
+        text = read_text(p, "plan file", PlanError)
         try:
             return cls.from_json(text, spec=spec)
         except PlanError as e:
@@ -215,6 +192,9 @@ class Plan:
             raise PlanError(f"not a plan file: format is {data.get('format')!r}, expected {FORMAT!r}")
         if data.get("version") != VERSION:
             raise PlanError(f"unsupported plan version {data.get('version')!r}: this toolkit reads version {VERSION}")
+        unknown = sorted(set(data) - TOP_LEVEL_KEYS)
+        if unknown:
+            raise PlanError(f"malformed plan: unknown key(s) {', '.join(map(repr, unknown))}")
         try:
             return _from_dict(cls, data, spec)
         except PlanError:
@@ -222,7 +202,7 @@ class Plan:
         except KeyError as e:
             raise PlanError(f"malformed plan: missing field {e.args[0]!r}") from None
         except (TypeError, ValueError, AttributeError) as e:
-            raise PlanError(f"malformed plan: {_one_line(e)}") from None
+            raise PlanError(f"malformed plan: {one_line(e)}") from None
 
 
 def _from_dict(cls, data: dict, expected: ModelSpec | None) -> Plan:
@@ -235,16 +215,17 @@ def _from_dict(cls, data: dict, expected: ModelSpec | None) -> Plan:
         raise PlanError(f"plan was made for model {spec.name!r} (spec sha256 {digest[:12]}), "
                         f"not for {expected.name!r} (sha256 {spec_sha256(expected)[:12]})")
     hw = hardware_from_dict(data["hardware"])
-    workload = Workload(**_need(data["workload"], dict, "workload"))
-    policy = Policy(**_need(data["policy"], dict, "policy"))
+    workload = typed(Workload, data["workload"], "workload", PlanError)
+    check_context(spec, workload.max_prompt_len, workload.gen_len, PlanError)
+    policy = typed(Policy, data["policy"], "policy", PlanError)
     placement = _need(data["placement"], dict, "placement")
-    moe_layers = tuple(int(i) for i in _need(placement["moe_layers"], list, "placement.moe_layers"))
-    resident = tuple(tuple(int(e) for e in _need(ids, list, "placement.resident_experts[]"))
-                     for ids in _need(placement["resident_experts"], list, "placement.resident_experts"))
+    moe_layers = coerce(tuple[int, ...], placement["moe_layers"], "placement.moe_layers", PlanError)
+    resident = coerce(tuple[tuple[int, ...], ...], placement["resident_experts"], "placement.resident_experts",
+                       PlanError)
     _check_placement(spec, policy, moe_layers, resident)
     est = _estimate_from_dict(_need(data["estimate"], dict, "estimate"), policy, workload)
-    memory = MemoryReport(**{k: float(v) for k, v in _need(data["memory"], dict, "memory").items()})
-    budgets = Budgets(**_need(data["budgets"], dict, "budgets"))
+    memory = typed(MemoryReport, data["memory"], "memory", PlanError)
+    budgets = typed(Budgets, data["budgets"], "budgets", PlanError)
     paper = None
     if data.get("paper") is not None:
         paper = PaperPrediction.from_dict(_need(data["paper"], dict, "paper"))
@@ -273,18 +254,23 @@ def _check_placement(spec: ModelSpec, policy: Policy, moe_layers, resident) -> N
 
 
 def _estimate_from_dict(d: dict, policy: Policy, workload: Workload) -> Estimate:
-    if Policy(**d["policy"]) != policy or Workload(**d["workload"]) != workload:
+    if typed(Policy, d["policy"], "estimate.policy", PlanError) != policy or \
+            typed(Workload, d["workload"], "estimate.workload", PlanError) != workload:
         raise PlanError("the estimate was made for a different policy or workload than the plan's")
     mem = _need(d["memory_bytes"], dict, "estimate.memory_bytes")
     if not all(isinstance(mem.get(k), dict) for k in ("gpu", "pinned", "pageable")):
         raise PlanError("malformed plan: estimate.memory_bytes needs the levels gpu, pinned and pageable "
                         "(a plan written before the memory account: plan it again)")
+    for level in ("gpu", "pinned", "pageable"):
+        coerce(dict[str, float], mem[level], f"estimate.memory_bytes.{level}", PlanError)
     memory = MemoryUse.from_dict(mem)
+    t = {k: number(d[k], f"malformed plan: estimate.{k}", err=PlanError)
+         for k in ("prefill_s", "decode_s", "layer_time_s", "step_time_s", "realised_weights_gpu_frac")}
     return Estimate(model=str(d["model"]), hardware=str(d["hardware"]), policy=policy, workload=workload,
-                    prefill_s=float(d["prefill_s"]), decode_s=float(d["decode_s"]),
+                    prefill_s=t["prefill_s"], decode_s=t["decode_s"],
                     decode_layer=_floats(d["decode_layer_s"]), prefill_layer=_floats(d["prefill_layer_s"]),
-                    layer_time_s=float(d["layer_time_s"]), step_time_s=float(d["step_time_s"]), bound=str(d["bound"]),
-                    memory=memory, realised_weights_gpu_frac=float(d["realised_weights_gpu_frac"]))
+                    layer_time_s=t["layer_time_s"], step_time_s=t["step_time_s"], bound=str(d["bound"]),
+                    memory=memory, realised_weights_gpu_frac=t["realised_weights_gpu_frac"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -329,14 +315,11 @@ def plan_from_found(problem, found, *, solver: str, mode: str, search_time_s: fl
 # helpers
 
 def _need(value, kind, where: str):
-    if not isinstance(value, kind):
-        raise PlanError(f"malformed plan: '{where}' must be a {'JSON object' if kind is dict else 'list'}, "
-                        f"got {type(value).__name__}")
-    return value
+    return need(value, kind, f"malformed plan: '{where}'", PlanError)
 
 
 def _floats(d) -> dict:
-    return {str(k): float(v) for k, v in _need(d, dict, "estimate breakdown").items()}
+    return coerce(dict[str, float], d, "estimate breakdown", PlanError)
 
 
 def _plain(o):
@@ -353,10 +336,6 @@ def _plain(o):
     if hasattr(o, "keys"):
         return {str(k): _plain(o[k]) for k in o.keys()}
     return o
-
-
-def _one_line(e) -> str:
-    return " ".join(str(e).split())
 
 
 def _short(seq) -> str:

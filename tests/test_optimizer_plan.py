@@ -67,7 +67,7 @@ def test_rejects_garbage(text, match):
     (lambda d: d["policy"].update(batch_size=0), "batch_size"),
     (lambda d: d["model"]["spec"].update(hidden_size=5120), "sha256"),
     (lambda d: d["model"].update(spec_sha256="0" * 64), "sha256"),
-    (lambda d: d["model"]["spec"].update(colour="blue"), "unknown model spec field"),
+    (lambda d: d["model"]["spec"].update(colour="blue"), "unknown key"),
     (lambda d: d["placement"]["resident_experts"].pop(), "resident-expert lists"),
     (lambda d: d["placement"].update(resident_experts=[[0, 0]] * 32), "distinct"),
     (lambda d: d["hardware"].pop("gpu"), "hardware"),
