@@ -146,9 +146,82 @@ def _dtypes(c: _Config) -> DTypes:
     if not isinstance(name, str):
         raise SpecError(f"{c.model_type} config: field {key!r} must be a dtype name, got {name!r}")
     try:
-        return DTypes.named(name.removeprefix("torch."))
+        base = DTypes.named(name.removeprefix("torch."))
     except SpecError as e:
         raise SpecError(f"{c.model_type} config: field {key!r}: {e}") from None
+    return _quantized(c, base)
+
+
+QUANT_METHODS = ("awq", "bitsandbytes", "fp8", "gptq", "mxfp4")
+MXFP4_BYTES = (32 * 4 + 8) / 8 / 32     # 4.25 bits: a 4-bit element, one 8-bit (E8M0) scale per 32
+BNB_BLOCK = 64                          # bitsandbytes 4-bit: one absmax per 64 elements
+BNB_DOUBLE_BLOCK = 256                  # double quantization: 8-bit absmax, one fp32 constant per 256
+
+
+def _quantized(c: _Config, base: DTypes) -> DTypes:
+    """The bytes per element of `quantization_config`, scales and zeros included; the compute dtype
+    (base.name, the activations, the KV cache) stays the config's torch_dtype.
+
+    fp8: every linear layer (DeepSeek-V3: e4m3 with one fp32 scale per 128x128 block). mxfp4: the
+    routed experts only (transformers' integration converts nothing else). gptq / awq: `bits` per
+    element and, per `group_size` elements, an fp16 scale and a zero of `bits`. bitsandbytes: 4-bit
+    (an fp32 absmax per 64, or with double quantization an 8-bit one plus an fp32 per 256 blocks) or
+    8-bit. `modules_to_not_convert` (bitsandbytes: `llm_int8_skip_modules`) naming the experts or the
+    attention keeps those in the compute dtype; embeddings are left to weight_bytes (see DTypes)."""
+    q = "quantization_config"
+    raw = c.get(q)
+    if raw is None:
+        return base
+    where = f"{c.model_type} config"
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: field {q!r} must be an object, got {raw!r}")
+    method = c.get(f"{q}.quant_method")
+    if method is None:
+        raise SpecError(f"{where}: missing field '{q}.quant_method' (known: {', '.join(QUANT_METHODS)})")
+    if method not in QUANT_METHODS:
+        raise SpecError(f"{where}: field '{q}.quant_method' is {method!r}, a format not read here; "
+                        f"known: {', '.join(QUANT_METHODS)}")
+    experts_only = False
+    if method == "fp8":
+        block = c.get(f"{q}.weight_block_size")
+        if block is None:
+            per, label = 1.0, "fp8"                 # one scale per tensor
+        else:
+            if (not isinstance(block, list) or len(block) != 2
+                    or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+                raise SpecError(f"{where}: field '{q}.weight_block_size' must be two positive integers, "
+                                f"got {block!r}")
+            per, label = 1.0 + 4.0 / (block[0] * block[1]), f"fp8 {block[0]}x{block[1]} blocks"
+    elif method == "mxfp4":
+        per, label, experts_only = MXFP4_BYTES, "mxfp4 experts", True
+    elif method in ("gptq", "awq"):
+        bits = c.int(f"{q}.bits", f"{q}.w_bit")
+        if bits not in (2, 3, 4, 8):
+            raise SpecError(f"{where}: field '{q}.bits' must be 2, 3, 4 or 8, got {bits!r}")
+        group = c.get(f"{q}.group_size", c.get(f"{q}.q_group_size", 128))
+        if isinstance(group, bool) or not isinstance(group, int) or not (group > 0 or group == -1):
+            raise SpecError(f"{where}: field '{q}.group_size' must be a positive integer or -1, got {group!r}")
+        zero = bits / 8 if method == "gptq" or c.bool(f"{q}.zero_point", True) else 0.0
+        per = bits / 8 + ((2.0 + zero) / group if group > 0 else 0.0)   # -1: one scale per column
+        label = f"{method} int{bits}" + (f" g{group}" if group > 0 else "")
+    else:                                          # bitsandbytes
+        if c.bool(f"{q}.load_in_4bit", False):
+            double = c.bool(f"{q}.bnb_4bit_use_double_quant", False)
+            scale = (1.0 + 4.0 / BNB_DOUBLE_BLOCK) / BNB_BLOCK if double else 4.0 / BNB_BLOCK
+            kind = c.get(f"{q}.bnb_4bit_quant_type", "fp4")
+            per, label = 0.5 + scale, f"bitsandbytes {kind}"
+        elif c.bool(f"{q}.load_in_8bit", False):
+            per, label = 1.0, "bitsandbytes int8"   # + an fp32 scale per row
+        else:
+            raise SpecError(f"{where}: field '{q}' (bitsandbytes) sets neither 'load_in_4bit' nor 'load_in_8bit'")
+    skip_key = f"{q}.llm_int8_skip_modules" if method == "bitsandbytes" else f"{q}.modules_to_not_convert"
+    skipped = c.get(skip_key, [])
+    if not isinstance(skipped, list) or not all(isinstance(m, str) for m in skipped):
+        raise SpecError(f"{where}: field {skip_key!r} must be a list of module names, got {skipped!r}")
+    experts = base.weight_bytes if any("expert" in m for m in skipped) else per
+    other = base.weight_bytes if experts_only or any("attn" in m for m in skipped) else per
+    return DTypes(weight_bytes=other, kv_bytes=base.kv_bytes, act_bytes=base.act_bytes, name=base.name,
+                  expert_weight_bytes=experts, quantization=f"{q} {label}")
 
 
 def _common(c: _Config, max_pos_key: str = "max_position_embeddings", max_pos_default: int = 4096) -> dict:

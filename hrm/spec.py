@@ -21,11 +21,28 @@ DTYPE_BYTES = {"float32": 4.0, "fp32": 4.0, "float16": 2.0, "fp16": 2.0, "bfloat
 
 @dataclass(frozen=True)
 class DTypes:
-    """Bytes per element of each tensor class."""
+    """Bytes per element of each tensor class.
+
+    name: the dtype the model computes in (activations; a quantized model's torch_dtype).
+    weight_bytes: a non-expert weight (attention, shared and dense FFNs, routers, norms, embeddings).
+    expert_weight_bytes: a routed expert's weight; None: the same as weight_bytes. Quantized formats
+    differ here: gpt-oss keeps attention in bf16 and stores its experts in MXFP4 (4.25 bits).
+    Sizes of a quantized format include its scales (and zeros). The embeddings and norms, which every
+    format read here leaves in the compute dtype, are priced at weight_bytes too: for DeepSeek-V3 in
+    fp8 that prices its 1.85 G embedding parameters at one byte instead of two.
+    quantization: how the weights (or the KV cache) are stored where that is not the compute dtype
+    ("" when they are): the runtime, which runs only bf16/fp16/fp32, refuses such a spec.
+    """
     weight_bytes: float = 2.0
     kv_bytes: float = 2.0
     act_bytes: float = 2.0
     name: str = "bfloat16"
+    expert_weight_bytes: float | None = None
+    quantization: str = ""
+
+    def __post_init__(self):
+        if self.expert_weight_bytes is None:
+            object.__setattr__(self, "expert_weight_bytes", self.weight_bytes)
 
     @classmethod
     def named(cls, name: str) -> "DTypes":
@@ -160,7 +177,7 @@ class ModelSpec:
 
     @property
     def expert_bytes(self) -> float:
-        return self.expert_params * self.dtypes.weight_bytes
+        return self.expert_params * self.dtypes.expert_weight_bytes
 
     @property
     def shared_expert_params(self) -> int:
@@ -200,7 +217,9 @@ class ModelSpec:
 
     @property
     def weight_bytes(self) -> float:
-        return self.total_params * self.dtypes.weight_bytes
+        """All weights: the non-expert ones and the routed experts, each at its own bytes per element."""
+        return (self.non_expert_params * self.dtypes.weight_bytes
+                + self.num_moe_layers * self.num_experts * self.expert_bytes)
 
     def with_dtypes(self, dtypes: DTypes) -> "ModelSpec":
         return replace(self, dtypes=dtypes)

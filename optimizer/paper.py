@@ -102,7 +102,7 @@ def paper_terms(spec: ModelSpec, m: ArtifactMachine, s: float, n: int, N: int, m
     wb, kb, ab = spec.dtypes.weight_bytes, spec.dtypes.kv_bytes, spec.dtypes.act_bytes
     tp, nb = m.tp_size, N // mu
     h_kv = nkv * d
-    w_layer = wb * 3 * h1 * h2 * ne
+    w_layer = spec.dtypes.expert_weight_bytes * 3 * h1 * h2 * ne
     w_other = wb * 2 * h1 * (nq * d + h_kv) * l      # q, o and k, v projections of every layer
     ctx = s + n
 

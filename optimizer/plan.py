@@ -49,9 +49,16 @@ def toolkit_version() -> str:
 # model spec identity
 
 def spec_to_dict(spec: ModelSpec) -> dict:
-    """Every field; an optional one that is None (plain RoPE) is left out, so its digest stays that of a
-    spec written before the field existed."""
-    return {k: v for k, v in dataclasses.asdict(spec).items() if not (k == "rope_parameters" and v is None)}
+    """Every field; an optional one at its "not used" value (plain RoPE; experts stored as the other
+    weights; no quantization) is left out, so its digest stays that of a spec written before the field
+    existed."""
+    d = {k: v for k, v in dataclasses.asdict(spec).items() if not (k == "rope_parameters" and v is None)}
+    dt = d["dtypes"]
+    if dt["expert_weight_bytes"] == dt["weight_bytes"]:
+        del dt["expert_weight_bytes"]
+    if not dt["quantization"]:
+        del dt["quantization"]
+    return d
 
 
 def spec_sha256(spec: ModelSpec) -> str:

@@ -47,6 +47,8 @@ def check_supported(spec: ModelSpec) -> None:
     if spec.num_attention_heads % spec.num_key_value_heads:
         problems.append(f"{spec.num_attention_heads} query heads not a multiple of "
                         f"{spec.num_key_value_heads} kv heads")
+    if spec.dtypes.quantization:
+        problems.append(f"{spec.dtypes.quantization} (it stores weights and KV in bf16/fp16/fp32 only)")
     if problems:
         raise UnsupportedModel(f"{spec.name}: runtime does not support " + "; ".join(problems))
 

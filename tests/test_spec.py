@@ -201,3 +201,82 @@ def test_missing_path_and_unknown_name():
 
 def test_load_by_hub_id():
     assert load_model("mistralai/Mixtral-8x7B-Instruct-v0.1").name == "mixtral-8x7b"
+
+
+# ---- quantization_config -------------------------------------------------------------------------
+
+def routed_expert_bytes(spec):
+    return spec.num_moe_layers * spec.num_experts * spec.expert_bytes
+
+
+def test_gpt_oss_experts_priced_in_mxfp4_attention_in_bf16():
+    spec = load_model("gpt-oss-120b")
+    assert spec.dtypes.expert_weight_bytes == 4.25 / 8 and spec.dtypes.weight_bytes == 2.0
+    assert routed_expert_bytes(spec) == pytest.approx(60.9e9, rel=0.005)          # not ~229 GB of bf16
+    bf16 = spec_from_hf_config({k: v for k, v in builtin_json("gpt-oss-120b").items() if k != "quantization_config"})
+    assert routed_expert_bytes(bf16) == pytest.approx(229.0e9, rel=0.005)
+    assert spec.weight_bytes == pytest.approx(bf16.weight_bytes - routed_expert_bytes(bf16) + routed_expert_bytes(spec))
+    assert "mxfp4" in spec.dtypes.quantization and not bf16.dtypes.quantization
+
+
+def test_deepseek_v3_priced_in_fp8():
+    spec = load_model("deepseek-v3")
+    assert spec.dtypes.weight_bytes == spec.dtypes.expert_weight_bytes == 1 + 4 / 128 ** 2   # fp32 per block
+    assert spec.weight_bytes == pytest.approx(671e9, rel=0.005)
+    assert spec.dtypes.name == "bfloat16" and spec.dtypes.kv_bytes == 2.0              # compute, KV unchanged
+
+
+@pytest.mark.parametrize("qc,experts,other", [
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128}, 0.5 + 2.5 / 128, None),
+    ({"quant_method": "gptq", "bits": 8, "group_size": -1}, 1.0, None),
+    ({"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": False}, 0.5 + 2 / 64, None),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "modules_to_not_convert": ["self_attn"]},
+     0.5 + 2.5 / 128, 2.0),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, 0.5625, None),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_use_double_quant": True},
+     0.5 + (1 + 4 / 256) / 64, None),
+    ({"quant_method": "bitsandbytes", "load_in_8bit": True, "llm_int8_skip_modules": ["lm_head", "experts"]},
+     2.0, 1.0),
+    ({"quant_method": "fp8"}, 1.0, None),
+])
+def test_quantization_formats(qc, experts, other):
+    spec = spec_from_hf_config(dict(MIXTRAL, quantization_config=qc))
+    assert spec.dtypes.expert_weight_bytes == pytest.approx(experts)
+    assert spec.dtypes.weight_bytes == pytest.approx(experts if other is None else other)
+    assert spec.expert_bytes == pytest.approx(spec.expert_params * experts)
+    assert spec.dtypes.quantization.startswith(f"quantization_config {qc['quant_method']}")
+
+
+@pytest.mark.parametrize("qc,needle", [
+    ({"quant_method": "hqq"}, "'quantization_config.quant_method' is 'hqq'"),
+    ({"bits": 4}, "missing field 'quantization_config.quant_method'"),
+    ({"quant_method": "gptq", "bits": 5}, "'quantization_config.bits'"),
+    ({"quant_method": "gptq"}, "missing field 'quantization_config.bits'"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 0}, "'quantization_config.group_size'"),
+    ({"quant_method": "bitsandbytes"}, "'load_in_4bit'"),
+    ({"quant_method": "fp8", "weight_block_size": [128]}, "'quantization_config.weight_block_size'"),
+    ("fp8", "field 'quantization_config' must be an object"),
+])
+def test_bad_quantization_config_is_one_line_naming_the_field(qc, needle):
+    with pytest.raises(SpecError) as e:
+        spec_from_hf_config(dict(MIXTRAL, quantization_config=qc))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_runtime_refuses_a_quantized_spec():
+    pytest.importorskip("torch")
+    from runtime.model import UnsupportedModel, check_supported
+
+    plain = spec_from_hf_config(MIXTRAL)
+    check_supported(plain)
+    with pytest.raises(UnsupportedModel, match="quantization_config gptq int4 g128") as e:
+        check_supported(spec_from_hf_config(dict(MIXTRAL, quantization_config={"quant_method": "gptq", "bits": 4})))
+    assert "\n" not in str(e.value)
+
+
+def test_plan_digest_of_an_unquantized_spec_is_unchanged_by_the_new_fields():
+    from optimizer.plan import spec_to_dict
+    d = spec_to_dict(load_model("mixtral-8x7b"))
+    assert set(d["dtypes"]) == {"weight_bytes", "kv_bytes", "act_bytes", "name"}
+    q = spec_to_dict(load_model("gpt-oss-20b"))["dtypes"]
+    assert q["expert_weight_bytes"] == 0.53125 and "mxfp4" in q["quantization"]
