@@ -8,16 +8,16 @@ a time. Each tensor is read once and copied into its final place, so the model i
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from hrm.checks import coerce, load_json, need, one_line, read_text
 from hrm.hf_config import spec_from_hf_config
-from hrm.spec import ModelSpec
+from hrm.spec import ModelSpec, SpecError
 
 from .weights import WeightStore, weight_shapes
 
@@ -26,6 +26,11 @@ INDEX_FILE = "model.safetensors.index.json"
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 SHOW_AT_MOST = 5
+MAX_HEADER_BYTES = 100 * 2 ** 20          # as safetensors itself
+COPY_CHUNK_BYTES = 4 * 2 ** 20            # rows copied and checked for NaN at a time (cache-sized)
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+               "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+CONFIG_FREE_FIELDS = ("name", "dtypes", "num_hidden_layers")
 
 
 class CheckpointError(ValueError):
@@ -46,19 +51,82 @@ class HubTensor:
 
 
 def read_spec(model_dir: str | Path) -> ModelSpec:
-    """The ModelSpec of a checkpoint directory, from its config.json."""
-    return spec_from_hf_config(str(Path(model_dir) / "config.json"))
+    """The ModelSpec of a checkpoint directory, from its config.json (an error names the file)."""
+    path = Path(model_dir) / "config.json"
+    try:
+        return spec_from_hf_config(str(path))
+    except SpecError as e:
+        raise CheckpointError(e if str(path) in str(e) else f"{path}: {e}") from None
+
+
+def check_config(model_dir: str | Path, spec: ModelSpec) -> None:
+    """The model to run is the checkpoint's own: every field of its config.json's spec that changes the
+    math (all but the name, the dtypes and the layer count, which the tensors check) equal."""
+    if not (Path(model_dir) / "config.json").is_file():
+        return
+    theirs = read_spec(model_dir)
+    differ = [f"{f.name} {getattr(spec, f.name)!r} != {getattr(theirs, f.name)!r}" for f in fields(ModelSpec)
+              if f.name not in CONFIG_FREE_FIELDS and getattr(spec, f.name) != getattr(theirs, f.name)]
+    if differ:
+        raise CheckpointError(f"the model to run ({spec.name}) is not {Path(model_dir) / 'config.json'}'s: "
+                              + _listing("fields differ (ours != checkpoint's)", differ))
+
+
+def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensor name -> (shape, dtype) from a safetensors file's header, checked against the file's size
+    (a zero-byte, truncated or foreign file, a directory, offsets outside the data) before any weight is read."""
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a safetensors file")
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+            if not 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
+                raise CheckpointError(f"{path} is not a safetensors file or is truncated ({size:,} bytes"
+                                      + (f", header of {n:,} bytes)" if n >= 0 else ")"))
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        header = load_json(raw.decode("utf-8"), f"{path} header", CheckpointError)
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not a safetensors file (its header is not UTF-8 JSON)") from None
+    need(header, dict, f"{path} header", CheckpointError)
+    data_bytes, out = size - 8 - n, {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path}: tensor {name!r}"
+        entry = need(entry, dict, where, CheckpointError)
+        dtype, shape = entry.get("dtype"), coerce(tuple[int, ...], entry.get("shape"), f"{where} shape", CheckpointError)
+        start, stop = coerce(tuple[int, int], entry.get("data_offsets"), f"{where} data_offsets", CheckpointError)
+        if dtype not in DTYPE_BYTES:
+            raise CheckpointError(f"{where}: unknown dtype {dtype!r}")
+        if not start <= stop <= data_bytes or stop - start != math.prod(shape) * DTYPE_BYTES[dtype]:
+            raise CheckpointError(f"{where}: data_offsets [{start}, {stop}] do not hold {dtype} {list(shape)} within "
+                                  f"the file's {data_bytes:,} data bytes (truncated or corrupt)")
+        out[name] = (shape, dtype)
+    return out
 
 
 def checkpoint_files(model_dir: str | Path) -> dict[str, Path]:
     """Hub tensor name -> the safetensors file holding it."""
     d = Path(model_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {d}" if not d.exists() else f"{d} is not a directory")
     if (d / INDEX_FILE).exists():
-        weight_map = json.loads((d / INDEX_FILE).read_text())["weight_map"]
+        where = str(d / INDEX_FILE)
+        index = need(load_json(read_text(d / INDEX_FILE, "checkpoint index", CheckpointError), where, CheckpointError),
+                     dict, where, CheckpointError)
+        if "weight_map" not in index:
+            raise CheckpointError(f"{where}: missing 'weight_map'")
+        weight_map = coerce(dict[str, str], index["weight_map"], f"{where}: weight_map", CheckpointError)
+        for file in set(weight_map.values()):
+            if Path(file).is_absolute() or ".." in Path(file).parts or not file:
+                raise CheckpointError(f"{where}: shard {file!r} is not a file name inside {d}")
         return {name: d / file for name, file in weight_map.items()}
     if (d / SINGLE_FILE).exists():
-        with safe_open(d / SINGLE_FILE, framework="pt") as f:
-            return {name: d / SINGLE_FILE for name in f.keys()}
+        return {name: d / SINGLE_FILE for name in read_header(d / SINGLE_FILE)}
     raise CheckpointError(f"{d}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
 
 
@@ -123,16 +191,14 @@ def _listing(kind: str, names: list[str]) -> str:
 def check_checkpoint(model_dir: str | Path, spec: ModelSpec) -> tuple[dict[str, Path], dict[str, HubTensor]]:
     """Files and expected layout of a checkpoint; one CheckpointError naming missing, extra,
     mis-shaped or non-float tensors."""
+    check_config(model_dir, spec)
     files = checkpoint_files(model_dir)
     layout = hub_layout(spec, set(files))
     found: dict[str, tuple[tuple[int, ...], str]] = {}
     for path in sorted(set(files.values())):
         if not path.exists():
             raise CheckpointError(f"{model_dir}: shard {path.name} listed in {INDEX_FILE} is missing")
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                sl = f.get_slice(name)
-                found[name] = (tuple(sl.get_shape()), sl.get_dtype())
+        found.update(read_header(path))
     ignored = {n for n in found if n.endswith(IGNORED_SUFFIXES)
                or (spec.tie_word_embeddings and n == "lm_head.weight")}
     missing = sorted(set(layout) - set(found))
@@ -163,14 +229,34 @@ def load_checkpoint(model_dir: str | Path, store: WeightStore, progress: bool | 
     show = sys.stderr.isatty() if progress is None else progress
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights", disable=not show) as bar:
         for path, names in sorted(by_file.items()):
-            with safe_open(path, framework="pt") as f:
-                for name in names:
-                    copies = layout[name].copies
-                    if len(copies) == 1 and copies[0].index is None:
-                        store.target(copies[0].target).copy_(f.get_tensor(name))
-                    else:
+            try:
+                with safe_open(path, framework="pt") as f:
+                    for name in names:
                         sl = f.get_slice(name)
-                        for c in copies:
-                            store.target(c.target).copy_(sl[c.index])
-                    bar.update(math.prod(layout[name].shape) * store.dtype.itemsize)
+                        for c in layout[name].copies:
+                            _copy_finite(store.target(c.target), sl, c.index, f"{path}: tensor {name!r}")
+                        bar.update(math.prod(layout[name].shape) * store.dtype.itemsize)
+            except SafetensorError as e:
+                raise CheckpointError(f"{path}: {one_line(e)}") from None
+
+
+def _copy_finite(target, sl, index: tuple | None, where: str) -> None:
+    """target.copy_(sl[index]) in chunks of rows of at most COPY_CHUNK_BYTES, each chunk checked for NaN
+    and infinity right after its copy, while it is still in cache (no second pass over memory)."""
+    import torch
+
+    if not target.numel():
+        return
+    base = tuple(index or ())
+    lead, offset = (base[:-1], base[-1].start or 0) if base and isinstance(base[-1], slice) else (base, 0)
+    rows = target.shape[0] if target.dim() else 1
+    row_bytes = max(1, target[0].numel() * target.element_size() if target.dim() else target.element_size())
+    step = max(1, COPY_CHUNK_BYTES // row_bytes)
+    finite = torch.ones((), dtype=torch.bool, device=target.device)
+    for a in range(0, rows, step):
+        part = target[a:a + step]
+        part.copy_(sl[lead + (slice(offset + a, offset + a + len(part)),)])
+        finite &= torch.isfinite(part).all()
+    if not bool(finite):
+        raise CheckpointError(f"{where} holds NaN or infinite values (or values beyond {target.dtype}'s range)")
 
