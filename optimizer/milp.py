@@ -12,6 +12,8 @@ of many pairs' times and each pair gets its own optimum.
 """
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 
 from hrm import estimate as hrm
@@ -103,7 +105,10 @@ def _solve_chunk(problem: Problem, placement: Placement, N: np.ndarray, mu: np.n
     ref_total = np.asarray(np.add(*reference.compose()), float)
     objective = [(_at(prefill, i) + _at(decode, i)) * (1 / float(ref_total[i])) for i in range(P)]
     prob += pulp.lpSum(objective)
-    status = prob.solve(cbc())
+    solver = cbc()
+    with tempfile.TemporaryDirectory(prefix="moe-lightning-cbc-") as tmp:   # removed on Ctrl-C too
+        solver.tmpDir = tmp
+        status = prob.solve(solver)
     if pulp.LpStatus[status] != "Optimal":
         return None
     # r_c is not read back: _realise takes the most KV the budget allows, which never costs time
