@@ -51,6 +51,29 @@ class DTypes:
         b = DTYPE_BYTES[name]
         return cls(weight_bytes=b, kv_bytes=b, act_bytes=b, name=name)
 
+    def stored_as(self, weight: str | None = None, kv: str | None = None) -> "DTypes":
+        """What-if: every weight (experts included) stored as `weight`, the KV cache as `kv` (names of
+        DTYPE_BYTES: int4 is the bare 4 bits, mxfp4 includes its scales); the compute dtype stays.
+        A storage other than the compute dtype is named in `quantization`, as the flag that set it."""
+        for flag, v in (("--weight-dtype", weight), ("--kv-dtype", kv)):
+            if v is not None and v not in DTYPE_BYTES:
+                raise SpecError(f"{flag}: unknown dtype {v!r}; known: {', '.join(sorted(DTYPE_BYTES))}")
+        same = lambda v: _CANONICAL.get(v, v) == _CANONICAL.get(self.name, self.name)   # noqa: E731
+        notes = [self.quantization] if self.quantization and weight is None else []
+        wb, eb = self.weight_bytes, self.expert_weight_bytes
+        if weight is not None:
+            wb = eb = DTYPE_BYTES[weight]
+            notes += [] if same(weight) else [f"--weight-dtype {weight}"]
+        if kv is not None:
+            notes += [] if same(kv) else [f"--kv-dtype {kv}"]
+        return DTypes(weight_bytes=wb, kv_bytes=self.kv_bytes if kv is None else DTYPE_BYTES[kv],
+                      act_bytes=self.act_bytes, name=self.name, expert_weight_bytes=eb,
+                      quantization="; ".join(notes))
+
+
+_CANONICAL = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp8": "float8_e4m3fn",
+              "float8": "float8_e4m3fn"}
+
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")   # the kinds of RoPE the runtime computes
 

@@ -77,6 +77,13 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gen-len", type=COUNT, default=DEFAULT_GEN_LEN, help=f"tokens generated per sequence (default {DEFAULT_GEN_LEN})")
     g.add_argument("--padded", action="store_true", help="pad every prompt to the longest (default: packed)")
     g.add_argument("--num-layers", type=COUNT, default=None, help="evaluate the model with only this many layers")
+    from hrm.spec import DTYPE_BYTES
+    dtypes = sorted(DTYPE_BYTES)
+    g.add_argument("--weight-dtype", choices=dtypes, default=None, metavar="DTYPE",
+                   help="what-if: every weight, experts included, stored as DTYPE (replaces the config's "
+                        f"torch_dtype and quantization_config for the bytes; compute stays): {', '.join(dtypes)}")
+    g.add_argument("--kv-dtype", choices=dtypes, default=None, metavar="DTYPE",
+                   help="what-if: the KV cache stored as DTYPE (default: the model's compute dtype)")
 
 
 def model_arg(name: str, download: bool = False):
@@ -104,6 +111,8 @@ def build_target(args):
     spec = model_arg(args.model, download=args.download)
     if args.num_layers is not None:
         spec = spec.with_layers(args.num_layers)
+    if args.weight_dtype is not None or args.kv_dtype is not None:
+        spec = spec.with_dtypes(spec.dtypes.stored_as(weight=args.weight_dtype, kv=args.kv_dtype))
     hw = load_profile(args.hardware)
     max_len = args.max_prompt_len
     if max_len is None:
@@ -111,6 +120,16 @@ def build_target(args):
     workload = Workload(float(args.prompt_len), int(max_len), int(args.gen_len), padded=bool(args.padded))
     check_context(spec, workload.max_prompt_len, workload.gen_len)
     return spec, hw, workload
+
+
+def storage_line(spec) -> str:
+    """The weights and KV cache an answer prices, and how they are stored."""
+    d = spec.dtypes
+    experts = spec.num_moe_layers * spec.num_experts * spec.expert_bytes
+    how = f"; stored as {d.quantization}" if d.quantization else ""
+    return (f"weights {fmt_bytes(spec.weight_bytes)} (routed experts {fmt_bytes(experts)} at "
+            f"{d.expert_weight_bytes:.4g} B/param, the rest at {d.weight_bytes:.4g}), KV {d.kv_bytes:.4g} B/element, "
+            f"compute {d.name}{how}")
 
 
 def print_json(obj) -> None:

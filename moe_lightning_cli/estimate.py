@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from hrm.schedules import SCHEDULES
 
-from .common import COUNT, FRACTION, add_target_args, build_target, check_outputs, fmt_bytes, fmt_s, print_json
+from .common import (COUNT, FRACTION, add_target_args, build_target, check_outputs, fmt_bytes, fmt_s, print_json,
+                     storage_line)
 
 
 def add_parser(sub) -> None:
@@ -56,6 +57,7 @@ def _print(est, spec, hw, labels) -> None:
     wl, pol = est.workload, est.policy
     con.print(f"[bold]{spec.name}[/] on [bold]{hw.name}[/]  prompts avg {wl.avg_prompt_len:g} / max "
               f"{wl.max_prompt_len} ({'padded' if wl.padded else 'packed'}), generate {wl.gen_len}")
+    con.print(storage_line(spec), highlight=False)
     con.print(f"policy: {pol.short()}  ({pol.num_micro_batches} micro-batches, "
               f"{pol.resident_experts(spec.num_experts)}/{spec.num_experts} experts per layer on the GPU)")
     t = Table(title="decode, one layer at the mean context", title_justify="left")

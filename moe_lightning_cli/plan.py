@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from .common import COUNT, SHARE, add_target_args, build_target, check_outputs, fmt_s, print_json, size
+from .common import (COUNT, SHARE, add_target_args, build_target, check_outputs, fmt_s, print_json, size,
+                     storage_line)
 
 
 def add_parser(sub) -> None:
@@ -150,6 +151,7 @@ def print_plan(plan, baselines, console=None) -> None:
     e = pol.resident_experts(E)
     con.print(f"[bold]{spec.name}[/] on [bold]{plan.hardware.name}[/]: prompts avg {wl.avg_prompt_len:g} / max "
               f"{wl.max_prompt_len} ({'padded' if wl.padded else 'packed'}), generate {wl.gen_len}")
+    con.print(storage_line(spec), highlight=False)
     con.print(f"search: {plan.mode} mode, {plan.solver} solver, {plan.search_time_s:.2f} s")
 
     t = Table(title="chosen policy", title_justify="left", show_header=False)

@@ -1,0 +1,57 @@
+"""Issue 15: what-if storage (--weight-dtype / --kv-dtype), estimate checked against plan's budgets, the
+host memory every answer assumes, and --hardware auto."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moe_lightning_cli.main import main as cli
+
+
+def run_json(capsys, *args):
+    rc = cli([*args, "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    return json.loads(out)
+
+
+def test_weight_dtype_what_if_reprices_the_plan(capsys):
+    base = run_json(capsys, "plan", "--no-baselines")["plan"]
+    int4 = run_json(capsys, "plan", "--no-baselines", "--weight-dtype", "int4")["plan"]
+    d = int4["model"]["spec"]["dtypes"]
+    assert d["weight_bytes"] == 0.5 and d["quantization"] == "--weight-dtype int4"
+    assert "expert_weight_bytes" not in d            # experts as the other weights: left out of the digest
+    assert d["name"] == "bfloat16" and d["kv_bytes"] == 2.0
+    # a quarter of the expert bytes to stream: a different, faster plan
+    assert int4["estimate"]["throughput_tok_s"] > 1.2 * base["estimate"]["throughput_tok_s"]
+
+
+def test_weight_dtype_bf16_undoes_the_configs_mxfp4(capsys):
+    args = ("plan", "--no-baselines", "--model", "gpt-oss-120b", "--hardware", "h200")
+    q = run_json(capsys, *args)["plan"]
+    bf16 = run_json(capsys, *args, "--weight-dtype", "bf16")["plan"]
+    assert q["model"]["spec"]["dtypes"]["expert_weight_bytes"] == 0.53125
+    assert "quantization" not in bf16["model"]["spec"]["dtypes"]      # back to the model's own dtype
+    assert bf16["model"]["spec_sha256"] != q["model"]["spec_sha256"]
+    assert bf16["estimate"]["throughput_tok_s"] < q["estimate"]["throughput_tok_s"]
+
+
+def test_kv_dtype_what_if_halves_the_kv_cache(capsys):
+    args = ("estimate", "-N", "256", "--mu", "32")
+    base = run_json(capsys, *args)
+    fp8 = run_json(capsys, *args, "--kv-dtype", "fp8")
+    kv = lambda d: d["memory_bytes"]["pinned"]["kv_cache"]      # noqa: E731
+    assert kv(fp8) == pytest.approx(kv(base) / 2)
+
+
+def test_storage_is_printed(capsys):
+    assert cli(["estimate", "--model", "gpt-oss-20b", "--hardware", "h200", "--weight-dtype", "fp8"]) == 0
+    out = capsys.readouterr().out.replace("\n", " ")
+    assert "at 1 B/param" in out and "stored as --weight-dtype fp8" in out
+
+
+def test_unknown_what_if_dtype_is_one_line(capsys):
+    assert cli(["plan", "--kv-dtype", "int3"]) == 2
+    err = capsys.readouterr().err
+    assert "--kv-dtype" in err and "int3" in err and err.count("\n") == 1
