@@ -86,6 +86,29 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
                    help="what-if: the KV cache stored as DTYPE (default: the model's compute dtype)")
 
 
+def add_budget_args(p: argparse.ArgumentParser) -> None:
+    """The memory budgets plans are held to (plan searches within them, estimate checks against them)."""
+    g = p.add_argument_group("budgets")
+    g.add_argument("--gpu-memory", metavar="SIZE", default=None, type=size,
+                   help="memory of each GPU the process may use in all, CUDA context included (e.g. 16GiB, "
+                        "24GB); default: the profile's memory x --gpu-frac")
+    g.add_argument("--cpu-memory", metavar="SIZE", default=None, type=size,
+                   help="host memory the process may use in all (e.g. 100GB); default: what this machine has "
+                        "available when the profile is its own, else the profile's x --cpu-frac")
+    g.add_argument("--gpu-frac", type=SHARE, default=None,
+                   help="share of the profile's GPU memory to use (default 1; not with --gpu-memory)")
+    g.add_argument("--cpu-frac", type=SHARE, default=None,
+                   help="share of the profile's host memory to use (default 0.9, or what is available on the "
+                        "profiled machine itself; not with --cpu-memory)")
+
+
+def budgets_of(args, hw):
+    """optimizer.space.Budgets of the budget arguments for this machine."""
+    from optimizer.space import Budgets
+    return Budgets.from_hardware(hw, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
+                                 gpu_frac=args.gpu_frac, cpu_frac=args.cpu_frac)
+
+
 def model_arg(name: str, download: bool = False):
     """The ModelSpec of --model (a built-in name, a config path or directory, a Hub id); an error in a
     config file names the file."""

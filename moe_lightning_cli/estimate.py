@@ -3,14 +3,15 @@ from __future__ import annotations
 
 from hrm.schedules import SCHEDULES
 
-from .common import (COUNT, FRACTION, add_target_args, build_target, check_outputs, fmt_bytes, fmt_s, print_json,
-                     storage_line)
+from .common import (COUNT, FRACTION, add_budget_args, add_target_args, build_target, budgets_of, check_outputs,
+                     fmt_bytes, fmt_s, print_json, storage_line)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("estimate", help="predict stage times, memory and throughput of one policy",
                        description="Predict per-layer stage times, memory peaks and throughput of one policy.")
     add_target_args(p)
+    add_budget_args(p)
     g = p.add_argument_group("policy")
     g.add_argument("--batch-size", "-N", type=COUNT, default=504, help="sequences per pass (default 504)")
     g.add_argument("--micro-batch-size", "--mu", type=COUNT, default=36, help="sequences per micro-batch (default 36)")
@@ -31,19 +32,22 @@ def run(args) -> int:
 
     check_outputs(args.plot)
     spec, hw, workload = build_target(args)
+    budgets = budgets_of(args, hw)
     attention_on_gpu = args.attention == "gpu"
     schedule = args.schedule or ("s4" if attention_on_gpu else "cgopipe")
     policy = Policy(batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
                     attention_on_gpu=attention_on_gpu, ffn_on_gpu=args.ffn == "gpu",
                     weights_gpu_frac=args.weights_gpu_frac, kv_gpu_frac=args.kv_gpu_frac, schedule=schedule)
     est = estimate(spec, hw, workload, policy, use_measured=not args.datasheet)
+    short = budgets.shortfalls(float(est.memory.gpu_bytes), float(est.memory.cpu_bytes))
     if args.plot:
         from viz.cli import plot_for_estimate
         plot_for_estimate(est, spec, hw, workload, args.plot)
     if args.json:
-        print_json(est.to_dict())
+        print_json({**est.to_dict(), "budgets": budgets.to_dict(), "fits": not short, "does_not_fit": short})
         return 0
     _print(est, spec, hw, RESOURCE_LABELS)
+    _print_budgets(est, budgets, short)
     if args.plot:
         print(f"wrote {args.plot}")
     return 0
@@ -86,3 +90,21 @@ def _print(est, spec, hw, labels) -> None:
     r.add_row("decode throughput", f"{est.decode_tok_s:,.1f} tok/s")
     r.add_row("binding resource", labels.get(est.bound, est.bound))
     con.print(r)
+
+
+def _print_budgets(est, budgets, short) -> None:
+    """The budgets plan holds a policy to, where they come from, and what does not fit them."""
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    m = Table(title="memory against the budgets plan uses", title_justify="left")
+    for col, j in (("level", "left"), ("peak", "right"), ("budget", "right"), ("budget from", "left")):
+        m.add_column(col, justify=j)
+    m.add_row("GPU", fmt_bytes(est.memory.gpu_bytes), fmt_bytes(budgets.gpu_bytes), budgets.gpu_source)
+    m.add_row("CPU (host)", fmt_bytes(est.memory.cpu_bytes), fmt_bytes(budgets.cpu_bytes), budgets.cpu_source)
+    con.print(m)
+    if not short:
+        con.print("fits the budgets")
+    for line in short:
+        con.print(f"[bold red]does not fit:[/] {line}", highlight=False)

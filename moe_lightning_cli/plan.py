@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import (COUNT, SHARE, add_target_args, build_target, check_outputs, fmt_s, print_json, size,
+from .common import (COUNT, add_budget_args, add_target_args, build_target, check_outputs, fmt_s, print_json,
                      storage_line)
 
 
@@ -26,17 +26,7 @@ def add_parser(sub) -> None:
                    help="price a job of K prompts: the dataset's first K, or its lengths repeated (default: all)")
     d.add_argument("--tokenizer", metavar="DIR", default=None,
                    help="tokenizer directory (default: the --model directory)")
-    g = p.add_argument_group("budgets")
-    g.add_argument("--gpu-memory", metavar="SIZE", default=None, type=size,
-                   help="memory of each GPU the process may use in all, CUDA context included (e.g. 16GiB, "
-                        "24GB); default: the profile's memory x --gpu-frac")
-    g.add_argument("--cpu-memory", metavar="SIZE", default=None, type=size,
-                   help="host memory the process may use in all (e.g. 100GB); default: what this machine has "
-                        "available when the profile is its own, else the profile's x --cpu-frac")
-    g.add_argument("--gpu-frac", type=SHARE, default=1.0, help="share of the profile's GPU memory to use (default 1)")
-    g.add_argument("--cpu-frac", type=SHARE, default=None,
-                   help="share of the profile's host memory to use (default 0.9, or what is available on the "
-                        "profiled machine itself)")
+    add_budget_args(p)
     s = p.add_argument_group("search")
     s.add_argument("--solver", choices=("grid", "milp"), default="grid",
                    help="vectorised grid search (fast, default) or MILP with pulp/CBC (slower)")
@@ -58,10 +48,14 @@ def run(args) -> int:
     figure are replaced together, after both are made."""
     from hrm.atomic import Outputs
     from optimizer.search import make_problem, search
+    from optimizer.space import SearchError
     from hrm.spec import Workload
     from optimizer.space import ALL_PLACEMENTS
 
     check_outputs(args.output, args.plot)
+    if args.search_mode == "paper" and (args.gpu_frac is not None or args.cpu_frac is not None):
+        raise SearchError("--search paper holds plans to the artifact's own caps (0.86 of the GPU's, 0.8 of the "
+                          "host's memory): --gpu-frac / --cpu-frac do not apply (--gpu-memory / --cpu-memory do)")
     spec, hw, workload = build_target(args)
     job = None
     if args.dataset:

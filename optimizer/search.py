@@ -25,7 +25,7 @@ from hrm.hardware import HardwareProfile
 from hrm.spec import ModelSpec, Workload
 from . import grid, paper
 from .plan import build_plan, plan_from_found
-from .space import (DEFAULT_GPU_FRAC, DEFAULT_PLACEMENTS, GRID_RESOLUTION, MILP_RESOLUTION,
+from .space import (DEFAULT_PLACEMENTS, GRID_RESOLUTION, MILP_RESOLUTION,
                     Budgets, Pairs, Placement, Problem, Resolution, SearchError, format_size, int_grid,
                     neighbours, span)
 
@@ -235,14 +235,8 @@ def diagnose(problem: Problem, placements) -> str:
         short = (max(gpu - b.gpu_bytes, 0.0), max(cpu - b.cpu_bytes, 0.0))
         if best is None or sum(short) < sum(best[2]):
             best = (gpu, cpu, short)
-    gpu, cpu, (short_g, short_c) = best
-    parts = []
-    if short_g > 0:
-        parts.append(f"GPU memory needs {format_size(gpu)}, budget {format_size(b.gpu_bytes)} "
-                     f"(short by {format_size(short_g)})")
-    if short_c > 0:
-        parts.append(f"CPU memory needs {format_size(cpu)}, budget {format_size(b.cpu_bytes)} "
-                     f"(short by {format_size(short_c)})")
+    gpu, cpu, _ = best
+    parts = b.shortfalls(gpu, cpu)
     if not parts:      # fits fully streamed, yet no candidate fitted: report the search space
         return f"no policy of {spec.name} fits the budgets in the searched placements"
     return f"{spec.name} does not fit even fully streamed with one sequence: " + "; ".join(parts)
@@ -252,7 +246,7 @@ def diagnose(problem: Problem, placements) -> str:
 # the public entry point
 
 def make_problem(spec: ModelSpec, hardware: HardwareProfile, workload: Workload, *, budgets: Budgets | None = None,
-                 gpu_memory=None, cpu_memory=None, gpu_frac: float = DEFAULT_GPU_FRAC,
+                 gpu_memory=None, cpu_memory=None, gpu_frac: float | None = None,
                  cpu_frac: float | None = None, pin_all_weights: bool = True,
                  use_measured: bool = True) -> Problem:
     if budgets is None:
@@ -263,7 +257,7 @@ def make_problem(spec: ModelSpec, hardware: HardwareProfile, workload: Workload,
 
 def search(spec: ModelSpec, hardware: HardwareProfile, workload: Workload, *, solver: str = "grid",
            mode: str = "default", budgets: Budgets | None = None, gpu_memory=None, cpu_memory=None,
-           gpu_frac: float = DEFAULT_GPU_FRAC, cpu_frac: float | None = None,
+           gpu_frac: float | None = None, cpu_frac: float | None = None,
            placements: tuple[Placement, ...] | None = None, pairs: Pairs | None = None,
            resolution: Resolution | None = None, pin_all_weights: bool = True, use_measured: bool = True):
     """The best policy as a `Plan` (raises SearchError with a one-line reason when nothing fits).

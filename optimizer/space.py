@@ -73,22 +73,29 @@ class Budgets:
 
     @classmethod
     def from_hardware(cls, hw: HardwareProfile, *, gpu_memory=None, cpu_memory=None,
-                      gpu_frac: float = DEFAULT_GPU_FRAC, cpu_frac: float | None = None,
+                      gpu_frac: float | None = None, cpu_frac: float | None = None,
                       host_available_bytes: float | None = None) -> "Budgets":
         """The process's totals, with the headroom kept free. GPU: gpu_memory per GPU (bytes or '24GB'),
-        else the profile's memory x gpu_frac. Host: cpu_memory, else `host_available_bytes` (what this
-        machine has available, found when the profile is this machine's), else the profile's memory x cpu_frac
-        (default DEFAULT_CPU_FRAC)."""
+        else the profile's memory x gpu_frac (default DEFAULT_GPU_FRAC). Host: cpu_memory, else
+        `host_available_bytes` (what this machine has available, found when the profile is this machine's),
+        else the profile's memory x cpu_frac (default DEFAULT_CPU_FRAC). A size and a share of the same level
+        are refused together: the size is the budget itself, so the share would be ignored."""
         for name, frac in (("gpu_frac", gpu_frac), ("cpu_frac", cpu_frac)):
             if frac is not None and not 0 < frac <= 1:
                 raise SearchError(f"{name} must be in (0, 1], got {frac}")
+        for level, size, frac in (("gpu", gpu_memory, gpu_frac), ("cpu", cpu_memory, cpu_frac)):
+            if size is not None and frac is not None:
+                raise SearchError(f"--{level}-memory and --{level}-frac both given: --{level}-memory is the budget "
+                                  f"itself, --{level}-frac a share of the profile's memory; give one")
         n = hw.gpu.count
         if gpu_memory is not None:
             per_gpu = parse_size(gpu_memory)
             gpu, gsrc = per_gpu * n, f"user: {format_size(per_gpu)}" + (f" x {n} GPUs" if n > 1 else "")
         else:
-            gpu = hw.gpu.memory_bytes * n * gpu_frac
-            gsrc = f"{gpu_frac:g} x {format_size(hw.gpu.memory_bytes)}" + (f" x {n} GPUs" if n > 1 else "")
+            frac = DEFAULT_GPU_FRAC if gpu_frac is None else gpu_frac
+            gpu = hw.gpu.memory_bytes * n * frac
+            gsrc = f"{frac:g} x {format_size(hw.gpu.memory_bytes)}" + (f" x {n} GPUs" if n > 1 else "")
+            gsrc += f" (profile {hw.name})"
         if cpu_memory is not None:
             cpu = parse_size(cpu_memory)
             csrc = f"user: {format_size(cpu)}"
@@ -98,8 +105,19 @@ class Budgets:
         else:
             frac = DEFAULT_CPU_FRAC if cpu_frac is None else cpu_frac
             cpu = hw.cpu.memory_bytes * frac
-            csrc = f"{frac:g} x {format_size(hw.cpu.memory_bytes)}"
+            csrc = f"{frac:g} x {format_size(hw.cpu.memory_bytes)} (profile {hw.name})"
         return cls.from_totals(gpu, cpu, gsrc, csrc)
+
+    def shortfalls(self, gpu_bytes: float, cpu_bytes: float) -> list[str]:
+        """One line per level whose peak exceeds its budget (the limit the search holds plans to): empty
+        when both fit."""
+        out = []
+        for level, used, limit, src in (("GPU", gpu_bytes, self.gpu_bytes, self.gpu_source),
+                                         ("CPU", cpu_bytes, self.cpu_bytes, self.cpu_source)):
+            if used > limit:
+                out.append(f"{level} memory needs {format_size(used)}, budget {format_size(limit)} ({src}): "
+                           f"short by {format_size(used - limit)}")
+        return out
 
     def to_dict(self) -> dict:
         return {"gpu_bytes": self.gpu_bytes, "cpu_bytes": self.cpu_bytes,

@@ -55,3 +55,54 @@ def test_unknown_what_if_dtype_is_one_line(capsys):
     assert cli(["plan", "--kv-dtype", "int3"]) == 2
     err = capsys.readouterr().err
     assert "--kv-dtype" in err and "int3" in err and err.count("\n") == 1
+
+
+# ---- estimate against plan's budgets; the host memory each answer assumed --------------------------
+
+QWEN_4090 = ("estimate", "--model", "qwen3-30b-a3b", "--hardware", "rtx4090", "-N", "4000")
+
+
+def test_estimate_says_what_does_not_fit(capsys):
+    d = run_json(capsys, *QWEN_4090)
+    assert d["fits"] is False and len(d["does_not_fit"]) == 1
+    line = d["does_not_fit"][0]
+    assert line.startswith("CPU memory needs") and "profile rtx4090" in line and "short by" in line
+    assert d["memory_bytes"]["cpu_total"] > d["budgets"]["cpu_bytes"]
+    assert cli(list(QWEN_4090)) == 0                    # a prediction still, with the warning
+    out = capsys.readouterr().out.replace("\n", " ")
+    assert "does not fit: CPU memory needs" in out and "budget from" in out
+
+
+def test_estimate_fits_with_a_larger_host(capsys):
+    d = run_json(capsys, *QWEN_4090, "--cpu-memory", "1TB")
+    assert d["fits"] is True and d["does_not_fit"] == [] and d["budgets"]["cpu_source"].startswith("user: ")
+    assert cli([*QWEN_4090, "--cpu-memory", "1TB"]) == 0
+    assert "fits the budgets" in capsys.readouterr().out
+
+
+def test_estimate_and_plan_assume_the_same_budgets(capsys):
+    for extra in ((), ("--cpu-frac", "0.8"), ("--gpu-memory", "12GiB", "--cpu-memory", "100GB")):
+        plan = run_json(capsys, "plan", "--no-baselines", *extra)["plan"]
+        est = run_json(capsys, "estimate", "-N", "64", "--mu", "16", *extra)
+        assert est["budgets"] == plan["budgets"]
+    half = run_json(capsys, "plan", "--no-baselines", "--cpu-frac", "0.8")["plan"]["budgets"]
+    assert half["cpu_source"].startswith("0.8 x ") and "(profile t4-s1)" in half["cpu_source"]
+
+
+@pytest.mark.parametrize("cmd", ["plan", "estimate"])
+@pytest.mark.parametrize("level", ["cpu", "gpu"])
+def test_a_size_and_a_share_of_one_level_are_refused_together(capsys, cmd, level):
+    assert cli([cmd, f"--{level}-memory", "20GB", f"--{level}-frac", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert f"--{level}-memory and --{level}-frac both given" in err and err.count("\n") == 1
+
+
+def test_plan_prints_the_host_memory_it_assumed(capsys):
+    assert cli(["plan", "--no-baselines"]) == 0
+    out = capsys.readouterr().out
+    assert "budget from" in out and "(profile t4-s1)" in out
+
+
+def test_paper_search_refuses_shares(capsys):
+    assert cli(["plan", "--search", "paper", "--cpu-frac", "0.5"]) == 2
+    assert "--search paper" in capsys.readouterr().err
