@@ -13,7 +13,7 @@ import sys
 
 from hrm.atomic import OutputError
 
-SUBCOMMANDS = ("plan", "estimate", "run", "generate", "profile", "validate")
+SUBCOMMANDS = ("plan", "estimate", "run", "generate", "profile")   # each a module of this package
 
 
 class CLIError(Exception):
@@ -41,12 +41,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"moe_lightning_cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"moe_lightning_cli.{name}":
-                continue
-            raise
+        module = importlib.import_module(f"moe_lightning_cli.{name}")
         module.add_parser(sub)
         sub.choices[name].add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                                        help="show the traceback of an error")

@@ -106,3 +106,16 @@ def test_plan_prints_the_host_memory_it_assumed(capsys):
 def test_paper_search_refuses_shares(capsys):
     assert cli(["plan", "--search", "paper", "--cpu-frac", "0.5"]) == 2
     assert "--search paper" in capsys.readouterr().err
+
+
+def test_every_listed_subcommand_has_a_module():
+    from pathlib import Path
+
+    import moe_lightning_cli
+    from moe_lightning_cli.main import SUBCOMMANDS, build_parser
+
+    _, modules = build_parser()
+    assert list(modules) == list(SUBCOMMANDS)
+    here = Path(moe_lightning_cli.__file__).parent
+    assert all((here / f"{name}.py").is_file() for name in SUBCOMMANDS)
+    assert "validate" not in SUBCOMMANDS     # benchmarks/validate.py is the sweep; no subcommand claims it
