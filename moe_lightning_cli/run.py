@@ -75,9 +75,12 @@ def read_policy(text: str):
     from hrm.checks import load_json, read_text, typed
     from hrm.policy import Policy
 
-    path = Path(text)
-    where = f"--policy-json {path}" if path.exists() else "--policy-json"
-    return typed(Policy, load_json(read_text(path, "--policy-json file") if path.exists() else text, where), where)
+    try:
+        is_file = Path(text).is_file()
+    except OSError:                      # JSON too long for a file name
+        is_file = False
+    where = f"--policy-json {text}" if is_file else "--policy-json"
+    return typed(Policy, load_json(read_text(text, "--policy-json file") if is_file else text, where), where)
 
 
 def load_target(args) -> Target:
