@@ -228,12 +228,12 @@ def prefill_workspace_bytes(spec: ModelSpec, tokens, rows, kv_slots):
 
 def per_sequence_device_bytes(spec: ModelSpec, new_tokens: int) -> float:
     """Device state of one sequence for a pass: current token, generated tokens, sampling uniforms (fp64),
-    base slot, padding, prompt length, row index, q|k|v and attention output buffers, the residual stream,
-    and RoPE tables (cos, sin, signed sin) for every decode step. (Its decode step's slot and mask, one byte
-    per KV slot, are where its attention runs: `decode_step_bytes`.)"""
+    base slot, padding, prompt length, row index, whether it has ended (a byte), q|k|v and attention output
+    buffers, the residual stream, and RoPE tables (cos, sin, signed sin) for every decode step. (Its decode
+    step's slot and mask, one byte per KV slot, are where its attention runs: `decode_step_bytes`.)"""
     ab, d = spec.dtypes.act_bytes, spec.head_dim
     qkv = (spec.num_attention_heads + 2 * spec.num_key_value_heads) * d
-    return (INDEX_BYTES * (5 + new_tokens) + 8.0 * new_tokens
+    return (INDEX_BYTES * (5 + new_tokens) + 8.0 * new_tokens + 1.0
             + ab * (qkv + spec.q_dim + spec.hidden_size + 3 * new_tokens * d))
 
 
@@ -290,7 +290,7 @@ def account(spec: ModelSpec, shape: PassShape, r_w, *, profile: MemoryProfile, n
         "expert_double_buffer": 2 * streamed * layer_experts,
         "kv_cache": shape.kv_slots_device * kv_slot,
         "kv_stream_buffer": stream,
-        "pass_state": n * per_sequence_device_bytes(spec, shape.new_tokens) + device_steps,
+        "pass_state": n * per_sequence_device_bytes(spec, shape.new_tokens) + device_steps + shape.new_tokens,
         "prefill_inputs": prefill_input_bytes(spec, shape.prefill_tokens, n),
         "workspace": workspace,
     }
@@ -308,7 +308,7 @@ def account(spec: ModelSpec, shape: PassShape, r_w, *, profile: MemoryProfile, n
     pageable = {
         "process_baseline": profile.process_baseline_bytes,
         "offloaded_experts": 0.0 if pin_all_weights else offloaded,
-        "pass_state": n * per_sequence_host_bytes(spec, shape.new_tokens) + host_steps,
+        "pass_state": n * per_sequence_host_bytes(spec, shape.new_tokens) + host_steps + shape.new_tokens,
     }
     return MemoryUse(gpu=gpu, pinned=pinned, pageable=pageable)
 

@@ -190,7 +190,8 @@ class LLM:
             p = b.params
             tokens, _ = self.engine().generate([prompt_ids[i] for i in b.rows], p.max_tokens,
                                                temperature=p.temperature, top_p=p.top_p,
-                                               seed=self.seed * 1_000_003 + b.index)
+                                               seed=self.seed * 1_000_003 + b.index,
+                                               stop_token_ids=self.codec.eos_ids)
             done = [self.codec.finish(requests[i], len(prompt_ids[i]), t) for i, t in zip(b.rows, tokens)]
             if on_batch is not None:
                 on_batch(done)

@@ -43,6 +43,41 @@ def attend_blocks(blocks, masks, step: int, q: torch.Tensor, k: torch.Tensor, v:
 class DecodePass:
     """Pipeline's decode (a mixin: the pass's state, streams and buffers are Pipeline's)."""
 
+    def _mark_ended(self, m: MicroBatchState, column: int, last: bool) -> None:
+        """After sampling `column` of micro-batch m: which of its sequences have ended, whether all of the
+        pass's have (after the last micro-batch: to the host, without waiting)."""
+        if self.stop_ids is None:
+            return
+        m.done |= torch.isin(m.tokens, self.stop_ids)
+        self.ended_dev[column] &= m.done.all()
+        if last:
+            st = self.streams
+            self.ended_host[column:column + 1].copy_(self.ended_dev[column:column + 1], non_blocking=True)
+            self.ended_events[column] = st.record(st.compute)
+
+    def stop_before(self, visit: int) -> bool:
+        """Whether the pass can end before `visit`: at a decode step's first layer, once every sequence had
+        ended two columns back (a column long computed: no stall). The pass then returns the columns up to
+        the one being computed; each sequence's tokens after its stop token are the caller's to drop."""
+        if self.stop_ids is None or visit % self.L:
+            return False
+        step = visit // self.L - 1               # this step samples column step + 1
+        column = step - 1
+        if column < 0 or self.ended_events[column] is None:
+            return False
+        self.ended_events[column].synchronize()
+        if not bool(self.ended_host[column]):
+            return False
+        self.columns = step + 1
+        return True
+
+    def _drain(self) -> None:
+        """Wait for every task of the pass (a loop that stopped early left some in flight)."""
+        for m in self.state:
+            if m.future is not None:
+                m.future.result()
+        self._synchronize()
+
     def _begin_token(self, m: MicroBatchState, step: int) -> None:
         """Layer 0 of a decode step: embed the current tokens; RoPE tables for their positions."""
         m.h = self.store.dense.embed[m.tokens]                                      # [B, hidden]
@@ -135,6 +170,7 @@ class DecodePass:
                 logits = final_logits(m.h, self.store.dense, self.spec)             # [B, vocab]
                 m.tokens = sample(logits, self.sampling, m.uniforms[:, step + 1])
                 m.out[:, step + 1] = m.tokens
+                self._mark_ended(m, step + 1, last=j == self.n - 1)
             m.ev_post = st.record(st.compute)
             if j == self.n - 1:
                 self.buffer_free[visit % 2] = m.ev_post
@@ -169,6 +205,7 @@ class DecodePass:
         self.rec.phase = "decode"
         if self.max_new > 1:
             DECODE_LOOPS[self.policy.schedule](self)
+            self._drain()
 
     @decode_loop("cgopipe")
     def _decode_cgopipe(self) -> None:
@@ -179,6 +216,8 @@ class DecodePass:
         for t in range(min(ahead, len(tasks))):
             self.front(*tasks[t])
         for t, (visit, j) in enumerate(tasks):
+            if j == 0 and self.stop_before(visit):
+                break
             self.back(visit, j, self._pages_for(j))
             if t + ahead < len(tasks):
                 self.front(*tasks[t + ahead])
@@ -187,6 +226,8 @@ class DecodePass:
     def _decode_s3(self) -> None:
         """FlexGen(c): next layer's weights loaded at the layer start; CPU attention waited for in place."""
         for visit in range(self.L, self.num_visits):
+            if self.stop_before(visit):
+                break
             for j in range(self.n):
                 self.front(visit, j)
                 self.back(visit, j, self.store.page_table.pages if j == 0 else ())
@@ -216,6 +257,8 @@ class DecodePass:
         if order:
             prefetch(0)
         for t, (visit, j) in enumerate(order):
+            if j == 0 and self.stop_before(visit):
+                break
             if t + 1 < len(order):
                 prefetch(t + 1)
             self.pre_attn(visit, j)
@@ -258,6 +301,8 @@ class DecodePass:
         """DeepSpeed-style: load the whole layer, wait, compute every micro-batch, nothing overlapped."""
         for visit in range(self.L, self.num_visits):
             self._synchronize()
+            if self.stop_before(visit):
+                break
             for j in range(self.n):
                 m = self.state[j]
                 self.pre_attn(visit, j)

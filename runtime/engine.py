@@ -135,8 +135,12 @@ class Engine:
 
     # ---- generation ------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, padded: bool = False) -> tuple[list[list[int]], Measurement]:
-        """Generate max_new_tokens for every prompt (no early stop at EOS), in passes of batch_size."""
+                 top_p: float = 1.0, seed: int = 0, padded: bool = False,
+                 stop_token_ids=()) -> tuple[list[list[int]], Measurement]:
+        """Generate up to max_new_tokens for every prompt, in passes of batch_size. With `stop_token_ids`, a
+        pass ends once each of its sequences has sampled one of them (checked two steps behind, so its rows
+        may run a step or two past the last stop token); a row's tokens after its own stop token are the
+        caller's to drop. Every row of a pass has the same length."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         if max_new_tokens < 1:
@@ -162,7 +166,7 @@ class Engine:
             for first in range(0, len(prompts), n):
                 batch = prompts[first:first + n]
                 tokens, s_s, p_s, d_s = self._run_pass(batch, uniforms[first:first + n], max_new_tokens,
-                                                       sampling, padded, rec)
+                                                       sampling, padded, rec, stop_token_ids)
                 for r, row in tokens.items():
                     out[first + r] = row
                 setup_s, prefill_s, decode_s = setup_s + s_s, prefill_s + p_s, decode_s + d_s
@@ -170,14 +174,13 @@ class Engine:
             sys.setswitchinterval(interval)
             self.meter.end()
         self.last_spans = rec.finish()
-        passes = -(-len(prompts) // n)
         phases = self.setup_memory + self.meter.take()
         m = Measurement(
             plan_id=self.plan_id, model=self.spec.name, policy=self.policy.short(), device=self._device_name(),
             num_sequences=len(prompts), prompt_tokens=sum(len(p) for p in prompts),
-            generated_tokens=len(prompts) * max_new_tokens, decode_tokens=len(prompts) * (max_new_tokens - 1),
+            generated_tokens=sum(map(len, out)), decode_tokens=sum(len(row) - 1 for row in out),
             prefill_s=prefill_s, decode_s=decode_s,
-            decode_layer_steps=passes * self.spec.num_hidden_layers * (max_new_tokens - 1),
+            decode_layer_steps=self.spec.num_hidden_layers * sum(len(out[f]) - 1 for f in range(0, len(prompts), n)),
             stages=stage_times(self.last_spans),
             gpu_peak_bytes=max(p.gpu_process_peak_bytes for p in phases),
             cpu_peak_bytes=max([p.host_rss_peak_bytes for p in phases]
@@ -248,7 +251,7 @@ class Engine:
         mbs = layout(packing, lens, max_new_tokens, padded)
         return mbs, device_micro_batches(self.policy.kv_gpu_frac, len(mbs))
 
-    def _run_pass(self, prompts, uniforms, max_new_tokens, sampling, padded, rec):
+    def _run_pass(self, prompts, uniforms, max_new_tokens, sampling, padded, rec, stop_token_ids=()):
         """One pass of at most batch_size prompts: (tokens, setup, prefill and decode seconds). Setup lays out
         the pass (caches, staging, inputs) and is not part of prefill. The pass's account is checked
         against what this process may hold before anything of it is allocated."""
@@ -263,7 +266,8 @@ class Engine:
         self._host_buffers(acc)
         self.kv.carve(mbs, num_dev)
         pipe = Pipeline(self.spec, self.policy, self.store, self.kv, mbs, num_dev, sampling, uniforms,
-                        prompts, max_new_tokens, rec, self.worker, self.graphs, self.staging, self.kv_transfer)
+                        prompts, max_new_tokens, rec, self.worker, self.graphs, self.staging, self.kv_transfer,
+                        stop_token_ids)
         self._pipe = pipe
         if self.graphs is not None:
             self.graphs.capture(pipe.graph_keys())       # before the pass: capturing synchronises

@@ -66,6 +66,7 @@ class MicroBatchState:
     rows: torch.Tensor              # [B] device: arange (KV append)
     rows_host: torch.Tensor         # [B] host
     rope: tuple                     # (cos, sin, signed sin) [max_new, B, d] device, per decode step
+    done: torch.Tensor              # [B] device bool: the sequence has sampled a stop token
     qkv_dev_parts: tuple = ()       # q [B, n_q, d], k, v [B, n_kv, d]: views of qkv_dev
     qkv_host_parts: tuple = ()      # the same views of qkv_host (built once: the worker needs the GIL less)
     h_buf: torch.Tensor | None = None   # [B, hidden] device: where a PostAttn graph's output is copied

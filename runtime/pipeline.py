@@ -43,7 +43,7 @@ class Pipeline(PrefillPass, DecodePass):
                  micro_batches: tuple[MicroBatch, ...], num_device_kv: int, sampling: Sampling,
                  uniforms: torch.Tensor, prompts: list[list[int]], max_new_tokens: int,
                  recorder: Recorder, worker: AttentionWorker, graphs=None, staging: HostArena | None = None,
-                 kv_transfer: HostArena | None = None):
+                 kv_transfer: HostArena | None = None, stop_token_ids=()):
         self.spec, self.policy, self.store, self.kv = spec, policy, store, kv
         self.mbs, self.sampling, self.rec, self.worker = micro_batches, sampling, recorder, worker
         self.graphs = graphs                       # runtime.graphs.PostAttentionGraphs, or None (eager)
@@ -55,6 +55,15 @@ class Pipeline(PrefillPass, DecodePass):
         self.buffer_free = [None, None]            # event: last PostAttn of the visit that used buffer b
         self.pages_done: dict[int, object] = {}    # visit -> event after its last page
         self.state = [self._mb_state(mb, mb.index < num_device_kv, uniforms) for mb in micro_batches]
+        # early stop: a sequence has ended once it samples a stop token; per column of generated tokens,
+        # whether every sequence has, copied to the host without waiting (decode checks a column two steps
+        # behind, so the check never stalls the pipeline)
+        self.stop_ids = (torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=self.device)
+                         if stop_token_ids else None)
+        self.columns = max(1, max_new_tokens)      # columns of generated tokens the pass returns
+        self.ended_dev = torch.ones(self.columns, dtype=torch.bool, device=self.device)   # [column]
+        self.ended_host = empty_host((self.columns,), torch.bool, self.streams.cuda).fill_(False)
+        self.ended_events: list[object] = [None] * self.columns
         self.qkv = [fused_qkv(layer.attn) for layer in store.dense.layers]   # [q|k|v, hidden] views or None
         # prefill inputs per chunk and their hidden states' host staging between layers, laid out before
         # the pass like the caches (staging from `staging`, reused across passes, when given)
@@ -92,7 +101,8 @@ class Pipeline(PrefillPass, DecodePass):
                 qkv_host=empty_host((b, qkv), self.dtype, pin),
                 attn_dev=torch.empty(b, s.q_dim, dtype=self.dtype, device=dev),
                 attn_host=empty_host((b, s.q_dim), self.dtype, pin),
-                rows=torch.arange(b, device=dev), rows_host=torch.arange(b), rope=rope)
+                rows=torch.arange(b, device=dev), rows_host=torch.arange(b), rope=rope,
+                done=torch.zeros(b, dtype=torch.bool, device=dev))
         m.qkv_dev_parts, m.qkv_host_parts = self._split_qkv(m.qkv_dev), self._split_qkv(m.qkv_host)
         return m
 
@@ -144,11 +154,11 @@ class Pipeline(PrefillPass, DecodePass):
             if isinstance(x, (tuple, list)):
                 return sum(nbytes(v) for v in x)
             return 0
-        dev = ("tokens", "out", "uniforms", "base_slot", "pads", "prompt_lens", "qkv_dev", "attn_dev", "rows",
+        dev = ("tokens", "out", "uniforms", "base_slot", "pads", "prompt_lens", "qkv_dev", "attn_dev", "rows", "done",
                "rope", "h")
-        gpu_state = sum(nbytes(getattr(m, f)) for m in self.state for f in dev)
+        gpu_state = sum(nbytes(getattr(m, f)) for m in self.state for f in dev) + nbytes(self.ended_dev)
         gpu_state += sum(nbytes(m.step_dev[1:]) for m in self.state if m.step_dev is not None)
-        host_state = nbytes(self.uniforms_host) + sum(
+        host_state = nbytes(self.uniforms_host) + nbytes(self.ended_host) + sum(
             nbytes((m.pads_host, m.base_slot_host, m.rows_host)) + (nbytes(m.step_host[1:]) if m.step_host else 0)
             for m in self.state)
         inputs = sum(nbytes((x["tokens"], x["cos"], x["sin"], x["last"], [g[:2] for g in x["groups"]]))
@@ -161,7 +171,7 @@ class Pipeline(PrefillPass, DecodePass):
         """Request index -> generated tokens (synchronises)."""
         out: dict[int, list[int]] = {}
         for m in self.state:
-            rows = m.out.cpu().tolist()
+            rows = m.out[:, :self.columns].cpu().tolist()
             for r, row in zip(m.mb.requests, rows):
                 out[r] = row
         return out

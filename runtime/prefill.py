@@ -99,6 +99,8 @@ class PrefillPass:
                             h.record_stream(st.d2h)
                 if st.cuda and visit > 0:
                     h_in.record_stream(st.compute)
+        for m in self.state:                     # the first generated column: who ended at once
+            self._mark_ended(m, 0, last=m is self.state[-1])
         for f in kv_writes:
             if f is not None:
                 f.result()

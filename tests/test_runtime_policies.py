@@ -363,3 +363,26 @@ def test_gpu_post_attention_graphs_give_the_eager_tokens(policy):
             if graphs:
                 assert len(e.graphs) > 0
     assert runs[0] == runs[1]
+
+
+EARLY_NEW = 12
+STOPPING = [Policy(7, 2), Policy(7, 7, schedule="s3"), Policy(7, 3, attention_on_gpu=True, schedule="s4"),
+            Policy(7, 2, schedule="blocking"), Policy(4, 2)]
+
+
+@pytest.mark.parametrize("policy", STOPPING, ids=[p.short() for p in STOPPING])
+def test_a_pass_ends_once_every_sequence_has_stopped(policy):
+    """With stop tokens, decode ends two steps after the column where every sequence has sampled one:
+    the rows are the reference's first columns, and the measurement counts what ran."""
+    prompts = _prompts(QWEN2.vocab_size)
+    with Engine(QWEN2, policy, dtype=torch.float64, seed=3) as e:
+        full, _ = e.generate(prompts, EARLY_NEW)
+        stops = {row[1] for row in full}                     # every row has stopped by column 1
+        early, m = e.generate(prompts, EARLY_NEW, stop_token_ids=stops)
+    for row, ref in zip(early, full):
+        assert row == ref[:len(row)] and any(t in stops for t in row[:2])
+    passes = [early[i:i + policy.batch_size] for i in range(0, len(early), policy.batch_size)]
+    for rows in passes:                                       # ended at column <= 1, stopped before step 3
+        assert len({len(r) for r in rows}) == 1 and len(rows[0]) <= 3 < EARLY_NEW
+    assert m.generated_tokens == sum(map(len, early))
+    assert m.decode_layer_steps == QWEN2.num_hidden_layers * sum(len(rows[0]) - 1 for rows in passes)
