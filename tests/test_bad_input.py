@@ -505,7 +505,7 @@ def test_subprocess_closed_stdout_ends_quietly():
     p.stdout.close()                                   # as `| head -c 10`
     err = p.stderr.read().decode()
     p.wait(timeout=120)
-    assert err == "" and p.returncode != 0
+    assert err == "" and p.returncode in (0, 1, 141)       # 0 when all of it fitted in the pipe before the close
 
 
 def test_subprocess_full_stdout_is_one_line():
