@@ -69,7 +69,8 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--download", action="store_true",
                    help="fetch a Hub id's config.json when it is not in the local cache (default: offline)")
     g.add_argument("--hardware", default=DEFAULT_HARDWARE,
-                   help=f"built-in hardware profile or path to a .toml (default {DEFAULT_HARDWARE})")
+                   help=f"built-in hardware profile, path to a .toml, or auto: this machine's GPU, host memory "
+                        f"and cores, with the rates of the built-in profile of its GPU (default {DEFAULT_HARDWARE})")
     g.add_argument("--prompt-len", type=value(), default=DEFAULT_PROMPT_LEN,
                    help=f"average prompt length in tokens (default {DEFAULT_PROMPT_LEN})")
     g.add_argument("--max-prompt-len", type=COUNT, default=None,
@@ -136,13 +137,22 @@ def build_target(args):
         spec = spec.with_layers(args.num_layers)
     if args.weight_dtype is not None or args.kv_dtype is not None:
         spec = spec.with_dtypes(spec.dtypes.stored_as(weight=args.weight_dtype, kv=args.kv_dtype))
-    hw = load_profile(args.hardware)
+    if args.hardware == "auto":
+        from moe_lightning.machine import auto_profile
+        hw, _ = auto_profile()
+    else:
+        hw = load_profile(args.hardware)
     max_len = args.max_prompt_len
     if max_len is None:
         max_len = DEFAULT_MAX_PROMPT_LEN if args.prompt_len == DEFAULT_PROMPT_LEN else int(round(args.prompt_len))
     workload = Workload(float(args.prompt_len), int(max_len), int(args.gen_len), padded=bool(args.padded))
     check_context(spec, workload.max_prompt_len, workload.gen_len)
     return spec, hw, workload
+
+
+def hardware_line(hw) -> str | None:
+    """For --hardware auto, what was detected and which profile's rates are used; else None."""
+    return f"hardware auto: {hw.description}" if hw.name.startswith("auto:") else None
 
 
 def storage_line(spec) -> str:

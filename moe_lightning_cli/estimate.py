@@ -4,7 +4,7 @@ from __future__ import annotations
 from hrm.schedules import SCHEDULES
 
 from .common import (COUNT, FRACTION, add_budget_args, add_target_args, build_target, budgets_of, check_outputs,
-                     fmt_bytes, fmt_s, print_json, storage_line)
+                     fmt_bytes, fmt_s, print_json, hardware_line, storage_line)
 
 
 def add_parser(sub) -> None:
@@ -61,6 +61,8 @@ def _print(est, spec, hw, labels) -> None:
     wl, pol = est.workload, est.policy
     con.print(f"[bold]{spec.name}[/] on [bold]{hw.name}[/]  prompts avg {wl.avg_prompt_len:g} / max "
               f"{wl.max_prompt_len} ({'padded' if wl.padded else 'packed'}), generate {wl.gen_len}")
+    if hardware_line(hw):
+        con.print(hardware_line(hw), highlight=False)
     con.print(storage_line(spec), highlight=False)
     con.print(f"policy: {pol.short()}  ({pol.num_micro_batches} micro-batches, "
               f"{pol.resident_experts(spec.num_experts)}/{spec.num_experts} experts per layer on the GPU)")

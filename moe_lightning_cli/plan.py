@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from .common import (COUNT, add_budget_args, add_target_args, build_target, check_outputs, fmt_s, print_json,
-                     storage_line)
+                     hardware_line, storage_line)
 
 
 def add_parser(sub) -> None:
@@ -145,6 +145,8 @@ def print_plan(plan, baselines, console=None) -> None:
     e = pol.resident_experts(E)
     con.print(f"[bold]{spec.name}[/] on [bold]{plan.hardware.name}[/]: prompts avg {wl.avg_prompt_len:g} / max "
               f"{wl.max_prompt_len} ({'padded' if wl.padded else 'packed'}), generate {wl.gen_len}")
+    if hardware_line(plan.hardware):
+        con.print(hardware_line(plan.hardware), highlight=False)
     con.print(storage_line(spec), highlight=False)
     con.print(f"search: {plan.mode} mode, {plan.solver} solver, {plan.search_time_s:.2f} s")
 

@@ -119,3 +119,69 @@ def test_every_listed_subcommand_has_a_module():
     here = Path(moe_lightning_cli.__file__).parent
     assert all((here / f"{name}.py").is_file() for name in SUBCOMMANDS)
     assert "validate" not in SUBCOMMANDS     # benchmarks/validate.py is the sweep; no subcommand claims it
+
+
+# ---- --hardware auto -------------------------------------------------------------------------------
+
+GiB = 2 ** 30
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Set what detection finds: machine(gpu_name, gpu_gib, count=1, host_gib=None (this host's))."""
+    from hrm.hardware import local_cpu_name, proc_kib_bytes
+    from moe_lightning import machine as mod
+
+    def set_(gpu_name, gpu_gib=0.0, count=1, host_gib=None):
+        host = host_gib * GiB if host_gib else float(proc_kib_bytes("MemTotal"))
+        found = mod.DetectedMachine(gpu_name, gpu_gib * GiB, count if gpu_name else 0, local_cpu_name(), 12, host)
+        monkeypatch.setattr(mod, "detect", lambda: found)
+        return found
+    return set_
+
+
+def test_auto_uses_the_measured_profile_of_this_gpu(capsys, machine):
+    machine("NVIDIA H200", 139.8)
+    plan = run_json(capsys, "plan", "--no-baselines", "--hardware", "auto")["plan"]
+    hw = plan["hardware"]
+    assert hw["name"] == "auto:h200-measured" and hw["measured"] is not None
+    assert "built-in profile h200-measured" in hw["description"] and "measured efficiencies" in hw["description"]
+    assert hw["cpu"]["cores"] == 12 and hw["gpu"]["memory_bytes"] == 139.8 * GiB
+    # the host is this one: its budget is what it has available now, and the answer says so
+    assert plan["budgets"]["cpu_source"].startswith("this machine: ")
+    assert cli(["plan", "--no-baselines", "--hardware", "auto"]) == 0
+    out = capsys.readouterr().out.replace("\n", " ")
+    assert "hardware auto: detected 1 x NVIDIA H200" in out and "this machine:" in out
+
+
+@pytest.mark.parametrize("gpu,gib,count,profile", [
+    ("Tesla T4", 14.6, 1, "t4-s1"),                       # the driver's name, not the profile's
+    ("Tesla T4", 14.6, 2, "2xt4-s6"),
+    ("NVIDIA H100 80GB HBM3", 79.2, 1, "h100"),           # same model, memory within 10%
+    ("NVIDIA A100-SXM4-80GB", 79.2, 1, "a100-80gb"),
+    ("NVIDIA GeForce RTX 4090", 23.6, 1, "rtx4090"),
+])
+def test_auto_matches_the_gpu(machine, gpu, gib, count, profile):
+    from moe_lightning.machine import auto_profile
+    machine(gpu, gib, count, host_gib=64)
+    hw, how = auto_profile()
+    assert hw.name == f"auto:{profile}" and hw.gpu.count == count
+    assert hw.cpu.memory_bytes == 64 * GiB and hw.gpu.memory_bytes == gib * GiB and profile in how
+
+
+@pytest.mark.parametrize("gpu,needle", [(None, "no CUDA GPU on this machine"),
+                                        ("NVIDIA B200", "no built-in profile of this GPU (NVIDIA B200)")])
+def test_auto_without_a_profile_is_one_line(capsys, machine, gpu, needle):
+    machine(gpu, 180.0)
+    assert cli(["estimate", "--hardware", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "--hardware NAME|FILE" in err and err.count("\n") == 1
+
+
+def test_detect_reads_this_machine():
+    from hrm.hardware import proc_kib_bytes
+    from moe_lightning.machine import detect
+    m = detect()
+    assert m.host_memory_bytes == proc_kib_bytes("MemTotal") and m.cpu_cores >= 1
+    torch = pytest.importorskip("torch")
+    assert (m.gpu_name is None) == (not torch.cuda.is_available())
