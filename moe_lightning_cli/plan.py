@@ -23,7 +23,8 @@ def add_parser(sub) -> None:
                    help="requests as `generate` takes them: the prompt lengths after tokenization (and each "
                         "request's max_tokens, default --gen-len) make the workload, and the whole job is priced")
     d.add_argument("--num-prompts", type=COUNT, default=None, metavar="K",
-                   help="price a job of K prompts: the dataset's first K, or its lengths repeated (default: all)")
+                   help="price a job of K prompts: the dataset's first K, or its lengths repeated (default: all); "
+                        "without --dataset, K prompts of the --prompt-len / --gen-len workload")
     d.add_argument("--tokenizer", metavar="DIR", default=None,
                    help="tokenizer directory (default: the --model directory)")
     add_budget_args(p)
@@ -67,6 +68,8 @@ def run(args) -> int:
     if args.dataset:
         from moe_lightning.llm import predict_job
         job = predict_job(plan.spec, plan.hardware, plan.policy, requests, lens)
+    elif args.num_prompts is not None:
+        job = workload_job(plan, args.num_prompts, use_measured=not args.datasheet)
     baselines = []
     if args.search_mode == "default" and not args.no_baselines:
         from optimizer.baselines import compare_baselines
@@ -86,13 +89,30 @@ def run(args) -> int:
         return 0
     print_plan(plan, baselines)
     if job is not None:
-        print(f"the whole job: {job.num_requests:,} prompts in {job.passes:,} passes of N <= "
+        print(f"the whole job: {job.num_requests:,} prompts in {job.passes:,} pass{'es' if job.passes > 1 else ''} of N <= "
               f"{plan.policy.batch_size:,}, {job.generated_tokens:,} tokens generated, predicted {fmt_s(job.seconds)}")
     if args.output:
         print(f"wrote {args.output}")
     if args.plot:
         print(f"wrote {args.plot}")
     return 0
+
+
+def workload_job(plan, k: int, *, use_measured: bool = True):
+    """K prompts of the plan's workload: full passes of the plan's N, each the plan's predicted pass, and
+    a last pass of the K mod N left, priced at its own size."""
+    from dataclasses import replace
+
+    from hrm.estimate import estimate
+    from moe_lightning.llm import JobPrediction
+
+    n = plan.policy.batch_size
+    full, rest = divmod(k, n)
+    seconds = full * plan.estimate.total_s
+    if rest:
+        last = replace(plan.policy, batch_size=rest, micro_batch_size=min(plan.policy.micro_batch_size, rest))
+        seconds += estimate(plan.spec, plan.hardware, plan.workload, last, use_measured=use_measured).total_s
+    return JobPrediction(k, full + (rest > 0), k * plan.workload.gen_len, seconds)
 
 
 def dataset_prompts(args):

@@ -185,3 +185,27 @@ def test_detect_reads_this_machine():
     assert m.host_memory_bytes == proc_kib_bytes("MemTotal") and m.cpu_cores >= 1
     torch = pytest.importorskip("torch")
     assert (m.gpu_name is None) == (not torch.cuda.is_available())
+
+
+# ---- how long for K prompts of the built-in workload ----------------------------------------------
+
+def test_num_prompts_prices_the_whole_job(capsys):
+    from dataclasses import replace
+
+    from hrm.estimate import estimate
+    from optimizer.plan import Plan
+
+    d = run_json(capsys, "plan", "--no-baselines", "--num-prompts", "1")
+    plan = Plan.from_dict(d["plan"])
+    n, per_pass = plan.policy.batch_size, plan.estimate.total_s
+    for k in (n, 2 * n + 7):
+        job = run_json(capsys, "plan", "--no-baselines", "--num-prompts", str(k))["job"]
+        full, rest = divmod(k, n)
+        last = (estimate(plan.spec, plan.hardware, plan.workload,
+                         replace(plan.policy, batch_size=rest, micro_batch_size=min(plan.policy.micro_batch_size, rest))
+                         ).total_s if rest else 0.0)
+        assert job["passes"] == full + (rest > 0) and job["generated_tokens"] == k * plan.workload.gen_len
+        assert job["seconds"] == pytest.approx(full * per_pass + last, rel=1e-9)
+        assert (job["seconds"] > full * per_pass) == bool(rest)
+    assert cli(["plan", "--no-baselines", "--num-prompts", str(n + 1)]) == 0
+    assert f"the whole job: {n + 1:,} prompts in 2 passes of N <= {n:,}" in capsys.readouterr().out
