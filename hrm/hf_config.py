@@ -309,7 +309,10 @@ def _olmoe(c: _Config) -> dict:
 def _dbrx(c: _Config) -> dict:
     hidden = c.int("d_model")
     heads = c.int("n_heads")
-    normalize = c.raw.get("ffn_config", {}).get("moe_normalize_expert_weights", 1)
+    ffn = c.raw.get("ffn_config", {})
+    if not isinstance(ffn, dict):
+        raise SpecError(f"{c.model_type} config: field 'ffn_config' must be an object, got {ffn!r}")
+    normalize = ffn.get("moe_normalize_expert_weights", 1)      # an explicit null turns it off
     return dict(hidden_size=hidden, num_hidden_layers=c.int("n_layers"), num_attention_heads=heads,
                 num_key_value_heads=c.int("attn_config.kv_n_heads", default=heads),
                 head_dim=hidden // heads if heads else 0,

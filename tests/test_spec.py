@@ -280,3 +280,10 @@ def test_plan_digest_of_an_unquantized_spec_is_unchanged_by_the_new_fields():
     assert set(d["dtypes"]) == {"weight_bytes", "kv_bytes", "act_bytes", "name"}
     q = spec_to_dict(load_model("gpt-oss-20b"))["dtypes"]
     assert q["expert_weight_bytes"] == 0.53125 and "mxfp4" in q["quantization"]
+
+
+def test_dbrx_ffn_config_not_an_object_names_the_field():
+    raw = json.loads((CONFIG_DIR / "dbrx.json").read_text())
+    raw["ffn_config"] = [1, 2]
+    with pytest.raises(SpecError, match="field 'ffn_config' must be an object"):
+        spec_from_hf_config(raw)
