@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .common import fmt_s
+from .common import COUNT, SHARE, fmt_s, size, value
 
 
 def add_parser(sub) -> None:
@@ -27,19 +27,19 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="COMPLETIONS.jsonl",
                    help="appended per finished pass; ids already in it are skipped")
     d = p.add_argument_group("request defaults (a request's own fields win)")
-    d.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default 128)")
-    d.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    d.add_argument("--top-p", type=float, default=1.0)
+    d.add_argument("--max-tokens", type=COUNT, default=128, help="new tokens at most (default 128)")
+    d.add_argument("--temperature", type=value(float, positive=False), default=0.0, help="0: greedy (default)")
+    d.add_argument("--top-p", type=SHARE, default=1.0)
     d.add_argument("--stop", action="append", default=[], metavar="TEXT", help="a stop string (repeatable)")
     x = p.add_argument_group("plan and execution")
     x.add_argument("--plan", metavar="PLAN.json", help="run this plan (default: plan for this machine and job)")
     x.add_argument("--hardware", help="profile to plan with (default: this GPU's built-in profile)")
-    x.add_argument("--gpu-memory", metavar="SIZE", default=None, help="GPU memory to plan for (e.g. 24GiB)")
-    x.add_argument("--cpu-memory", metavar="SIZE", default=None, help="host memory to plan for (e.g. 100GB)")
-    x.add_argument("--batch-size", type=int, default=None,
+    x.add_argument("--gpu-memory", metavar="SIZE", type=size, default=None, help="GPU memory to plan for (e.g. 24GiB)")
+    x.add_argument("--cpu-memory", metavar="SIZE", type=size, default=None, help="host memory to plan for (e.g. 100GB)")
+    x.add_argument("--batch-size", type=COUNT, default=None,
                    help="at most this many requests per engine pass (default: the plan's N)")
     x.add_argument("--dtype", default=None, help="weight/activation dtype (default: the model's)")
-    x.add_argument("--seed", type=int, default=0, help="sampling seed")
+    x.add_argument("--seed", type=value(int, positive=False), default=0, help="sampling seed")
     x.add_argument("--download", action="store_true", help="fetch a Hub id that is not in the local cache")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
 
