@@ -77,20 +77,21 @@ def machine_profile(hardware: str | None):
     GPU (a measured one first), else on a machine without CUDA the default profile."""
     import torch
 
-    from hrm.hardware import available_profiles, load_profile
+    from hrm.hardware import load_profile
+
+    from .machine import MachineError, auto_profile, detect
     if hardware:
         return load_profile(hardware), "given"
     if not torch.cuda.is_available():
         from moe_lightning_cli.common import DEFAULT_HARDWARE
         return load_profile(DEFAULT_HARDWARE), f"no CUDA GPU: the runtime runs on the CPU; planned on {DEFAULT_HARDWARE}"
-    gpu = torch.cuda.get_device_name()
-    names = sorted(available_profiles(), key=lambda n: (not n.endswith("-measured"), n))
-    for name in names:
-        hw = load_profile(name)
-        if hw.gpu.name.lower() == gpu.lower():
-            return hw, f"built-in profile of this GPU ({gpu})"
-    raise RequestError(f"no built-in hardware profile for this GPU ({gpu}); pass --hardware NAME|FILE "
-                       "(`moe-lightning profile` measures this machine)")
+    m = detect()
+    try:
+        hw, how = auto_profile(m)
+    except MachineError:
+        raise RequestError(f"no built-in hardware profile for this GPU ({m.gpu_name}); pass --hardware NAME|FILE "
+                           "(`moe-lightning profile` measures this machine)") from None
+    return hw, how
 
 
 class LLM:

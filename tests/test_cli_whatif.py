@@ -209,3 +209,21 @@ def test_num_prompts_prices_the_whole_job(capsys):
         assert (job["seconds"] > full * per_pass) == bool(rest)
     assert cli(["plan", "--no-baselines", "--num-prompts", str(n + 1)]) == 0
     assert f"the whole job: {n + 1:,} prompts in 2 passes of N <= {n:,}" in capsys.readouterr().out
+
+
+def test_generate_plans_on_the_profile_of_this_gpu(monkeypatch):
+    """The batch job with no plan and no --hardware takes the profile auto would: a driver name such as
+    'Tesla T4' finds t4-s1's family, and an unknown GPU is one line."""
+    import torch
+
+    import moe_lightning.machine as machine
+    from moe_lightning.llm import machine_profile
+    from moe_lightning.requests import RequestError
+    from hrm.units import GiB
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(machine, "detect", lambda: machine.DetectedMachine("Tesla T4", 15 * GiB, 1, "cpu", 8, 190 * GiB))
+    hw, how = machine_profile(None)
+    assert hw.gpu.name.lower().endswith("t4") and "Tesla T4" in how
+    monkeypatch.setattr(machine, "detect", lambda: machine.DetectedMachine("Voodoo 5", 1 * GiB, 1, "cpu", 8, 64 * GiB))
+    with pytest.raises(RequestError, match="no built-in hardware profile for this GPU"):
+        machine_profile(None)
