@@ -204,13 +204,59 @@ def run(args) -> int:
     return 0
 
 
-def _estimate(target: Target, prompts, gen_len: int, padded: bool):
-    """The model's prediction for the prompts actually run."""
+def _estimate(target: Target, prompts, gen_len: int, padded: bool) -> "RunPrediction":
+    """The model's prediction for the prompts actually run: the engine's passes of the policy's N in order,
+    each priced at its own size and prompt lengths."""
+    from dataclasses import replace
+
     from hrm.estimate import estimate
     from hrm.spec import Workload
 
-    workload = Workload.from_prompt_lens([len(p) for p in prompts], gen_len, padded=padded)
-    return estimate(target.spec, target.hardware, workload, target.policy)
+    n = target.policy.batch_size
+    passes = []
+    for first in range(0, len(prompts), n):
+        lens = [len(p) for p in prompts[first:first + n]]
+        policy = replace(target.policy, batch_size=len(lens),
+                         micro_batch_size=min(target.policy.micro_batch_size, len(lens)))
+        passes.append(estimate(target.spec, target.hardware, Workload.from_prompt_lens(lens, gen_len, padded=padded),
+                               policy))
+    return RunPrediction(tuple(passes))
+
+
+@dataclass(frozen=True)
+class RunPrediction:
+    """The estimates of a run's passes, and their totals; the first (largest) pass stands for the per-layer
+    stages and the memory."""
+    passes: tuple
+
+    @property
+    def prefill_s(self) -> float:
+        return sum(e.prefill_s for e in self.passes)
+
+    @property
+    def decode_s(self) -> float:
+        return sum(e.decode_s for e in self.passes)
+
+    @property
+    def throughput_tok_s(self) -> float:
+        return sum(e.generated_tokens for e in self.passes) / (self.prefill_s + self.decode_s)
+
+    @property
+    def decode_tok_s(self) -> float:
+        steps = sum(e.policy.batch_size * (e.workload.gen_len - 1) for e in self.passes)
+        return steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+    @property
+    def decode_layer(self) -> dict:
+        return self.passes[0].decode_layer
+
+    @property
+    def memory(self):
+        return self.passes[0].memory
+
+    def to_dict(self) -> dict:
+        return {"prefill_s": self.prefill_s, "decode_s": self.decode_s, "throughput_tok_s": self.throughput_tok_s,
+                "decode_tok_s": self.decode_tok_s, "passes": [e.to_dict() for e in self.passes]}
 
 
 MEASURED_TO_PREDICTED = (("gpu_compute", ("gpu",)), ("cpu_attention", ("cpu",)),

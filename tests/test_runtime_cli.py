@@ -73,3 +73,21 @@ def test_run_gpu_memory_without_a_unit_is_a_one_line_error(plan_file, capsys):
     assert main(["run", "--plan", str(path), "--synthetic", "--gpu-memory", "24 bananas"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot read memory size" in err
+
+
+def test_run_prices_the_passes_it_runs(tmp_path, capsys):
+    """7 prompts under N=3: passes of 3, 3 and 1, each priced at its own size; the prediction is their sum."""
+    from hrm.estimate import estimate
+    from hrm.policy import Policy
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    policy = {"batch_size": 3, "micro_batch_size": 2, "schedule": "s3"}
+    assert main(["run", "--model", str(tmp_path / "config.json"), "--policy-json", json.dumps(policy),
+                 "--gen-len", "3", "--prompt-len", "5", "--num-prompts", "7", "--hardware", "t4-s1", "--no-warmup",
+                 "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    passes = printed["predicted"]["passes"]
+    assert [p["policy"]["batch_size"] for p in passes] == [3, 3, 1]
+    last = estimate(load_model(tmp_path / "config.json"), load_profile("t4-s1"), Workload.uniform(5, 3),
+                    Policy(1, 1, schedule="s3"))
+    assert passes[2]["prefill_s"] == pytest.approx(last.prefill_s)
+    assert printed["predicted"]["decode_s"] == pytest.approx(sum(p["decode_s"] for p in passes))
