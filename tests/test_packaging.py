@@ -120,3 +120,14 @@ def test_every_package_is_listed():
     found = {".".join(p.parent.relative_to(ROOT).parts) for root in listed if "." not in root
              for p in (ROOT / root).rglob("__init__.py")}
     assert found == listed
+
+
+def test_notebooks_run_from_the_wheel(installed):
+    """The notebooks, copied outside the checkout, run top to bottom against the installed package."""
+    bindir, work = installed
+    nb_dir = work / "notebooks"
+    shutil.copytree(ROOT / "notebooks", nb_dir, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
+    r = _run(installed, "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbmake",
+             *sorted(str(p) for p in nb_dir.glob("*.ipynb")), check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
