@@ -275,13 +275,22 @@ def search(spec: ModelSpec, hardware: HardwareProfile, workload: Workload, *, so
     problem = make_problem(spec, hardware, workload, budgets=budgets, gpu_memory=gpu_memory, cpu_memory=cpu_memory,
                            gpu_frac=gpu_frac, cpu_frac=cpu_frac, pin_all_weights=pin_all_weights,
                            use_measured=use_measured)
+    return solve(problem, solver=solver, placements=placements, pairs=pairs, resolution=resolution)
+
+
+def solve(problem: Problem, *, solver: str = "grid", placements: tuple[Placement, ...] | None = None,
+          pairs: Pairs | None = None, resolution: Resolution | None = None):
+    """The best policy for a Problem (model, machine, workload, budgets) as a `Plan`, by our model;
+    `search` builds the problem from its arguments and calls this."""
+    if solver not in SOLVERS:
+        raise SearchError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     placements = tuple(placements or DEFAULT_PLACEMENTS)
     t0 = time.perf_counter()
     found = best_policy(problem, placements, solver=solver, resolution=resolution, pairs=pairs)
     elapsed = time.perf_counter() - t0
     if found is None:
         raise SearchError(diagnose(problem, placements))
-    return plan_from_found(problem, found, solver=solver, mode=mode, search_time_s=elapsed)
+    return plan_from_found(problem, found, solver=solver, mode="default", search_time_s=elapsed)
 
 
 def paper_plan(spec: ModelSpec, hw: HardwareProfile, workload: Workload, *, gpu_memory=None, cpu_memory=None):

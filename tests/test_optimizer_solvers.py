@@ -129,3 +129,13 @@ def test_baseline_restrictions_hold():
                     one_micro_batch=True)
     found = best_policy(pb, (one,))
     assert found.batch_size == found.micro_batch_size and found.experts == 0
+
+
+def test_solve_takes_a_problem_value():
+    """search() builds a Problem and solves it; solve() on that Problem gives the same plan."""
+    from optimizer.search import solve
+    spec, hw, wl = load_model("mixtral-8x7b"), load_profile("t4-s1"), Workload(77.0, 418, 128)
+    by_search = search(spec, hw, wl)
+    by_problem = solve(make_problem(spec, hw, wl))
+    assert by_problem.policy == by_search.policy
+    assert by_problem.estimate.throughput_tok_s == pytest.approx(by_search.estimate.throughput_tok_s)
