@@ -253,9 +253,10 @@ def step_time(layer_time, lt: LayerTimes, num_layers: int, lm_head_s):
 # ---------------------------------------------------------------------------------------------------
 # the time of a pass, composed once (estimate, the grid search and the MILP all compose it here)
 
-def _max_of(terms: dict, key=None):
-    """Elementwise max of the terms (numpy-broadcast); `key` names the max for solvers that need it."""
-    values = list(terms.values())
+def max_of(terms, key=None):
+    """Elementwise max of the values of a dict or the items of a list (numpy-broadcast); `key` names the
+    max for solvers that need it (PassTerms.compose's layer_max)."""
+    values = list(terms.values()) if isinstance(terms, dict) else list(terms)
     out = np.asarray(values[0], dtype=float)
     for v in values[1:]:
         out = np.maximum(out, v)
@@ -273,7 +274,7 @@ class PassTerms:
     decode: tuple                 # per context sample: (decode steps it stands for, terms, LayerTimes)
     lm_head: object               # seconds per decode step
 
-    def compose(self, layer_max=_max_of):
+    def compose(self, layer_max=max_of):
         """(prefill_s, decode_s). `layer_max(terms, key)` is the layer time of a set of terms: their max,
         or a solver's epigraph variable (key: "prefill" or ("decode", sample index))."""
         L = self.num_layers

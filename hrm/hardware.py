@@ -314,9 +314,6 @@ MEMORY_KEYS = {"cuda_context_gib": ("cuda_context_bytes", GiB), "process_baselin
 def _memory(table, where: str) -> MemoryProfile:
     if not isinstance(table, Mapping):
         raise HardwareError(f"{where}: must be a table")
-    odd = [k for k in table if k not in MEMORY_KEYS and k != "source"]
-    if odd:
-        raise HardwareError(f"{where}: unknown key(s) {odd}; known: {', '.join(MEMORY_KEYS)}, source")
     kw = {}
     for key, (field_name, scale) in MEMORY_KEYS.items():
         if key in table:

@@ -56,15 +56,6 @@ class Choice:
 # ---------------------------------------------------------------------------------------------------
 # the equations, composed as hrm.estimate.estimate() composes them
 
-def _max(terms) -> np.ndarray:
-    """Elementwise max of the values of a dict or the items of a list (broadcast)."""
-    values = list(terms.values()) if isinstance(terms, dict) else list(terms)
-    out = np.asarray(values[0], dtype=float)
-    for v in values[1:]:
-        out = np.maximum(out, v)
-    return out
-
-
 def memory_lines(s: hrm.Setting, N, mu, r_w):
     """GPU and CPU bytes as lines in r_c: (gpu at r_c=0, gpu slope, cpu at r_c=0, cpu slope)."""
     m0 = hrm.memory_use(s, N, mu, r_w, 0.0)
@@ -145,13 +136,13 @@ def _group(terms: tuple) -> tuple:
     """Terms whose max is wanted: the constant ones folded into one array, then the varying ones."""
     const = [t.a for t in terms if t.constant]
     varying = tuple(t for t in terms if not t.constant)
-    return (_max(const) if const else None), varying
+    return (hrm.max_of(const) if const else None), varying
 
 
 def _max_of(group, r_w, r_c):
     const, varying = group
     values = ([const] if const is not None else []) + [t.at(r_w, r_c) for t in varying]
-    return _max(values)
+    return hrm.max_of(values)
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ def new_var(prob, name: str, low=None, up=None, integer: bool = False):
 
 def _scale(terms: dict, P: int) -> np.ndarray:
     """Per pair, the largest of the terms (a positive size to measure them in)."""
-    largest = np.broadcast_to(grid._max(terms), (P,))
+    largest = np.broadcast_to(hrm.max_of(terms), (P,))
     return np.where(largest > 0, largest, 1.0)
 
 

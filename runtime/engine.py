@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from hrm.checks import check_context
 from hrm.memory import PassShape
 from hrm.policy import Policy, device_micro_batches, realised_kv_frac
 from hrm.spec import DTypes, ModelSpec, Workload
@@ -145,10 +146,7 @@ class Engine:
             raise ValueError("every prompt needs at least one token")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > self.spec.max_position_embeddings:
-            raise ValueError(f"a context of {longest + max_new_tokens} tokens (prompt {longest} + {max_new_tokens} "
-                             f"new) exceeds the model's max_position_embeddings {self.spec.max_position_embeddings}")
+        check_context(self.spec, max(len(p) for p in prompts), max_new_tokens)
         low, high = min(min(p) for p in prompts), max(max(p) for p in prompts)
         if low < 0 or high >= self.spec.vocab_size:
             raise ValueError(f"token id {low if low < 0 else high} outside the vocabulary [0, {self.spec.vocab_size})")

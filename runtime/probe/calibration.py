@@ -94,12 +94,10 @@ def prefill_rest_flops(spec, tokens: Sequence[int], layer_flops_per_s: Sequence[
     moe_rates = gpu_moe_flops(spec, per_expert, repeats=repeats, device=device)
     out = []
     for t, layer_rate, moe_rate in zip(tokens, layer_flops_per_s, moe_rates):
-        seqs = t // prompt_len
-        layer_s = float(ops.prefill_layer(spec, seqs, prompt_len).flops) / layer_rate
+        layer_flops = float(ops.prefill_layer(spec, t // prompt_len, prompt_len).flops)
         moe_flops = float(ops.routed_experts(spec, t).flops)
-        rest_s = layer_s - moe_flops / moe_rate
-        out.append((float(ops.prefill_layer(spec, seqs, prompt_len).flops) - moe_flops) / rest_s
-                   if rest_s > 0 else None)
+        rest_s = layer_flops / layer_rate - moe_flops / moe_rate
+        out.append((layer_flops - moe_flops) / rest_s if rest_s > 0 else None)
     return out
 
 
