@@ -1,7 +1,7 @@
 """A policy: how one pass over the model is laid out on the GPU, the CPU and the link between them."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -96,6 +96,10 @@ class Policy:
     def micro_batch_sizes(self) -> tuple[int, ...]:
         full, rest = divmod(self.batch_size, self.micro_batch_size)
         return (self.micro_batch_size,) * full + ((rest,) if rest else ())
+
+    def for_batch(self, batch_size: int) -> "Policy":
+        """The same policy for a pass of `batch_size` sequences (micro-batches no larger than the pass)."""
+        return replace(self, batch_size=batch_size, micro_batch_size=min(self.micro_batch_size, batch_size))
 
     def resident_experts(self, num_experts: int) -> int:
         """Experts per layer kept on the GPU: r_w realised per whole expert (floor, as the artifact)."""

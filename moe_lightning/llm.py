@@ -48,7 +48,7 @@ def pass_seconds(spec, hardware, policy, prompt_lens: Sequence[int], max_tokens:
     from hrm.estimate import estimate
     from hrm.spec import Workload
     n = len(prompt_lens)
-    policy = replace(policy, batch_size=n, micro_batch_size=min(policy.micro_batch_size, n))
+    policy = policy.for_batch(n)
     return estimate(spec, hardware, Workload.from_prompt_lens(prompt_lens, max_tokens), policy).total_s
 
 
@@ -154,7 +154,7 @@ class LLM:
         p = self.plan.policy
         if self.batch_size is None or self.batch_size >= p.batch_size:
             return p
-        return replace(p, batch_size=self.batch_size, micro_batch_size=min(p.micro_batch_size, self.batch_size))
+        return p.for_batch(self.batch_size)
 
     def predicted_s(self, batch: Batch, prompt_ids: Sequence[list[int]]) -> float:
         return pass_seconds(self.spec, self.plan.hardware, self.policy, [len(prompt_ids[i]) for i in batch.rows],

@@ -101,8 +101,6 @@ def run(args) -> int:
 def workload_job(plan, k: int, *, use_measured: bool = True):
     """K prompts of the plan's workload: full passes of the plan's N, each the plan's predicted pass, and
     a last pass of the K mod N left, priced at its own size."""
-    from dataclasses import replace
-
     from hrm.estimate import estimate
     from moe_lightning.llm import JobPrediction
 
@@ -110,7 +108,7 @@ def workload_job(plan, k: int, *, use_measured: bool = True):
     full, rest = divmod(k, n)
     seconds = full * plan.estimate.total_s
     if rest:
-        last = replace(plan.policy, batch_size=rest, micro_batch_size=min(plan.policy.micro_batch_size, rest))
+        last = plan.policy.for_batch(rest)
         seconds += estimate(plan.spec, plan.hardware, plan.workload, last, use_measured=use_measured).total_s
     return JobPrediction(k, full + (rest > 0), k * plan.workload.gen_len, seconds)
 

@@ -207,8 +207,6 @@ def run(args) -> int:
 def _estimate(target: Target, prompts, gen_len: int, padded: bool) -> "RunPrediction":
     """The model's prediction for the prompts actually run: the engine's passes of the policy's N in order,
     each priced at its own size and prompt lengths."""
-    from dataclasses import replace
-
     from hrm.estimate import estimate
     from hrm.spec import Workload
 
@@ -216,10 +214,8 @@ def _estimate(target: Target, prompts, gen_len: int, padded: bool) -> "RunPredic
     passes = []
     for first in range(0, len(prompts), n):
         lens = [len(p) for p in prompts[first:first + n]]
-        policy = replace(target.policy, batch_size=len(lens),
-                         micro_batch_size=min(target.policy.micro_batch_size, len(lens)))
         passes.append(estimate(target.spec, target.hardware, Workload.from_prompt_lens(lens, gen_len, padded=padded),
-                               policy))
+                               target.policy.for_batch(len(lens))))
     return RunPrediction(tuple(passes))
 
 
