@@ -59,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--jobs", default=None, metavar="A:B",
                    help="run only jobs A..B-1 (the chosen plans first, then --policies in order), to split a "
                         "sweep over calls")
+    p.add_argument("--time-limit-s", type=float, default=None,
+                   help="start no job that would end after this many seconds from the script's start (a job is "
+                        "taken to last as long as the longest so far, plus --timeout's cap)")
     p.add_argument("--dry-run", action="store_true",
                    help="print each job's prediction and memory against its budgets; run nothing")
     return p.parse_args(argv)
@@ -138,9 +141,15 @@ def main(argv=None) -> int:
                           search_time_s=0.0)
         jobs.append((item.get("tag", "policy"), item["gpu_memory"], plan))
     first, stop = (int(x) for x in args.jobs.split(":")) if args.jobs else (0, len(jobs))
+    started, longest = time.perf_counter(), 0.0
     for i, (tag, g, plan) in enumerate(jobs):
         if not first <= i < stop:
             continue
+        left = None if args.time_limit_s is None else args.time_limit_s - (time.perf_counter() - started)
+        if left is not None and not args.dry_run and left < max(longest, 1.0):
+            print(f"[{i + 1}/{len(jobs)}] not started: {left:.0f} s left of --time-limit-s, a job takes "
+                  f"~{longest:.0f} s; run the rest with --jobs {i}:{stop}", flush=True)
+            break
         name = f"{spec.name}-{g}-{i}-{tag}".replace(":", "_")
         est, b = plan.estimate, plan.budgets
         print(f"[{i + 1}/{len(jobs)}] {g} {tag}: {plan.policy.short()} predicted {est.throughput_tok_s:,.1f} "
@@ -149,7 +158,8 @@ def main(argv=None) -> int:
               + ("" if plan.memory.within_budgets else "  EXCEEDS ITS BUDGETS"), flush=True)
         if args.dry_run:
             continue
-        meas, error, wall = run_one(plan, keep, name, args.timeout)
+        meas, error, wall = run_one(plan, keep, name, args.timeout if left is None else min(args.timeout, left))
+        longest = max(longest, wall)
         rows.append(_row_of(date, spec, plan.budgets, tag, plan, meas, error, wall, name))
         _write_csv(out, rows)
         print(f"    {'measured %.1f tok/s, GPU %.2f GiB, host %.2f GiB' % (meas['derived']['tokens_per_s'], meas['gpu_peak_bytes'] / 2**30, meas['cpu_peak_bytes'] / 2**30) if meas else 'FAILED ' + error}"

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Whole-model validation on the lent H200, in steps that fit one device call (run from the repo root):
+#   CALL_S=590 bash benchmarks/whole_model_h200.sh kernels pin profile mixtral:0:2 qwen3:0:1 mixtral:2:12
+#   CALL_S=590 bash benchmarks/whole_model_h200.sh qwen3:0:8 olmoe:0:1
+# Steps:
+#   kernels       the GPU tests of the runtime's kernels (grouped MoE against the sparse oracle, no host syncs)
+#   pin           benchmarks/pin_rate.py (how fast fresh host memory is page-locked)
+#   profile       `moe-lightning profile` -> h200-measured.toml; later steps of the call use it (else
+#                 PROFILE, default the committed hrm/hardware_profiles/h200-measured.toml)
+#   MODEL:A:B     benchmarks/whole_model.py, jobs A..B-1 of MODEL's chosen plans and sweep file
+#                 (mixtral: 24GB and 48GB with sweeps/mixtral-8x7b-h200.json; qwen3: 24GB with
+#                 sweeps/qwen3-30b-a3b-h200.json; olmoe: 24GB, the chosen plan)
+# Every whole-model step stops starting jobs CALL_S seconds after the script began (less 20 s to pack).
+# Everything lands in $OUT/whole (default benchmarks/results/whole_model/h200-run), packed into
+# $OUT/whole.tgz at the end, because the device returns at most 8 files.
+set -uo pipefail
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+out=${OUT:-benchmarks/results/whole_model}
+res="$out/whole"
+mkdir -p "$res/keep"
+profile=${PROFILE:-hrm/hardware_profiles/h200-measured.toml}
+start=$SECONDS
+call_s=${CALL_S:-590}
+left() { echo $((call_s - 20 - (SECONDS - start))); }
+for step in "$@"; do
+    echo "== $step $(date -u +%FT%TZ), $(left) s left"
+    case $step in
+    kernels)
+        python -m pytest -q -m gpu tests/test_runtime_kernels.py -p no:cacheprovider 2>&1 | tee "$res/kernels.log" | tail -5 ;;
+    pin)
+        python benchmarks/pin_rate.py --gib 16 --rounds 2 --out "$res/pin_rate.json" ;;
+    profile)
+        python -m moe_lightning_cli.main profile -o "$res/h200-measured.toml" --name h200-measured --no-progress \
+            2>&1 | tee "$res/profile.log" | tail -40
+        [ -f "$res/h200-measured.toml" ] && profile="$res/h200-measured.toml" ;;
+    *:*:*)
+        IFS=: read -r model a b <<<"$step"
+        case $model in
+        mixtral) args=(--model mixtral-8x7b --gpu-memory 24GB 48GB --policies benchmarks/sweeps/mixtral-8x7b-h200.json) ;;
+        qwen3) args=(--model qwen3-30b-a3b --gpu-memory 24GB --policies benchmarks/sweeps/qwen3-30b-a3b-h200.json) ;;
+        olmoe) args=(--model olmoe-1b-7b --gpu-memory 24GB) ;;
+        *) echo "unknown model $model"; continue ;;
+        esac
+        python benchmarks/whole_model.py "${args[@]}" --hardware "$profile" --prompt-len 256 --gen-len 32 \
+            --jobs "$a:$b" --time-limit-s "$(left)" --timeout 400 --out "$res/$model.csv" --keep "$res/keep" \
+            2>&1 | tee -a "$res/whole.log" ;;
+    *) echo "unknown step $step" ;;
+    esac
+done
+free -g > "$res/free.txt" 2>&1
+tar -C "$out" -czf "$out/whole.tgz" whole && echo "packed $out/whole.tgz"
