@@ -20,8 +20,8 @@ from . import ops
 from .hardware import HardwareProfile, interp_log
 from .memory import MemoryUse, kv_slots_per_sequence, memory_use
 from .policy import Policy, prefill_chunk_sequences, realised_kv_frac
-from .rates import (Setting, _measured, cpu_attention_bytes_per_s, cpu_attention_call_s, cpu_dram_bytes_per_s,
-                    cpu_time, d2h_bytes_per_s, decode_visit_s, duplex_bytes_per_s, gpu_time, h2d_bytes_per_s,
+from .rates import (Setting, _measured, cpu_attention_bytes_per_s, cpu_attention_call_s, cpu_attention_calls_s,
+                    cpu_dram_bytes_per_s, cpu_time, d2h_bytes_per_s, decode_visit_s, duplex_bytes_per_s, gpu_time, h2d_bytes_per_s,
                     moe_curve, prefill_rest_flops_per_s)
 from .schedules import SCHEDULES
 from .spec import ModelSpec, Workload
@@ -130,7 +130,9 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
     h2d_act_bytes = 0.0
     d2h_bytes = 0.0
     if not s.attention_on_gpu:
-        cpu = cpu_time(s, ops.attention(spec, N, 1, ctx), attn_rate) + m * cpu_attention_call_s(s)
+        cpu = cpu_attention_calls_s(s, N, ctx, m)
+        if cpu is None:
+            cpu = cpu_time(s, ops.attention(spec, N, 1, ctx), attn_rate) + m * cpu_attention_call_s(s)
         h2d_act_bytes = N * _attn_out_elems(spec) * ab
         d2h_bytes = N * _qkv_elems(spec) * ab
     if not s.ffn_on_gpu:
@@ -161,8 +163,10 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
     # the host launches while the GPU executes: the slower of the two, then the chain through the CPU
     loop = np.maximum(gpu_mb(mu_arr) + experts_gpu_mb(mu_arr), decode_visit_s(s, mu_arr, m))
     if not s.attention_on_gpu:
-        loop = loop + (cpu_time(s, ops.attention(spec, mu_arr, 1, ctx), attn_rate)
-                       + cpu_attention_call_s(s)
+        one_call = cpu_attention_calls_s(s, mu_arr, ctx)
+        if one_call is None:
+            one_call = cpu_time(s, ops.attention(spec, mu_arr, 1, ctx), attn_rate) + cpu_attention_call_s(s)
+        loop = loop + (one_call
                        + mu_arr * _qkv_elems(spec) * ab / d2h_bytes_per_s(s)
                        + mu_arr * _attn_out_elems(spec) * ab / h2d_bytes_per_s(s, mu_arr * _attn_out_elems(spec) * ab))
     return LayerTimes(gpu_s=gpu, cpu_s=cpu, h2d_weights_s=h2d_weights, h2d_act_s=h2d_act, h2d_kv_s=h2d_kv,

@@ -85,6 +85,9 @@ class Measured:
     cpu_attention_overlapped_bytes_per_s: float = 0.0  # the same inside the pipelined decode loop (host shared)
     cpu_attention_overlapped_micro_batches: tuple[float, ...] = ()   # ... where measured by micro-batch size:
     cpu_attention_overlapped_by_micro_batch: tuple[float, ...] = ()  # ... sizes and KV bytes/s
+    cpu_attention_loop_shapes: tuple[tuple[float, float, float], ...] = ()  # in-loop calls measured at
+    #   (sequences, KV slots read per sequence, bytes per slot) ...
+    cpu_attention_loop_call_s: tuple[float, ...] = ()  # ... and their seconds per call
     cpu_dram_bytes_per_s: float = 0.0
     gpu_hbm_bytes_per_s: float = 0.0
     decode_visit_s: float = 0.0                # the runtime's fixed cost of one micro-batch visit of a layer
@@ -153,7 +156,8 @@ class HardwareProfile:
                 cpu_attention_bytes_per_s=self.measured.cpu_attention_bytes_per_s * cpu_mem_bw,
                 cpu_attention_overlapped_bytes_per_s=self.measured.cpu_attention_overlapped_bytes_per_s * cpu_mem_bw,
                 cpu_attention_overlapped_by_micro_batch=tuple(
-                    v * cpu_mem_bw for v in self.measured.cpu_attention_overlapped_by_micro_batch)),
+                    v * cpu_mem_bw for v in self.measured.cpu_attention_overlapped_by_micro_batch),
+                cpu_attention_loop_call_s=tuple(v / cpu_mem_bw for v in self.measured.cpu_attention_loop_call_s)),
         )
 
 
@@ -262,6 +266,7 @@ def _measured(table: Mapping, where: str) -> Measured:
     shapes, moe_x, moe_y = _moe_curves(table, where)
     pt, pf = pair("gpu_prefill_tokens", "gpu_prefill_rest_tflops", 1.0, TFLOPS)
     om, ob = pair("cpu_attention_overlapped_micro_batches", "cpu_attention_overlapped_gb_per_s_by_micro_batch", 1.0, GB)
+    loop_shapes, loop_s = _attention_loop(table, where)
     return Measured(
         gpu_gemm_tokens=gt, gpu_gemm_flops=gf, h2d_sizes_bytes=hs, h2d_bytes_per_s=hr,
         gpu_moe_shapes=shapes, gpu_moe_tokens_per_expert=moe_x, gpu_moe_flops=moe_y,
@@ -270,6 +275,7 @@ def _measured(table: Mapping, where: str) -> Measured:
         cpu_attention_bytes_per_s=_rate(table, "cpu_attention_gb_per_s", where) * GB,
         cpu_attention_overlapped_bytes_per_s=_rate(table, "cpu_attention_overlapped_gb_per_s", where) * GB,
         cpu_attention_overlapped_micro_batches=om, cpu_attention_overlapped_by_micro_batch=ob,
+        cpu_attention_loop_shapes=loop_shapes, cpu_attention_loop_call_s=loop_s,
         cpu_dram_bytes_per_s=_rate(table, "cpu_dram_gb_per_s", where) * GB,
         gpu_hbm_bytes_per_s=_rate(table, "gpu_hbm_gb_per_s", where) * GB,
         decode_visit_s=_rate(table, "decode_visit_us", where) * 1e-6,
@@ -282,6 +288,24 @@ def _measured(table: Mapping, where: str) -> Measured:
         cpu_attention_call_s=_rate(table, "cpu_attention_call_us", where) * 1e-6,
         method=str(_req(table, "method", where)), date=str(_req(table, "date", where)),
     )
+
+
+def _attention_loop(table: Mapping, where: str):
+    """cpu_attention_loop_shapes [[sequences, slots per sequence, bytes per slot], ...] and, per shape,
+    cpu_attention_loop_call_ms; at least three, to fit three costs."""
+    shapes, ms = table.get("cpu_attention_loop_shapes", []), table.get("cpu_attention_loop_call_ms", [])
+    if not isinstance(shapes, list) or not isinstance(ms, list) or len(shapes) != len(ms):
+        raise HardwareError(f"{where}: 'cpu_attention_loop_shapes' and 'cpu_attention_loop_call_ms' must be lists "
+                            f"of one entry per measured setting")
+    if shapes and len(shapes) < 3:
+        raise HardwareError(f"{where}: 'cpu_attention_loop_shapes' needs at least 3 settings, got {len(shapes)}")
+    out = []
+    for shape in shapes:
+        if not isinstance(shape, list) or len(shape) != 3:
+            raise HardwareError(f"{where}: 'cpu_attention_loop_shapes' entries are [sequences, slots per sequence, "
+                                f"bytes per slot], got {shape!r}")
+        out.append(tuple(_positive(v, "cpu_attention_loop_shapes", where) for v in shape))
+    return tuple(out), tuple(_positive(v, "cpu_attention_loop_call_ms", where) * 1e-3 for v in ms)
 
 
 def _moe_curves(table: Mapping, where: str):
@@ -336,7 +360,8 @@ PROFILE_KEYS = {
         "gpu_moe_shapes", "gpu_moe_tokens_per_expert", "gpu_moe_tflops", "gpu_prefill_tokens",
         "gpu_prefill_rest_tflops", "prefill_pass_ns_per_token", "cpu_attention_gb_per_s",
         "cpu_attention_overlapped_gb_per_s", "cpu_attention_overlapped_micro_batches",
-        "cpu_attention_overlapped_gb_per_s_by_micro_batch", "cpu_dram_gb_per_s", "decode_visit_us",
+        "cpu_attention_overlapped_gb_per_s_by_micro_batch", "cpu_attention_loop_shapes",
+        "cpu_attention_loop_call_ms", "cpu_dram_gb_per_s", "decode_visit_us",
         "decode_visit_us_by_schedule", "decode_visit_us_grouped_by_schedule", "grouped_above_tokens",
         "cpu_attention_call_us", "method", "date",
         # measured and kept as the record (the cost model does not read them)

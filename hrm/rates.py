@@ -4,6 +4,8 @@ datasheet roofline; and the seconds a cost takes on the GPU or the CPU at those 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from itertools import combinations
 
 import numpy as np
 
@@ -70,6 +72,49 @@ def cpu_attention_bytes_per_s(s: Setting, num_micro_batches=2, mu=None):
         return np.where(np.asarray(num_micro_batches) > 1, overlapped, isolated)
     return isolated
 
+
+
+@lru_cache(maxsize=64)
+def _fit_attention_loop(shapes: tuple, call_s: tuple) -> tuple[float, float, float]:
+    """(fixed s, s per sequence, s per KV byte) >= 0 whose sum over each measured call matches its time
+    best in relative terms (least squares over the non-negative subsets: three unknowns)."""
+    a = np.array([[1.0, n, n * slots * b] for n, slots, b in shapes])      # [settings, 3]
+    y = np.asarray(call_s, float)
+    scale = np.abs(a).max(axis=0)
+    rows = a / scale / y[:, None]                                          # relative residuals
+    best, best_err = np.zeros(3), np.inf
+    for k in (3, 2, 1):
+        for cols in combinations(range(3), k):
+            x, *_ = np.linalg.lstsq(rows[:, cols], np.ones(len(y)), rcond=None)
+            if np.any(x < 0):
+                continue
+            err = float(np.sum((rows[:, cols] @ x - 1.0) ** 2))
+            if err < best_err:
+                best_err, best = err, np.zeros(3)
+                best[list(cols)] = x
+    return tuple(float(v) for v in best / scale)
+
+
+def cpu_attention_loop_model(s: Setting):
+    """(fixed s, s per sequence, s per KV byte) of one call of the runtime's CPU decode attention inside
+    its decode loop, fitted to the profile's in-loop measurements at several (sequences, context); None
+    where the profile has fewer than three. A call's time is not its bytes over one rate: per sequence it
+    pays a fixed part besides its KV reads (H200: 1,024 sequences read 40 GB/s at context 512, 27 at 256)."""
+    m = _measured(s)
+    if m is None or len(m.cpu_attention_loop_shapes) < 3:
+        return None
+    return _fit_attention_loop(m.cpu_attention_loop_shapes, m.cpu_attention_loop_call_s)
+
+
+def cpu_attention_calls_s(s: Setting, seqs, ctx, calls=1):
+    """Seconds of `calls` CPU attention calls over `seqs` sequences in all at context `ctx` (slots read per
+    sequence), by cpu_attention_loop_model; None without one."""
+    fit = cpu_attention_loop_model(s)
+    if fit is None:
+        return None
+    fixed, per_seq, per_byte = fit
+    kv_bytes = np.asarray(seqs) * ctx * s.spec.kv_elems_per_token_layer * s.spec.dtypes.kv_bytes
+    return calls * fixed + np.asarray(seqs) * per_seq + kv_bytes * per_byte
 
 
 def cpu_dram_bytes_per_s(s: Setting) -> float:

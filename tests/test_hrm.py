@@ -225,6 +225,35 @@ def test_overlapped_cpu_attention_rate_by_micro_batch_size():
     assert scaled.cpu_attention_overlapped_by_micro_batch == (50e9, 80e9)
 
 
+def _loop_calls(fixed, per_seq, per_byte, shapes):
+    return tuple(fixed + n * per_seq + n * slots * b * per_byte for n, slots, b in shapes)
+
+
+def test_attention_loop_fit_recovers_its_costs_and_prices_each_micro_batch():
+    """The in-loop attention calls are fitted as fixed + per-sequence + per-KV-byte costs (exact on
+    calls made of those costs), and decode pays one call per micro-batch at its own size and context: at
+    fixed KV bytes, shorter contexts (more sequences) cost more."""
+    from hrm.rates import Setting, cpu_attention_calls_s, cpu_attention_loop_model
+
+    shapes = ((32.0, 516.5, 4096.0), (256.0, 516.5, 4096.0), (1024.0, 516.5, 4096.0), (1024.0, 260.5, 4096.0))
+    truth = (2.5e-3, 13e-6, 1 / 55e9)
+    hw = load_profile("h200")
+    fitted = replace(hw, measured=replace(hw.measured, cpu_attention_loop_shapes=shapes,
+                                          cpu_attention_loop_call_s=_loop_calls(*truth, shapes)))
+    s = Setting(MIXTRAL, fitted, MTBENCH)
+    assert cpu_attention_loop_model(s) == pytest.approx(truth, rel=1e-6)
+    assert cpu_attention_loop_model(Setting(MIXTRAL, hw, MTBENCH)) is None       # no loop measurements
+    kv = MIXTRAL.kv_elems_per_token_layer * MIXTRAL.dtypes.kv_bytes
+    assert cpu_attention_calls_s(s, 600, 300.0, 2) == pytest.approx(2 * truth[0] + 600 * truth[1] + 600 * 300 * kv * truth[2])
+    assert cpu_attention_calls_s(s, 1200, 150.0) > cpu_attention_calls_s(s, 600, 300.0)
+    wl = Workload.uniform(256, 32)
+    est = estimate(MIXTRAL, fitted, wl, Policy(1000, 600))                       # micro-batches of 600 and 400
+    per_layer = cpu_attention_calls_s(s, 1000, wl.prompt_len + wl.gen_len / 2.0, 2)   # at the middle context
+    assert est.decode_layer["cpu"] == pytest.approx(per_layer, rel=1e-9)
+    with pytest.raises(AssertionError):
+        assert estimate(MIXTRAL, hw, wl, Policy(1000, 600)).decode_layer["cpu"] == pytest.approx(per_layer, rel=1e-3)
+
+
 def test_per_schedule_visit_cost_prices_its_schedule():
     hw = load_profile("h200")
     m = replace(hw.measured, decode_visit_s=1e-3, decode_visit_s_by_schedule=(("s4", 3e-3),))
@@ -401,13 +430,28 @@ def test_blocking_adds_the_host_launches_to_its_transfers():
     assert max(terms.values()) == pytest.approx(float(lt.h2d_s + lt.cpu_s + lt.d2h_s + lt.launch_s))
 
 
-def test_the_rest_rate_gives_back_the_measured_layer():
-    """h200-measured holds the prefill layer's rate without the experts (the measured whole layer less
-    the MoE curve at Mixtral's shape): Mixtral's chunk time at the measured sizes is the measured whole
-    layer's, FLOPs over the rate that was measured (335.6, 420.5, 487.7 TFLOP/s)."""
+def test_the_rest_rate_gives_back_the_measured_layer(monkeypatch):
+    """The profile's prefill rest rate (the measured whole layer less the MoE layer at the same tokens,
+    runtime.probe.calibration.prefill_rest_flops) and the HRM's chunk time (rest FLOPs at that rate plus
+    the MoE at its curve) compose back to the measured whole layer where the curve holds the chunk's
+    tokens per expert (whole-layer rates of the 2026-12-02 profile: 234.0, 432.3, 421.4 TFLOP/s)."""
     from hrm.estimate import prefill_layer_times
+    from hrm.hardware import interp_log
+    from runtime.probe import calibration
+
     hw = load_profile("h200-measured")
-    for seqs, whole in ((4, 335.6e12), (8, 420.5e12), (16, 487.7e12)):
-        s = Setting.of(MIXTRAL, hw, Workload.uniform(256, 32), Policy(seqs, seqs))
-        t = float(prefill_layer_times(s, seqs, seqs, 1.0, 0.0).gpu_s)
-        assert t == pytest.approx(float(ops.prefill_layer(MIXTRAL, seqs, 256).flops) / whole, rel=2e-3)
+    m = hw.measured
+    tokens, whole = [1024, 2048, 4096], [234.0e12, 432.3e12, 421.4e12]
+    per_expert = [float(ops.tokens_per_expert(MIXTRAL, t)) for t in tokens]
+    moe_rates = [float(interp_log(x, m.gpu_moe_tokens_per_expert[0], m.gpu_moe_flops[0])) for x in per_expert]
+    monkeypatch.setattr(calibration, "gpu_moe_flops", lambda spec, xs, **kw: [moe_rates[per_expert.index(x)] for x in xs])
+    rest = calibration.prefill_rest_flops(MIXTRAL, tokens, whole, 256, device="cpu")
+    probe_like = replace(hw, measured=replace(
+        m, gpu_prefill_tokens=tuple(map(float, tokens)), gpu_prefill_rest_flops=tuple(rest),
+        gpu_moe_tokens_per_expert=(tuple(per_expert),) + m.gpu_moe_tokens_per_expert[1:],
+        gpu_moe_flops=(tuple(moe_rates),) + m.gpu_moe_flops[1:]))
+    for t, rate in zip(tokens, whole):
+        seqs = t // 256
+        s = Setting.of(MIXTRAL, probe_like, Workload.uniform(256, 32), Policy(seqs, seqs))
+        got = float(prefill_layer_times(s, seqs, seqs, 1.0, 0.0).gpu_s)
+        assert got == pytest.approx(float(ops.prefill_layer(MIXTRAL, seqs, 256).flops) / rate, rel=1e-9)

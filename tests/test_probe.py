@@ -57,6 +57,8 @@ def _fake_gpu_result(cpu_result: dict) -> dict:
                                cpu_attention_overlapped_bytes_per_s=31e9, overlap_shape=[32, 512],
                                cpu_attention_overlapped_micro_batches=[32, 256],
                                cpu_attention_overlapped_bytes_per_s_by_micro_batch=[31e9, 37e9],
+                               cpu_attention_loop_shapes=[[32, 516.5, 4096], [256, 516.5, 4096], [256, 260.5, 4096]],
+                               cpu_attention_loop_call_s=[4.5e-3, 15.8e-3, 9.9e-3],
                                overlap_calls=64, overlap_decode_visit_s=2e-3)
     return r
 
@@ -164,6 +166,8 @@ def test_profile_from_measured_gpu(cpu_result, tmp_path):
     assert m.cpu_attention_overlapped_bytes_per_s == pytest.approx(31e9, rel=1e-3)
     assert m.cpu_attention_overlapped_micro_batches == (32, 256)
     assert m.cpu_attention_overlapped_by_micro_batch[1] == pytest.approx(37e9, rel=1e-3)
+    assert m.cpu_attention_loop_shapes[2] == (256, 260.5, 4096)
+    assert m.cpu_attention_loop_call_s[1] == pytest.approx(15.8e-3, rel=1e-3)
     for section in (p.gpu, p.cpu, p.link):
         assert f"measured by moe-lightning profile on {r['date']}" in section.source
         assert "1x NVIDIA H200" in section.source

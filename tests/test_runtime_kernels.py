@@ -112,8 +112,10 @@ def _routing(case: str, tokens: int, spec: ModelSpec):
 
 @pytest.mark.parametrize("case, tokens", [("skewed", 53), ("all-same", 53), ("one-token", 1), ("skewed", 16)])
 @pytest.mark.parametrize("resident", [0, 3, 5], ids=["streamed", "split", "resident"])
-def test_grouped_moe_equals_the_oracle_on_odd_routings(monkeypatch, case, tokens, resident):
-    """Experts with no token, one token, all tokens; slices of 16 tokens (53 = 3 full slices + 5)."""
+@pytest.mark.parametrize("host_sync_ok", [False, True], ids=["sync-free", "exact"])
+def test_grouped_moe_equals_the_oracle_on_odd_routings(monkeypatch, case, tokens, resident, host_sync_ok):
+    """Experts with no token, one token, all tokens (a store with no pair at all under `all-same` and
+    3 resident); slices of 16 tokens (53 = 3 full slices + 5); both the sync-free and the exact split."""
     if not moe.grouped_mm_available(torch.device("cpu"), torch.float32):
         pytest.skip("this torch has no CPU grouped GEMM")
     monkeypatch.setattr(moe, "MOE_GROUPED_MAX_TOKENS", 16)
@@ -121,7 +123,7 @@ def test_grouped_moe_equals_the_oracle_on_odd_routings(monkeypatch, case, tokens
     table = store.lookup(1, 1)
     h = torch.randn(tokens, ALIGNED.hidden_size, generator=torch.Generator().manual_seed(3))
     weights, ids = _routing(case, tokens, ALIGNED)
-    grouped = moe._routed_grouped(h, weights, ids, table.matrices(ALIGNED), ALIGNED)
+    grouped = moe._routed_grouped(h, weights, ids, table.matrices(ALIGNED), ALIGNED, host_sync_ok)
     oracle = moe._routed_sparse(h, weights, ids, table, ALIGNED)
     assert float((grouped - oracle).abs().max()) <= 1e-5 * float(oracle.abs().max())
 
@@ -254,3 +256,29 @@ def test_batched_causal_attention_equals_per_sequence(pad):
     batched = causal_attention(q, k, v, pad)                             # [B, S, n_q * d]
     for b in range(4):
         torch.testing.assert_close(batched[b], causal_attention(q[b], k[b], v[b], pad), rtol=1e-12, atol=1e-12)
+
+
+def test_prefill_splits_the_stores_exactly_and_decode_stays_sync_free(monkeypatch):
+    """Experts both resident and streamed: prefill (never in a CUDA graph) takes the grouped path's exact
+    split, one host sync per slice; decode (captured in graphs on a GPU) the sync-free one; the tokens are
+    those of the sync-free path throughout."""
+    if not moe.grouped_mm_available(torch.device("cpu"), torch.float32):
+        pytest.skip("this torch has no CPU grouped GEMM")
+    from hrm.policy import Policy
+    from runtime.engine import Engine
+
+    monkeypatch.setattr(moe, "MOE_DENSE_MAX_TOKENS", 2)
+    prompts = [[(7 * i + j) % ALIGNED.vocab_size for j in range(5)] for i in range(6)]
+    policy = Policy(6, 6, weights_gpu_frac=0.4)                 # 2 of 5 experts resident: two stores
+    used = []
+    sync_free, exact = moe._grouped_slice, moe._grouped_slice_exact
+    monkeypatch.setattr(moe, "_grouped_slice", lambda *a: used.append("sync-free") or sync_free(*a))
+    monkeypatch.setattr(moe, "_grouped_slice_exact", lambda *a: used.append("exact") or exact(*a))
+    with Engine(ALIGNED, policy, dtype=torch.float32, seed=0, progress=False) as eng:
+        eng.generate(prompts, 1)                                # prefill only
+        assert set(used) == {"exact"}
+        used.clear()
+        tokens, _ = eng.generate(prompts, 3)
+        assert "sync-free" in used and "exact" in used
+        monkeypatch.setattr(moe, "_grouped_slice_exact", sync_free)
+        assert eng.generate(prompts, 3)[0] == tokens

@@ -30,9 +30,13 @@ VISIT_VISITS = 512
 
 # the CPU attention rate inside the CGOPipe loop, at these micro-batch sizes (attention_in_pipeline's arguments)
 OVERLAP_SETTINGS = (dict(micro_batch=32, micro_batches=8), dict(micro_batch=256, micro_batches=4),
-                    dict(micro_batch=1024, micro_batches=2))
+                    dict(micro_batch=1024, micro_batches=2), dict(micro_batch=256, micro_batches=4, prompt_len=256),
+                    dict(micro_batch=1024, micro_batches=2, prompt_len=256))
 """Whole-model plans run micro-batches of ~900-1,200 (H200, 2026-12-01: 43 ms per attention call at 1,210
-sequences of ~272 slots, 31 GB/s, where the curve to 256 priced 46 GB/s)."""
+sequences of ~272 slots, 31 GB/s, where the curve to 256 priced 46 GB/s), and at two contexts, since a
+call's time is not its KV bytes over one rate: at 1,024 sequences 40 GB/s at context 512 but 27 at 256
+(2026-12-02, benchmarks/results/whole_model/h200-2026-12-02-call2/rates_at_run_shapes.json). The HRM
+fits a fixed, a per-sequence and a per-byte cost to the calls (hrm.rates.cpu_attention_loop_model)."""
 
 
 OVERLAP_SETTINGS_QUICK = (dict(micro_batch=16, micro_batches=4, prompt_len=256, steps=4),)
@@ -43,7 +47,9 @@ MOE_MODELS = ("mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b")
 128 small ones (768 x 2048, top-8), 64 of 1024 x 2048 (top-8); the profiled model's own shape is added."""
 
 
-MOE_TOKENS_PER_EXPERT = (32, 128, 512, 2048)
+MOE_TOKENS_PER_EXPERT = (32, 128, 256, 512, 1024, 2048)
+"""Mixtral's prefill chunks of 1,024 to 4,096 tokens put 256 to 1,024 tokens on each expert: measured, not
+interpolated (between 128 and 512 the curve doubles)."""
 
 
 MOE_TOKENS_PER_EXPERT_QUICK = (128, 1024)
@@ -321,6 +327,8 @@ def attention_in_pipeline_by_micro_batch(spec, quick: bool = False) -> dict:
     out = dict(runs[0])
     out["cpu_attention_overlapped_micro_batches"] = [kw["micro_batch"] for kw in settings]
     out["cpu_attention_overlapped_bytes_per_s_by_micro_batch"] = [r["cpu_attention_overlapped_bytes_per_s"] for r in runs]
+    out["cpu_attention_loop_shapes"] = [r["loop_shape"] for r in runs]
+    out["cpu_attention_loop_call_s"] = [r["loop_call_s"] for r in runs]
     return out
 
 
@@ -351,4 +359,5 @@ def attention_in_pipeline(spec, micro_batch: int = 32, micro_batches: int = 8, p
     busy_s = sum(sp.end_s - sp.start_s for sp in spans)
     return {"cpu_attention_overlapped_bytes_per_s": kv_bytes / busy_s if busy_s > 0 else 0.0,
             "overlap_shape": [micro_batch, prompt_len], "overlap_calls": len(spans),
+            "loop_shape": [micro_batch, ctx_mean, kv_token_bytes], "loop_call_s": busy_s / max(1, len(spans)),
             "overlap_decode_visit_s": m.decode_s / (steps * micro_batches * one.num_hidden_layers)}

@@ -182,7 +182,13 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
                     f"{json.dumps(c['runtime']['cpu_attention_overlapped_micro_batches'])}",
                     f"cpu_attention_overlapped_gb_per_s_by_micro_batch = "
                     f"{_arr([x / GB for x in c['runtime']['cpu_attention_overlapped_bytes_per_s_by_micro_batch']])}"]
-                   if len(c["runtime"].get("cpu_attention_overlapped_micro_batches", ())) > 1 else [])]
+                   if len(c["runtime"].get("cpu_attention_overlapped_micro_batches", ())) > 1 else []),
+                 *([f"# ... each setting's calls: [sequences, KV slots read per sequence, bytes per slot] and ms "
+                    f"per call (hrm.rates fits fixed + per-sequence + per-byte costs)",
+                    f"cpu_attention_loop_shapes = {json.dumps(c['runtime']['cpu_attention_loop_shapes'])}",
+                    f"cpu_attention_loop_call_ms = "
+                    f"{_arr([x * 1e3 for x in c['runtime']['cpu_attention_loop_call_s']])}"]
+                   if len(c["runtime"].get("cpu_attention_loop_shapes", ())) >= 3 else [])]
                 if c.get("runtime", {}).get("cpu_attention_overlapped_bytes_per_s") else []),
               f"cpu_dram_copy_gb_per_s = {_num(c['dram_copy_bytes_per_s'] / GB)}"]
     method = "moe-lightning profile (runtime/probe/): torch micro-benchmarks, median of repeats" + \
