@@ -43,6 +43,11 @@ COLUMNS = ("date", "model", "num_layers", "model_layers", "gpu_budget_bytes", "h
            "setup_s", "wall_s", "plan_file")
 
 
+SETUP_S = 60.0
+"""A job's time beyond its predicted prefill and decode, before one has run (H200 2026-12-02: 45-55 s to
+start the process, pin ~120 GB and warm up)."""
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="mixtral-8x7b")
@@ -61,7 +66,7 @@ def parse_args(argv=None):
                         "sweep over calls")
     p.add_argument("--time-limit-s", type=float, default=None,
                    help="start no job that would end after this many seconds from the script's start (a job is "
-                        "taken to last as long as the longest so far, plus --timeout's cap)")
+                        "taken to last as long as the longest so far, at least its predicted time plus SETUP_S)")
     p.add_argument("--dry-run", action="store_true",
                    help="print each job's prediction and memory against its budgets; run nothing")
     return p.parse_args(argv)
@@ -146,9 +151,10 @@ def main(argv=None) -> int:
         if not first <= i < stop:
             continue
         left = None if args.time_limit_s is None else args.time_limit_s - (time.perf_counter() - started)
-        if left is not None and not args.dry_run and left < max(longest, 1.0):
+        expected = max(longest, plan.estimate.prefill_s + plan.estimate.decode_s + SETUP_S)
+        if left is not None and not args.dry_run and left < expected:
             print(f"[{i + 1}/{len(jobs)}] not started: {left:.0f} s left of --time-limit-s, a job takes "
-                  f"~{longest:.0f} s; run the rest with --jobs {i}:{stop}", flush=True)
+                  f"~{expected:.0f} s; run the rest with --jobs {i}:{stop}", flush=True)
             break
         name = f"{spec.name}-{g}-{i}-{tag}".replace(":", "_")
         est, b = plan.estimate, plan.budgets

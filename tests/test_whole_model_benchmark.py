@@ -1,0 +1,44 @@
+"""benchmarks/whole_model.py: its rows, and a time limit that never starts a job it cannot finish."""
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("whole_model", ROOT / "benchmarks" / "whole_model.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["whole_model"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fake_measurement(plan):
+    est = plan.estimate
+    return {"derived": {"tokens_per_s": est.throughput_tok_s}, "prefill_s": est.prefill_s, "decode_s": est.decode_s,
+            "gpu_peak_bytes": 1.0, "cpu_peak_bytes": 2.0, "setup_s": 0.1,
+            "memory_phases": [{"pinned_bytes": 3.0, "gpu_allocated_peak_bytes": 4.0}]}
+
+
+def test_rows_in_the_schema_and_the_time_limit_starts_no_job_it_cannot_finish(tmp_path, monkeypatch):
+    mod = _module()
+    ran = []
+
+    def fake_run(plan, keep, name, timeout):
+        ran.append((name, timeout))
+        return _fake_measurement(plan), "", 5.0
+
+    monkeypatch.setattr(mod, "run_one", fake_run)
+    out = tmp_path / "runs.csv"
+    common = ["--model", "mixtral-8x7b", "--hardware", "h200-measured", "--gpu-memory", "24GB", "48GB",
+              "--cpu-memory", "120GiB", "--out", str(out), "--keep", str(tmp_path / "keep")]
+    assert mod.main(common) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["tag"] for r in rows] == ["chosen", "chosen"] and all(r["completed"] == "True" for r in rows)
+    assert set(mod.COLUMNS) <= set(rows[0])
+    # each job is predicted to take its prefill + decode + SETUP_S (well over 10 s): none starts
+    ran.clear()
+    assert mod.main(common + ["--time-limit-s", "10"]) == 0
+    assert ran == [] and len(list(csv.DictReader(out.open()))) == 2
