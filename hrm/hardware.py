@@ -79,6 +79,10 @@ class Measured:
     gpu_moe_flops: tuple[tuple[float, ...], ...] = ()              # ... and routed top-k FLOP/s
     gpu_prefill_tokens: tuple[float, ...] = ()  # the runtime's prefill layer: tokens per chunk ...
     gpu_prefill_rest_flops: tuple[float, ...] = ()  # ... and FLOP/s of all but its routed experts
+    gpu_prefill_rest_shapes: tuple[tuple[int, int, int], ...] = ()  # the same measured at these attention
+    #   shapes (hrm.rates.attention_shape) of several models (priced before the one-model curve above) ...
+    gpu_prefill_rest_tokens_by_shape: tuple[tuple[float, ...], ...] = ()  # ... per shape: tokens per chunk ...
+    gpu_prefill_rest_flops_by_shape: tuple[tuple[float, ...], ...] = ()   # ... and FLOP/s of the rest
     prefill_pass_s_per_token: float = 0.0       # the runtime's prefill cost per prompt token paid once per pass
     h2d_bytes_per_s: tuple[float, ...] = ()
     cpu_attention_bytes_per_s: float = 0.0     # KV bytes/s of the runtime's CPU decode attention
@@ -152,6 +156,8 @@ class HardwareProfile:
                 gpu_gemm_flops=tuple(v * gpu_flops for v in self.measured.gpu_gemm_flops),
                 gpu_moe_flops=tuple(tuple(v * gpu_flops for v in curve) for curve in self.measured.gpu_moe_flops),
                 gpu_prefill_rest_flops=tuple(v * gpu_flops for v in self.measured.gpu_prefill_rest_flops),
+                gpu_prefill_rest_flops_by_shape=tuple(tuple(v * gpu_flops for v in curve)
+                                                      for curve in self.measured.gpu_prefill_rest_flops_by_shape),
                 cpu_dram_bytes_per_s=self.measured.cpu_dram_bytes_per_s * cpu_mem_bw,
                 cpu_attention_bytes_per_s=self.measured.cpu_attention_bytes_per_s * cpu_mem_bw,
                 cpu_attention_overlapped_bytes_per_s=self.measured.cpu_attention_overlapped_bytes_per_s * cpu_mem_bw,
@@ -263,14 +269,19 @@ def _measured(table: Mapping, where: str) -> Measured:
         if old in table:
             raise HardwareError(f"{where}: '{old}' is the old form of '{new}' (measured at Mixtral's shape only); "
                                 f"re-run `moe-lightning profile`")
-    shapes, moe_x, moe_y = _moe_curves(table, where)
+    shapes, moe_x, moe_y = _curves_by_shape(table, "gpu_moe_shapes", "gpu_moe_tokens_per_expert", "gpu_moe_tflops",
+                                            ("hidden", "intermediate", "experts", "top_k"), where)
+    rest_shapes, rest_x, rest_y = _curves_by_shape(table, "gpu_prefill_rest_shapes", "gpu_prefill_rest_tokens_by_shape",
+                                                   "gpu_prefill_rest_tflops_by_shape", ("hidden", "q_dim", "kv_elems"),
+                                                   where)
     pt, pf = pair("gpu_prefill_tokens", "gpu_prefill_rest_tflops", 1.0, TFLOPS)
     om, ob = pair("cpu_attention_overlapped_micro_batches", "cpu_attention_overlapped_gb_per_s_by_micro_batch", 1.0, GB)
     loop_shapes, loop_s = _attention_loop(table, where)
     return Measured(
         gpu_gemm_tokens=gt, gpu_gemm_flops=gf, h2d_sizes_bytes=hs, h2d_bytes_per_s=hr,
         gpu_moe_shapes=shapes, gpu_moe_tokens_per_expert=moe_x, gpu_moe_flops=moe_y,
-        gpu_prefill_tokens=pt, gpu_prefill_rest_flops=pf,
+        gpu_prefill_tokens=pt, gpu_prefill_rest_flops=pf, gpu_prefill_rest_shapes=rest_shapes,
+        gpu_prefill_rest_tokens_by_shape=rest_x, gpu_prefill_rest_flops_by_shape=rest_y,
         prefill_pass_s_per_token=_rate(table, "prefill_pass_ns_per_token", where) * 1e-9,
         cpu_attention_bytes_per_s=_rate(table, "cpu_attention_gb_per_s", where) * GB,
         cpu_attention_overlapped_bytes_per_s=_rate(table, "cpu_attention_overlapped_gb_per_s", where) * GB,
@@ -308,25 +319,22 @@ def _attention_loop(table: Mapping, where: str):
     return tuple(out), tuple(_positive(v, "cpu_attention_loop_call_ms", where) * 1e-3 for v in ms)
 
 
-def _moe_curves(table: Mapping, where: str):
-    """gpu_moe_shapes [[hidden, intermediate, experts, top-k], ...] with, per shape, a curve of
-    gpu_moe_tflops over gpu_moe_tokens_per_expert (ascending after reading)."""
-    shapes = table.get("gpu_moe_shapes", [])
-    xs, ys = table.get("gpu_moe_tokens_per_expert", []), table.get("gpu_moe_tflops", [])
+def _curves_by_shape(table: Mapping, shapes_key: str, x_key: str, y_key: str, fields: tuple[str, ...], where: str):
+    """`shapes_key` [[field, ...], ...] with, per shape, a curve of `y_key` (TFLOP/s) over `x_key`
+    (ascending after reading): the MoE layer by expert shape, the prefill layer's rest by attention shape."""
+    shapes, xs, ys = table.get(shapes_key, []), table.get(x_key, []), table.get(y_key, [])
     if not isinstance(shapes, list) or not (len(shapes) == len(xs) == len(ys)):
-        raise HardwareError(f"{where}: 'gpu_moe_shapes', 'gpu_moe_tokens_per_expert' and 'gpu_moe_tflops' must be "
-                            f"lists of one entry per shape")
+        raise HardwareError(f"{where}: '{shapes_key}', '{x_key}' and '{y_key}' must be lists of one entry per shape")
     out_shapes, out_x, out_y = [], [], []
     for shape, x, y in zip(shapes, xs, ys):
-        if not isinstance(shape, list) or len(shape) != 4:
-            raise HardwareError(f"{where}: 'gpu_moe_shapes' entries are [hidden, intermediate, experts, top_k], "
-                                f"got {shape!r}")
+        if not isinstance(shape, list) or len(shape) != len(fields):
+            raise HardwareError(f"{where}: '{shapes_key}' entries are [{', '.join(fields)}], got {shape!r}")
         if not isinstance(x, list) or not isinstance(y, list) or len(x) != len(y) or not x:
-            raise HardwareError(f"{where}: the curve of shape {shape} needs as many tokens per expert as TFLOP/s")
+            raise HardwareError(f"{where}: the curve of shape {shape} needs as many '{x_key}' as '{y_key}' values")
         order = np.argsort(x)
-        out_shapes.append(tuple(int(_positive(v, "gpu_moe_shapes", where)) for v in shape))
-        out_x.append(tuple(_positive(x[i], "gpu_moe_tokens_per_expert", where) for i in order))
-        out_y.append(tuple(_positive(y[i], "gpu_moe_tflops", where) * TFLOPS for i in order))
+        out_shapes.append(tuple(int(_positive(v, shapes_key, where)) for v in shape))
+        out_x.append(tuple(_positive(x[i], x_key, where) for i in order))
+        out_y.append(tuple(_positive(y[i], y_key, where) * TFLOPS for i in order))
     return tuple(out_shapes), tuple(out_x), tuple(out_y)
 
 
@@ -358,7 +366,8 @@ PROFILE_KEYS = {
         # curves and rates the cost model reads
         "gpu_gemm_tokens", "gpu_gemm_tflops", "h2d_sizes_mib", "h2d_gb_per_s", "gpu_hbm_gb_per_s",
         "gpu_moe_shapes", "gpu_moe_tokens_per_expert", "gpu_moe_tflops", "gpu_prefill_tokens",
-        "gpu_prefill_rest_tflops", "prefill_pass_ns_per_token", "cpu_attention_gb_per_s",
+        "gpu_prefill_rest_tflops", "gpu_prefill_rest_shapes", "gpu_prefill_rest_tokens_by_shape",
+        "gpu_prefill_rest_tflops_by_shape", "prefill_pass_ns_per_token", "cpu_attention_gb_per_s",
         "cpu_attention_overlapped_gb_per_s", "cpu_attention_overlapped_micro_batches",
         "cpu_attention_overlapped_gb_per_s_by_micro_batch", "cpu_attention_loop_shapes",
         "cpu_attention_loop_call_ms", "cpu_dram_gb_per_s", "decode_visit_us",

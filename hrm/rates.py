@@ -185,16 +185,31 @@ def cpu_time(s: Setting, cost: Cost, bytes_per_s):
 
 
 
+def attention_shape(spec: ModelSpec) -> tuple[int, int, int]:
+    """(hidden, q_dim, K+V elements per token and layer): what a prefill layer's rest is measured and
+    priced by (the profile's gpu_prefill_rest_shapes)."""
+    return spec.hidden_size, spec.q_dim, spec.kv_elems_per_token_layer
+
+
 def prefill_rest_flops_per_s(s: Setting, tokens):
     """The measured FLOP/s of the runtime's prefill layer without its routed experts (its time less the
-    MoE layer's at the measured model's shape, over the FLOPs of hrm.ops.layer_gpu_ops and attention) for
-    a chunk of `tokens` tokens (interpolated in log tokens, flat beyond the measured range), or None where
-    the profile has no such measurement. It holds what the roofline of those parts misses: the chunk's
-    attention layout, KV and hidden-state staging, and their launches."""
+    MoE layer's, over the FLOPs of hrm.ops.layer_gpu_ops and attention) for a chunk of `tokens` tokens
+    (interpolated in log tokens, flat beyond the measured range): at the nearest measured attention shape
+    within MOE_SHAPE_TOLERANCE where the profile has them by shape, else its one-model curve, else None.
+    It holds what the roofline of those parts misses: the chunk's attention layout, KV and hidden-state
+    staging, and their launches (H200: Qwen3-30B-A3B's whole layer 3.68 ms per 4,096-token chunk, where
+    Mixtral's rest rate prices 3.2)."""
     m = _measured(s)
-    if m is None or not m.gpu_prefill_tokens:
+    if m is None:
         return None
-    return interp_log(tokens, m.gpu_prefill_tokens, m.gpu_prefill_rest_flops) * s.hardware.gpu.count
+    best = _nearest_shape(m.gpu_prefill_rest_shapes, attention_shape(s.spec))
+    if best is not None:
+        curve = m.gpu_prefill_rest_tokens_by_shape[best], m.gpu_prefill_rest_flops_by_shape[best]
+    elif m.gpu_prefill_tokens:
+        curve = m.gpu_prefill_tokens, m.gpu_prefill_rest_flops
+    else:
+        return None
+    return interp_log(tokens, *curve) * s.hardware.gpu.count
 
 
 
@@ -208,11 +223,17 @@ def moe_curve(s: Setting):
     """(tokens per expert, routed FLOP/s) of the profile's MoE curve for this model's expert shape, or
     None where no measured shape is within MOE_SHAPE_TOLERANCE."""
     m = _measured(s)
-    if m is None or not m.gpu_moe_shapes:
+    if m is None:
         return None
-    want = np.log([s.spec.hidden_size, s.spec.moe_intermediate_size])
-    dist = [np.abs(np.log(shape[:2]) - want) for shape in m.gpu_moe_shapes]
+    best = _nearest_shape([shape[:2] for shape in m.gpu_moe_shapes], (s.spec.hidden_size, s.spec.moe_intermediate_size))
+    return None if best is None else (m.gpu_moe_tokens_per_expert[best], m.gpu_moe_flops[best])
+
+
+def _nearest_shape(shapes, want) -> int | None:
+    """Index of the measured shape nearest `want` in summed log distance, each dimension within
+    MOE_SHAPE_TOLERANCE; None where there is none."""
+    if not len(shapes):
+        return None
+    dist = [np.abs(np.log(np.asarray(shape, float)) - np.log(np.asarray(want, float))) for shape in shapes]
     best = int(np.argmin([d.sum() for d in dist]))
-    if dist[best].max() > np.log(MOE_SHAPE_TOLERANCE):
-        return None
-    return m.gpu_moe_tokens_per_expert[best], m.gpu_moe_flops[best]
+    return None if dist[best].max() > np.log(MOE_SHAPE_TOLERANCE) else best

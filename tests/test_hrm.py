@@ -447,7 +447,8 @@ def test_the_rest_rate_gives_back_the_measured_layer(monkeypatch):
     monkeypatch.setattr(calibration, "gpu_moe_flops", lambda spec, xs, **kw: [moe_rates[per_expert.index(x)] for x in xs])
     rest = calibration.prefill_rest_flops(MIXTRAL, tokens, whole, 256, device="cpu")
     probe_like = replace(hw, measured=replace(
-        m, gpu_prefill_tokens=tuple(map(float, tokens)), gpu_prefill_rest_flops=tuple(rest),
+        m, gpu_prefill_tokens=tuple(map(float, tokens)), gpu_prefill_rest_flops=tuple(rest), gpu_prefill_rest_shapes=(),
+        gpu_prefill_rest_tokens_by_shape=(), gpu_prefill_rest_flops_by_shape=(),
         gpu_moe_tokens_per_expert=(tuple(per_expert),) + m.gpu_moe_tokens_per_expert[1:],
         gpu_moe_flops=(tuple(moe_rates),) + m.gpu_moe_flops[1:]))
     for t, rate in zip(tokens, whole):
@@ -455,3 +456,26 @@ def test_the_rest_rate_gives_back_the_measured_layer(monkeypatch):
         s = Setting.of(MIXTRAL, probe_like, Workload.uniform(256, 32), Policy(seqs, seqs))
         got = float(prefill_layer_times(s, seqs, seqs, 1.0, 0.0).gpu_s)
         assert got == pytest.approx(float(ops.prefill_layer(MIXTRAL, seqs, 256).flops) / rate, rel=1e-9)
+
+
+def test_the_prefill_rest_is_priced_at_the_models_own_attention_shape():
+    """Where the profile has the prefill rest rate by attention shape, a model takes the nearest one within
+    the shape tolerance (Qwen3 its own, Mixtral its own), and a model near none of them the one-model curve."""
+    from hrm.rates import attention_shape, prefill_rest_flops_per_s
+
+    hw = load_profile("h200-measured")
+    qwen3, olmoe = load_model("qwen3-30b-a3b"), load_model("olmoe-1b-7b")
+    m = replace(hw.measured, gpu_prefill_tokens=(1024.0, 4096.0), gpu_prefill_rest_flops=(100e12, 200e12),
+                gpu_prefill_rest_shapes=(attention_shape(MIXTRAL), attention_shape(qwen3)),
+                gpu_prefill_rest_tokens_by_shape=((4096.0,), (1024.0, 4096.0)),
+                gpu_prefill_rest_flops_by_shape=((300e12,), (50e12, 150e12)))
+    by_shape = replace(hw, measured=m)
+
+    def rate(spec, tokens):
+        return float(prefill_rest_flops_per_s(Setting(spec, by_shape, MTBENCH), tokens))
+    assert rate(qwen3, 4096) == pytest.approx(150e12) and rate(qwen3, 2048) == pytest.approx(100e12)
+    assert rate(MIXTRAL, 1024) == pytest.approx(300e12)
+    assert rate(olmoe, 4096) == pytest.approx(200e12)      # q_dim 2048, K+V 4096: within 1.5x of neither
+    one_model = replace(hw, measured=replace(m, gpu_prefill_rest_shapes=(), gpu_prefill_rest_tokens_by_shape=(),
+                                             gpu_prefill_rest_flops_by_shape=()))
+    assert float(prefill_rest_flops_per_s(Setting(qwen3, one_model, MTBENCH), 4096)) == pytest.approx(200e12)

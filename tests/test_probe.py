@@ -45,7 +45,11 @@ def _fake_gpu_result(cpu_result: dict) -> dict:
                     moe_flops_per_s=[[300e12, 450e12], [80e12, 250e12]], prefill_prompt_len=256,
                     prefill_tokens=[1024, 4096], prefill_flops_per_s=[250e12, 380e12], prefill_layers=[2, 6],
                     prefill_rest_flops_per_s=[150e12, 260e12], prefill_model="mixtral-8x7b",
-                    prefill_pass_s_per_token=2e-6)
+                    prefill_pass_s_per_token=2e-6,
+                    prefill_rest_by_shape=[{"model": "mixtral-8x7b", "shape": [4096, 4096, 2048], "tokens": [1024, 4096],
+                                            "rest_flops_per_s": [150e12, 260e12]},
+                                           {"model": "qwen3-30b-a3b", "shape": [2048, 4096, 1024], "tokens": [1024, 4096],
+                                            "rest_flops_per_s": [90e12, 140e12]}])
     r["link"] = dict(sizes_bytes=[256 * 1024, 4 * MiB, 1024 * MiB], h2d_bytes_per_s=[20e9, 43e9, 55e9],
                      d2h_bytes_per_s=[22e9, 49e9, 55.2e9], duplex_bytes_per_s=120e9, duplex_size_bytes=1024 * MiB,
                      pageable_h2d_bytes_per_s=14e9, pageable_size_bytes=1024 * MiB)
@@ -160,6 +164,9 @@ def test_profile_from_measured_gpu(cpu_result, tmp_path):
     assert m.gpu_moe_tokens_per_expert[1] == (32, 2048) and m.gpu_moe_flops[1][1] == pytest.approx(250e12, rel=1e-3)
     assert m.gpu_prefill_tokens == (1024, 4096) and m.gpu_prefill_rest_flops[1] == pytest.approx(260e12, rel=1e-3)
     assert m.prefill_pass_s_per_token == pytest.approx(2e-6, rel=1e-3)
+    assert m.gpu_prefill_rest_shapes == ((4096, 4096, 2048), (2048, 4096, 1024))
+    assert m.gpu_prefill_rest_tokens_by_shape[1] == (1024, 4096)
+    assert m.gpu_prefill_rest_flops_by_shape[1][1] == pytest.approx(140e12, rel=1e-3)
     assert dict(m.decode_visit_s_by_schedule)["s4"] == pytest.approx(2.5e-3, rel=1e-3)
     assert dict(m.decode_visit_s_grouped_by_schedule)["cgopipe"] == pytest.approx(2.2e-3, rel=1e-3)
     assert m.grouped_above_tokens == 64
@@ -337,3 +344,29 @@ def test_profile_table_shows_the_runtime_rows(cpu_result, capsys):
     for text in ("s4, micro-batches of 1", "micro-batches of 65 (grouped MoE)", "inside the CGOPipe loop",
                  "runtime MoE layer at qwen3-30b-a3b's shape", "(all but the experts: 260.0)"):
         assert text in out, text
+
+
+def test_prefill_by_model_measures_each_attention_shape_once_and_notes_what_it_could_not(monkeypatch):
+    """The profile's prefill step: the profiled model's prefill (costs and rest rate), then the rest rate of
+    each other MOE_MODELS model of another attention shape; a model whose rest cannot be derived is a note,
+    and the profile still holds the others."""
+    from hrm.hf_config import load_model
+    from runtime.probe import machine_profile as mp
+
+    monkeypatch.setattr(mp.torch.cuda, "mem_get_info", lambda: (100 * 2**30, 140 * 2**30))
+    ran = []
+
+    def costs(m, seqs, layers, repeats):
+        ran.append(m.name)
+        return {"flops_per_s": [300e12] * len(seqs), "pass_s_per_token": 1e-6}
+
+    monkeypatch.setattr(mp, "prefill_costs", costs)
+    monkeypatch.setattr(mp, "prefill_rest_flops", lambda m, tokens, rates, p, repeats: (
+        [None] * len(tokens) if m.name == "qwen3-30b-a3b" else [200e12] * len(tokens)))
+    notes = []
+    out = mp.prefill_by_model(load_model("mixtral-8x7b"), (4, 16), quick=True, notes=notes)
+    assert ran == ["mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b"]
+    assert out["prefill_tokens"] == [1024, 4096] and out["prefill_rest_flops_per_s"] == [200e12, 200e12]
+    assert [r["model"] for r in out["prefill_rest_by_shape"]] == ["mixtral-8x7b", "olmoe-1b-7b"]
+    assert out["prefill_rest_by_shape"][1]["shape"] == [2048, 2048, 4096]
+    assert len(notes) == 1 and "qwen3-30b-a3b" in notes[0]

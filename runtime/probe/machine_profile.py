@@ -175,29 +175,7 @@ def profile_machine(spec=None, quick: bool = False, progress: bool = True, gpu: 
     def prefill():
         from hrm.hf_config import load_model
         seqs = PREFILL_SEQS_QUICK if quick else PREFILL_SEQS
-        model = spec or load_model("mixtral-8x7b")
-        depths = prefill_layers(model, torch.cuda.mem_get_info()[0])
-        if depths is None:
-            result["notes"].append("runtime prefill not measured: two layers of the model do not fit the GPU")
-            return
-        try:
-            r = prefill_costs(model, seqs, layers=depths, repeats=2 if quick else 3)
-        except Exception as e:  # the other measurements still make a profile; the HRM falls back
-            result["notes"].append(f"runtime prefill not measured: {type(e).__name__}: {e}".splitlines()[0])
-            return
-        g["prefill_prompt_len"] = PREFILL_PROMPT_LEN
-        g["prefill_layers"] = list(depths)
-        g["prefill_tokens"] = [n * PREFILL_PROMPT_LEN for n in seqs]
-        g["prefill_flops_per_s"] = r["flops_per_s"]
-        g["prefill_pass_s_per_token"] = r["pass_s_per_token"]
-        g["prefill_model"] = model.name
-        rest = prefill_rest_flops(model, g["prefill_tokens"], r["flops_per_s"], PREFILL_PROMPT_LEN,
-                                  repeats=2 if quick else 5)
-        if None in rest:
-            result["notes"].append("runtime prefill: the MoE layer alone took as long as the whole layer; "
-                                   "the rest of the layer is priced by its roofline")
-        else:
-            g["prefill_rest_flops_per_s"] = rest
+        g.update(prefill_by_model(spec or load_model("mixtral-8x7b"), seqs, quick, result["notes"]))
 
     steps += [("CPU DRAM copy/read", dram), ("CPU matmul fp32/bf16", matmul), ("CPU decode attention", attention)]
     if use_gpu or not quick:
@@ -223,6 +201,54 @@ def profile_machine(spec=None, quick: bool = False, progress: bool = True, gpu: 
         result["gpu"], result["link"] = g, lk
     result["elapsed_s"] = time.perf_counter() - t0
     return result
+
+
+def prefill_by_model(model, seqs, quick: bool, notes: list) -> dict:
+    """The runtime's prefill of `model` (prefill_costs and the rest rate, the [gpu] result's prefill_* keys),
+    and the rest rate of each MOE_MODELS model of another attention shape (prefill_rest_by_shape, the
+    profiled model first). What could not be measured is a line in `notes`; the HRM falls back."""
+    from hrm.hf_config import load_model
+    from hrm.rates import attention_shape
+    tokens = [n * PREFILL_PROMPT_LEN for n in seqs]
+
+    def measure(m):
+        """(prefill_costs with its depths or None, rest FLOP/s per chunk size or None, a note or None)."""
+        depths = prefill_layers(m, torch.cuda.mem_get_info()[0])
+        if depths is None:
+            return None, None, f"runtime prefill of {m.name} not measured: two layers do not fit the GPU"
+        try:
+            r = prefill_costs(m, seqs, layers=depths, repeats=2 if quick else 3)
+        except Exception as e:  # the other measurements still make a profile
+            return None, None, f"runtime prefill of {m.name} not measured: {type(e).__name__}: {e}".splitlines()[0]
+        r["layers"] = list(depths)
+        rest = prefill_rest_flops(m, tokens, r["flops_per_s"], PREFILL_PROMPT_LEN, repeats=2 if quick else 5)
+        if None in rest:
+            return r, None, (f"runtime prefill of {m.name}: the MoE layer alone took as long as the whole layer; "
+                             "the rest of its layer is priced by the roofline")
+        return r, rest, None
+
+    out: dict = {}
+    r, rest, note = measure(model)
+    notes += [note] if note else []
+    if r is None:
+        return out
+    out.update(prefill_prompt_len=PREFILL_PROMPT_LEN, prefill_layers=r["layers"], prefill_tokens=tokens,
+               prefill_flops_per_s=r["flops_per_s"], prefill_pass_s_per_token=r["pass_s_per_token"],
+               prefill_model=model.name)
+    by_shape = []
+    if rest is not None:
+        out["prefill_rest_flops_per_s"] = rest
+        by_shape.append((model, rest))
+    for other in (load_model(name) for name in MOE_MODELS):
+        if other.name == model.name or attention_shape(other) in [attention_shape(m) for m, _ in by_shape]:
+            continue
+        _, other_rest, note = measure(other)
+        notes += [note] if note else []
+        if other_rest is not None:
+            by_shape.append((other, other_rest))
+    out["prefill_rest_by_shape"] = [{"model": m.name, "shape": list(attention_shape(m)), "tokens": tokens,
+                                     "rest_flops_per_s": rates} for m, rates in by_shape]
+    return out
 
 
 class _Lines:

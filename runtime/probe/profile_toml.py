@@ -143,6 +143,14 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
                         if g.get("prefill_rest_flops_per_s") else []),
                       "# ... and what it pays once per pass, whatever the layers, per prompt token",
                       f"prefill_pass_ns_per_token = {g['prefill_pass_s_per_token'] * 1e9:.4g}"]
+        if g.get("prefill_rest_by_shape"):
+            rows = g["prefill_rest_by_shape"]
+            lines += [f"# the rest rate of {', '.join(r['model'] for r in rows)} by attention shape [hidden, q_dim, "
+                      "K+V elements per token] (hrm.rates.attention_shape)",
+                      f"gpu_prefill_rest_shapes = {json.dumps([r['shape'] for r in rows])}",
+                      f"gpu_prefill_rest_tokens_by_shape = {json.dumps([r['tokens'] for r in rows])}",
+                      "gpu_prefill_rest_tflops_by_shape = [" + ", ".join(
+                          _arr([x / TFLOPS for x in r["rest_flops_per_s"]]) for r in rows) + "]"]
     elif donor.measured is not None:
         m = donor.measured
         lines.append(f"# GPU curves from profile {donor.name!r} ({m.method}, {m.date})")
