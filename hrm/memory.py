@@ -124,7 +124,8 @@ class PassShape:
     device_sequences: object         # sequences of the micro-batches whose cache is on the GPU
     kv_slots_device: object          # ... and their KV slots
     kv_slots_host: object            # ... and on the host
-    kv_slots_micro_batch: object     # KV slots of the largest micro-batch (one layer of it streams in s4)
+    kv_slots_micro_batch: object     # KV slots of the largest micro-batch whose KV is on the host (one layer
+    #                                  of it streams to the GPU under GPU attention; nominal: any micro-batch)
     kv_capacity: object              # the most slots of one sequence (decode masks)
     prefill_tokens: object           # prefill slots of the pass, padding included (the staging between layers)
     chunk_tokens: object             # the largest prefill chunk's tokens
@@ -159,7 +160,7 @@ class PassShape:
         slots at prefill)."""
         return cls(sequences=sum(sizes), micro_batch=max(sizes), device_sequences=sum(sizes[:num_device]),
                    kv_slots_device=sum(slots[:num_device]),
-                   kv_slots_host=sum(slots[num_device:]), kv_slots_micro_batch=max(slots),
+                   kv_slots_host=sum(slots[num_device:]), kv_slots_micro_batch=max(slots[num_device:], default=0),
                    kv_capacity=capacity, prefill_tokens=sum(t for t, _, _ in chunks),
                    chunk_tokens=max(t for t, _, _ in chunks), chunk_rows=max(r for _, r, _ in chunks),
                    chunk_kv_slots=max(k for _, _, k in chunks), new_tokens=new_tokens)

@@ -251,7 +251,7 @@ class DecodePass:
                 appends.pop(j).result()      # host cache holds the previous step's token
             st.wait(st.h2d_kv, used_ev[b])
             with st.use(st.h2d_kv), self.rec.gpu("h2d_kv", st.h2d_kv, self._label(visit, j)):
-                staging[b] = self._to_device(self.kv.blocks(layer, j), non_blocking=True)
+                staging[b] = self._to_device(self.kv.blocks(layer, j), b, non_blocking=True)
                 staged_ev[b] = st.record(st.h2d_kv)
 
         if order:
@@ -270,10 +270,6 @@ class DecodePass:
                 st.wait(st.compute, staged_ev[b])
                 self.device_attn(visit, j, staging[b])
                 used_ev[b] = m.ev_load_h
-                if st.cuda:
-                    for _, kc, vc in staging[b]:
-                        kc.record_stream(st.compute)
-                        vc.record_stream(st.compute)
                 self.offload_qkv(visit, j)
                 appends[j] = self._append_on_host(visit, j)
             self.load_pages(visit + 1, self.store.page_table.pages if j == 0 else ())
@@ -311,7 +307,7 @@ class DecodePass:
                 elif self.policy.attention_on_gpu:
                     layer = self._layer(visit)
                     with self.rec.gpu("h2d_kv", self.streams.compute, self._label(visit, j)):
-                        staged = self._to_device(self.kv.blocks(layer, j))
+                        staged = self._to_device(self.kv.blocks(layer, j), 0)
                     self.device_attn(visit, j, staged)
                     self.offload_qkv(visit, j)
                     self._append_on_host(visit, j).result()
@@ -324,10 +320,18 @@ class DecodePass:
                 self._synchronize()
             self.load_pages(visit + 1, self.store.page_table.pages)
 
-    def _to_device(self, blocks, non_blocking: bool = False):
-        """Device copies of a micro-batch's KV blocks (s4 and blocking stream them per layer)."""
-        return tuple((block, kc.to(self.device, non_blocking=non_blocking),
-                      vc.to(self.device, non_blocking=non_blocking)) for block, kc, vc in blocks)
+    def _to_device(self, blocks, buffer: int, non_blocking: bool = False):
+        """Device copies of a micro-batch's KV blocks (s4 and blocking stream them per layer) in the pass's
+        KV stream buffer `buffer` (Pipeline.kv_stream): views of it, in block order."""
+        flat, off, out = self.kv_stream[buffer], 0, []
+        for block, kc, vc in blocks:
+            kd = flat[off:off + kc.numel()].view(kc.shape)
+            vd = flat[off + kc.numel():off + kc.numel() + vc.numel()].view(vc.shape)
+            off += kc.numel() + vc.numel()
+            kd.copy_(kc, non_blocking=non_blocking)
+            vd.copy_(vc, non_blocking=non_blocking)
+            out.append((block, kd, vd))
+        return tuple(out)
 
     def _synchronize(self) -> None:
         if self.streams.cuda:

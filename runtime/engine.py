@@ -236,7 +236,8 @@ class Engine:
         pageable = {}
         if pipe is not None:
             state = pipe.allocated_bytes()
-            gpu.update(pass_state=state["gpu_pass_state"], prefill_inputs=state["prefill_inputs"])
+            gpu.update(pass_state=state["gpu_pass_state"], prefill_inputs=state["prefill_inputs"],
+                       kv_stream_buffer=state["kv_stream_buffer"])
             pinned["io_buffers"] = state["io_buffers"]
             pageable["pass_state"] = state["host_pass_state"]
         return {"gpu": gpu, "pinned": pinned, "pageable": pageable}

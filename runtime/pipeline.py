@@ -22,6 +22,7 @@ import torch
 
 from hrm.memory import KV_TRANSFER_SLOTS
 from hrm.policy import Policy
+from hrm.schedules import SCHEDULES
 from hrm.spec import ModelSpec
 
 from .cpu_attention import AttentionWorker
@@ -80,6 +81,12 @@ class Pipeline(PrefillPass, DecodePass):
                          for i in range(KV_TRANSFER_SLOTS)]
         self.kv_slot_writes: list[object] = [None] * KV_TRANSFER_SLOTS    # the worker's copy out of each slot
         self._kv_slot_next = 0
+        # GPU attention over host KV: the schedule's device copies of one micro-batch's KV layer, allocated
+        # once at the largest micro-batch's size (the account's kv_stream_buffer), never per visit
+        host_kv = [j for j, m in enumerate(self.state) if not m.kv_on_device]
+        elems = max((sum(kc.numel() + vc.numel() for _, kc, vc in kv.blocks(0, j)) for j in host_kv), default=0)
+        buffers = SCHEDULES[policy.schedule].kv_stream_buffers if policy.attention_on_gpu and elems else 0
+        self.kv_stream = [torch.empty(elems, dtype=self.dtype, device=self.device) for _ in range(buffers)]
 
     # ---- setup -----------------------------------------------------------------------------------
     def _mb_state(self, mb: MicroBatch, kv_on_device: bool, uniforms: torch.Tensor) -> MicroBatchState:
@@ -164,6 +171,7 @@ class Pipeline(PrefillPass, DecodePass):
         inputs = sum(nbytes((x["tokens"], x["cos"], x["sin"], x["last"], [g[:2] for g in x["groups"]]))
                      for _, _, x in self.chunks)
         return {"gpu_pass_state": gpu_state, "prefill_inputs": inputs, "host_pass_state": host_state,
+                "kv_stream_buffer": nbytes(self.kv_stream),
                 "io_buffers": sum(nbytes((m.qkv_host, m.attn_host)) for m in self.state)}
 
     # ---- results ---------------------------------------------------------------------------------
