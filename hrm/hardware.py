@@ -37,7 +37,7 @@ class ComputeUnit:
     cores: int = 0
     source: str = ""
 
-    def flops(self, dtype: str) -> float:
+    def flops_per_s(self, dtype: str) -> float:
         key = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype)
         if key in self.peak_flops:
             return self.peak_flops[key]
@@ -71,18 +71,18 @@ class Measured:
     H2D rate by transfer size. Scalars are rates of the runtime's own kernels.
     """
     gpu_gemm_tokens: tuple[float, ...] = ()
-    gpu_gemm_flops: tuple[float, ...] = ()
+    gpu_gemm_flops_per_s: tuple[float, ...] = ()
     h2d_sizes_bytes: tuple[float, ...] = ()
     gpu_moe_shapes: tuple[tuple[int, int, int, int], ...] = ()  # the runtime's MoE layer measured at these
     #   expert shapes (hidden, intermediate, experts, top-k) ...
     gpu_moe_tokens_per_expert: tuple[tuple[float, ...], ...] = ()  # ... per shape: tokens per expert ...
-    gpu_moe_flops: tuple[tuple[float, ...], ...] = ()              # ... and routed top-k FLOP/s
+    gpu_moe_flops_per_s: tuple[tuple[float, ...], ...] = ()              # ... and routed top-k FLOP/s
     gpu_prefill_tokens: tuple[float, ...] = ()  # the runtime's prefill layer: tokens per chunk ...
-    gpu_prefill_rest_flops: tuple[float, ...] = ()  # ... and FLOP/s of all but its routed experts
+    gpu_prefill_rest_flops_per_s: tuple[float, ...] = ()  # ... and FLOP/s of all but its routed experts
     gpu_prefill_rest_shapes: tuple[tuple[int, int, int], ...] = ()  # the same measured at these attention
     #   shapes (hrm.rates.attention_shape) of several models (priced before the one-model curve above) ...
     gpu_prefill_rest_tokens_by_shape: tuple[tuple[float, ...], ...] = ()  # ... per shape: tokens per chunk ...
-    gpu_prefill_rest_flops_by_shape: tuple[tuple[float, ...], ...] = ()   # ... and FLOP/s of the rest
+    gpu_prefill_rest_flops_per_s_by_shape: tuple[tuple[float, ...], ...] = ()   # ... and FLOP/s of the rest
     prefill_pass_s_per_token: float = 0.0       # the runtime's prefill cost per prompt token paid once per pass
     h2d_bytes_per_s: tuple[float, ...] = ()
     cpu_attention_bytes_per_s: float = 0.0     # KV bytes/s of the runtime's CPU decode attention
@@ -102,8 +102,8 @@ class Measured:
     method: str = ""
     date: str = ""
 
-    def gemm_flops(self, tokens: float, default: float) -> float:
-        return _interp_log(tokens, self.gpu_gemm_tokens, self.gpu_gemm_flops, default)
+    def gemm_flops_per_s(self, tokens: float, default: float) -> float:
+        return _interp_log(tokens, self.gpu_gemm_tokens, self.gpu_gemm_flops_per_s, default)
 
     def h2d_rate(self, size_bytes: float, default: float) -> float:
         return _interp_log(size_bytes, self.h2d_sizes_bytes, self.h2d_bytes_per_s, default)
@@ -153,11 +153,11 @@ class HardwareProfile:
             gpu=replace(self.gpu, peak_flops={k: v * gpu_flops for k, v in self.gpu.peak_flops.items()}),
             measured=None if self.measured is None else replace(
                 self.measured, h2d_bytes_per_s=tuple(v * link for v in self.measured.h2d_bytes_per_s),
-                gpu_gemm_flops=tuple(v * gpu_flops for v in self.measured.gpu_gemm_flops),
-                gpu_moe_flops=tuple(tuple(v * gpu_flops for v in curve) for curve in self.measured.gpu_moe_flops),
-                gpu_prefill_rest_flops=tuple(v * gpu_flops for v in self.measured.gpu_prefill_rest_flops),
-                gpu_prefill_rest_flops_by_shape=tuple(tuple(v * gpu_flops for v in curve)
-                                                      for curve in self.measured.gpu_prefill_rest_flops_by_shape),
+                gpu_gemm_flops_per_s=tuple(v * gpu_flops for v in self.measured.gpu_gemm_flops_per_s),
+                gpu_moe_flops_per_s=tuple(tuple(v * gpu_flops for v in curve) for curve in self.measured.gpu_moe_flops_per_s),
+                gpu_prefill_rest_flops_per_s=tuple(v * gpu_flops for v in self.measured.gpu_prefill_rest_flops_per_s),
+                gpu_prefill_rest_flops_per_s_by_shape=tuple(tuple(v * gpu_flops for v in curve)
+                                                      for curve in self.measured.gpu_prefill_rest_flops_per_s_by_shape),
                 cpu_dram_bytes_per_s=self.measured.cpu_dram_bytes_per_s * cpu_mem_bw,
                 cpu_attention_bytes_per_s=self.measured.cpu_attention_bytes_per_s * cpu_mem_bw,
                 cpu_attention_overlapped_bytes_per_s=self.measured.cpu_attention_overlapped_bytes_per_s * cpu_mem_bw,
@@ -278,10 +278,10 @@ def _measured(table: Mapping, where: str) -> Measured:
     om, ob = pair("cpu_attention_overlapped_micro_batches", "cpu_attention_overlapped_gb_per_s_by_micro_batch", 1.0, GB)
     loop_shapes, loop_s = _attention_loop(table, where)
     return Measured(
-        gpu_gemm_tokens=gt, gpu_gemm_flops=gf, h2d_sizes_bytes=hs, h2d_bytes_per_s=hr,
-        gpu_moe_shapes=shapes, gpu_moe_tokens_per_expert=moe_x, gpu_moe_flops=moe_y,
-        gpu_prefill_tokens=pt, gpu_prefill_rest_flops=pf, gpu_prefill_rest_shapes=rest_shapes,
-        gpu_prefill_rest_tokens_by_shape=rest_x, gpu_prefill_rest_flops_by_shape=rest_y,
+        gpu_gemm_tokens=gt, gpu_gemm_flops_per_s=gf, h2d_sizes_bytes=hs, h2d_bytes_per_s=hr,
+        gpu_moe_shapes=shapes, gpu_moe_tokens_per_expert=moe_x, gpu_moe_flops_per_s=moe_y,
+        gpu_prefill_tokens=pt, gpu_prefill_rest_flops_per_s=pf, gpu_prefill_rest_shapes=rest_shapes,
+        gpu_prefill_rest_tokens_by_shape=rest_x, gpu_prefill_rest_flops_per_s_by_shape=rest_y,
         prefill_pass_s_per_token=_rate(table, "prefill_pass_ns_per_token", where) * 1e-9,
         cpu_attention_bytes_per_s=_rate(table, "cpu_attention_gb_per_s", where) * GB,
         cpu_attention_overlapped_bytes_per_s=_rate(table, "cpu_attention_overlapped_gb_per_s", where) * GB,

@@ -39,13 +39,13 @@ def _measured(s: Setting):
 
 
 
-def gpu_gemm_flops(s: Setting, tokens_per_gemm):
+def gpu_gemm_flops_per_s(s: Setting, tokens_per_gemm):
     """Attainable GEMM FLOP/s of the GPU(s) at a given number of tokens per weight matrix."""
     gpu = s.hardware.gpu
-    peak = gpu.flops(s.spec.dtypes.name)
+    peak = gpu.flops_per_s(s.spec.dtypes.name)
     m = _measured(s)
     if m is not None and m.gpu_gemm_tokens:
-        rate = interp_log(tokens_per_gemm, m.gpu_gemm_tokens, m.gpu_gemm_flops)
+        rate = interp_log(tokens_per_gemm, m.gpu_gemm_tokens, m.gpu_gemm_flops_per_s)
         return np.minimum(rate, peak) * gpu.count
     return peak * gpu.count
 
@@ -176,12 +176,12 @@ def cpu_attention_call_s(s: Setting) -> float:
 
 def gpu_time(s: Setting, cost: Cost, tokens_per_gemm):
     """Roofline time of work on the GPU: max(FLOPs / attainable FLOP/s, bytes / HBM bandwidth)."""
-    return np.maximum(cost.flops / gpu_gemm_flops(s, tokens_per_gemm), cost.bytes / gpu_hbm_bytes_per_s(s))
+    return np.maximum(cost.flops / gpu_gemm_flops_per_s(s, tokens_per_gemm), cost.bytes / gpu_hbm_bytes_per_s(s))
 
 
 
 def cpu_time(s: Setting, cost: Cost, bytes_per_s):
-    return np.maximum(cost.flops / s.hardware.cpu.flops("fp32"), cost.bytes / bytes_per_s)
+    return np.maximum(cost.flops / s.hardware.cpu.flops_per_s("fp32"), cost.bytes / bytes_per_s)
 
 
 
@@ -204,9 +204,9 @@ def prefill_rest_flops_per_s(s: Setting, tokens):
         return None
     best = _nearest_shape(m.gpu_prefill_rest_shapes, attention_shape(s.spec))
     if best is not None:
-        curve = m.gpu_prefill_rest_tokens_by_shape[best], m.gpu_prefill_rest_flops_by_shape[best]
+        curve = m.gpu_prefill_rest_tokens_by_shape[best], m.gpu_prefill_rest_flops_per_s_by_shape[best]
     elif m.gpu_prefill_tokens:
-        curve = m.gpu_prefill_tokens, m.gpu_prefill_rest_flops
+        curve = m.gpu_prefill_tokens, m.gpu_prefill_rest_flops_per_s
     else:
         return None
     return interp_log(tokens, *curve) * s.hardware.gpu.count
@@ -226,7 +226,7 @@ def moe_curve(s: Setting):
     if m is None:
         return None
     best = _nearest_shape([shape[:2] for shape in m.gpu_moe_shapes], (s.spec.hidden_size, s.spec.moe_intermediate_size))
-    return None if best is None else (m.gpu_moe_tokens_per_expert[best], m.gpu_moe_flops[best])
+    return None if best is None else (m.gpu_moe_tokens_per_expert[best], m.gpu_moe_flops_per_s[best])
 
 
 def _nearest_shape(shapes, want) -> int | None:

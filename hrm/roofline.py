@@ -38,8 +38,8 @@ class Hierarchy:
     @classmethod
     def of(cls, hw: HardwareProfile, dtype: str = "bf16") -> "Hierarchy":
         n = hw.gpu.count
-        return cls(gpu=Level("gpu", hw.gpu.flops(dtype) * n, hw.gpu.mem_bytes_per_s * n),
-                   cpu=Level("cpu", hw.cpu.flops("fp32"), hw.cpu.mem_bytes_per_s),
+        return cls(gpu=Level("gpu", hw.gpu.flops_per_s(dtype) * n, hw.gpu.mem_bytes_per_s * n),
+                   cpu=Level("cpu", hw.cpu.flops_per_s("fp32"), hw.cpu.mem_bytes_per_s),
                    link_bytes_per_s=hw.link.h2d_bytes_per_s * n)
 
 

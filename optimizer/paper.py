@@ -78,8 +78,8 @@ class ArtifactMachine:
         c_mem = parse_size(cpu_memory) if cpu_memory is not None else hw.cpu.memory_bytes * gib
         return cls(gpu_memory_bytes=g_mem * tp, cpu_memory_bytes=c_mem,
                    gpu_bytes_per_s=hw.gpu.mem_bytes_per_s * gib * tp, cpu_bytes_per_s=hw.cpu.mem_bytes_per_s * gib,
-                   link_bytes_per_s=hw.link.h2d_bytes_per_s * gib, gpu_flops=hw.gpu.flops(dtype) * tp,
-                   cpu_flops=hw.cpu.flops(dtype), tp_size=tp)
+                   link_bytes_per_s=hw.link.h2d_bytes_per_s * gib, gpu_flops=hw.gpu.flops_per_s(dtype) * tp,
+                   cpu_flops=hw.cpu.flops_per_s(dtype), tp_size=tp)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ def test_shipped_profile_loads_with_sources(name):
         assert unit.peak_flops and all(v > 0 for v in unit.peak_flops.values())
         # every dtype the runtime uses resolves (directly or by fallback)
         for dtype in ("bfloat16", "float16", "float32"):
-            assert unit.flops(dtype) > 0
+            assert unit.flops_per_s(dtype) > 0
     assert p.gpu.count >= 1 and p.cpu.cores >= 1
     lk = p.link
     assert lk.h2d_bytes_per_s > 0 and lk.d2h_bytes_per_s > 0
@@ -62,8 +62,8 @@ def test_t4_paper_units_converted_once():
     assert p.link.duplex_frac == pytest.approx(1.0)
     assert p.gpu.memory_bytes == pytest.approx(15e9)
     assert p.gpu.mem_bytes_per_s == pytest.approx(300e9)
-    assert p.gpu.flops("float16") == pytest.approx(65e12)
-    assert p.cpu.flops("float32") == pytest.approx(0.8e12)
+    assert p.gpu.flops_per_s("float16") == pytest.approx(65e12)
+    assert p.cpu.flops_per_s("float32") == pytest.approx(0.8e12)
     assert p.cpu.mem_bytes_per_s == pytest.approx(100e9)
     assert p.cpu.memory_bytes == pytest.approx(192e9)
     assert p.measured is None
@@ -73,8 +73,8 @@ def test_l4_paper_artifact_constants():
     p = load_profile("l4-paper")
     assert p.gpu.memory_bytes == pytest.approx(24e9)
     assert p.gpu.mem_bytes_per_s == pytest.approx(285e9)
-    assert p.gpu.flops("bfloat16") == pytest.approx(104e12)
-    assert p.cpu.flops("bfloat16") == pytest.approx(1.6e12)
+    assert p.gpu.flops_per_s("bfloat16") == pytest.approx(104e12)
+    assert p.cpu.flops_per_s("bfloat16") == pytest.approx(1.6e12)
     assert p.link.h2d_bytes_per_s == pytest.approx(16e9)
     assert p.cpu.memory_bytes == pytest.approx(192e9)
 
@@ -82,8 +82,8 @@ def test_l4_paper_artifact_constants():
 def test_t4_has_no_bf16_and_falls_back_to_fp16():
     p = load_profile("t4-s1")
     assert "bf16" not in p.gpu.peak_flops
-    assert p.gpu.flops("bfloat16") == pytest.approx(65e12)
-    assert p.gpu.flops("float32") == pytest.approx(8.1e12)
+    assert p.gpu.flops_per_s("bfloat16") == pytest.approx(65e12)
+    assert p.gpu.flops_per_s("float32") == pytest.approx(8.1e12)
     assert p.link.duplex_frac < 1.0
 
 
@@ -100,12 +100,12 @@ def test_h200_profile_and_measured_section():
     p = load_profile("h200")
     assert p.gpu.memory_bytes == pytest.approx(139.8 * GiB)
     assert p.gpu.mem_bytes_per_s == pytest.approx(4100e9)
-    assert p.gpu.flops("bfloat16") == pytest.approx(748e12)
+    assert p.gpu.flops_per_s("bfloat16") == pytest.approx(748e12)
     assert p.cpu.cores == 16
     assert p.cpu.memory_bytes == pytest.approx(125.9 * GiB)
     assert p.cpu.mem_bytes_per_s == pytest.approx(88e9)
-    assert p.cpu.flops("bfloat16") == pytest.approx(3.7e12)
-    assert p.cpu.flops("float32") == pytest.approx(1.4e12)
+    assert p.cpu.flops_per_s("bfloat16") == pytest.approx(3.7e12)
+    assert p.cpu.flops_per_s("float32") == pytest.approx(1.4e12)
     assert p.link.h2d_bytes_per_s == pytest.approx(55.0e9)
     assert p.link.d2h_bytes_per_s == pytest.approx(55.2e9)
     assert p.link.duplex_bytes_per_s == pytest.approx(99e9)
@@ -113,10 +113,10 @@ def test_h200_profile_and_measured_section():
     m = p.measured
     assert m is not None and m.date == "2026-11-28" and "FACTS.md" in m.method
     assert m.gpu_gemm_tokens == (16, 64, 256, 1024, 4096)
-    assert m.gemm_flops(256, default=0.0) == pytest.approx(404e12)
-    assert m.gemm_flops(16, default=0.0) == pytest.approx(32e12)
-    assert 404e12 < m.gemm_flops(512, default=0.0) < 634e12
-    assert m.gemm_flops(1e6, default=0.0) == pytest.approx(713e12)   # clamped beyond the last point
+    assert m.gemm_flops_per_s(256, default=0.0) == pytest.approx(404e12)
+    assert m.gemm_flops_per_s(16, default=0.0) == pytest.approx(32e12)
+    assert 404e12 < m.gemm_flops_per_s(512, default=0.0) < 634e12
+    assert m.gemm_flops_per_s(1e6, default=0.0) == pytest.approx(713e12)   # clamped beyond the last point
     assert m.h2d_sizes_bytes == (4 * 2**20, 1024 * 2**20)
     assert m.h2d_rate(4 * 2**20, default=0.0) == pytest.approx(43e9)
     assert m.h2d_rate(2**30, default=0.0) == pytest.approx(55e9)
@@ -258,7 +258,7 @@ def test_measured_curves_are_sorted(tmp_path):
     text = GOOD + '\n[measured]\ngpu_gemm_tokens = [256, 16]\ngpu_gemm_tflops = [400, 30]\nmethod = "m"\ndate = "d"\n'
     m = load_profile(_write(tmp_path, text)).measured
     assert m.gpu_gemm_tokens == (16, 256)
-    assert m.gemm_flops(16, default=0) == pytest.approx(30e12)
+    assert m.gemm_flops_per_s(16, default=0) == pytest.approx(30e12)
 
 
 def test_env_var_directory_is_searched(tmp_path, monkeypatch):

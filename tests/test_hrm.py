@@ -325,7 +325,7 @@ def test_measured_moe_layer_rate_prices_prefill():
     flops = float(ops.routed_experts(MIXTRAL, tokens).flops)
     slow = replace(hw, measured=replace(hw.measured, gpu_moe_shapes=((4096, 14336, 8, 2),),
                                         gpu_moe_tokens_per_expert=((256.0, 2048.0),),
-                                        gpu_moe_flops=((100e12, 100e12),)))
+                                        gpu_moe_flops_per_s=((100e12, 100e12),)))
     s = Setting.of(MIXTRAL, slow, MTBENCH, p)
     from hrm.estimate import prefill_experts_time
     assert prefill_experts_time(s, tokens) == pytest.approx(flops / 100e12)
@@ -341,7 +341,7 @@ def test_each_model_is_priced_at_its_own_expert_shape():
     hw = load_profile("h200")
     curves = dict(gpu_moe_shapes=((4096, 14336, 8, 2), (2048, 768, 128, 8)),
                   gpu_moe_tokens_per_expert=((64.0, 1024.0), (64.0, 1024.0)),
-                  gpu_moe_flops=((500e12, 600e12), (100e12, 300e12)))
+                  gpu_moe_flops_per_s=((500e12, 600e12), (100e12, 300e12)))
     measured = replace(hw, measured=replace(hw.measured, **curves))
     qwen3, olmoe, deepseek = (load_model(k) for k in ("qwen3-30b-a3b", "olmoe-1b-7b", "deepseek-v3"))
     wl = Workload.uniform(256, 32)
@@ -355,7 +355,7 @@ def test_each_model_is_priced_at_its_own_expert_shape():
     s_far = Setting.of(deepseek, measured, wl, Policy(16, 16))
     assert moe_curve(s_far) is None
     roofline = Setting.of(deepseek, replace(hw, measured=replace(hw.measured, gpu_moe_shapes=(),
-                                                                 gpu_moe_tokens_per_expert=(), gpu_moe_flops=())),
+                                                                 gpu_moe_tokens_per_expert=(), gpu_moe_flops_per_s=())),
                           wl, Policy(16, 16))
     assert prefill_experts_time(s_far, tokens) == pytest.approx(prefill_experts_time(roofline, tokens))
 
@@ -370,7 +370,7 @@ def test_measured_prefill_rest_rate_prices_each_chunk():
     hw = load_profile("h200")
     wl = Workload.uniform(256, 32)
     p = Policy(100, 40)                              # micro-batches 40, 40, 20; chunks of 16 sequences
-    measured = replace(hw.measured, gpu_prefill_tokens=(1024.0, 4096.0), gpu_prefill_rest_flops=(100e12, 200e12))
+    measured = replace(hw.measured, gpu_prefill_tokens=(1024.0, 4096.0), gpu_prefill_rest_flops_per_s=(100e12, 200e12))
     s = Setting.of(MIXTRAL, replace(hw, measured=measured), wl, p)
     chunk = prefill_chunk_sequences(256)
     assert chunk == 16
@@ -443,14 +443,14 @@ def test_the_rest_rate_gives_back_the_measured_layer(monkeypatch):
     m = hw.measured
     tokens, whole = [1024, 2048, 4096], [234.0e12, 432.3e12, 421.4e12]
     per_expert = [float(ops.tokens_per_expert(MIXTRAL, t)) for t in tokens]
-    moe_rates = [float(interp_log(x, m.gpu_moe_tokens_per_expert[0], m.gpu_moe_flops[0])) for x in per_expert]
-    monkeypatch.setattr(calibration, "gpu_moe_flops", lambda spec, xs, **kw: [moe_rates[per_expert.index(x)] for x in xs])
+    moe_rates = [float(interp_log(x, m.gpu_moe_tokens_per_expert[0], m.gpu_moe_flops_per_s[0])) for x in per_expert]
+    monkeypatch.setattr(calibration, "gpu_moe_flops_per_s", lambda spec, xs, **kw: [moe_rates[per_expert.index(x)] for x in xs])
     rest = calibration.prefill_rest_flops(MIXTRAL, tokens, whole, 256, device="cpu")
     probe_like = replace(hw, measured=replace(
-        m, gpu_prefill_tokens=tuple(map(float, tokens)), gpu_prefill_rest_flops=tuple(rest), gpu_prefill_rest_shapes=(),
-        gpu_prefill_rest_tokens_by_shape=(), gpu_prefill_rest_flops_by_shape=(),
+        m, gpu_prefill_tokens=tuple(map(float, tokens)), gpu_prefill_rest_flops_per_s=tuple(rest), gpu_prefill_rest_shapes=(),
+        gpu_prefill_rest_tokens_by_shape=(), gpu_prefill_rest_flops_per_s_by_shape=(),
         gpu_moe_tokens_per_expert=(tuple(per_expert),) + m.gpu_moe_tokens_per_expert[1:],
-        gpu_moe_flops=(tuple(moe_rates),) + m.gpu_moe_flops[1:]))
+        gpu_moe_flops_per_s=(tuple(moe_rates),) + m.gpu_moe_flops_per_s[1:]))
     for t, rate in zip(tokens, whole):
         seqs = t // 256
         s = Setting.of(MIXTRAL, probe_like, Workload.uniform(256, 32), Policy(seqs, seqs))
@@ -465,10 +465,10 @@ def test_the_prefill_rest_is_priced_at_the_models_own_attention_shape():
 
     hw = load_profile("h200-measured")
     qwen3, olmoe = load_model("qwen3-30b-a3b"), load_model("olmoe-1b-7b")
-    m = replace(hw.measured, gpu_prefill_tokens=(1024.0, 4096.0), gpu_prefill_rest_flops=(100e12, 200e12),
+    m = replace(hw.measured, gpu_prefill_tokens=(1024.0, 4096.0), gpu_prefill_rest_flops_per_s=(100e12, 200e12),
                 gpu_prefill_rest_shapes=(attention_shape(MIXTRAL), attention_shape(qwen3)),
                 gpu_prefill_rest_tokens_by_shape=((4096.0,), (1024.0, 4096.0)),
-                gpu_prefill_rest_flops_by_shape=((300e12,), (50e12, 150e12)))
+                gpu_prefill_rest_flops_per_s_by_shape=((300e12,), (50e12, 150e12)))
     by_shape = replace(hw, measured=m)
 
     def rate(spec, tokens):
@@ -477,5 +477,5 @@ def test_the_prefill_rest_is_priced_at_the_models_own_attention_shape():
     assert rate(MIXTRAL, 1024) == pytest.approx(300e12)
     assert rate(olmoe, 4096) == pytest.approx(200e12)      # q_dim 2048, K+V 4096: within 1.5x of neither
     one_model = replace(hw, measured=replace(m, gpu_prefill_rest_shapes=(), gpu_prefill_rest_tokens_by_shape=(),
-                                             gpu_prefill_rest_flops_by_shape=()))
+                                             gpu_prefill_rest_flops_per_s_by_shape=()))
     assert float(prefill_rest_flops_per_s(Setting(qwen3, one_model, MTBENCH), 4096)) == pytest.approx(200e12)

@@ -129,7 +129,7 @@ def test_profile_with_gpu_from_round_trips(cpu_result, tmp_path):
     assert p.cpu.cores == os.cpu_count()
     assert p.cpu.memory_bytes == pytest.approx(c["memory_bytes"], rel=1e-3)
     assert p.cpu.mem_bytes_per_s == pytest.approx(c["dram_read_bytes_per_s"], rel=1e-3)
-    assert p.cpu.flops("bf16") == pytest.approx(c["matmul_flops_per_s"]["bf16"], rel=1e-3)
+    assert p.cpu.flops_per_s("bf16") == pytest.approx(c["matmul_flops_per_s"]["bf16"], rel=1e-3)
     m = p.measured
     assert m.cpu_attention_bytes_per_s == pytest.approx(c["attention_kv_bytes_per_s"], rel=1e-3)
     assert m.gpu_gemm_tokens == h200.measured.gpu_gemm_tokens          # GPU curves come with the GPU
@@ -155,18 +155,18 @@ def test_profile_from_measured_gpu(cpu_result, tmp_path):
     assert p.link.pageable_h2d_bytes_per_s == pytest.approx(14e9, rel=1e-3)
     m = p.measured
     assert m.gpu_gemm_tokens == (1, 16, 256, 4096)
-    assert m.gemm_flops(256, 0) == pytest.approx(404e12, rel=1e-3)
+    assert m.gemm_flops_per_s(256, 0) == pytest.approx(404e12, rel=1e-3)
     assert m.h2d_sizes_bytes[0] == pytest.approx(256 * 1024, rel=1e-3)
     assert m.h2d_rate(4 * MiB, 0) == pytest.approx(43e9, rel=1e-3)
     assert m.gpu_hbm_bytes_per_s == pytest.approx(4.1e12, rel=1e-3)
     assert m.decode_visit_s == pytest.approx(1.5e-3, rel=1e-3)
     assert m.gpu_moe_shapes == ((4096, 14336, 8, 2), (2048, 768, 128, 8))
-    assert m.gpu_moe_tokens_per_expert[1] == (32, 2048) and m.gpu_moe_flops[1][1] == pytest.approx(250e12, rel=1e-3)
-    assert m.gpu_prefill_tokens == (1024, 4096) and m.gpu_prefill_rest_flops[1] == pytest.approx(260e12, rel=1e-3)
+    assert m.gpu_moe_tokens_per_expert[1] == (32, 2048) and m.gpu_moe_flops_per_s[1][1] == pytest.approx(250e12, rel=1e-3)
+    assert m.gpu_prefill_tokens == (1024, 4096) and m.gpu_prefill_rest_flops_per_s[1] == pytest.approx(260e12, rel=1e-3)
     assert m.prefill_pass_s_per_token == pytest.approx(2e-6, rel=1e-3)
     assert m.gpu_prefill_rest_shapes == ((4096, 4096, 2048), (2048, 4096, 1024))
     assert m.gpu_prefill_rest_tokens_by_shape[1] == (1024, 4096)
-    assert m.gpu_prefill_rest_flops_by_shape[1][1] == pytest.approx(140e12, rel=1e-3)
+    assert m.gpu_prefill_rest_flops_per_s_by_shape[1][1] == pytest.approx(140e12, rel=1e-3)
     assert dict(m.decode_visit_s_by_schedule)["s4"] == pytest.approx(2.5e-3, rel=1e-3)
     assert dict(m.decode_visit_s_grouped_by_schedule)["cgopipe"] == pytest.approx(2.2e-3, rel=1e-3)
     assert m.grouped_above_tokens == 64
@@ -226,11 +226,11 @@ def test_quick_gpu_profile(tmp_path):
     assert all(x > 1e8 for x in lk["h2d_bytes_per_s"] + lk["d2h_bytes_per_s"])
     assert lk["duplex_bytes_per_s"] > 0 and lk["pageable_h2d_bytes_per_s"] > 0
     p = write_profile_toml(r, tmp_path / "gpu.toml")
-    assert p.gpu.flops("bf16") >= max(g["gemm_flops_per_s"]) * (1 - 1e-3)
+    assert p.gpu.flops_per_s("bf16") >= max(g["gemm_flops_per_s"]) * (1 - 1e-3)
     assert len(p.measured.gpu_moe_shapes) == len(g["moe_shapes"]) >= 3
     assert all(f > 1e9 for curve in g["moe_flops_per_s"] for f in curve)
     assert len(p.measured.gpu_prefill_tokens) == len(g["prefill_tokens"]) and g["prefill_pass_s_per_token"] >= 0
-    assert all(1e12 < f < 2 * p.gpu.flops("bf16") for f in g["prefill_flops_per_s"])
+    assert all(1e12 < f < 2 * p.gpu.flops_per_s("bf16") for f in g["prefill_flops_per_s"])
     assert sorted(dict(p.measured.decode_visit_s_by_schedule)) == ["blocking", "cgopipe", "s3", "s4"]
     if r["cpu"]["runtime"]["decode_visit_s_grouped_by_schedule"]:                 # sm90+: grouped GEMM
         assert len(p.measured.decode_visit_s_grouped_by_schedule) == 4 and p.measured.grouped_above_tokens == 64

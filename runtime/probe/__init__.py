@@ -8,10 +8,10 @@ hardware profile.
     timing.py           medians of repeats after warm-up; random buffers
 """
 from .calibration import (attention_in_pipeline, attention_in_pipeline_by_micro_batch, decode_visit_costs,
-                          gpu_moe_flops, memory_baseline, moe_shape, prefill_costs, prefill_layers,
+                          gpu_moe_flops_per_s, memory_baseline, moe_shape, prefill_costs, prefill_layers,
                           prefill_rest_flops, resident_weight_bytes, runtime_overheads, visit_probe)
 from .machine import (cpu_attention_bytes_per_s, cpu_dram_bytes_per_s, cpu_matmul_flops, cpu_memory_bytes, cpu_name,
-                      duplex_bytes_per_s, gpu_gemm_flops, gpu_hbm_bytes_per_s, gpu_square_gemm_flops,
+                      duplex_bytes_per_s, gpu_gemm_flops_per_s, gpu_hbm_bytes_per_s, gpu_square_gemm_flops_per_s,
                       link_bytes_per_s, pageable_h2d_bytes_per_s, reference_decode_attention,
                       runtime_attention_kernel)
 from .machine_profile import ProbeError, profile_machine
@@ -19,7 +19,7 @@ from .profile_toml import profile_toml, write_profile_toml
 
 __all__ = ["ProbeError", "attention_in_pipeline", "attention_in_pipeline_by_micro_batch", "cpu_attention_bytes_per_s",
            "cpu_dram_bytes_per_s", "cpu_matmul_flops", "cpu_memory_bytes", "cpu_name", "decode_visit_costs",
-           "duplex_bytes_per_s", "gpu_gemm_flops", "gpu_hbm_bytes_per_s", "gpu_moe_flops", "gpu_square_gemm_flops",
+           "duplex_bytes_per_s", "gpu_gemm_flops_per_s", "gpu_hbm_bytes_per_s", "gpu_moe_flops_per_s", "gpu_square_gemm_flops_per_s",
            "link_bytes_per_s", "memory_baseline", "moe_shape", "pageable_h2d_bytes_per_s", "prefill_costs",
            "prefill_layers", "prefill_rest_flops", "profile_machine", "profile_toml", "reference_decode_attention",
            "resident_weight_bytes", "runtime_attention_kernel", "runtime_overheads", "visit_probe",

@@ -62,7 +62,7 @@ def moe_shape(spec) -> list[int]:
     return [spec.hidden_size, spec.moe_intermediate_size, spec.num_experts, spec.num_experts_per_tok]
 
 
-def gpu_moe_flops(spec, tokens_per_expert: Sequence[float] = MOE_TOKENS_PER_EXPERT, repeats: int = 5,
+def gpu_moe_flops_per_s(spec, tokens_per_expert: Sequence[float] = MOE_TOKENS_PER_EXPERT, repeats: int = 5,
                   device: str = "cuda") -> list[float]:
     """Routed-expert FLOP/s (top-k FLOPs, hrm.ops.routed_experts) of the runtime's own MoE layer by tokens
     per expert (calls of tokens_per_expert * experts / top-k tokens): runtime.moe.moe through the
@@ -99,7 +99,7 @@ def prefill_rest_flops(spec, tokens: Sequence[int], layer_flops_per_s: Sequence[
     from hrm import ops
 
     per_expert = [float(ops.tokens_per_expert(spec, t)) for t in tokens]
-    moe_rates = gpu_moe_flops(spec, per_expert, repeats=repeats, device=device)
+    moe_rates = gpu_moe_flops_per_s(spec, per_expert, repeats=repeats, device=device)
     out = []
     for t, layer_rate, moe_rate in zip(tokens, layer_flops_per_s, moe_rates):
         layer_flops = float(ops.prefill_layer(spec, t // prompt_len, prompt_len).flops)

@@ -43,7 +43,7 @@ ATTENTION_SHAPES_QUICK = ((4, 128),)
 AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def gpu_gemm_flops(tokens: Sequence[int] = GEMM_TOKENS, hidden_size: int = 4096, ffn_size: int = 14336,
+def gpu_gemm_flops_per_s(tokens: Sequence[int] = GEMM_TOKENS, hidden_size: int = 4096, ffn_size: int = 14336,
                    dtype: torch.dtype = torch.bfloat16, repeats: int = 10, device: str = "cuda") -> list[float]:
     """FLOP/s of [tokens x hidden] x [hidden x ffn] (an expert's up projection) for each token count.
 
@@ -59,7 +59,7 @@ def gpu_gemm_flops(tokens: Sequence[int] = GEMM_TOKENS, hidden_size: int = 4096,
     return rates
 
 
-def gpu_square_gemm_flops(n: int = 8192, dtype: torch.dtype = torch.bfloat16, repeats: int = 10,
+def gpu_square_gemm_flops_per_s(n: int = 8192, dtype: torch.dtype = torch.bfloat16, repeats: int = 10,
                           device: str = "cuda") -> float:
     """FLOP/s of an n x n x n GEMM (the dense peak; fp32 uses torch's current TF32 setting)."""
     a = _fill_random(torch.empty(n, n, dtype=dtype, device=device), 3)

@@ -19,12 +19,12 @@ from hrm.units import MiB
 
 from .base import ProbeError
 from .calibration import (MOE_MODELS, MOE_TOKENS_PER_EXPERT, MOE_TOKENS_PER_EXPERT_QUICK, PREFILL_PROMPT_LEN,
-                          PREFILL_SEQS, PREFILL_SEQS_QUICK, gpu_moe_flops, memory_baseline, moe_shape,
+                          PREFILL_SEQS, PREFILL_SEQS_QUICK, gpu_moe_flops_per_s, memory_baseline, moe_shape,
                           prefill_costs, prefill_layers, prefill_rest_flops, runtime_overheads)
 from .machine import (ATTENTION_SHAPES, ATTENTION_SHAPES_QUICK, AttentionKernel, GEMM_TOKENS,
                       GEMM_TOKENS_QUICK, LINK_SIZES, LINK_SIZES_QUICK, cpu_attention_bytes_per_s,
                       cpu_dram_bytes_per_s, cpu_matmul_flops, cpu_memory_bytes, cpu_name, duplex_bytes_per_s,
-                      gpu_gemm_flops, gpu_hbm_bytes_per_s, gpu_square_gemm_flops, link_bytes_per_s,
+                      gpu_gemm_flops_per_s, gpu_hbm_bytes_per_s, gpu_square_gemm_flops_per_s, link_bytes_per_s,
                       pageable_h2d_bytes_per_s, runtime_attention_kernel)
 
 
@@ -101,7 +101,7 @@ def profile_machine(spec=None, quick: bool = False, progress: bool = True, gpu: 
 
         def gemm():
             g["gemm_tokens"] = list(tokens)
-            g["gemm_flops_per_s"] = gpu_gemm_flops(tokens, shapes["hidden_size"], shapes["moe_intermediate_size"],
+            g["gemm_flops_per_s"] = gpu_gemm_flops_per_s(tokens, shapes["hidden_size"], shapes["moe_intermediate_size"],
                                                    repeats=rep)
             g["gemm_shape"] = f"[tokens x {shapes['hidden_size']}] x [{shapes['hidden_size']} x " \
                               f"{shapes['moe_intermediate_size']}] bf16"
@@ -109,7 +109,7 @@ def profile_machine(spec=None, quick: bool = False, progress: bool = True, gpu: 
         def square():
             n = 4096 if quick else 8192
             g["square_gemm_n"] = n
-            g["square_gemm_flops_per_s"] = {name: gpu_square_gemm_flops(n, dt, repeats=rep) for name, dt in
+            g["square_gemm_flops_per_s"] = {name: gpu_square_gemm_flops_per_s(n, dt, repeats=rep) for name, dt in
                                             (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32))}
 
         def hbm():
@@ -170,7 +170,7 @@ def profile_machine(spec=None, quick: bool = False, progress: bool = True, gpu: 
         g["moe_models"] = [m.name for m in models]
         g["moe_shapes"] = [moe_shape(m) for m in models]
         g["moe_tokens_per_expert"] = [per_expert for _ in models]
-        g["moe_flops_per_s"] = [gpu_moe_flops(m, per_expert, repeats=2 if quick else 5) for m in models]
+        g["moe_flops_per_s"] = [gpu_moe_flops_per_s(m, per_expert, repeats=2 if quick else 5) for m in models]
 
     def prefill():
         from hrm.hf_config import load_model

@@ -156,7 +156,7 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
         lines.append(f"# GPU curves from profile {donor.name!r} ({m.method}, {m.date})")
         if m.gpu_gemm_tokens:
             lines += [f"gpu_gemm_tokens = {_arr(m.gpu_gemm_tokens)}",
-                      f"gpu_gemm_tflops = {_arr([x / TFLOPS for x in m.gpu_gemm_flops])}"]
+                      f"gpu_gemm_tflops = {_arr([x / TFLOPS for x in m.gpu_gemm_flops_per_s])}"]
         if m.h2d_sizes_bytes:
             lines += [f"h2d_sizes_mib = {_arr([x / MiB for x in m.h2d_sizes_bytes])}",
                       f"h2d_gb_per_s = {_arr([x / GB for x in m.h2d_bytes_per_s])}"]
