@@ -298,3 +298,12 @@ def _print(m, est) -> None:
     for label, measured, predicted in rows:
         o.add_row(label, measured, *([predicted or ""] if est is not None else []))
     con.print(o)
+    if m.memory_phases:
+        ph = Table(title="by phase (measured)", title_justify="left")
+        for col in ("phase", "wall", "GPU allocated peak", "GPU process peak", "host RSS peak", "pinned"):
+            ph.add_column(col, justify="left" if col == "phase" else "right")
+        for d in m.memory_phases:
+            ph.add_row(d["phase"], fmt_s(d.get("wall_s", 0.0)), fmt_bytes(d["gpu_allocated_peak_bytes"]),
+                       fmt_bytes(d["gpu_process_peak_bytes"]), fmt_bytes(d["host_rss_peak_bytes"]),
+                       fmt_bytes(d["pinned_bytes"]))
+        con.print(ph)

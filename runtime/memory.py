@@ -8,6 +8,7 @@ process can have, the check before allocating, and measured peaks per phase.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -140,6 +141,8 @@ class PhaseMemory:
     gpu_process_peak_bytes: int      # the CUDA context + the allocator's reserved peak
     host_rss_peak_bytes: int
     pinned_bytes: int                # page-locked by the runtime at the phase's end
+    wall_s: float = 0.0              # the phase's wall time (load: weights placed and filled; reserve: host
+    #                                  buffers pinned; prefill and decode of the measured passes)
 
 
 class MemoryMeter:
@@ -149,10 +152,11 @@ class MemoryMeter:
         self.device, self.context = device, int(context_bytes)
         self.phases: list[PhaseMemory] = []
         self._open: str | None = None
+        self._started = 0.0
 
     def phase(self, name: str) -> None:
         self.end()
-        self._open = name
+        self._open, self._started = name, time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         reset_rss_peak()
@@ -170,7 +174,8 @@ class MemoryMeter:
             free, total = torch.cuda.mem_get_info(self.device)
             self.context = max(self.context, total - free - torch.cuda.memory_reserved(self.device))
             process = self.context + reserved
-        self.phases.append(PhaseMemory(self._open, alloc, reserved, process, rss_peak_bytes(), pinned_bytes()))
+        self.phases.append(PhaseMemory(self._open, alloc, reserved, process, rss_peak_bytes(), pinned_bytes(),
+                                       time.perf_counter() - self._started))
         self._open = None
 
     def take(self) -> tuple[PhaseMemory, ...]:

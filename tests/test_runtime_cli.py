@@ -91,3 +91,14 @@ def test_run_prices_the_passes_it_runs(tmp_path, capsys):
                     Policy(1, 1, schedule="s3"))
     assert passes[2]["prefill_s"] == pytest.approx(last.prefill_s)
     assert printed["predicted"]["decode_s"] == pytest.approx(sum(p["decode_s"] for p in passes))
+
+
+def test_run_prints_each_phase_with_its_wall_time(plan_file, capsys):
+    path, _ = plan_file
+    assert main(["run", "--plan", str(path), "--synthetic", "--num-prompts", "3", "--no-warmup"]) == 0
+    out = capsys.readouterr().out
+    assert "by phase (measured)" in out
+    table = out.split("by phase (measured)", 1)[1]
+    rows = [ln for ln in table.splitlines() if ln.strip("│ ").split(" ")[0] in ("load", "reserve", "prefill", "decode")]
+    assert [r.strip("│ ").split(" ")[0] for r in rows] == ["load", "prefill", "decode"]   # no reserve: no warm-up
+    assert all(" s " in r or "ms" in r or "us" in r for r in rows)
