@@ -40,7 +40,7 @@ COLUMNS = ("date", "model", "num_layers", "model_layers", "gpu_budget_bytes", "h
            "completed", "error", "pred_tok_s", "meas_tok_s", "pred_prefill_s", "meas_prefill_s", "pred_decode_s",
            "meas_decode_s", "pred_gpu_peak_bytes", "meas_gpu_peak_bytes", "pred_host_peak_bytes",
            "meas_host_peak_bytes", "pred_pinned_bytes", "meas_pinned_bytes", "meas_gpu_allocated_peak_bytes",
-           "setup_s", "wall_s", "plan_file")
+           "setup_s", "load_s", "reserve_s", "wall_s", "plan_file")
 
 
 SETUP_S = 60.0
@@ -87,7 +87,9 @@ def _row_of(date, spec, budgets, tag, plan, meas, error, wall_s, plan_file) -> d
                    meas_gpu_peak_bytes=meas["gpu_peak_bytes"], meas_host_peak_bytes=meas["cpu_peak_bytes"],
                    meas_pinned_bytes=max(p["pinned_bytes"] for p in meas["memory_phases"]),
                    meas_gpu_allocated_peak_bytes=max(p["gpu_allocated_peak_bytes"] for p in meas["memory_phases"]),
-                   setup_s=meas["setup_s"])
+                   setup_s=meas["setup_s"],
+                   **{f"{ph}_s": sum(p.get("wall_s", 0.0) for p in meas["memory_phases"] if p["phase"] == ph)
+                      for ph in ("load", "reserve")})
     return row
 
 
