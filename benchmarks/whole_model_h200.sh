@@ -5,6 +5,7 @@
 # Steps:
 #   kernels       the GPU tests of the runtime's kernels (grouped MoE against the sparse oracle, no host syncs)
 #   rates         benchmarks/rates_at_run_shapes.py (the profile's rates at the runs' own shapes)
+#   moe           benchmarks/moe_kernels.py (the MoE layer kernel by kernel, one and two stores)
 #   pin           benchmarks/pin_rate.py (how fast fresh host memory is page-locked)
 #   profile       `moe-lightning profile` -> h200-measured.toml; later steps of the call use it (else
 #                 PROFILE, default the committed hrm/hardware_profiles/h200-measured.toml)
@@ -30,6 +31,8 @@ for step in "$@"; do
         python -m pytest -q -m gpu tests/test_runtime_kernels.py -p no:cacheprovider 2>&1 | tee "$res/kernels.log" | tail -5 ;;
     rates)
         python benchmarks/rates_at_run_shapes.py --out "$res/rates_at_run_shapes.json" 2>&1 | tee "$res/rates.log" | tail -12 ;;
+    moe)
+        python benchmarks/moe_kernels.py --out "$res/moe_kernels.json" 2>&1 | tee "$res/moe_kernels.log" | tail -12 ;;
     pin)
         python benchmarks/pin_rate.py --gib 16 --rounds 2 --out "$res/pin_rate.json" ;;
     profile)
