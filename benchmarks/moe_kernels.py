@@ -8,9 +8,6 @@ the GEMM rate (Qwen3-30B-A3B: 126 TFLOP/s against 768 for a plain bf16 GEMM, H20
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
-import platform
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -19,9 +16,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from result_file import write_result  # noqa: E402
 from hrm import ops  # noqa: E402
-from hrm.atomic import atomic_write_text  # noqa: E402
 from hrm.hf_config import load_model  # noqa: E402
 from runtime import moe  # noqa: E402
 from runtime.probe.calibration import MOE_MODELS  # noqa: E402
@@ -76,11 +74,7 @@ def main(argv=None) -> int:
             print(f"{name} resident {r['resident']}/{r['experts']} {'exact' if sync else 'sync-free'}: "
                   f"{r['layer_ms']:.2f} ms, {r['routed_tflops']:.0f} TFLOP/s; top: "
                   + ", ".join(f"{k['name'][:40]} {k['ms_per_layer']:.2f}" for k in r["kernels"][:4]), flush=True)
-    result = {"command": " ".join(["moe_kernels.py"] + list(argv if argv is not None else sys.argv[1:])),
-              "date": _dt.date.today().isoformat(), "host": platform.node(),
-              "device": torch.cuda.get_device_name(), "rows": rows}
-    if args.out:
-        atomic_write_text(Path(args.out), json.dumps(result, indent=2))
+    write_result(args.out, "moe_kernels.py", argv, rows=rows)
     return 0
 
 

@@ -10,9 +10,6 @@ Each round does both ways in turn on a fresh buffer (freed after), so the order'
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -21,8 +18,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from hrm.atomic import atomic_write_text  # noqa: E402
+from result_file import write_result  # noqa: E402
 
 
 def _pin_once(nbytes: int, touch: bool) -> dict:
@@ -60,11 +58,7 @@ def main(argv=None) -> int:
             tries.append(r)
             print(f"{r['way']:>20}: {r['total_s']:6.2f} s ({r['touch_s']:.2f} touch + {r['register_s']:.2f} "
                   f"register), {r['gb_per_s']:.2f} GB/s", flush=True)
-    result = {"command": " ".join(["pin_rate.py"] + list(argv if argv is not None else sys.argv[1:])),
-              "date": _dt.date.today().isoformat(), "host": platform.node(),
-              "device": torch.cuda.get_device_name(), "threads": torch.get_num_threads(), "tries": tries}
-    if args.out:
-        atomic_write_text(Path(args.out), json.dumps(result, indent=2))
+    write_result(args.out, "pin_rate.py", argv, threads=torch.get_num_threads(), tries=tries)
     return 0
 
 

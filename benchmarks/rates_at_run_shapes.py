@@ -7,9 +7,7 @@ runtime's prefill per (layer, chunk) at each model's own shapes (the profile mea
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -18,9 +16,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from result_file import write_result  # noqa: E402
 from hrm import ops  # noqa: E402
-from hrm.atomic import atomic_write_text  # noqa: E402
 from hrm.hf_config import load_model  # noqa: E402
 from runtime.probe.calibration import attention_in_pipeline, prefill_costs  # noqa: E402
 
@@ -61,11 +60,7 @@ def main(argv=None) -> int:
                "wall_s": time.perf_counter() - t0}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = {"command": " ".join(["rates_at_run_shapes.py"] + list(argv if argv is not None else sys.argv[1:])),
-              "date": _dt.date.today().isoformat(), "host": platform.node(),
-              "device": torch.cuda.get_device_name(), "rows": rows}
-    if args.out:
-        atomic_write_text(Path(args.out), json.dumps(result, indent=2))
+    write_result(args.out, "rates_at_run_shapes.py", argv, rows=rows)
     return 0
 
 

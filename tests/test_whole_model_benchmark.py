@@ -1,5 +1,6 @@
 """benchmarks/whole_model.py: its rows, and a time limit that never starts a job it cannot finish."""
 import csv
+import json
 import importlib.util
 import sys
 from pathlib import Path
@@ -44,3 +45,14 @@ def test_rows_in_the_schema_and_the_time_limit_starts_no_job_it_cannot_finish(tm
     ran.clear()
     assert mod.main(common + ["--time-limit-s", "10"]) == 0
     assert ran == [] and len(list(csv.DictReader(out.open()))) == 2
+
+
+def test_result_files_carry_the_command_date_and_machine(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from result_file import write_result
+
+    out = tmp_path / "r.json"
+    got = write_result(out, "x.py", ["--a", "1"], rows=[1, 2])
+    assert json.loads(out.read_text()) == got
+    assert got["command"] == "x.py --a 1" and got["rows"] == [1, 2] and {"date", "host", "device"} <= set(got)
+    assert write_result(None, "x.py", []) and not (tmp_path / "None").exists()
