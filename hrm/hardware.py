@@ -109,6 +109,17 @@ class Measured:
         return _interp_log(size_bytes, self.h2d_sizes_bytes, self.h2d_bytes_per_s, default)
 
 
+MEASURED_RENAMED = {"gpu_gemm_flops": "gpu_gemm_flops_per_s", "gpu_moe_flops": "gpu_moe_flops_per_s",
+                    "gpu_prefill_rest_flops": "gpu_prefill_rest_flops_per_s"}
+"""Measured fields under their names before 2026-12-02 (rates named *_per_s): plan files written before then
+carry them."""
+
+
+def measured_fields_renamed(d: Mapping) -> dict:
+    """A serialised Measured with its fields under today's names."""
+    return {MEASURED_RENAMED.get(k, k): v for k, v in d.items()}
+
+
 def interp_log(x, xs, ys):
     """A measured curve (xs ascending, positive) read at x, interpolated in log(x) and held flat beyond
     the measured range; numpy-broadcast over x."""

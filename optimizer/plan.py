@@ -20,7 +20,7 @@ from hrm.atomic import atomic_write_text
 from hrm.checks import check_context, coerce, load_json, need, number, one_line, read_text, typed
 from hrm.estimate import Estimate, estimate
 from hrm.memory import MemoryUse
-from hrm.hardware import ComputeUnit, HardwareProfile
+from hrm.hardware import ComputeUnit, HardwareProfile, measured_fields_renamed
 from hrm.policy import Policy
 from hrm.spec import ModelSpec, Workload
 from .paper import PaperPrediction
@@ -86,6 +86,8 @@ def hardware_to_dict(hw: HardwareProfile) -> dict:
 
 def hardware_from_dict(d: dict) -> HardwareProfile:
     """The plan's machine: every field of its type, and the rates the model divides by positive."""
+    if isinstance(d, dict) and isinstance(d.get("measured"), dict):
+        d = {**d, "measured": measured_fields_renamed(d["measured"])}
     hw = typed(HardwareProfile, d, "hardware", PlanError)
     for where, rate in (("gpu.memory_bytes", hw.gpu.memory_bytes), ("gpu.mem_bytes_per_s", hw.gpu.mem_bytes_per_s),
                         ("cpu.memory_bytes", hw.cpu.memory_bytes), ("cpu.mem_bytes_per_s", hw.cpu.mem_bytes_per_s),

@@ -100,3 +100,15 @@ def test_one_token_generation_round_trips():
 def test_missing_file(tmp_path):
     with pytest.raises(PlanError, match="not found"):
         Plan.load(tmp_path / "nope.json")
+
+
+def test_a_plan_written_before_the_rates_were_renamed_still_loads():
+    """Plans from before 2026-12-02 name three measured rates without `_per_s` (hrm.hardware.MEASURED_RENAMED):
+    the committed whole-model plans of that day load, with their GEMM curve under today's name."""
+    from pathlib import Path
+
+    path = (Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "whole_model" / "h200-2026-12-02-call1"
+            / "keep" / "mixtral-8x7b-24GB-0-chosen.plan.json")
+    assert '"gpu_gemm_flops"' in path.read_text()
+    plan = Plan.load(path)
+    assert plan.hardware.measured.gpu_gemm_flops_per_s and plan.policy.batch_size == 912
