@@ -146,6 +146,17 @@ class HardwareProfile:
     def num_gpus(self) -> int:
         return self.gpu.count
 
+    @property
+    def basis(self) -> str:
+        """What the profile's rates rest on, for every prediction made with it: measurements of that
+        machine, published measurements of it, or datasheet and assumed figures only."""
+        m = self.measured
+        if m is None:
+            return "datasheet and assumed rates (nothing measured on that machine)"
+        if m.method.startswith("published"):
+            return f"{m.method} ({m.date}); datasheet and assumed rates elsewhere"
+        return f"measured on the profiled machine: {m.method} ({m.date})"
+
     def with_gpu_memory(self, memory_bytes: float) -> "HardwareProfile":
         return replace(self, gpu=replace(self.gpu, memory_bytes=float(memory_bytes)))
 

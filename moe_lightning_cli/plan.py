@@ -139,7 +139,7 @@ def dataset_prompts(args):
 
 def to_json_dict(plan, baselines, output=None) -> dict:
     ours = plan.throughput_tok_s
-    return {"plan": plan.to_dict(), "output": output,
+    return {"plan": plan.to_dict(), "output": output, "basis": plan.hardware.basis,
             "baselines": [b.to_dict(ours_tok_s=ours) for b in baselines]}
 
 
@@ -166,6 +166,7 @@ def print_plan(plan, baselines, console=None) -> None:
     if hardware_line(plan.hardware):
         con.print(hardware_line(plan.hardware), highlight=False)
     con.print(storage_line(spec), highlight=False)
+    con.print(f"rates: {plan.hardware.basis}", highlight=False)
     con.print(f"search: {plan.mode} mode, {plan.solver} solver, {plan.search_time_s:.2f} s")
 
     t = Table(title="chosen policy", title_justify="left", show_header=False)

@@ -93,3 +93,13 @@ def test_plan_does_not_import_torch():
             "assert 'torch' not in sys.modules, 'torch imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("hardware, starts", [("t4-s1", "datasheet and assumed rates"),
+                                              ("l4-s2", "published: the MoE-Lightning paper"),
+                                              ("h200-measured", "measured on the profiled machine")])
+def test_plan_states_the_basis_of_its_rates(capsys, hardware, starts):
+    rc, out, _ = run_plan(capsys, "--hardware", hardware, "--no-baselines", "--json")
+    assert rc == 0 and json.loads(out)["basis"].startswith(starts)
+    rc, out, _ = run_plan(capsys, "--hardware", hardware, "--no-baselines")
+    assert rc == 0 and "rates: " + starts in " ".join(out.split())
