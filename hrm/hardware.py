@@ -146,11 +146,12 @@ class HardwareProfile:
     def num_gpus(self) -> int:
         return self.gpu.count
 
-    @property
-    def basis(self) -> str:
-        """What the profile's rates rest on, for every prediction made with it: measurements of that
-        machine, published measurements of it, or datasheet and assumed figures only."""
+    def basis(self, use_measured: bool = True) -> str:
+        """What a prediction with this profile rests on: measurements of that machine, published
+        measurements of it, or datasheet and assumed figures only (also when `use_measured` is off)."""
         m = self.measured
+        if m is not None and not use_measured:
+            return "datasheet and assumed rates (the profile's measurements not used)"
         if m is None:
             return "datasheet and assumed rates (nothing measured on that machine)"
         if m.method.startswith("published"):

@@ -44,16 +44,17 @@ def run(args) -> int:
         from viz.cli import plot_for_estimate
         plot_for_estimate(est, spec, hw, workload, args.plot)
     if args.json:
-        print_json({**est.to_dict(), "budgets": budgets.to_dict(), "fits": not short, "does_not_fit": short})
+        print_json({**est.to_dict(), "budgets": budgets.to_dict(), "fits": not short, "does_not_fit": short,
+                    "basis": hw.basis(not args.datasheet)})
         return 0
-    _print(est, spec, hw, RESOURCE_LABELS)
+    _print(est, spec, hw, RESOURCE_LABELS, use_measured=not args.datasheet)
     _print_budgets(est, budgets, short)
     if args.plot:
         print(f"wrote {args.plot}")
     return 0
 
 
-def _print(est, spec, hw, labels) -> None:
+def _print(est, spec, hw, labels, use_measured: bool = True) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -64,6 +65,7 @@ def _print(est, spec, hw, labels) -> None:
     if hardware_line(hw):
         con.print(hardware_line(hw), highlight=False)
     con.print(storage_line(spec), highlight=False)
+    con.print(f"rates: {hw.basis(use_measured)}", highlight=False)
     con.print(f"policy: {pol.short()}  ({pol.num_micro_batches} micro-batches, "
               f"{pol.resident_experts(spec.num_experts)}/{spec.num_experts} experts per layer on the GPU)")
     t = Table(title="decode, one layer at the mean context", title_justify="left")

@@ -85,9 +85,10 @@ def run(args) -> int:
                         outputs=out)
         out.commit()
     if args.json:
-        print_json({**to_json_dict(plan, baselines, args.output), "job": job and job.to_dict()})
+        print_json({**to_json_dict(plan, baselines, args.output, use_measured=not args.datasheet),
+                    "job": job and job.to_dict()})
         return 0
-    print_plan(plan, baselines)
+    print_plan(plan, baselines, use_measured=not args.datasheet)
     if job is not None:
         print(f"the whole job: {job.num_requests:,} prompts in {job.passes:,} pass{'es' if job.passes > 1 else ''} of N <= "
               f"{plan.policy.batch_size:,}, {job.generated_tokens:,} tokens generated, predicted {fmt_s(job.seconds)}")
@@ -137,9 +138,9 @@ def dataset_prompts(args):
             [lens[i] for i in order])
 
 
-def to_json_dict(plan, baselines, output=None) -> dict:
+def to_json_dict(plan, baselines, output=None, use_measured: bool = True) -> dict:
     ours = plan.throughput_tok_s
-    return {"plan": plan.to_dict(), "output": output, "basis": plan.hardware.basis,
+    return {"plan": plan.to_dict(), "output": output, "basis": plan.hardware.basis(use_measured),
             "baselines": [b.to_dict(ours_tok_s=ours) for b in baselines]}
 
 
@@ -150,7 +151,7 @@ def _on(flag: bool) -> str:
     return "GPU" if flag else "CPU"
 
 
-def print_plan(plan, baselines, console=None) -> None:
+def print_plan(plan, baselines, console=None, use_measured: bool = True) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -166,7 +167,7 @@ def print_plan(plan, baselines, console=None) -> None:
     if hardware_line(plan.hardware):
         con.print(hardware_line(plan.hardware), highlight=False)
     con.print(storage_line(spec), highlight=False)
-    con.print(f"rates: {plan.hardware.basis}", highlight=False)
+    con.print(f"rates: {plan.hardware.basis(use_measured)}", highlight=False)
     con.print(f"search: {plan.mode} mode, {plan.solver} solver, {plan.search_time_s:.2f} s")
 
     t = Table(title="chosen policy", title_justify="left", show_header=False)

@@ -103,3 +103,8 @@ def test_plan_states_the_basis_of_its_rates(capsys, hardware, starts):
     assert rc == 0 and json.loads(out)["basis"].startswith(starts)
     rc, out, _ = run_plan(capsys, "--hardware", hardware, "--no-baselines")
     assert rc == 0 and "rates: " + starts in " ".join(out.split())
+
+
+def test_datasheet_flag_says_the_measurements_were_set_aside(capsys):
+    rc, out, _ = run_plan(capsys, "--hardware", "h200-measured", "--no-baselines", "--datasheet", "--json")
+    assert rc == 0 and json.loads(out)["basis"].startswith("datasheet and assumed rates (the profile's measurements")
