@@ -7,8 +7,9 @@
 #   rates         benchmarks/rates_at_run_shapes.py (the profile's rates at the runs' own shapes)
 #   moe           benchmarks/moe_kernels.py (the MoE layer kernel by kernel, one and two stores)
 #   pin           benchmarks/pin_rate.py (how fast fresh host memory is page-locked)
-#   profile       `moe-lightning profile` -> h200-measured.toml; later steps of the call use it (else
-#                 PROFILE, default the committed hrm/hardware_profiles/h200-measured.toml)
+#   profile       `moe-lightning profile` -> h200-measured.toml; later steps use it, in this call and in
+#                 later calls while the machine stays warm (.device_state/, ignored); else PROFILE, default
+#                 the committed hrm/hardware_profiles/h200-measured.toml
 #   MODEL:A:B     benchmarks/whole_model.py, jobs A..B-1 of MODEL's chosen plans and sweep file
 #                 (mixtral: 24GB and 48GB with sweeps/mixtral-8x7b-h200.json; qwen3: 24GB with
 #                 sweeps/qwen3-30b-a3b-h200.json; olmoe: 24GB, the chosen plan)
@@ -20,7 +21,12 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 out=${OUT:-benchmarks/results/whole_model}
 res="$out/whole"
 mkdir -p "$res/keep"
-profile=${PROFILE:-hrm/hardware_profiles/h200-measured.toml}
+# a profile measured by an earlier call on this same machine (kept there while it stays warm: an ignored path)
+state=.device_state
+default_profile=hrm/hardware_profiles/h200-measured.toml
+[ -f "$state/h200-measured.toml" ] && default_profile="$state/h200-measured.toml"
+profile=${PROFILE:-$default_profile}
+echo "profile: $profile"
 start=$SECONDS
 call_s=${CALL_S:-590}
 left() { echo $((call_s - 20 - (SECONDS - start))); }
@@ -38,7 +44,9 @@ for step in "$@"; do
     profile)
         python -m moe_lightning_cli.main profile -o "$res/h200-measured.toml" --name h200-measured --no-progress \
             2>&1 | tee "$res/profile.log" | tail -40
-        [ -f "$res/h200-measured.toml" ] && profile="$res/h200-measured.toml" ;;
+        if [ -f "$res/h200-measured.toml" ]; then
+            profile="$res/h200-measured.toml"; mkdir -p "$state"; cp "$profile" "$state/"
+        fi ;;
     *:*:*)
         IFS=: read -r model a b <<<"$step"
         case $model in
