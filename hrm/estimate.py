@@ -103,6 +103,15 @@ def _qkv_elems(spec: ModelSpec) -> int:
     return spec.q_dim + spec.kv_elems_per_token_layer
 
 
+def _cpu_attention_s(s: Setting, seqs, ctx, calls, attn_rate):
+    """Seconds of `calls` CPU decode-attention calls over `seqs` sequences at context `ctx`: the profile's
+    fitted call model where it has one, else the KV bytes at `attn_rate` plus a fixed cost per call."""
+    t = cpu_attention_calls_s(s, seqs, ctx, calls)
+    if t is None:
+        t = cpu_time(s, ops.attention(s.spec, seqs, 1, ctx), attn_rate) + calls * cpu_attention_call_s(s)
+    return t
+
+
 def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
     """One decode step of one layer at context length `ctx` (tokens already cached per sequence)."""
     spec = s.spec
@@ -130,9 +139,7 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
     h2d_act_bytes = 0.0
     d2h_bytes = 0.0
     if not s.attention_on_gpu:
-        cpu = cpu_attention_calls_s(s, N, ctx, m)
-        if cpu is None:
-            cpu = cpu_time(s, ops.attention(spec, N, 1, ctx), attn_rate) + m * cpu_attention_call_s(s)
+        cpu = _cpu_attention_s(s, N, ctx, m, attn_rate)
         h2d_act_bytes = N * _attn_out_elems(spec) * ab
         d2h_bytes = N * _qkv_elems(spec) * ab
     if not s.ffn_on_gpu:
@@ -163,10 +170,7 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
     # the host launches while the GPU executes: the slower of the two, then the chain through the CPU
     loop = np.maximum(gpu_mb(mu_arr) + experts_gpu_mb(mu_arr), decode_visit_s(s, mu_arr, m))
     if not s.attention_on_gpu:
-        one_call = cpu_attention_calls_s(s, mu_arr, ctx)
-        if one_call is None:
-            one_call = cpu_time(s, ops.attention(spec, mu_arr, 1, ctx), attn_rate) + cpu_attention_call_s(s)
-        loop = loop + (one_call
+        loop = loop + (_cpu_attention_s(s, mu_arr, ctx, 1, attn_rate)
                        + mu_arr * _qkv_elems(spec) * ab / d2h_bytes_per_s(s)
                        + mu_arr * _attn_out_elems(spec) * ab / h2d_bytes_per_s(s, mu_arr * _attn_out_elems(spec) * ab))
     return LayerTimes(gpu_s=gpu, cpu_s=cpu, h2d_weights_s=h2d_weights, h2d_act_s=h2d_act, h2d_kv_s=h2d_kv,
