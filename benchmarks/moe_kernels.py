@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,53 +28,74 @@ from runtime.synthetic import synthesize  # noqa: E402
 from runtime.weights import WeightStore  # noqa: E402
 
 
-def profile_layer(name: str, tokens: int, resident_frac: float, host_sync_ok: bool, top: int = 12) -> dict:
+GEMM_KERNEL_WORDS = ("gemm", "cutlass", "grouped", "sm90_xmma", "nvjet")
+"""A kernel whose name has one of these (lower case) is counted as a GEMM of the layer."""
+
+
+def profile_layer(name: str, tokens: int, resident_frac: float, host_sync_ok: bool, slice_tokens: int,
+                  device: str = "cuda", top: int = 12) -> dict:
+    """One MoE layer of `name`'s expert shape at `tokens` tokens: its time, its routed-expert TFLOP/s, the
+    share of its GPU time in GEMM kernels and their own TFLOP/s, and the `top` kernels."""
     spec = replace(load_model(name), first_dense_layers=0).with_layers(1)
+    moe.MOE_GROUPED_MAX_TOKENS = slice_tokens
     resident = round(resident_frac * spec.num_experts)
-    store = WeightStore(spec, torch.bfloat16, "cuda", num_resident=resident, num_pages=1)
+    store = WeightStore(spec, torch.bfloat16, device, num_resident=resident, num_pages=1)
     synthesize(store, seed=0, progress=False)
     for page in store.page_table.pages:                    # the streamed experts, as the pipeline pages them in
         store.copy_page(0, 0, page)
     layer, table = store.dense.layers[0], store.lookup(0, 0)
-    h = (torch.randn(tokens, spec.hidden_size, device="cuda") * 0.02).to(torch.bfloat16)
+    h = (torch.randn(tokens, spec.hidden_size, device=device) * 0.02).to(torch.bfloat16)
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(3):
         moe.moe(h, layer, table, spec, host_sync_ok)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    reps = 10
+    sync()
+    reps = 10 if cuda else 1
+    t0 = time.perf_counter()
     for _ in range(reps):
         moe.moe(h, layer, table, spec, host_sync_ok)
-    end.record()
-    torch.cuda.synchronize()
-    layer_s = start.elapsed_time(end) / 1e3 / reps
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    sync()
+    layer_s = (time.perf_counter() - t0) / reps
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as prof:
         for _ in range(reps):
             moe.moe(h, layer, table, spec, host_sync_ok)
-        torch.cuda.synchronize()
-    kernels = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:top]
+        sync()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0 or not cuda]
+    ms = {e.key: (e.device_time_total if cuda else e.self_cpu_time_total) / 1e3 / reps for e in events}
+    gemm_ms = sum(v for k, v in ms.items() if any(w in k.lower() for w in GEMM_KERNEL_WORDS))
     flops = float(ops.routed_experts(spec, tokens).flops)
-    return {"model": name, "tokens": tokens, "resident": resident, "experts": spec.num_experts,
-            "host_sync_ok": host_sync_ok, "layer_ms": layer_s * 1e3, "routed_tflops": flops / layer_s / 1e12,
-            "kernels": [{"name": e.key[:120], "calls_per_layer": e.count / reps,
-                         "ms_per_layer": e.device_time_total / 1e3 / reps} for e in kernels]}
+    kernels = sorted(events, key=lambda e: ms[e.key], reverse=True)[:top]
+    return {"model": name, "tokens": tokens, "slice_tokens": slice_tokens, "resident": resident,
+            "experts": spec.num_experts, "host_sync_ok": host_sync_ok, "layer_ms": layer_s * 1e3,
+            "routed_tflops": flops / layer_s / 1e12, "kernel_ms": sum(ms.values()), "gemm_ms": gemm_ms,
+            "gemm_tflops": flops / (gemm_ms / 1e3) / 1e12 if gemm_ms else None,
+            "kernels": [{"name": e.key[:160], "calls_per_layer": e.count / reps, "ms_per_layer": ms[e.key]}
+                        for e in kernels]}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--slice-tokens", type=int, nargs="+", default=[moe.MOE_GROUPED_MAX_TOKENS],
+                   help="tokens per grouped-GEMM slice (default the runtime's)")
+    p.add_argument("--models", nargs="+", default=list(MOE_MODELS))
+    p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test (CPU times mean nothing)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("moe_kernels: needs CUDA")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("moe_kernels: needs CUDA (or --device cpu)")
     rows = []
-    for name in MOE_MODELS:
-        for frac, sync in ((1.0, False), (0.25, False), (0.25, True)):
-            r = profile_layer(name, args.tokens, frac, sync)
-            rows.append(r)
-            print(f"{name} resident {r['resident']}/{r['experts']} {'exact' if sync else 'sync-free'}: "
-                  f"{r['layer_ms']:.2f} ms, {r['routed_tflops']:.0f} TFLOP/s; top: "
-                  + ", ".join(f"{k['name'][:40]} {k['ms_per_layer']:.2f}" for k in r["kernels"][:4]), flush=True)
+    for name in args.models:
+        for slice_tokens in args.slice_tokens:
+            for frac, sync in ((1.0, False), (0.25, False), (0.25, True)):
+                r = profile_layer(name, args.tokens, frac, sync, slice_tokens, args.device)
+                rows.append(r)
+                print(f"{name} slice {slice_tokens} resident {r['resident']}/{r['experts']} "
+                      f"{'exact' if sync else 'sync-free'}: {r['layer_ms']:.2f} ms, {r['routed_tflops']:.0f} "
+                      f"TFLOP/s; GEMMs {r['gemm_ms']:.2f} of {r['kernel_ms']:.2f} ms kernel time; top: "
+                      + ", ".join(f"{k['name'][:40]} {k['ms_per_layer']:.2f}" for k in r["kernels"][:4]),
+                      flush=True)
     write_result(args.out, "moe_kernels.py", argv, rows=rows)
     return 0
 

@@ -180,13 +180,14 @@ def moe_workspace_bytes(spec: ModelSpec, tokens):
     # dense: every expert on every token; y [E, t, H], per group gate|up [n, t, 2I] and silu(gate)*up
     dense = t * E * ACC_BYTES + E * t * H * ab + np.maximum(E * t * 3 * I * ab + E * t * I * ab,
                                                             E * t * H * ACC_BYTES + t * H * ACC_BYTES)
-    # grouped: slices of at most MOE_GROUPED_MAX_TOKENS tokens into one output; per store group a slice's
-    # (token, slot) pairs sorted by expert: gathered rows, gate|up and silu(gate)*up at once, then
-    # silu(gate)*up, the down projection and its weighted copy in the accumulation dtype
+    # grouped: slices of at most MOE_GROUPED_MAX_TOKENS tokens into one output; a slice's (token, slot)
+    # pairs sorted by expert, their outputs written back per pair ([pairs (+1 spare), H]) and summed over
+    # k; per store: gathered rows, gate|up and silu(gate)*up at once, then rows, silu(gate)*up and the
+    # down projection
     ts = np.minimum(t, MOE_GROUPED_MAX_TOKENS)
     tks = ts * k
-    grouped = (t * H * ACC_BYTES + 6 * tks * INDEX_BYTES
-               + np.maximum(tks * (H + 2 * I + I) * ab, tks * (I + H) * ab + tks * H * ACC_BYTES))
+    grouped = (t * H * ACC_BYTES + 6 * tks * INDEX_BYTES + (tks + 1) * H * ab
+               + tks * ab * np.maximum(H + 3 * I, 2 * H + I))
     # sparse: per expert its tokens (twice the mean share, at most all tokens)
     n = np.minimum(t, 2.0 * tk / E)
     sparse = t * H * ACC_BYTES + 4 * tk * INDEX_BYTES + n * (2 * H * ab + 3 * I * ab + 2 * H * ACC_BYTES)

@@ -216,68 +216,74 @@ def _routed_grouped(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, m
     """The grouped path over slices of at most MOE_GROUPED_MAX_TOKENS tokens (which bound its workspace),
     each written into its rows of the output. [tokens, hidden] in the accumulation dtype. `matrices`:
     ExpertTable.matrices. With one store, or without `host_sync_ok`, no host sync at any size; with several
-    stores and `host_sync_ok`, one per slice (_grouped_slice_exact)."""
+    stores and `host_sync_ok`, one per slice (each store then runs on its own pairs only)."""
     t = h.shape[0]
-    out = torch.zeros(t, spec.hidden_size, dtype=weights.dtype, device=h.device)  # [tokens, hidden] acc
-    run = _grouped_slice_exact if host_sync_ok and len(matrices) > 1 else _grouped_slice
+    out = torch.empty(t, spec.hidden_size, dtype=weights.dtype, device=h.device)  # [tokens, hidden] acc
     for first in range(0, t, MOE_GROUPED_MAX_TOKENS):
         rows = slice(first, first + MOE_GROUPED_MAX_TOKENS)
-        run(out[rows], h[rows], weights[rows], ids[rows], matrices, spec)
+        _grouped_slice(out[rows], h[rows], weights[rows], ids[rows], matrices, spec, host_sync_ok)
     return out
 
 
-def _expert_ffn(x: torch.Tensor, gate_up_t, down_t, offs: torch.Tensor, inter: int) -> torch.Tensor:
-    """Pairs sorted by expert, x = h[tok] [pairs, H], through one store's two grouped GEMMs (group ends
-    `offs`) -> [pairs, H]. Rows beyond offs[-1] are neither computed nor written (uninitialised)."""
+def _expert_ffn(x: torch.Tensor, gate_up_t, down_t, offs: torch.Tensor, w: torch.Tensor, inter: int) -> torch.Tensor:
+    """Pairs sorted by expert, x = h[tok] [pairs, H] with their routing weights w [pairs] (acc dtype),
+    through one store's two grouped GEMMs (group ends `offs`) -> w * expert(x) [pairs, H]. The weight
+    scales silu(gate) * up before the down projection (linear, so the same product). Rows beyond offs[-1]
+    are neither computed nor written (uninitialised)."""
     gu = torch._grouped_mm(x, gate_up_t, offs=offs)                        # [pairs, 2I]
-    a = F.silu(gu[:, :inter], inplace=True).mul(gu[:, inter:])             # [pairs, I]
+    a = F.silu(gu[:, :inter], inplace=True).mul(gu[:, inter:]).mul_(w[:, None])  # [pairs, I]
     del gu                                                                  # the peak: x, gu, a
     return torch._grouped_mm(a, down_t, offs=offs)                         # [pairs, H]
 
 
-def _grouped_slice_exact(out: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, matrices,
-                         spec: ModelSpec) -> None:
-    """_grouped_slice with one host sync: every (token, slot) pair sorted by expert once, the stores' bounds
-    in that order read on the host, and each store's grouped GEMMs run on its own pairs only (the
-    sync-free version runs every store over all pairs and masks the others out: H200 2026-12-02, prefill
-    1.7-2.3 ms more per layer and chunk of 4,096 tokens with experts both resident and streamed)."""
-    k = ids.shape[1]
-    flat, w_flat = ids.reshape(-1), weights.reshape(-1)                      # [t * k]
-    order = torch.argsort(flat, stable=True)                               # [t * k] by expert
-    ends = torch.cumsum(torch.bincount(flat, minlength=spec.num_experts), 0)  # [E]
-    ends_host = ends.tolist()                                              # the one sync
-    for first, gate_up_t, down_t in matrices:                              # [n, H, 2I], [n, I, H]
-        n = gate_up_t.shape[0]
-        start, stop = (ends_host[first - 1] if first else 0), ends_host[first + n - 1]
-        if stop == start:
-            continue
-        sel = order[start:stop]                                            # [pairs of this store]
-        offs = (ends[first:first + n] - start).to(torch.int32)             # [n]
-        tok = sel // k
-        y = _expert_ffn(h[tok], gate_up_t, down_t, offs, spec.moe_intermediate_size)
-        out.index_add_(0, tok, y.to(out.dtype).mul_(w_flat[sel, None]))
-        del y
+def _expert_ends(flat: torch.Tensor, num: int) -> torch.Tensor:
+    """Cumulative pair counts of experts 0 .. num - 1 for expert ids `flat` (values >= num count in none),
+    on the device without a host sync (bincount would sync). -> [num] int64."""
+    counts = torch.zeros(num + 1, dtype=torch.long, device=flat.device)
+    counts.scatter_add_(0, flat.clamp(max=num), torch.ones_like(flat))
+    return torch.cumsum(counts[:num], 0)
 
 
 def _grouped_slice(out: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, matrices,
-                   spec: ModelSpec) -> None:
-    """Per store group, its (token, slot) pairs sorted by expert and run through two grouped GEMMs whose
-    group offsets stay on the device. Same math as _routed_sparse; pairs routed to other groups sort last,
-    beyond the last offset, where the grouped GEMM neither computes nor writes, so they are masked (not
-    multiplied) out. Adds into out [tokens, hidden] (accumulation dtype)."""
-    k = ids.shape[1]
-    inter = spec.moe_intermediate_size
+                   spec: ModelSpec, host_sync_ok: bool) -> None:
+    """One slice: every (token, slot) pair sorted by expert once, each store's experts through two grouped
+    GEMMs, each pair's weighted output written back to its (token, slot) row (a permutation: no atomics),
+    and the k rows of each token summed in the accumulation dtype into out [tokens, hidden]. Same math as
+    _routed_sparse. One store: no sync. Several stores with `host_sync_ok`: the stores' bounds in the sorted
+    order read on the host once, each store run on its own pairs (H200 2026-12-02: running every store
+    over all pairs cost prefill 1.7-2.3 ms more per layer and chunk of 4,096 tokens). Several stores
+    without it: each store sorts its own pairs first, runs over all rows, and writes the rows beyond its
+    last offset (uninitialised) to a spare row that is never read."""
+    t, k = ids.shape
+    inter, pairs = spec.moe_intermediate_size, ids.numel()
     flat, w_flat = ids.reshape(-1), weights.reshape(-1)                      # [t * k]
-    for first, gate_up_t, down_t in matrices:                              # [n, H, 2I], [n, I, H]
-        n = gate_up_t.shape[0]
-        local = flat - first
-        inside = (local >= 0) & (local < n)                                # [t * k]
-        key = torch.where(inside, local, n)
-        order = torch.argsort(key, stable=True)                            # [t * k]: by expert, others last
-        counts = torch.zeros(n + 1, dtype=torch.long, device=h.device).scatter_add_(0, key, torch.ones_like(key))
-        offs = torch.cumsum(counts[:n], 0, dtype=torch.int32)              # [n] (bincount would sync)
-        tok = order // k
-        y = _expert_ffn(h[tok], gate_up_t, down_t, offs, inter)            # [t * k, H]
-        yw = y.to(out.dtype).mul_(w_flat[order, None])                     # [t * k, H] acc
-        out.index_add_(0, tok, yw.masked_fill_(~inside[order, None], 0.0))
-        del y, yw                                                           # before the next group's
+    spare = int(len(matrices) > 1 and not host_sync_ok)
+    y_rows = torch.empty(pairs + spare, h.shape[1], dtype=h.dtype, device=h.device)  # [t * k (+1), H]
+    if len(matrices) == 1 or host_sync_ok:
+        order = torch.argsort(flat, stable=True)                           # [t * k] by expert
+        ends = _expert_ends(flat, spec.num_experts)                        # [E]
+        ends_host = ends.tolist() if len(matrices) > 1 else None           # the one sync (several stores)
+        for first, gate_up_t, down_t in matrices:                          # [n, H, 2I], [n, I, H]
+            n = gate_up_t.shape[0]
+            if ends_host is None:
+                sel, offs = order, ends[first:first + n]
+            else:
+                start, stop = (ends_host[first - 1] if first else 0), ends_host[first + n - 1]
+                if stop == start:
+                    continue
+                sel, offs = order[start:stop], ends[first:first + n] - start   # [pairs of this store]
+            y = _expert_ffn(h[sel // k], gate_up_t, down_t, offs.to(torch.int32), w_flat[sel], inter)
+            y_rows.index_copy_(0, sel, y)
+            del y
+    else:
+        for first, gate_up_t, down_t in matrices:
+            n = gate_up_t.shape[0]
+            local = flat - first
+            inside = (local >= 0) & (local < n)                            # [t * k]
+            key = torch.where(inside, local, n)
+            order = torch.argsort(key, stable=True)                        # [t * k]: by expert, others last
+            offs = _expert_ends(key, n).to(torch.int32)                    # [n]
+            y = _expert_ffn(h[order // k], gate_up_t, down_t, offs, w_flat[order], inter)
+            y_rows.index_copy_(0, torch.where(inside[order], order, pairs), y)
+            del y                                                           # before the next group's
+    torch.sum(y_rows[:pairs].view(t, k, -1), dim=1, dtype=out.dtype, out=out)

@@ -271,14 +271,14 @@ def test_prefill_splits_the_stores_exactly_and_decode_stays_sync_free(monkeypatc
     prompts = [[(7 * i + j) % ALIGNED.vocab_size for j in range(5)] for i in range(6)]
     policy = Policy(6, 6, weights_gpu_frac=0.4)                 # 2 of 5 experts resident: two stores
     used = []
-    sync_free, exact = moe._grouped_slice, moe._grouped_slice_exact
-    monkeypatch.setattr(moe, "_grouped_slice", lambda *a: used.append("sync-free") or sync_free(*a))
-    monkeypatch.setattr(moe, "_grouped_slice_exact", lambda *a: used.append("exact") or exact(*a))
+    grouped_slice = moe._grouped_slice
+    monkeypatch.setattr(moe, "_grouped_slice",
+                        lambda *a: used.append("exact" if a[-1] else "sync-free") or grouped_slice(*a))
     with Engine(ALIGNED, policy, dtype=torch.float32, seed=0, progress=False) as eng:
         eng.generate(prompts, 1)                                # prefill only
         assert set(used) == {"exact"}
         used.clear()
         tokens, _ = eng.generate(prompts, 3)
         assert "sync-free" in used and "exact" in used
-        monkeypatch.setattr(moe, "_grouped_slice_exact", sync_free)
+        monkeypatch.setattr(moe, "_grouped_slice", lambda *a: grouped_slice(*a[:-1], False))
         assert eng.generate(prompts, 3)[0] == tokens
