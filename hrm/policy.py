@@ -21,9 +21,12 @@ chunks the prefill workspace bounded mu to ~36 under a 24 GB budget for Mixtral.
 
 MOE_DENSE_MAX_TOKENS = 64
 """The runtime's MoE takes its sync-free dense path (every expert on every token) up to this many tokens."""
-MOE_GROUPED_MAX_TOKENS = PREFILL_CHUNK_TOKENS // 2
+MOE_GROUPED_MAX_TOKENS = PREFILL_CHUNK_TOKENS
 """... then, where the GPU has a grouped GEMM, the grouped path, in slices of at most this many tokens: a
-slice holds [tokens * k, 2I] and its companions at once (hrm.memory.moe_workspace_bytes)."""
+slice holds [tokens * k, 2I] and its companions at once (hrm.memory.moe_workspace_bytes). A prefill chunk
+is one slice: at half a chunk the grouped GEMMs of Qwen3-30B-A3B's 128 experts (128 rows each) ran at
+267 TFLOP/s against 452 at a whole chunk, Mixtral's at 627 against 711 (H200 2026-12-02, 4,096 tokens,
+benchmarks/moe_kernels.py)."""
 
 
 def device_micro_batches(kv_gpu_frac, num_micro_batches):

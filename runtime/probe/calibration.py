@@ -29,16 +29,20 @@ VISIT_VISITS = 512
 
 
 # the CPU attention rate inside the CGOPipe loop, at these micro-batch sizes (attention_in_pipeline's arguments)
-OVERLAP_SETTINGS = (dict(micro_batch=32, micro_batches=8), dict(micro_batch=256, micro_batches=4),
-                    dict(micro_batch=1024, micro_batches=2), dict(micro_batch=256, micro_batches=4, prompt_len=256),
-                    dict(micro_batch=1024, micro_batches=2, prompt_len=256),
-                    dict(micro_batch=2048, micro_batches=2, prompt_len=256))
+OVERLAP_SETTINGS = tuple(dict(kw, weights_gpu_frac=0.0) for kw in (
+    dict(micro_batch=32, micro_batches=8), dict(micro_batch=256, micro_batches=4),
+    dict(micro_batch=1024, micro_batches=2), dict(micro_batch=256, micro_batches=4, prompt_len=256),
+    dict(micro_batch=1024, micro_batches=2, prompt_len=256), dict(micro_batch=1024, micro_batches=1, prompt_len=256),
+    dict(micro_batch=2048, micro_batches=2, prompt_len=256)))
 """Whole-model plans run micro-batches of ~900-1,200 (H200, 2026-12-01: 43 ms per attention call at 1,210
 sequences of ~272 slots, 31 GB/s, where the curve to 256 priced 46 GB/s), and at two contexts, since a
 call's time is not its KV bytes over one rate: at 1,024 sequences 40 GB/s at context 512 but 27 at 256
 (2026-12-02, benchmarks/results/whole_model/h200-2026-12-02-call2/rates_at_run_shapes.json). The HRM
 fits a fixed, a per-sequence and a per-byte cost to the calls (hrm.rates.cpu_attention_loop_model). Plans
-run micro-batches up to ~1,800: at 1,776 the fit from settings up to 1,024 priced 62 ms a call, 74 measured."""
+run micro-batches up to ~1,800: at 1,776 the fit from settings up to 1,024 priced 62 ms a call, 74 measured.
+The experts stream meanwhile, as they do in the plans that put attention on the CPU: the calls of whole runs
+were 1.1-1.6x the probe's with every expert resident at the same shape (2026-12-02), largest for one
+micro-batch (1,187 sequences: 53.5 ms a call, the probe 29.2 ms at 1,024)."""
 
 
 OVERLAP_SETTINGS_QUICK = (dict(micro_batch=16, micro_batches=4, prompt_len=256, steps=4),)
