@@ -32,12 +32,22 @@ GEMM_KERNEL_WORDS = ("gemm", "cutlass", "grouped", "sm90_xmma", "nvjet")
 """A kernel whose name has one of these (lower case) is counted as a GEMM of the layer."""
 
 
-def profile_layer(name: str, tokens: int, resident_frac: float, host_sync_ok: bool, slice_tokens: int,
+def profile_layer(name: str, tokens: int, resident_frac: float, host_sync_ok: bool, slice_tokens: int | None = None,
                   device: str = "cuda", top: int = 12) -> dict:
     """One MoE layer of `name`'s expert shape at `tokens` tokens: its time, its routed-expert TFLOP/s, the
-    share of its GPU time in GEMM kernels and their own TFLOP/s, and the `top` kernels."""
+    share of its GPU time in GEMM kernels and their own TFLOP/s, and the `top` kernels. `slice_tokens`:
+    the grouped path's slice (default the runtime's, hrm.policy.moe_grouped_slice_tokens)."""
+    default = moe.moe_grouped_slice_tokens
+    if slice_tokens is not None:
+        moe.moe_grouped_slice_tokens = lambda _spec: slice_tokens
+    try:
+        return _profile_layer(name, tokens, resident_frac, host_sync_ok, device, top)
+    finally:
+        moe.moe_grouped_slice_tokens = default
+
+
+def _profile_layer(name: str, tokens: int, resident_frac: float, host_sync_ok: bool, device: str, top: int) -> dict:
     spec = replace(load_model(name), first_dense_layers=0).with_layers(1)
-    moe.MOE_GROUPED_MAX_TOKENS = slice_tokens
     resident = round(resident_frac * spec.num_experts)
     store = WeightStore(spec, torch.bfloat16, device, num_resident=resident, num_pages=1)
     synthesize(store, seed=0, progress=False)
@@ -66,7 +76,7 @@ def profile_layer(name: str, tokens: int, resident_frac: float, host_sync_ok: bo
     gemm_ms = sum(v for k, v in ms.items() if any(w in k.lower() for w in GEMM_KERNEL_WORDS))
     flops = float(ops.routed_experts(spec, tokens).flops)
     kernels = sorted(events, key=lambda e: ms[e.key], reverse=True)[:top]
-    return {"model": name, "tokens": tokens, "slice_tokens": slice_tokens, "resident": resident,
+    return {"model": name, "tokens": tokens, "slice_tokens": moe.moe_grouped_slice_tokens(spec), "resident": resident,
             "experts": spec.num_experts, "host_sync_ok": host_sync_ok, "layer_ms": layer_s * 1e3,
             "routed_tflops": flops / layer_s / 1e12, "kernel_ms": sum(ms.values()), "gemm_ms": gemm_ms,
             "gemm_tflops": flops / (gemm_ms / 1e3) / 1e12 if gemm_ms else None,
@@ -77,8 +87,8 @@ def profile_layer(name: str, tokens: int, resident_frac: float, host_sync_ok: bo
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--slice-tokens", type=int, nargs="+", default=[moe.MOE_GROUPED_MAX_TOKENS],
-                   help="tokens per grouped-GEMM slice (default the runtime's)")
+    p.add_argument("--slice-tokens", type=int, nargs="+", default=None,
+                   help="tokens per grouped-GEMM slice (default each model's, hrm.policy.moe_grouped_slice_tokens)")
     p.add_argument("--models", nargs="+", default=list(MOE_MODELS))
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test (CPU times mean nothing)")
     p.add_argument("--out", default=None)
@@ -87,11 +97,11 @@ def main(argv=None) -> int:
         raise SystemExit("moe_kernels: needs CUDA (or --device cpu)")
     rows = []
     for name in args.models:
-        for slice_tokens in args.slice_tokens:
+        for slice_tokens in args.slice_tokens or [None]:
             for frac, sync in ((1.0, False), (0.25, False), (0.25, True)):
                 r = profile_layer(name, args.tokens, frac, sync, slice_tokens, args.device)
                 rows.append(r)
-                print(f"{name} slice {slice_tokens} resident {r['resident']}/{r['experts']} "
+                print(f"{name} slice {r['slice_tokens']} resident {r['resident']}/{r['experts']} "
                       f"{'exact' if sync else 'sync-free'}: {r['layer_ms']:.2f} ms, {r['routed_tflops']:.0f} "
                       f"TFLOP/s; GEMMs {r['gemm_ms']:.2f} of {r['kernel_ms']:.2f} ms kernel time; top: "
                       + ", ".join(f"{k['name'][:40]} {k['ms_per_layer']:.2f}" for k in r["kernels"][:4]),

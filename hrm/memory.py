@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .policy import (KV_BLOCK_RATIO, MOE_DENSE_MAX_TOKENS, MOE_GROUPED_MAX_TOKENS, PREFILL_CHUNK_TOKENS,
+from .policy import (KV_BLOCK_RATIO, MOE_DENSE_MAX_TOKENS, PREFILL_CHUNK_TOKENS, moe_grouped_slice_tokens,
                      prefill_chunk_sequences)
 from .schedules import SCHEDULES
 from .spec import ModelSpec, Workload
@@ -180,11 +180,11 @@ def moe_workspace_bytes(spec: ModelSpec, tokens):
     # dense: every expert on every token; y [E, t, H], per group gate|up [n, t, 2I] and silu(gate)*up
     dense = t * E * ACC_BYTES + E * t * H * ab + np.maximum(E * t * 3 * I * ab + E * t * I * ab,
                                                             E * t * H * ACC_BYTES + t * H * ACC_BYTES)
-    # grouped: slices of at most MOE_GROUPED_MAX_TOKENS tokens into one output; a slice's (token, slot)
+    # grouped: slices of at most moe_grouped_slice_tokens tokens into one output; a slice's (token, slot)
     # pairs sorted by expert, their outputs written back per pair ([pairs (+1 spare), H]) and summed over
     # k; per store: gathered rows, gate|up and silu(gate)*up at once, then rows, silu(gate)*up and the
     # down projection
-    ts = np.minimum(t, MOE_GROUPED_MAX_TOKENS)
+    ts = np.minimum(t, moe_grouped_slice_tokens(spec))
     tks = ts * k
     grouped = (t * H * ACC_BYTES + 6 * tks * INDEX_BYTES + (tks + 1) * H * ab
                + tks * ab * np.maximum(H + 3 * I, 2 * H + I))

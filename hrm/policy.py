@@ -21,12 +21,21 @@ chunks the prefill workspace bounded mu to ~36 under a 24 GB budget for Mixtral.
 
 MOE_DENSE_MAX_TOKENS = 64
 """The runtime's MoE takes its sync-free dense path (every expert on every token) up to this many tokens."""
-MOE_GROUPED_MAX_TOKENS = PREFILL_CHUNK_TOKENS
-"""... then, where the GPU has a grouped GEMM, the grouped path, in slices of at most this many tokens: a
-slice holds [tokens * k, 2I] and its companions at once (hrm.memory.moe_workspace_bytes). A prefill chunk
-is one slice: at half a chunk the grouped GEMMs of Qwen3-30B-A3B's 128 experts (128 rows each) ran at
-267 TFLOP/s against 452 at a whole chunk, Mixtral's at 627 against 711 (H200 2026-12-02, 4,096 tokens,
-benchmarks/moe_kernels.py)."""
+MOE_GROUPED_SLICE_BYTES = 1 << 28
+"""... then, where the GPU has a grouped GEMM, the grouped path, in slices of tokens whose gate|up
+activations [tokens * k, 2I] stay within this many bytes (moe_grouped_slice_tokens)."""
+
+
+def moe_grouped_slice_tokens(spec) -> int:
+    """Tokens per slice of the grouped MoE path: a whole prefill chunk, unless its gate|up activations
+    [tokens * k, 2I] would pass MOE_GROUPED_SLICE_BYTES (a slice holds them and their companions at once,
+    hrm.memory.moe_workspace_bytes). Many small experts get whole chunks: at half a chunk Qwen3-30B-A3B's
+    128 experts got 128 rows each and their grouped GEMMs ran at 267 TFLOP/s, at a whole chunk 452.
+    Mixtral's 8 large ones get ~2,300 tokens: a whole chunk ran its GEMMs at 711 TFLOP/s against 627 at
+    2,048, but doubled the slice's workspace (~0.8 GB more with the allocator's share), which cost the
+    24 GB plans their resident experts (H200 2026-12-02, benchmarks/moe_kernels.py)."""
+    per_token = spec.num_experts_per_tok * 2 * spec.moe_intermediate_size * spec.dtypes.act_bytes
+    return int(max(1, min(PREFILL_CHUNK_TOKENS, MOE_GROUPED_SLICE_BYTES // per_token)))
 
 
 def device_micro_batches(kv_gpu_frac, num_micro_batches):

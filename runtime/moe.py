@@ -8,7 +8,7 @@ over the experts: the slow, obvious oracle) and two sync-free ones through an Ex
 MOE_DENSE_MAX_TOKENS tokens a dense one that runs every expert of the layer on every token with batched
 matmuls over the expert dimension and combines them with a dense [tokens, experts] routing matrix; above
 that a grouped one (tokens sorted per expert on the device, torch._grouped_mm with device-side group
-offsets, in slices of MOE_GROUPED_MAX_TOKENS tokens), where torch has a fused grouped GEMM for the device
+offsets, in slices of moe_grouped_slice_tokens(spec) tokens), where torch has a fused grouped GEMM for the device
 and dtype.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from hrm.policy import MOE_DENSE_MAX_TOKENS, MOE_GROUPED_MAX_TOKENS
+from hrm.policy import MOE_DENSE_MAX_TOKENS, moe_grouped_slice_tokens
 from hrm.spec import ModelSpec
 
 from .precision import acc_dtype
@@ -213,14 +213,15 @@ def _grouped_aligned(groups: tuple[tuple[int, torch.Tensor], ...], spec: ModelSp
 
 def _routed_grouped(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, matrices,
                     spec: ModelSpec, host_sync_ok: bool = False) -> torch.Tensor:
-    """The grouped path over slices of at most MOE_GROUPED_MAX_TOKENS tokens (which bound its workspace),
+    """The grouped path over slices of at most moe_grouped_slice_tokens tokens (which bound its workspace),
     each written into its rows of the output. [tokens, hidden] in the accumulation dtype. `matrices`:
     ExpertTable.matrices. With one store, or without `host_sync_ok`, no host sync at any size; with several
     stores and `host_sync_ok`, one per slice (each store then runs on its own pairs only)."""
     t = h.shape[0]
     out = torch.empty(t, spec.hidden_size, dtype=weights.dtype, device=h.device)  # [tokens, hidden] acc
-    for first in range(0, t, MOE_GROUPED_MAX_TOKENS):
-        rows = slice(first, first + MOE_GROUPED_MAX_TOKENS)
+    step = moe_grouped_slice_tokens(spec)
+    for first in range(0, t, step):
+        rows = slice(first, first + step)
         _grouped_slice(out[rows], h[rows], weights[rows], ids[rows], matrices, spec, host_sync_ok)
     return out
 

@@ -118,7 +118,7 @@ def test_grouped_moe_equals_the_oracle_on_odd_routings(monkeypatch, case, tokens
     3 resident); slices of 16 tokens (53 = 3 full slices + 5); both the sync-free and the exact split."""
     if not moe.grouped_mm_available(torch.device("cpu"), torch.float32):
         pytest.skip("this torch has no CPU grouped GEMM")
-    monkeypatch.setattr(moe, "MOE_GROUPED_MAX_TOKENS", 16)
+    monkeypatch.setattr(moe, "moe_grouped_slice_tokens", lambda spec: 16)
     store = _store(ALIGNED, resident, dtype=torch.float32)
     table = store.lookup(1, 1)
     h = torch.randn(tokens, ALIGNED.hidden_size, generator=torch.Generator().manual_seed(3))
