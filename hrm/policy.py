@@ -75,7 +75,30 @@ def prefill_chunk_sequences(prompt_len):
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where attention (A_g) and the routed experts (F_g) run, and the schedule that overlaps them: the
+    part of a policy that the solvers hold fixed while they vary N, mu, r_w and r_c."""
+    attention_on_gpu: bool = False
+    ffn_on_gpu: bool = True
+    schedule: str = "cgopipe"
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise PolicyError(f"schedule must be one of {tuple(SCHEDULES)}, got {self.schedule!r}")
+        if not SCHEDULES[self.schedule].allows(self.attention_on_gpu):
+            raise PolicyError(f"schedule {self.schedule!r} runs attention on the CPU" if self.attention_on_gpu
+                              else f"schedule {self.schedule!r} runs attention on the GPU: set attention_on_gpu")
+
+    def describe(self) -> str:
+        attn = "GPU" if self.attention_on_gpu else "CPU"
+        ffn = "GPU" if self.ffn_on_gpu else "CPU"
+        return f"attention {attn}, experts {ffn}, {self.schedule}"
+
+
+@dataclass(frozen=True)
 class Policy:
+    """A whole policy. The placement's three fields are stored flat, as plan files and the constructor
+    have them; `placement` is the same as one value."""
     batch_size: int                # N: sequences per pass of the whole model
     micro_batch_size: int          # mu: sequences per micro-batch (the last one may be smaller)
     attention_on_gpu: bool = False  # A_g
@@ -94,11 +117,17 @@ class Policy:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise PolicyError(f"{name} must be in [0, 1], got {v}")
-        if self.schedule not in SCHEDULES:
-            raise PolicyError(f"schedule must be one of {tuple(SCHEDULES)}, got {self.schedule!r}")
-        if not SCHEDULES[self.schedule].allows(self.attention_on_gpu):
-            raise PolicyError(f"schedule {self.schedule!r} runs attention on the CPU" if self.attention_on_gpu
-                              else f"schedule {self.schedule!r} runs attention on the GPU: set attention_on_gpu")
+        self.placement                                     # its own checks
+
+    @classmethod
+    def at(cls, placement: Placement, batch_size: int, micro_batch_size: int, weights_gpu_frac: float = 0.0,
+           kv_gpu_frac: float = 0.0) -> "Policy":
+        return cls(batch_size, micro_batch_size, placement.attention_on_gpu, placement.ffn_on_gpu,
+                   weights_gpu_frac, kv_gpu_frac, placement.schedule)
+
+    @property
+    def placement(self) -> Placement:
+        return Placement(self.attention_on_gpu, self.ffn_on_gpu, self.schedule)
 
     @property
     def num_micro_batches(self) -> int:

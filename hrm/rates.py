@@ -11,7 +11,7 @@ import numpy as np
 
 from .cost import Cost
 from .hardware import HardwareProfile, interp_log
-from .policy import Policy
+from .policy import Placement, Policy
 from .schedules import SCHEDULES
 from .spec import ModelSpec, Workload
 
@@ -22,16 +22,25 @@ class Setting:
     spec: ModelSpec
     hardware: HardwareProfile
     workload: Workload
-    attention_on_gpu: bool = False
-    ffn_on_gpu: bool = True
-    schedule: str = "cgopipe"
+    placement: Placement = Placement()
     pin_all_weights: bool = True    # offloaded weights live in pinned memory (no DRAM->pinned staging step)
     use_measured: bool = True       # use the profile's measured curves instead of datasheet peaks
 
     @classmethod
     def of(cls, spec, hardware, workload, policy: Policy, **kw) -> "Setting":
-        return cls(spec, hardware, workload, policy.attention_on_gpu, policy.ffn_on_gpu, policy.schedule, **kw)
+        return cls(spec, hardware, workload, policy.placement, **kw)
 
+    @property
+    def attention_on_gpu(self) -> bool:
+        return self.placement.attention_on_gpu
+
+    @property
+    def ffn_on_gpu(self) -> bool:
+        return self.placement.ffn_on_gpu
+
+    @property
+    def schedule(self) -> str:
+        return self.placement.schedule
 
 
 def _measured(s: Setting):

@@ -17,7 +17,7 @@ import importlib
 _EXPORTS = {
     "make_problem": "optimizer.search", "best_policy": "optimizer.search",
     "Plan": "optimizer.plan", "PlanError": "optimizer.plan",
-    "Budgets": "optimizer.space", "Placement": "optimizer.space", "Pairs": "optimizer.space",
+    "Budgets": "optimizer.space", "PlacementOption": "optimizer.space", "Pairs": "optimizer.space",
     "Resolution": "optimizer.space", "SearchError": "optimizer.space", "parse_size": "optimizer.space",
     "DEFAULT_PLACEMENTS": "optimizer.space",
     "compare_baselines": "optimizer.baselines", "BASELINES": "optimizer.baselines",

@@ -16,9 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hrm.estimate import Estimate, estimate
-from hrm.policy import Policy
+from hrm.policy import Placement, Policy
+from .plan import policy_of
 from .search import best_policy, diagnose
-from .space import Placement, Problem
+from .space import PlacementOption, Problem
 from hrm.units import format_size
 
 
@@ -27,19 +28,19 @@ class Baseline:
     key: str
     label: str
     description: str
-    placement: Placement
+    placement: PlacementOption
 
 
 BASELINES = (
     Baseline("flexgen", "FlexGen S4", "GPU attention, KV streamed",
-             Placement("flexgen-s4", attention_on_gpu=True, ffn_on_gpu=True, schedule="s4")),
+             PlacementOption("flexgen-s4", Placement(True, True, "s4"))),
     Baseline("flexgen-c", "FlexGen(c) S3", "CPU attention, not overlapped",
-             Placement("flexgen-c-s3", attention_on_gpu=False, ffn_on_gpu=True, schedule="s3")),
+             PlacementOption("flexgen-c-s3", Placement(False, True, "s3"))),
     Baseline("deepspeed", "DeepSpeed-Zero", "all experts streamed, one micro-batch, no overlap",
-             Placement("deepspeed-zero", attention_on_gpu=True, ffn_on_gpu=True, schedule="blocking",
+             PlacementOption("deepspeed-zero", Placement(True, True, "blocking"),
                        weights_gpu_frac=0.0, one_micro_batch=True)),
     Baseline("all-on-gpu", "All on GPU", "model and KV cache resident on the GPU",
-             Placement("all-on-gpu", attention_on_gpu=True, ffn_on_gpu=True, schedule="blocking",
+             PlacementOption("all-on-gpu", Placement(True, True, "blocking"),
                        weights_gpu_frac=1.0, kv_gpu_frac=1.0)),
 )
 
@@ -75,11 +76,7 @@ def run_baseline(problem: Problem, baseline: Baseline, *, solver: str = "grid") 
         else:
             reason = diagnose(problem, (baseline.placement,))
         return BaselineResult(baseline, None, None, reason)
-    p = baseline.placement
-    policy = Policy(batch_size=found.batch_size, micro_batch_size=found.micro_batch_size,
-                    attention_on_gpu=p.attention_on_gpu, ffn_on_gpu=p.ffn_on_gpu,
-                    weights_gpu_frac=found.experts / problem.num_experts, kv_gpu_frac=found.kv_gpu_frac,
-                    schedule=p.schedule)
+    policy = policy_of(problem, found)
     est = estimate(problem.spec, problem.hardware, problem.workload, policy,
                    pin_all_weights=problem.pin_all_weights, use_measured=problem.use_measured)
     return BaselineResult(baseline, policy, est)

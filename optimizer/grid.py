@@ -24,7 +24,7 @@ import numpy as np
 
 from hrm import estimate as hrm
 from hrm.policy import realised_kv_frac
-from .space import KV_FRAC_STEP, Placement, Problem
+from .space import KV_FRAC_STEP, PlacementOption, Problem
 
 DENSE_EXPERTS = 33
 """Up to this many expert counts (0..n_e) are all evaluated; beyond, a coarse scan and a fine one."""
@@ -64,7 +64,7 @@ def memory_lines(s: hrm.Setting, N, mu, r_w):
     return g0, np.asarray(m1.gpu_bytes, float) - g0, c0, np.asarray(m1.cpu_bytes, float) - c0
 
 
-def kv_for_budget(problem: Problem, placement: Placement, g0, g_slope, c0, c_slope, num_micro_batches):
+def kv_for_budget(problem: Problem, placement: PlacementOption, g0, g_slope, c0, c_slope, num_micro_batches):
     """(r_c, feasible): the largest KV fraction the GPU budget allows, rounded down to what the runtime
     realises (whole micro-batches, hrm.policy.realised_kv_frac), or the placement's fixed fraction;
     feasible where both budgets hold."""
@@ -82,14 +82,14 @@ def kv_for_budget(problem: Problem, placement: Placement, g0, g_slope, c0, c_slo
     return r_c, ok
 
 
-def fixed_experts(problem: Problem, placement: Placement) -> int | None:
+def fixed_experts(problem: Problem, placement: PlacementOption) -> int | None:
     """The whole-expert count a placement fixes (the realisation Policy.resident_experts uses), if any."""
     if placement.weights_gpu_frac is None:
         return None
     return int(problem.num_experts * placement.weights_gpu_frac + 1e-9)
 
 
-def _expert_candidates(problem: Problem, placement: Placement) -> np.ndarray:
+def _expert_candidates(problem: Problem, placement: PlacementOption) -> np.ndarray:
     e_fixed = fixed_experts(problem, placement)
     if e_fixed is not None:
         return np.array([e_fixed])
@@ -203,7 +203,7 @@ def price(pt: PairTerms, r_w, r_c):
 # ---------------------------------------------------------------------------------------------------
 # feasibility
 
-def _candidates(problem: Problem, placement: Placement, gpu: Affine, cpu: Affine, N, mu):
+def _candidates(problem: Problem, placement: PlacementOption, gpu: Affine, cpu: Affine, N, mu):
     es = _expert_candidates(problem, placement)
     r_w = (es / problem.num_experts)[:, None]
     r_c, ok = kv_for_budget(problem, placement, gpu.a + gpu.b * r_w, gpu.c, cpu.a + cpu.b * r_w, cpu.c,
@@ -211,13 +211,13 @@ def _candidates(problem: Problem, placement: Placement, gpu: Affine, cpu: Affine
     return es, r_c, ok
 
 
-def feasible_experts(problem: Problem, placement: Placement, N, mu):
+def feasible_experts(problem: Problem, placement: PlacementOption, N, mu):
     """(e [K], r_c [K, P], feasible [K, P]) for every candidate expert count of every pair."""
     N, mu = np.atleast_1d(np.asarray(N, np.int64)), np.atleast_1d(np.asarray(mu, np.int64))
     return _candidates(problem, placement, *_memory(problem.setting(placement), N, mu), N, mu)
 
 
-def feasible(problem: Problem, placement: Placement, N, mu) -> np.ndarray:
+def feasible(problem: Problem, placement: PlacementOption, N, mu) -> np.ndarray:
     """Whether some expert count (and KV fraction) fits both budgets, per pair."""
     N, mu = np.atleast_1d(np.asarray(N, np.int64)), np.atleast_1d(np.asarray(mu, np.int64))
     if N.size == 0:
@@ -241,7 +241,7 @@ def _pick(total, *arrays):
     return (total[k, cols],) + tuple(np.broadcast_to(a, total.shape)[k, cols] for a in arrays)
 
 
-def best_per_pair(problem: Problem, placement: Placement, N, mu) -> Choice:
+def best_per_pair(problem: Problem, placement: PlacementOption, N, mu) -> Choice:
     """For each (N, mu) pair: the expert count and KV fraction with the least prefill + decode time."""
     N = np.atleast_1d(np.asarray(N, np.int64))
     mu = np.atleast_1d(np.asarray(mu, np.int64))

@@ -19,7 +19,7 @@ import numpy as np
 from hrm import estimate as hrm
 from . import grid
 from hrm.policy import realised_kv_frac
-from .space import Placement, Problem
+from .space import PlacementOption, Problem
 
 CHUNK = 64
 """Pairs per CBC call."""
@@ -55,7 +55,7 @@ def _scale(terms: dict, P: int) -> np.ndarray:
     return np.where(largest > 0, largest, 1.0)
 
 
-def _solve_chunk(problem: Problem, placement: Placement, N: np.ndarray, mu: np.ndarray):
+def _solve_chunk(problem: Problem, placement: PlacementOption, N: np.ndarray, mu: np.ndarray):
     """The expert counts e of one chunk's pairs, or None when CBC found no optimum."""
     import pulp
 
@@ -115,7 +115,7 @@ def _solve_chunk(problem: Problem, placement: Placement, N: np.ndarray, mu: np.n
     return np.array([int(round(v.value())) for v in e_vars]) if e_vars is not None else np.full(P, e_fixed)
 
 
-def best_per_pair(problem: Problem, placement: Placement, N, mu) -> grid.Choice:
+def best_per_pair(problem: Problem, placement: PlacementOption, N, mu) -> grid.Choice:
     """Same contract as grid.best_per_pair, solved as a MILP."""
     N = np.atleast_1d(np.asarray(N, np.int64))
     mu = np.atleast_1d(np.asarray(mu, np.int64))

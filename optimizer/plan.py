@@ -308,11 +308,8 @@ def build_plan(problem, policy: Policy, *, budgets: Budgets, solver: str, mode: 
 
 
 def policy_of(problem, found) -> Policy:
-    E = problem.spec.num_experts
-    p = found.placement
-    return Policy(batch_size=found.batch_size, micro_batch_size=found.micro_batch_size,
-                  attention_on_gpu=p.attention_on_gpu, ffn_on_gpu=p.ffn_on_gpu,
-                  weights_gpu_frac=found.experts / E, kv_gpu_frac=found.kv_gpu_frac, schedule=p.schedule)
+    return Policy.at(found.placement.placement, found.batch_size, found.micro_batch_size,
+                     weights_gpu_frac=found.experts / problem.spec.num_experts, kv_gpu_frac=found.kv_gpu_frac)
 
 
 def plan_from_found(problem, found, *, solver: str, mode: str, search_time_s: float) -> Plan:

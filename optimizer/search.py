@@ -26,7 +26,7 @@ from hrm.spec import ModelSpec, Workload
 from . import grid, paper
 from .plan import build_plan, plan_from_found
 from .space import (DEFAULT_PLACEMENTS, GRID_RESOLUTION, MILP_RESOLUTION,
-                    Budgets, Pairs, Placement, Problem, Resolution, SearchError, format_size, int_grid,
+                    Budgets, Pairs, PlacementOption, Problem, Resolution, SearchError, format_size, int_grid,
                     neighbours, span)
 
 SOLVERS = ("grid", "milp")
@@ -36,7 +36,7 @@ MODES = ("default", "paper")
 @dataclass(frozen=True)
 class Found:
     """The best point one search found: a placement, (N, mu) and the inner choice."""
-    placement: Placement
+    placement: PlacementOption
     batch_size: int
     micro_batch_size: int
     experts: int
@@ -58,7 +58,7 @@ def _inner(solver: str):
 # ---------------------------------------------------------------------------------------------------
 # memory limits of N and mu
 
-def _batch_ceiling(problem: Problem, placement: Placement) -> int:
+def _batch_ceiling(problem: Problem, placement: PlacementOption) -> int:
     """An N that certainly does not fit: the bytes every extra sequence adds on both levels together."""
     s = problem.setting(placement)
     one, two = (memory_use(s, n, 1, 1.0, 0.0) for n in (1, 2))
@@ -67,7 +67,7 @@ def _batch_ceiling(problem: Problem, placement: Placement) -> int:
     return int(total / max(per_seq, 1.0)) + 2
 
 
-def _largest_feasible(problem: Problem, placement: Placement, lo: np.ndarray, hi: np.ndarray, fn) -> np.ndarray:
+def _largest_feasible(problem: Problem, placement: PlacementOption, lo: np.ndarray, hi: np.ndarray, fn) -> np.ndarray:
     """Per entry, the largest x in [lo, hi) with fn(x) feasible, given fn(lo) feasible and fn(hi) not."""
     lo, hi = lo.astype(np.int64).copy(), hi.astype(np.int64).copy()
     while np.any(hi - lo > 1):
@@ -78,7 +78,7 @@ def _largest_feasible(problem: Problem, placement: Placement, lo: np.ndarray, hi
     return lo
 
 
-def micro_batch_cap(problem: Problem, placement: Placement) -> int:
+def micro_batch_cap(problem: Problem, placement: PlacementOption) -> int:
     """The largest mu with (N = mu, mu) feasible (0 when not even one sequence fits)."""
     if not grid.feasible(problem, placement, [1], [1])[0]:
         return 0
@@ -87,7 +87,7 @@ def micro_batch_cap(problem: Problem, placement: Placement) -> int:
                                  lambda m: grid.feasible(problem, placement, m, m))[0])
 
 
-def batch_caps(problem: Problem, placement: Placement, mus: np.ndarray) -> np.ndarray:
+def batch_caps(problem: Problem, placement: PlacementOption, mus: np.ndarray) -> np.ndarray:
     """For each mu (each feasible with N = mu), the largest feasible N."""
     top = np.full(len(mus), _batch_ceiling(problem, placement))
     return _largest_feasible(problem, placement, mus, top, lambda n: grid.feasible(problem, placement, n, mus))
@@ -96,7 +96,7 @@ def batch_caps(problem: Problem, placement: Placement, mus: np.ndarray) -> np.nd
 # ---------------------------------------------------------------------------------------------------
 # the outer search
 
-def _stage1_pairs(problem: Problem, placement: Placement, res: Resolution):
+def _stage1_pairs(problem: Problem, placement: PlacementOption, res: Resolution):
     mu_cap = micro_batch_cap(problem, placement)
     if mu_cap == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -120,7 +120,7 @@ def _best_of(problem: Problem, choice: grid.Choice, top: int) -> list[int]:
     return [int(i) for i in order[:top] if np.isfinite(tput[i])]
 
 
-def _refine(problem: Problem, placement: Placement, inner, res: Resolution, N0: int, mu0: int,
+def _refine(problem: Problem, placement: PlacementOption, inner, res: Resolution, N0: int, mu0: int,
             mu_grid: np.ndarray, n_grid: np.ndarray):
     """Scan a shrinking box of integer (N, mu) around (N0, mu0); returns (Choice of the best, pairs seen)."""
     mu_lo, mu_hi = neighbours(mu_grid, mu0)
@@ -157,7 +157,7 @@ def _refine(problem: Problem, placement: Placement, inner, res: Resolution, N0: 
         n_lo, n_hi = Nb - n_step + 1, Nb + n_step - 1
 
 
-def _found(placement: Placement, choice: grid.Choice, i: int, gen_len: int, seen: int) -> Found:
+def _found(placement: PlacementOption, choice: grid.Choice, i: int, gen_len: int, seen: int) -> Found:
     return Found(placement=placement, batch_size=int(choice.batch_size[i]), micro_batch_size=int(choice.micro_batch_size[i]),
                  experts=int(choice.experts[i]), kv_gpu_frac=float(choice.kv_gpu_frac[i]),
                  total_s=float(choice.total_s[i]), throughput_tok_s=float(choice.throughput(gen_len)[i]),
@@ -258,7 +258,7 @@ def make_problem(spec: ModelSpec, hardware: HardwareProfile, workload: Workload,
 def search(spec: ModelSpec, hardware: HardwareProfile, workload: Workload, *, solver: str = "grid",
            mode: str = "default", budgets: Budgets | None = None, gpu_memory=None, cpu_memory=None,
            gpu_frac: float | None = None, cpu_frac: float | None = None,
-           placements: tuple[Placement, ...] | None = None, pairs: Pairs | None = None,
+           placements: tuple[PlacementOption, ...] | None = None, pairs: Pairs | None = None,
            resolution: Resolution | None = None, pin_all_weights: bool = True, use_measured: bool = True):
     """The best policy as a `Plan` (raises SearchError with a one-line reason when nothing fits).
 
@@ -278,7 +278,7 @@ def search(spec: ModelSpec, hardware: HardwareProfile, workload: Workload, *, so
     return solve(problem, solver=solver, placements=placements, pairs=pairs, resolution=resolution)
 
 
-def solve(problem: Problem, *, solver: str = "grid", placements: tuple[Placement, ...] | None = None,
+def solve(problem: Problem, *, solver: str = "grid", placements: tuple[PlacementOption, ...] | None = None,
           pairs: Pairs | None = None, resolution: Resolution | None = None):
     """The best policy for a Problem (model, machine, workload, budgets) as a `Plan`, by our model;
     `search` builds the problem from its arguments and calls this."""

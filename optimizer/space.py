@@ -3,8 +3,8 @@
 - `Budgets`: the bytes a plan may use on the GPU(s) and in host memory. By default the profile's memory
   times a safety fraction (0.9); the user can set either budget outright (`--gpu-memory 16GiB`), so a
   big GPU can be priced as a small one.
-- `Placement`: where attention and the routed experts run and which schedule overlaps them, plus the
-  restrictions a baseline imposes (fixed expert or KV fractions, a single micro-batch).
+- `PlacementOption`: a placement (hrm.policy.Placement: where attention and the routed experts run and which
+  schedule overlaps them), plus the restrictions a baseline imposes (fixed expert or KV fractions, a single micro-batch).
 - `Resolution`: how finely the adaptive search enumerates (N, mu); `Pairs`: an explicit set instead.
 - Enumeration helpers shared by both solvers: integer grids and the refinement boxes around a point.
 """
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hrm.estimate import Setting
+from hrm.policy import Placement
 from hrm.memory import GPU_HEADROOM_FRAC, HOST_HEADROOM_FRAC
 from hrm.units import format_size, parse_size
 from hrm.hardware import HardwareProfile, this_machine_available_bytes
@@ -129,23 +130,34 @@ class Budgets:
 # placements
 
 @dataclass(frozen=True)
-class Placement:
-    """Where attention and the routed experts run, the schedule, and a baseline's restrictions.
+class PlacementOption:
+    """One placement the search prices (hrm.policy.Placement: where attention and the routed experts run,
+    the schedule), named, with the restrictions a baseline imposes.
 
     weights_gpu_frac / kv_gpu_frac: None = searched, else fixed. one_micro_batch: mu = N.
     """
     name: str
-    attention_on_gpu: bool
-    ffn_on_gpu: bool
-    schedule: str
+    placement: Placement
     weights_gpu_frac: float | None = None
     kv_gpu_frac: float | None = None
     one_micro_batch: bool = False
 
+    @property
+    def attention_on_gpu(self) -> bool:
+        return self.placement.attention_on_gpu
+
+    @property
+    def ffn_on_gpu(self) -> bool:
+        return self.placement.ffn_on_gpu
+
+    @property
+    def schedule(self) -> str:
+        return self.placement.schedule
+
     def setting(self, spec: ModelSpec, hw: HardwareProfile, workload: Workload, *,
                 pin_all_weights: bool = True, use_measured: bool = True) -> Setting:
-        return Setting(spec, hw, workload, self.attention_on_gpu, self.ffn_on_gpu, self.schedule,
-                       pin_all_weights=pin_all_weights, use_measured=use_measured)
+        return Setting(spec, hw, workload, self.placement, pin_all_weights=pin_all_weights,
+                       use_measured=use_measured)
 
     @property
     def searches_kv(self) -> bool:
@@ -153,16 +165,14 @@ class Placement:
         return self.kv_gpu_frac is None and self.attention_on_gpu
 
     def describe(self) -> str:
-        attn = "GPU" if self.attention_on_gpu else "CPU"
-        ffn = "GPU" if self.ffn_on_gpu else "CPU"
-        return f"attention {attn}, experts {ffn}, {self.schedule}"
+        return self.placement.describe()
 
 
 ALL_PLACEMENTS = (
-    Placement("cpu-attention", attention_on_gpu=False, ffn_on_gpu=True, schedule="cgopipe"),
-    Placement("gpu-attention", attention_on_gpu=True, ffn_on_gpu=True, schedule="s4"),
-    Placement("cpu-attention+cpu-experts", attention_on_gpu=False, ffn_on_gpu=False, schedule="cgopipe"),
-    Placement("gpu-attention+cpu-experts", attention_on_gpu=True, ffn_on_gpu=False, schedule="s4"),
+    PlacementOption("cpu-attention", Placement(attention_on_gpu=False, ffn_on_gpu=True, schedule="cgopipe")),
+    PlacementOption("gpu-attention", Placement(attention_on_gpu=True, ffn_on_gpu=True, schedule="s4")),
+    PlacementOption("cpu-attention+cpu-experts", Placement(attention_on_gpu=False, ffn_on_gpu=False, schedule="cgopipe")),
+    PlacementOption("gpu-attention+cpu-experts", Placement(attention_on_gpu=True, ffn_on_gpu=False, schedule="s4")),
 )
 """The whole space the cost model prices: attention on the CPU or the GPU, routed experts on the GPU
 (paged) or the CPU."""
@@ -182,7 +192,7 @@ class Problem:
     pin_all_weights: bool = True
     use_measured: bool = True
 
-    def setting(self, placement: Placement) -> Setting:
+    def setting(self, placement: PlacementOption) -> Setting:
         return placement.setting(self.spec, self.hardware, self.workload, pin_all_weights=self.pin_all_weights,
                                  use_measured=self.use_measured)
 

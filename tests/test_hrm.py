@@ -11,7 +11,7 @@ from hrm.cost import Cost
 from hrm.estimate import Setting, decode_layer_times, estimate, memory_use, prefill_layer_times
 from hrm.hardware import load_profile
 from hrm.hf_config import builtin_models, load_model
-from hrm.policy import Policy, PolicyError
+from hrm.policy import Placement, Policy, PolicyError
 from hrm.roofline import (Hierarchy, Level, balance_intensity_cpu, decode_attention_point, moe_ffn_point,
                           turning_point_p1, turning_point_p2)
 from hrm.spec import SpecError, Workload
@@ -95,7 +95,7 @@ def test_stage_terms_linear_in_fractions():
     """Every resource term is linear in r_w and r_c, so the MILP and the grid share them."""
     hw = load_profile("t4-s1")
     for attn_gpu, sched in ((False, "cgopipe"), (True, "s4")):
-        st = Setting(MIXTRAL, hw, MTBENCH, attention_on_gpu=attn_gpu, schedule=sched)
+        st = Setting(MIXTRAL, hw, MTBENCH, Placement(attention_on_gpu=attn_gpu, schedule=sched))
         r = np.array([0.0, 0.25, 0.5])
         lt = decode_layer_times(st, 256, 32, r, r, 400.0)
         for name, v in lt.terms(sched).items():

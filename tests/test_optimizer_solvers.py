@@ -10,11 +10,11 @@ import pytest
 from hrm import estimate as hrm
 from hrm.hardware import load_profile
 from hrm.hf_config import load_model
-from hrm.policy import Policy
+from hrm.policy import Placement, Policy
 from hrm.spec import Workload
 from optimizer import grid, milp
 from optimizer.search import best_policy, make_problem, search
-from optimizer.space import ALL_PLACEMENTS, DEFAULT_PLACEMENTS, Budgets, Pairs, Placement, Problem
+from optimizer.space import ALL_PLACEMENTS, DEFAULT_PLACEMENTS, Budgets, Pairs, PlacementOption, Problem
 from oracles import bare_profile
 
 MIXTRAL = load_model("mixtral-8x7b")
@@ -78,7 +78,7 @@ def test_grid_point_equals_estimate():
 
 def test_terms_linear_and_nonincreasing_in_kv_fraction():
     """What the solvers rely on: terms are linear in r_w and r_c, and more KV on the GPU never costs time."""
-    s = hrm.Setting(MIXTRAL, load_profile("h200"), Workload(77.0, 418, 128), attention_on_gpu=True, schedule="s4")
+    s = hrm.Setting(MIXTRAL, load_profile("h200"), Workload(77.0, 418, 128), Placement(True, True, "s4"))
     N, mu = np.array([64, 300, 1000]), np.array([16, 64, 250])
     rng = np.random.default_rng(0)
     for _ in range(5):
@@ -125,7 +125,7 @@ def test_affine_pricing_equals_direct_composition():
 def test_baseline_restrictions_hold():
     """Fixed fractions and one micro-batch are honoured by the search."""
     pb = make_problem(MIXTRAL, load_profile("h200"), Workload(77.0, 418, 128))
-    one = Placement("one", attention_on_gpu=True, ffn_on_gpu=True, schedule="blocking", weights_gpu_frac=0.0,
+    one = PlacementOption("one", Placement(True, True, "blocking"), weights_gpu_frac=0.0,
                     one_micro_batch=True)
     found = best_policy(pb, (one,))
     assert found.batch_size == found.micro_batch_size and found.experts == 0

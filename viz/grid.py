@@ -18,9 +18,10 @@ import numpy as np
 
 from hrm.estimate import pass_time
 from hrm.hardware import HardwareProfile
+from hrm.policy import Placement
 from hrm.spec import ModelSpec, Workload
 from optimizer import grid as og
-from optimizer.space import Budgets, Placement, Problem
+from optimizer.space import Budgets, PlacementOption, Problem
 
 FEASIBLE, NOT_APPLICABLE, GPU_LIMIT, CPU_LIMIT, GPU_AND_CPU_LIMIT = 0, 1, 2, 3, 4
 STATUS_LABELS = {
@@ -30,7 +31,7 @@ STATUS_LABELS = {
     CPU_LIMIT: "over the CPU memory budget",
     GPU_AND_CPU_LIMIT: "over both memory budgets",
 }
-CPU_ATTENTION = Placement("cpu-attention", attention_on_gpu=False, ffn_on_gpu=True, schedule="cgopipe")
+CPU_ATTENTION = PlacementOption("cpu-attention", Placement(attention_on_gpu=False, ffn_on_gpu=True, schedule="cgopipe"))
 """The paper's placement (attention on the CPU, experts paged to the GPU, CGOPipe): the default."""
 
 
@@ -47,7 +48,7 @@ class ThroughputGrid:
     status: np.ndarray               # FEASIBLE, NOT_APPLICABLE, GPU_LIMIT, CPU_LIMIT, GPU_AND_CPU_LIMIT
     gpu_budget_bytes: float
     cpu_budget_bytes: float
-    placement: Placement
+    placement: PlacementOption
     label: str                       # model / hardware / workload, for titles
 
     @property
@@ -105,8 +106,8 @@ def default_ranges(spec: ModelSpec, hw: HardwareProfile, workload: Workload, n_b
 
 
 def placement_of(policy=None, *, attention_on_gpu=None, ffn_on_gpu=None, schedule=None, weights_gpu_frac=None,
-                 kv_gpu_frac=None) -> Placement:
-    """A Placement for the heatmap: a policy's attention/FFN placement and schedule (else the paper's),
+                 kv_gpu_frac=None) -> PlacementOption:
+    """A PlacementOption for the heatmap: a policy's attention/FFN placement and schedule (else the paper's),
     with r_w and r_c fixed where given, searched where None (as the optimizer does)."""
     base = CPU_ATTENTION
     if policy is not None:
@@ -116,14 +117,14 @@ def placement_of(policy=None, *, attention_on_gpu=None, ffn_on_gpu=None, schedul
     a = base.attention_on_gpu if attention_on_gpu is None else bool(attention_on_gpu)
     f = base.ffn_on_gpu if ffn_on_gpu is None else bool(ffn_on_gpu)
     sched = schedule or ("s4" if a else "cgopipe")
-    name = f"attention {'GPU' if a else 'CPU'}, experts {'GPU' if f else 'CPU'}, {sched}"
-    return Placement(name, attention_on_gpu=a, ffn_on_gpu=f, schedule=sched,
+    placement = Placement(a, f, sched)
+    return PlacementOption(placement.describe(), placement,
                      weights_gpu_frac=None if weights_gpu_frac is None else float(weights_gpu_frac),
                      kv_gpu_frac=None if kv_gpu_frac is None else float(kv_gpu_frac))
 
 
 def throughput_grid(spec: ModelSpec, hw: HardwareProfile, workload: Workload, batch_sizes=None,
-                    micro_batch_sizes=None, *, placement: Placement | None = None, budgets=None,
+                    micro_batch_sizes=None, *, placement: PlacementOption | None = None, budgets=None,
                     weights_gpu_frac=None, kv_gpu_frac=None, attention_on_gpu=None, ffn_on_gpu=None,
                     schedule=None, pin_all_weights: bool = True, use_measured: bool = True,
                     n_batch: int = 40, n_micro: int = 40) -> ThroughputGrid:
@@ -131,7 +132,7 @@ def throughput_grid(spec: ModelSpec, hw: HardwareProfile, workload: Workload, ba
 
     batch_sizes, micro_batch_sizes: the axes (default: n_batch x n_micro geometric values reaching past
         the memory limits).
-    placement: an optimizer.space.Placement; default built by `placement_of` from attention_on_gpu,
+    placement: an optimizer.space.PlacementOption; default built by `placement_of` from attention_on_gpu,
         ffn_on_gpu, schedule (the paper's CPU-attention CGOPipe when none is given) and the fixed
         fractions weights_gpu_frac / kv_gpu_frac (None: chosen per cell as the optimizer does).
     budgets: anything with gpu_bytes and cpu_bytes (optimizer.space.Budgets); default the optimizer's.

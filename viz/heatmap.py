@@ -117,7 +117,7 @@ def throughput_heatmap(spec: ModelSpec, hw: HardwareProfile, workload: Workload,
 
     batch_sizes, micro_batch_sizes: the grid (default: ~40 geometric values each, reaching past the limits).
     chosen: a Policy, a Plan or Estimate (anything with .policy) or an (N, mu) tuple, marked with a star.
-    placement: an optimizer.space.Placement; default built from attention_on_gpu / ffn_on_gpu / schedule
+    placement: an optimizer.space.PlacementOption; default built from attention_on_gpu / ffn_on_gpu / schedule
         where given, else the chosen policy's, else the paper's (CPU attention, experts on GPU, CGOPipe).
     weights_gpu_frac, kv_gpu_frac: fixed r_w / r_c, or None for the optimizer's choice in each cell.
     budgets: anything with gpu_bytes and cpu_bytes (optimizer.space.Budgets; a Plan's .budgets); default
