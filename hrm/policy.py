@@ -95,6 +95,23 @@ class Placement:
         return f"attention {attn}, experts {ffn}, {self.schedule}"
 
 
+class ReadsPlacement:
+    """attention_on_gpu, ffn_on_gpu and schedule, read through the holder's `placement`."""
+    placement: Placement
+
+    @property
+    def attention_on_gpu(self) -> bool:
+        return self.placement.attention_on_gpu
+
+    @property
+    def ffn_on_gpu(self) -> bool:
+        return self.placement.ffn_on_gpu
+
+    @property
+    def schedule(self) -> str:
+        return self.placement.schedule
+
+
 @dataclass(frozen=True)
 class Policy:
     """A whole policy. The placement's three fields are stored flat, as plan files and the constructor

@@ -11,13 +11,13 @@ import numpy as np
 
 from .cost import Cost
 from .hardware import HardwareProfile, interp_log
-from .policy import Placement, Policy
+from .policy import Placement, Policy, ReadsPlacement
 from .schedules import SCHEDULES
 from .spec import ModelSpec, Workload
 
 
 @dataclass(frozen=True)
-class Setting:
+class Setting(ReadsPlacement):
     """What stays fixed while a solver varies N, mu, r_w and r_c."""
     spec: ModelSpec
     hardware: HardwareProfile
@@ -29,18 +29,6 @@ class Setting:
     @classmethod
     def of(cls, spec, hardware, workload, policy: Policy, **kw) -> "Setting":
         return cls(spec, hardware, workload, policy.placement, **kw)
-
-    @property
-    def attention_on_gpu(self) -> bool:
-        return self.placement.attention_on_gpu
-
-    @property
-    def ffn_on_gpu(self) -> bool:
-        return self.placement.ffn_on_gpu
-
-    @property
-    def schedule(self) -> str:
-        return self.placement.schedule
 
 
 def _measured(s: Setting):

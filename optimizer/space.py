@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hrm.estimate import Setting
-from hrm.policy import Placement
+from hrm.policy import Placement, ReadsPlacement
 from hrm.memory import GPU_HEADROOM_FRAC, HOST_HEADROOM_FRAC
 from hrm.units import format_size, parse_size
 from hrm.hardware import HardwareProfile, this_machine_available_bytes
@@ -130,7 +130,7 @@ class Budgets:
 # placements
 
 @dataclass(frozen=True)
-class PlacementOption:
+class PlacementOption(ReadsPlacement):
     """One placement the search prices (hrm.policy.Placement: where attention and the routed experts run,
     the schedule), named, with the restrictions a baseline imposes.
 
@@ -141,18 +141,6 @@ class PlacementOption:
     weights_gpu_frac: float | None = None
     kv_gpu_frac: float | None = None
     one_micro_batch: bool = False
-
-    @property
-    def attention_on_gpu(self) -> bool:
-        return self.placement.attention_on_gpu
-
-    @property
-    def ffn_on_gpu(self) -> bool:
-        return self.placement.ffn_on_gpu
-
-    @property
-    def schedule(self) -> str:
-        return self.placement.schedule
 
     def setting(self, spec: ModelSpec, hw: HardwareProfile, workload: Workload, *,
                 pin_all_weights: bool = True, use_measured: bool = True) -> Setting:
