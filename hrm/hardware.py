@@ -16,6 +16,7 @@ import numpy as np
 
 from .checks import MAX_BYTES, need, number, read_text
 from .memory import MemoryProfile
+from .profile_keys import MEMORY_KEYS, misplaced_or_unknown_key
 from .units import GB, GiB, TFLOPS
 
 
@@ -324,6 +325,20 @@ def _measured(table: Mapping, where: str) -> Measured:
     )
 
 
+def _measured_sections(data: Mapping, where: str) -> Measured | None:
+    """[measured] (the machine) and [calibration] (the runtime on it) as one Measured; None without either.
+    [calibration] needs [measured], which holds the method and date of both."""
+    if "calibration" in data and "measured" not in data:
+        raise HardwareError(f"{where}: [calibration] needs a [measured] section (its method and date)")
+    if "measured" not in data:
+        return None
+    for section in ("measured", "calibration"):
+        if not isinstance(data.get(section, {}), Mapping):
+            raise HardwareError(f"{where}: [{section}] must be a table")
+    label = f"{where} [measured]" + (" [calibration]" if "calibration" in data else "")
+    return _measured({**data["measured"], **data.get("calibration", {})}, label)
+
+
 def _attention_loop(table: Mapping, where: str):
     """cpu_attention_loop_shapes [[sequences, slots per sequence, bytes per slot], ...] and, per shape,
     cpu_attention_loop_call_ms; at least three, to fit three costs."""
@@ -361,9 +376,6 @@ def _curves_by_shape(table: Mapping, shapes_key: str, x_key: str, y_key: str, fi
     return tuple(out_shapes), tuple(out_x), tuple(out_y)
 
 
-MEMORY_KEYS = {"cuda_context_gib": ("cuda_context_bytes", GiB), "process_baseline_gib": ("process_baseline_bytes", GiB),
-               "gpu_allocator_frac": ("gpu_allocator_frac", 1.0)}
-"""[memory] keys -> (MemoryProfile field, scale to SI)."""
 
 
 def _memory(table, where: str) -> MemoryProfile:
@@ -379,49 +391,11 @@ def _memory(table, where: str) -> MemoryProfile:
     return MemoryProfile(**kw, measured=True, source=str(_req(table, "source", where)))
 
 
-_UNIT_KEYS = frozenset({"name", "memory_gib", "memory_gb", "mem_gb_per_s", "tflops", "count", "cores", "source"})
-PROFILE_KEYS = {
-    "": frozenset({"name", "description", "gpu", "cpu", "link", "measured", "memory"}),
-    "gpu": _UNIT_KEYS,
-    "cpu": _UNIT_KEYS,
-    "link": frozenset({"h2d_gb_per_s", "d2h_gb_per_s", "duplex_gb_per_s", "pageable_h2d_gb_per_s", "source"}),
-    "measured": frozenset({
-        # curves and rates the cost model reads
-        "gpu_gemm_tokens", "gpu_gemm_tflops", "h2d_sizes_mib", "h2d_gb_per_s", "gpu_hbm_gb_per_s",
-        "gpu_moe_shapes", "gpu_moe_tokens_per_expert", "gpu_moe_tflops", "gpu_prefill_tokens",
-        "gpu_prefill_rest_tflops", "gpu_prefill_rest_shapes", "gpu_prefill_rest_tokens_by_shape",
-        "gpu_prefill_rest_tflops_by_shape", "prefill_pass_ns_per_token", "cpu_attention_gb_per_s",
-        "cpu_attention_overlapped_gb_per_s", "cpu_attention_overlapped_micro_batches",
-        "cpu_attention_overlapped_gb_per_s_by_micro_batch", "cpu_attention_loop_shapes",
-        "cpu_attention_loop_call_ms", "cpu_dram_gb_per_s", "decode_visit_us",
-        "decode_visit_us_by_schedule", "decode_visit_us_grouped_by_schedule", "grouped_above_tokens",
-        "cpu_attention_call_us", "method", "date",
-        # measured and kept as the record (the cost model does not read them)
-        "d2h_sizes_mib", "d2h_gb_per_s", "cpu_attention_shapes", "cpu_attention_gb_per_s_by_shape",
-        "cpu_dram_copy_gb_per_s", "model_shapes", "elapsed_s", "git_commit", "python_version", "torch_version",
-        "cuda_version", "numpy_version", "moe_lightning_version",
-        # old forms, refused with their new names
-        "gpu_moe_tokens", "gpu_prefill_tflops"}),
-    "memory": frozenset(MEMORY_KEYS) | {"source"},
-}
-"""Every key a profile may hold, per section ("" the top level): a key outside it is refused, naming it."""
-
-
-def _known_keys(data: Mapping, where: str) -> None:
-    for section, known in PROFILE_KEYS.items():
-        table = data if not section else data.get(section, {})
-        if not isinstance(table, Mapping):
-            continue                                    # the section's own reader says what it must be
-        odd = sorted(k for k in table if k not in known)
-        if odd:
-            label = f"[{section}]" if section else "the top level"
-            raise HardwareError(f"{where}: unknown key(s) {', '.join(map(repr, odd))} in {label}; "
-                                f"known: {', '.join(sorted(known))}")
-
-
 def parse_profile(data: Mapping, name: str, path: str = "") -> HardwareProfile:
     where = path or name
-    _known_keys(data, where)
+    odd = misplaced_or_unknown_key(data)
+    if odd:
+        raise HardwareError(f"{where}: {odd}")
     for section in ("gpu", "cpu", "link"):
         if section not in data:
             raise HardwareError(f"{where}: missing section [{section}]")
@@ -438,7 +412,7 @@ def parse_profile(data: Mapping, name: str, path: str = "") -> HardwareProfile:
     return HardwareProfile(
         name=str(data.get("name", name)), description=str(data.get("description", "")),
         gpu=_unit(data["gpu"], f"{where} [gpu]"), cpu=_unit(data["cpu"], f"{where} [cpu]"), link=link,
-        measured=_measured(data["measured"], f"{where} [measured]") if "measured" in data else None,
+        measured=_measured_sections(data, where),
         path=path, memory=_memory(data["memory"], f"{where} [memory]") if "memory" in data else MemoryProfile(),
     )
 

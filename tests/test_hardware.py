@@ -287,10 +287,10 @@ def test_without_env_var_user_profile_is_unknown(tmp_path, monkeypatch):
         load_profile("my-box")
 
 
-@pytest.mark.parametrize("section", ["", "gpu", "cpu", "link", "measured", "memory"])
+@pytest.mark.parametrize("section", ["", "gpu", "cpu", "link", "measured", "calibration", "memory"])
 def test_a_key_no_reader_knows_is_refused(tmp_path, section):
     """A typo in any section of a profile is one line naming the key and the section, not ignored."""
-    from hrm.hardware import PROFILE_KEYS
+    from hrm.profile_keys import PROFILE_KEYS
     data = tomllib.loads(Path(load_profile("h200-measured").path).read_text())
     (data if not section else data[section])["typo_key"] = 3
     assert "typo_key" not in PROFILE_KEYS[section]
@@ -312,3 +312,31 @@ def _toml_value(v):
     if isinstance(v, dict):
         return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
     return json.dumps(v)
+
+
+def test_a_calibration_key_in_measured_is_refused_naming_its_section(tmp_path):
+    """The runtime's calibrations live in [calibration]; a profile written before they moved is one line
+    that says where the key belongs."""
+    text = GOOD + '\n[measured]\ndecode_visit_us = 2000\nmethod = "m"\ndate = "d"\n'
+    with pytest.raises(HardwareError, match=r"'decode_visit_us' belongs in \[calibration\], not \[measured\]"):
+        load_profile(_write(tmp_path, text))
+    text = GOOD + '\n[measured]\nmethod = "m"\ndate = "d"\n\n[calibration]\ngpu_gemm_tokens = [16]\n'
+    with pytest.raises(HardwareError, match=r"'gpu_gemm_tokens' belongs in \[measured\], not \[calibration\]"):
+        load_profile(_write(tmp_path, text))
+
+
+def test_calibration_needs_measured_and_joins_it(tmp_path):
+    with pytest.raises(HardwareError, match=r"\[calibration\] needs a \[measured\] section"):
+        load_profile(_write(tmp_path, GOOD + "\n[calibration]\ndecode_visit_us = 2000\n"))
+    text = GOOD + '\n[measured]\ncpu_dram_gb_per_s = 80\nmethod = "m"\ndate = "d"\n\n[calibration]\ndecode_visit_us = 2000\n'
+    m = load_profile(_write(tmp_path, text)).measured
+    assert m.decode_visit_s == pytest.approx(2e-3) and m.cpu_dram_bytes_per_s == pytest.approx(80 * GB)
+
+
+def test_every_built_in_profile_keeps_machine_and_calibration_apart():
+    from hrm.hardware import PROFILE_DIR
+    from hrm.profile_keys import PROFILE_KEYS
+    for path in PROFILE_DIR.glob("*.toml"):
+        data = tomllib.loads(path.read_text())
+        assert not set(data.get("measured", {})) & PROFILE_KEYS["calibration"], path.name
+        load_profile(path)

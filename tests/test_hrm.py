@@ -281,7 +281,7 @@ def test_unknown_schedule_in_a_profile_is_named(tmp_path):
     import re
     text = Path(load_profile("h200-measured").path).read_text()
     text = re.sub(r"(?m)^decode_visit_us_by_schedule = .*\n", "", text)
-    text = text.replace("[measured]\n", "[measured]\ndecode_visit_us_by_schedule = { cgopipe = 1500, s5 = 2 }\n")
+    text = text.replace("[calibration]\n", "[calibration]\ndecode_visit_us_by_schedule = { cgopipe = 1500, s5 = 2 }\n")
     bad = tmp_path / "bad.toml"
     bad.write_text(text)
     with pytest.raises(HardwareError, match="s5"):

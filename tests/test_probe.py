@@ -10,6 +10,7 @@ import csv
 import importlib.util
 import json
 import os
+import tomllib
 import statistics
 from pathlib import Path
 
@@ -145,6 +146,10 @@ def test_profile_from_measured_gpu(cpu_result, tmp_path):
     r = _fake_gpu_result(cpu_result)
     p = write_profile_toml(r, tmp_path / "h200-measured.toml")
     assert load_profile(tmp_path / "h200-measured.toml") == p
+    from hrm.profile_keys import PROFILE_KEYS
+    data = tomllib.loads((tmp_path / "h200-measured.toml").read_text())
+    assert set(data["measured"]) <= PROFILE_KEYS["measured"]                # the machine ...
+    assert {"gpu_moe_tflops", "decode_visit_us", "cpu_attention_gb_per_s"} <= set(data["calibration"])  # ... the runtime
     assert p.gpu.name == "NVIDIA H200" and p.gpu.count == 1
     assert p.gpu.peak_flops["bf16"] == pytest.approx(760e12, rel=1e-3)   # best of square GEMM and sweep
     assert p.gpu.peak_flops["fp32"] == pytest.approx(51e12, rel=1e-3)

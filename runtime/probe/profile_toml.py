@@ -116,6 +116,7 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
               f"source = {_str(source)}", ""]
 
     lines += ["[measured]"]
+    calib = ["[calibration]"]
     if g:
         lines += [f"# {g['gemm_shape']}", f"gpu_gemm_tokens = {_arr(g['gemm_tokens'])}",
                   f"gpu_gemm_tflops = {_arr([x / TFLOPS for x in g['gemm_flops_per_s']])}",
@@ -126,7 +127,7 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
                   f"d2h_gb_per_s = {_arr([x / GB for x in lk['d2h_bytes_per_s']])}",
                   f"gpu_hbm_gb_per_s = {_num(g['hbm_copy_bytes_per_s'] / GB)}"]
         if g.get("moe_shapes"):
-            lines += ["# runtime.moe.moe, one MoE layer, every expert resident, at the expert shapes [hidden, "
+            calib += ["# runtime.moe.moe, one MoE layer, every expert resident, at the expert shapes [hidden, "
                       f"intermediate, experts, top-k] of {', '.join(g['moe_models'])}: routed top-k FLOP/s by "
                       "tokens per expert",
                       f"gpu_moe_shapes = {json.dumps(g['moe_shapes'])}",
@@ -134,7 +135,7 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
                       "gpu_moe_tflops = [" + ", ".join(_arr([x / TFLOPS for x in curve])
                                                        for curve in g["moe_flops_per_s"]) + "]"]
         if g.get("prefill_tokens"):
-            lines += [f"# runtime.Engine prefill of {g.get('prefill_model', 'the model')}, every expert resident, "
+            calib += [f"# runtime.Engine prefill of {g.get('prefill_model', 'the model')}, every expert resident, "
                       f"CPU attention, prompts of {g['prefill_prompt_len']}: per (layer, chunk) by tokens per chunk "
                       f"(slope over {g['prefill_layers']} layers) the layer's time less the MoE layer's, as FLOP/s "
                       "of hrm.ops.layer_gpu_ops + attention ...",
@@ -145,7 +146,7 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
                       f"prefill_pass_ns_per_token = {g['prefill_pass_s_per_token'] * 1e9:.4g}"]
         if g.get("prefill_rest_by_shape"):
             rows = g["prefill_rest_by_shape"]
-            lines += [f"# the rest rate of {', '.join(r['model'] for r in rows)} by attention shape [hidden, q_dim, "
+            calib += [f"# the rest rate of {', '.join(r['model'] for r in rows)} by attention shape [hidden, q_dim, "
                       "K+V elements per token] (hrm.rates.attention_shape)",
                       f"gpu_prefill_rest_shapes = {json.dumps([r['shape'] for r in rows])}",
                       f"gpu_prefill_rest_tokens_by_shape = {json.dumps([r['tokens'] for r in rows])}",
@@ -163,11 +164,12 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
         if m.gpu_hbm_bytes_per_s:
             lines.append(f"gpu_hbm_gb_per_s = {_num(m.gpu_hbm_bytes_per_s / GB)}")
     h, kv, d = (result["shapes"][k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
-    lines += [f"# {att['kernel']}, {att['dtype']} K/V, {h}/{kv} heads, d {d}: median over (batch, ctx) below",
+    lines += [f"cpu_dram_gb_per_s = {_num(c['dram_read_bytes_per_s'] / GB)}",
+              f"cpu_dram_copy_gb_per_s = {_num(c['dram_copy_bytes_per_s'] / GB)}"]
+    calib += [f"# {att['kernel']}, {att['dtype']} K/V, {h}/{kv} heads, d {d}: median over (batch, ctx) below",
               f"cpu_attention_gb_per_s = {_num(c['attention_kv_bytes_per_s'] / GB)}",
               f"cpu_attention_shapes = {json.dumps(att['shapes'])}",
               f"cpu_attention_gb_per_s_by_shape = {_arr([x / GB for x in att['kv_bytes_per_s']])}",
-              f"cpu_dram_gb_per_s = {_num(c['dram_read_bytes_per_s'] / GB)}",
               *([f"# runtime.Engine decode loop of {c['runtime']['visit_model']} with 16-wide experts, half streamed, "
                  "mu = 1, recording on: the host's fixed work per visit, by schedule",
                  f"decode_visit_us = {_num(c['runtime']['decode_visit_s'] * 1e6)}",
@@ -197,14 +199,14 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
                     f"cpu_attention_loop_call_ms = "
                     f"{_arr([x * 1e3 for x in c['runtime']['cpu_attention_loop_call_s']])}"]
                    if len(c["runtime"].get("cpu_attention_loop_shapes", ())) >= 3 else [])]
-                if c.get("runtime", {}).get("cpu_attention_overlapped_bytes_per_s") else []),
-              f"cpu_dram_copy_gb_per_s = {_num(c['dram_copy_bytes_per_s'] / GB)}"]
+                if c.get("runtime", {}).get("cpu_attention_overlapped_bytes_per_s") else [])]
     method = "moe-lightning profile (runtime/probe/): torch micro-benchmarks, median of repeats" + \
              (", quick mode" if result.get("quick") else "") + \
              ("" if g else f"; no GPU here, [gpu] [link] and GPU curves from profile {donor.name!r}")
     lines += [f"method = {_str(method)}", f"date = {_str(date)}", f"model_shapes = {_str(result['shapes']['model'])}"]
     lines += [f"{k}_version = {_str(val)}" for k, val in v.items() if k != "git_commit"]
     lines += [f"git_commit = {_str(v.get('git_commit', ''))}", f"elapsed_s = {_num(result.get('elapsed_s', 1e-3))}", ""]
+    lines += calib + [""]
     mem = result.get("memory")
     if mem:
         lines += ["[memory]",

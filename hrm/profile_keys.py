@@ -1,0 +1,65 @@
+"""The hardware profile's schema: every key each section of a profile TOML may hold (hrm/hardware.py reads
+them, runtime/probe/profile_toml.py writes them), and the one check that a file holds no other."""
+from __future__ import annotations
+
+from typing import Mapping
+
+from .units import GiB
+
+MEMORY_KEYS = {"cuda_context_gib": ("cuda_context_bytes", GiB), "process_baseline_gib": ("process_baseline_bytes", GiB),
+               "gpu_allocator_frac": ("gpu_allocator_frac", 1.0)}
+"""[memory] keys -> (MemoryProfile field, scale to SI)."""
+
+
+_UNIT_KEYS = frozenset({"name", "memory_gib", "memory_gb", "mem_gb_per_s", "tflops", "count", "cores", "source"})
+PROFILE_KEYS = {
+    "": frozenset({"name", "description", "gpu", "cpu", "link", "measured", "calibration", "memory"}),
+    "gpu": _UNIT_KEYS,
+    "cpu": _UNIT_KEYS,
+    "link": frozenset({"h2d_gb_per_s", "d2h_gb_per_s", "duplex_gb_per_s", "pageable_h2d_gb_per_s", "source"}),
+    # properties of the machine, as micro-benchmarks of torch measure them
+    "measured": frozenset({
+        "gpu_gemm_tokens", "gpu_gemm_tflops", "h2d_sizes_mib", "h2d_gb_per_s", "gpu_hbm_gb_per_s",
+        "cpu_dram_gb_per_s", "method", "date",
+        # measured and kept as the record (the cost model does not read them)
+        "d2h_sizes_mib", "d2h_gb_per_s", "cpu_dram_copy_gb_per_s", "model_shapes", "elapsed_s", "git_commit",
+        "python_version", "torch_version", "cuda_version", "numpy_version", "moe_lightning_version",
+        # old forms, refused with their new names
+        "gpu_moe_tokens", "gpu_prefill_tflops"}),
+    # the runtime's own code on this machine: its MoE and prefill layers, its CPU attention kernel alone and
+    # inside its decode loop, the host's fixed work per visit
+    "calibration": frozenset({
+        "gpu_moe_shapes", "gpu_moe_tokens_per_expert", "gpu_moe_tflops", "gpu_prefill_tokens",
+        "gpu_prefill_rest_tflops", "gpu_prefill_rest_shapes", "gpu_prefill_rest_tokens_by_shape",
+        "gpu_prefill_rest_tflops_by_shape", "prefill_pass_ns_per_token", "cpu_attention_gb_per_s",
+        "cpu_attention_overlapped_gb_per_s", "cpu_attention_overlapped_micro_batches",
+        "cpu_attention_overlapped_gb_per_s_by_micro_batch", "cpu_attention_loop_shapes",
+        "cpu_attention_loop_call_ms", "decode_visit_us", "decode_visit_us_by_schedule",
+        "decode_visit_us_grouped_by_schedule", "grouped_above_tokens", "cpu_attention_call_us",
+        # kept as the record
+        "cpu_attention_shapes", "cpu_attention_gb_per_s_by_shape"}),
+    "memory": frozenset(MEMORY_KEYS) | {"source"},
+}
+"""Every key a profile may hold, per section ("" the top level): a key outside it is refused, naming it, and
+a key of another section is refused naming the section it belongs in."""
+
+
+def misplaced_or_unknown_key(data: Mapping) -> str | None:
+    """The first key of a profile's parsed TOML that PROFILE_KEYS does not allow where it stands, as the
+    message that names it (and the section it belongs in, where it has one); None when every key is known."""
+    for section, known in PROFILE_KEYS.items():
+        table = data if not section else data.get(section, {})
+        if not isinstance(table, Mapping):
+            continue                                    # the section's own reader says what it must be
+        label = f"[{section}]" if section else "the top level"
+        for key in sorted(k for k in table if k not in known):
+            home = next((s for s, keys in PROFILE_KEYS.items() if s and key in keys), None)
+            if home == "calibration" and section == "measured":
+                return (f"{key!r} belongs in [calibration], not [measured] (the runtime's calibrations have "
+                        f"their own section since 2026-12-02): move it, or re-run `moe-lightning profile`")
+            if home:
+                return f"{key!r} belongs in [{home}], not {label}"
+        odd = sorted(k for k in table if k not in known)
+        if odd:
+            return f"unknown key(s) {', '.join(map(repr, odd))} in {label}; known: {', '.join(sorted(known))}"
+    return None
