@@ -176,7 +176,9 @@ def main(argv=None) -> int:
         return 0
     meta = {"command": " ".join([Path(sys.argv[0]).name] + list(argv if argv is not None else sys.argv[1:])),
             "date": date, "host": platform.node(), "hardware_profile": hw.name,
-            "runs": len(jobs)}
+            "runs": len(jobs),
+            # the environment the runs inherit that changes how they allocate (PyTorch's caching allocator)
+            "env": {k: v for k, v in os.environ.items() if k.startswith("PYTORCH_CUDA_ALLOC")}}
     atomic_write_text(out.with_suffix(".json"), json.dumps(meta, indent=2))
     return 0
 
