@@ -12,7 +12,7 @@ entry point), paper (the artifact's model), baselines, plan (Plan + JSON). hrm +
 """
 from __future__ import annotations
 
-import importlib
+from hrm.lazy import lazy_exports
 
 _EXPORTS = {
     "make_problem": "optimizer.search", "best_policy": "optimizer.search",
@@ -23,16 +23,4 @@ _EXPORTS = {
     "compare_baselines": "optimizer.baselines", "BASELINES": "optimizer.baselines",
     "paper_search": "optimizer.paper",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'optimizer' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -7,7 +7,7 @@ first use of a name.
 """
 from __future__ import annotations
 
-import importlib
+from hrm.lazy import lazy_exports
 
 _EXPORTS = {
     "roofline_figure": "viz.roofline_plot",
@@ -26,16 +26,4 @@ _EXPORTS = {
     "plot_for_estimate": "viz.cli",
     "plot_for_plan": "viz.cli",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'viz' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
