@@ -16,8 +16,7 @@ import numpy as np
 
 from .checks import MAX_BYTES, need, number, read_text
 from .memory import MemoryProfile
-from .profile_keys import MEMORY_KEYS, misplaced_or_unknown_key
-from .units import GB, GiB, TFLOPS
+from .profile_keys import MEMORY_KEYS, misplaced_or_unknown_key, unit_of
 
 
 PROFILE_DIR = Path(__file__).resolve().with_name("hardware_profiles")
@@ -237,26 +236,26 @@ def _req(table: Mapping, key: str, where: str):
 def _memory_bytes(table: Mapping, where: str) -> float:
     if "memory_gib" in table and "memory_gb" in table:
         raise HardwareError(f"{where}: give 'memory_gib' or 'memory_gb', not both")
-    for key, scale in (("memory_gib", GiB), ("memory_gb", GB)):
+    for key in ("memory_gib", "memory_gb"):
         if key in table:
-            return _positive(table[key], key, where, high=MAX_BYTES / scale) * scale
+            return _positive(table[key], key, where, high=MAX_BYTES / unit_of(key)) * unit_of(key)
     raise HardwareError(f"{where}: missing field 'memory_gib' (or 'memory_gb')")
 
 
-def _by_schedule(table, key: str, scale: float, where: str) -> tuple[tuple[str, float], ...]:
-    """{schedule = number} -> ((schedule, number * scale), ...), every schedule a known one."""
+def _by_schedule(table, key: str, where: str) -> tuple[tuple[str, float], ...]:
+    """{schedule = number} -> ((schedule, number in SI), ...), every schedule a known one."""
     from .schedules import SCHEDULES
     if not isinstance(table, Mapping):
         raise HardwareError(f"{where}: '{key}' must be a table like {{ cgopipe = 1500 }}, got {table!r}")
     odd = [k for k in table if k not in SCHEDULES]
     if odd:
         raise HardwareError(f"{where}: '{key}' names unknown schedule(s) {odd}; known: {', '.join(SCHEDULES)}")
-    return tuple((k, _positive(v, f"{key}.{k}", where) * scale) for k, v in table.items())
+    return tuple((k, _positive(v, f"{key}.{k}", where) * unit_of(key)) for k, v in table.items())
 
 
-def _rate(table: Mapping, key: str, where: str) -> float:
-    """An optional measured number: finite and not negative, 0 where absent."""
-    return number(table.get(key, 0.0), f"{where}: '{key}'", err=HardwareError)
+def _si(table: Mapping, key: str, where: str) -> float:
+    """An optional measured number in SI (profile_keys.unit_of): finite and not negative, 0 where absent."""
+    return number(table.get(key, 0.0), f"{where}: '{key}'", err=HardwareError) * unit_of(key)
 
 
 def _positive(value, key: str, where: str, high: float | None = None) -> float:
@@ -270,8 +269,8 @@ def _unit(table: Mapping, where: str) -> ComputeUnit:
     return ComputeUnit(
         name=str(_req(table, "name", where)),
         memory_bytes=_positive(_memory_bytes(table, where), "memory", where),
-        mem_bytes_per_s=_positive(_req(table, "mem_gb_per_s", where), "mem_gb_per_s", where) * GB,
-        peak_flops={k: _positive(v, f"tflops.{k}", where) * TFLOPS for k, v in tflops.items()},
+        mem_bytes_per_s=_positive(_req(table, "mem_gb_per_s", where), "mem_gb_per_s", where) * unit_of("mem_gb_per_s"),
+        peak_flops={k: _positive(v, f"tflops.{k}", where) * unit_of("tflops") for k, v in tflops.items()},
         count=number(table.get("count", 1), f"{where}: 'count'", err=HardwareError, integer=True, positive=True),
         cores=number(table.get("cores", 0), f"{where}: 'cores'", err=HardwareError, integer=True),
         source=str(_req(table, "source", where)),
@@ -279,16 +278,16 @@ def _unit(table: Mapping, where: str) -> ComputeUnit:
 
 
 def _measured(table: Mapping, where: str) -> Measured:
-    def pair(xkey, ykey, xscale, yscale):
+    def pair(xkey, ykey):
         xs, ys = ([_positive(v, key, where) for v in need(table.get(key, []), list, f"{where}: '{key}'", HardwareError)]
                   for key in (xkey, ykey))
         if len(xs) != len(ys):
             raise HardwareError(f"{where}: '{xkey}' and '{ykey}' differ in length")
         order = np.argsort(xs)
-        return tuple(xs[i] * xscale for i in order), tuple(ys[i] * yscale for i in order)
+        return tuple(xs[i] * unit_of(xkey) for i in order), tuple(ys[i] * unit_of(ykey) for i in order)
 
-    gt, gf = pair("gpu_gemm_tokens", "gpu_gemm_tflops", 1.0, TFLOPS)
-    hs, hr = pair("h2d_sizes_mib", "h2d_gb_per_s", 2.0 ** 20, GB)
+    gt, gf = pair("gpu_gemm_tokens", "gpu_gemm_tflops")
+    hs, hr = pair("h2d_sizes_mib", "h2d_gb_per_s")
     for old, new in (("gpu_moe_tokens", "gpu_moe_shapes"), ("gpu_prefill_tflops", "gpu_prefill_rest_tflops")):
         if old in table:
             raise HardwareError(f"{where}: '{old}' is the old form of '{new}' (measured at Mixtral's shape only); "
@@ -298,29 +297,29 @@ def _measured(table: Mapping, where: str) -> Measured:
     rest_shapes, rest_x, rest_y = _curves_by_shape(table, "gpu_prefill_rest_shapes", "gpu_prefill_rest_tokens_by_shape",
                                                    "gpu_prefill_rest_tflops_by_shape", ("hidden", "q_dim", "kv_elems"),
                                                    where)
-    pt, pf = pair("gpu_prefill_tokens", "gpu_prefill_rest_tflops", 1.0, TFLOPS)
-    om, ob = pair("cpu_attention_overlapped_micro_batches", "cpu_attention_overlapped_gb_per_s_by_micro_batch", 1.0, GB)
+    pt, pf = pair("gpu_prefill_tokens", "gpu_prefill_rest_tflops")
+    om, ob = pair("cpu_attention_overlapped_micro_batches", "cpu_attention_overlapped_gb_per_s_by_micro_batch")
     loop_shapes, loop_s = _attention_loop(table, where)
     return Measured(
         gpu_gemm_tokens=gt, gpu_gemm_flops_per_s=gf, h2d_sizes_bytes=hs, h2d_bytes_per_s=hr,
         gpu_moe_shapes=shapes, gpu_moe_tokens_per_expert=moe_x, gpu_moe_flops_per_s=moe_y,
         gpu_prefill_tokens=pt, gpu_prefill_rest_flops_per_s=pf, gpu_prefill_rest_shapes=rest_shapes,
         gpu_prefill_rest_tokens_by_shape=rest_x, gpu_prefill_rest_flops_per_s_by_shape=rest_y,
-        prefill_pass_s_per_token=_rate(table, "prefill_pass_ns_per_token", where) * 1e-9,
-        cpu_attention_bytes_per_s=_rate(table, "cpu_attention_gb_per_s", where) * GB,
-        cpu_attention_overlapped_bytes_per_s=_rate(table, "cpu_attention_overlapped_gb_per_s", where) * GB,
+        prefill_pass_s_per_token=_si(table, "prefill_pass_ns_per_token", where),
+        cpu_attention_bytes_per_s=_si(table, "cpu_attention_gb_per_s", where),
+        cpu_attention_overlapped_bytes_per_s=_si(table, "cpu_attention_overlapped_gb_per_s", where),
         cpu_attention_overlapped_micro_batches=om, cpu_attention_overlapped_by_micro_batch=ob,
         cpu_attention_loop_shapes=loop_shapes, cpu_attention_loop_call_s=loop_s,
-        cpu_dram_bytes_per_s=_rate(table, "cpu_dram_gb_per_s", where) * GB,
-        gpu_hbm_bytes_per_s=_rate(table, "gpu_hbm_gb_per_s", where) * GB,
-        decode_visit_s=_rate(table, "decode_visit_us", where) * 1e-6,
+        cpu_dram_bytes_per_s=_si(table, "cpu_dram_gb_per_s", where),
+        gpu_hbm_bytes_per_s=_si(table, "gpu_hbm_gb_per_s", where),
+        decode_visit_s=_si(table, "decode_visit_us", where),
         decode_visit_s_by_schedule=_by_schedule(table.get("decode_visit_us_by_schedule", {}),
-                                                "decode_visit_us_by_schedule", 1e-6, where),
+                                                "decode_visit_us_by_schedule", where),
         decode_visit_s_grouped_by_schedule=_by_schedule(table.get("decode_visit_us_grouped_by_schedule", {}),
-                                                        "decode_visit_us_grouped_by_schedule", 1e-6, where),
+                                                        "decode_visit_us_grouped_by_schedule", where),
         grouped_above_tokens=int(_positive(table["grouped_above_tokens"], "grouped_above_tokens", where))
         if "grouped_above_tokens" in table else 0,
-        cpu_attention_call_s=_rate(table, "cpu_attention_call_us", where) * 1e-6,
+        cpu_attention_call_s=_si(table, "cpu_attention_call_us", where),
         method=str(_req(table, "method", where)), date=str(_req(table, "date", where)),
     )
 
@@ -354,7 +353,7 @@ def _attention_loop(table: Mapping, where: str):
             raise HardwareError(f"{where}: 'cpu_attention_loop_shapes' entries are [sequences, slots per sequence, "
                                 f"bytes per slot], got {shape!r}")
         out.append(tuple(_positive(v, "cpu_attention_loop_shapes", where) for v in shape))
-    return tuple(out), tuple(_positive(v, "cpu_attention_loop_call_ms", where) * 1e-3 for v in ms)
+    return tuple(out), tuple(_positive(v, "cpu_attention_loop_call_ms", where) * unit_of("cpu_attention_loop_call_ms") for v in ms)
 
 
 def _curves_by_shape(table: Mapping, shapes_key: str, x_key: str, y_key: str, fields: tuple[str, ...], where: str):
@@ -372,7 +371,7 @@ def _curves_by_shape(table: Mapping, shapes_key: str, x_key: str, y_key: str, fi
         order = np.argsort(x)
         out_shapes.append(tuple(int(_positive(v, shapes_key, where)) for v in shape))
         out_x.append(tuple(_positive(x[i], x_key, where) for i in order))
-        out_y.append(tuple(_positive(y[i], y_key, where) * TFLOPS for i in order))
+        out_y.append(tuple(_positive(y[i], y_key, where) * unit_of(y_key) for i in order))
     return tuple(out_shapes), tuple(out_x), tuple(out_y)
 
 
@@ -382,12 +381,12 @@ def _memory(table, where: str) -> MemoryProfile:
     if not isinstance(table, Mapping):
         raise HardwareError(f"{where}: must be a table")
     kw = {}
-    for key, (field_name, scale) in MEMORY_KEYS.items():
+    for key, field_name in MEMORY_KEYS.items():
         if key in table:
             value = table[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
                 raise HardwareError(f"{where}: '{key}' must be a non-negative number, got {value!r}")
-            kw[field_name] = float(value) * scale
+            kw[field_name] = float(value) * unit_of(key)
     return MemoryProfile(**kw, measured=True, source=str(_req(table, "source", where)))
 
 
@@ -403,11 +402,13 @@ def parse_profile(data: Mapping, name: str, path: str = "") -> HardwareProfile:
             raise HardwareError(f"{where}: [{section}] must be a table")
     lk = data["link"]
     lw = f"{where} [link]"
-    h2d = _positive(_req(lk, "h2d_gb_per_s", lw), "h2d_gb_per_s", lw) * GB
-    d2h = _positive(_req(lk, "d2h_gb_per_s", lw), "d2h_gb_per_s", lw) * GB
-    link = Link(h2d_bytes_per_s=h2d, d2h_bytes_per_s=d2h,
-                duplex_bytes_per_s=_positive(lk.get("duplex_gb_per_s", (h2d + d2h) / GB), "duplex_gb_per_s", lw) * GB,
-                pageable_h2d_bytes_per_s=_positive(lk.get("pageable_h2d_gb_per_s", h2d / GB), "pageable_h2d_gb_per_s", lw) * GB,
+    def rate(key, default=None):
+        value = _req(lk, key, lw) if default is None else lk.get(key, default / unit_of(key))
+        return _positive(value, key, lw) * unit_of(key)
+
+    h2d, d2h = rate("h2d_gb_per_s"), rate("d2h_gb_per_s")
+    link = Link(h2d_bytes_per_s=h2d, d2h_bytes_per_s=d2h, duplex_bytes_per_s=rate("duplex_gb_per_s", h2d + d2h),
+                pageable_h2d_bytes_per_s=rate("pageable_h2d_gb_per_s", h2d),
                 source=str(_req(lk, "source", lw)))
     return HardwareProfile(
         name=str(data.get("name", name)), description=str(data.get("description", "")),

@@ -4,11 +4,25 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from .units import GiB
+from .units import GB, GiB, MiB, TFLOPS
 
-MEMORY_KEYS = {"cuda_context_gib": ("cuda_context_bytes", GiB), "process_baseline_gib": ("process_baseline_bytes", GiB),
-               "gpu_allocator_frac": ("gpu_allocator_frac", 1.0)}
-"""[memory] keys -> (MemoryProfile field, scale to SI)."""
+_UNIT_SUFFIXES = (("_gb_per_s", GB), ("_tflops", TFLOPS), ("_ns_per_token", 1e-9), ("_mib", MiB), ("_gib", GiB),
+                  ("_gb", GB), ("_us", 1e-6), ("_ms", 1e-3))
+_QUALIFIERS = ("_by_micro_batch", "_by_schedule", "_by_shape")
+
+
+def unit_of(key: str) -> float:
+    """The SI value of one unit of a profile key, read from the unit its name ends in (before a `_by_...`
+    qualifier): `h2d_gb_per_s` 1e9 (bytes/s), `gpu_moe_tflops` 1e12 (FLOP/s), `decode_visit_us` 1e-6 (s),
+    `h2d_sizes_mib` 2^20 (bytes); 1 for counts, shapes and fractions. Reader and writer both convert with it."""
+    for q in _QUALIFIERS:
+        if key.endswith(q):
+            key = key[: -len(q)]
+    return next((scale for suffix, scale in _UNIT_SUFFIXES if ("_" + key).endswith(suffix)), 1.0)
+
+MEMORY_KEYS = {"cuda_context_gib": "cuda_context_bytes", "process_baseline_gib": "process_baseline_bytes",
+               "gpu_allocator_frac": "gpu_allocator_frac"}
+"""[memory] keys -> MemoryProfile fields (in SI by unit_of)."""
 
 
 _UNIT_KEYS = frozenset({"name", "memory_gib", "memory_gb", "mem_gb_per_s", "tflops", "count", "cores", "source"})

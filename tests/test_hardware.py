@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from hrm import hardware
-from hrm.hardware import GB, GiB, TFLOPS, HardwareError, load_profile
+from hrm.hardware import HardwareError, load_profile
+from hrm.units import GB, GiB, TFLOPS
 
 SHIPPED = ["t4-s1", "l4-s2", "t4-paper", "l4-paper", "2xt4-s6", "4xt4-s7",
            "a10g", "rtx4090", "a100-40gb", "a100-80gb", "h100", "h200"]
@@ -340,3 +341,13 @@ def test_every_built_in_profile_keeps_machine_and_calibration_apart():
         data = tomllib.loads(path.read_text())
         assert not set(data.get("measured", {})) & PROFILE_KEYS["calibration"], path.name
         load_profile(path)
+
+
+def test_units_come_from_the_key_names():
+    from hrm.profile_keys import unit_of
+    assert unit_of("h2d_gb_per_s") == GB and unit_of("cpu_attention_overlapped_gb_per_s_by_micro_batch") == GB
+    assert unit_of("tflops") == TFLOPS and unit_of("gpu_prefill_rest_tflops_by_shape") == TFLOPS
+    assert unit_of("decode_visit_us_by_schedule") == 1e-6 and unit_of("cpu_attention_loop_call_ms") == 1e-3
+    assert unit_of("memory_gib") == GiB and unit_of("memory_gb") == GB and unit_of("h2d_sizes_mib") == 2 ** 20
+    assert unit_of("prefill_pass_ns_per_token") == 1e-9
+    assert unit_of("gpu_gemm_tokens") == 1.0 and unit_of("gpu_allocator_frac") == 1.0

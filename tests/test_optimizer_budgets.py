@@ -6,7 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hrm.hardware import GiB, available_profiles, load_profile
+from hrm.hardware import available_profiles, load_profile
+from hrm.units import GiB
 from hrm.memory import GPU_HEADROOM_FRAC, HOST_HEADROOM_FRAC
 from hrm.hf_config import builtin_models, load_model
 from hrm.spec import Workload

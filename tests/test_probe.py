@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hrm.hardware import GB, GiB, TFLOPS, load_profile
+from hrm.hardware import load_profile
+from hrm.units import GB, GiB, TFLOPS
 from moe_lightning_cli.main import main
 from runtime import probe
 from runtime.probe import ProbeError, profile_machine, write_profile_toml

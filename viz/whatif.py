@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import math
 
-from hrm.hardware import GB, GiB, HardwareProfile
+from hrm.hardware import HardwareProfile
+from hrm.units import GB, GiB
 from hrm.spec import ModelSpec, Workload
 
 from .style import RESOURCE_COLORS, RESOURCE_NAMES, new_figure

@@ -12,9 +12,10 @@ from typing import Sequence
 
 
 from hrm.atomic import atomic_write_text
-from hrm.hardware import GB, GiB, TFLOPS, HardwareProfile, load_profile, parse_profile
+from hrm.hardware import HardwareProfile, load_profile, parse_profile
 
-from hrm.units import MiB
+from hrm.profile_keys import unit_of
+from hrm.units import GiB, MiB
 
 from .base import ProbeError
 
@@ -40,17 +41,34 @@ def _table(d: dict) -> str:
     return "{ " + ", ".join(f"{k} = {_num(v)}" for k, v in d.items()) + " }"
 
 
+# one line of a profile from a value in SI units, in the unit the key's name says (hrm.profile_keys.unit_of)
+def _kv(key: str, si: float) -> str:
+    return f"{key} = {_num(si / unit_of(key))}"
+
+
+def _ka(key: str, si: Sequence[float]) -> str:
+    return f"{key} = {_arr([x / unit_of(key) for x in si])}"
+
+
+def _kt(key: str, si: dict) -> str:
+    return f"{key} = {_table({k: v / unit_of(key) for k, v in si.items()})}"
+
+
+def _kcurves(key: str, si: Sequence[Sequence[float]]) -> str:
+    return f"{key} = [" + ", ".join(_arr([x / unit_of(key) for x in curve]) for curve in si) + "]"
+
+
 def _gpu_section_from(hw: HardwareProfile) -> list[str]:
     u, lk = hw.gpu, hw.link
     src = f"from profile {hw.name!r} ({hw.path or 'built-in'}): "
     lines = ["[gpu]", f"name = {_str(u.name)}", f"count = {u.count}",
-             f"memory_gib = {_num(u.memory_bytes / GiB)}", f"mem_gb_per_s = {_num(u.mem_bytes_per_s / GB)}",
-             f"tflops = {_table({k: v / TFLOPS for k, v in u.peak_flops.items()})}",
+             _kv("memory_gib", u.memory_bytes), _kv("mem_gb_per_s", u.mem_bytes_per_s),
+             _kt("tflops", u.peak_flops),
              f"source = {_str(src + u.source)}", "", "[link]",
-             f"h2d_gb_per_s = {_num(lk.h2d_bytes_per_s / GB)}", f"d2h_gb_per_s = {_num(lk.d2h_bytes_per_s / GB)}",
-             f"duplex_gb_per_s = {_num(lk.duplex_bytes_per_s / GB)}"]
+             _kv("h2d_gb_per_s", lk.h2d_bytes_per_s), _kv("d2h_gb_per_s", lk.d2h_bytes_per_s),
+             _kv("duplex_gb_per_s", lk.duplex_bytes_per_s)]
     if lk.pageable_h2d_bytes_per_s:
-        lines.append(f"pageable_h2d_gb_per_s = {_num(lk.pageable_h2d_bytes_per_s / GB)}")
+        lines.append(_kv("pageable_h2d_gb_per_s", lk.pageable_h2d_bytes_per_s))
     lines.append(f"source = {_str(src + lk.source)}")
     return lines
 
@@ -81,123 +99,117 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
     lines += [f"description = {_str(desc)}", ""]
     if g:
         best_bf16 = max([g["square_gemm_flops_per_s"]["bf16"], *g["gemm_flops_per_s"]])
-        tflops = {"bf16": best_bf16 / TFLOPS, "fp16": g["square_gemm_flops_per_s"]["fp16"] / TFLOPS,
-                  "fp32": g["square_gemm_flops_per_s"]["fp32"] / TFLOPS}
+        tflops = {"bf16": best_bf16, "fp16": g["square_gemm_flops_per_s"]["fp16"],
+                  "fp32": g["square_gemm_flops_per_s"]["fp32"]}
         top = lk["sizes_bytes"].index(max(lk["sizes_bytes"]))
         h2d, d2h = lk["h2d_bytes_per_s"][top], lk["d2h_bytes_per_s"][top]
         lines += ["[gpu]", f"name = {_str(g['name'])}", f"count = {g['count']}",
                   "# torch.cuda.mem_get_info total",
-                  f"memory_gib = {_num(g['memory_bytes'] / GiB)}",
+                  _kv("memory_gib", g['memory_bytes']),
                   "# device copy, read + write bytes",
-                  f"mem_gb_per_s = {_num(g['hbm_copy_bytes_per_s'] / GB)}",
+                  _kv("mem_gb_per_s", g['hbm_copy_bytes_per_s']),
                   f"# best measured GEMM: bf16 over {g['square_gemm_n']}^3 and the expert-shape sweep; fp16 and "
                   f"fp32 at {g['square_gemm_n']}^3 (TF32 {'on' if g.get('tf32_matmul') else 'off'})",
-                  f"tflops = {_table(tflops)}",
+                  _kt("tflops", tflops),
                   f"source = {_str(source)}", "",
                   "[link]",
                   f"# pinned, {lk['sizes_bytes'][top] / MiB:g} MiB transfers",
-                  f"h2d_gb_per_s = {_num(h2d / GB)}", f"d2h_gb_per_s = {_num(d2h / GB)}",
+                  _kv("h2d_gb_per_s", h2d), _kv("d2h_gb_per_s", d2h),
                   f"# both directions at once, {lk['duplex_size_bytes'] / MiB:g} MiB each (capped at h2d + d2h)",
-                  f"duplex_gb_per_s = {_num(min(lk['duplex_bytes_per_s'], h2d + d2h) / GB)}",
-                  f"pageable_h2d_gb_per_s = {_num(lk['pageable_h2d_bytes_per_s'] / GB)}",
+                  _kv("duplex_gb_per_s", min(lk['duplex_bytes_per_s'], h2d + d2h)),
+                  _kv("pageable_h2d_gb_per_s", lk['pageable_h2d_bytes_per_s']),
                   f"source = {_str(source)}", ""]
     else:
         lines += _gpu_section_from(donor) + [""]
     mm = c["matmul_flops_per_s"]
     lines += ["[cpu]", f"name = {_str(c['name'])}", f"cores = {c['cores']}",
               "# os.sysconf physical pages",
-              f"memory_gib = {_num(c['memory_bytes'] / GiB)}",
+              _kv("memory_gib", c['memory_bytes']),
               f"# DRAM read (sum over {c['dram_size_bytes'] / MiB:g} MiB); copy: "
-              f"{_num(c['dram_copy_bytes_per_s'] / GB)} GB/s read + write",
-              f"mem_gb_per_s = {_num(c['dram_read_bytes_per_s'] / GB)}",
+              f"{_num(c['dram_copy_bytes_per_s'] / unit_of('cpu_dram_copy_gb_per_s'))} GB/s read + write",
+              _kv("mem_gb_per_s", c['dram_read_bytes_per_s']),
               f"# n^3 matmul, n = {c['matmul_n']['fp32']} (fp32) and {c['matmul_n']['bf16']} (bf16), "
               f"{c['torch_threads']} torch threads",
-              f"tflops = {_table({'bf16': mm['bf16'] / TFLOPS, 'fp32': mm['fp32'] / TFLOPS})}",
+              _kt("tflops", {'bf16': mm['bf16'], 'fp32': mm['fp32']}),
               f"source = {_str(source)}", ""]
 
     lines += ["[measured]"]
     calib = ["[calibration]"]
     if g:
         lines += [f"# {g['gemm_shape']}", f"gpu_gemm_tokens = {_arr(g['gemm_tokens'])}",
-                  f"gpu_gemm_tflops = {_arr([x / TFLOPS for x in g['gemm_flops_per_s']])}",
+                  _ka("gpu_gemm_tflops", g['gemm_flops_per_s']),
                   "# pinned, by transfer size",
-                  f"h2d_sizes_mib = {_arr([x / MiB for x in lk['sizes_bytes']])}",
-                  f"h2d_gb_per_s = {_arr([x / GB for x in lk['h2d_bytes_per_s']])}",
-                  f"d2h_sizes_mib = {_arr([x / MiB for x in lk['sizes_bytes']])}",
-                  f"d2h_gb_per_s = {_arr([x / GB for x in lk['d2h_bytes_per_s']])}",
-                  f"gpu_hbm_gb_per_s = {_num(g['hbm_copy_bytes_per_s'] / GB)}"]
+                  _ka("h2d_sizes_mib", lk['sizes_bytes']),
+                  _ka("h2d_gb_per_s", lk['h2d_bytes_per_s']),
+                  _ka("d2h_sizes_mib", lk['sizes_bytes']),
+                  _ka("d2h_gb_per_s", lk['d2h_bytes_per_s']),
+                  _kv("gpu_hbm_gb_per_s", g['hbm_copy_bytes_per_s'])]
         if g.get("moe_shapes"):
             calib += ["# runtime.moe.moe, one MoE layer, every expert resident, at the expert shapes [hidden, "
                       f"intermediate, experts, top-k] of {', '.join(g['moe_models'])}: routed top-k FLOP/s by "
                       "tokens per expert",
                       f"gpu_moe_shapes = {json.dumps(g['moe_shapes'])}",
                       f"gpu_moe_tokens_per_expert = {json.dumps(g['moe_tokens_per_expert'])}",
-                      "gpu_moe_tflops = [" + ", ".join(_arr([x / TFLOPS for x in curve])
-                                                       for curve in g["moe_flops_per_s"]) + "]"]
+                      _kcurves("gpu_moe_tflops", g["moe_flops_per_s"])]
         if g.get("prefill_tokens"):
             calib += [f"# runtime.Engine prefill of {g.get('prefill_model', 'the model')}, every expert resident, "
                       f"CPU attention, prompts of {g['prefill_prompt_len']}: per (layer, chunk) by tokens per chunk "
                       f"(slope over {g['prefill_layers']} layers) the layer's time less the MoE layer's, as FLOP/s "
                       "of hrm.ops.layer_gpu_ops + attention ...",
                       f"gpu_prefill_tokens = {_arr(g['prefill_tokens'])}",
-                      *([f"gpu_prefill_rest_tflops = {_arr([x / TFLOPS for x in g['prefill_rest_flops_per_s']])}"]
+                      *([_ka("gpu_prefill_rest_tflops", g['prefill_rest_flops_per_s'])]
                         if g.get("prefill_rest_flops_per_s") else []),
                       "# ... and what it pays once per pass, whatever the layers, per prompt token",
-                      f"prefill_pass_ns_per_token = {g['prefill_pass_s_per_token'] * 1e9:.4g}"]
+                      f"prefill_pass_ns_per_token = {g['prefill_pass_s_per_token'] / unit_of('prefill_pass_ns_per_token'):.4g}"]
         if g.get("prefill_rest_by_shape"):
             rows = g["prefill_rest_by_shape"]
             calib += [f"# the rest rate of {', '.join(r['model'] for r in rows)} by attention shape [hidden, q_dim, "
                       "K+V elements per token] (hrm.rates.attention_shape)",
                       f"gpu_prefill_rest_shapes = {json.dumps([r['shape'] for r in rows])}",
                       f"gpu_prefill_rest_tokens_by_shape = {json.dumps([r['tokens'] for r in rows])}",
-                      "gpu_prefill_rest_tflops_by_shape = [" + ", ".join(
-                          _arr([x / TFLOPS for x in r["rest_flops_per_s"]]) for r in rows) + "]"]
+                      _kcurves("gpu_prefill_rest_tflops_by_shape", [r["rest_flops_per_s"] for r in rows])]
     elif donor.measured is not None:
         m = donor.measured
         lines.append(f"# GPU curves from profile {donor.name!r} ({m.method}, {m.date})")
         if m.gpu_gemm_tokens:
             lines += [f"gpu_gemm_tokens = {_arr(m.gpu_gemm_tokens)}",
-                      f"gpu_gemm_tflops = {_arr([x / TFLOPS for x in m.gpu_gemm_flops_per_s])}"]
+                      _ka("gpu_gemm_tflops", m.gpu_gemm_flops_per_s)]
         if m.h2d_sizes_bytes:
-            lines += [f"h2d_sizes_mib = {_arr([x / MiB for x in m.h2d_sizes_bytes])}",
-                      f"h2d_gb_per_s = {_arr([x / GB for x in m.h2d_bytes_per_s])}"]
+            lines += [_ka("h2d_sizes_mib", m.h2d_sizes_bytes),
+                      _ka("h2d_gb_per_s", m.h2d_bytes_per_s)]
         if m.gpu_hbm_bytes_per_s:
-            lines.append(f"gpu_hbm_gb_per_s = {_num(m.gpu_hbm_bytes_per_s / GB)}")
+            lines.append(_kv("gpu_hbm_gb_per_s", m.gpu_hbm_bytes_per_s))
     h, kv, d = (result["shapes"][k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
-    lines += [f"cpu_dram_gb_per_s = {_num(c['dram_read_bytes_per_s'] / GB)}",
-              f"cpu_dram_copy_gb_per_s = {_num(c['dram_copy_bytes_per_s'] / GB)}"]
+    lines += [_kv("cpu_dram_gb_per_s", c['dram_read_bytes_per_s']),
+              _kv("cpu_dram_copy_gb_per_s", c['dram_copy_bytes_per_s'])]
     calib += [f"# {att['kernel']}, {att['dtype']} K/V, {h}/{kv} heads, d {d}: median over (batch, ctx) below",
-              f"cpu_attention_gb_per_s = {_num(c['attention_kv_bytes_per_s'] / GB)}",
+              _kv("cpu_attention_gb_per_s", c['attention_kv_bytes_per_s']),
               f"cpu_attention_shapes = {json.dumps(att['shapes'])}",
-              f"cpu_attention_gb_per_s_by_shape = {_arr([x / GB for x in att['kv_bytes_per_s']])}",
+              _ka("cpu_attention_gb_per_s_by_shape", att['kv_bytes_per_s']),
               *([f"# runtime.Engine decode loop of {c['runtime']['visit_model']} with 16-wide experts, half streamed, "
                  "mu = 1, recording on: the host's fixed work per visit, by schedule",
-                 f"decode_visit_us = {_num(c['runtime']['decode_visit_s'] * 1e6)}",
-                 *([f"decode_visit_us_by_schedule = "
-                    f"{_table({k: v * 1e6 for k, v in c['runtime']['decode_visit_s_by_schedule'].items()})}"]
+                 _kv("decode_visit_us", c['runtime']['decode_visit_s']),
+                 *([_kt("decode_visit_us_by_schedule", c['runtime']['decode_visit_s_by_schedule'])]
                    if c["runtime"].get("decode_visit_s_by_schedule") else []),
                  *([f"# the same with micro-batches of {c['runtime']['grouped_above_tokens'] + 1}: the grouped MoE path",
                     f"grouped_above_tokens = {c['runtime']['grouped_above_tokens']}",
-                    f"decode_visit_us_grouped_by_schedule = "
-                    f"{_table({k: v * 1e6 for k, v in c['runtime']['decode_visit_s_grouped_by_schedule'].items()})}"]
+                    _kt("decode_visit_us_grouped_by_schedule", c['runtime']['decode_visit_s_grouped_by_schedule'])]
                    if c["runtime"].get("decode_visit_s_grouped_by_schedule") else []),
-                 f"cpu_attention_call_us = {_num(c['runtime']['cpu_attention_call_s'] * 1e6)}"]
+                 _kv("cpu_attention_call_us", c['runtime']['cpu_attention_call_s'])]
                 if "runtime" in c else []),
               *([f"# the same kernel's calls inside the runtime's CGOPipe decode loop on the GPU, "
                  f"[batch, ctx] = {c['runtime']['overlap_shape']}: the host also launches the GPU's work",
-                 f"cpu_attention_overlapped_gb_per_s = "
-                 f"{_num(c['runtime']['cpu_attention_overlapped_bytes_per_s'] / GB)}",
+                 _kv("cpu_attention_overlapped_gb_per_s", c['runtime']['cpu_attention_overlapped_bytes_per_s']),
                  *([f"# ... and by micro-batch size (ctx as above)",
                     f"cpu_attention_overlapped_micro_batches = "
                     f"{json.dumps(c['runtime']['cpu_attention_overlapped_micro_batches'])}",
-                    f"cpu_attention_overlapped_gb_per_s_by_micro_batch = "
-                    f"{_arr([x / GB for x in c['runtime']['cpu_attention_overlapped_bytes_per_s_by_micro_batch']])}"]
+                    _ka("cpu_attention_overlapped_gb_per_s_by_micro_batch",
+                        c['runtime']['cpu_attention_overlapped_bytes_per_s_by_micro_batch'])]
                    if len(c["runtime"].get("cpu_attention_overlapped_micro_batches", ())) > 1 else []),
                  *([f"# ... each setting's calls: [sequences, KV slots read per sequence, bytes per slot] and ms "
                     f"per call (hrm.rates fits fixed + per-sequence + per-byte costs)",
                     f"cpu_attention_loop_shapes = {json.dumps(c['runtime']['cpu_attention_loop_shapes'])}",
-                    f"cpu_attention_loop_call_ms = "
-                    f"{_arr([x * 1e3 for x in c['runtime']['cpu_attention_loop_call_s']])}"]
+                    _ka("cpu_attention_loop_call_ms", c['runtime']['cpu_attention_loop_call_s'])]
                    if len(c["runtime"].get("cpu_attention_loop_shapes", ())) >= 3 else [])]
                 if c.get("runtime", {}).get("cpu_attention_overlapped_bytes_per_s") else [])]
     method = "moe-lightning profile (runtime/probe/): torch micro-benchmarks, median of repeats" + \
@@ -214,9 +226,9 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
                   "# device memory it holds beyond torch's allocator; the allocator's reserved minus allocated peak per byte",
                   "# of the memory account's transient workspace,",
                   f"# over {mem['allocator_probe']}",
-                  f"process_baseline_gib = {_num(mem['process_baseline_bytes'] / GiB)}"]
+                  _kv("process_baseline_gib", mem['process_baseline_bytes'])]
         if g:
-            lines += [f"cuda_context_gib = {mem['cuda_context_bytes'] / GiB:.4g}",
+            lines += [f"cuda_context_gib = {mem['cuda_context_bytes'] / unit_of('cuda_context_gib'):.4g}",
                       f"gpu_allocator_frac = {max(mem['gpu_allocator_frac'], 0.0):.4g}"]
         lines += [f"source = {_str(source)}", ""]
     return "\n".join(lines)
