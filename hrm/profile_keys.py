@@ -2,23 +2,22 @@
 them, runtime/probe/profile_toml.py writes them), and the one check that a file holds no other."""
 from __future__ import annotations
 
+import re
 from typing import Mapping
 
 from .units import GB, GiB, MiB, TFLOPS
 
-_UNIT_SUFFIXES = (("_gb_per_s", GB), ("_tflops", TFLOPS), ("_ns_per_token", 1e-9), ("_mib", MiB), ("_gib", GiB),
-                  ("_gb", GB), ("_us", 1e-6), ("_ms", 1e-3))
-_QUALIFIERS = ("_by_micro_batch", "_by_schedule", "_by_shape")
+_UNITS = {"gb_per_s": GB, "tflops": TFLOPS, "ns_per_token": 1e-9, "mib": MiB, "gib": GiB, "gb": GB, "us": 1e-6,
+          "ms": 1e-3}
+_UNIT_IN_KEY = re.compile(r"(?:^|_)(" + "|".join(sorted(_UNITS, key=len, reverse=True)) + r")(?:_|$)")
 
 
 def unit_of(key: str) -> float:
-    """The SI value of one unit of a profile key, read from the unit its name ends in (before a `_by_...`
-    qualifier): `h2d_gb_per_s` 1e9 (bytes/s), `gpu_moe_tflops` 1e12 (FLOP/s), `decode_visit_us` 1e-6 (s),
+    """The SI value of one unit of a profile key, read from the unit word in its name: `h2d_gb_per_s` 1e9
+    (bytes/s), `gpu_moe_tflops` 1e12 (FLOP/s), `decode_visit_us_grouped_by_schedule` 1e-6 (s),
     `h2d_sizes_mib` 2^20 (bytes); 1 for counts, shapes and fractions. Reader and writer both convert with it."""
-    for q in _QUALIFIERS:
-        if key.endswith(q):
-            key = key[: -len(q)]
-    return next((scale for suffix, scale in _UNIT_SUFFIXES if ("_" + key).endswith(suffix)), 1.0)
+    m = _UNIT_IN_KEY.search(key)
+    return _UNITS[m.group(1)] if m else 1.0
 
 MEMORY_KEYS = {"cuda_context_gib": "cuda_context_bytes", "process_baseline_gib": "process_baseline_bytes",
                "gpu_allocator_frac": "gpu_allocator_frac"}

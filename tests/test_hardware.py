@@ -348,6 +348,7 @@ def test_units_come_from_the_key_names():
     assert unit_of("h2d_gb_per_s") == GB and unit_of("cpu_attention_overlapped_gb_per_s_by_micro_batch") == GB
     assert unit_of("tflops") == TFLOPS and unit_of("gpu_prefill_rest_tflops_by_shape") == TFLOPS
     assert unit_of("decode_visit_us_by_schedule") == 1e-6 and unit_of("cpu_attention_loop_call_ms") == 1e-3
+    assert unit_of("decode_visit_us_grouped_by_schedule") == 1e-6 and unit_of("cpu_attention_call_us") == 1e-6
     assert unit_of("memory_gib") == GiB and unit_of("memory_gb") == GB and unit_of("h2d_sizes_mib") == 2 ** 20
     assert unit_of("prefill_pass_ns_per_token") == 1e-9
     assert unit_of("gpu_gemm_tokens") == 1.0 and unit_of("gpu_allocator_frac") == 1.0
