@@ -101,6 +101,14 @@ class RopeParameters:
     partial_rotary_factor: float = 1.0
 
 
+FULL_WIDTH_QK_NORM = ("olmoe",)
+"""Families whose q_norm / k_norm run over the whole projection, not per head."""
+EXPERT_BIASES = ("gpt_oss",)
+"""Families whose routed experts (gate, up, down) and router carry biases."""
+LAYER_NORM_WITHOUT_BIAS = ("dbrx",)
+"""Families with norm = "layer" whose LayerNorms have no bias."""
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Architecture of a decoder-only MoE transformer.
@@ -195,8 +203,10 @@ class ModelSpec:
 
     @property
     def expert_params(self) -> int:
-        """One routed expert: gate, up and down projections (SwiGLU)."""
-        return 3 * self.hidden_size * self.moe_intermediate_size
+        """One routed expert: gate, up and down projections (SwiGLU), and their biases where the family has
+        them (gpt-oss)."""
+        h, i = self.hidden_size, self.moe_intermediate_size
+        return 3 * h * i + (2 * i + h if self.model_type in EXPERT_BIASES else 0)
 
     @property
     def expert_bytes(self) -> float:
@@ -220,15 +230,44 @@ class ModelSpec:
         return self.num_experts * self.expert_params
 
     @property
+    def qk_norm_elems(self) -> tuple[int, int]:
+        """Elements of the q and k norm weights of one layer: per head (Qwen3), over the whole projection
+        (OLMoE, FULL_WIDTH_QK_NORM), or none."""
+        if not self.qk_norm:
+            return 0, 0
+        if self.model_type in FULL_WIDTH_QK_NORM:
+            return self.q_dim, self.num_key_value_heads * self.head_dim
+        return self.head_dim, self.head_dim
+
+    @property
+    def attention_small_params_per_layer(self) -> int:
+        """What a layer's attention holds beside its projections: q/k/v and o biases, q/k norms, MLA's
+        latent norms, the sinks (one per head)."""
+        n = sum(self.qk_norm_elems) + (self.num_attention_heads if self.attention_sinks else 0)
+        if self.attention == "mla":
+            return n + self.kv_lora_rank + self.q_lora_rank
+        if self.qkv_bias:
+            n += self.q_dim + 2 * self.num_key_value_heads * self.head_dim
+        return n + (self.hidden_size if self.o_proj_bias else 0)
+
+    @property
+    def norm_params(self) -> int:
+        """One of the layer norms over the hidden width: a weight, and a bias for LayerNorm (most families)."""
+        biased = self.norm == "layer" and self.model_type not in LAYER_NORM_WITHOUT_BIAS
+        return self.hidden_size * (2 if biased else 1)
+
+    @property
     def non_expert_params(self) -> int:
-        """Everything except routed experts: embeddings, attention, norms, routers, shared and dense FFNs."""
+        """Everything except routed experts: embeddings (and the LM head's bias), attention with its biases,
+        norms and sinks, the routers (with their bias), shared and dense FFNs."""
         h = self.hidden_size
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        norms_per_layer = 2 * h + (2 * self.head_dim if self.qk_norm else 0)
-        per_layer = self.attention_params_per_layer + norms_per_layer
-        moe = self.num_moe_layers * (self.router_params + self.shared_expert_params)
+        head_bias = self.vocab_size if self.lm_head_bias else 0
+        per_layer = self.attention_params_per_layer + self.attention_small_params_per_layer + 2 * self.norm_params
+        router = self.router_params + (self.num_experts if self.model_type in EXPERT_BIASES else 0)
+        moe = self.num_moe_layers * (router + self.shared_expert_params)
         dense = self.first_dense_layers * self.dense_ffn_params
-        return embed + h + self.num_hidden_layers * per_layer + moe + dense
+        return embed + head_bias + self.norm_params + self.num_hidden_layers * per_layer + moe + dense
 
     @property
     def total_params(self) -> int:

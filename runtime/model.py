@@ -14,14 +14,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from hrm.spec import ModelSpec
+from hrm.spec import FULL_WIDTH_QK_NORM, ModelSpec
 
 from .moe import ExpertLookup, SharedExpertWeights, moe
 from .precision import acc_dtype
 from .rope import rope_cos_sin, rope_problem  # noqa: F401  (rope_cos_sin: the layers' RoPE tables)
 
 SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-FULL_WIDTH_QK_NORM = ("olmoe",)  # q_norm/k_norm over the whole projection, not per head
 
 
 class UnsupportedModel(ValueError):
@@ -103,9 +102,8 @@ def dense_weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         if spec.o_proj_bias:
             shapes[p + "o_bias"] = (h,)
         if spec.qk_norm:
-            full = spec.model_type in FULL_WIDTH_QK_NORM
-            shapes[p + "q_norm"] = (q,) if full else (spec.head_dim,)
-            shapes[p + "k_norm"] = (kv,) if full else (spec.head_dim,)
+            qn, kn = spec.qk_norm_elems
+            shapes[p + "q_norm"], shapes[p + "k_norm"] = (qn,), (kn,)
         s = spec.shared_expert_intermediate_size
         if s:
             shapes.update({p + "shared.gate": (s, h), p + "shared.up": (s, h), p + "shared.down": (h, s)})

@@ -134,3 +134,42 @@ def test_plan_round_trips_rope_parameters(tmp_path):
     assert spec_from_dict(json.loads(json.dumps(spec_to_dict(spec)))) == spec
     plain = spec_from_hf_config(_config())
     assert "rope_parameters" not in spec_to_dict(plain)
+
+
+# tiny configs of every family the HRM reads, for transformers to build (HF_COMMON's widths)
+PARAM_CONFIGS = {
+    "mixtral": dict(num_local_experts=3, intermediate_size=40),
+    "qwen2_moe": dict(num_experts=3, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                      intermediate_size=40),
+    "qwen3_moe": dict(num_experts=4, moe_intermediate_size=24, intermediate_size=40, head_dim=16),
+    "olmoe": dict(num_experts=3, intermediate_size=32),
+    "dbrx": dict(d_model=48, n_heads=6, n_layers=2, attn_config={"kv_n_heads": 3, "rope_theta": 1e4},
+                 ffn_config={"moe_num_experts": 3, "moe_top_k": 2, "ffn_hidden_size": 40}),
+    "deepseek_v2": dict(n_routed_experts=4, moe_intermediate_size=24, intermediate_size=40, n_shared_experts=1,
+                        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=8, topk_method="greedy", n_group=1, topk_group=1),
+    "deepseek_v3": dict(n_routed_experts=4, moe_intermediate_size=24, intermediate_size=40, n_shared_experts=1,
+                        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1),
+    "phimoe": dict(num_local_experts=3, intermediate_size=40),
+    "gpt_oss": dict(num_local_experts=3, intermediate_size=40, head_dim=8,
+                    layer_types=["sliding_attention", "full_attention"]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(PARAM_CONFIGS))
+def test_parameter_count_is_exact_against_transformers(family):
+    """Every tensor counts: biases, q/k norms of either width, LayerNorm biases, MLA's latent norms,
+    gpt-oss's expert and router biases and sinks."""
+    import warnings
+
+    from hrm.hf_config import FAMILIES
+    transformers = pytest.importorskip("transformers")
+    assert set(PARAM_CONFIGS) == set(FAMILIES)
+    common = {k: v for k, v in HF_COMMON.items() if family != "dbrx" or k == "vocab_size"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = transformers.AutoConfig.for_model(family, **common, **PARAM_CONFIGS[family])
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    raw = dict(config.to_dict(), model_type=family)
+    assert spec_from_hf_config(raw).total_params == sum(p.numel() for p in model.parameters())
