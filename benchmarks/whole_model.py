@@ -87,7 +87,8 @@ def _row_of(date, spec, budgets, tag, plan, meas, error, wall_s, plan_file) -> d
                    meas_gpu_peak_bytes=meas["gpu_peak_bytes"], meas_host_peak_bytes=meas["cpu_peak_bytes"],
                    meas_pinned_bytes=max(p["pinned_bytes"] for p in meas["memory_phases"]),
                    meas_gpu_allocated_peak_bytes=max(p["gpu_allocated_peak_bytes"] for p in meas["memory_phases"]),
-                   setup_s=meas["setup_s"],
+                   meas_gpu_reserved_peak_bytes=max(p["gpu_reserved_peak_bytes"] for p in meas["memory_phases"]),
+                   allocator=meas.get("allocator", ""), setup_s=meas["setup_s"],
                    **{f"{ph}_s": sum(p.get("wall_s", 0.0) for p in meas["memory_phases"] if p["phase"] == ph)
                       for ph in ("load", "reserve")})
     return row

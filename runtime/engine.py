@@ -28,7 +28,7 @@ from .graphs import PostAttentionGraphs
 from .cpu_attention import AttentionWorker, attention_threads
 from .host_memory import HostArena, pinned_bytes
 from .kv_cache import KVCache
-from .measure import Measurement, Recorder, Span, stage_times
+from .measure import Measurement, Recorder, Span, allocator_conf, stage_times
 from .memory import DoesNotFit  # noqa: F401  (raised from here; callers import it from the engine)
 from .memory import Machine, MemoryMeter, check, pass_shape, phase_dicts, policy_account
 from .model import check_supported
@@ -185,7 +185,7 @@ class Engine:
                                + [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 * (not phases)]),
             pinned_bytes=pinned_bytes(), setup_s=setup_s, memory_phases=tuple(phase_dicts(phases)),
             account_bytes=self.last_account.to_dict() if self.last_account is not None else None,
-            allocated_bytes=self.allocated_bytes())
+            allocated_bytes=self.allocated_bytes(), allocator=allocator_conf())
         return out, m
 
     def warm_up(self, prompts: list[list[int]], max_new_tokens: int | None = None, padded: bool = False) -> None:

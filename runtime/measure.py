@@ -8,6 +8,7 @@ in the worker), h2d_weights, h2d_hidden (attention outputs, prefill hidden state
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -102,6 +103,15 @@ class Recorder:
         return sorted(self._spans, key=lambda sp: sp.start_s)
 
 
+ALLOCATOR_ENV = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+
+
+def allocator_conf() -> str:
+    """The caching allocator's configuration as the environment gave it ("NAME=value; ..."), "" for none:
+    it sets how much the allocator reserves beyond what tensors hold (hrm.memory's allocator_slack)."""
+    return "; ".join(f"{k}={os.environ[k]}" for k in ALLOCATOR_ENV if os.environ.get(k))
+
+
 def stage_times(spans: list[Span]) -> tuple[StageTime, ...]:
     totals: dict[tuple[str, str], list[float]] = {}
     for sp in spans:
@@ -131,6 +141,7 @@ class Measurement:
     memory_phases: tuple = ()          # runtime.memory.PhaseMemory as dicts: load, reserve, prefill, decode
     account_bytes: dict | None = None  # hrm.memory.MemoryUse.to_dict() of the last pass as laid out
     allocated_bytes: dict | None = None  # what the runtime's tensors hold, by the account's level and part
+    allocator: str = ""                # how PyTorch's CUDA caching allocator was configured (its env), "" default
 
     @property
     def total_s(self) -> float:

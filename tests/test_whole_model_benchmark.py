@@ -20,8 +20,8 @@ def _fake_measurement(plan):
     est = plan.estimate
     return {"derived": {"tokens_per_s": est.throughput_tok_s}, "prefill_s": est.prefill_s, "decode_s": est.decode_s,
             "gpu_peak_bytes": 1.0, "cpu_peak_bytes": 2.0, "setup_s": 0.1,
-            "memory_phases": [{"phase": "load", "pinned_bytes": 3.0, "gpu_allocated_peak_bytes": 4.0, "wall_s": 7.5},
-                              {"phase": "decode", "pinned_bytes": 3.0, "gpu_allocated_peak_bytes": 4.0, "wall_s": 1.0}]}
+            "memory_phases": [{"phase": "load", "pinned_bytes": 3.0, "gpu_allocated_peak_bytes": 4.0, "gpu_reserved_peak_bytes": 4.5, "wall_s": 7.5},
+                              {"phase": "decode", "pinned_bytes": 3.0, "gpu_allocated_peak_bytes": 4.0, "gpu_reserved_peak_bytes": 5.0, "wall_s": 1.0}]}
 
 
 def test_rows_in_the_schema_and_the_time_limit_starts_no_job_it_cannot_finish(tmp_path, monkeypatch):
