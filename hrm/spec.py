@@ -105,6 +105,9 @@ FULL_WIDTH_QK_NORM = ("olmoe",)
 """Families whose q_norm / k_norm run over the whole projection, not per head."""
 EXPERT_BIASES = ("gpt_oss",)
 """Families whose routed experts (gate, up, down) and router carry biases."""
+ROUTER_SCORE_BIAS = ("ernie4_5_moe",)
+"""Families whose router's score-correction bias is a parameter (one per expert and MoE layer); DeepSeek-V3's,
+GLM's and EXAONE's are buffers."""
 LAYER_NORM_WITHOUT_BIAS = ("dbrx",)
 """Families with norm = "layer" whose LayerNorms have no bias."""
 
@@ -264,7 +267,7 @@ class ModelSpec:
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         head_bias = self.vocab_size if self.lm_head_bias else 0
         per_layer = self.attention_params_per_layer + self.attention_small_params_per_layer + 2 * self.norm_params
-        router = self.router_params + (self.num_experts if self.model_type in EXPERT_BIASES else 0)
+        router = self.router_params + (self.num_experts if self.model_type in EXPERT_BIASES + ROUTER_SCORE_BIAS else 0)
         moe = self.num_moe_layers * (router + self.shared_expert_params)
         dense = self.first_dense_layers * self.dense_ffn_params
         return embed + head_bias + self.norm_params + self.num_hidden_layers * per_layer + moe + dense

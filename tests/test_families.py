@@ -154,6 +154,16 @@ PARAM_CONFIGS = {
     "phimoe": dict(num_local_experts=3, intermediate_size=40),
     "gpt_oss": dict(num_local_experts=3, intermediate_size=40, head_dim=8,
                     layer_types=["sliding_attention", "full_attention"]),
+    "granitemoe": dict(num_local_experts=4, intermediate_size=40),
+    "granitemoeshared": dict(num_local_experts=4, intermediate_size=40, shared_intermediate_size=32,
+                             attention_bias=True),
+    "glm4_moe": dict(n_routed_experts=4, moe_intermediate_size=24, intermediate_size=40, n_shared_experts=1,
+                     first_k_dense_replace=1, attention_bias=True, use_qk_norm=True),
+    "exaone_moe": dict(num_experts=4, moe_intermediate_size=24, intermediate_size=40, num_shared_experts=1,
+                       mlp_layer_types=["dense", "sparse"], head_dim=8),
+    "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=24, intermediate_size=40,
+                         moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_end_index=1),
+    "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2, intermediate_size=40, head_dim=8, attention_bias=True),
 }
 
 
@@ -173,3 +183,20 @@ def test_parameter_count_is_exact_against_transformers(family):
         model = transformers.AutoModelForCausalLM.from_config(config)
     raw = dict(config.to_dict(), model_type=family)
     assert spec_from_hf_config(raw).total_params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("family, fields, words", [
+    ("ernie4_5_moe", dict(use_bias=True), "use_bias=true"),
+    ("ernie4_5_moe", dict(moe_layer_interval=2), "interleave dense and MoE layers"),
+    ("exaone_moe", dict(mlp_layer_types=["sparse", "dense"]), "'mlp_layer_types' interleaves"),
+    ("hunyuan_v1_moe", dict(moe_topk=[2, 1]), "'moe_topk' varies by layer"),
+])
+def test_what_a_new_family_cannot_be_priced_as_is_refused_naming_it(family, fields, words):
+    transformers = pytest.importorskip("transformers")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = transformers.AutoConfig.for_model(family, **HF_COMMON, **PARAM_CONFIGS[family])
+    spec_from_hf_config(dict(config.to_dict(), model_type=family))               # priced as it is ...
+    with pytest.raises(SpecError, match=words):                                      # ... and refused with the field
+        spec_from_hf_config(dict(config.to_dict(), model_type=family, **fields))

@@ -1,0 +1,170 @@
+"""The MoE families the HRM reads: per model_type, the ModelSpec fields of its config.json (hrm.hf_config's
+FAMILIES). A family is one reader over hrm.hf_fields' shared fields, with its own exceptions."""
+from __future__ import annotations
+
+from .hf_fields import _Config, _common, _every_layer_moe, _leading_dense, _sliding, _standard
+from .spec import SpecError
+
+def _mixtral(c: _Config) -> dict:
+    s = _standard(c, "intermediate_size", theta=1e6)
+    return dict(s, norm_topk_prob=True, **_sliding(c, s))
+
+
+def _qwen2_moe(c: _Config) -> dict:
+    s = _standard(c, "moe_intermediate_size", eps=1e-6)
+    _every_layer_moe(c, decoder_sparse_step=1, mlp_only_layers=[])
+    return dict(s, shared_expert_intermediate_size=c.int("shared_expert_intermediate_size"),
+                shared_expert_gate=True, qkv_bias=c.bool("qkv_bias", True), norm_topk_prob=c.bool("norm_topk_prob", False),
+                **_sliding(c, s))
+
+
+def _qwen3_moe(c: _Config) -> dict:
+    s = _standard(c, "moe_intermediate_size", eps=1e-6)
+    _every_layer_moe(c, decoder_sparse_step=1, mlp_only_layers=[])
+    bias = c.bool("attention_bias", False)
+    return dict(s, qk_norm=True, qkv_bias=bias, o_proj_bias=bias,
+                norm_topk_prob=c.bool("norm_topk_prob", False), **_sliding(c, s))
+
+
+def _olmoe(c: _Config) -> dict:
+    s = _standard(c, "intermediate_size")
+    bias = c.bool("attention_bias", False)
+    return dict(s, qk_norm=True, qkv_bias=bias, o_proj_bias=bias, clip_qkv=c.float("clip_qkv", default=0.0),
+                norm_topk_prob=c.bool("norm_topk_prob", False))
+
+
+def _dbrx(c: _Config) -> dict:
+    hidden = c.int("d_model")
+    heads = c.int("n_heads")
+    ffn = c.raw.get("ffn_config", {})
+    if not isinstance(ffn, dict):
+        raise SpecError(f"{c.model_type} config: field 'ffn_config' must be an object, got {ffn!r}")
+    normalize = ffn.get("moe_normalize_expert_weights", 1)      # an explicit null turns it off
+    return dict(hidden_size=hidden, num_hidden_layers=c.int("n_layers"), num_attention_heads=heads,
+                num_key_value_heads=c.int("attn_config.kv_n_heads", default=heads),
+                head_dim=hidden // heads if heads else 0,
+                num_experts=c.int("ffn_config.moe_num_experts"),
+                num_experts_per_tok=c.int("ffn_config.moe_top_k"),
+                moe_intermediate_size=c.int("ffn_config.ffn_hidden_size"),
+                norm="layer", rms_norm_eps=1e-5, clip_qkv=c.float("attn_config.clip_qkv", default=0.0),
+                norm_topk_prob=normalize is not None,
+                rope_theta=c.float("attn_config.rope_theta", default=10000.0),
+                **_common(c, "max_seq_len", 2048))
+
+
+def _deepseek(c: _Config, v3: bool) -> dict:
+    s = _standard(c, "moe_intermediate_size", eps=1e-6)
+    _every_layer_moe(c, moe_layer_freq=1)
+    nope, rope = c.int("qk_nope_head_dim"), c.int("qk_rope_head_dim")
+    first = c.int("first_k_dense_replace", default=0)
+    router = c.get("scoring_func", "sigmoid" if v3 else "softmax")
+    if router not in ("softmax", "sigmoid"):
+        raise SpecError(f"{c.model_type} config: field 'scoring_func' must be softmax or sigmoid, got {router!r}")
+    s.update(head_dim=nope + rope, num_key_value_heads=s["num_attention_heads"])
+    return dict(s, attention="mla", q_lora_rank=c.int("q_lora_rank", default=0),
+                kv_lora_rank=c.int("kv_lora_rank"), qk_rope_head_dim=rope, qk_nope_head_dim=nope,
+                v_head_dim=c.int("v_head_dim"), first_dense_layers=first,
+                dense_intermediate_size=c.int("intermediate_size") if first else 0,
+                shared_expert_intermediate_size=c.int("n_shared_experts", default=0) * s["moe_intermediate_size"],
+                router=router, norm_topk_prob=c.bool("norm_topk_prob", v3),
+                routed_scaling_factor=c.float("routed_scaling_factor", default=1.0))
+
+
+def _phimoe(c: _Config) -> dict:
+    s = _standard(c, "intermediate_size", theta=1e6)
+    bias = c.bool("attention_bias", False)
+    return dict(s, norm="layer", qkv_bias=bias, o_proj_bias=bias, lm_head_bias=c.bool("lm_head_bias", False),
+                norm_topk_prob=False, **_sliding(c, s))
+
+
+def _gpt_oss(c: _Config) -> dict:
+    s = _standard(c, "intermediate_size", theta=150000.0)
+    alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(s["num_hidden_layers"])]
+    bias = c.bool("attention_bias", True)
+    return dict(s, attention_sinks=True, qkv_bias=bias, o_proj_bias=bias, norm_topk_prob=True,
+                **_sliding(c, s, alternating))
+
+
+def _granitemoe(c: _Config) -> dict:
+    """GraniteMoE (and GraniteMoeShared: a shared SwiGLU MLP of shared_intermediate_size, no gate)."""
+    s = _standard(c, "intermediate_size")
+    bias = c.bool("attention_bias", False)
+    return dict(s, qkv_bias=bias, o_proj_bias=bias, norm_topk_prob=True,
+                shared_expert_intermediate_size=c.int("shared_intermediate_size", default=0))
+
+
+def _glm4_moe(c: _Config) -> dict:
+    """GLM-4.5 / 4.6: DeepSeek-V3's routing (sigmoid, score-correction bias, shared experts, leading dense
+    layers) over GQA attention with a partial rotary and q/k/v biases (none on o)."""
+    s = _standard(c, "moe_intermediate_size")
+    first = c.int("first_k_dense_replace", default=0)
+    return dict(s, qkv_bias=c.bool("attention_bias", False), qk_norm=c.bool("use_qk_norm", False),
+                shared_expert_intermediate_size=c.int("n_shared_experts", default=0) * s["moe_intermediate_size"],
+                router="sigmoid", norm_topk_prob=c.bool("norm_topk_prob", True),
+                routed_scaling_factor=c.float("routed_scaling_factor", default=1.0), **_leading_dense(c, s, first))
+
+
+def _exaone_moe(c: _Config) -> dict:
+    """EXAONE MoE: per-head q/k norms, shared experts, dense layers first (mlp_layer_types), sliding layers."""
+    s = _standard(c, "moe_intermediate_size")
+    kinds = c.get("mlp_layer_types") or ["dense"] * c.int("first_k_dense_replace", default=0) + ["sparse"] * (
+        s["num_hidden_layers"] - c.int("first_k_dense_replace", default=0))
+    if not isinstance(kinds, list) or len(kinds) != s["num_hidden_layers"]:
+        raise SpecError(f"{c.model_type} config: field 'mlp_layer_types' needs one entry per layer")
+    first = next((i for i, k in enumerate(kinds) if k != "dense"), len(kinds))
+    if any(k != "sparse" for k in kinds[first:]):
+        raise SpecError(f"{c.model_type} config: field 'mlp_layer_types' interleaves dense and MoE layers, "
+                        f"which ModelSpec cannot describe")
+    return dict(s, qk_norm=True, router="sigmoid", norm_topk_prob=c.bool("norm_topk_prob", True),
+                shared_expert_intermediate_size=c.int("num_shared_experts", default=0) * s["moe_intermediate_size"],
+                routed_scaling_factor=c.float("routed_scaling_factor", default=1.0),
+                **_leading_dense(c, s, first), **_sliding(c, s))
+
+
+def _ernie4_5_moe(c: _Config) -> dict:
+    """ERNIE 4.5 MoE: leading dense layers (moe_layer_start_index), shared experts, a score-correction bias
+    per MoE layer (a parameter, counted)."""
+    c = _Config({**c.raw, "num_experts_per_tok": c.raw.get("moe_k", c.raw.get("num_experts_per_tok"))}, c.model_type)
+    s = _standard(c, "moe_intermediate_size")
+    if c.bool("use_bias", False):
+        raise SpecError(f"{c.model_type} config: use_bias=true (a bias on every projection) is not priced")
+    first, end = c.int("moe_layer_start_index", default=0), c.get("moe_layer_end_index", -1)
+    if c.int("moe_layer_interval", default=1) != 1 or end not in (-1, s["num_hidden_layers"] - 1):
+        raise SpecError(f"{c.model_type} config: fields 'moe_layer_interval' / 'moe_layer_end_index' interleave "
+                        f"dense and MoE layers, which ModelSpec cannot describe")
+    return dict(s, shared_expert_intermediate_size=c.int("moe_num_shared_experts", default=0) * s["moe_intermediate_size"],
+                norm_topk_prob=True, **_leading_dense(c, s, first))
+
+
+def _hunyuan_v1_moe(c: _Config) -> dict:
+    """Hunyuan-A13B: per-head q/k norms, a shared MLP as wide as an expert, q/k/v/o biases together."""
+    topk = c.get("moe_topk", 1)                    # what transformers' Hunyuan reads, whatever else is set
+    if isinstance(topk, list):
+        if not topk or len(set(topk)) != 1:
+            raise SpecError(f"{c.model_type} config: field 'moe_topk' varies by layer ({topk!r}), which ModelSpec "
+                            f"cannot describe")
+        topk = topk[0]
+    c = _Config({**c.raw, "num_experts_per_tok": topk}, c.model_type)
+    s = _standard(c, "intermediate_size")
+    bias = c.bool("attention_bias", False)
+    return dict(s, qk_norm=True, qkv_bias=bias, o_proj_bias=bias, norm_topk_prob=True,
+                shared_expert_intermediate_size=c.int("num_shared_expert", default=1) * s["moe_intermediate_size"])
+
+
+FAMILIES = {
+    "mixtral": _mixtral,
+    "qwen2_moe": _qwen2_moe,
+    "qwen3_moe": _qwen3_moe,
+    "olmoe": _olmoe,
+    "dbrx": _dbrx,
+    "deepseek_v2": lambda c: _deepseek(c, v3=False),
+    "deepseek_v3": lambda c: _deepseek(c, v3=True),
+    "phimoe": _phimoe,
+    "gpt_oss": _gpt_oss,
+    "granitemoe": _granitemoe,
+    "granitemoeshared": _granitemoe,
+    "glm4_moe": _glm4_moe,
+    "exaone_moe": _exaone_moe,
+    "ernie4_5_moe": _ernie4_5_moe,
+    "hunyuan_v1_moe": _hunyuan_v1_moe,
+}
