@@ -2,7 +2,7 @@
 FAMILIES). A family is one reader over hrm.hf_fields' shared fields, with its own exceptions."""
 from __future__ import annotations
 
-from .hf_fields import _Config, _common, _every_layer_moe, _leading_dense, _sliding, _standard
+from .hf_fields import _Config, _common, _dense_prefix, _every_layer_moe, _leading_dense, _sliding, _standard
 from .spec import SpecError
 
 def _mixtral(c: _Config) -> dict:
@@ -56,7 +56,7 @@ def _deepseek(c: _Config, v3: bool) -> dict:
     s = _standard(c, "moe_intermediate_size", eps=1e-6)
     _every_layer_moe(c, moe_layer_freq=1)
     nope, rope = c.int("qk_nope_head_dim"), c.int("qk_rope_head_dim")
-    first = c.int("first_k_dense_replace", default=0)
+    first = _dense_prefix(c, s["num_hidden_layers"])
     router = c.get("scoring_func", "sigmoid" if v3 else "softmax")
     if router not in ("softmax", "sigmoid"):
         raise SpecError(f"{c.model_type} config: field 'scoring_func' must be softmax or sigmoid, got {router!r}")
@@ -97,7 +97,7 @@ def _glm4_moe(c: _Config) -> dict:
     """GLM-4.5 / 4.6: DeepSeek-V3's routing (sigmoid, score-correction bias, shared experts, leading dense
     layers) over GQA attention with a partial rotary and q/k/v biases (none on o)."""
     s = _standard(c, "moe_intermediate_size")
-    first = c.int("first_k_dense_replace", default=0)
+    first = _dense_prefix(c, s["num_hidden_layers"])
     return dict(s, qkv_bias=c.bool("attention_bias", False), qk_norm=c.bool("use_qk_norm", False),
                 shared_expert_intermediate_size=c.int("n_shared_experts", default=0) * s["moe_intermediate_size"],
                 router="sigmoid", norm_topk_prob=c.bool("norm_topk_prob", True),
@@ -107,18 +107,25 @@ def _glm4_moe(c: _Config) -> dict:
 def _exaone_moe(c: _Config) -> dict:
     """EXAONE MoE: per-head q/k norms, shared experts, dense layers first (mlp_layer_types), sliding layers."""
     s = _standard(c, "moe_intermediate_size")
-    kinds = c.get("mlp_layer_types") or ["dense"] * c.int("first_k_dense_replace", default=0) + ["sparse"] * (
-        s["num_hidden_layers"] - c.int("first_k_dense_replace", default=0))
-    if not isinstance(kinds, list) or len(kinds) != s["num_hidden_layers"]:
-        raise SpecError(f"{c.model_type} config: field 'mlp_layer_types' needs one entry per layer")
-    first = next((i for i, k in enumerate(kinds) if k != "dense"), len(kinds))
-    if any(k != "sparse" for k in kinds[first:]):
-        raise SpecError(f"{c.model_type} config: field 'mlp_layer_types' interleaves dense and MoE layers, "
-                        f"which ModelSpec cannot describe")
     return dict(s, qk_norm=True, router="sigmoid", norm_topk_prob=c.bool("norm_topk_prob", True),
                 shared_expert_intermediate_size=c.int("num_shared_experts", default=0) * s["moe_intermediate_size"],
                 routed_scaling_factor=c.float("routed_scaling_factor", default=1.0),
-                **_leading_dense(c, s, first), **_sliding(c, s))
+                **_leading_dense(c, s, _dense_prefix(c, s["num_hidden_layers"])), **_sliding(c, s))
+
+
+def _mellum(c: _Config) -> dict:
+    """Mellum MoE: Qwen3's layer (per-head q/k norms), dense layers first, sliding layers."""
+    s = _standard(c, "moe_intermediate_size")
+    bias = c.bool("attention_bias", False)
+    return dict(s, qk_norm=True, qkv_bias=bias, o_proj_bias=bias, norm_topk_prob=c.bool("norm_topk_prob", True),
+                **_leading_dense(c, s, _dense_prefix(c, s["num_hidden_layers"])), **_sliding(c, s))
+
+
+def _aria_text(c: _Config) -> dict:
+    """Aria's language model: experts as wide as intermediate_size, moe_num_shared_experts of them shared."""
+    s = _standard(c, "intermediate_size")
+    return dict(s, norm_topk_prob=True,
+                shared_expert_intermediate_size=c.int("moe_num_shared_experts", default=0) * s["moe_intermediate_size"])
 
 
 def _ernie4_5_moe(c: _Config) -> dict:
@@ -167,4 +174,10 @@ FAMILIES = {
     "exaone_moe": _exaone_moe,
     "ernie4_5_moe": _ernie4_5_moe,
     "hunyuan_v1_moe": _hunyuan_v1_moe,
+    "solar_open": _glm4_moe,
+    "sarvam_moe": _glm4_moe,
+    "glm4_moe_lite": lambda c: _deepseek(c, v3=True),
+    "mellum": _mellum,
+    "aria_text": _aria_text,
+    "flex_olmo": _olmoe,
 }

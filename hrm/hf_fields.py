@@ -269,3 +269,18 @@ def _every_layer_moe(c: _Config, **defaults) -> None:
 
 def _leading_dense(c: _Config, s: dict, first: int) -> dict:
     return dict(first_dense_layers=first, dense_intermediate_size=c.int("intermediate_size") if first else 0)
+
+
+def _dense_prefix(c: _Config, layers: int) -> int:
+    """Leading dense layers: from mlp_layer_types ("dense" / "sparse" per layer) where the config has it,
+    else first_k_dense_replace; dense layers after a MoE one are refused (ModelSpec cannot describe them)."""
+    kinds = c.get("mlp_layer_types")
+    if kinds is None:
+        return c.int("first_k_dense_replace", default=0)
+    if not isinstance(kinds, list) or len(kinds) != layers:
+        raise SpecError(f"{c.model_type} config: field 'mlp_layer_types' needs one entry per layer")
+    first = next((i for i, k in enumerate(kinds) if k != "dense"), len(kinds))
+    if any(k != "sparse" for k in kinds[first:]):
+        raise SpecError(f"{c.model_type} config: field 'mlp_layer_types' interleaves dense and MoE layers, "
+                        f"which ModelSpec cannot describe")
+    return first

@@ -164,6 +164,16 @@ PARAM_CONFIGS = {
     "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=24, intermediate_size=40,
                          moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_end_index=1),
     "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2, intermediate_size=40, head_dim=8, attention_bias=True),
+    "solar_open": dict(n_routed_experts=4, moe_intermediate_size=24, head_dim=8, attention_bias=True),
+    "sarvam_moe": dict(n_routed_experts=4, moe_intermediate_size=24, intermediate_size=40, head_dim=8,
+                       first_k_dense_replace=1),
+    "glm4_moe_lite": dict(n_routed_experts=4, moe_intermediate_size=24, intermediate_size=40, n_shared_experts=1,
+                          kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                          mlp_layer_types=["dense", "sparse"]),
+    "mellum": dict(num_local_experts=4, moe_intermediate_size=24, intermediate_size=40, head_dim=8,
+                   mlp_layer_types=["dense", "sparse"]),
+    "aria_text": dict(moe_num_experts=4, moe_topk=2, intermediate_size=40, head_dim=8, moe_num_shared_experts=2),
+    "flex_olmo": dict(num_experts=4, intermediate_size=40, pad_token_id=0),
 }
 
 
