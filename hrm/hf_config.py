@@ -58,6 +58,24 @@ def _check(spec: ModelSpec) -> None:
         raise SpecError(f"{where}: clip_qkv must not be negative, got {spec.clip_qkv}")
 
 
+PRICED_LAYER_KINDS = frozenset({"full_attention", "sliding_attention"})
+"""The layer kinds a ModelSpec describes (attention over the whole context or a window, then the FFN)."""
+
+
+def unpriced_layers(raw: dict) -> str | None:
+    """What a config's layers hold that ModelSpec cannot price (linear attention, Mamba, convolutions,
+    chunked or indexed attention ...), as words for the refusal; None when every layer is of a priced kind."""
+    for key in ("layer_types", "layers_block_type"):
+        kinds = raw.get(key)
+        if isinstance(kinds, list):
+            odd = sorted({k for k in kinds if isinstance(k, str)} - PRICED_LAYER_KINDS)
+            if odd:
+                return f"its {', '.join(map(repr, odd))} layers (field {key!r})"
+    if any(k.startswith("mamba_") for k in raw):
+        return "its Mamba layers (fields mamba_*)"
+    return None
+
+
 def spec_from_hf_config(path_or_dict, name: str | None = None) -> ModelSpec:
     """A ModelSpec from a config dict, a config.json path, or a directory holding config.json."""
     raw = _read(path_or_dict)
@@ -65,6 +83,10 @@ def spec_from_hf_config(path_or_dict, name: str | None = None) -> ModelSpec:
     if not model_type:
         raise SpecError("config: missing field 'model_type'")
     supported = ", ".join(FAMILIES)
+    odd = unpriced_layers(raw)
+    if odd:
+        raise SpecError(f"model_type {model_type!r}: {odd} are not priced (ModelSpec describes attention and MoE "
+                        f"layers only); supported: {supported}")
     if model_type not in FAMILIES:
         if model_type in DENSE_MODEL_TYPES:
             raise SpecError(f"unsupported model_type {model_type!r}: a dense model, not a supported MoE family; "

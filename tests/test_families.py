@@ -210,3 +210,21 @@ def test_what_a_new_family_cannot_be_priced_as_is_refused_naming_it(family, fiel
     spec_from_hf_config(dict(config.to_dict(), model_type=family))               # priced as it is ...
     with pytest.raises(SpecError, match=words):                                      # ... and refused with the field
         spec_from_hf_config(dict(config.to_dict(), model_type=family, **fields))
+
+
+@pytest.mark.parametrize("family, words", [
+    ("qwen3_next", "'linear_attention' layers"), ("minimax", "'linear_attention' layers"),
+    ("granitemoehybrid", "layers"), ("jamba", "Mamba layers"), ("llama4_text", "'chunked_attention' layers"),
+])
+def test_layers_that_cannot_be_priced_are_named(family, words):
+    """Hybrid models are refused by the kind of layer the spec cannot describe, not by an unknown name."""
+    transformers = pytest.importorskip("transformers")
+    raw = dict(transformers.AutoConfig.for_model(family).to_dict(), model_type=family)
+    with pytest.raises(SpecError, match=words):
+        spec_from_hf_config(raw)
+
+
+def test_a_supported_family_with_an_unpriced_layer_kind_is_refused():
+    raw = _config("qwen3_moe", layer_types=["full_attention", "linear_attention"])
+    with pytest.raises(SpecError, match="'linear_attention' layers"):
+        spec_from_hf_config(raw)
