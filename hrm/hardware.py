@@ -14,7 +14,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .checks import MAX_BYTES, need, number, read_text
+from .checks import MAX_BYTES, load_json, need, number, read_text
 from .memory import MemoryProfile
 from .profile_keys import MEMORY_KEYS, misplaced_or_unknown_key, unit_of
 
@@ -157,6 +157,32 @@ class HardwareProfile:
         if m.method.startswith("published"):
             return f"{m.method} ({m.date}); datasheet and assumed rates elsewhere"
         return f"measured on the profiled machine: {m.method} ({m.date})"
+
+    def measured_here(self, use_measured: bool = True) -> bool:
+        """Whether predictions rest on measurements of the profiled machine itself (see `basis`)."""
+        m = self.measured
+        return bool(use_measured and m is not None and not m.method.startswith("published"))
+
+    def uncertainty(self, use_measured: bool = True) -> dict | None:
+        """How far predictions on this basis missed on the committed whole-model runs
+        (hardware_profiles/basis_error.json, benchmarks/basis_error.py): the misses with the profile's
+        measurements for a profile measured on its machine, else those from unit-level rates alone.
+        None where the file is absent."""
+        path = PROFILE_DIR / "basis_error.json"
+        if not path.is_file():
+            return None
+        data = load_json(read_text(path, "basis errors", HardwareError), str(path), HardwareError)
+        band = data["measured" if self.measured_here(use_measured) else "datasheet"]
+        return {**band, "source": f"{data['machine']}, {data['date']}, {', '.join(data['runs'])}"}
+
+    def uncertainty_line(self, use_measured: bool = True) -> str | None:
+        u = self.uncertainty(use_measured)
+        if u is None:
+            return None
+        machine = u["source"].split(",")[0]
+        return (f"uncertainty: predictions on this basis missed by a median of {u['median_abs_pct']:.0f}% (90th "
+                f"percentile {u['p90_abs_pct']:.0f}%, worst {u['max_abs_pct']:.0f}%) on {u['runs']} whole-model "
+                f"runs ({machine}; benchmarks/basis_error.py)")
 
     def with_gpu_memory(self, memory_bytes: float) -> "HardwareProfile":
         return replace(self, gpu=replace(self.gpu, memory_bytes=float(memory_bytes)))

@@ -45,7 +45,7 @@ def run(args) -> int:
         plot_for_estimate(est, spec, hw, workload, args.plot)
     if args.json:
         print_json({**est.to_dict(), "budgets": budgets.to_dict(), "fits": not short, "does_not_fit": short,
-                    "basis": hw.basis(not args.datasheet)})
+                    "basis": hw.basis(not args.datasheet), "uncertainty": hw.uncertainty(not args.datasheet)})
         return 0
     _print(est, spec, hw, RESOURCE_LABELS, use_measured=not args.datasheet)
     _print_budgets(est, budgets, short)
@@ -66,6 +66,8 @@ def _print(est, spec, hw, labels, use_measured: bool = True) -> None:
         con.print(hardware_line(hw), highlight=False)
     con.print(storage_line(spec), highlight=False)
     con.print(f"rates: {hw.basis(use_measured)}", highlight=False)
+    if hw.uncertainty_line(use_measured):
+        con.print(hw.uncertainty_line(use_measured), highlight=False)
     con.print(f"policy: {pol.short()}  ({pol.num_micro_batches} micro-batches, "
               f"{pol.resident_experts(spec.num_experts)}/{spec.num_experts} experts per layer on the GPU)")
     t = Table(title="decode, one layer at the mean context", title_justify="left")

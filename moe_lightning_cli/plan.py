@@ -141,6 +141,7 @@ def dataset_prompts(args):
 def to_json_dict(plan, baselines, output=None, use_measured: bool = True) -> dict:
     ours = plan.throughput_tok_s
     return {"plan": plan.to_dict(), "output": output, "basis": plan.hardware.basis(use_measured),
+            "uncertainty": plan.hardware.uncertainty(use_measured),
             "baselines": [b.to_dict(ours_tok_s=ours) for b in baselines]}
 
 
@@ -168,6 +169,8 @@ def print_plan(plan, baselines, console=None, use_measured: bool = True) -> None
         con.print(hardware_line(plan.hardware), highlight=False)
     con.print(storage_line(spec), highlight=False)
     con.print(f"rates: {plan.hardware.basis(use_measured)}", highlight=False)
+    if plan.hardware.uncertainty_line(use_measured):
+        con.print(plan.hardware.uncertainty_line(use_measured), highlight=False)
     con.print(f"search: {plan.mode} mode, {plan.solver} solver, {plan.search_time_s:.2f} s")
 
     t = Table(title="chosen policy", title_justify="left", show_header=False)

@@ -352,3 +352,18 @@ def test_units_come_from_the_key_names():
     assert unit_of("memory_gib") == GiB and unit_of("memory_gb") == GB and unit_of("h2d_sizes_mib") == 2 ** 20
     assert unit_of("prefill_pass_ns_per_token") == 1e-9
     assert unit_of("gpu_gemm_tokens") == 1.0 and unit_of("gpu_allocator_frac") == 1.0
+
+
+def test_the_uncertainty_follows_the_basis(monkeypatch, tmp_path):
+    """A profile measured on its machine carries the measured band; datasheet rates (a profile without
+    measurements, or --datasheet) carry the band of predictions from unit-level rates alone."""
+    band = json.loads((hardware.PROFILE_DIR / "basis_error.json").read_text())
+    measured, datasheet = load_profile("h200-measured"), load_profile("t4-s1")
+    assert measured.uncertainty()["median_abs_pct"] == band["measured"]["median_abs_pct"]
+    assert measured.uncertainty(use_measured=False)["median_abs_pct"] == band["datasheet"]["median_abs_pct"]
+    assert datasheet.uncertainty()["p90_abs_pct"] == band["datasheet"]["p90_abs_pct"]
+    assert load_profile("l4-s2").uncertainty() == datasheet.uncertainty()          # published, partial
+    assert "median of" in measured.uncertainty_line() and "\n" not in measured.uncertainty_line()
+    assert band["datasheet"]["median_abs_pct"] > band["measured"]["median_abs_pct"]
+    monkeypatch.setattr(hardware, "PROFILE_DIR", tmp_path)
+    assert measured.uncertainty() is None and measured.uncertainty_line() is None

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from hrm.hardware import load_profile
 from moe_lightning_cli import plan as plan_cli
 from optimizer.plan import Plan
 
@@ -100,9 +101,12 @@ def test_plan_does_not_import_torch():
                                               ("h200-measured", "measured on the profiled machine")])
 def test_plan_states_the_basis_of_its_rates(capsys, hardware, starts):
     rc, out, _ = run_plan(capsys, "--hardware", hardware, "--no-baselines", "--json")
-    assert rc == 0 and json.loads(out)["basis"].startswith(starts)
+    d = json.loads(out)
+    assert rc == 0 and d["basis"].startswith(starts)
+    assert d["uncertainty"] == load_profile(hardware).uncertainty()                   # the band of that basis
     rc, out, _ = run_plan(capsys, "--hardware", hardware, "--no-baselines")
     assert rc == 0 and "rates: " + starts in " ".join(out.split())
+    assert "uncertainty: predictions on this basis missed by a median of" in " ".join(out.split())
 
 
 def test_datasheet_flag_says_the_measurements_were_set_aside(capsys):
