@@ -69,10 +69,54 @@ def misplaced_or_unknown_key(data: Mapping) -> str | None:
             home = next((s for s, keys in PROFILE_KEYS.items() if s and key in keys), None)
             if home == "calibration" and section == "measured":
                 return (f"{key!r} belongs in [calibration], not [measured] (the runtime's calibrations have "
-                        f"their own section since 2026-12-02): move it, or re-run `moe-lightning profile`")
+                        f"their own section since 2026-12-02): `moe-lightning profile --upgrade FILE` moves them")
             if home:
                 return f"{key!r} belongs in [{home}], not {label}"
         odd = sorted(k for k in table if k not in known)
         if odd:
             return f"unknown key(s) {', '.join(map(repr, odd))} in {label}; known: {', '.join(sorted(known))}"
     return None
+
+
+_HEADER = re.compile(r"\s*\[([\w.]+)\]\s*(#.*)?$")
+
+
+def upgrade_profile_text(text: str) -> str:
+    """A profile written before the runtime's calibrations had their own section, with them moved from
+    [measured] into a [calibration] section after it (each key with the comment lines just above it);
+    every other line as it was. Text that has nothing to move comes back unchanged."""
+    lines = text.splitlines()
+    out: list[str] = []
+    moved: list[str] = []
+    pending: list[str] = []            # comment lines of [measured] not yet known to belong to a key
+    section = ""
+
+    def close_measured():
+        if moved:
+            out.extend(["", "[calibration]", *moved])
+            moved.clear()
+
+    for line in lines:
+        header = _HEADER.match(line)
+        if header:
+            out.extend(pending)
+            pending = []
+            if section == "measured":
+                if out and not out[-1].strip():
+                    out.pop()
+                close_measured()
+                out.append("")
+            section = header.group(1)
+            out.append(line)
+        elif section == "measured" and line.lstrip().startswith("#"):
+            pending.append(line)
+        elif section == "measured" and "=" in line and line.split("=", 1)[0].strip() in PROFILE_KEYS["calibration"]:
+            moved.extend(pending + [line])
+            pending = []
+        else:
+            out.extend(pending + [line])
+            pending = []
+    out.extend(pending)
+    if section == "measured":
+        close_measured()
+    return "\n".join(out) + ("\n" if text.endswith("\n") else "")

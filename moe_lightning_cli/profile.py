@@ -23,9 +23,14 @@ def add_parser(sub) -> None:
                    help=f"model whose GEMM and attention shapes are measured (default {DEFAULT_MODEL})")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON only (SI units)")
+    p.add_argument("--upgrade", metavar="OLD.toml",
+                   help="measure nothing: rewrite a profile written before 2026-12-02 (the runtime's calibrations "
+                        "in [measured]) with them in [calibration], to -o or in place")
 
 
 def run(args) -> int:
+    if args.upgrade:
+        return _upgrade(args.upgrade, args.output or args.upgrade)
     import torch
 
     from hrm.hardware import load_profile
@@ -52,6 +57,30 @@ def run(args) -> int:
         print_json(result)
         return 0
     _print(result, donor, profile, args.output)
+    return 0
+
+
+def _upgrade(src: str, dst: str) -> int:
+    """Move an old profile's calibrations into [calibration]; the text is parsed before anything is
+    written, and written atomically."""
+    import tomllib
+
+    from hrm.atomic import atomic_write_text
+    from hrm.checks import read_text
+    from hrm.hardware import HardwareError, parse_profile
+    from hrm.profile_keys import upgrade_profile_text
+
+    text = read_text(src, "hardware profile", HardwareError)
+    new = upgrade_profile_text(text)
+    try:
+        parse_profile(tomllib.loads(new), Path(dst).stem, dst)
+    except tomllib.TOMLDecodeError as e:
+        raise HardwareError(f"{src}: not valid TOML ({e})") from None
+    if new == text and dst == src:
+        print(f"{src}: nothing to upgrade")
+        return 0
+    atomic_write_text(Path(dst), new)
+    print(f"wrote {dst} (the runtime's calibrations in [calibration])")
     return 0
 
 

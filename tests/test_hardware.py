@@ -367,3 +367,21 @@ def test_the_uncertainty_follows_the_basis(monkeypatch, tmp_path):
     assert band["datasheet"]["median_abs_pct"] > band["measured"]["median_abs_pct"]
     monkeypatch.setattr(hardware, "PROFILE_DIR", tmp_path)
     assert measured.uncertainty() is None and measured.uncertainty_line() is None
+
+
+def test_an_old_profile_is_upgraded_in_place_and_loads_as_the_new(tmp_path, capsys):
+    """A profile of the old layout (the calibrations in [measured]) is refused with the way out; `profile
+    --upgrade` moves them, checks the result, and a second upgrade has nothing to do."""
+    from moe_lightning_cli.main import main as cli
+    new_text = Path(load_profile("h200-measured").path).read_text()
+    old = tmp_path / "box.toml"
+    old.write_text(new_text.replace("\n[calibration]\n", "\n"))
+    with pytest.raises(HardwareError, match="profile --upgrade FILE"):
+        load_profile(old)
+    assert cli(["profile", "--upgrade", str(old)]) == 0
+    assert tomllib.loads(old.read_text()) == tomllib.loads(new_text)
+    assert load_profile(old).measured == load_profile("h200-measured").measured
+    assert cli(["profile", "--upgrade", str(old)]) == 0 and "nothing to upgrade" in capsys.readouterr().out
+    bad = tmp_path / "bad.toml"
+    bad.write_text("x = [\n")
+    assert cli(["profile", "--upgrade", str(bad)]) == 2 and bad.read_text() == "x = [\n"     # nothing replaced
