@@ -10,6 +10,8 @@
 #   profile       `moe-lightning profile` -> h200-measured.toml; later steps use it, in this call and in
 #                 later calls while the machine stays warm (.device_state/, ignored); else PROFILE, default
 #                 the committed hrm/hardware_profiles/h200-measured.toml
+#   env:NAME=VAL  export NAME=VAL for the steps after it (e.g. PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True);
+#                 their CSVs and kept plans get the suffix -VAL (an A/B of the same jobs in one call)
 #   MODEL:A:B     benchmarks/whole_model.py, jobs A..B-1 of MODEL's chosen plans and sweep file
 #                 (mixtral: 24GB and 48GB with sweeps/mixtral-8x7b-h200.json; qwen3: 24GB with
 #                 sweeps/qwen3-30b-a3b-h200.json; olmoe: 24GB, the chosen plan)
@@ -30,6 +32,7 @@ echo "profile: $profile"
 start=$SECONDS
 call_s=${CALL_S:-590}
 left() { echo $((call_s - 20 - (SECONDS - start))); }
+suffix=""
 for step in "$@"; do
     echo "== $step $(date -u +%FT%TZ), $(left) s left"
     case $step in
@@ -47,6 +50,11 @@ for step in "$@"; do
         if [ -f "$res/h200-measured.toml" ]; then
             profile="$res/h200-measured.toml"; mkdir -p "$state"; cp "$profile" "$state/"
         fi ;;
+    env:*=*)
+        assign=${step#env:}
+        export "${assign%%=*}=${assign#*=}"
+        suffix="-$(echo "${assign#*=}" | tr -c 'A-Za-z0-9_.\n-' '_')"
+        echo "exported ${assign%%=*}=${assign#*=}; results suffix $suffix" ;;
     *:*:*)
         IFS=: read -r model a b <<<"$step"
         case $model in
@@ -56,7 +64,7 @@ for step in "$@"; do
         *) echo "unknown model $model"; continue ;;
         esac
         python benchmarks/whole_model.py "${args[@]}" --hardware "$profile" --prompt-len 256 --gen-len 32 \
-            --jobs "$a:$b" --time-limit-s "$(left)" --timeout 400 --out "$res/$model.csv" --keep "$res/keep" \
+            --jobs "$a:$b" --time-limit-s "$(left)" --timeout 400 --out "$res/$model$suffix.csv" --keep "$res/keep$suffix" \
             2>&1 | tee -a "$res/whole.log" ;;
     *) echo "unknown step $step" ;;
     esac
