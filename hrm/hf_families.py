@@ -158,6 +158,28 @@ def _hunyuan_v1_moe(c: _Config) -> dict:
                 shared_expert_intermediate_size=c.int("num_shared_expert", default=1) * s["moe_intermediate_size"])
 
 
+def _cohere2_moe(c: _Config) -> dict:
+    """Command A MoE: attention and MoE in parallel from one LayerNorm (weight only), sliding layers, experts
+    as wide as intermediate_size; dense layers first take prefix_dense_intermediate_size."""
+    s = _standard(c, "intermediate_size", eps=c.float("layer_norm_eps", default=1e-5))
+    if c.int("num_shared_experts", default=0):
+        raise SpecError(f"{c.model_type} config: num_shared_experts > 0 (combined by "
+                        f"{c.get('shared_expert_combination_strategy')!r}) is not priced")
+    first = _dense_prefix(c, s["num_hidden_layers"])
+    bias = c.bool("attention_bias", False)
+    return dict(s, norm="layer", qkv_bias=bias, o_proj_bias=bias, norm_topk_prob=c.bool("norm_topk_prob", True),
+                first_dense_layers=first,
+                dense_intermediate_size=c.int("prefix_dense_intermediate_size", "intermediate_size") if first else 0,
+                **_sliding(c, s))
+
+
+def _kolibri1(c: _Config) -> dict:
+    """Kolibri: per-head q/k norms, a norm after attention and after the FFN as well, a shared expert."""
+    s = _standard(c, "moe_intermediate_size")
+    return dict(s, qk_norm=True, norm_topk_prob=c.bool("norm_topk_prob", False),
+                shared_expert_intermediate_size=c.int("shared_expert_intermediate_size", default=0), **_sliding(c, s))
+
+
 FAMILIES = {
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,
@@ -180,4 +202,6 @@ FAMILIES = {
     "mellum": _mellum,
     "aria_text": _aria_text,
     "flex_olmo": _olmoe,
+    "cohere2_moe": _cohere2_moe,
+    "kolibri1": _kolibri1,
 }

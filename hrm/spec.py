@@ -108,8 +108,11 @@ EXPERT_BIASES = ("gpt_oss",)
 ROUTER_SCORE_BIAS = ("ernie4_5_moe",)
 """Families whose router's score-correction bias is a parameter (one per expert and MoE layer); DeepSeek-V3's,
 GLM's and EXAONE's are buffers."""
-LAYER_NORM_WITHOUT_BIAS = ("dbrx",)
+LAYER_NORM_WITHOUT_BIAS = ("dbrx", "cohere2_moe")
 """Families with norm = "layer" whose LayerNorms have no bias."""
+NORMS_PER_LAYER = {"cohere2_moe": 1, "kolibri1": 4}
+"""Norms over the hidden width per layer where a family has other than two (before attention and before the
+FFN): Cohere's parallel block has one, Kolibri adds one after each."""
 
 
 @dataclass(frozen=True)
@@ -266,7 +269,8 @@ class ModelSpec:
         h = self.hidden_size
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         head_bias = self.vocab_size if self.lm_head_bias else 0
-        per_layer = self.attention_params_per_layer + self.attention_small_params_per_layer + 2 * self.norm_params
+        norms = NORMS_PER_LAYER.get(self.model_type, 2) * self.norm_params
+        per_layer = self.attention_params_per_layer + self.attention_small_params_per_layer + norms
         router = self.router_params + (self.num_experts if self.model_type in EXPERT_BIASES + ROUTER_SCORE_BIAS else 0)
         moe = self.num_moe_layers * (router + self.shared_expert_params)
         dense = self.first_dense_layers * self.dense_ffn_params

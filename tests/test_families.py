@@ -174,6 +174,8 @@ PARAM_CONFIGS = {
                    mlp_layer_types=["dense", "sparse"]),
     "aria_text": dict(moe_num_experts=4, moe_topk=2, intermediate_size=40, head_dim=8, moe_num_shared_experts=2),
     "flex_olmo": dict(num_experts=4, intermediate_size=40, pad_token_id=0),
+    "cohere2_moe": dict(num_experts=4, intermediate_size=40, head_dim=8, pad_token_id=0, attention_bias=True),
+    "kolibri1": dict(num_local_experts=6, moe_intermediate_size=24, head_dim=8, shared_expert_intermediate_size=32),
 }
 
 
