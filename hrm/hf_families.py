@@ -180,6 +180,31 @@ def _kolibri1(c: _Config) -> dict:
                 shared_expert_intermediate_size=c.int("shared_expert_intermediate_size", default=0), **_sliding(c, s))
 
 
+def _afmoe(c: _Config) -> dict:
+    """AFMoE: per-head q/k norms, an elementwise gate on the attention output, four norms per layer, a bias
+    per expert in the router, shared experts, leading dense layers (num_dense_layers)."""
+    s = _standard(c, "moe_intermediate_size")
+    first = c.int("num_dense_layers", default=0)
+    return dict(s, qk_norm=True, router="sigmoid", norm_topk_prob=True,
+                routed_scaling_factor=c.float("route_scale", default=1.0),
+                shared_expert_intermediate_size=c.int("num_shared_experts", default=0) * s["moe_intermediate_size"],
+                **_leading_dense(c, s, first), **_sliding(c, s))
+
+
+def _laguna(c: _Config) -> dict:
+    """Laguna: per-head q/k norms and output gate, a score-correction bias per expert (a parameter), a shared
+    expert, leading dense layers (mlp_layer_types)."""
+    heads = c.get("num_attention_heads_per_layer")
+    if isinstance(heads, list) and len(set(heads)) > 1:
+        raise SpecError(f"{c.model_type} config: field 'num_attention_heads_per_layer' varies by layer "
+                        f"({heads!r}), which ModelSpec cannot describe")
+    s = _standard(c, "moe_intermediate_size")
+    return dict(s, qk_norm=True, router="sigmoid", norm_topk_prob=True,
+                routed_scaling_factor=c.float("moe_routed_scaling_factor", default=1.0),
+                shared_expert_intermediate_size=c.int("shared_expert_intermediate_size", default=0),
+                **_leading_dense(c, s, _dense_prefix(c, s["num_hidden_layers"])), **_sliding(c, s))
+
+
 FAMILIES = {
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,
@@ -204,4 +229,6 @@ FAMILIES = {
     "flex_olmo": _olmoe,
     "cohere2_moe": _cohere2_moe,
     "kolibri1": _kolibri1,
+    "afmoe": _afmoe,
+    "laguna": _laguna,
 }

@@ -105,12 +105,15 @@ FULL_WIDTH_QK_NORM = ("olmoe", "flex_olmo")
 """Families whose q_norm / k_norm run over the whole projection, not per head."""
 EXPERT_BIASES = ("gpt_oss",)
 """Families whose routed experts (gate, up, down) and router carry biases."""
-ROUTER_SCORE_BIAS = ("ernie4_5_moe",)
+ROUTER_SCORE_BIAS = ("ernie4_5_moe", "afmoe", "laguna")
 """Families whose router's score-correction bias is a parameter (one per expert and MoE layer); DeepSeek-V3's,
 GLM's and EXAONE's are buffers."""
 LAYER_NORM_WITHOUT_BIAS = ("dbrx", "cohere2_moe")
 """Families with norm = "layer" whose LayerNorms have no bias."""
-NORMS_PER_LAYER = {"cohere2_moe": 1, "kolibri1": 4}
+NORMS_PER_LAYER = {"cohere2_moe": 1, "kolibri1": 4, "afmoe": 4}
+ATTENTION_GATE = {"afmoe": "elementwise", "laguna": "per_head"}
+"""Families whose attention output is gated by a projection of the layer input: one gate per output
+element ([q_dim, hidden]) or per head ([heads, hidden])."""
 """Norms over the hidden width per layer where a family has other than two (before attention and before the
 FFN): Cohere's parallel block has one, Kolibri adds one after each."""
 
@@ -248,8 +251,11 @@ class ModelSpec:
     @property
     def attention_small_params_per_layer(self) -> int:
         """What a layer's attention holds beside its projections: q/k/v and o biases, q/k norms, MLA's
-        latent norms, the sinks (one per head)."""
+        latent norms, the sinks (one per head), an output gate (ATTENTION_GATE)."""
         n = sum(self.qk_norm_elems) + (self.num_attention_heads if self.attention_sinks else 0)
+        gate = ATTENTION_GATE.get(self.model_type)
+        if gate:
+            n += self.hidden_size * (self.q_dim if gate == "elementwise" else self.num_attention_heads)
         if self.attention == "mla":
             return n + self.kv_lora_rank + self.q_lora_rank
         if self.qkv_bias:

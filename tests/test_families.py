@@ -176,6 +176,11 @@ PARAM_CONFIGS = {
     "flex_olmo": dict(num_experts=4, intermediate_size=40, pad_token_id=0),
     "cohere2_moe": dict(num_experts=4, intermediate_size=40, head_dim=8, pad_token_id=0, attention_bias=True),
     "kolibri1": dict(num_local_experts=6, moe_intermediate_size=24, head_dim=8, shared_expert_intermediate_size=32),
+    "afmoe": dict(num_experts=4, moe_intermediate_size=24, intermediate_size=40, head_dim=8, num_dense_layers=1,
+                  num_shared_experts=2),
+    "laguna": dict(num_experts=4, moe_intermediate_size=24, intermediate_size=40, head_dim=8,
+                   shared_expert_intermediate_size=32, mlp_layer_types=["dense", "sparse"],
+                   num_attention_heads_per_layer=[6, 6]),
 }
 
 
