@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .checks import load_json, read_text
 from .hf_families import FAMILIES
-from .hf_fields import _Config
+from .hf_fields import Config
 from .spec import ModelSpec, SpecError
 
 CONFIG_DIR = Path(__file__).with_name("configs")
@@ -92,7 +92,7 @@ def spec_from_hf_config(path_or_dict, name: str | None = None) -> ModelSpec:
             raise SpecError(f"unsupported model_type {model_type!r}: a dense model, not a supported MoE family; "
                             f"supported: {supported}")
         raise SpecError(f"unsupported model_type {model_type!r}; supported: {supported}")
-    fields = FAMILIES[model_type](_Config(raw, model_type))
+    fields = FAMILIES[model_type](Config(raw, model_type))
     spec = ModelSpec(name=name or raw.get("_name_or_path") or model_type, model_type=model_type, **fields)
     _check(spec)
     return spec

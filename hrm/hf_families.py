@@ -2,38 +2,40 @@
 FAMILIES). A family is one reader over hrm.hf_fields' shared fields, with its own exceptions."""
 from __future__ import annotations
 
-from .hf_fields import _Config, _common, _dense_prefix, _every_layer_moe, _leading_dense, _sliding, _standard
+from .hf_fields import (Config, common_fields, dense_prefix, every_layer_moe, leading_dense, sliding_fields,
+                        standard_fields)
 from .spec import SpecError
 
-def _mixtral(c: _Config) -> dict:
-    s = _standard(c, "intermediate_size", theta=1e6)
-    return dict(s, norm_topk_prob=True, **_sliding(c, s))
+def _mixtral(c: Config) -> dict:
+    s = standard_fields(c, "intermediate_size", theta=1e6)
+    return dict(s, norm_topk_prob=True, **sliding_fields(c, s))
 
 
-def _qwen2_moe(c: _Config) -> dict:
-    s = _standard(c, "moe_intermediate_size", eps=1e-6)
-    _every_layer_moe(c, decoder_sparse_step=1, mlp_only_layers=[])
+def _qwen2_moe(c: Config) -> dict:
+    s = standard_fields(c, "moe_intermediate_size", eps=1e-6)
+    every_layer_moe(c, decoder_sparse_step=1, mlp_only_layers=[])
     return dict(s, shared_expert_intermediate_size=c.int("shared_expert_intermediate_size"),
-                shared_expert_gate=True, qkv_bias=c.bool("qkv_bias", True), norm_topk_prob=c.bool("norm_topk_prob", False),
-                **_sliding(c, s))
+                shared_expert_gate=True, qkv_bias=c.bool("qkv_bias", True),
+                norm_topk_prob=c.bool("norm_topk_prob", False),
+                **sliding_fields(c, s))
 
 
-def _qwen3_moe(c: _Config) -> dict:
-    s = _standard(c, "moe_intermediate_size", eps=1e-6)
-    _every_layer_moe(c, decoder_sparse_step=1, mlp_only_layers=[])
+def _qwen3_moe(c: Config) -> dict:
+    s = standard_fields(c, "moe_intermediate_size", eps=1e-6)
+    every_layer_moe(c, decoder_sparse_step=1, mlp_only_layers=[])
     bias = c.bool("attention_bias", False)
     return dict(s, qk_norm=True, qkv_bias=bias, o_proj_bias=bias,
-                norm_topk_prob=c.bool("norm_topk_prob", False), **_sliding(c, s))
+                norm_topk_prob=c.bool("norm_topk_prob", False), **sliding_fields(c, s))
 
 
-def _olmoe(c: _Config) -> dict:
-    s = _standard(c, "intermediate_size")
+def _olmoe(c: Config) -> dict:
+    s = standard_fields(c, "intermediate_size")
     bias = c.bool("attention_bias", False)
     return dict(s, qk_norm=True, qkv_bias=bias, o_proj_bias=bias, clip_qkv=c.float("clip_qkv", default=0.0),
                 norm_topk_prob=c.bool("norm_topk_prob", False))
 
 
-def _dbrx(c: _Config) -> dict:
+def _dbrx(c: Config) -> dict:
     hidden = c.int("d_model")
     heads = c.int("n_heads")
     ffn = c.raw.get("ffn_config", {})
@@ -49,14 +51,14 @@ def _dbrx(c: _Config) -> dict:
                 norm="layer", rms_norm_eps=1e-5, clip_qkv=c.float("attn_config.clip_qkv", default=0.0),
                 norm_topk_prob=normalize is not None,
                 rope_theta=c.float("attn_config.rope_theta", default=10000.0),
-                **_common(c, "max_seq_len", 2048))
+                **common_fields(c, "max_seq_len", 2048))
 
 
-def _deepseek(c: _Config, v3: bool) -> dict:
-    s = _standard(c, "moe_intermediate_size", eps=1e-6)
-    _every_layer_moe(c, moe_layer_freq=1)
+def _deepseek(c: Config, v3: bool) -> dict:
+    s = standard_fields(c, "moe_intermediate_size", eps=1e-6)
+    every_layer_moe(c, moe_layer_freq=1)
     nope, rope = c.int("qk_nope_head_dim"), c.int("qk_rope_head_dim")
-    first = _dense_prefix(c, s["num_hidden_layers"])
+    first = dense_prefix(c, s["num_hidden_layers"])
     router = c.get("scoring_func", "sigmoid" if v3 else "softmax")
     if router not in ("softmax", "sigmoid"):
         raise SpecError(f"{c.model_type} config: field 'scoring_func' must be softmax or sigmoid, got {router!r}")
@@ -70,80 +72,81 @@ def _deepseek(c: _Config, v3: bool) -> dict:
                 routed_scaling_factor=c.float("routed_scaling_factor", default=1.0))
 
 
-def _phimoe(c: _Config) -> dict:
-    s = _standard(c, "intermediate_size", theta=1e6)
+def _phimoe(c: Config) -> dict:
+    s = standard_fields(c, "intermediate_size", theta=1e6)
     bias = c.bool("attention_bias", False)
     return dict(s, norm="layer", qkv_bias=bias, o_proj_bias=bias, lm_head_bias=c.bool("lm_head_bias", False),
-                norm_topk_prob=False, **_sliding(c, s))
+                norm_topk_prob=False, **sliding_fields(c, s))
 
 
-def _gpt_oss(c: _Config) -> dict:
-    s = _standard(c, "intermediate_size", theta=150000.0)
+def _gpt_oss(c: Config) -> dict:
+    s = standard_fields(c, "intermediate_size", theta=150000.0)
     alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(s["num_hidden_layers"])]
     bias = c.bool("attention_bias", True)
     return dict(s, attention_sinks=True, qkv_bias=bias, o_proj_bias=bias, norm_topk_prob=True,
-                **_sliding(c, s, alternating))
+                **sliding_fields(c, s, alternating))
 
 
-def _granitemoe(c: _Config) -> dict:
+def _granitemoe(c: Config) -> dict:
     """GraniteMoE (and GraniteMoeShared: a shared SwiGLU MLP of shared_intermediate_size, no gate)."""
-    s = _standard(c, "intermediate_size")
+    s = standard_fields(c, "intermediate_size")
     bias = c.bool("attention_bias", False)
     return dict(s, qkv_bias=bias, o_proj_bias=bias, norm_topk_prob=True,
                 shared_expert_intermediate_size=c.int("shared_intermediate_size", default=0))
 
 
-def _glm4_moe(c: _Config) -> dict:
+def _glm4_moe(c: Config) -> dict:
     """GLM-4.5 / 4.6: DeepSeek-V3's routing (sigmoid, score-correction bias, shared experts, leading dense
     layers) over GQA attention with a partial rotary and q/k/v biases (none on o)."""
-    s = _standard(c, "moe_intermediate_size")
-    first = _dense_prefix(c, s["num_hidden_layers"])
+    s = standard_fields(c, "moe_intermediate_size")
+    first = dense_prefix(c, s["num_hidden_layers"])
     return dict(s, qkv_bias=c.bool("attention_bias", False), qk_norm=c.bool("use_qk_norm", False),
                 shared_expert_intermediate_size=c.int("n_shared_experts", default=0) * s["moe_intermediate_size"],
                 router="sigmoid", norm_topk_prob=c.bool("norm_topk_prob", True),
-                routed_scaling_factor=c.float("routed_scaling_factor", default=1.0), **_leading_dense(c, s, first))
+                routed_scaling_factor=c.float("routed_scaling_factor", default=1.0), **leading_dense(c, s, first))
 
 
-def _exaone_moe(c: _Config) -> dict:
+def _exaone_moe(c: Config) -> dict:
     """EXAONE MoE: per-head q/k norms, shared experts, dense layers first (mlp_layer_types), sliding layers."""
-    s = _standard(c, "moe_intermediate_size")
+    s = standard_fields(c, "moe_intermediate_size")
     return dict(s, qk_norm=True, router="sigmoid", norm_topk_prob=c.bool("norm_topk_prob", True),
                 shared_expert_intermediate_size=c.int("num_shared_experts", default=0) * s["moe_intermediate_size"],
                 routed_scaling_factor=c.float("routed_scaling_factor", default=1.0),
-                **_leading_dense(c, s, _dense_prefix(c, s["num_hidden_layers"])), **_sliding(c, s))
+                **leading_dense(c, s, dense_prefix(c, s["num_hidden_layers"])), **sliding_fields(c, s))
 
 
-def _mellum(c: _Config) -> dict:
+def _mellum(c: Config) -> dict:
     """Mellum MoE: Qwen3's layer (per-head q/k norms), dense layers first, sliding layers."""
-    s = _standard(c, "moe_intermediate_size")
+    s = standard_fields(c, "moe_intermediate_size")
     bias = c.bool("attention_bias", False)
     return dict(s, qk_norm=True, qkv_bias=bias, o_proj_bias=bias, norm_topk_prob=c.bool("norm_topk_prob", True),
-                **_leading_dense(c, s, _dense_prefix(c, s["num_hidden_layers"])), **_sliding(c, s))
+                **leading_dense(c, s, dense_prefix(c, s["num_hidden_layers"])), **sliding_fields(c, s))
 
 
-def _aria_text(c: _Config) -> dict:
+def _aria_text(c: Config) -> dict:
     """Aria's language model: experts as wide as intermediate_size, moe_num_shared_experts of them shared."""
-    s = _standard(c, "intermediate_size")
+    s = standard_fields(c, "intermediate_size")
     return dict(s, norm_topk_prob=True,
                 shared_expert_intermediate_size=c.int("moe_num_shared_experts", default=0) * s["moe_intermediate_size"])
 
 
-def _ernie4_5_moe(c: _Config) -> dict:
+def _ernie4_5_moe(c: Config) -> dict:
     """ERNIE 4.5 MoE: leading dense layers (moe_layer_start_index), shared experts, a score-correction bias
     per MoE layer (a parameter, counted)."""
-    c = _Config({**c.raw, "num_experts_per_tok": c.raw.get("moe_k", c.raw.get("num_experts_per_tok"))}, c.model_type)
-    s = _standard(c, "moe_intermediate_size")
+    c = Config({**c.raw, "num_experts_per_tok": c.raw.get("moe_k", c.raw.get("num_experts_per_tok"))}, c.model_type)
+    s = standard_fields(c, "moe_intermediate_size")
     if c.bool("use_bias", False):
         raise SpecError(f"{c.model_type} config: use_bias=true (a bias on every projection) is not priced")
     first, end = c.int("moe_layer_start_index", default=0), c.get("moe_layer_end_index", -1)
     if c.int("moe_layer_interval", default=1) != 1 or end not in (-1, s["num_hidden_layers"] - 1):
         raise SpecError(f"{c.model_type} config: fields 'moe_layer_interval' / 'moe_layer_end_index' interleave "
                         f"dense and MoE layers, which ModelSpec cannot describe")
-    return dict(s, shared_expert_intermediate_size=c.int("moe_num_shared_experts", default=0) * s["moe_intermediate_size"],
-                norm_topk_prob=True, **_leading_dense(c, s, first))
+    shared = c.int("moe_num_shared_experts", default=0) * s["moe_intermediate_size"]
+    return dict(s, shared_expert_intermediate_size=shared,
+                norm_topk_prob=True, **leading_dense(c, s, first))
 
 
-def _hunyuan_v1_moe(c: _Config) -> dict:
+def _hunyuan_v1_moe(c: Config) -> dict:
     """Hunyuan-A13B: per-head q/k norms, a shared MLP as wide as an expert, q/k/v/o biases together."""
     topk = c.get("moe_topk", 1)                    # what transformers' Hunyuan reads, whatever else is set
     if isinstance(topk, list):
@@ -151,58 +154,59 @@ def _hunyuan_v1_moe(c: _Config) -> dict:
             raise SpecError(f"{c.model_type} config: field 'moe_topk' varies by layer ({topk!r}), which ModelSpec "
                             f"cannot describe")
         topk = topk[0]
-    c = _Config({**c.raw, "num_experts_per_tok": topk}, c.model_type)
-    s = _standard(c, "intermediate_size")
+    c = Config({**c.raw, "num_experts_per_tok": topk}, c.model_type)
+    s = standard_fields(c, "intermediate_size")
     bias = c.bool("attention_bias", False)
     return dict(s, qk_norm=True, qkv_bias=bias, o_proj_bias=bias, norm_topk_prob=True,
                 shared_expert_intermediate_size=c.int("num_shared_expert", default=1) * s["moe_intermediate_size"])
 
 
-def _cohere2_moe(c: _Config) -> dict:
+def _cohere2_moe(c: Config) -> dict:
     """Command A MoE: attention and MoE in parallel from one LayerNorm (weight only), sliding layers, experts
     as wide as intermediate_size; dense layers first take prefix_dense_intermediate_size."""
-    s = _standard(c, "intermediate_size", eps=c.float("layer_norm_eps", default=1e-5))
+    s = standard_fields(c, "intermediate_size", eps=c.float("layer_norm_eps", default=1e-5))
     if c.int("num_shared_experts", default=0):
         raise SpecError(f"{c.model_type} config: num_shared_experts > 0 (combined by "
                         f"{c.get('shared_expert_combination_strategy')!r}) is not priced")
-    first = _dense_prefix(c, s["num_hidden_layers"])
+    first = dense_prefix(c, s["num_hidden_layers"])
     bias = c.bool("attention_bias", False)
     return dict(s, norm="layer", qkv_bias=bias, o_proj_bias=bias, norm_topk_prob=c.bool("norm_topk_prob", True),
                 first_dense_layers=first,
                 dense_intermediate_size=c.int("prefix_dense_intermediate_size", "intermediate_size") if first else 0,
-                **_sliding(c, s))
+                **sliding_fields(c, s))
 
 
-def _kolibri1(c: _Config) -> dict:
+def _kolibri1(c: Config) -> dict:
     """Kolibri: per-head q/k norms, a norm after attention and after the FFN as well, a shared expert."""
-    s = _standard(c, "moe_intermediate_size")
+    s = standard_fields(c, "moe_intermediate_size")
     return dict(s, qk_norm=True, norm_topk_prob=c.bool("norm_topk_prob", False),
-                shared_expert_intermediate_size=c.int("shared_expert_intermediate_size", default=0), **_sliding(c, s))
+                shared_expert_intermediate_size=c.int("shared_expert_intermediate_size", default=0),
+                **sliding_fields(c, s))
 
 
-def _afmoe(c: _Config) -> dict:
+def _afmoe(c: Config) -> dict:
     """AFMoE: per-head q/k norms, an elementwise gate on the attention output, four norms per layer, a bias
     per expert in the router, shared experts, leading dense layers (num_dense_layers)."""
-    s = _standard(c, "moe_intermediate_size")
+    s = standard_fields(c, "moe_intermediate_size")
     first = c.int("num_dense_layers", default=0)
     return dict(s, qk_norm=True, router="sigmoid", norm_topk_prob=True,
                 routed_scaling_factor=c.float("route_scale", default=1.0),
                 shared_expert_intermediate_size=c.int("num_shared_experts", default=0) * s["moe_intermediate_size"],
-                **_leading_dense(c, s, first), **_sliding(c, s))
+                **leading_dense(c, s, first), **sliding_fields(c, s))
 
 
-def _laguna(c: _Config) -> dict:
+def _laguna(c: Config) -> dict:
     """Laguna: per-head q/k norms and output gate, a score-correction bias per expert (a parameter), a shared
     expert, leading dense layers (mlp_layer_types)."""
     heads = c.get("num_attention_heads_per_layer")
     if isinstance(heads, list) and len(set(heads)) > 1:
         raise SpecError(f"{c.model_type} config: field 'num_attention_heads_per_layer' varies by layer "
                         f"({heads!r}), which ModelSpec cannot describe")
-    s = _standard(c, "moe_intermediate_size")
+    s = standard_fields(c, "moe_intermediate_size")
     return dict(s, qk_norm=True, router="sigmoid", norm_topk_prob=True,
                 routed_scaling_factor=c.float("moe_routed_scaling_factor", default=1.0),
                 shared_expert_intermediate_size=c.int("shared_expert_intermediate_size", default=0),
-                **_leading_dense(c, s, _dense_prefix(c, s["num_hidden_layers"])), **_sliding(c, s))
+                **leading_dense(c, s, dense_prefix(c, s["num_hidden_layers"])), **sliding_fields(c, s))
 
 
 FAMILIES = {

@@ -12,7 +12,7 @@ EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "mo
                      "ffn_config.moe_num_experts")
 
 
-class _Config:
+class Config:
     """A config dict whose lookups name the field and the model_type when a field is missing or malformed.
 
     Keys may be dotted paths into nested dicts ("ffn_config.moe_top_k")."""
@@ -59,7 +59,7 @@ class _Config:
         return value
 
 
-def _rope_source(c: _Config) -> str:
+def _rope_source(c: Config) -> str:
     """The dotted key of the config's RoPE dict: the legacy `rope_scaling` first (transformers lets it
     override `rope_parameters`); in a dict nested per layer type, its full-attention entry. "" if none."""
     for key in ("rope_scaling", "rope_parameters"):
@@ -75,7 +75,7 @@ def _rope_source(c: _Config) -> str:
     return ""
 
 
-def _rope(c: _Config, default_theta: float, max_positions: int) -> dict:
+def _rope(c: Config, default_theta: float, max_positions: int) -> dict:
     """rope_theta and RopeParameters (None for plain RoPE over the whole head), read as transformers'
     rope utilities read them."""
     src = _rope_source(c)
@@ -129,7 +129,7 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def _dtypes(c: _Config) -> DTypes:
+def _dtypes(c: Config) -> DTypes:
     key = "torch_dtype" if c.get("torch_dtype") is not None else "dtype"
     name = c.get(key, "bfloat16")
     if not isinstance(name, str):
@@ -147,7 +147,7 @@ BNB_BLOCK = 64                          # bitsandbytes 4-bit: one absmax per 64 
 BNB_DOUBLE_BLOCK = 256                  # double quantization: 8-bit absmax, one fp32 constant per 256
 
 
-def _quantized(c: _Config, base: DTypes) -> DTypes:
+def _quantized(c: Config, base: DTypes) -> DTypes:
     """The bytes per element of `quantization_config`, scales and zeros included; the compute dtype
     (base.name, the activations, the KV cache) stays the config's torch_dtype.
 
@@ -213,14 +213,14 @@ def _quantized(c: _Config, base: DTypes) -> DTypes:
                   expert_weight_bytes=experts, quantization=f"{q} {label}")
 
 
-def _common(c: _Config, max_pos_key: str = "max_position_embeddings", max_pos_default: int = 4096) -> dict:
+def common_fields(c: Config, max_pos_key: str = "max_position_embeddings", max_pos_default: int = 4096) -> dict:
     return dict(vocab_size=c.int("vocab_size"),
                 max_position_embeddings=c.int(max_pos_key, default=max_pos_default),
                 tie_word_embeddings=c.bool("tie_word_embeddings", False),
                 dtypes=_dtypes(c))
 
 
-def _standard(c: _Config, width_key: str, eps: float = 1e-5, theta: float = 10000.0) -> dict:
+def standard_fields(c: Config, width_key: str, eps: float = 1e-5, theta: float = 10000.0) -> dict:
     """Fields that every family with transformers' standard attribute names shares."""
     hidden = c.int("hidden_size")
     layers = c.int("num_hidden_layers")
@@ -228,7 +228,7 @@ def _standard(c: _Config, width_key: str, eps: float = 1e-5, theta: float = 1000
     if c.get("head_dim") is None and heads and hidden % heads:
         raise SpecError(f"{c.model_type} config: missing field 'head_dim' "
                         f"(hidden_size {hidden} is not a multiple of num_attention_heads {heads})")
-    common = _common(c)
+    common = common_fields(c)
     return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                 num_key_value_heads=c.int("num_key_value_heads", default=heads),
                 head_dim=c.int("head_dim", default=hidden // heads if heads else 0),
@@ -239,7 +239,7 @@ def _standard(c: _Config, width_key: str, eps: float = 1e-5, theta: float = 1000
                 **_rope(c, theta, common["max_position_embeddings"]), **common)
 
 
-def _sliding(c: _Config, s: dict, default_layer_types: list[str] | None = None) -> dict:
+def sliding_fields(c: Config, s: dict, default_layer_types: list[str] | None = None) -> dict:
     """sliding_window and num_sliding_layers; a window that covers the whole context is no window."""
     window = c.int("sliding_window", default=0)
     if not window or window >= s["max_position_embeddings"] or not c.bool("use_sliding_window", True):
@@ -258,7 +258,7 @@ def _sliding(c: _Config, s: dict, default_layer_types: list[str] | None = None) 
     return dict(sliding_window=window, num_sliding_layers=n) if n else {}
 
 
-def _every_layer_moe(c: _Config, **defaults) -> None:
+def every_layer_moe(c: Config, **defaults) -> None:
     """ModelSpec describes MoE layers after first_dense_layers dense ones, not dense layers interleaved."""
     for key, default in defaults.items():
         value = c.get(key, default)
@@ -267,11 +267,11 @@ def _every_layer_moe(c: _Config, **defaults) -> None:
                             f"which ModelSpec cannot describe")
 
 
-def _leading_dense(c: _Config, s: dict, first: int) -> dict:
+def leading_dense(c: Config, s: dict, first: int) -> dict:
     return dict(first_dense_layers=first, dense_intermediate_size=c.int("intermediate_size") if first else 0)
 
 
-def _dense_prefix(c: _Config, layers: int) -> int:
+def dense_prefix(c: Config, layers: int) -> int:
     """Leading dense layers: from mlp_layer_types ("dense" / "sparse" per layer) where the config has it,
     else first_k_dense_replace; dense layers after a MoE one are refused (ModelSpec cannot describe them)."""
     kinds = c.get("mlp_layer_types")
