@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tomllib
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Mapping
 
@@ -120,6 +121,14 @@ def measured_fields_renamed(d: Mapping) -> dict:
     return {MEASURED_RENAMED.get(k, k): v for k, v in d.items()}
 
 
+@lru_cache(maxsize=4)
+def _basis_errors(path: Path) -> dict | None:
+    """benchmarks/basis_error.py's summary at `path`, read once; None where there is none."""
+    if not path.is_file():
+        return None
+    return load_json(read_text(path, "basis errors", HardwareError), str(path), HardwareError)
+
+
 def interp_log(x, xs, ys):
     """A measured curve (xs ascending, positive) read at x, interpolated in log(x) and held flat beyond
     the measured range; numpy-broadcast over x."""
@@ -168,10 +177,9 @@ class HardwareProfile:
         (hardware_profiles/basis_error.json, benchmarks/basis_error.py): the misses with the profile's
         measurements for a profile measured on its machine, else those from unit-level rates alone.
         None where the file is absent."""
-        path = PROFILE_DIR / "basis_error.json"
-        if not path.is_file():
+        data = _basis_errors(PROFILE_DIR / "basis_error.json")
+        if data is None:
             return None
-        data = load_json(read_text(path, "basis errors", HardwareError), str(path), HardwareError)
         band = data["measured" if self.measured_here(use_measured) else "datasheet"]
         return {**band, "source": f"{data['machine']}, {data['date']}, {', '.join(data['runs'])}"}
 
@@ -179,7 +187,7 @@ class HardwareProfile:
         u = self.uncertainty(use_measured)
         if u is None:
             return None
-        machine = u["source"].split(",")[0]
+        machine = _basis_errors(PROFILE_DIR / "basis_error.json")["machine"].split(",")[0]
         return (f"uncertainty: predictions on this basis missed by a median of {u['median_abs_pct']:.0f}% (90th "
                 f"percentile {u['p90_abs_pct']:.0f}%, worst {u['max_abs_pct']:.0f}%) on {u['runs']} whole-model "
                 f"runs ({machine}; benchmarks/basis_error.py)")
@@ -379,7 +387,8 @@ def _attention_loop(table: Mapping, where: str):
             raise HardwareError(f"{where}: 'cpu_attention_loop_shapes' entries are [sequences, slots per sequence, "
                                 f"bytes per slot], got {shape!r}")
         out.append(tuple(_positive(v, "cpu_attention_loop_shapes", where) for v in shape))
-    return tuple(out), tuple(_positive(v, "cpu_attention_loop_call_ms", where) * unit_of("cpu_attention_loop_call_ms") for v in ms)
+    unit = unit_of("cpu_attention_loop_call_ms")
+    return tuple(out), tuple(_positive(v, "cpu_attention_loop_call_ms", where) * unit for v in ms)
 
 
 def _curves_by_shape(table: Mapping, shapes_key: str, x_key: str, y_key: str, fields: tuple[str, ...], where: str):
@@ -399,8 +408,6 @@ def _curves_by_shape(table: Mapping, shapes_key: str, x_key: str, y_key: str, fi
         out_x.append(tuple(_positive(x[i], x_key, where) for i in order))
         out_y.append(tuple(_positive(y[i], y_key, where) * unit_of(y_key) for i in order))
     return tuple(out_shapes), tuple(out_x), tuple(out_y)
-
-
 
 
 def _memory(table, where: str) -> MemoryProfile:

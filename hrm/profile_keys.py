@@ -19,6 +19,7 @@ def unit_of(key: str) -> float:
     m = _UNIT_IN_KEY.search(key)
     return _UNITS[m.group(1)] if m else 1.0
 
+
 MEMORY_KEYS = {"cuda_context_gib": "cuda_context_bytes", "process_baseline_gib": "process_baseline_bytes",
                "gpu_allocator_frac": "gpu_allocator_frac"}
 """[memory] keys -> MemoryProfile fields (in SI by unit_of)."""

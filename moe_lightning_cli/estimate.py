@@ -66,8 +66,9 @@ def _print(est, spec, hw, labels, use_measured: bool = True) -> None:
         con.print(hardware_line(hw), highlight=False)
     con.print(storage_line(spec), highlight=False)
     con.print(f"rates: {hw.basis(use_measured)}", highlight=False)
-    if hw.uncertainty_line(use_measured):
-        con.print(hw.uncertainty_line(use_measured), highlight=False)
+    uncertainty = hw.uncertainty_line(use_measured)
+    if uncertainty:
+        con.print(uncertainty, highlight=False)
     con.print(f"policy: {pol.short()}  ({pol.num_micro_batches} micro-batches, "
               f"{pol.resident_experts(spec.num_experts)}/{spec.num_experts} experts per layer on the GPU)")
     t = Table(title="decode, one layer at the mean context", title_justify="left")

@@ -169,8 +169,9 @@ def print_plan(plan, baselines, console=None, use_measured: bool = True) -> None
         con.print(hardware_line(plan.hardware), highlight=False)
     con.print(storage_line(spec), highlight=False)
     con.print(f"rates: {plan.hardware.basis(use_measured)}", highlight=False)
-    if plan.hardware.uncertainty_line(use_measured):
-        con.print(plan.hardware.uncertainty_line(use_measured), highlight=False)
+    uncertainty = plan.hardware.uncertainty_line(use_measured)
+    if uncertainty:
+        con.print(uncertainty, highlight=False)
     con.print(f"search: {plan.mode} mode, {plan.solver} solver, {plan.search_time_s:.2f} s")
 
     t = Table(title="chosen policy", title_justify="left", show_header=False)
