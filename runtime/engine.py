@@ -28,7 +28,7 @@ from .graphs import PostAttentionGraphs
 from .cpu_attention import AttentionWorker, attention_threads
 from .host_memory import HostArena, pinned_bytes
 from .kv_cache import KVCache
-from .measure import Measurement, Recorder, Span, allocator_conf, stage_times
+from .measure import Measurement, Recorder, Span, allocator_conf, configure_allocator, stage_times
 from .memory import DoesNotFit  # noqa: F401  (raised from here; callers import it from the engine)
 from .memory import Machine, MemoryMeter, check, pass_shape, phase_dicts, policy_account
 from .model import check_supported
@@ -86,6 +86,8 @@ class Engine:
             dtype = TORCH_DTYPES[name]
         self.dtype = dtype
         self.gpu_budget_bytes = gpu_memory_budget_bytes
+        if self.device.type == "cuda":
+            configure_allocator()
         hw = getattr(plan_or_spec, "hardware", None) if from_plan else None
         self.machine = machine or Machine.measure(self.device, gpu_memory_budget_bytes,
                                                   hw.memory if hw is not None else None)

@@ -104,12 +104,29 @@ class Recorder:
 
 
 ALLOCATOR_ENV = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+# The runtime's own allocator setting where the environment names none: one expandable segment per pool
+# grows and shrinks by mapping pages, so blocks freed between prefill's and decode's differently sized
+# workspaces coalesce instead of staying reserved (calls 5-6 of 2026-12-02 kept 0.8-2.3 GiB reserved
+# beyond what tensors held without it).
+DEFAULT_ALLOCATOR = "expandable_segments:True"
+
+
+def configure_allocator() -> None:
+    """Give the caching allocator DEFAULT_ALLOCATOR unless the environment configures it (the user's choice
+    wins); applies to the segments reserved after the call. No-op without CUDA."""
+    if any(os.environ.get(k) for k in ALLOCATOR_ENV) or not torch.cuda.is_available():
+        return
+    torch.cuda.memory._set_allocator_settings(DEFAULT_ALLOCATOR)
 
 
 def allocator_conf() -> str:
-    """The caching allocator's configuration as the environment gave it ("NAME=value; ..."), "" for none:
-    it sets how much the allocator reserves beyond what tensors hold (hrm.memory's allocator_slack)."""
-    return "; ".join(f"{k}={os.environ[k]}" for k in ALLOCATOR_ENV if os.environ.get(k))
+    """The caching allocator's configuration ("NAME=value; ..." as the environment gave it, else the
+    runtime's default, "" without CUDA): it sets how much the allocator reserves beyond what tensors hold
+    (hrm.memory's allocator_slack)."""
+    given = "; ".join(f"{k}={os.environ[k]}" for k in ALLOCATOR_ENV if os.environ.get(k))
+    if given or not torch.cuda.is_available():
+        return given
+    return f"runtime default {DEFAULT_ALLOCATOR}"
 
 
 def stage_times(spans: list[Span]) -> tuple[StageTime, ...]:

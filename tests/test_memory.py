@@ -162,3 +162,23 @@ def test_nominal_packed_shape_bounds_the_runtime_layout():
         packed = eng.account(PassShape.nominal(Workload.from_prompt_lens(lens, MAX_NEW), 40, 8, 0.0))
         padded = eng.account(PassShape.nominal(Workload.from_prompt_lens(lens, MAX_NEW, padded=True), 40, 8, 0.0))
     assert real.pinned["kv_cache"] <= packed.pinned["kv_cache"] < padded.pinned["kv_cache"] / 2
+
+
+def test_the_runtime_sets_its_allocator_default_only_where_the_environment_names_none(monkeypatch):
+    """Expandable segments by default (the slack between prefill's and decode's workspaces); a user's
+    PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF wins, and the measurement reports which one ran."""
+    import torch
+
+    from runtime import measure
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    for name in measure.ALLOCATOR_ENV:
+        monkeypatch.delenv(name, raising=False)
+    measure.configure_allocator()
+    assert calls == [measure.DEFAULT_ALLOCATOR]
+    assert measure.allocator_conf() == f"runtime default {measure.DEFAULT_ALLOCATOR}"
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:False")
+    measure.configure_allocator()
+    assert calls == [measure.DEFAULT_ALLOCATOR]
+    assert measure.allocator_conf() == "PYTORCH_ALLOC_CONF=expandable_segments:False"

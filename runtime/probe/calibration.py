@@ -16,6 +16,7 @@ import torch
 
 
 from .base import ProbeError, _fill_random, _median_cuda_s
+from ..measure import allocator_conf
 
 
 # Decoder layers of the decode-visit probe's model. At one layer a micro-batch's next visit is the same
@@ -189,7 +190,8 @@ def memory_baseline(gpu: bool, quick: bool = False) -> dict:
             alloc, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
             workspace = eng.last_account.gpu["workspace"]
         out["gpu_allocator_frac"] = (reserved - alloc) / workspace
-        out["allocator_probe"] = f"runtime.Engine, mixtral-8x7b[2L], N={n} mu={mu} r_w=0.5, prompts 256, 4 tokens"
+        out["allocator_probe"] = (f"runtime.Engine, mixtral-8x7b[2L], N={n} mu={mu} r_w=0.5, prompts 256, 4 tokens, "
+                                  f"allocator {allocator_conf() or 'default'}")
     return out
 
 
