@@ -46,15 +46,22 @@ def profile_layer(name: str, tokens: int, resident_frac: float, host_sync_ok: bo
         moe.moe_grouped_slice_tokens = default
 
 
-def _profile_layer(name: str, tokens: int, resident_frac: float, host_sync_ok: bool, device: str, top: int) -> dict:
+def one_layer(name: str, tokens: int, resident_frac: float, device: str = "cuda"):
+    """(spec, layer, page table, hidden [tokens, hidden]) of one MoE layer of `name`'s expert shape, synthetic
+    bf16, `resident_frac` of its experts resident and the rest paged in as the pipeline pages them."""
     spec = replace(load_model(name), first_dense_layers=0).with_layers(1)
     resident = round(resident_frac * spec.num_experts)
     store = WeightStore(spec, torch.bfloat16, device, num_resident=resident, num_pages=1)
     synthesize(store, seed=0, progress=False)
     for page in store.page_table.pages:                    # the streamed experts, as the pipeline pages them in
         store.copy_page(0, 0, page)
-    layer, table = store.dense.layers[0], store.lookup(0, 0)
     h = (torch.randn(tokens, spec.hidden_size, device=device) * 0.02).to(torch.bfloat16)
+    return spec, store.dense.layers[0], store.lookup(0, 0), h
+
+
+def _profile_layer(name: str, tokens: int, resident_frac: float, host_sync_ok: bool, device: str, top: int) -> dict:
+    spec, layer, table, h = one_layer(name, tokens, resident_frac, device)
+    resident = round(resident_frac * spec.num_experts)
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(3):

@@ -7,6 +7,8 @@
 #   rates         benchmarks/rates_at_run_shapes.py (the profile's rates at the runs' own shapes)
 #   moe           benchmarks/moe_kernels.py (the MoE layer kernel by kernel, one and two stores)
 #   pin           benchmarks/pin_rate.py (how fast fresh host memory is page-locked)
+#   sustained     benchmarks/sustained_rate.py (each MoE layer and a GEMM back to back for 20 s: do the clocks hold?)
+#   smi           nvidia-smi samples clocks, power and throttle reasons every second until the call ends (smi.csv)
 #   profile       `moe-lightning profile` -> h200-measured.toml; later steps use it, in this call and in
 #                 later calls while the machine stays warm (.device_state/, ignored); else PROFILE, default
 #                 the committed hrm/hardware_profiles/h200-measured.toml
@@ -44,6 +46,12 @@ for step in "$@"; do
         python benchmarks/moe_kernels.py --out "$res/moe_kernels.json" 2>&1 | tee "$res/moe_kernels.log" | tail -12 ;;
     pin)
         python benchmarks/pin_rate.py --gib 16 --rounds 2 --out "$res/pin_rate.json" ;;
+    sustained)
+        python benchmarks/sustained_rate.py --seconds 20 --idle-s 5 --out "$res/sustained_rate.json" 2>&1 | tail -5 ;;
+    smi)
+        nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+            --format=csv,noheader -l 1 > "$res/smi.csv" 2>&1 &
+        smi_pid=$! ;;
     profile)
         python -m moe_lightning_cli.main profile -o "$res/h200-measured.toml" --name h200-measured --no-progress \
             2>&1 | tee "$res/profile.log" | tail -40
@@ -68,6 +76,9 @@ for step in "$@"; do
             2>&1 | tee -a "$res/whole.log" ;;
     *) echo "unknown step $step" ;;
     esac
+    # packed after every step: a call cut short still returns what its finished steps measured
+    free -g > "$res/free.txt" 2>&1
+    tar -C "$out" -czf "$out/whole.tgz.part" whole && mv "$out/whole.tgz.part" "$out/whole.tgz"
 done
-free -g > "$res/free.txt" 2>&1
-tar -C "$out" -czf "$out/whole.tgz" whole && echo "packed $out/whole.tgz"
+[ -n "${smi_pid:-}" ] && kill "$smi_pid" 2>/dev/null
+tar -C "$out" -czf "$out/whole.tgz.part" whole && mv "$out/whole.tgz.part" "$out/whole.tgz" && echo "packed $out/whole.tgz"
