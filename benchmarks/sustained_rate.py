@@ -83,8 +83,6 @@ def main(argv=None) -> int:
             runs.append({"kernel": f"{name} MoE layer, {args.tokens} tokens", "began_s": round(t, 2),
                          "windows": windows(lambda: moe.moe(h, layer, table, spec, False), flops,
                                             args.seconds, args.window_s)})
-            del layer, table, h
-            torch.cuda.empty_cache()
         n = args.gemm
         a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
