@@ -16,11 +16,32 @@ import torch
 
 
 
-def _median_cuda_s(fn: Callable[[], None], repeats: int, warmup: int = 2, target_s: float = 0.02) -> float:
-    """Median seconds per call of `fn` (GPU work on the current stream), timed with CUDA events."""
+SUSTAIN_S = 1.0
+"""Seconds a compute probe runs its kernel before timing it. A whole-model prefill keeps the GPU at its
+power limit for 15-30 s, and the clocks fall within the first second of that (H200, 2026-12-02 call 8:
+1980 MHz idle, 1560-1725 MHz at the 700 W cap under Mixtral's MoE layer, the rate flat from the first
+one-second window on); a probe of a few tens of milliseconds after two warm-up calls times the kernel
+partly at boost clocks."""
+
+
+def _sustain(fn: Callable[[], None], seconds: float) -> None:
+    """Call `fn` (GPU work) back to back until `seconds` of wall time have passed, synchronised."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(4):
+            fn()
+        torch.cuda.synchronize()
+
+
+def _median_cuda_s(fn: Callable[[], None], repeats: int, warmup: int = 2, target_s: float = 0.02,
+                   sustain_s: float = 0.0) -> float:
+    """Median seconds per call of `fn` (GPU work on the current stream), timed with CUDA events, after
+    `warmup` calls and at least `sustain_s` seconds of calls (SUSTAIN_S for compute: the clocks under load)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
+    if sustain_s > 0:
+        _sustain(fn, sustain_s)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     fn()

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 
-from .base import ProbeError, _fill_random, _median_cuda_s
+from .base import SUSTAIN_S, ProbeError, _fill_random, _median_cuda_s
 from ..measure import allocator_conf
 
 
@@ -90,7 +90,7 @@ def gpu_moe_flops_per_s(spec, tokens_per_expert: Sequence[float] = MOE_TOKENS_PE
     for per_expert in tokens_per_expert:
         t = max(1, round(per_expert * one.num_experts / one.num_experts_per_tok))
         h = _fill_random(torch.empty(t, one.hidden_size, dtype=torch.bfloat16, device=device), 3)  # [t, hidden]
-        s = _median_cuda_s(lambda: moe.moe(h, layer, table, one), repeats)
+        s = _median_cuda_s(lambda: moe.moe(h, layer, table, one), repeats, sustain_s=SUSTAIN_S)
         rates.append(float(ops.routed_experts(one, t).flops) / s)
     del store
     return rates
@@ -234,6 +234,9 @@ def prefill_costs(spec, seqs: Sequence[int] = PREFILL_SEQS, prompt_len: int = PR
             model = spec.with_layers(spec.first_dense_layers + num_layers)
             with Engine(model, policy, seed=0, progress=False) as eng:
                 eng.generate(prompts, 1)                                   # warm-up
+                t0 = time.perf_counter()                                   # and the clocks under load
+                while eng.device.type == "cuda" and time.perf_counter() - t0 < SUSTAIN_S:
+                    eng.generate(prompts, 1)
                 t[num_layers] = statistics.median(eng.generate(prompts, 1)[1].prefill_s for _ in range(repeats))
         per_layer_chunk_s = max(t[hi] - t[lo], 1e-9) / ((hi - lo) * chunks)
         rates.append(float(ops.prefill_layer(spec, n, prompt_len).flops) / per_layer_chunk_s)

@@ -17,7 +17,7 @@ from hrm.hardware import local_cpu_name
 
 from hrm.units import KiB, MiB
 
-from .base import _fill_random, _median_cpu_s, _median_cuda_s
+from .base import SUSTAIN_S, _fill_random, _median_cpu_s, _median_cuda_s
 
 
 # [tokens x hidden] x [hidden x ffn]: decode (1..64 tokens per expert GEMM) to prefill (4096)
@@ -54,7 +54,7 @@ def gpu_gemm_flops_per_s(tokens: Sequence[int] = GEMM_TOKENS, hidden_size: int =
     for t in tokens:
         x = x_all[:t]                                                   # [tokens, hidden]
         out = torch.empty(t, ffn_size, dtype=dtype, device=device)     # [tokens, ffn]
-        s = _median_cuda_s(lambda: torch.matmul(x, w.t(), out=out), repeats)
+        s = _median_cuda_s(lambda: torch.matmul(x, w.t(), out=out), repeats, sustain_s=SUSTAIN_S)
         rates.append(2.0 * t * hidden_size * ffn_size / s)
     return rates
 
@@ -65,7 +65,7 @@ def gpu_square_gemm_flops_per_s(n: int = 8192, dtype: torch.dtype = torch.bfloat
     a = _fill_random(torch.empty(n, n, dtype=dtype, device=device), 3)
     b = _fill_random(torch.empty(n, n, dtype=dtype, device=device), 4)
     out = torch.empty(n, n, dtype=dtype, device=device)
-    s = _median_cuda_s(lambda: torch.matmul(a, b, out=out), repeats)
+    s = _median_cuda_s(lambda: torch.matmul(a, b, out=out), repeats, sustain_s=SUSTAIN_S)
     return 2.0 * n ** 3 / s
 
 
