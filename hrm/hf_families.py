@@ -209,6 +209,26 @@ def _laguna(c: Config) -> dict:
                 **leading_dense(c, s, dense_prefix(c, s["num_hidden_layers"])), **sliding_fields(c, s))
 
 
+def _dots1(c: Config) -> dict:
+    """dots.llm1: DeepSeek-V3's routing (sigmoid, score-correction bias as a buffer, grouped top-k, shared
+    experts, leading dense layers) over GQA attention with per-head q/k norms; sliding layers after
+    max_window_layers."""
+    s = standard_fields(c, "moe_intermediate_size")
+    bias = c.bool("attention_bias", False)
+    return dict(s, qk_norm=True, qkv_bias=bias, o_proj_bias=bias, router="sigmoid",
+                norm_topk_prob=c.bool("norm_topk_prob", False),
+                routed_scaling_factor=c.float("routed_scaling_factor", default=1.0),
+                shared_expert_intermediate_size=c.int("n_shared_experts", default=0) * s["moe_intermediate_size"],
+                **leading_dense(c, s, dense_prefix(c, s["num_hidden_layers"])), **sliding_fields(c, s))
+
+
+def _minimax_m2(c: Config) -> dict:
+    """MiniMax-M2: experts as wide as intermediate_size, a sigmoid router with a score-correction bias (a
+    buffer) and normalised top-k, q/k norms over the whole projections, no biases, partial rotary."""
+    s = standard_fields(c, "intermediate_size")
+    return dict(s, qk_norm=True, router="sigmoid", norm_topk_prob=True)
+
+
 FAMILIES = {
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,
@@ -235,4 +255,6 @@ FAMILIES = {
     "kolibri1": _kolibri1,
     "afmoe": _afmoe,
     "laguna": _laguna,
+    "dots1": _dots1,
+    "minimax_m2": _minimax_m2,
 }

@@ -101,7 +101,7 @@ class RopeParameters:
     partial_rotary_factor: float = 1.0
 
 
-FULL_WIDTH_QK_NORM = ("olmoe", "flex_olmo")
+FULL_WIDTH_QK_NORM = ("olmoe", "flex_olmo", "minimax_m2")
 """Families whose q_norm / k_norm run over the whole projection, not per head."""
 EXPERT_BIASES = ("gpt_oss",)
 """Families whose routed experts (gate, up, down) and router carry biases."""

@@ -181,6 +181,9 @@ PARAM_CONFIGS = {
     "laguna": dict(num_experts=4, moe_intermediate_size=24, intermediate_size=40, head_dim=8,
                    shared_expert_intermediate_size=32, mlp_layer_types=["dense", "sparse"],
                    num_attention_heads_per_layer=[6, 6]),
+    "dots1": dict(n_routed_experts=4, moe_intermediate_size=24, intermediate_size=40, n_shared_experts=2,
+                  first_k_dense_replace=1, attention_bias=True, sliding_window=16, max_window_layers=1),
+    "minimax_m2": dict(num_local_experts=4, intermediate_size=24, head_dim=8, rotary_dim=4),
 }
 
 
