@@ -95,6 +95,12 @@ def _granitemoe(c: Config) -> dict:
                 shared_expert_intermediate_size=c.int("shared_intermediate_size", default=0))
 
 
+def _granitemoe_swa(c: Config) -> dict:
+    """GraniteMoE-SWA: GraniteMoE with a learnable sink per head and sliding-window layers (layer_types)."""
+    s = _granitemoe(c)
+    return dict(s, attention_sinks=True, **sliding_fields(c, s))
+
+
 def _glm4_moe(c: Config) -> dict:
     """GLM-4.5 / 4.6: DeepSeek-V3's routing (sigmoid, score-correction bias, shared experts, leading dense
     layers) over GQA attention with a partial rotary and q/k/v biases (none on o)."""
@@ -229,6 +235,19 @@ def _minimax_m2(c: Config) -> dict:
     return dict(s, qk_norm=True, router="sigmoid", norm_topk_prob=True)
 
 
+def _hy_v3(c: Config) -> dict:
+    """Hunyuan V3: per-head q/k norms, a sigmoid router with a score-correction bias (a buffer), normalised and
+    scaled top-k (router_scaling_factor), shared experts, leading dense layers (mlp_layer_types)."""
+    s = standard_fields(c, "moe_intermediate_size")
+    if c.bool("mlp_bias", False):
+        raise SpecError(f"{c.model_type} config: mlp_bias=true (biases on the MLPs) is not priced")
+    bias = c.bool("attention_bias", False)
+    return dict(s, qk_norm=True, qkv_bias=bias, o_proj_bias=bias, router="sigmoid", norm_topk_prob=True,
+                routed_scaling_factor=c.float("router_scaling_factor", default=1.0),
+                shared_expert_intermediate_size=c.int("num_shared_experts", default=0) * s["moe_intermediate_size"],
+                **leading_dense(c, s, dense_prefix(c, s["num_hidden_layers"])))
+
+
 FAMILIES = {
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,
@@ -257,4 +276,7 @@ FAMILIES = {
     "laguna": _laguna,
     "dots1": _dots1,
     "minimax_m2": _minimax_m2,
+    "hy_v3": _hy_v3,
+    "granitemoe_swa": _granitemoe_swa,
+    "sarvam_mla": lambda c: _deepseek(c, v3=True),
 }

@@ -184,6 +184,13 @@ PARAM_CONFIGS = {
     "dots1": dict(n_routed_experts=4, moe_intermediate_size=24, intermediate_size=40, n_shared_experts=2,
                   first_k_dense_replace=1, attention_bias=True, sliding_window=16, max_window_layers=1),
     "minimax_m2": dict(num_local_experts=4, intermediate_size=24, head_dim=8, rotary_dim=4),
+    "hy_v3": dict(num_experts=4, moe_intermediate_size=24, intermediate_size=40, head_dim=8, num_shared_experts=2,
+                  mlp_layer_types=["dense", "sparse"], attention_bias=True),
+    "granitemoe_swa": dict(num_local_experts=4, intermediate_size=40, shared_intermediate_size=32,
+                           layer_types=["sliding_attention", "full_attention"], sliding_window=16),
+    "sarvam_mla": dict(n_routed_experts=4, moe_intermediate_size=24, intermediate_size=40, n_shared_experts=1,
+                       first_k_dense_replace=1, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                       v_head_dim=8),
 }
 
 
@@ -210,6 +217,7 @@ def test_parameter_count_is_exact_against_transformers(family):
     ("ernie4_5_moe", dict(moe_layer_interval=2), "interleave dense and MoE layers"),
     ("exaone_moe", dict(mlp_layer_types=["sparse", "dense"]), "'mlp_layer_types' interleaves"),
     ("hunyuan_v1_moe", dict(moe_topk=[2, 1]), "'moe_topk' varies by layer"),
+    ("hy_v3", dict(mlp_bias=True), "mlp_bias=true"),
 ])
 def test_what_a_new_family_cannot_be_priced_as_is_refused_naming_it(family, fields, words):
     transformers = pytest.importorskip("transformers")
