@@ -279,4 +279,5 @@ FAMILIES = {
     "hy_v3": _hy_v3,
     "granitemoe_swa": _granitemoe_swa,
     "sarvam_mla": lambda c: _deepseek(c, v3=True),
+    "axk1": lambda c: _deepseek(c, v3=True),
 }

@@ -111,11 +111,13 @@ GLM's and EXAONE's are buffers."""
 LAYER_NORM_WITHOUT_BIAS = ("dbrx", "cohere2_moe")
 """Families with norm = "layer" whose LayerNorms have no bias."""
 NORMS_PER_LAYER = {"cohere2_moe": 1, "kolibri1": 4, "afmoe": 4}
+"""Norms over the hidden width per layer where a family has other than two (before attention and before the
+FFN): Cohere's parallel block has one, Kolibri adds one after each."""
+MOE_OUTPUT_NORM = ("axk1",)
+"""Families whose MoE block ends in a norm over the hidden width (its MoE layers only, not the dense ones)."""
 ATTENTION_GATE = {"afmoe": "elementwise", "laguna": "per_head"}
 """Families whose attention output is gated by a projection of the layer input: one gate per output
 element ([q_dim, hidden]) or per head ([heads, hidden])."""
-"""Norms over the hidden width per layer where a family has other than two (before attention and before the
-FFN): Cohere's parallel block has one, Kolibri adds one after each."""
 
 
 @dataclass(frozen=True)
@@ -278,7 +280,8 @@ class ModelSpec:
         norms = NORMS_PER_LAYER.get(self.model_type, 2) * self.norm_params
         per_layer = self.attention_params_per_layer + self.attention_small_params_per_layer + norms
         router = self.router_params + (self.num_experts if self.model_type in EXPERT_BIASES + ROUTER_SCORE_BIAS else 0)
-        moe = self.num_moe_layers * (router + self.shared_expert_params)
+        moe_norm = self.norm_params if self.model_type in MOE_OUTPUT_NORM else 0
+        moe = self.num_moe_layers * (router + self.shared_expert_params + moe_norm)
         dense = self.first_dense_layers * self.dense_ffn_params
         return embed + head_bias + self.norm_params + self.num_hidden_layers * per_layer + moe + dense
 

@@ -191,6 +191,9 @@ PARAM_CONFIGS = {
     "sarvam_mla": dict(n_routed_experts=4, moe_intermediate_size=24, intermediate_size=40, n_shared_experts=1,
                        first_k_dense_replace=1, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
                        v_head_dim=8),
+    "axk1": dict(n_routed_experts=4, moe_intermediate_size=24, intermediate_size=40, n_shared_experts=1,
+                 mlp_layer_types=["dense", "sparse"], kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+                 qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1),
 }
 
 
