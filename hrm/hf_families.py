@@ -2,8 +2,8 @@
 FAMILIES). A family is one reader over hrm.hf_fields' shared fields, with its own exceptions."""
 from __future__ import annotations
 
-from .hf_fields import (Config, common_fields, dense_prefix, every_layer_moe, leading_dense, sliding_fields,
-                        standard_fields)
+from .hf_fields import (Config, common_fields, dense_prefix, every_layer_moe, leading_dense, mlp_only_prefix,
+                        sliding_fields, standard_fields)
 from .spec import SpecError
 
 def _mixtral(c: Config) -> dict:
@@ -248,6 +248,17 @@ def _hy_v3(c: Config) -> dict:
                 **leading_dense(c, s, dense_prefix(c, s["num_hidden_layers"])))
 
 
+def _flint(c: Config) -> dict:
+    """Flint: per-head q/k norms, a learned sink per head, sliding layers, a sigmoid router, an ungated shared
+    expert, leading dense layers (mlp_only_layers)."""
+    s = standard_fields(c, "moe_intermediate_size")
+    bias = c.bool("attention_bias", False)
+    return dict(s, qk_norm=True, qkv_bias=bias, o_proj_bias=bias, attention_sinks=True, router="sigmoid",
+                norm_topk_prob=c.bool("norm_topk_prob", True),
+                shared_expert_intermediate_size=c.int("shared_expert_intermediate_size", default=0),
+                **leading_dense(c, s, mlp_only_prefix(c)), **sliding_fields(c, s))
+
+
 FAMILIES = {
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,
@@ -280,4 +291,5 @@ FAMILIES = {
     "granitemoe_swa": _granitemoe_swa,
     "sarvam_mla": lambda c: _deepseek(c, v3=True),
     "axk1": lambda c: _deepseek(c, v3=True),
+    "flint": _flint,
 }

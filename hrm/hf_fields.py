@@ -267,6 +267,17 @@ def every_layer_moe(c: Config, **defaults) -> None:
                             f"which ModelSpec cannot describe")
 
 
+def mlp_only_prefix(c: Config) -> int:
+    """Leading dense layers named by mlp_only_layers (Qwen-style), every later layer MoE; a dense layer after
+    a MoE one is refused (ModelSpec cannot describe it)."""
+    dense = c.get("mlp_only_layers") or []
+    if not isinstance(dense, list) or sorted(dense) != list(range(len(dense))):
+        raise SpecError(f"{c.model_type} config: field 'mlp_only_layers'={dense!r} interleaves dense and MoE "
+                        f"layers, which ModelSpec cannot describe")
+    every_layer_moe(c, decoder_sparse_step=1)
+    return len(dense)
+
+
 def leading_dense(c: Config, s: dict, first: int) -> dict:
     return dict(first_dense_layers=first, dense_intermediate_size=c.int("intermediate_size") if first else 0)
 

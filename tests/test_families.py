@@ -194,6 +194,8 @@ PARAM_CONFIGS = {
     "axk1": dict(n_routed_experts=4, moe_intermediate_size=24, intermediate_size=40, n_shared_experts=1,
                  mlp_layer_types=["dense", "sparse"], kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
                  qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1),
+    "flint": dict(num_experts=4, moe_intermediate_size=24, intermediate_size=40, head_dim=8,
+                  shared_expert_intermediate_size=32, mlp_only_layers=[0], attention_bias=True),
 }
 
 
@@ -221,6 +223,7 @@ def test_parameter_count_is_exact_against_transformers(family):
     ("exaone_moe", dict(mlp_layer_types=["sparse", "dense"]), "'mlp_layer_types' interleaves"),
     ("hunyuan_v1_moe", dict(moe_topk=[2, 1]), "'moe_topk' varies by layer"),
     ("hy_v3", dict(mlp_bias=True), "mlp_bias=true"),
+    ("flint", dict(mlp_only_layers=[1]), "'mlp_only_layers'=\\[1\\] interleaves"),
 ])
 def test_what_a_new_family_cannot_be_priced_as_is_refused_naming_it(family, fields, words):
     transformers = pytest.importorskip("transformers")
