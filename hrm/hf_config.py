@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from .checks import load_json, read_text
-from .hf_families import FAMILIES
+from .hf_families import FAMILIES, SPARSE_ATTENTION_FAMILIES
 from .hf_fields import Config
 from .spec import ModelSpec, SpecError
 
@@ -64,11 +64,14 @@ PRICED_LAYER_KINDS = frozenset({"full_attention", "sliding_attention"})
 
 def unpriced_layers(raw: dict) -> str | None:
     """What a config's layers hold that ModelSpec cannot price (linear attention, Mamba, convolutions,
-    chunked or indexed attention ...), as words for the refusal; None when every layer is of a priced kind."""
+    chunked attention, indexed attention outside SPARSE_ATTENTION_FAMILIES ...), as words for the refusal;
+    None when every layer is of a priced kind."""
+    priced = PRICED_LAYER_KINDS | ({"indexed_attention"} if raw.get("model_type") in SPARSE_ATTENTION_FAMILIES
+                                   else set())
     for key in ("layer_types", "layers_block_type"):
         kinds = raw.get(key)
         if isinstance(kinds, list):
-            odd = sorted({k for k in kinds if isinstance(k, str)} - PRICED_LAYER_KINDS)
+            odd = sorted({k for k in kinds if isinstance(k, str)} - priced)
             if odd:
                 return f"its {', '.join(map(repr, odd))} layers (field {key!r})"
     if any(k.startswith("mamba_") for k in raw):

@@ -72,6 +72,20 @@ def _deepseek(c: Config, v3: bool) -> dict:
                 routed_scaling_factor=c.float("routed_scaling_factor", default=1.0))
 
 
+def _sparse_deepseek(c: Config) -> dict:
+    """DeepSeek-V3.2 (and GLM-5's DSA): V3 with sparse attention, every layer indexed: an indexer of
+    index_n_heads x index_head_dim picks index_topk keys per query."""
+    kinds = c.get("layer_types")
+    if isinstance(kinds, list) and set(kinds) != {"indexed_attention"}:
+        raise SpecError(f"{c.model_type} config: field 'layer_types' mixes indexed and other attention layers, "
+                        f"which ModelSpec cannot describe")
+    s = _deepseek(c, v3=True)
+    if not s["q_lora_rank"]:
+        raise SpecError(f"{c.model_type} config: sparse attention needs q_lora_rank > 0 (its indexer reads the q latent)")
+    return dict(s, index_topk=c.int("index_topk"), index_n_heads=c.int("index_n_heads"),
+                index_head_dim=c.int("index_head_dim"))
+
+
 def _phimoe(c: Config) -> dict:
     s = standard_fields(c, "intermediate_size", theta=1e6)
     bias = c.bool("attention_bias", False)
@@ -292,4 +306,9 @@ FAMILIES = {
     "sarvam_mla": lambda c: _deepseek(c, v3=True),
     "axk1": lambda c: _deepseek(c, v3=True),
     "flint": _flint,
+    "deepseek_v32": _sparse_deepseek,
+    "glm_moe_dsa": _sparse_deepseek,
 }
+
+SPARSE_ATTENTION_FAMILIES = frozenset({"deepseek_v32", "glm_moe_dsa"})
+"""Families whose readers price 'indexed_attention' layers (DeepSeek sparse attention)."""

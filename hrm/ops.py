@@ -44,22 +44,44 @@ def pre_attention(spec: ModelSpec, tokens) -> Cost:
         out = (spec.num_attention_heads + 2 * spec.num_key_value_heads) * spec.head_dim
         qkv = _linear(spec, tokens, h, out, bias=spec.qkv_bias)
     rope = Cost(flops=6.0 * tokens * spec.q_dim)
-    return norm + qkv + rope
+    return norm + qkv + rope + indexer_projections(spec, tokens)
+
+
+def indexer_projections(spec: ModelSpec, tokens) -> Cost:
+    """DeepSeek sparse attention's indexer inputs: its query heads from the q latent, its key (with a
+    LayerNorm) and per-head weights from the hidden state; nothing without sparse attention."""
+    if not spec.index_topk:
+        return Cost()
+    n, d, h = spec.index_n_heads, spec.index_head_dim, spec.hidden_size
+    norm = Cost(flops=8.0 * tokens * d, weight_bytes=2 * d * spec.dtypes.weight_bytes)
+    return _linear(spec, tokens, spec.q_lora_rank, n * d) + _linear(spec, tokens, h, d) + _linear(spec, tokens, h, n) + norm
+
+
+def _visible_keys(past_len, new_tokens):
+    """(query, key) pairs of `new_tokens` causal queries after `past_len` cached keys."""
+    past_len = np.asarray(past_len, dtype=float)
+    return new_tokens * past_len + new_tokens * (new_tokens + 1) / 2.0
+
+
+def _capped_keys(past_len, new_tokens, cap: float):
+    """The same pairs when each query attends to at most `cap` keys (a window, or sparse attention's top-k):
+    new token t (1-based) sees min(past + t, cap)."""
+    past_len = np.asarray(past_len, dtype=float)
+    full = _visible_keys(past_len, new_tokens)
+    capped = np.where(past_len + new_tokens <= cap, full,
+                      new_tokens * cap - np.where(past_len < cap, (cap - past_len) * (cap - past_len - 1) / 2.0, 0.0))
+    return np.minimum(full, capped)
 
 
 def attention_context(spec: ModelSpec, past_len, new_tokens):
     """Keys each new token attends to, summed over the new tokens and averaged over layers."""
-    past_len = np.asarray(past_len, dtype=float)
-    full = new_tokens * past_len + new_tokens * (new_tokens + 1) / 2.0
+    full = _visible_keys(past_len, new_tokens)
+    if spec.index_topk:
+        return _capped_keys(past_len, new_tokens, float(spec.index_topk))
     if not spec.sliding_window or not spec.num_sliding_layers:
         return full
-    w = float(spec.sliding_window)
-    # each new token t (1-based) sees min(past + t, w) keys
-    windowed = np.where(past_len + new_tokens <= w, full,
-                        new_tokens * w - np.where(past_len < w, (w - past_len) * (w - past_len - 1) / 2.0, 0.0))
-    windowed = np.minimum(full, windowed)
     f = spec.num_sliding_layers / spec.num_hidden_layers
-    return (1 - f) * full + f * windowed
+    return (1 - f) * full + f * _capped_keys(past_len, new_tokens, float(spec.sliding_window))
 
 
 def attention(spec: ModelSpec, seqs, new_tokens, past_len) -> Cost:
@@ -78,14 +100,27 @@ def attention(spec: ModelSpec, seqs, new_tokens, past_len) -> Cost:
     # the whole visible context, plus the new entries written
     cached = seqs * np.minimum(np.asarray(past_len, float) + new_tokens,
                                _visible_cap(spec, past_len, new_tokens))
-    kv = (cached + seqs * new_tokens) * spec.kv_elems_per_token_layer * spec.dtypes.kv_bytes
+    kv = (cached + seqs * new_tokens) * spec.attended_kv_elems_per_token_layer * spec.dtypes.kv_bytes
     act = seqs * new_tokens * (spec.q_dim + spec.num_attention_heads * spec.attn_v_head_dim) * spec.dtypes.act_bytes
-    return Cost(flops=per_visit * visits, kv_bytes=kv, act_bytes=act)
+    return Cost(flops=per_visit * visits, kv_bytes=kv, act_bytes=act) + indexer_scores(spec, seqs, new_tokens, past_len)
+
+
+def indexer_scores(spec: ModelSpec, seqs, new_tokens, past_len) -> Cost:
+    """Sparse attention's indexer: every new token scores every visible key with each of its heads (a dot
+    product, a ReLU, a weighted sum), reading each cached indexer key once and writing the new ones."""
+    if not spec.index_topk:
+        return Cost()
+    n, d = spec.index_n_heads, spec.index_head_dim
+    pairs = seqs * _visible_keys(past_len, new_tokens)
+    keys = seqs * (np.asarray(past_len, float) + 2 * new_tokens)
+    return Cost(flops=pairs * n * (2.0 * d + 3.0), kv_bytes=keys * d * spec.dtypes.kv_bytes)
 
 
 def _visible_cap(spec: ModelSpec, past_len, new_tokens):
-    """Cache entries a layer reads, averaged over sliding and full layers."""
+    """Cache entries a layer reads, averaged over sliding and full layers (sparse attention: its top-k)."""
     total = np.asarray(past_len, float) + new_tokens
+    if spec.index_topk:
+        return np.minimum(total, spec.index_topk)
     if not spec.sliding_window or not spec.num_sliding_layers:
         return total
     f = spec.num_sliding_layers / spec.num_hidden_layers

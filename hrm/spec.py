@@ -148,6 +148,9 @@ class ModelSpec:
     qk_rope_head_dim: int = 0              # MLA
     qk_nope_head_dim: int = 0              # MLA
     v_head_dim: int = 0                    # MLA (0: same as head_dim)
+    index_topk: int = 0                    # DeepSeek sparse attention: keys each query attends to (0: all)
+    index_n_heads: int = 0                 # ... its indexer's heads,
+    index_head_dim: int = 0                # ... their width (one indexer key cached per token and layer)
     sliding_window: int = 0                # 0: none
     num_sliding_layers: int = 0            # layers that use the sliding window (gpt-oss alternates)
     attention_sinks: bool = False
@@ -185,10 +188,24 @@ class ModelSpec:
 
     @property
     def kv_elems_per_token_layer(self) -> int:
-        """Elements of KV cache one token holds in one layer."""
+        """Elements of KV cache one token holds in one layer (with sparse attention, its indexer key too)."""
+        return self.attended_kv_elems_per_token_layer + self.index_head_dim
+
+    @property
+    def attended_kv_elems_per_token_layer(self) -> int:
+        """Elements of one token's cache entry that attention reads (the latent, or K and V)."""
         if self.attention == "mla":
             return self.kv_lora_rank + self.qk_rope_head_dim
         return 2 * self.num_key_value_heads * self.head_dim
+
+    @property
+    def indexer_params_per_layer(self) -> int:
+        """DeepSeek sparse attention's indexer: query heads from the q latent, one key and a weight per head
+        from the hidden state, a LayerNorm (weight and bias) on the key."""
+        if not self.index_topk:
+            return 0
+        n, d = self.index_n_heads, self.index_head_dim
+        return n * d * self.q_lora_rank + d * self.hidden_size + 2 * d + n * self.hidden_size
 
     @property
     def kv_bytes_per_token(self) -> float:
@@ -278,7 +295,8 @@ class ModelSpec:
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         head_bias = self.vocab_size if self.lm_head_bias else 0
         norms = NORMS_PER_LAYER.get(self.model_type, 2) * self.norm_params
-        per_layer = self.attention_params_per_layer + self.attention_small_params_per_layer + norms
+        per_layer = (self.attention_params_per_layer + self.attention_small_params_per_layer + norms
+                     + self.indexer_params_per_layer)
         router = self.router_params + (self.num_experts if self.model_type in EXPERT_BIASES + ROUTER_SCORE_BIAS else 0)
         moe_norm = self.norm_params if self.model_type in MOE_OUTPUT_NORM else 0
         moe = self.num_moe_layers * (router + self.shared_expert_params + moe_norm)

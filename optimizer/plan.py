@@ -49,10 +49,11 @@ def toolkit_version() -> str:
 # model spec identity
 
 def spec_to_dict(spec: ModelSpec) -> dict:
-    """Every field; an optional one at its "not used" value (plain RoPE; experts stored as the other
-    weights; no quantization) is left out, so its digest stays that of a spec written before the field
-    existed."""
-    d = {k: v for k, v in dataclasses.asdict(spec).items() if not (k == "rope_parameters" and v is None)}
+    """Every field; an optional one at its "not used" value (plain RoPE; no sparse attention; experts stored
+    as the other weights; no quantization) is left out, so its digest stays that of a spec written before
+    the field existed."""
+    unused = {"rope_parameters": None, "index_topk": 0, "index_n_heads": 0, "index_head_dim": 0}
+    d = {k: v for k, v in dataclasses.asdict(spec).items() if not (k in unused and v == unused[k])}
     dt = d["dtypes"]
     if dt["expert_weight_bytes"] == dt["weight_bytes"]:
         del dt["expert_weight_bytes"]

@@ -196,6 +196,14 @@ PARAM_CONFIGS = {
                  qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1),
     "flint": dict(num_experts=4, moe_intermediate_size=24, intermediate_size=40, head_dim=8,
                   shared_expert_intermediate_size=32, mlp_only_layers=[0], attention_bias=True),
+    "deepseek_v32": dict(n_routed_experts=4, moe_intermediate_size=24, intermediate_size=40, n_shared_experts=1,
+                         first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+                         qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1, index_topk=4,
+                         index_n_heads=2, index_head_dim=8),
+    "glm_moe_dsa": dict(n_routed_experts=4, moe_intermediate_size=24, intermediate_size=40, n_shared_experts=1,
+                        mlp_layer_types=["dense", "sparse"], kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1, index_topk=4,
+                        index_n_heads=2, index_head_dim=8),
 }
 
 
@@ -224,6 +232,7 @@ def test_parameter_count_is_exact_against_transformers(family):
     ("hunyuan_v1_moe", dict(moe_topk=[2, 1]), "'moe_topk' varies by layer"),
     ("hy_v3", dict(mlp_bias=True), "mlp_bias=true"),
     ("flint", dict(mlp_only_layers=[1]), "'mlp_only_layers'=\\[1\\] interleaves"),
+    ("deepseek_v32", dict(layer_types=["indexed_attention", "full_attention"]), "mixes indexed and other"),
 ])
 def test_what_a_new_family_cannot_be_priced_as_is_refused_naming_it(family, fields, words):
     transformers = pytest.importorskip("transformers")

@@ -509,3 +509,21 @@ def test_the_l4_profile_prices_the_papers_single_layer_measurements():
     errors = [abs(float(cpu_attention_calls_s(s, mu, ctx)) / t - 1)
               for mu, times in PAPER_L4_ATTN.items() for ctx, t in zip(PAPER_L4_CTX, times)]
     assert np.median(errors) <= 0.05 and max(errors) <= 0.15
+
+
+def test_sparse_attention_attends_to_its_top_k_and_its_indexer_to_every_key():
+    """DeepSeek-V3.2: past index_topk keys, attention's FLOPs and latent reads stop growing; the indexer's
+    scores and key reads keep growing with the context. Without an indexer nothing changes."""
+    v32, v3 = load_model("deepseek-v3.2"), load_model("deepseek-v3")
+    assert v32.index_topk == 2048 and v32.total_params - v3.total_params == v32.num_hidden_layers * (
+        64 * 128 * v32.q_lora_rank + 128 * v32.hidden_size + 2 * 128 + 64 * v32.hidden_size)
+    short, long = ops.attention(v32, 8, 1, 1000), ops.attention(v32, 8, 1, 100_000)
+    idx_short, idx_long = ops.indexer_scores(v32, 8, 1, 1000), ops.indexer_scores(v32, 8, 1, 100_000)
+    main_short, main_long = short.flops - idx_short.flops, long.flops - idx_long.flops
+    assert main_long == pytest.approx(main_short * 2048 / 1001, rel=1e-6)
+    assert idx_long.flops == pytest.approx(idx_short.flops * 100_001 / 1001, rel=1e-6)
+    latent = v32.attended_kv_elems_per_token_layer * v32.dtypes.kv_bytes
+    assert long.kv_bytes - idx_long.kv_bytes == pytest.approx(8 * (2048 + 1) * latent)
+    assert ops.attention(v3, 8, 1, 100_000).flops == pytest.approx(
+        ops.attention(v3, 8, 1, 1000).flops * 100_001 / 1001, rel=1e-6)
+    assert ops.indexer_scores(v3, 8, 1, 1000).flops == 0

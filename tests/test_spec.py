@@ -6,7 +6,7 @@ from hrm.hf_config import CONFIG_DIR, builtin_models, load_model, spec_from_hf_c
 from hrm.spec import SpecError
 
 KEYS = ["mixtral-8x7b", "mixtral-8x22b", "dbrx", "qwen1.5-moe-a2.7b", "qwen2-57b-a14b", "qwen3-30b-a3b",
-        "qwen3-235b-a22b", "olmoe-1b-7b", "deepseek-v2-lite", "deepseek-v3", "phi-3.5-moe", "gpt-oss-20b",
+        "qwen3-235b-a22b", "olmoe-1b-7b", "deepseek-v2-lite", "deepseek-v3", "deepseek-v3.2", "phi-3.5-moe", "gpt-oss-20b",
         "gpt-oss-120b"]
 
 MIXTRAL = {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
