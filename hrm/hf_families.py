@@ -273,6 +273,18 @@ def _flint(c: Config) -> dict:
                 **leading_dense(c, s, mlp_only_prefix(c)), **sliding_fields(c, s))
 
 
+def _minimax_m3(c: Config) -> dict:
+    """MiniMax-M3's language model: experts as wide as intermediate_size, a sigmoid router with a score-correction
+    bias (a buffer), a shared expert of shared_intermediate_size, per-head q/k norms, leading dense layers of
+    dense_intermediate_size (mlp_layer_types). Its block-sparse 'minimax_m3_sparse' layers are refused by kind."""
+    s = standard_fields(c, "intermediate_size")
+    first = dense_prefix(c, s["num_hidden_layers"])
+    return dict(s, qk_norm=True, router="sigmoid", norm_topk_prob=True,
+                routed_scaling_factor=c.float("routed_scaling_factor", default=1.0),
+                shared_expert_intermediate_size=c.int("shared_intermediate_size", default=0),
+                first_dense_layers=first, dense_intermediate_size=c.int("dense_intermediate_size") if first else 0)
+
+
 FAMILIES = {
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,
@@ -308,6 +320,7 @@ FAMILIES = {
     "flint": _flint,
     "deepseek_v32": _sparse_deepseek,
     "glm_moe_dsa": _sparse_deepseek,
+    "minimax_m3_vl_text": _minimax_m3,
 }
 
 SPARSE_ATTENTION_FAMILIES = frozenset({"deepseek_v32", "glm_moe_dsa"})

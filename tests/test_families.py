@@ -204,6 +204,9 @@ PARAM_CONFIGS = {
                         mlp_layer_types=["dense", "sparse"], kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
                         qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1, index_topk=4,
                         index_n_heads=2, index_head_dim=8),
+    "minimax_m3_vl_text": dict(num_local_experts=4, intermediate_size=24, head_dim=8, shared_intermediate_size=32,
+                               dense_intermediate_size=40, mlp_layer_types=["dense", "sparse"],
+                               layer_types=["full_attention", "full_attention"]),
 }
 
 
@@ -233,6 +236,7 @@ def test_parameter_count_is_exact_against_transformers(family):
     ("hy_v3", dict(mlp_bias=True), "mlp_bias=true"),
     ("flint", dict(mlp_only_layers=[1]), "'mlp_only_layers'=\\[1\\] interleaves"),
     ("deepseek_v32", dict(layer_types=["indexed_attention", "full_attention"]), "mixes indexed and other"),
+    ("minimax_m3_vl_text", dict(layer_types=["full_attention", "minimax_m3_sparse"]), "'minimax_m3_sparse' layers"),
 ])
 def test_what_a_new_family_cannot_be_priced_as_is_refused_naming_it(family, fields, words):
     transformers = pytest.importorskip("transformers")
