@@ -285,6 +285,18 @@ def _minimax_m3(c: Config) -> dict:
                 first_dense_layers=first, dense_intermediate_size=c.int("dense_intermediate_size") if first else 0)
 
 
+def _beam(c: Config) -> dict:
+    """Beam: per-head q/k norms, an elementwise sigmoid gate with a bias per head on the attention output,
+    four norms per layer, a grouped sigmoid router with a score-correction bias (a buffer), leading dense
+    layers (mlp_layer_types), sliding layers."""
+    s = standard_fields(c, "moe_intermediate_size")
+    bias = c.bool("attention_bias", False)
+    return dict(s, qk_norm=True, qkv_bias=bias, o_proj_bias=bias, router="sigmoid",
+                norm_topk_prob=c.bool("norm_topk_prob", True),
+                routed_scaling_factor=c.float("routed_scaling_factor", default=1.0),
+                **leading_dense(c, s, dense_prefix(c, s["num_hidden_layers"])), **sliding_fields(c, s))
+
+
 FAMILIES = {
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,
@@ -321,6 +333,7 @@ FAMILIES = {
     "deepseek_v32": _sparse_deepseek,
     "glm_moe_dsa": _sparse_deepseek,
     "minimax_m3_vl_text": _minimax_m3,
+    "beam": _beam,
 }
 
 SPARSE_ATTENTION_FAMILIES = frozenset({"deepseek_v32", "glm_moe_dsa"})

@@ -110,14 +110,16 @@ ROUTER_SCORE_BIAS = ("ernie4_5_moe", "afmoe", "laguna")
 GLM's and EXAONE's are buffers."""
 LAYER_NORM_WITHOUT_BIAS = ("dbrx", "cohere2_moe")
 """Families with norm = "layer" whose LayerNorms have no bias."""
-NORMS_PER_LAYER = {"cohere2_moe": 1, "kolibri1": 4, "afmoe": 4}
+NORMS_PER_LAYER = {"cohere2_moe": 1, "kolibri1": 4, "afmoe": 4, "beam": 4}
 """Norms over the hidden width per layer where a family has other than two (before attention and before the
 FFN): Cohere's parallel block has one, Kolibri adds one after each."""
 MOE_OUTPUT_NORM = ("axk1",)
 """Families whose MoE block ends in a norm over the hidden width (its MoE layers only, not the dense ones)."""
-ATTENTION_GATE = {"afmoe": "elementwise", "laguna": "per_head"}
+ATTENTION_GATE = {"afmoe": "elementwise", "laguna": "per_head", "beam": "elementwise"}
 """Families whose attention output is gated by a projection of the layer input: one gate per output
 element ([q_dim, hidden]) or per head ([heads, hidden])."""
+ATTENTION_GATE_HEAD_BIAS = ("beam",)
+"""Families whose attention gate adds a bias per head."""
 
 
 @dataclass(frozen=True)
@@ -275,6 +277,7 @@ class ModelSpec:
         gate = ATTENTION_GATE.get(self.model_type)
         if gate:
             n += self.hidden_size * (self.q_dim if gate == "elementwise" else self.num_attention_heads)
+            n += self.num_attention_heads if self.model_type in ATTENTION_GATE_HEAD_BIAS else 0
         if self.attention == "mla":
             return n + self.kv_lora_rank + self.q_lora_rank
         if self.qkv_bias:

@@ -207,6 +207,8 @@ PARAM_CONFIGS = {
     "minimax_m3_vl_text": dict(num_local_experts=4, intermediate_size=24, head_dim=8, shared_intermediate_size=32,
                                dense_intermediate_size=40, mlp_layer_types=["dense", "sparse"],
                                layer_types=["full_attention", "full_attention"]),
+    "beam": dict(num_experts=4, moe_intermediate_size=24, intermediate_size=40, head_dim=8, n_group=1, topk_group=1,
+                 mlp_layer_types=["dense", "sparse"], attention_bias=True),
 }
 
 
