@@ -2,8 +2,8 @@
 FAMILIES). A family is one reader over hrm.hf_fields' shared fields, with its own exceptions."""
 from __future__ import annotations
 
-from .hf_fields import (Config, common_fields, dense_prefix, every_layer_moe, leading_dense, mlp_only_prefix,
-                        sliding_fields, standard_fields)
+from .hf_fields import (Config, attention_biases, common_fields, dense_prefix, every_layer_moe, leading_dense,
+                        mlp_only_prefix, sliding_fields, standard_fields)
 from .spec import SpecError
 
 def _mixtral(c: Config) -> dict:
@@ -23,15 +23,13 @@ def _qwen2_moe(c: Config) -> dict:
 def _qwen3_moe(c: Config) -> dict:
     s = standard_fields(c, "moe_intermediate_size", eps=1e-6)
     every_layer_moe(c, decoder_sparse_step=1, mlp_only_layers=[])
-    bias = c.bool("attention_bias", False)
-    return dict(s, qk_norm=True, qkv_bias=bias, o_proj_bias=bias,
+    return dict(s, qk_norm=True, **attention_biases(c),
                 norm_topk_prob=c.bool("norm_topk_prob", False), **sliding_fields(c, s))
 
 
 def _olmoe(c: Config) -> dict:
     s = standard_fields(c, "intermediate_size")
-    bias = c.bool("attention_bias", False)
-    return dict(s, qk_norm=True, qkv_bias=bias, o_proj_bias=bias, clip_qkv=c.float("clip_qkv", default=0.0),
+    return dict(s, qk_norm=True, **attention_biases(c), clip_qkv=c.float("clip_qkv", default=0.0),
                 norm_topk_prob=c.bool("norm_topk_prob", False))
 
 
@@ -81,31 +79,29 @@ def _sparse_deepseek(c: Config) -> dict:
                         f"which ModelSpec cannot describe")
     s = _deepseek(c, v3=True)
     if not s["q_lora_rank"]:
-        raise SpecError(f"{c.model_type} config: sparse attention needs q_lora_rank > 0 (its indexer reads the q latent)")
+        raise SpecError(f"{c.model_type} config: sparse attention needs q_lora_rank > 0 "
+                        f"(its indexer reads the q latent)")
     return dict(s, index_topk=c.int("index_topk"), index_n_heads=c.int("index_n_heads"),
                 index_head_dim=c.int("index_head_dim"))
 
 
 def _phimoe(c: Config) -> dict:
     s = standard_fields(c, "intermediate_size", theta=1e6)
-    bias = c.bool("attention_bias", False)
-    return dict(s, norm="layer", qkv_bias=bias, o_proj_bias=bias, lm_head_bias=c.bool("lm_head_bias", False),
+    return dict(s, norm="layer", **attention_biases(c), lm_head_bias=c.bool("lm_head_bias", False),
                 norm_topk_prob=False, **sliding_fields(c, s))
 
 
 def _gpt_oss(c: Config) -> dict:
     s = standard_fields(c, "intermediate_size", theta=150000.0)
     alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(s["num_hidden_layers"])]
-    bias = c.bool("attention_bias", True)
-    return dict(s, attention_sinks=True, qkv_bias=bias, o_proj_bias=bias, norm_topk_prob=True,
+    return dict(s, attention_sinks=True, **attention_biases(c, default=True), norm_topk_prob=True,
                 **sliding_fields(c, s, alternating))
 
 
 def _granitemoe(c: Config) -> dict:
     """GraniteMoE (and GraniteMoeShared: a shared SwiGLU MLP of shared_intermediate_size, no gate)."""
     s = standard_fields(c, "intermediate_size")
-    bias = c.bool("attention_bias", False)
-    return dict(s, qkv_bias=bias, o_proj_bias=bias, norm_topk_prob=True,
+    return dict(s, **attention_biases(c), norm_topk_prob=True,
                 shared_expert_intermediate_size=c.int("shared_intermediate_size", default=0))
 
 
@@ -138,8 +134,7 @@ def _exaone_moe(c: Config) -> dict:
 def _mellum(c: Config) -> dict:
     """Mellum MoE: Qwen3's layer (per-head q/k norms), dense layers first, sliding layers."""
     s = standard_fields(c, "moe_intermediate_size")
-    bias = c.bool("attention_bias", False)
-    return dict(s, qk_norm=True, qkv_bias=bias, o_proj_bias=bias, norm_topk_prob=c.bool("norm_topk_prob", True),
+    return dict(s, qk_norm=True, **attention_biases(c), norm_topk_prob=c.bool("norm_topk_prob", True),
                 **leading_dense(c, s, dense_prefix(c, s["num_hidden_layers"])), **sliding_fields(c, s))
 
 
@@ -176,8 +171,7 @@ def _hunyuan_v1_moe(c: Config) -> dict:
         topk = topk[0]
     c = Config({**c.raw, "num_experts_per_tok": topk}, c.model_type)
     s = standard_fields(c, "intermediate_size")
-    bias = c.bool("attention_bias", False)
-    return dict(s, qk_norm=True, qkv_bias=bias, o_proj_bias=bias, norm_topk_prob=True,
+    return dict(s, qk_norm=True, **attention_biases(c), norm_topk_prob=True,
                 shared_expert_intermediate_size=c.int("num_shared_expert", default=1) * s["moe_intermediate_size"])
 
 
@@ -189,8 +183,7 @@ def _cohere2_moe(c: Config) -> dict:
         raise SpecError(f"{c.model_type} config: num_shared_experts > 0 (combined by "
                         f"{c.get('shared_expert_combination_strategy')!r}) is not priced")
     first = dense_prefix(c, s["num_hidden_layers"])
-    bias = c.bool("attention_bias", False)
-    return dict(s, norm="layer", qkv_bias=bias, o_proj_bias=bias, norm_topk_prob=c.bool("norm_topk_prob", True),
+    return dict(s, norm="layer", **attention_biases(c), norm_topk_prob=c.bool("norm_topk_prob", True),
                 first_dense_layers=first,
                 dense_intermediate_size=c.int("prefix_dense_intermediate_size", "intermediate_size") if first else 0,
                 **sliding_fields(c, s))
@@ -234,8 +227,7 @@ def _dots1(c: Config) -> dict:
     experts, leading dense layers) over GQA attention with per-head q/k norms; sliding layers after
     max_window_layers."""
     s = standard_fields(c, "moe_intermediate_size")
-    bias = c.bool("attention_bias", False)
-    return dict(s, qk_norm=True, qkv_bias=bias, o_proj_bias=bias, router="sigmoid",
+    return dict(s, qk_norm=True, **attention_biases(c), router="sigmoid",
                 norm_topk_prob=c.bool("norm_topk_prob", False),
                 routed_scaling_factor=c.float("routed_scaling_factor", default=1.0),
                 shared_expert_intermediate_size=c.int("n_shared_experts", default=0) * s["moe_intermediate_size"],
@@ -255,8 +247,7 @@ def _hy_v3(c: Config) -> dict:
     s = standard_fields(c, "moe_intermediate_size")
     if c.bool("mlp_bias", False):
         raise SpecError(f"{c.model_type} config: mlp_bias=true (biases on the MLPs) is not priced")
-    bias = c.bool("attention_bias", False)
-    return dict(s, qk_norm=True, qkv_bias=bias, o_proj_bias=bias, router="sigmoid", norm_topk_prob=True,
+    return dict(s, qk_norm=True, **attention_biases(c), router="sigmoid", norm_topk_prob=True,
                 routed_scaling_factor=c.float("router_scaling_factor", default=1.0),
                 shared_expert_intermediate_size=c.int("num_shared_experts", default=0) * s["moe_intermediate_size"],
                 **leading_dense(c, s, dense_prefix(c, s["num_hidden_layers"])))
@@ -266,8 +257,7 @@ def _flint(c: Config) -> dict:
     """Flint: per-head q/k norms, a learned sink per head, sliding layers, a sigmoid router, an ungated shared
     expert, leading dense layers (mlp_only_layers)."""
     s = standard_fields(c, "moe_intermediate_size")
-    bias = c.bool("attention_bias", False)
-    return dict(s, qk_norm=True, qkv_bias=bias, o_proj_bias=bias, attention_sinks=True, router="sigmoid",
+    return dict(s, qk_norm=True, **attention_biases(c), attention_sinks=True, router="sigmoid",
                 norm_topk_prob=c.bool("norm_topk_prob", True),
                 shared_expert_intermediate_size=c.int("shared_expert_intermediate_size", default=0),
                 **leading_dense(c, s, mlp_only_prefix(c)), **sliding_fields(c, s))
@@ -290,8 +280,7 @@ def _beam(c: Config) -> dict:
     four norms per layer, a grouped sigmoid router with a score-correction bias (a buffer), leading dense
     layers (mlp_layer_types), sliding layers."""
     s = standard_fields(c, "moe_intermediate_size")
-    bias = c.bool("attention_bias", False)
-    return dict(s, qk_norm=True, qkv_bias=bias, o_proj_bias=bias, router="sigmoid",
+    return dict(s, qk_norm=True, **attention_biases(c), router="sigmoid",
                 norm_topk_prob=c.bool("norm_topk_prob", True),
                 routed_scaling_factor=c.float("routed_scaling_factor", default=1.0),
                 **leading_dense(c, s, dense_prefix(c, s["num_hidden_layers"])), **sliding_fields(c, s))

@@ -278,6 +278,12 @@ def mlp_only_prefix(c: Config) -> int:
     return len(dense)
 
 
+def attention_biases(c: Config, default: bool = False) -> dict:
+    """q/k/v and o biases, all present or all absent (attention_bias)."""
+    bias = c.bool("attention_bias", default)
+    return dict(qkv_bias=bias, o_proj_bias=bias)
+
+
 def leading_dense(c: Config, s: dict, first: int) -> dict:
     return dict(first_dense_layers=first, dense_intermediate_size=c.int("intermediate_size") if first else 0)
 

@@ -54,7 +54,8 @@ def indexer_projections(spec: ModelSpec, tokens) -> Cost:
         return Cost()
     n, d, h = spec.index_n_heads, spec.index_head_dim, spec.hidden_size
     norm = Cost(flops=8.0 * tokens * d, weight_bytes=2 * d * spec.dtypes.weight_bytes)
-    return _linear(spec, tokens, spec.q_lora_rank, n * d) + _linear(spec, tokens, h, d) + _linear(spec, tokens, h, n) + norm
+    heads_q = _linear(spec, tokens, spec.q_lora_rank, n * d)
+    return heads_q + _linear(spec, tokens, h, d) + _linear(spec, tokens, h, n) + norm
 
 
 def _visible_keys(past_len, new_tokens):
