@@ -51,12 +51,13 @@ class ComputeUnit:
 
 @dataclass(frozen=True)
 class Link:
-    """The CPU-GPU link (per GPU)."""
+    """One CPU-GPU link; a host has count / gpus_per_link of them (1: a link per GPU; count: one switch)."""
     h2d_bytes_per_s: float
     d2h_bytes_per_s: float
     duplex_bytes_per_s: float        # total of both directions when both run at once
     pageable_h2d_bytes_per_s: float = 0.0
     source: str = ""
+    gpus_per_link: int = 1
 
     @property
     def duplex_frac(self) -> float:
@@ -152,8 +153,9 @@ class HardwareProfile:
     memory: MemoryProfile = MemoryProfile()
 
     @property
-    def num_gpus(self) -> int:
-        return self.gpu.count
+    def num_links(self) -> int:
+        """Independent CPU-GPU links: the host moves this many times one link's rate at once."""
+        return max(1, -(-self.gpu.count // self.link.gpus_per_link))
 
     def basis(self, use_measured: bool = True) -> str:
         """What a prediction with this profile rests on: measurements of that machine, published
@@ -294,6 +296,15 @@ def _si(table: Mapping, key: str, where: str) -> float:
 
 def _positive(value, key: str, where: str, high: float | None = None) -> float:
     return number(value, f"{where}: '{key}'", err=HardwareError, positive=True, high=high)
+
+
+def _gpus_per_link(lk: Mapping, gpu: Mapping, where: str) -> int:
+    """[link] gpus_per_link: a whole number from 1 to [gpu] count (default 1, a link per GPU)."""
+    value, count = lk.get("gpus_per_link", 1), gpu.get("count", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= max(1, int(count)):
+        raise HardwareError(f"{where}: 'gpus_per_link' must be a whole number from 1 to the GPU count ({count}), "
+                            f"got {value!r}")
+    return value
 
 
 def _unit(table: Mapping, where: str) -> ComputeUnit:
@@ -442,7 +453,7 @@ def parse_profile(data: Mapping, name: str, path: str = "") -> HardwareProfile:
     h2d, d2h = rate("h2d_gb_per_s"), rate("d2h_gb_per_s")
     link = Link(h2d_bytes_per_s=h2d, d2h_bytes_per_s=d2h, duplex_bytes_per_s=rate("duplex_gb_per_s", h2d + d2h),
                 pageable_h2d_bytes_per_s=rate("pageable_h2d_gb_per_s", h2d),
-                source=str(_req(lk, "source", lw)))
+                source=str(_req(lk, "source", lw)), gpus_per_link=_gpus_per_link(lk, data["gpu"], lw))
     return HardwareProfile(
         name=str(data.get("name", name)), description=str(data.get("description", "")),
         gpu=_unit(data["gpu"], f"{where} [gpu]"), cpu=_unit(data["cpu"], f"{where} [cpu]"), link=link,

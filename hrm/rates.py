@@ -121,7 +121,8 @@ def cpu_dram_bytes_per_s(s: Setting) -> float:
 
 
 def h2d_bytes_per_s(s: Setting, transfer_bytes) -> float:
-    lk, n = s.hardware.link, s.hardware.gpu.count
+    """Host-to-device rate of the whole host: one link's at this transfer size, times its links."""
+    lk, n = s.hardware.link, s.hardware.num_links
     m = _measured(s)
     if m is not None and m.h2d_sizes_bytes:
         rate = interp_log(transfer_bytes, m.h2d_sizes_bytes, m.h2d_bytes_per_s)
@@ -131,12 +132,12 @@ def h2d_bytes_per_s(s: Setting, transfer_bytes) -> float:
 
 
 def d2h_bytes_per_s(s: Setting) -> float:
-    return s.hardware.link.d2h_bytes_per_s * s.hardware.gpu.count
+    return s.hardware.link.d2h_bytes_per_s * s.hardware.num_links
 
 
 
 def duplex_bytes_per_s(s: Setting) -> float:
-    return s.hardware.link.duplex_bytes_per_s * s.hardware.gpu.count
+    return s.hardware.link.duplex_bytes_per_s * s.hardware.num_links
 
 
 

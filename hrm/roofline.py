@@ -40,7 +40,7 @@ class Hierarchy:
         n = hw.gpu.count
         return cls(gpu=Level("gpu", hw.gpu.flops_per_s(dtype) * n, hw.gpu.mem_bytes_per_s * n),
                    cpu=Level("cpu", hw.cpu.flops_per_s("fp32"), hw.cpu.mem_bytes_per_s),
-                   link_bytes_per_s=hw.link.h2d_bytes_per_s * n)
+                   link_bytes_per_s=hw.link.h2d_bytes_per_s * hw.num_links)
 
 
 def attainable(level: Level, intensity_local, link_bytes_per_s: float | None = None, intensity_remote=None):

@@ -91,7 +91,7 @@ def test_t4_has_no_bf16_and_falls_back_to_fp16():
 def test_multi_gpu_profiles_are_per_gpu():
     for name, n in (("2xt4-s6", 2), ("4xt4-s7", 4)):
         p = load_profile(name)
-        assert p.num_gpus == n
+        assert p.gpu.count == n
         assert p.gpu.memory_bytes == pytest.approx(16e9)     # per GPU, not the total
         assert p.cpu.memory_bytes == pytest.approx(416e9)
         assert p.cpu.cores == 32
@@ -385,3 +385,28 @@ def test_an_old_profile_is_upgraded_in_place_and_loads_as_the_new(tmp_path, caps
     bad = tmp_path / "bad.toml"
     bad.write_text("x = [\n")
     assert cli(["profile", "--upgrade", str(bad)]) == 2 and bad.read_text() == "x = [\n"     # nothing replaced
+
+
+def test_gpus_behind_one_link_share_its_rate(tmp_path):
+    """A 4-GPU host whose GPUs sit behind one PCIe switch moves a quarter of what four links move: the
+    host's H2D rate, and so a link-bound decode, follow [link] gpus_per_link; a bad value is one line."""
+    from hrm.estimate import Setting, estimate
+    from hrm.hf_config import load_model
+    from hrm.policy import Policy
+    from hrm.rates import h2d_bytes_per_s
+    from hrm.spec import Workload
+    own = (Path(hardware.__file__).parent / "hardware_profiles" / "4xt4-s7.toml").read_text()
+    assert "gpus_per_link = 1" in own
+    shared = tmp_path / "4xt4-switch.toml"
+    shared.write_text(own.replace("gpus_per_link = 1", "gpus_per_link = 4"))
+    spec, wl = load_model("mixtral-8x7b"), Workload(avg_prompt_len=256, max_prompt_len=256, gen_len=32)
+    a, b = load_profile("4xt4-s7"), load_profile(str(shared))
+    assert (a.num_links, b.num_links) == (4, 1)
+    rate = lambda hw: float(h2d_bytes_per_s(Setting(spec, hw, wl), 1 << 30))  # noqa: E731
+    assert rate(a) == pytest.approx(4 * rate(b))
+    policy = Policy(batch_size=256, micro_batch_size=64)
+    assert estimate(spec, b, wl, policy).decode_s > 2 * estimate(spec, a, wl, policy).decode_s
+    bad = tmp_path / "bad.toml"
+    bad.write_text(own.replace("gpus_per_link = 1", "gpus_per_link = 8"))
+    with pytest.raises(HardwareError, match="'gpus_per_link' must be a whole number from 1 to the GPU count"):
+        load_profile(str(bad))
