@@ -22,7 +22,7 @@ from .memory import MemoryUse, kv_slots_per_sequence, memory_use
 from .policy import Policy, prefill_chunk_sequences, realised_kv_frac
 from .rates import (Setting, _measured, cpu_attention_bytes_per_s, cpu_attention_call_s, cpu_attention_calls_s,
                     cpu_dram_bytes_per_s, cpu_time, d2h_bytes_per_s, decode_visit_s, duplex_bytes_per_s, gpu_time, h2d_bytes_per_s,
-                    moe_curve, prefill_rest_flops_per_s)
+                    moe_curve, prefill_rest_flops_per_s, weight_staging_s)
 from .schedules import SCHEDULES
 from .spec import ModelSpec, Workload
 
@@ -77,7 +77,7 @@ class LayerTimes:
 
     def prefill_terms(self) -> dict:
         """The resources a prefill layer keeps busy: its time is their max."""
-        return {"gpu": self.gpu_s, "h2d": self.h2d_s, "d2h": self.d2h_s, "link": self.link_s}
+        return {"gpu": self.gpu_s, "cpu": self.cpu_s, "h2d": self.h2d_s, "d2h": self.d2h_s, "link": self.link_s}
 
 
 def _micro_batches(N, mu):
@@ -152,6 +152,8 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
     layer_expert_bytes = E * spec.expert_bytes * frac_moe
     page_bytes = layer_expert_bytes / m     # nominal page: the streamed part split per micro-batch
     h2d_weights = (1 - r_w) * layer_expert_bytes / h2d_bytes_per_s(s, page_bytes) if s.ffn_on_gpu else 0.0
+    if s.ffn_on_gpu:
+        cpu = cpu + weight_staging_s(s, (1 - r_w) * layer_expert_bytes)   # the host's copy into pinned staging
     h2d_act = h2d_act_bytes / h2d_bytes_per_s(s, h2d_act_bytes / m)
     h2d_kv = 0.0
     if s.attention_on_gpu:
@@ -206,8 +208,8 @@ def prefill_layer_times(s: Setting, N, mu, r_w, r_c) -> LayerTimes:
     h2d = weights_bytes / h2d_bytes_per_s(s, layer_expert_bytes) + hidden_bytes / h2d_bytes_per_s(s, hidden_bytes / m)
     d2h = (kv_bytes + hidden_bytes) / d2h_bytes_per_s(s)
     link = (weights_bytes + 2 * hidden_bytes + kv_bytes) / duplex_bytes_per_s(s)
-    return LayerTimes(gpu_s=gpu, cpu_s=0.0, h2d_weights_s=h2d, h2d_act_s=0.0, h2d_kv_s=0.0, d2h_s=d2h,
-                      link_s=link, pipeline_s=0.0, num_micro_batches=m)
+    return LayerTimes(gpu_s=gpu, cpu_s=weight_staging_s(s, weights_bytes), h2d_weights_s=h2d, h2d_act_s=0.0,
+                      h2d_kv_s=0.0, d2h_s=d2h, link_s=link, pipeline_s=0.0, num_micro_batches=m)
 
 
 def prefill_once_s(s: Setting, N):

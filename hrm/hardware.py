@@ -95,6 +95,7 @@ class Measured:
     #   (sequences, KV slots read per sequence, bytes per slot) ...
     cpu_attention_loop_call_s: tuple[float, ...] = ()  # ... and their seconds per call
     cpu_dram_bytes_per_s: float = 0.0
+    cpu_dram_copy_bytes_per_s: float = 0.0     # memcpy within host DRAM (bytes copied per second)
     gpu_hbm_bytes_per_s: float = 0.0
     decode_visit_s: float = 0.0                # the runtime's fixed cost of one micro-batch visit of a layer
     decode_visit_s_by_schedule: tuple[tuple[str, float], ...] = ()   # the same per schedule, where measured
@@ -187,12 +188,10 @@ class HardwareProfile:
 
     def uncertainty_line(self, use_measured: bool = True) -> str | None:
         u = self.uncertainty(use_measured)
-        if u is None:
-            return None
-        machine = _basis_errors(PROFILE_DIR / "basis_error.json")["machine"].split(",")[0]
-        return (f"uncertainty: predictions on this basis missed by a median of {u['median_abs_pct']:.0f}% (90th "
-                f"percentile {u['p90_abs_pct']:.0f}%, worst {u['max_abs_pct']:.0f}%) on {u['runs']} whole-model "
-                f"runs ({machine}; benchmarks/basis_error.py)")
+        return None if u is None else (
+            f"uncertainty: predictions on this basis missed by a median of {u['median_abs_pct']:.0f}% (90th "
+            f"percentile {u['p90_abs_pct']:.0f}%, worst {u['max_abs_pct']:.0f}%) on {u['runs']} whole-model "
+            f"runs ({u['source'].split(',')[0]}; benchmarks/basis_error.py)")
 
     def with_gpu_memory(self, memory_bytes: float) -> "HardwareProfile":
         return replace(self, gpu=replace(self.gpu, memory_bytes=float(memory_bytes)))
@@ -218,6 +217,7 @@ class HardwareProfile:
                 gpu_prefill_rest_flops_per_s_by_shape=tuple(tuple(v * gpu_flops for v in curve)
                                                       for curve in self.measured.gpu_prefill_rest_flops_per_s_by_shape),
                 cpu_dram_bytes_per_s=self.measured.cpu_dram_bytes_per_s * cpu_mem_bw,
+                cpu_dram_copy_bytes_per_s=self.measured.cpu_dram_copy_bytes_per_s * cpu_mem_bw,
                 cpu_attention_bytes_per_s=self.measured.cpu_attention_bytes_per_s * cpu_mem_bw,
                 cpu_attention_overlapped_bytes_per_s=self.measured.cpu_attention_overlapped_bytes_per_s * cpu_mem_bw,
                 cpu_attention_overlapped_by_micro_batch=tuple(
@@ -356,6 +356,7 @@ def _measured(table: Mapping, where: str) -> Measured:
         cpu_attention_overlapped_micro_batches=om, cpu_attention_overlapped_by_micro_batch=ob,
         cpu_attention_loop_shapes=loop_shapes, cpu_attention_loop_call_s=loop_s,
         cpu_dram_bytes_per_s=_si(table, "cpu_dram_gb_per_s", where),
+        cpu_dram_copy_bytes_per_s=_si(table, "cpu_dram_copy_gb_per_s", where),
         gpu_hbm_bytes_per_s=_si(table, "gpu_hbm_gb_per_s", where),
         decode_visit_s=_si(table, "decode_visit_us", where),
         decode_visit_s_by_schedule=_by_schedule(table.get("decode_visit_us_by_schedule", {}),

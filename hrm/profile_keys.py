@@ -35,9 +35,9 @@ PROFILE_KEYS = {
     # properties of the machine, as micro-benchmarks of torch measure them
     "measured": frozenset({
         "gpu_gemm_tokens", "gpu_gemm_tflops", "h2d_sizes_mib", "h2d_gb_per_s", "gpu_hbm_gb_per_s",
-        "cpu_dram_gb_per_s", "method", "date",
+        "cpu_dram_gb_per_s", "cpu_dram_copy_gb_per_s", "method", "date",
         # measured and kept as the record (the cost model does not read them)
-        "d2h_sizes_mib", "d2h_gb_per_s", "cpu_dram_copy_gb_per_s", "model_shapes", "elapsed_s", "git_commit",
+        "d2h_sizes_mib", "d2h_gb_per_s", "model_shapes", "elapsed_s", "git_commit",
         "python_version", "torch_version", "cuda_version", "numpy_version", "moe_lightning_version",
         # old forms, refused with their new names
         "gpu_moe_tokens", "gpu_prefill_tflops"}),

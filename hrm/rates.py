@@ -119,6 +119,18 @@ def cpu_dram_bytes_per_s(s: Setting) -> float:
     return m.cpu_dram_bytes_per_s if m is not None and m.cpu_dram_bytes_per_s else s.hardware.cpu.mem_bytes_per_s
 
 
+def cpu_dram_copy_bytes_per_s(s: Setting) -> float:
+    """Bytes a host memcpy moves per second: measured, else half the DRAM bandwidth (it reads and writes each)."""
+    m = _measured(s)
+    return m.cpu_dram_copy_bytes_per_s if m is not None and m.cpu_dram_copy_bytes_per_s else cpu_dram_bytes_per_s(s) / 2
+
+
+def weight_staging_s(s: Setting, weight_bytes):
+    """Host time to copy streamed weights from pageable DRAM into pinned staging buffers before the DMA, where
+    the offloaded weights are not all pinned (Setting.pin_all_weights off); 0 where they are."""
+    return 0.0 if s.pin_all_weights else weight_bytes / cpu_dram_copy_bytes_per_s(s)
+
+
 
 def h2d_bytes_per_s(s: Setting, transfer_bytes) -> float:
     """Host-to-device rate of the whole host: one link's at this transfer size, times its links."""

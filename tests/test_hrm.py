@@ -527,3 +527,25 @@ def test_sparse_attention_attends_to_its_top_k_and_its_indexer_to_every_key():
     assert ops.attention(v3, 8, 1, 100_000).flops == pytest.approx(
         ops.attention(v3, 8, 1, 1000).flops * 100_001 / 1001, rel=1e-6)
     assert ops.indexer_scores(v3, 8, 1, 1000).flops == 0
+
+
+def test_weights_not_all_pinned_pay_the_hosts_copy_into_staging():
+    """With the offloaded experts in pageable memory, each streamed byte is first copied into a pinned staging
+    buffer by the host, at the measured memcpy rate (half the DRAM bandwidth without one): CPU time per layer
+    that the pinned plan does not have, in decode and in prefill."""
+    from hrm.policy import Policy
+    from hrm.rates import cpu_dram_copy_bytes_per_s, weight_staging_s
+    hw = load_profile("h200-measured")
+    wl = Workload(avg_prompt_len=256, max_prompt_len=256, gen_len=32)
+    pinned, staged = Setting(MIXTRAL, hw, wl), Setting(MIXTRAL, hw, wl, pin_all_weights=False)
+    assert cpu_dram_copy_bytes_per_s(staged) == pytest.approx(hw.measured.cpu_dram_copy_bytes_per_s)
+    assert weight_staging_s(pinned, 1e9) == 0 and weight_staging_s(staged, 1e9) == pytest.approx(
+        1e9 / hw.measured.cpu_dram_copy_bytes_per_s)
+    ds = load_profile("h200")
+    assert cpu_dram_copy_bytes_per_s(Setting(MIXTRAL, ds, wl, pin_all_weights=False)) == ds.cpu.mem_bytes_per_s / 2
+    policy = Policy(batch_size=256, micro_batch_size=256, attention_on_gpu=True, schedule="s4")
+    layer_bytes = MIXTRAL.num_experts * MIXTRAL.expert_bytes
+    for times in (prefill_layer_times, lambda *a: decode_layer_times(*a, 270)):
+        a = times(Setting.of(MIXTRAL, hw, wl, policy), 256, 256, 0.0, 0.0)
+        b = times(Setting.of(MIXTRAL, hw, wl, policy, pin_all_weights=False), 256, 256, 0.0, 0.0)
+        assert float(b.cpu_s) - float(a.cpu_s) == pytest.approx(layer_bytes / hw.measured.cpu_dram_copy_bytes_per_s)
