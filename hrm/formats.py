@@ -1,0 +1,55 @@
+"""Storage formats of routed-expert weights: bits per weight and the scales stored beside them.
+
+One home for their byte counts: the runtime sizes its packed tensors from `ExpertFormat.matrix_bytes`
+(runtime.quant), and pricing reads the same numbers. A matrix is W [out_features, in_features] as the
+runtime stores it (y = x @ W.T). Scales are fp16, symmetric, round to nearest:
+  bf16  16 bits, no scales;
+  int8  8 bits, one scale per output channel (row of W);
+  int4  4 bits, two to a byte, one scale per group of 128 consecutive inputs of a row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCALE_BYTES = 2          # fp16
+
+
+@dataclass(frozen=True)
+class ExpertFormat:
+    name: str
+    bits: int            # per weight
+    group: int = 0       # inputs of a row that share one scale; 0: the whole row (per output channel)
+
+    @property
+    def scaled(self) -> bool:
+        return self.bits < 16
+
+    def groups_per_row(self, in_features: int) -> int:
+        if not self.scaled:
+            return 0
+        return 1 if self.group == 0 else in_features // self.group
+
+    def check(self, in_features: int) -> None:
+        """Refuse a row width the format cannot store (int4: a whole number of groups)."""
+        if self.group and in_features % self.group:
+            raise ValueError(f"{self.name} experts need input widths divisible by {self.group}, got {in_features}")
+
+    def matrix_bytes(self, out_features: int, in_features: int) -> int:
+        """Bytes of one stored [out_features, in_features] matrix: its packed weights and its scales."""
+        self.check(in_features)
+        data = out_features * in_features * self.bits // 8
+        return data + out_features * self.groups_per_row(in_features) * SCALE_BYTES
+
+    def bytes_per_weight(self, in_features: int) -> float:
+        """Stored bytes per weight of a row of `in_features` inputs, scales included."""
+        return self.matrix_bytes(1, in_features) / in_features
+
+
+EXPERT_FORMATS = {"bf16": ExpertFormat("bf16", 16), "int8": ExpertFormat("int8", 8),
+                  "int4": ExpertFormat("int4", 4, group=128)}
+
+
+def expert_format(name: str) -> ExpertFormat:
+    if name not in EXPERT_FORMATS:
+        raise ValueError(f"unknown expert format {name!r}; known: {', '.join(EXPERT_FORMATS)}")
+    return EXPERT_FORMATS[name]
