@@ -323,6 +323,22 @@ class ModelSpec:
     def with_dtypes(self, dtypes: DTypes) -> "ModelSpec":
         return replace(self, dtypes=dtypes)
 
+    def with_expert_format(self, name: str) -> "ModelSpec":
+        """What-if: the routed experts stored in hrm.formats' `name` (bf16, int8, int4), their scales
+        included; every other weight as it was. Named in `quantization` as the flag that sets it."""
+        from .formats import expert_format
+        try:
+            fmt = expert_format(name)
+            h, i = self.hidden_size, self.moe_intermediate_size
+            per_weight = (2 * fmt.matrix_bytes(i, h) + fmt.matrix_bytes(h, i)) / (3 * h * i)
+        except ValueError as e:
+            raise SpecError(f"--expert-dtype: {e}") from None
+        notes = [n for n in self.dtypes.quantization.split("; ") if n and not n.startswith("--expert-dtype")]
+        if per_weight != self.dtypes.weight_bytes or notes:
+            notes.append(f"--expert-dtype {name}")
+        return replace(self, dtypes=replace(self.dtypes, expert_weight_bytes=per_weight,
+                                            quantization="; ".join(notes)))
+
     def with_layers(self, num_hidden_layers: int) -> "ModelSpec":
         """The same architecture with fewer (or more) layers: for runs on hosts too small for the model."""
         if num_hidden_layers <= self.first_dense_layers:

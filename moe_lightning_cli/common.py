@@ -85,6 +85,11 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
                         f"torch_dtype and quantization_config for the bytes; compute stays): {', '.join(dtypes)}")
     g.add_argument("--kv-dtype", choices=dtypes, default=None, metavar="DTYPE",
                    help="what-if: the KV cache stored as DTYPE (default: the model's compute dtype)")
+    from hrm.formats import EXPERT_FORMATS
+    g.add_argument("--expert-dtype", choices=list(EXPERT_FORMATS), default=None, metavar="FORMAT",
+                   help="what-if: the routed experts stored as FORMAT, scales included (int8: one per output "
+                        "channel; int4: one per 128 inputs); plan also prints each format's own best plan: "
+                        f"{', '.join(EXPERT_FORMATS)}")
 
 
 def add_budget_args(p: argparse.ArgumentParser) -> None:
@@ -137,6 +142,8 @@ def build_target(args):
         spec = spec.with_layers(args.num_layers)
     if args.weight_dtype is not None or args.kv_dtype is not None:
         spec = spec.with_dtypes(spec.dtypes.stored_as(weight=args.weight_dtype, kv=args.kv_dtype))
+    if args.expert_dtype is not None:
+        spec = spec.with_expert_format(args.expert_dtype)
     if args.hardware == "auto":
         from moe_lightning.machine import auto_profile
         hw, _ = auto_profile()

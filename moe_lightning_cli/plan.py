@@ -70,6 +70,16 @@ def run(args) -> int:
         job = predict_job(plan.spec, plan.hardware, plan.policy, requests, lens)
     elif args.num_prompts is not None:
         job = workload_job(plan, args.num_prompts, use_measured=not args.datasheet)
+    formats = []
+    if args.expert_dtype is not None:     # each format with its own best plan, beside the chosen one
+        from hrm.formats import EXPERT_FORMATS
+        for name in EXPERT_FORMATS:
+            other = plan if name == args.expert_dtype else search(
+                spec.with_expert_format(name), hw, workload, solver=args.solver, mode=args.search_mode,
+                gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory, gpu_frac=args.gpu_frac,
+                cpu_frac=args.cpu_frac, use_measured=not args.datasheet,
+                placements=ALL_PLACEMENTS if args.cpu_experts else None)
+            formats.append(format_row(name, other))
     baselines = []
     if args.search_mode == "default" and not args.no_baselines:
         from optimizer.baselines import compare_baselines
@@ -86,9 +96,11 @@ def run(args) -> int:
         out.commit()
     if args.json:
         print_json({**to_json_dict(plan, baselines, args.output, use_measured=not args.datasheet),
-                    "job": job and job.to_dict()})
+                    "job": job and job.to_dict(), **({"expert_formats": formats} if formats else {})})
         return 0
     print_plan(plan, baselines, use_measured=not args.datasheet)
+    if formats:
+        print_formats(formats, args.expert_dtype)
     if job is not None:
         print(f"the whole job: {job.num_requests:,} prompts in {job.passes:,} pass{'es' if job.passes > 1 else ''} of N <= "
               f"{plan.policy.batch_size:,}, {job.generated_tokens:,} tokens generated, predicted {fmt_s(job.seconds)}")
@@ -97,6 +109,32 @@ def run(args) -> int:
     if args.plot:
         print(f"wrote {args.plot}")
     return 0
+
+
+def format_row(name: str, plan) -> dict:
+    """One expert format's best plan, as the formats table and --json give it."""
+    pol = plan.policy
+    return {"expert_dtype": name, "expert_bytes_per_weight": plan.spec.dtypes.expert_weight_bytes,
+            "batch_size": pol.batch_size, "micro_batch_size": pol.micro_batch_size,
+            "weights_gpu_frac": pol.weights_gpu_frac, "schedule": pol.schedule,
+            "throughput_tok_s": plan.throughput_tok_s}
+
+
+def print_formats(rows: list[dict], chosen: str, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    base = next(r["throughput_tok_s"] for r in rows if r["expert_dtype"] == "bf16")
+    t = Table(title="expert formats, each with its own best plan (* this plan; priced: the runtime executes "
+                    "bf16 experts)", title_justify="left")
+    for col in ("experts", "bytes / weight", "N", "mu", "r_w", "schedule", "tok/s", "vs bf16"):
+        t.add_column(col, justify="left" if col in ("experts", "schedule") else "right")
+    for r in rows:
+        mark = " *" if r["expert_dtype"] == chosen else ""
+        t.add_row(r["expert_dtype"] + mark, f"{r['expert_bytes_per_weight']:.3f}", f"{r['batch_size']:,}",
+                  f"{r['micro_batch_size']:,}", f"{r['weights_gpu_frac']:.3f}", r["schedule"],
+                  f"{r['throughput_tok_s']:,.1f}", f"{r['throughput_tok_s'] / base:.2f}x")
+    (console or Console()).print(t)
 
 
 def workload_job(plan, k: int, *, use_measured: bool = True):

@@ -227,3 +227,35 @@ def test_generate_plans_on_the_profile_of_this_gpu(monkeypatch):
     monkeypatch.setattr(machine, "detect", lambda: machine.DetectedMachine("Voodoo 5", 1 * GiB, 1, "cpu", 8, 64 * GiB))
     with pytest.raises(RequestError, match="no built-in hardware profile for this GPU"):
         machine_profile(None)
+
+
+def test_expert_dtype_prices_each_format_with_its_own_plan(capsys):
+    """--expert-dtype: the experts' bytes from hrm.formats (scales included), the rest of the model as it
+    was; plan gives every format's own best plan beside the chosen one; run refuses the what-if plan."""
+    from hrm.formats import EXPERT_FORMATS
+    out = run_json(capsys, "plan", "--no-baselines", "--expert-dtype", "int8")
+    d = out["plan"]["model"]["spec"]["dtypes"]
+    assert d["quantization"] == "--expert-dtype int8" and d["weight_bytes"] == 2.0
+    assert d["expert_weight_bytes"] == pytest.approx(1 + 2 / 4096 * 2 / 3 + 2 / 14336 / 3)
+    rows = {r["expert_dtype"]: r for r in out["expert_formats"]}
+    assert list(rows) == list(EXPERT_FORMATS)
+    assert rows["int8"]["throughput_tok_s"] == pytest.approx(out["plan"]["estimate"]["throughput_tok_s"])
+    assert rows["int4"]["throughput_tok_s"] > rows["int8"]["throughput_tok_s"] > 1.5 * rows["bf16"]["throughput_tok_s"]
+    assert rows["bf16"]["expert_bytes_per_weight"] == 2.0
+    base = run_json(capsys, "plan", "--no-baselines")["plan"]
+    assert rows["bf16"]["throughput_tok_s"] == pytest.approx(base["estimate"]["throughput_tok_s"])
+    assert "expert_formats" not in run_json(capsys, "plan", "--no-baselines")
+    from hrm.hf_config import load_model
+    from runtime.model import UnsupportedModel, check_supported
+    with pytest.raises(UnsupportedModel, match="--expert-dtype int8 \\(it stores weights and KV in bf16"):
+        check_supported(load_model("mixtral-8x7b").with_expert_format("int8"))
+
+
+def test_expert_dtype_int4_refuses_widths_it_cannot_group(capsys):
+    from hrm.hf_config import load_model
+    from hrm.spec import SpecError
+    spec = load_model("mixtral-8x7b")
+    odd = spec.__class__(**{**spec.__dict__, "moe_intermediate_size": 200})
+    with pytest.raises(SpecError, match="--expert-dtype: int4 experts need input widths divisible by 128, got 200"):
+        odd.with_expert_format("int4")
+    assert odd.with_expert_format("int8").dtypes.quantization == "--expert-dtype int8"
