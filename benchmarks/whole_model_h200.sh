@@ -47,7 +47,7 @@ for step in "$@"; do
     pin)
         python benchmarks/pin_rate.py --gib 16 --rounds 2 --out "$res/pin_rate.json" ;;
     sustained)
-        python benchmarks/sustained_rate.py --seconds 20 --idle-s 5 --out "$res/sustained_rate.json" 2>&1 | tail -5 ;;
+        python benchmarks/sustained_rate.py --seconds 10 --idle-s 3 --out "$res/sustained_rate.json" 2>&1 | tail -5 ;;
     smi)
         nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
             --format=csv,noheader -l 1 > "$res/smi.csv" 2>&1 &
