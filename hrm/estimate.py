@@ -151,9 +151,9 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
     frac_moe = spec.num_moe_layers / spec.num_hidden_layers
     layer_expert_bytes = E * spec.expert_bytes * frac_moe
     page_bytes = layer_expert_bytes / m     # nominal page: the streamed part split per micro-batch
-    h2d_weights = (1 - r_w) * layer_expert_bytes / h2d_bytes_per_s(s, page_bytes) if s.ffn_on_gpu else 0.0
-    if s.ffn_on_gpu:
-        cpu = cpu + weight_staging_s(s, (1 - r_w) * layer_expert_bytes)   # the host's copy into pinned staging
+    streamed = (1 - r_w) * layer_expert_bytes if s.ffn_on_gpu else 0.0    # expert bytes over the link
+    h2d_weights = streamed / h2d_bytes_per_s(s, page_bytes)
+    cpu = cpu + weight_staging_s(s, streamed)                             # the host's copy into pinned staging
     h2d_act = h2d_act_bytes / h2d_bytes_per_s(s, h2d_act_bytes / m)
     h2d_kv = 0.0
     if s.attention_on_gpu:
@@ -163,7 +163,7 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
         h2d_kv = (1 - r_c) * kv_stream / h2d_bytes_per_s(s, kv_stream / m)
         d2h_bytes = d2h_bytes + (1 - r_c) * N * kv_layer_bytes   # the new entries go back to the CPU cache
     d2h = d2h_bytes / d2h_bytes_per_s(s)
-    link_bytes = ((1 - r_w) * layer_expert_bytes if s.ffn_on_gpu else 0.0) + h2d_act_bytes + d2h_bytes
+    link_bytes = streamed + h2d_act_bytes + d2h_bytes
     if s.attention_on_gpu:
         link_bytes = link_bytes + (1 - r_c) * kv_stream
     link = link_bytes / duplex_bytes_per_s(s)

@@ -24,10 +24,12 @@ class ExpertFormat:
     def scaled(self) -> bool:
         return self.bits < 16
 
+    def group_width(self, in_features: int) -> int:
+        """Inputs that share one scale in a row of `in_features`."""
+        return self.group or in_features
+
     def groups_per_row(self, in_features: int) -> int:
-        if not self.scaled:
-            return 0
-        return 1 if self.group == 0 else in_features // self.group
+        return in_features // self.group_width(in_features) if self.scaled else 0
 
     def check(self, in_features: int) -> None:
         """Refuse a row width the format cannot store (int4: a whole number of groups)."""

@@ -62,9 +62,13 @@ def run(args) -> int:
     if args.dataset:
         requests, lens = dataset_prompts(args)
         workload = Workload.from_prompt_lens(lens, max(r.params.max_tokens for r in requests), padded=bool(args.padded))
-    plan = search(spec, hw, workload, solver=args.solver, mode=args.search_mode, gpu_memory=args.gpu_memory,
-                  cpu_memory=args.cpu_memory, gpu_frac=args.gpu_frac, cpu_frac=args.cpu_frac,
-                  use_measured=not args.datasheet, placements=ALL_PLACEMENTS if args.cpu_experts else None)
+
+    def best(spec):       # the search this command runs, for the model as given or in another expert format
+        return search(spec, hw, workload, solver=args.solver, mode=args.search_mode, gpu_memory=args.gpu_memory,
+                      cpu_memory=args.cpu_memory, gpu_frac=args.gpu_frac, cpu_frac=args.cpu_frac,
+                      use_measured=not args.datasheet, placements=ALL_PLACEMENTS if args.cpu_experts else None)
+
+    plan = best(spec)
     if args.dataset:
         from moe_lightning.llm import predict_job
         job = predict_job(plan.spec, plan.hardware, plan.policy, requests, lens)
@@ -73,13 +77,8 @@ def run(args) -> int:
     formats = []
     if args.expert_dtype is not None:     # each format with its own best plan, beside the chosen one
         from hrm.formats import EXPERT_FORMATS
-        for name in EXPERT_FORMATS:
-            other = plan if name == args.expert_dtype else search(
-                spec.with_expert_format(name), hw, workload, solver=args.solver, mode=args.search_mode,
-                gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory, gpu_frac=args.gpu_frac,
-                cpu_frac=args.cpu_frac, use_measured=not args.datasheet,
-                placements=ALL_PLACEMENTS if args.cpu_experts else None)
-            formats.append(format_row(name, other))
+        formats = [format_row(name, plan if name == args.expert_dtype else best(spec.with_expert_format(name)))
+                   for name in EXPERT_FORMATS]
     baselines = []
     if args.search_mode == "default" and not args.no_baselines:
         from optimizer.baselines import compare_baselines

@@ -27,7 +27,7 @@ def quantize(w: torch.Tensor, fmt: ExpertFormat) -> tuple[torch.Tensor, torch.Te
     fmt.check(in_f)
     if not fmt.scaled:
         raise ValueError(f"{fmt.name} is stored as it is, not quantized")
-    g = in_f if fmt.group == 0 else fmt.group
+    g = fmt.group_width(in_f)
     groups = w.float().reshape(out_f, in_f // g, g)                          # [out, G, g]
     scales = _scales(groups.abs().amax(dim=-1), fmt.bits)                   # [out, G]
     qmax = _QMAX[fmt.bits]
@@ -52,7 +52,7 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, fmt: ExpertFormat,
     """W [out, in] in `dtype` from its packed form (the value q * scale, rounded once to `dtype`)."""
     q = unpack(packed, fmt)
     out_f, in_f = q.shape
-    g = in_f if fmt.group == 0 else fmt.group
+    g = fmt.group_width(in_f)
     w = q.float().reshape(out_f, in_f // g, g) * scales.float()[..., None]
     return w.reshape(out_f, in_f).to(dtype)
 
@@ -62,7 +62,7 @@ def scaled_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, f
     scaled by that group's scales (no dequantized matrix)."""
     q = unpack(packed, fmt).float()                                          # [out, in]
     out_f, in_f = q.shape
-    g = in_f if fmt.group == 0 else fmt.group
+    g = fmt.group_width(in_f)
     xg = x.float().reshape(x.shape[0], in_f // g, g)                         # [tokens, G, g]
     qg = q.reshape(out_f, in_f // g, g)                                      # [out, G, g]
     partial = torch.einsum("tkg,okg->tok", xg, qg)                           # [tokens, out, G]

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 
-from .base import SUSTAIN_S, ProbeError, _fill_random, _median_cuda_s
+from .base import SUSTAIN_S, ProbeError, _fill_random, _median_cuda_s, _sustain
 from ..measure import allocator_conf
 
 
@@ -234,9 +234,8 @@ def prefill_costs(spec, seqs: Sequence[int] = PREFILL_SEQS, prompt_len: int = PR
             model = spec.with_layers(spec.first_dense_layers + num_layers)
             with Engine(model, policy, seed=0, progress=False) as eng:
                 eng.generate(prompts, 1)                                   # warm-up
-                t0 = time.perf_counter()                                   # and the clocks under load
-                while eng.device.type == "cuda" and time.perf_counter() - t0 < SUSTAIN_S:
-                    eng.generate(prompts, 1)
+                if eng.device.type == "cuda":                              # and the clocks under load
+                    _sustain(lambda: eng.generate(prompts, 1), SUSTAIN_S)
                 t[num_layers] = statistics.median(eng.generate(prompts, 1)[1].prefill_s for _ in range(repeats))
         per_layer_chunk_s = max(t[hi] - t[lo], 1e-9) / ((hi - lo) * chunks)
         rates.append(float(ops.prefill_layer(spec, n, prompt_len).flops) / per_layer_chunk_s)
