@@ -1,6 +1,8 @@
 """Prefill of one pass: all layers on the device, micro-batch by micro-batch, each in chunks of whole
 sequences (PREFILL_CHUNK_TOKENS); hidden states staged on the host between layers, KV to its cache (a
-device copy, or through the pinned transfer ring to the host cache in the attention worker)."""
+device copy, or through the pinned transfer ring to the host cache in the attention worker). The next
+layer's streamed experts load in pieces, one after each chunk's hidden states on the same copy stream, so
+no chunk waits behind a whole layer of weights."""
 from __future__ import annotations
 
 import torch
@@ -29,6 +31,18 @@ def prefill_chunks(mb: MicroBatch, max_tokens: int | None = None) -> list[range]
     return out
 
 
+PREFILL_PIECE_MIN_BYTES = 16 << 20
+"""Smallest piece of a layer's streamed experts prefill copies at once: transfers of 16 MiB and more run
+at ~99% of the link's rate (hardware_profiles' h2d curve), and a chunk's hidden states never queue behind
+more than one piece."""
+
+
+def piece_schedule(num_pieces: int, num_chunks: int) -> list[range]:
+    """Pieces (by index) enqueued after each of num_chunks chunks' hidden states: spread evenly from the
+    first chunk on, every piece once, in order."""
+    return [range(-(-c * num_pieces // num_chunks), -(-(c + 1) * num_pieces // num_chunks)) for c in range(num_chunks)]
+
+
 def _copy_prefill_kv(blocks, rows: range, k: torch.Tensor, v: torch.Tensor) -> None:
     """Prefill KV of micro-batch rows `rows` (k, v [rows, n_kv, S, d], S >= every block's prefill_len) into
     the KV blocks those rows belong to."""
@@ -53,12 +67,14 @@ class PrefillPass:
         st, spec = self.streams, self.spec
         self.load_pages(0, self.store.page_table.pages)
         chunks, hidden = self.chunks, self.hidden
+        pieces = self.store.page_table.pieces(len(chunks), PREFILL_PIECE_MIN_BYTES // self.store.offloaded.element_size())
+        after_chunk = piece_schedule(len(pieces), len(chunks))
         ev_hidden_d2h: list[object] = [None] * len(chunks)
         kv_writes: list[object] = []
         for visit in range(self.L):
             layer = self.store.dense.layers[visit]
             for c, (m, rows, x) in enumerate(chunks):
-                j, first_of_mb = m.mb.index, rows.start == 0
+                j = m.mb.index
                 label = self._label(visit, j) + ("" if len(rows) == m.mb.size else f" r{rows.start}")
                 if visit == 0:
                     h_in = None
@@ -67,8 +83,7 @@ class PrefillPass:
                     with st.use(st.h2d), self.rec.gpu("h2d_hidden", st.h2d, label):
                         h_in = hidden[c].to(self.device, non_blocking=True)
                         ev_h = st.record(st.h2d)
-                if first_of_mb:
-                    self.load_pages(visit + 1, self._pages_for(j))
+                self.load_pages(visit + 1, pieces[after_chunk[c].start:after_chunk[c].stop])
                 if visit > 0:
                     st.wait(st.compute, ev_h)
                 if c == 0:

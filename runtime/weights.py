@@ -4,7 +4,8 @@
   host:    offloaded experts [L, E - r, X] (pinned when CUDA is present), split per layer into pages
 X = 3 * moe_intermediate * hidden elements (one expert stored flat as gate | up | down). The first
 r = policy.resident_experts(E) experts of every layer are resident (as the artifact). A layer's streamed
-part is split into one page per micro-batch; pages of layer g land in buffer g % 2.
+part is split into one page per micro-batch (decode copies one after each micro-batch's transfer; prefill
+copies finer pieces, PageTable.pieces); pages of layer g land in buffer g % 2.
 """
 from __future__ import annotations
 
@@ -34,6 +35,17 @@ class Page:
         return self.stop - self.start
 
 
+def split_span(total: int, n: int) -> tuple[Page, ...]:
+    """[0, total) elements in at most n consecutive pages of equal size (a multiple of PAGE_ALIGN_ELEMS,
+    the last one shorter); none where total is 0."""
+    if not total:
+        return ()
+    n = max(1, min(n, -(-total // PAGE_ALIGN_ELEMS)))
+    step = -(-total // n // PAGE_ALIGN_ELEMS) * PAGE_ALIGN_ELEMS
+    bounds = [min(total, j * step) for j in range(n)] + [total]
+    return tuple(Page(j, bounds[j], bounds[j + 1]) for j in range(n) if bounds[j] < bounds[j + 1])
+
+
 @dataclass(frozen=True)
 class PageTable:
     """Expert id -> slot, and the split of one layer's streamed part into pages (the same for every layer)."""
@@ -48,14 +60,15 @@ class PageTable:
         if not 0 <= num_resident <= num_experts:
             raise ValueError(f"num_resident={num_resident} outside [0, {num_experts}]")
         streamed = tuple(range(num_resident, num_experts))
-        total = len(streamed) * expert_elems
-        pages: list[Page] = []
-        if total:
-            n = max(1, min(num_pages, -(-total // PAGE_ALIGN_ELEMS)))
-            step = -(-total // n // PAGE_ALIGN_ELEMS) * PAGE_ALIGN_ELEMS
-            bounds = [min(total, j * step) for j in range(n)] + [total]
-            pages = [Page(j, bounds[j], bounds[j + 1]) for j in range(n) if bounds[j] < bounds[j + 1]]
-        return cls(num_experts, tuple(range(num_resident)), streamed, tuple(pages), expert_elems)
+        pages = split_span(len(streamed) * expert_elems, num_pages)
+        return cls(num_experts, tuple(range(num_resident)), streamed, pages, expert_elems)
+
+    def pieces(self, n: int, min_elems: int = 0) -> tuple[Page, ...]:
+        """The layer's streamed part cut into at most n pieces of at least min_elems elements (the last
+        may be shorter): finer transfers than the pages, for a pass that interleaves them with others."""
+        total = self.streamed_elems
+        most = max(1, total // min_elems) if min_elems else n
+        return split_span(total, min(n, most))
 
     @property
     def num_resident(self) -> int:

@@ -170,6 +170,27 @@ def test_prefill_only():
     assert m.decode_tokens == 0 and m.decode_layer_steps == 0
 
 
+def test_prefill_streams_each_layer_in_pieces_between_chunks(reference, monkeypatch):
+    """Chunks of at most 10 tokens (4 of them over 3 micro-batches) and pieces down to 1 byte: the next
+    layer's streamed experts load in one piece after each chunk, every piece once, and the tokens are the
+    reference's."""
+    import runtime.prefill as prefill
+    monkeypatch.setattr(prefill, "PREFILL_CHUNK_TOKENS", 10)
+    monkeypatch.setattr(prefill, "PREFILL_PIECE_MIN_BYTES", 1)
+    prompts, expected = reference
+    with Engine(QWEN2, Policy(7, 3), dtype=torch.float64, seed=3, record=True) as e:
+        tokens, _ = e.generate(prompts, MAX_NEW)
+        spans = [s for s in e.last_spans if s.phase == "prefill"]
+    assert tokens == expected
+    loads = [s.label for s in spans if s.stage == "h2d_weights"]
+    hidden = [s for s in spans if s.stage == "h2d_hidden"]
+    chunks = len(hidden) // (QWEN2.num_hidden_layers - 1)
+    assert chunks >= 4
+    for visit in range(1, QWEN2.num_hidden_layers):
+        pieces = [lab.split()[1] for lab in loads if lab.startswith(f"v{visit} ")]
+        assert pieces == [f"p{i}-{i}" for i in range(chunks)], visit
+
+
 def test_measurement_has_decode_stages():
     with Engine(QWEN2, Policy(7, 2), dtype=torch.float32, seed=3) as e:
         _, m = e.generate(_prompts(QWEN2.vocab_size), MAX_NEW)
