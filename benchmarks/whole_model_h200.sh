@@ -7,6 +7,7 @@
 #   rates         benchmarks/rates_at_run_shapes.py (the profile's rates at the runs' own shapes)
 #   moe           benchmarks/moe_kernels.py (the MoE layer kernel by kernel, one and two stores)
 #   pin           benchmarks/pin_rate.py (how fast fresh host memory is page-locked)
+#   gap           benchmarks/prefill_gap.py (the runtime's prefill on 4 layers, from the probe's setting to the plans')
 #   sustained     benchmarks/sustained_rate.py (each MoE layer and a GEMM back to back for 20 s: do the clocks hold?)
 #   smi           nvidia-smi samples clocks, power and throttle reasons every second until the call ends (smi.csv)
 #   profile       `moe-lightning profile` -> h200-measured.toml; later steps use it, in this call and in
@@ -46,6 +47,8 @@ for step in "$@"; do
         python benchmarks/moe_kernels.py --out "$res/moe_kernels.json" 2>&1 | tee "$res/moe_kernels.log" | tail -12 ;;
     pin)
         python benchmarks/pin_rate.py --gib 16 --rounds 2 --out "$res/pin_rate.json" ;;
+    gap)
+        python benchmarks/prefill_gap.py --layers 4 --out "$res/prefill_gap.json" 2>&1 | tee "$res/prefill_gap.log" | tail -12 ;;
     sustained)
         python benchmarks/sustained_rate.py --seconds 10 --idle-s 3 --out "$res/sustained_rate.json" 2>&1 | tail -5 ;;
     smi)
