@@ -302,13 +302,15 @@ def test_prefill_costs_split_the_engines_prefill_into_a_line_over_layers(monkeyp
         seen.append((self.policy.micro_batch_size, len(prompts), self.spec.num_hidden_layers))
         return tokens, replace(m, prefill_s=fake[self.spec.num_hidden_layers])
     monkeypatch.setattr(engine_mod.Engine, "generate", timed)
-    r = prefill_costs(spec, seqs=(2, 4), prompt_len=16, chunks=4, repeats=1)
-    assert sorted(set(seen)) == [(2, 8, 2), (2, 8, 6), (4, 16, 2), (4, 16, 6)]
-    per_layer_chunk = 0.080 / (4 * 4)
-    for n, rate in zip((2, 4), r["flops_per_s"]):
+    r = prefill_costs(spec, seqs=(2, 4), prompt_len=16, pass_tokens=256, repeats=1)
+    # passes of 256 tokens: 8 micro-batches of 2 sequences, and the floor of 4 micro-batches of 4
+    assert sorted(set(seen)) == [(2, 16, 2), (2, 16, 6), (4, 16, 2), (4, 16, 6)]
+    onces = []
+    for n, chunks, rate in zip((2, 4), (8, 4), r["flops_per_s"]):
+        per_layer_chunk = 0.080 / (4 * chunks)
         assert rate == pytest.approx(float(ops.prefill_layer(spec, n, 16).flops) / per_layer_chunk, rel=1e-9)
-    once = 0.050 - 2 * 4 * per_layer_chunk                # 10 ms per pass
-    assert r["pass_s_per_token"] == pytest.approx(statistics.median([once / (8 * 16), once / (16 * 16)]))
+        onces.append((0.050 - 2 * chunks * per_layer_chunk) / (n * chunks * 16))   # 10 ms per pass
+    assert r["pass_s_per_token"] == pytest.approx(statistics.median(onces))
 
 
 def test_prefill_probe_depths_fit_the_gpu():

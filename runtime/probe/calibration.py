@@ -131,6 +131,19 @@ PREFILL_SEQS_QUICK = (4, 16)
 PREFILL_LAYERS = (2, 6)
 
 
+PREFILL_PASS_TOKENS = 65536
+"""Prompt tokens of one pass of the prefill probe (16 chunks of 4,096, 64 of 1,024). A whole run keeps the
+GPU busy for seconds; a probe pass of four chunks left it idle between passes, and under the power cap the
+clocks recover meanwhile: H200, 2026-12-02 (benchmarks/results/whole_model/h200-2026-12-02-call11/
+prefill_gap.json, Mixtral, 4 layers): 7.67 ms per (layer, 4,096-token chunk) at 4 chunks a pass, 8.02 at 75."""
+
+
+PREFILL_WEIGHTS_GPU_FRAC = 0.125
+"""Resident share of the experts in the prefill probe: the rest stream during the pass, as in the plans
+that offload (two expert stores, copies beside the compute). Same call: 8.54 ms per (layer, chunk) at r_w
+1/8 and at 3/8, against 8.02 with every expert resident; the whole 24 GB run (r_w 1/8) spent 8.36."""
+
+
 def resident_weight_bytes(spec) -> float:
     """Device bytes of a model with every expert resident (the memory account's weight parts, bf16)."""
     from dataclasses import replace
@@ -207,11 +220,13 @@ def prefill_layers(spec, free_bytes: int, most: int = PREFILL_LAYERS[1]) -> tupl
 
 
 def prefill_costs(spec, seqs: Sequence[int] = PREFILL_SEQS, prompt_len: int = PREFILL_PROMPT_LEN,
-                  chunks: int = 4, layers: tuple[int, int] = PREFILL_LAYERS, repeats: int = 3) -> dict:
+                  pass_tokens: int = PREFILL_PASS_TOKENS, layers: tuple[int, int] = PREFILL_LAYERS,
+                  repeats: int = 3) -> dict:
     """The runtime's own prefill, split into what grows with layers and what does not. runtime.Engine on
-    `layers` MoE layers of `spec`, every expert resident, CPU attention (the KV goes to the host cache
-    through the attention worker, as offloading plans do), `chunks` micro-batches of one chunk of each of
-    `seqs` sequences of `prompt_len` tokens. The prefill seconds t(L) (the engine's own measurement, the
+    `layers` MoE layers of `spec`, PREFILL_WEIGHTS_GPU_FRAC of the experts resident and the rest streamed,
+    CPU attention (the KV goes to the host cache through the attention worker, as offloading plans do),
+    micro-batches of one chunk of each of `seqs` sequences of `prompt_len` tokens, as many as make
+    `pass_tokens` tokens (at least 4). The prefill seconds t(L) (the engine's own measurement, the
     median of `repeats` after a warm-up) are a line in L: its slope per chunk is the steady cost of one
     (layer, chunk), staging overlapped by the next chunk's compute; its intercept is paid once per pass
     (inputs, host staging buffers, the last layer's hand-offs).
@@ -227,7 +242,8 @@ def prefill_costs(spec, seqs: Sequence[int] = PREFILL_SEQS, prompt_len: int = PR
     lo, hi = layers
     rates, pass_per_token = [], []
     for n in seqs:
-        policy = Policy(batch_size=n * chunks, micro_batch_size=n, weights_gpu_frac=1.0)
+        chunks = max(4, pass_tokens // (n * prompt_len))
+        policy = Policy(batch_size=n * chunks, micro_batch_size=n, weights_gpu_frac=PREFILL_WEIGHTS_GPU_FRAC)
         prompts = _random_prompts(spec, n * chunks, prompt_len, g)
         t = {}
         for num_layers in layers:

@@ -18,6 +18,7 @@ from hrm.profile_keys import unit_of
 from hrm.units import GiB, MiB
 
 from .base import ProbeError
+from .calibration import PREFILL_PASS_TOKENS, PREFILL_WEIGHTS_GPU_FRAC
 
 
 def _num(x: float, digits: int = 4) -> str:
@@ -152,8 +153,10 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
                       f"gpu_moe_tokens_per_expert = {json.dumps(g['moe_tokens_per_expert'])}",
                       _kcurves("gpu_moe_tflops", g["moe_flops_per_s"])]
         if g.get("prefill_tokens"):
-            calib += [f"# runtime.Engine prefill of {g.get('prefill_model', 'the model')}, every expert resident, "
-                      f"CPU attention, prompts of {g['prefill_prompt_len']}: per (layer, chunk) by tokens per chunk "
+            calib += [f"# runtime.Engine prefill of {g.get('prefill_model', 'the model')}, "
+                      f"{PREFILL_WEIGHTS_GPU_FRAC:g} of the experts resident and the rest streamed, passes of "
+                      f"{PREFILL_PASS_TOKENS} tokens, CPU attention, prompts of {g['prefill_prompt_len']}: "
+                      f"per (layer, chunk) by tokens per chunk "
                       f"(slope over {g['prefill_layers']} layers) the layer's time less the MoE layer's, as FLOP/s "
                       "of hrm.ops.layer_gpu_ops + attention ...",
                       f"gpu_prefill_tokens = {_arr(g['prefill_tokens'])}",
