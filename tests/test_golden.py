@@ -31,9 +31,13 @@ def test_every_committed_policy_is_priced_as_recorded(now):
 
 
 def test_the_recorded_numbers_are_sane():
-    """The file itself: every run of the whole-model sweeps priced between 100 and 2,000 tok/s (a unit
-    slip of 10^6 in a profile key would not pass unnoticed, as it could in a regenerated file)."""
+    """The file itself: every run of the whole-model sweeps priced between 100 and 5,000 tok/s (the
+    H200's whole runs measured 209-1,499) and within 200 GB on each level (a unit slip of 10^3 or more in a
+    profile key would not pass unnoticed, as it could in a regenerated file). Offloading plans hold more on
+    the host than on the GPU; a small model's plan (OLMoE, KV on the GPU) may not."""
     recorded = json.loads(golden.GOLDEN.read_text())
     for key, numbers in recorded.items():
-        assert 100 < numbers["tok_s"] < 2000, key
-        assert 0 < numbers["gpu_bytes"] < numbers["cpu_bytes"] < 200e9, key
+        assert 100 < numbers["tok_s"] < 5000, key
+        assert 0 < numbers["gpu_bytes"] < 200e9 and 0 < numbers["cpu_bytes"] < 200e9, key
+        if "mixtral" in key or "qwen3" in key:
+            assert numbers["gpu_bytes"] < numbers["cpu_bytes"], key

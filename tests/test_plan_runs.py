@@ -3,7 +3,6 @@ from dataclasses import replace
 
 import pytest
 
-from hrm.hardware import load_profile
 from hrm.hf_config import load_model
 from hrm.spec import Workload
 from optimizer.search import search

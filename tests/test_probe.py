@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from hrm.hardware import load_profile
-from hrm.units import GB, GiB, TFLOPS
+from hrm.units import GiB
 from moe_lightning_cli.main import main
 from runtime import probe
 from runtime.probe import ProbeError, profile_machine, write_profile_toml

@@ -141,7 +141,7 @@ prefill_gap.json, Mixtral, 4 layers): 7.67 ms per (layer, 4,096-token chunk) at 
 PREFILL_WEIGHTS_GPU_FRAC = 0.125
 """Resident share of the experts in the prefill probe: the rest stream during the pass, as in the plans
 that offload (two expert stores, copies beside the compute). Same call: 8.54 ms per (layer, chunk) at r_w
-1/8 and at 3/8, against 8.02 with every expert resident; the whole 24 GB run (r_w 1/8) spent 8.36."""
+1/8 and at 3/8, against 8.02 with every expert resident; the whole 24 GB run (r_w 1/8) spent 8.45."""
 
 
 def resident_weight_bytes(spec) -> float:
