@@ -5,6 +5,7 @@
 # Steps:
 #   kernels       the GPU tests of the runtime's kernels (grouped MoE against the sparse oracle, no host syncs)
 #   rates         benchmarks/rates_at_run_shapes.py (the profile's rates at the runs' own shapes)
+#   depth         benchmarks/rates_at_run_shapes.py --depth (CPU attention in the loop over 1 and 8 layers' KV)
 #   moe           benchmarks/moe_kernels.py (the MoE layer kernel by kernel, one and two stores)
 #   pin           benchmarks/pin_rate.py (how fast fresh host memory is page-locked)
 #   gap           benchmarks/prefill_gap.py (the runtime's prefill on 4 layers, from the probe's setting to the plans')
@@ -43,6 +44,8 @@ for step in "$@"; do
         python -m pytest -q -m gpu tests/test_runtime_kernels.py -p no:cacheprovider 2>&1 | tee "$res/kernels.log" | tail -5 ;;
     rates)
         python benchmarks/rates_at_run_shapes.py --out "$res/rates_at_run_shapes.json" 2>&1 | tee "$res/rates.log" | tail -12 ;;
+    depth)
+        python benchmarks/rates_at_run_shapes.py --depth --out "$res/attention_depth.json" 2>&1 | tee "$res/depth.log" | tail -4 ;;
     moe)
         python benchmarks/moe_kernels.py --out "$res/moe_kernels.json" 2>&1 | tee "$res/moe_kernels.log" | tail -12 ;;
     pin)

@@ -341,6 +341,8 @@ def test_attention_in_pipeline_counts_every_call():
     assert r["overlap_calls"] == 3 * 4                     # micro-batches x decode steps x one layer
     assert 1e6 < r["cpu_attention_overlapped_bytes_per_s"] < 1e13
     assert r["overlap_shape"] == [4, 32] and r["overlap_decode_visit_s"] > 0
+    deep = attention_in_pipeline(spec, micro_batch=4, micro_batches=3, prompt_len=32, steps=4, layers=3)
+    assert deep["overlap_calls"] == 3 * 4 * 3               # ... x three layers
 
 
 def test_profile_table_shows_the_runtime_rows(cpu_result, capsys):
