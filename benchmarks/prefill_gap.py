@@ -1,8 +1,8 @@
 """Why does a whole-model prefill compute slower than the profile's prefill probe? (H200, 2026-12-02:
 Mixtral's whole runs spent 8.4 ms of GPU compute per (layer, 4,096-token chunk) against the probe's 7.6.)
 
-The profile's probe (runtime.probe.calibration.prefill_costs) runs runtime.Engine with every expert
-resident and four micro-batches of one chunk each. A whole run has one or two micro-batches of 55-110
+The profile's probe (runtime.probe.calibration.prefill_costs) ran runtime.Engine with every expert
+resident and four micro-batches of one chunk each (until 2026-12-02; this script's first setting). A whole run has one or two micro-batches of 55-110
 chunks and streams most experts. This runs runtime.Engine's prefill on a few layers of the model in
 settings between the two, and reports per setting the GPU compute per (layer, chunk) (the engine's own
 stage times), the prefill wall time per (layer, chunk), and the rate in TFLOP/s of hrm.ops.prefill_layer.
@@ -30,6 +30,7 @@ from hrm.hf_config import load_model  # noqa: E402
 from hrm.policy import PREFILL_CHUNK_TOKENS, Policy  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
 from runtime.probe.base import SUSTAIN_S, _sustain  # noqa: E402
+from runtime.probe.calibration import _random_prompts  # noqa: E402
 
 PROMPT_LEN = 256
 SEQS_PER_CHUNK = PREFILL_CHUNK_TOKENS // PROMPT_LEN
@@ -66,7 +67,7 @@ def measure(spec, name: str, kw: dict, layers: int, repeats: int) -> dict:
 def _measure(spec, name: str, kw: dict, layers: int, repeats: int) -> dict:
     policy = Policy(**kw)
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(10, spec.vocab_size - 10, (policy.batch_size, PROMPT_LEN), generator=g).tolist()
+    prompts = _random_prompts(spec, policy.batch_size, PROMPT_LEN, g)
     model = spec.with_layers(spec.first_dense_layers + layers)
     t0 = time.perf_counter()
     with Engine(model, policy, seed=0, progress=False) as eng:

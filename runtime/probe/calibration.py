@@ -362,11 +362,11 @@ def attention_in_pipeline(spec, micro_batch: int = 32, micro_batches: int = 8, p
                           steps: int = 8, weights_gpu_frac: float = 1.0, layers: int = 1) -> dict:
     """KV bytes/s of the CPU attention calls inside the runtime's own CGOPipe decode loop on the GPU: the
     rate the attention worker gets while the main thread launches the GPU's work on the same host (GIL
-    and cores shared). One layer of `spec`, every expert resident (the link carries activations only),
-    micro-batches of `micro_batch` sequences at context ~prompt_len: large enough that the calls' fixed
-    costs are small next to their KV reads. Each call's span covers KV append + attention. With
-    `weights_gpu_frac` below 1 the layer's other experts stream from pinned host memory meanwhile.
-    `layers` MoE layers (default one): whole runs read KV spread over every layer's cache."""
+    and cores shared). `layers` MoE layers of `spec` (one by default; whole runs read KV spread over every
+    layer's cache), every expert resident (the link carries activations only), micro-batches of
+    `micro_batch` sequences at context ~prompt_len: large enough that the calls' fixed costs are small next
+    to their KV reads. Each call's span covers KV append + attention. With `weights_gpu_frac` below 1 the
+    other experts stream from pinned host memory meanwhile."""
     from hrm.policy import Policy
 
     from ..engine import Engine
