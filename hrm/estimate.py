@@ -20,7 +20,7 @@ from . import ops
 from .hardware import HardwareProfile, interp_log
 from .memory import MemoryUse, kv_slots_per_sequence, memory_use
 from .policy import Policy, prefill_chunk_sequences, realised_kv_frac
-from .rates import (Setting, _measured, cpu_attention_bytes_per_s, cpu_attention_call_s, cpu_attention_calls_s,
+from .rates import (Setting, _measured, expert_dequant_s, cpu_attention_bytes_per_s, cpu_attention_call_s, cpu_attention_calls_s,
                     cpu_dram_bytes_per_s, cpu_time, d2h_bytes_per_s, decode_visit_s, duplex_bytes_per_s, gpu_time, h2d_bytes_per_s,
                     moe_curve, prefill_rest_flops_per_s, weight_staging_s)
 from .schedules import SCHEDULES
@@ -128,9 +128,11 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
     def experts_gpu_mb(tokens):
         return gpu_time(s, ops.routed_experts(spec, tokens), ops.tokens_per_expert(spec, tokens))
 
+    frac_moe = spec.num_moe_layers / spec.num_hidden_layers
+    dequant = frac_moe * expert_dequant_s(s)          # quantized experts: once per micro-batch's visit
     gpu_fixed = _per_micro_batch(gpu_mb, N, mu)
     experts_gpu = _per_micro_batch(experts_gpu_mb, N, mu)
-    gpu = gpu_fixed + (experts_gpu if s.ffn_on_gpu else r_w * experts_gpu)
+    gpu = gpu_fixed + (experts_gpu if s.ffn_on_gpu else r_w * experts_gpu) + m * dequant
 
     # one micro-batch's size (N when a single one holds them all)
     mu_arr = np.minimum(np.asarray(mu), np.asarray(N))
@@ -148,7 +150,6 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
         h2d_act_bytes = h2d_act_bytes + N * spec.hidden_size * ab
         d2h_bytes = d2h_bytes + N * spec.hidden_size * ab
 
-    frac_moe = spec.num_moe_layers / spec.num_hidden_layers
     layer_expert_bytes = E * spec.expert_bytes * frac_moe
     page_bytes = layer_expert_bytes / m     # nominal page: the streamed part split per micro-batch
     streamed = (1 - r_w) * layer_expert_bytes if s.ffn_on_gpu else 0.0    # expert bytes over the link
@@ -170,7 +171,7 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
 
     # one micro-batch's round trip through the loop (does not depend on r_w)
     # the host launches while the GPU executes: the slower of the two, then the chain through the CPU
-    loop = np.maximum(gpu_mb(mu_arr) + experts_gpu_mb(mu_arr), decode_visit_s(s, mu_arr, m))
+    loop = np.maximum(gpu_mb(mu_arr) + experts_gpu_mb(mu_arr) + dequant, decode_visit_s(s, mu_arr, m))
     if not s.attention_on_gpu:
         loop = loop + (_cpu_attention_s(s, mu_arr, ctx, 1, attn_rate)
                        + mu_arr * _qkv_elems(spec) * ab / d2h_bytes_per_s(s)
@@ -199,8 +200,8 @@ def prefill_layer_times(s: Setting, N, mu, r_w, r_c) -> LayerTimes:
     def gpu_mb(seqs):                # a micro-batch runs in chunks of at most `chunk` sequences
         return _per_micro_batch(gpu_chunk, seqs, np.minimum(seqs, chunk))
 
-    gpu = _per_micro_batch(gpu_mb, N, mu)
     frac_moe = spec.num_moe_layers / spec.num_hidden_layers
+    gpu = _per_micro_batch(gpu_mb, N, mu) + frac_moe * expert_dequant_s(s)   # quantized: once per layer
     layer_expert_bytes = E * spec.expert_bytes * frac_moe
     weights_bytes = (1 - r_w) * layer_expert_bytes
     hidden_bytes = N * p * spec.hidden_size * ab

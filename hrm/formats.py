@@ -13,6 +13,13 @@ from dataclasses import dataclass
 
 SCALE_BYTES = 2          # fp16
 
+DEQUANT_CHUNK_ELEMS = 1 << 24
+"""The runtime dequantizes a layer's quantized experts into the compute dtype (runtime.quant) in chunks of
+at most this many weights (whole rows), which bounds its fp32 temporaries."""
+DEQUANT_TEMP_BYTES_PER_ELEM = 1
+"""Live temporaries per weight of a chunk: int4's masked or shifted nibbles and their re-centred copy, a
+byte each for half the weights (int8 reads its bytes in place: none)."""
+
 
 @dataclass(frozen=True)
 class ExpertFormat:
@@ -41,6 +48,13 @@ class ExpertFormat:
         self.check(in_features)
         data = out_features * in_features * self.bits // 8
         return data + out_features * self.groups_per_row(in_features) * SCALE_BYTES
+
+    @property
+    def dequant_traffic_bytes_per_weight(self) -> float:
+        """Memory traffic per weight of the runtime's dequantization into bf16 (runtime.quant.dequantize):
+        int8 reads its byte and writes 2; int4 runs once per nibble, each pass reading the packed bytes,
+        masking or shifting and re-centring them through two byte temporaries, and writing half the weights."""
+        return 1 + 2 if self.bits == 8 else 2 * (0.5 + 4 * 0.5 + 1)
 
     def bytes_per_weight(self, in_features: int) -> float:
         """Stored bytes per weight of a row of `in_features` inputs, scales included."""

@@ -24,6 +24,7 @@ import numpy as np
 
 from .policy import (KV_BLOCK_RATIO, MOE_DENSE_MAX_TOKENS, PREFILL_CHUNK_TOKENS, moe_grouped_slice_tokens,
                      prefill_chunk_sequences)
+from .formats import DEQUANT_CHUNK_ELEMS, DEQUANT_TEMP_BYTES_PER_ELEM
 from .schedules import SCHEDULES
 from .spec import ModelSpec, Workload
 from .units import GiB
@@ -192,10 +193,20 @@ def moe_workspace_bytes(spec: ModelSpec, tokens):
     n = np.minimum(t, 2.0 * tk / E)
     sparse = t * H * ACC_BYTES + 4 * tk * INDEX_BYTES + n * (2 * H * ab + 3 * I * ab + 2 * H * ACC_BYTES)
     paths = np.where(t <= MOE_DENSE_MAX_TOKENS, dense, np.maximum(grouped, sparse))
+    if spec.dtypes.expert_format:   # the layer's experts dequantized first (runtime.quant), chunk by chunk
+        paths = np.maximum(paths, DEQUANT_CHUNK_ELEMS * DEQUANT_TEMP_BYTES_PER_ELEM)
     shared = 0.0
     if spec.shared_expert_intermediate_size:
         shared = t * (3 * spec.shared_expert_intermediate_size * ab + H * ACC_BYTES)
     return route + paths + shared
+
+
+def expert_dequant_bytes(spec: ModelSpec) -> float:
+    """The device workspace one layer's routed experts are dequantized into, in the compute dtype, where
+    they are stored quantized (runtime.quant.DequantWorkspace); 0 otherwise."""
+    if not spec.dtypes.expert_format:
+        return 0.0
+    return spec.num_experts * 3 * spec.hidden_size * spec.moe_intermediate_size * spec.dtypes.act_bytes
 
 
 def decode_workspace_bytes(spec: ModelSpec, tokens):
@@ -290,6 +301,7 @@ def account(spec: ModelSpec, shape: PassShape, r_w, *, profile: MemoryProfile, n
         "non_expert_weights": spec.non_expert_params * wb,
         "resident_experts": r_w * all_experts,
         "expert_double_buffer": 2 * streamed * layer_experts,
+        "expert_dequant": expert_dequant_bytes(spec),
         "kv_cache": shape.kv_slots_device * kv_slot,
         "kv_stream_buffer": stream,
         "pass_state": n * per_sequence_device_bytes(spec, shape.new_tokens) + device_steps + shape.new_tokens,

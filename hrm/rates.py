@@ -10,6 +10,7 @@ from itertools import combinations
 import numpy as np
 
 from .cost import Cost
+from .formats import expert_format
 from .hardware import HardwareProfile, interp_log
 from .policy import Placement, Policy, ReadsPlacement
 from .schedules import SCHEDULES
@@ -53,6 +54,17 @@ def gpu_hbm_bytes_per_s(s: Setting) -> float:
     bw = m.gpu_hbm_bytes_per_s if m is not None and m.gpu_hbm_bytes_per_s else s.hardware.gpu.mem_bytes_per_s
     return bw * s.hardware.gpu.count
 
+
+
+def expert_dequant_s(s: Setting) -> float:
+    """One dequantization of a layer's routed experts into the compute dtype on the GPU, where they are
+    stored quantized (runtime.quant.DequantTable: once per decode visit of a micro-batch, once per layer in
+    prefill): its memory traffic at the HBM rate. 0 for experts stored as the other weights."""
+    name = s.spec.dtypes.expert_format
+    if not name or not s.ffn_on_gpu:
+        return 0.0
+    weights = s.spec.num_experts * 3 * s.spec.hidden_size * s.spec.moe_intermediate_size
+    return weights * expert_format(name).dequant_traffic_bytes_per_weight / gpu_hbm_bytes_per_s(s)
 
 
 def cpu_attention_bytes_per_s(s: Setting, num_micro_batches=2, mu=None):

@@ -31,7 +31,9 @@ class DTypes:
     format read here leaves in the compute dtype, are priced at weight_bytes too: for DeepSeek-V3 in
     fp8 that prices its 1.85 G embedding parameters at one byte instead of two.
     quantization: how the weights (or the KV cache) are stored where that is not the compute dtype
-    ("" when they are): the runtime, which runs only bf16/fp16/fp32, refuses such a spec.
+    ("" when they are): the runtime refuses such a spec unless all it names is `expert_format`.
+    expert_format: the hrm.formats name the routed experts are stored in where that is a quantized one
+    the runtime stores (int8, int4; set by --expert-dtype), "" otherwise.
     """
     weight_bytes: float = 2.0
     kv_bytes: float = 2.0
@@ -39,6 +41,7 @@ class DTypes:
     name: str = "bfloat16"
     expert_weight_bytes: float | None = None
     quantization: str = ""
+    expert_format: str = ""
 
     def __post_init__(self):
         if self.expert_weight_bytes is None:
@@ -68,7 +71,7 @@ class DTypes:
             notes += [] if same(kv) else [f"--kv-dtype {kv}"]
         return DTypes(weight_bytes=wb, kv_bytes=self.kv_bytes if kv is None else DTYPE_BYTES[kv],
                       act_bytes=self.act_bytes, name=self.name, expert_weight_bytes=eb,
-                      quantization="; ".join(notes))
+                      quantization="; ".join(notes), expert_format=self.expert_format if weight is None else "")
 
 
 _CANONICAL = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp8": "float8_e4m3fn",
@@ -337,7 +340,8 @@ class ModelSpec:
         if per_weight != self.dtypes.weight_bytes or notes:
             notes.append(f"--expert-dtype {name}")
         return replace(self, dtypes=replace(self.dtypes, expert_weight_bytes=per_weight,
-                                            quantization="; ".join(notes)))
+                                            quantization="; ".join(notes),
+                                            expert_format=name if fmt.scaled else ""))
 
     def with_layers(self, num_hidden_layers: int) -> "ModelSpec":
         """The same architecture with fewer (or more) layers: for runs on hosts too small for the model."""

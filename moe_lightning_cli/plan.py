@@ -124,8 +124,8 @@ def print_formats(rows: list[dict], chosen: str, console=None) -> None:
     from rich.table import Table
 
     base = next(r["throughput_tok_s"] for r in rows if r["expert_dtype"] == "bf16")
-    t = Table(title="expert formats, each with its own best plan (* this plan; priced: the runtime executes "
-                    "bf16 experts)", title_justify="left")
+    t = Table(title="expert formats, each with its own best plan (* this plan; int8 and int4 are round to "
+                    "nearest: int4 loses quality on real models)", title_justify="left")
     for col in ("experts", "bytes / weight", "N", "mu", "r_w", "schedule", "tok/s", "vs bf16"):
         t.add_column(col, justify="left" if col in ("experts", "schedule") else "right")
     for r in rows:

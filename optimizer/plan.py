@@ -57,8 +57,9 @@ def spec_to_dict(spec: ModelSpec) -> dict:
     dt = d["dtypes"]
     if dt["expert_weight_bytes"] == dt["weight_bytes"]:
         del dt["expert_weight_bytes"]
-    if not dt["quantization"]:
-        del dt["quantization"]
+    for optional in ("quantization", "expert_format"):
+        if not dt[optional]:
+            del dt[optional]
     return d
 
 

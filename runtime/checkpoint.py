@@ -238,6 +238,7 @@ def load_checkpoint(model_dir: str | Path, store: WeightStore, progress: bool | 
                         bar.update(math.prod(layout[name].shape) * store.dtype.itemsize)
             except SafetensorError as e:
                 raise CheckpointError(f"{path}: {one_line(e)}") from None
+    store.seal()
 
 
 def _copy_finite(target, sl, index: tuple | None, where: str) -> None:

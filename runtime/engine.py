@@ -21,7 +21,7 @@ import torch
 from hrm.checks import check_context
 from hrm.memory import PassShape
 from hrm.policy import Policy, device_micro_batches, realised_kv_frac
-from hrm.spec import DTypes, ModelSpec, Workload
+from hrm.spec import ModelSpec, Workload
 
 from .checkpoint import load_checkpoint
 from .graphs import PostAttentionGraphs
@@ -131,9 +131,11 @@ class Engine:
         """The memory account of a pass of this shape in the engine's dtype, with this process's measured
         CUDA context and baseline."""
         name = str(self.dtype).removeprefix("torch.")
-        b = float(self.dtype.itemsize)
-        spec = (self.spec if name == self.spec.dtypes.name
-                else replace(self.spec, dtypes=DTypes(weight_bytes=b, kv_bytes=b, act_bytes=b, name=name)))
+        b, dt = float(self.dtype.itemsize), self.spec.dtypes
+        expert_b = dt.expert_weight_bytes if dt.expert_format else b     # quantized experts keep their bytes
+        spec = (self.spec if name == dt.name
+                else replace(self.spec, dtypes=replace(dt, weight_bytes=b, kv_bytes=b, act_bytes=b, name=name,
+                                                       expert_weight_bytes=expert_b)))
         return policy_account(spec, self.policy, shape, self.machine.profile)
 
     # ---- generation ------------------------------------------------------------------------------

@@ -46,8 +46,11 @@ def check_supported(spec: ModelSpec) -> None:
     if spec.num_attention_heads % spec.num_key_value_heads:
         problems.append(f"{spec.num_attention_heads} query heads not a multiple of "
                         f"{spec.num_key_value_heads} kv heads")
-    if spec.dtypes.quantization:
-        problems.append(f"{spec.dtypes.quantization} (it stores weights and KV in bf16/fp16/fp32 only)")
+    stored = [n for n in spec.dtypes.quantization.split("; ")
+              if n and n != f"--expert-dtype {spec.dtypes.expert_format}"]
+    if stored:
+        problems.append(f"{'; '.join(stored)} (it stores weights and KV in bf16/fp16/fp32 only, "
+                        "routed experts also in int8 and int4)")
     if problems:
         raise UnsupportedModel(f"{spec.name}: runtime does not support " + "; ".join(problems))
 

@@ -106,7 +106,11 @@ def moe(h: torch.Tensor, layer, experts: ExpertLookup, spec: ModelSpec, host_syn
     where the device has a grouped GEMM for the dtype (neither synchronises with the host); otherwise the
     sparse path (one host synchronisation: the per-expert token counts). `host_sync_ok` (prefill, never
     captured in a graph): where the experts live in several stores (resident and streamed), the grouped
-    path reads the per-store pair counts once and runs each store on its own pairs only."""
+    path reads the per-store pair counts once and runs each store on its own pairs only. Experts stored
+    quantized (a runtime.quant.DequantTable) are dequantized into one store first (kept across a
+    prefill layer's chunks)."""
+    if hasattr(experts, "materialize"):                                    # quantized: runtime.quant
+        experts = experts.materialize(reuse=host_sync_ok)
     weights, ids = route(h, layer.router, spec)                            # [tokens, k]
     groups = getattr(experts, "groups", None)
     path = moe_path(h.shape[0], groups, spec, h.device, h.dtype)

@@ -13,6 +13,7 @@ import zlib
 
 import torch
 
+from .moe import expert_elems
 from .weights import WeightStore
 
 STD = 0.02
@@ -76,8 +77,14 @@ def synthesize(store: WeightStore, seed: int = 0, progress: bool | None = None) 
             else:
                 filler.fill(t, name)
             bar.update()
+        scratch = (torch.empty(expert_elems(spec), dtype=store.dtype, device=store.device)
+                   if store.layout else None)          # quantized: each expert filled in bf16, then stored
         for layer, e in experts:
-            filler.fill(store.at_rest_flat(layer, e), f"layers.{layer}.experts.{e}")
+            if scratch is None:
+                filler.fill(store.at_rest_flat(layer, e), f"layers.{layer}.experts.{e}")
+            else:
+                filler.fill(scratch, f"layers.{layer}.experts.{e}")
+                store.put_expert(layer, e, scratch)
             bar.update()
     if filler.cuda:
         torch.cuda.synchronize()

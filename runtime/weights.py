@@ -2,7 +2,10 @@
 
   device:  dense (non-expert) weights | resident experts [L, r, X] | double buffer [2, E - r, X]
   host:    offloaded experts [L, E - r, X] (pinned when CUDA is present), split per layer into pages
-X = 3 * moe_intermediate * hidden elements (one expert stored flat as gate | up | down). The first
+X = 3 * moe_intermediate * hidden elements (one expert stored flat as gate | up | down); with experts in a
+quantized format (spec.dtypes.expert_format) X is one expert's bytes (runtime.quant.ExpertLayout), the
+stores are uint8, and the MoE reads each layer through a device workspace [E, 3 I H] in the compute dtype
+that the layer's experts are dequantized into (runtime.quant.DequantTable). The first
 r = policy.resident_experts(E) experts of every layer are resident (as the artifact). A layer's streamed
 part is split into one page per micro-batch (decode copies one after each micro-batch's transfer; prefill
 copies finer pieces, PageTable.pieces); pages of layer g land in buffer g % 2.
@@ -14,11 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
+from hrm.formats import expert_format
 from hrm.spec import ModelSpec
 
 from .host_memory import empty_host
 from .model import DenseWeights, dense_weight_shapes, dense_weights_from
 from .moe import ExpertLookup, ExpertTable, ExpertWeights, expert_elems, expert_view
+from .quant import DequantTable, DequantWorkspace, ExpertLayout, dequantize_experts
 
 EXPERT_PARTS = ("gate", "up", "down")
 PAGE_ALIGN_ELEMS = 256
@@ -127,14 +132,19 @@ class WeightStore:
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device | str, num_resident: int,
                  num_pages: int = 1):
         self.spec, self.dtype, self.device = spec, dtype, torch.device(device)
-        L, x = spec.num_hidden_layers, expert_elems(spec)
+        fmt = spec.dtypes.expert_format
+        self.layout = ExpertLayout.of(spec, expert_format(fmt)) if fmt else None
+        L = spec.num_hidden_layers
+        x, stored = (self.layout.nbytes, torch.uint8) if self.layout else (expert_elems(spec), dtype)
         self.page_table = PageTable.build(spec.num_experts, num_resident, num_pages, x)
         r, s = self.page_table.num_resident, len(self.page_table.streamed_ids)
         self._dense = _allocate_dense(dense_weight_shapes(spec), dtype, self.device)
         self.dense: DenseWeights = dense_weights_from(self._dense, spec)
-        self.resident = torch.empty((L, r, x), dtype=dtype, device=self.device)      # [L, r, X]
-        self.offloaded = empty_host((L, s, x), dtype, pin=self.device.type == "cuda")  # [L, E - r, X]
-        self.buffers = torch.empty((2, s, x), dtype=dtype, device=self.device)       # [2, E - r, X]
+        self.resident = torch.empty((L, r, x), dtype=stored, device=self.device)      # [L, r, X]
+        self.offloaded = empty_host((L, s, x), stored, pin=self.device.type == "cuda")  # [L, E - r, X]
+        self.buffers = torch.empty((2, s, x), dtype=stored, device=self.device)       # [2, E - r, X]
+        self.workspace = (DequantWorkspace(spec, dtype, self.device) if self.layout else None)  # [E, 3 I H]
+        self._pending: tuple[str, torch.Tensor] | None = None      # an expert matrix a loader is filling
         self._lookups = [[self._buffer_lookup(layer, b) for b in (0, 1)] for layer in range(L)]
 
     # ---- sizes (the memory account's parts, from the tensors) -------------------------------------
@@ -142,7 +152,8 @@ class WeightStore:
         """Device bytes by the account's parts."""
         nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
         return {"non_expert_weights": sum(nbytes(t) for t in self._dense.values()),
-                "resident_experts": nbytes(self.resident), "expert_double_buffer": nbytes(self.buffers)}
+                "resident_experts": nbytes(self.resident), "expert_double_buffer": nbytes(self.buffers),
+                "expert_dequant": nbytes(self.workspace.tensor) if self.workspace else 0}
 
     @property
     def offloaded_bytes(self) -> int:
@@ -157,11 +168,43 @@ class WeightStore:
         return list(self._dense)
 
     def target(self, name: str) -> torch.Tensor:
-        """The tensor (a view into its final place) that weight `name` is copied into."""
+        """The tensor (a view into its final place) that weight `name` is copied into. With quantized
+        experts, an expert matrix's target is a scratch tensor in the compute dtype, quantized into its
+        place at the next call for another name or at `seal()`."""
+        if self._pending is not None and self._pending[0] != name:
+            self._flush()
         if ".experts." in name:
             _, layer, _, e, part = name.split(".")
-            return getattr(self.at_rest(int(layer))(int(e)), part)
+            if self.layout is None:
+                return getattr(self.at_rest(int(layer))(int(e)), part)
+            if self._pending is None:
+                m = self.layout.matrix(part)
+                self._pending = (name, torch.empty(m.out_features, m.in_features, dtype=self.dtype))
+            return self._pending[1]
         return self._dense[name]
+
+    def seal(self) -> None:
+        """The end of loading: the last expert matrix a loader filled is quantized into its place."""
+        if self._pending is not None:
+            self._flush()
+
+    def put_expert(self, layer: int, expert: int, flat: torch.Tensor) -> None:
+        """Store one expert given flat in the compute dtype [3 I H] (gate | up | down), quantized where the
+        store's format is."""
+        dest = self.at_rest_flat(layer, expert)
+        if self.layout is None:
+            dest.copy_(flat)
+            return
+        for m in self.layout.matrices:
+            w = flat[m.elems_at:m.elems_at + m.out_features * m.in_features].view(m.out_features, m.in_features)
+            self.layout.store_matrix(dest, m, w.to(self.device))
+
+    def _flush(self) -> None:
+        """Quantize the pending matrix (on the device, which is faster) into its expert's bytes."""
+        name, w = self._pending
+        self._pending = None
+        _, layer, _, e, part = name.split(".")
+        self.layout.store_matrix(self.at_rest_flat(int(layer), int(e)), self.layout.matrix(part), w.to(self.device))
 
     def at_rest_flat(self, layer: int, expert: int) -> torch.Tensor:
         """The permanent copy of one expert [X]: resident on the device or offloaded on the host."""
@@ -170,21 +213,33 @@ class WeightStore:
 
     # ---- expert lookups -------------------------------------------------------------------------
     def at_rest(self, layer: int) -> ExpertLookup:
-        """Experts read from where they rest (the reference model's view). Host-resident experts are
-        copied to the device when the device is not the CPU."""
-        return lambda e: expert_view(self.at_rest_flat(layer, e).to(self.device), self.spec)
+        """Experts read from where they rest (the reference model's view; quantized ones dequantized).
+        Host-resident experts are copied to the device when the device is not the CPU."""
+        if self.layout is None:
+            return lambda e: expert_view(self.at_rest_flat(layer, e).to(self.device), self.spec)
+
+        def dequantized(e: int) -> ExpertWeights:
+            flat = self.at_rest_flat(layer, e).to(self.device)[None]                  # [1, bytes]
+            out = torch.empty(1, expert_elems(self.spec), dtype=self.dtype, device=self.device)
+            return expert_view(dequantize_experts(flat, self.layout, out)[0], self.spec)
+        return dequantized
 
     def lookup(self, layer: int, buffer: int) -> ExpertLookup:
         """Experts as the pipeline reads them: resident slots, or `buffer` after the layer's pages landed."""
         return self._lookups[layer][buffer]
 
-    def _buffer_lookup(self, layer: int, buffer: int) -> ExpertTable:
+    def _buffer_lookup(self, layer: int, buffer: int) -> ExpertTable | DequantTable:
+        pt = self.page_table
+        if self.layout is not None:
+            stores = ([(pt.resident_ids[0], self.resident[layer])] if pt.resident_ids else []) + \
+                     ([(pt.streamed_ids[0], self.buffers[buffer])] if pt.streamed_ids else [])
+            return DequantTable(tuple(stores), self.layout, self.workspace)
         views: list[ExpertWeights] = []
         for e in range(self.spec.num_experts):
             resident, slot = self.page_table.slot(e)
             flat = self.resident[layer, slot] if resident else self.buffers[buffer, slot]
             views.append(expert_view(flat, self.spec))
-        pt, groups = self.page_table, []
+        groups = []
         if pt.resident_ids:
             groups.append((pt.resident_ids[0], self.resident[layer]))
         if pt.streamed_ids:

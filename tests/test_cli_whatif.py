@@ -231,7 +231,8 @@ def test_generate_plans_on_the_profile_of_this_gpu(monkeypatch):
 
 def test_expert_dtype_prices_each_format_with_its_own_plan(capsys):
     """--expert-dtype: the experts' bytes from hrm.formats (scales included), the rest of the model as it
-    was; plan gives every format's own best plan beside the chosen one; run refuses the what-if plan."""
+    was; plan gives every format's own best plan beside the chosen one; the runtime takes
+    every expert format but not other weights quantized."""
     from hrm.formats import EXPERT_FORMATS
     out = run_json(capsys, "plan", "--no-baselines", "--expert-dtype", "int8")
     d = out["plan"]["model"]["spec"]["dtypes"]
@@ -247,8 +248,12 @@ def test_expert_dtype_prices_each_format_with_its_own_plan(capsys):
     assert "expert_formats" not in run_json(capsys, "plan", "--no-baselines")
     from hrm.hf_config import load_model
     from runtime.model import UnsupportedModel, check_supported
-    with pytest.raises(UnsupportedModel, match="--expert-dtype int8 \\(it stores weights and KV in bf16"):
-        check_supported(load_model("mixtral-8x7b").with_expert_format("int8"))
+    mixtral = load_model("mixtral-8x7b")
+    for name in EXPERT_FORMATS:                     # the runtime stores every expert format
+        check_supported(mixtral.with_expert_format(name))
+    whole = mixtral.with_dtypes(mixtral.dtypes.stored_as(weight="int8")).with_expert_format("int8")
+    with pytest.raises(UnsupportedModel, match="--weight-dtype int8 \\(it stores weights and KV in bf16"):
+        check_supported(whole)
 
 
 def test_expert_dtype_int4_refuses_widths_it_cannot_group(capsys):

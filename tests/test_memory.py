@@ -20,8 +20,8 @@ torch.set_num_threads(1)
 MIXED = (5, 9, 3, 7, 12, 4, 8, 11, 2)
 MAX_NEW = 4
 # parts the runtime holds as tensors for the whole pass (the rest are the stack's, or transient)
-HELD = {"gpu": ("non_expert_weights", "resident_experts", "expert_double_buffer", "kv_cache", "kv_stream_buffer",
-                "pass_state", "prefill_inputs"),
+HELD = {"gpu": ("non_expert_weights", "resident_experts", "expert_double_buffer", "expert_dequant", "kv_cache",
+                "kv_stream_buffer", "pass_state", "prefill_inputs"),
         "pinned": ("offloaded_experts", "kv_cache", "prefill_staging", "io_buffers", "kv_transfer"),
         "pageable": ("pass_state",)}
 POLICIES = [Policy(9, 2), Policy(9, 3, weights_gpu_frac=0.4, kv_gpu_frac=0.4), Policy(9, 9, weights_gpu_frac=1.0),
