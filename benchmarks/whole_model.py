@@ -40,7 +40,7 @@ COLUMNS = ("date", "model", "num_layers", "model_layers", "gpu_budget_bytes", "h
            "completed", "error", "pred_tok_s", "meas_tok_s", "pred_prefill_s", "meas_prefill_s", "pred_decode_s",
            "meas_decode_s", "pred_gpu_peak_bytes", "meas_gpu_peak_bytes", "pred_host_peak_bytes",
            "meas_host_peak_bytes", "pred_pinned_bytes", "meas_pinned_bytes", "meas_gpu_allocated_peak_bytes",
-           "setup_s", "load_s", "reserve_s", "wall_s", "plan_file")
+           "setup_s", "load_s", "reserve_s", "wall_s", "plan_file", "expert_dtype", "kv_dtype")
 
 
 SETUP_S = 60.0
@@ -51,6 +51,8 @@ start the process, pin ~120 GB and warm up)."""
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="mixtral-8x7b")
+    p.add_argument("--expert-dtype", default=None, choices=("bf16", "int8", "int4"),
+                   help="routed experts stored in this format (hrm.formats), every plan made for it")
     p.add_argument("--hardware", default="h200-measured")
     p.add_argument("--gpu-memory", nargs="+", default=["24GB"], help="GPU budgets (the process's totals)")
     p.add_argument("--cpu-memory", default=None, help="host budget (default: what this machine has available)")
@@ -80,7 +82,8 @@ def _row_of(date, spec, budgets, tag, plan, meas, error, wall_s, plan_file) -> d
            "completed": meas is not None, "error": error or "",
            "pred_tok_s": est.throughput_tok_s, "pred_prefill_s": est.prefill_s, "pred_decode_s": est.decode_s,
            "pred_gpu_peak_bytes": est.memory.gpu_bytes, "pred_host_peak_bytes": est.memory.cpu_bytes,
-           "pred_pinned_bytes": est.memory.pinned_bytes, "wall_s": wall_s, "plan_file": plan_file}
+           "pred_pinned_bytes": est.memory.pinned_bytes, "wall_s": wall_s, "plan_file": plan_file,
+           "expert_dtype": spec.dtypes.expert_format or "bf16", "kv_dtype": "bf16"}
     if meas is not None:
         d = meas["derived"]
         row.update(meas_tok_s=d["tokens_per_s"], meas_prefill_s=meas["prefill_s"], meas_decode_s=meas["decode_s"],
@@ -131,6 +134,8 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     spec, hw = load_model(args.model), load_profile(args.hardware)
+    if args.expert_dtype:
+        spec = spec.with_expert_format(args.expert_dtype)
     workload = Workload.uniform(args.prompt_len, args.gen_len)
     date = _dt.date.today().isoformat()
     out = Path(args.out or ROOT / "benchmarks" / "results" / "whole_model" / f"{hw.name}-{date}.csv")
@@ -159,7 +164,8 @@ def main(argv=None) -> int:
             print(f"[{i + 1}/{len(jobs)}] not started: {left:.0f} s left of --time-limit-s, a job takes "
                   f"~{expected:.0f} s; run the rest with --jobs {i}:{stop}", flush=True)
             break
-        name = f"{spec.name}-{g}-{i}-{tag}".replace(":", "_")
+        fmt = f"-{spec.dtypes.expert_format}" if spec.dtypes.expert_format else ""
+        name = f"{spec.name}{fmt}-{g}-{i}-{tag}".replace(":", "_")
         est, b = plan.estimate, plan.budgets
         print(f"[{i + 1}/{len(jobs)}] {g} {tag}: {plan.policy.short()} predicted {est.throughput_tok_s:,.1f} "
               f"tok/s, GPU {est.memory.gpu_bytes / 2**30:.2f} of {b.gpu_bytes / 2**30:.2f} GiB, host "
