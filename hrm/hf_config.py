@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from .checks import load_json, read_text
-from .hf_families import FAMILIES, SPARSE_ATTENTION_FAMILIES
+from .hf_families import CHUNKED_ATTENTION_FAMILIES, FAMILIES, SPARSE_ATTENTION_FAMILIES
 from .hf_fields import Config
 from .spec import ModelSpec, SpecError
 
@@ -66,8 +66,9 @@ def unpriced_layers(raw: dict) -> str | None:
     """What a config's layers hold that ModelSpec cannot price (linear attention, Mamba, convolutions,
     chunked attention, indexed attention outside SPARSE_ATTENTION_FAMILIES ...), as words for the refusal;
     None when every layer is of a priced kind."""
-    priced = PRICED_LAYER_KINDS | ({"indexed_attention"} if raw.get("model_type") in SPARSE_ATTENTION_FAMILIES
-                                   else set())
+    family = raw.get("model_type")
+    priced = (PRICED_LAYER_KINDS | ({"indexed_attention"} if family in SPARSE_ATTENTION_FAMILIES else set())
+              | ({"chunked_attention"} if family in CHUNKED_ATTENTION_FAMILIES else set()))
     for key in ("layer_types", "layers_block_type"):
         kinds = raw.get(key)
         if isinstance(kinds, list):

@@ -241,6 +241,27 @@ def _minimax_m2(c: Config) -> dict:
     return dict(s, qk_norm=True, router="sigmoid", norm_topk_prob=True)
 
 
+def _llama4_text(c: Config) -> dict:
+    """Llama 4 (text): every layer MoE (interleave_moe_layer_step 1; Maverick's interleaved dense layers are
+    refused), a shared expert as wide as the routed ones, a top-k router whose weights are the sigmoid of the
+    chosen logits, L2 q/k norms (no parameters). Its 'chunked_attention' layers attend within chunks of
+    attention_chunk_size tokens: priced as windows of that size, which is their bound (a context shorter than
+    a chunk attends everything, as a full layer does)."""
+    s = standard_fields(c, "intermediate_size", theta=500000.0)
+    layers = s["num_hidden_layers"]
+    every_layer_moe(c, interleave_moe_layer_step=1)
+    moe_layers = c.get("moe_layers")
+    if moe_layers is not None and sorted(moe_layers) != list(range(layers)):
+        raise SpecError(f"{c.model_type} config: field 'moe_layers'={moe_layers!r} interleaves dense and MoE "
+                        f"layers, which ModelSpec cannot describe")
+    chunk, types = c.int("attention_chunk_size", default=0), c.get("layer_types") or []
+    chunked = sum(k == "chunked_attention" for k in types)
+    window = (dict(sliding_window=chunk, num_sliding_layers=chunked)
+              if chunk and chunked and chunk < s["max_position_embeddings"] else {})
+    return dict(s, shared_expert_intermediate_size=c.int("intermediate_size"), router="sigmoid",
+                norm_topk_prob=False, **attention_biases(c), **window)
+
+
 def _hy_v3(c: Config) -> dict:
     """Hunyuan V3: per-head q/k norms, a sigmoid router with a score-correction bias (a buffer), normalised and
     scaled top-k (router_scaling_factor), shared experts, leading dense layers (mlp_layer_types)."""
@@ -323,7 +344,10 @@ FAMILIES = {
     "glm_moe_dsa": _sparse_deepseek,
     "minimax_m3_vl_text": _minimax_m3,
     "beam": _beam,
+    "llama4_text": _llama4_text,
 }
 
 SPARSE_ATTENTION_FAMILIES = frozenset({"deepseek_v32", "glm_moe_dsa"})
 """Families whose readers price 'indexed_attention' layers (DeepSeek sparse attention)."""
+CHUNKED_ATTENTION_FAMILIES = frozenset({"llama4_text"})
+"""Families whose readers price 'chunked_attention' layers (as windows of the chunk)."""

@@ -209,6 +209,8 @@ PARAM_CONFIGS = {
                                layer_types=["full_attention", "full_attention"]),
     "beam": dict(num_experts=4, moe_intermediate_size=24, intermediate_size=40, head_dim=8, n_group=1, topk_group=1,
                  mlp_layer_types=["dense", "sparse"], attention_bias=True),
+    "llama4_text": dict(num_local_experts=4, intermediate_size=40, head_dim=8, attention_bias=True,
+                        attention_chunk_size=16),
 }
 
 
@@ -239,6 +241,8 @@ def test_parameter_count_is_exact_against_transformers(family):
     ("flint", dict(mlp_only_layers=[1]), "'mlp_only_layers'=\\[1\\] interleaves"),
     ("deepseek_v32", dict(layer_types=["indexed_attention", "full_attention"]), "mixes indexed and other"),
     ("minimax_m3_vl_text", dict(layer_types=["full_attention", "minimax_m3_sparse"]), "'minimax_m3_sparse' layers"),
+    ("llama4_text", dict(interleave_moe_layer_step=2), "'interleave_moe_layer_step'=2 interleaves"),
+    ("llama4_text", dict(moe_layers=[1]), "'moe_layers'=\\[1\\] interleaves"),
 ])
 def test_what_a_new_family_cannot_be_priced_as_is_refused_naming_it(family, fields, words):
     transformers = pytest.importorskip("transformers")
@@ -253,7 +257,7 @@ def test_what_a_new_family_cannot_be_priced_as_is_refused_naming_it(family, fiel
 
 @pytest.mark.parametrize("family, words", [
     ("qwen3_next", "'linear_attention' layers"), ("minimax", "'linear_attention' layers"),
-    ("granitemoehybrid", "layers"), ("jamba", "Mamba layers"), ("llama4_text", "'chunked_attention' layers"),
+    ("granitemoehybrid", "layers"), ("jamba", "Mamba layers"),
 ])
 def test_layers_that_cannot_be_priced_are_named(family, words):
     """Hybrid models are refused by the kind of layer the spec cannot describe, not by an unknown name."""
@@ -263,7 +267,17 @@ def test_layers_that_cannot_be_priced_are_named(family, words):
         spec_from_hf_config(raw)
 
 
-def test_a_supported_family_with_an_unpriced_layer_kind_is_refused():
-    raw = _config("qwen3_moe", layer_types=["full_attention", "linear_attention"])
-    with pytest.raises(SpecError, match="'linear_attention' layers"):
+@pytest.mark.parametrize("kind", ["linear_attention", "chunked_attention"])
+def test_a_supported_family_with_an_unpriced_layer_kind_is_refused(kind):
+    """Chunked attention is priced only where the family's reader knows its chunk (llama4_text)."""
+    raw = _config("qwen3_moe", layer_types=["full_attention", kind])
+    with pytest.raises(SpecError, match=f"'{kind}' layers"):
         spec_from_hf_config(raw)
+
+
+def test_llama4_chunked_layers_are_priced_as_windows_of_the_chunk():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.for_model("llama4_text", **HF_COMMON, **PARAM_CONFIGS["llama4_text"])
+    spec = spec_from_hf_config(dict(config.to_dict(), model_type="llama4_text"))
+    assert (spec.sliding_window, spec.num_sliding_layers) == (16, spec.num_hidden_layers)
+    assert spec.router == "sigmoid" and spec.shared_expert_intermediate_size == 40
