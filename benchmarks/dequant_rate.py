@@ -65,7 +65,6 @@ def measure(model: str, fmt_name: str, hw, device: str, repeats: int) -> dict:
            "effective_gb_per_s": weights * fmt.dequant_traffic_bytes_per_weight / seconds / 1e9}
     print(f"{model} {fmt_name}: {seconds * 1e3:.2f} ms per layer (priced {priced * 1e3:.2f}), "
           f"{row['effective_gb_per_s']:.0f} GB/s at the priced traffic", flush=True)
-    del store, out
     return row
 
 
