@@ -19,7 +19,8 @@
 #                 their CSVs and kept plans get the suffix -VAL (an A/B of the same jobs in one call)
 #   MODEL:A:B     benchmarks/whole_model.py, jobs A..B-1 of MODEL's chosen plans and sweep file
 #                 (mixtral: 24GB and 48GB with sweeps/mixtral-8x7b-h200.json; qwen3: 24GB with
-#                 sweeps/qwen3-30b-a3b-h200.json; olmoe: 24GB, the chosen plan; mixtral-int8, mixtral-int4:
+#                 sweeps/qwen3-30b-a3b-h200.json; olmoe, qwen15 (Qwen1.5-MoE-A2.7B): 24GB, the chosen
+#                 plan; mixtral-int8, mixtral-int4:
 #                 24GB and 48GB, the chosen plans with the experts stored in that format)
 # Every whole-model step stops starting jobs CALL_S seconds after the script began (less 20 s to pack).
 # Everything lands in $OUT/whole (default benchmarks/results/whole_model/h200-run), packed into
@@ -79,6 +80,7 @@ for step in "$@"; do
         mixtral) args=(--model mixtral-8x7b --gpu-memory 24GB 48GB --policies benchmarks/sweeps/mixtral-8x7b-h200.json) ;;
         qwen3) args=(--model qwen3-30b-a3b --gpu-memory 24GB --policies benchmarks/sweeps/qwen3-30b-a3b-h200.json) ;;
         olmoe) args=(--model olmoe-1b-7b --gpu-memory 24GB) ;;
+        qwen15) args=(--model qwen1.5-moe-a2.7b --gpu-memory 24GB) ;;
         mixtral-int8|mixtral-int4) args=(--model mixtral-8x7b --gpu-memory 24GB 48GB --expert-dtype "${model#mixtral-}") ;;
         *) echo "unknown model $model"; continue ;;
         esac
