@@ -129,10 +129,10 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
         return gpu_time(s, ops.routed_experts(spec, tokens), ops.tokens_per_expert(spec, tokens))
 
     frac_moe = spec.num_moe_layers / spec.num_hidden_layers
-    dequant = frac_moe * expert_dequant_s(s)          # quantized experts: once per micro-batch's visit
+    dequant = frac_moe * expert_dequant_s(s)          # quantized experts: once per layer-step (runtime.moe)
     gpu_fixed = _per_micro_batch(gpu_mb, N, mu)
     experts_gpu = _per_micro_batch(experts_gpu_mb, N, mu)
-    gpu = gpu_fixed + (experts_gpu if s.ffn_on_gpu else r_w * experts_gpu) + m * dequant
+    gpu = gpu_fixed + (experts_gpu if s.ffn_on_gpu else r_w * experts_gpu) + dequant
 
     # one micro-batch's size (N when a single one holds them all)
     mu_arr = np.minimum(np.asarray(mu), np.asarray(N))
@@ -171,7 +171,7 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
 
     # one micro-batch's round trip through the loop (does not depend on r_w)
     # the host launches while the GPU executes: the slower of the two, then the chain through the CPU
-    loop = np.maximum(gpu_mb(mu_arr) + experts_gpu_mb(mu_arr) + dequant, decode_visit_s(s, mu_arr, m))
+    loop = np.maximum(gpu_mb(mu_arr) + experts_gpu_mb(mu_arr) + dequant / m, decode_visit_s(s, mu_arr, m))
     if not s.attention_on_gpu:
         loop = loop + (_cpu_attention_s(s, mu_arr, ctx, 1, attn_rate)
                        + mu_arr * _qkv_elems(spec) * ab / d2h_bytes_per_s(s)

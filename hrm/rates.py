@@ -58,8 +58,9 @@ def gpu_hbm_bytes_per_s(s: Setting) -> float:
 
 def expert_dequant_s(s: Setting) -> float:
     """One dequantization of a layer's routed experts into the compute dtype on the GPU, where they are
-    stored quantized (runtime.quant.DequantTable: once per decode visit of a micro-batch, once per layer in
-    prefill): its memory traffic at the HBM rate. 0 for experts stored as the other weights."""
+    stored quantized (runtime.quant.DequantTable: once per layer in prefill and in each decode step, the
+    micro-batches of a visit reusing it): its memory traffic at the HBM rate. 0 for experts stored as the
+    other weights."""
     name = s.spec.dtypes.expert_format
     if not name or not s.ffn_on_gpu:
         return 0.0

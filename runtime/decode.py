@@ -156,7 +156,8 @@ class DecodePass:
         with st.use(st.compute), self.rec.gpu("gpu_compute", st.compute, self._label(visit, j)):
             if graph is None:
                 lookup = self.store.lookup(layer, visit % 2)
-                m.h = post_attention(m.h, m.attn_dev, self.store.dense.layers[layer], lookup, self.spec)
+                m.h = post_attention(m.h, m.attn_dev, self.store.dense.layers[layer], lookup, self.spec,
+                                     reuse_dequant=self.graphs is None)
             else:
                 g, h_in, attn_in, out = graph
                 h_in.copy_(m.h)

@@ -252,12 +252,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: int
 
 
 def post_attention(x: torch.Tensor, attn: torch.Tensor, layer: LayerWeights, experts: ExpertLookup,
-                   spec: ModelSpec, host_sync_ok: bool = False) -> torch.Tensor:
+                   spec: ModelSpec, host_sync_ok: bool = False, reuse_dequant: bool = False) -> torch.Tensor:
     """O-proj + residual, RMSNorm, MoE + residual. x [tokens, hidden], attn [tokens, q_dim] -> [tokens, hidden].
-    `host_sync_ok`: never captured in a CUDA graph (prefill), see runtime.moe.moe."""
+    `host_sync_ok`: never captured in a CUDA graph (prefill); `reuse_dequant`: no CUDA graph in the pass at
+    all; see runtime.moe.moe."""
     x = x + F.linear(attn, layer.attn.o_proj, layer.attn.o_bias)
     h = rms_norm(x, layer.post_attention_norm, spec.rms_norm_eps)
-    return x + moe(h, layer, experts, spec, host_sync_ok)
+    return x + moe(h, layer, experts, spec, host_sync_ok, reuse_dequant)
 
 
 def final_logits(x: torch.Tensor, dense: DenseWeights, spec: ModelSpec) -> torch.Tensor:

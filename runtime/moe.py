@@ -99,7 +99,8 @@ def route(h: torch.Tensor, router: torch.Tensor, spec: ModelSpec) -> tuple[torch
     return weights, ids
 
 
-def moe(h: torch.Tensor, layer, experts: ExpertLookup, spec: ModelSpec, host_sync_ok: bool = False) -> torch.Tensor:
+def moe(h: torch.Tensor, layer, experts: ExpertLookup, spec: ModelSpec, host_sync_ok: bool = False,
+        reuse_dequant: bool = False) -> torch.Tensor:
     """Routed experts (SwiGLU, read through `experts`) plus the shared expert of `layer` (a
     runtime.model.LayerWeights: its router and shared expert). h [tokens, hidden] -> same.
     Through an ExpertTable, up to MOE_DENSE_MAX_TOKENS tokens: the dense path, above it the grouped path
@@ -107,10 +108,12 @@ def moe(h: torch.Tensor, layer, experts: ExpertLookup, spec: ModelSpec, host_syn
     sparse path (one host synchronisation: the per-expert token counts). `host_sync_ok` (prefill, never
     captured in a graph): where the experts live in several stores (resident and streamed), the grouped
     path reads the per-store pair counts once and runs each store on its own pairs only. Experts stored
-    quantized (a runtime.quant.DequantTable) are dequantized into one store first (kept across a
-    prefill layer's chunks)."""
+    quantized (a runtime.quant.DequantTable) are dequantized into one store first; with `reuse_dequant`
+    that store is kept for the calls of the same layer that follow: a prefill layer's chunks (eager, and a
+    layer's first chunk always follows another layer's), a decode visit's micro-batches where the pass
+    captures no CUDA graph (replays write the workspace unseen)."""
     if hasattr(experts, "materialize"):                                    # quantized: runtime.quant
-        experts = experts.materialize(reuse=host_sync_ok)
+        experts = experts.materialize(reuse=reuse_dequant)
     weights, ids = route(h, layer.router, spec)                            # [tokens, k]
     groups = getattr(experts, "groups", None)
     path = moe_path(h.shape[0], groups, spec, h.device, h.dtype)

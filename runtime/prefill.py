@@ -94,7 +94,8 @@ class PrefillPass:
                     attn = q.new_empty(q.shape[0], q.shape[1] * v.shape[2])            # [tokens, q_dim]
                     for idx, _, pad in x["groups"]:                                  # idx [G, len]
                         attn[idx] = causal_attention(q[idx], k[idx], v[idx], pad)
-                    h = post_attention(h, attn, layer, self.store.lookup(visit, visit % 2), spec, host_sync_ok=True)
+                    h = post_attention(h, attn, layer, self.store.lookup(visit, visit % 2), spec, host_sync_ok=True,
+                                       reuse_dequant=True)   # eager, and each layer's first chunk re-reads
                     kpad, vpad = self._padded_kv(k, v, x, m.mb, len(rows))           # [rows, n_kv, S, d]
                     if visit == self.L - 1:
                         logits = final_logits(h[x["last"]], self.store.dense, spec)  # [rows, vocab]

@@ -184,8 +184,9 @@ class DequantTable:
 
     def materialize(self, reuse: bool = False):
         """Dequantize the layer into the workspace (unless `reuse` and it already holds this table: the
-        prefill's chunks of one layer, whose experts do not change in between) -> the workspace's table.
-        Without `reuse` (decode, which CUDA graphs capture) it always dequantizes."""
+        layer's experts are the same values whenever its pages have landed) -> the workspace's table.
+        Without `reuse` (a pass with CUDA graphs, whose replays write the workspace unseen) it always
+        dequantizes and leaves the workspace held by no table."""
         ws = self.workspace
         if not (reuse and ws.holder is self):
             for first, store in self.stores:

@@ -110,3 +110,19 @@ def test_a_checkpoint_loads_quantized(tmp_path):
     for name in plain.dense_names():
         assert torch.equal(plain.target(name), quant.target(name)), name
     _assert_each_expert_quantized(plain, quant, f)
+
+
+def test_each_layer_is_dequantized_once_per_visit(reference, monkeypatch):
+    """Four micro-batches, every expert streamed: a layer's experts are dequantized once per prefill layer
+    and once per decode visit, not once per chunk or micro-batch."""
+    import runtime.quant as quant
+    spec, prompts, expected = reference
+    calls = []
+    real = quant.dequantize_experts
+    monkeypatch.setattr(quant, "dequantize_experts", lambda *a: calls.append(1) or real(*a))
+    with Engine(spec, Policy(7, 2), dtype=torch.float64, seed=3, progress=False) as e:
+        tokens, _ = e.generate(prompts, MAX_NEW)
+        calls.clear()
+        tokens, _ = e.generate(prompts, MAX_NEW)
+    assert tokens == expected
+    assert len(calls) == spec.num_hidden_layers * MAX_NEW       # prefill: L; decode: L per step, MAX_NEW - 1 steps
