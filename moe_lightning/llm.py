@@ -97,7 +97,7 @@ def machine_profile(hardware: str | None):
 class LLM:
     def __init__(self, model: str | Path, *, plan=None, hardware: str | None = None, gpu_memory=None,
                  cpu_memory=None, batch_size: int | None = None, dtype: str | None = None, seed: int = 0,
-                 download: bool = False, progress: bool = True):
+                 download: bool = False, progress: bool = True, expert_dtype: str | None = None):
         from hrm.hf_config import load_model
 
         from .hub import resolve_model
@@ -109,6 +109,8 @@ class LLM:
             raise RequestError(f"model {str(model)!r}: generation needs a checkpoint directory or a Hub id ({why})")
         self.model_dir = path
         self.spec = load_model(path)
+        if expert_dtype is not None:                # routed experts quantized at load (hrm.formats)
+            self.spec = self.spec.with_expert_format(expert_dtype)
         self.codec = TextCodec.from_model_dir(path)
         if isinstance(plan, (str, Path)):
             from optimizer.plan import Plan

@@ -85,10 +85,14 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
                         f"torch_dtype and quantization_config for the bytes; compute stays): {', '.join(dtypes)}")
     g.add_argument("--kv-dtype", choices=dtypes, default=None, metavar="DTYPE",
                    help="what-if: the KV cache stored as DTYPE (default: the model's compute dtype)")
+    add_expert_dtype_arg(g, "; plan also prints each format's own best plan")
+
+
+def add_expert_dtype_arg(g, more: str = "") -> None:
     from hrm.formats import EXPERT_FORMATS
     g.add_argument("--expert-dtype", choices=list(EXPERT_FORMATS), default=None, metavar="FORMAT",
-                   help="what-if: the routed experts stored as FORMAT, scales included (int8: one per output "
-                        "channel; int4: one per 128 inputs); plan also prints each format's own best plan: "
+                   help="the routed experts stored as FORMAT, scales included (int8: one per output channel; "
+                        f"int4: one per 128 inputs; the runtime quantizes at load, round to nearest){more}: "
                         f"{', '.join(EXPERT_FORMATS)}")
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .common import COUNT, SHARE, fmt_s, size, value
+from .common import COUNT, SHARE, add_expert_dtype_arg, fmt_s, size, value
 
 
 def add_parser(sub) -> None:
@@ -39,6 +39,7 @@ def add_parser(sub) -> None:
     x.add_argument("--batch-size", type=COUNT, default=None,
                    help="at most this many requests per engine pass (default: the plan's N)")
     x.add_argument("--dtype", default=None, help="weight/activation dtype (default: the model's)")
+    add_expert_dtype_arg(x)
     x.add_argument("--seed", type=value(int, positive=False), default=0, help="sampling seed")
     x.add_argument("--download", action="store_true", help="fetch a Hub id that is not in the local cache")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
@@ -59,7 +60,7 @@ def run(args) -> int:
         return 0
     llm = LLM(args.model, plan=args.plan, hardware=args.hardware, gpu_memory=args.gpu_memory,
               cpu_memory=args.cpu_memory, batch_size=args.batch_size, dtype=args.dtype, seed=args.seed,
-              download=args.download, progress=not args.quiet)
+              download=args.download, progress=not args.quiet, expert_dtype=args.expert_dtype)
     bar = _Progress(say, quiet=args.quiet)
 
     def on_start(batches, predicted_s):

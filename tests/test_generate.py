@@ -218,3 +218,17 @@ def test_plan_dataset_needs_a_tokenizer(tmp_path, capsys):
     assert main(["plan", "--dataset", str(reqs)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--tokenizer" in err
+
+
+def test_generate_with_int8_experts_follows_the_dequantized_model(model_dir):
+    """--expert-dtype int8 on a real-format checkpoint: quantized at load; each completion is the reference
+    model's greedy continuation over the dequantized experts (cut at EOS as the engine cuts it)."""
+    from runtime.model import greedy_generate
+    with LLM(model_dir, progress=False, expert_dtype="int8") as q:
+        outs = q.generate(tiny_text_model.PROMPTS, SamplingParams(max_tokens=5))
+        store, spec = q.engine().store, q.spec
+        assert spec.dtypes.expert_format == "int8" and store.offloaded.dtype == torch.uint8
+        for prompt, c in zip(tiny_text_model.PROMPTS, outs):
+            ids = q.encode([Request(id="r", prompt=prompt)])[0]
+            want = greedy_generate(ids, 5, store.dense, store.at_rest, spec)
+            assert list(c.token_ids) == want[:len(c.token_ids)] and c.token_ids
