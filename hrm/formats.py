@@ -16,9 +16,10 @@ SCALE_BYTES = 2          # fp16
 DEQUANT_CHUNK_ELEMS = 1 << 24
 """The runtime dequantizes a layer's quantized experts into the compute dtype (runtime.quant) in chunks of
 at most this many weights (whole rows), which bounds its fp32 temporaries."""
-DEQUANT_TEMP_BYTES_PER_ELEM = 1
+DEQUANT_TEMP_BYTES_PER_ELEM = 1.25
 """Live temporaries per weight of a chunk: int4's masked or shifted nibbles and their re-centred copy, a
-byte each for half the weights (int8 reads its bytes in place: none)."""
+byte each for half the weights, and the fp32 scales (4 bytes per group of 128: 0.03), rounded up (int8 reads
+its bytes in place and needs only the scales)."""
 
 
 @dataclass(frozen=True)

@@ -160,7 +160,7 @@ def scaled_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, f
 class DequantWorkspace:
     """The device tensor [E, 3 I H] (compute dtype) a layer's quantized experts are dequantized into before
     its MoE runs, the ExpertTable over it (one store: no host sync on any MoE path), and which table it
-    holds now (`holder`, kept only while prefill reuses it across a layer's chunks)."""
+    holds now (`holder`: None unless the last call may be reused, see DequantTable.materialize)."""
 
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device):
         from .moe import ExpertTable, expert_elems, expert_view
