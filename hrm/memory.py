@@ -206,7 +206,7 @@ def expert_dequant_bytes(spec: ModelSpec) -> float:
     they are stored quantized (runtime.quant.DequantWorkspace); 0 otherwise."""
     if not spec.dtypes.expert_format:
         return 0.0
-    return spec.num_experts * 3 * spec.hidden_size * spec.moe_intermediate_size * spec.dtypes.act_bytes
+    return spec.routed_expert_params_per_moe_layer * spec.dtypes.act_bytes
 
 
 def decode_workspace_bytes(spec: ModelSpec, tokens):

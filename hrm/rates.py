@@ -64,7 +64,7 @@ def expert_dequant_s(s: Setting) -> float:
     name = s.spec.dtypes.expert_format
     if not name or not s.ffn_on_gpu:
         return 0.0
-    weights = s.spec.num_experts * 3 * s.spec.hidden_size * s.spec.moe_intermediate_size
+    weights = s.spec.routed_expert_params_per_moe_layer
     return weights * expert_format(name).dequant_traffic_bytes_per_weight / gpu_hbm_bytes_per_s(s)
 
 
