@@ -4,7 +4,8 @@ weights (the runtime's own generator), a few layers of each model, on the CPU.
 For each model and format, against the same model with bf16 experts (everything else identical):
   logit deviation   max |logits - logits_bf16| / max |logits_bf16| over every position of the prompts;
   top-1 agreement   the share of positions (teacher-forced on the same prompts) whose argmax is unchanged;
-  greedy agreement  the share of greedy tokens equal to bf16's, up to the first difference, per prompt.
+  greedy agreement  the share of greedy tokens equal to bf16's, up to the first difference, per prompt;
+  same experts      per layer, the share of prompt tokens routed to the same top-k experts as with bf16.
 Synthetic weights are Gaussian, without the outliers of trained ones, so these are best cases: round to
 nearest on real checkpoints loses more, int4 most.
 
@@ -25,6 +26,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from result_file import write_result  # noqa: E402
 from hrm.hf_config import load_model  # noqa: E402
+from runtime import moe  # noqa: E402
 from runtime.model import forward, greedy_generate  # noqa: E402
 from runtime.synthetic import synthesize  # noqa: E402
 from runtime.weights import WeightStore  # noqa: E402
@@ -33,15 +35,27 @@ FORMATS = ("int8", "int4")
 
 
 def _outputs(spec, prompts, new_tokens, seed):
+    """(logits per prompt, greedy tokens per prompt, the experts each layer routed each prompt token to)."""
     store = WeightStore(spec, torch.bfloat16, "cpu", num_resident=spec.num_experts)
     synthesize(store, seed=seed, progress=False)
     # every expert read once (dequantized where quantized), not at each forward
     experts = [[store.at_rest(layer)(e) for e in range(spec.num_experts)] for layer in range(spec.num_hidden_layers)]
     of_layer = lambda layer: experts[layer].__getitem__  # noqa: E731
+    routed = []
+    real_route = moe.route
+
+    def recording_route(h, router, spec_):
+        weights, ids = real_route(h, router, spec_)
+        routed.append(ids.sort(dim=-1).values)
+        return weights, ids
     with torch.no_grad():
-        logits = [forward(torch.tensor(p), store.dense, of_layer, spec).float() for p in prompts]
+        moe.route = recording_route
+        try:
+            logits = [forward(torch.tensor(p), store.dense, of_layer, spec).float() for p in prompts]
+        finally:
+            moe.route = real_route
         greedy = [greedy_generate(p, new_tokens, store.dense, of_layer, spec) for p in prompts]
-    return logits, greedy
+    return logits, greedy, routed
 
 
 def _agreement_prefix(a: list[int], b: list[int]) -> int:
@@ -56,10 +70,14 @@ def _agreement_prefix(a: list[int], b: list[int]) -> int:
 def measure(model: str, layers: int, prompts, new_tokens: int, seed: int) -> list[dict]:
     spec = load_model(model).with_layers(layers)
     t0 = time.perf_counter()
-    base_logits, base_greedy = _outputs(spec, prompts, new_tokens, seed)
+    base_logits, base_greedy, base_routed = _outputs(spec, prompts, new_tokens, seed)
     rows = []
     for fmt in FORMATS:
-        logits, greedy = _outputs(spec.with_expert_format(fmt), prompts, new_tokens, seed)
+        logits, greedy, routed = _outputs(spec.with_expert_format(fmt), prompts, new_tokens, seed)
+        # per layer, the share of tokens routed to the same experts as with bf16 (calls are prompt-major)
+        same_route = [[bool(x) for x in (a == b).all(dim=-1)] for a, b in zip(routed, base_routed)]
+        by_layer = [sum(sum(s) for s in same_route[i::spec.num_hidden_layers]) /
+                    sum(len(s) for s in same_route[i::spec.num_hidden_layers]) for i in range(spec.num_hidden_layers)]
         dev = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(logits, base_logits))
         same = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(logits, base_logits))
         positions = sum(len(p) for p in prompts)
@@ -67,10 +85,11 @@ def measure(model: str, layers: int, prompts, new_tokens: int, seed: int) -> lis
         rows.append({"model": model, "layers": layers, "expert_dtype": fmt, "prompts": len(prompts),
                      "positions": positions, "logit_max_rel_dev": dev, "top1_agreement": same / positions,
                      "greedy_tokens": new_tokens, "greedy_prefix_agreement": sum(prefix) / (new_tokens * len(prompts)),
-                     "greedy_prefix_by_prompt": prefix})
+                     "greedy_prefix_by_prompt": prefix, "same_experts_by_layer": by_layer})
         r = rows[-1]
         print(f"{model} ({layers} layers) {fmt}: logits {dev:.4f} of max, top-1 {r['top1_agreement']:.3f}, "
-              f"greedy {r['greedy_prefix_agreement']:.3f}", flush=True)
+              f"greedy {r['greedy_prefix_agreement']:.3f}, same experts by layer "
+              f"{', '.join(f'{x:.3f}' for x in by_layer)}", flush=True)
     print(f"    {time.perf_counter() - t0:.0f} s", flush=True)
     return rows
 
