@@ -11,7 +11,8 @@
 #   pin           benchmarks/pin_rate.py (how fast fresh host memory is page-locked)
 #   gap           benchmarks/prefill_gap.py (the runtime's prefill on 4 layers, from the probe's setting to the plans')
 #   sustained     benchmarks/sustained_rate.py (each MoE layer and a GEMM back to back for 20 s: do the clocks hold?)
-#   smi           nvidia-smi samples clocks, power and throttle reasons every second until the call ends (smi.csv)
+#   smi           nvidia-smi samples clocks, power and throttle reasons every second until the call ends (smi.csv);
+#                 /proc/meminfo's free, huge-page and locked memory every 2 s (meminfo.txt), THP settings (thp.txt)
 #   profile       `moe-lightning profile` -> h200-measured.toml; later steps use it, in this call and in
 #                 later calls while the machine stays warm (.device_state/, ignored); else PROFILE, default
 #                 the committed hrm/hardware_profiles/h200-measured.toml
@@ -62,7 +63,12 @@ for step in "$@"; do
     smi)
         nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
             --format=csv,noheader -l 1 > "$res/smi.csv" 2>&1 &
-        smi_pid=$! ;;
+        smi_pid=$!
+        # the host's huge pages while the jobs run (the CPU attention's reads of a mostly pinned host)
+        cat /sys/kernel/mm/transparent_hugepage/enabled /sys/kernel/mm/transparent_hugepage/defrag > "$res/thp.txt" 2>&1
+        while :; do echo "t $(date +%s)"; grep -E '^(MemFree|MemAvailable|AnonHugePages|Mlocked|Unevictable):' /proc/meminfo
+            sleep 2; done > "$res/meminfo.txt" 2>&1 &
+        meminfo_pid=$! ;;
     profile)
         python -m moe_lightning_cli.main profile -o "$res/h200-measured.toml" --name h200-measured --no-progress \
             2>&1 | tee "$res/profile.log" | tail -40
@@ -94,4 +100,5 @@ for step in "$@"; do
     tar -C "$out" -czf "$out/whole.tgz.part" whole && mv "$out/whole.tgz.part" "$out/whole.tgz"
 done
 [ -n "${smi_pid:-}" ] && kill "$smi_pid" 2>/dev/null
+[ -n "${meminfo_pid:-}" ] && kill "$meminfo_pid" 2>/dev/null
 tar -C "$out" -czf "$out/whole.tgz.part" whole && mv "$out/whole.tgz.part" "$out/whole.tgz" && echo "packed $out/whole.tgz"

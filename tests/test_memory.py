@@ -182,3 +182,13 @@ def test_the_runtime_sets_its_allocator_default_only_where_the_environment_names
     measure.configure_allocator()
     assert calls == [measure.DEFAULT_ALLOCATOR]
     assert measure.allocator_conf() == "PYTORCH_ALLOC_CONF=expandable_segments:False"
+
+
+def test_huge_page_advice_covers_the_whole_2mib_pages_of_a_buffer():
+    """MOE_LIGHTNING_HOST_HUGEPAGES=1's advice: accepted by Linux for a buffer holding a 2 MiB page, nothing to
+    advise in a buffer smaller than one."""
+    import sys
+    from runtime.host_memory import advise_hugepages
+    big, small = torch.empty(8 * 2**20, dtype=torch.uint8), torch.empty(4096, dtype=torch.uint8)
+    assert advise_hugepages(big.data_ptr(), big.numel()) is sys.platform.startswith("linux")
+    assert advise_hugepages(small.data_ptr(), small.numel()) is False
