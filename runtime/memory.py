@@ -143,6 +143,8 @@ class PhaseMemory:
     pinned_bytes: int                # page-locked by the runtime at the phase's end
     wall_s: float = 0.0              # the phase's wall time (load: weights placed and filled; reserve: host
     #                                  buffers pinned; prefill and decode of the measured passes)
+    gpu_alloc_retries: int = 0       # times the caching allocator found no memory, freed its cache and retried
+    #                                  (each a device synchronisation that stalls the pipeline)
 
 
 class MemoryMeter:
@@ -153,19 +155,22 @@ class MemoryMeter:
         self.phases: list[PhaseMemory] = []
         self._open: str | None = None
         self._started = 0.0
+        self._retries = 0
 
     def phase(self, name: str) -> None:
         self.end()
         self._open, self._started = name, time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self._retries = _alloc_retries(self.device)
         reset_rss_peak()
 
     def end(self) -> None:
         if self._open is None:
             return
-        alloc = reserved = process = 0
+        alloc = reserved = process = retries = 0
         if self.device.type == "cuda":
+            retries = _alloc_retries(self.device) - self._retries
             torch.cuda.synchronize(self.device)
             alloc = torch.cuda.max_memory_allocated(self.device)
             reserved = torch.cuda.max_memory_reserved(self.device)
@@ -175,7 +180,7 @@ class MemoryMeter:
             self.context = max(self.context, total - free - torch.cuda.memory_reserved(self.device))
             process = self.context + reserved
         self.phases.append(PhaseMemory(self._open, alloc, reserved, process, rss_peak_bytes(), pinned_bytes(),
-                                       time.perf_counter() - self._started))
+                                       time.perf_counter() - self._started, retries))
         self._open = None
 
     def take(self) -> tuple[PhaseMemory, ...]:
@@ -183,6 +188,11 @@ class MemoryMeter:
         self.end()
         out, self.phases = tuple(self.phases), []
         return out
+
+
+def _alloc_retries(device: torch.device) -> int:
+    """The caching allocator's cudaMalloc retries so far (a counter torch never resets with the peaks)."""
+    return int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0))
 
 
 def phase_dicts(phases) -> list[dict]:
