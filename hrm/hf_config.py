@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from .checks import load_json, read_text
-from .hf_families import CHUNKED_ATTENTION_FAMILIES, FAMILIES, SPARSE_ATTENTION_FAMILIES
+from .hf_families import CHUNKED_ATTENTION_FAMILIES, FAMILIES, LINEAR_ATTENTION_FAMILIES, SPARSE_ATTENTION_FAMILIES
 from .hf_fields import Config
 from .spec import ModelSpec, SpecError
 
@@ -68,7 +68,8 @@ def unpriced_layers(raw: dict) -> str | None:
     None when every layer is of a priced kind."""
     family = raw.get("model_type")
     priced = (PRICED_LAYER_KINDS | ({"indexed_attention"} if family in SPARSE_ATTENTION_FAMILIES else set())
-              | ({"chunked_attention"} if family in CHUNKED_ATTENTION_FAMILIES else set()))
+              | ({"chunked_attention"} if family in CHUNKED_ATTENTION_FAMILIES else set())
+              | ({"linear_attention"} if family in LINEAR_ATTENTION_FAMILIES else set()))
     for key in ("layer_types", "layers_block_type"):
         kinds = raw.get(key)
         if isinstance(kinds, list):

@@ -241,6 +241,24 @@ def _minimax_m2(c: Config) -> dict:
     return dict(s, qk_norm=True, router="sigmoid", norm_topk_prob=True)
 
 
+def _qwen3_next(c: Config) -> dict:
+    """Qwen3-Next and Qwen3.5-MoE (text): softmax-attention layers with an output gate from a doubled q_proj
+    and q/k norms, between gated-delta-rule linear-attention layers ('linear_attention' in layer_types);
+    every layer MoE with a gated shared expert."""
+    s = standard_fields(c, "moe_intermediate_size", eps=1e-6)
+    every_layer_moe(c, decoder_sparse_step=1, mlp_only_layers=[])
+    types = c.get("layer_types") or []
+    if len(types) != s["num_hidden_layers"]:
+        raise SpecError(f"{c.model_type} config: field 'layer_types' needs one entry per layer")
+    linear = sum(k == "linear_attention" for k in types)
+    return dict(s, qk_norm=True, **attention_biases(c), norm_topk_prob=c.bool("norm_topk_prob", True),
+                shared_expert_intermediate_size=c.int("shared_expert_intermediate_size", default=0),
+                shared_expert_gate=True, num_linear_layers=linear,
+                linear_num_key_heads=c.int("linear_num_key_heads"), linear_num_value_heads=c.int("linear_num_value_heads"),
+                linear_key_head_dim=c.int("linear_key_head_dim"), linear_value_head_dim=c.int("linear_value_head_dim"),
+                linear_conv_kernel=c.int("linear_conv_kernel_dim"))
+
+
 def _llama4_text(c: Config) -> dict:
     """Llama 4 (text): every layer MoE (interleave_moe_layer_step 1; Maverick's interleaved dense layers are
     refused), a shared expert as wide as the routed ones, a top-k router whose weights are the sigmoid of the
@@ -345,9 +363,13 @@ FAMILIES = {
     "minimax_m3_vl_text": _minimax_m3,
     "beam": _beam,
     "llama4_text": _llama4_text,
+    "qwen3_next": _qwen3_next,
+    "qwen3_5_moe_text": _qwen3_next,
 }
 
 SPARSE_ATTENTION_FAMILIES = frozenset({"deepseek_v32", "glm_moe_dsa"})
 """Families whose readers price 'indexed_attention' layers (DeepSeek sparse attention)."""
 CHUNKED_ATTENTION_FAMILIES = frozenset({"llama4_text"})
 """Families whose readers price 'chunked_attention' layers (as windows of the chunk)."""
+LINEAR_ATTENTION_FAMILIES = frozenset({"qwen3_next", "qwen3_5_moe_text"})
+"""Families whose readers price 'linear_attention' layers (the gated delta rule)."""

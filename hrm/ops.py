@@ -23,8 +23,47 @@ def _linear(spec: ModelSpec, tokens, in_features: int, out_features: int, bias: 
                 act_bytes=tokens * (in_features + out_features) * act)
 
 
+def _by_layer_kind(spec: ModelSpec, softmax: Cost, linear) -> Cost:
+    """A cost averaged over the layers: softmax-attention layers cost `softmax`, linear-attention layers
+    `linear()` (only evaluated where the model has them)."""
+    if not spec.num_linear_layers:
+        return softmax
+    f = spec.linear_layer_frac
+    return (1 - f) * softmax + f * linear()
+
+
+def _linear_pre_attention(spec: ModelSpec, tokens) -> Cost:
+    """A gated-delta-rule layer before its recurrence: RMSNorm, q|k|v|z and b|a projections, the causal
+    convolution over q|k|v (kernel taps per channel)."""
+    h, act = spec.hidden_size, spec.dtypes.act_bytes
+    nv, dv = spec.linear_num_value_heads, spec.linear_value_head_dim
+    norm = Cost(flops=4.0 * tokens * h, weight_bytes=h * spec.dtypes.weight_bytes, act_bytes=2.0 * tokens * h * act)
+    proj = _linear(spec, tokens, h, spec.linear_conv_dim + nv * dv) + _linear(spec, tokens, h, 2 * nv)
+    conv = Cost(flops=2.0 * tokens * spec.linear_conv_dim * spec.linear_conv_kernel,
+                weight_bytes=spec.linear_conv_dim * spec.linear_conv_kernel * spec.dtypes.weight_bytes)
+    return norm + proj + conv
+
+
+def linear_attention(spec: ModelSpec, seqs, new_tokens) -> Cost:
+    """The gated delta rule over `new_tokens` tokens of `seqs` sequences: per token and value head, the
+    state [key dim, value dim] decayed, corrected by the delta rule and read by the query (about 8 FLOPs per
+    state element); the state read and written once per sequence and call (a decode step, or a prefill
+    chunk), the FLOPs independent of the context."""
+    elems = spec.linear_num_value_heads * spec.linear_key_head_dim * spec.linear_value_head_dim
+    tokens = np.asarray(seqs, float) * new_tokens
+    state = spec.linear_state_bytes_per_sequence() / spec.num_linear_layers
+    qkv = spec.linear_conv_dim + spec.linear_num_value_heads * spec.linear_value_head_dim
+    return Cost(flops=8.0 * tokens * elems, kv_bytes=2.0 * np.asarray(seqs, float) * state,
+                act_bytes=tokens * qkv * spec.dtypes.act_bytes)
+
+
 def pre_attention(spec: ModelSpec, tokens) -> Cost:
-    """RMSNorm + QKV projection (+ QK-norm) + RoPE for `tokens` tokens."""
+    """RMSNorm + QKV projection (+ QK-norm) + RoPE for `tokens` tokens (linear-attention layers: their
+    projections and convolution, averaged over the layers)."""
+    return _by_layer_kind(spec, _softmax_pre_attention(spec, tokens), lambda: _linear_pre_attention(spec, tokens))
+
+
+def _softmax_pre_attention(spec: ModelSpec, tokens) -> Cost:
     h, act = spec.hidden_size, spec.dtypes.act_bytes
     norm = Cost(flops=4.0 * tokens * h, weight_bytes=h * spec.dtypes.weight_bytes, act_bytes=2.0 * tokens * h * act)
     if spec.attention == "mla":
@@ -86,11 +125,17 @@ def attention_context(spec: ModelSpec, past_len, new_tokens):
 
 
 def attention(spec: ModelSpec, seqs, new_tokens, past_len) -> Cost:
-    """Scaled dot-product attention of `new_tokens` new tokens per sequence over a cache of `past_len`.
+    """Scaled dot-product attention of `new_tokens` new tokens per sequence over a cache of `past_len`,
+    averaged over the layers (linear-attention layers: `linear_attention`).
 
     Decode (new_tokens = 1): Q.K and P.V cost 4 * ctx * n_q * d FLOPs against ctx * kv_elems bytes, so
     the intensity is independent of the batch (n_q / n_kv for GQA in 16-bit).
     """
+    return _by_layer_kind(spec, _softmax_attention(spec, seqs, new_tokens, past_len),
+                          lambda: linear_attention(spec, seqs, new_tokens))
+
+
+def _softmax_attention(spec: ModelSpec, seqs, new_tokens, past_len) -> Cost:
     visits = seqs * attention_context(spec, past_len, new_tokens)      # (query, key) pairs
     if spec.attention == "mla":
         # absorbed form: scores over (kv_lora_rank + rope) latents, values over kv_lora_rank latents
@@ -129,7 +174,15 @@ def _visible_cap(spec: ModelSpec, past_len, new_tokens):
 
 
 def o_proj(spec: ModelSpec, tokens) -> Cost:
-    """Output projection (MLA: preceded by W_UV taking each head's latent output to v_head_dim)."""
+    """Output projection (MLA: preceded by W_UV taking each head's latent output to v_head_dim; linear
+    attention: its gated norm and output projection, averaged over the layers)."""
+    def linear():
+        width = spec.linear_num_value_heads * spec.linear_value_head_dim
+        return _linear(spec, tokens, width, spec.hidden_size) + Cost(flops=6.0 * tokens * width)
+    return _by_layer_kind(spec, _softmax_o_proj(spec, tokens), linear)
+
+
+def _softmax_o_proj(spec: ModelSpec, tokens) -> Cost:
     if spec.attention == "mla":
         heads = spec.num_attention_heads
         uv = Cost(flops=2.0 * tokens * heads * spec.kv_lora_rank * spec.attn_v_head_dim,

@@ -118,10 +118,13 @@ NORMS_PER_LAYER = {"cohere2_moe": 1, "kolibri1": 4, "afmoe": 4, "beam": 4}
 FFN): Cohere's parallel block has one, Kolibri adds one after each."""
 MOE_OUTPUT_NORM = ("axk1",)
 """Families whose MoE block ends in a norm over the hidden width (its MoE layers only, not the dense ones)."""
-ATTENTION_GATE = {"afmoe": "elementwise", "laguna": "per_head", "beam": "elementwise"}
+ATTENTION_GATE = {"afmoe": "elementwise", "laguna": "per_head", "beam": "elementwise",
+                  "qwen3_next": "elementwise", "qwen3_5_moe_text": "elementwise"}
 """Families whose attention output is gated by a projection of the layer input: one gate per output
 element ([q_dim, hidden]) or per head ([heads, hidden])."""
 ATTENTION_GATE_HEAD_BIAS = ("beam",)
+ATTENTION_GATE_IN_Q = ("qwen3_next", "qwen3_5_moe_text")
+"""Families whose elementwise gate is the second half of q_proj (so q's bias covers it too)."""
 """Families whose attention gate adds a bias per head."""
 
 
@@ -158,6 +161,12 @@ class ModelSpec:
     index_head_dim: int = 0                # ... their width (one indexer key cached per token and layer)
     sliding_window: int = 0                # 0: none
     num_sliding_layers: int = 0            # layers that use the sliding window (gpt-oss alternates)
+    num_linear_layers: int = 0             # layers of linear attention (gated delta rule) instead of softmax
+    linear_num_key_heads: int = 0          # ... their key (and query) heads,
+    linear_num_value_heads: int = 0        # ... value heads,
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 0            # ... and the width of their causal convolution over q|k|v
     attention_sinks: bool = False
     qkv_bias: bool = False
     o_proj_bias: bool = False
@@ -192,9 +201,41 @@ class ModelSpec:
         return self.v_head_dim or self.head_dim
 
     @property
-    def kv_elems_per_token_layer(self) -> int:
-        """Elements of KV cache one token holds in one layer (with sparse attention, its indexer key too)."""
-        return self.attended_kv_elems_per_token_layer + self.index_head_dim
+    def kv_elems_per_token_layer(self) -> float:
+        """Elements of KV cache one token holds in one layer (with sparse attention, its indexer key too), on
+        average over the layers: linear-attention layers hold none (they keep a fixed state instead)."""
+        per_softmax_layer = self.attended_kv_elems_per_token_layer + self.index_head_dim
+        if not self.num_linear_layers:
+            return per_softmax_layer
+        return per_softmax_layer * (1 - self.linear_layer_frac)
+
+    @property
+    def linear_layer_frac(self) -> float:
+        return self.num_linear_layers / self.num_hidden_layers
+
+    @property
+    def linear_conv_dim(self) -> int:
+        """Channels of a linear-attention layer's causal convolution: its q, k and v."""
+        return 2 * self.linear_num_key_heads * self.linear_key_head_dim + self.linear_num_value_heads * self.linear_value_head_dim
+
+    @property
+    def linear_attention_params_per_layer(self) -> int:
+        """A gated-delta-rule layer (Qwen3-Next): q|k|v|z and the per-head b|a from the hidden state, the
+        convolution over q|k|v (no bias), per value head its decay A and dt bias, the gated RMSNorm over a
+        value head, and the output projection."""
+        h, nv, dv = self.hidden_size, self.linear_num_value_heads, self.linear_value_head_dim
+        qkvz = self.linear_conv_dim + nv * dv
+        return h * qkvz + h * 2 * nv + self.linear_conv_dim * self.linear_conv_kernel + 2 * nv + dv + nv * dv * h
+
+    def linear_state_bytes_per_sequence(self) -> float:
+        """The fixed state a sequence keeps in each linear-attention layer, all such layers: the recurrent
+        state per value head [key dim, value dim] in fp32 (as the gated-delta-rule kernels keep it), and the
+        convolution's last kernel - 1 inputs in the compute dtype."""
+        if not self.num_linear_layers:
+            return 0.0
+        recurrent = self.linear_num_value_heads * self.linear_key_head_dim * self.linear_value_head_dim * 4.0
+        conv = self.linear_conv_dim * (self.linear_conv_kernel - 1) * self.dtypes.act_bytes
+        return self.num_linear_layers * (recurrent + conv)
 
     @property
     def attended_kv_elems_per_token_layer(self) -> int:
@@ -285,6 +326,7 @@ class ModelSpec:
             return n + self.kv_lora_rank + self.q_lora_rank
         if self.qkv_bias:
             n += self.q_dim + 2 * self.num_key_value_heads * self.head_dim
+            n += self.q_dim if self.model_type in ATTENTION_GATE_IN_Q else 0
         return n + (self.hidden_size if self.o_proj_bias else 0)
 
     @property
@@ -301,13 +343,15 @@ class ModelSpec:
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         head_bias = self.vocab_size if self.lm_head_bias else 0
         norms = NORMS_PER_LAYER.get(self.model_type, 2) * self.norm_params
-        per_layer = (self.attention_params_per_layer + self.attention_small_params_per_layer + norms
-                     + self.indexer_params_per_layer)
+        softmax = self.attention_params_per_layer + self.attention_small_params_per_layer
+        per_layer = norms + self.indexer_params_per_layer
+        layers = (self.num_hidden_layers * per_layer + (self.num_hidden_layers - self.num_linear_layers) * softmax
+                  + self.num_linear_layers * self.linear_attention_params_per_layer)
         router = self.router_params + (self.num_experts if self.model_type in EXPERT_BIASES + ROUTER_SCORE_BIAS else 0)
         moe_norm = self.norm_params if self.model_type in MOE_OUTPUT_NORM else 0
         moe = self.num_moe_layers * (router + self.shared_expert_params + moe_norm)
         dense = self.first_dense_layers * self.dense_ffn_params
-        return embed + head_bias + self.norm_params + self.num_hidden_layers * per_layer + moe + dense
+        return embed + head_bias + self.norm_params + layers + moe + dense
 
     @property
     def total_params(self) -> int:

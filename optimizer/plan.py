@@ -52,7 +52,9 @@ def spec_to_dict(spec: ModelSpec) -> dict:
     """Every field; an optional one at its "not used" value (plain RoPE; no sparse attention; experts stored
     as the other weights; no quantization) is left out, so its digest stays that of a spec written before
     the field existed."""
-    unused = {"rope_parameters": None, "index_topk": 0, "index_n_heads": 0, "index_head_dim": 0}
+    unused = {"rope_parameters": None, "index_topk": 0, "index_n_heads": 0, "index_head_dim": 0,
+              "num_linear_layers": 0, "linear_num_key_heads": 0, "linear_num_value_heads": 0,
+              "linear_key_head_dim": 0, "linear_value_head_dim": 0, "linear_conv_kernel": 0}
     d = {k: v for k, v in dataclasses.asdict(spec).items() if not (k in unused and v == unused[k])}
     dt = d["dtypes"]
     if dt["expert_weight_bytes"] == dt["weight_bytes"]:

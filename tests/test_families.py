@@ -211,6 +211,14 @@ PARAM_CONFIGS = {
                  mlp_layer_types=["dense", "sparse"], attention_bias=True),
     "llama4_text": dict(num_local_experts=4, intermediate_size=40, head_dim=8, attention_bias=True,
                         attention_chunk_size=16),
+    "qwen3_next": dict(num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=32, head_dim=8,
+                       attention_bias=True, layer_types=["linear_attention", "full_attention"],
+                       linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                       linear_value_head_dim=6, linear_conv_kernel_dim=4),
+    "qwen3_5_moe_text": dict(num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=32,
+                             head_dim=8, layer_types=["linear_attention", "full_attention"],
+                             linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                             linear_value_head_dim=6, linear_conv_kernel_dim=4),
 }
 
 
@@ -256,7 +264,7 @@ def test_what_a_new_family_cannot_be_priced_as_is_refused_naming_it(family, fiel
 
 
 @pytest.mark.parametrize("family, words", [
-    ("qwen3_next", "'linear_attention' layers"), ("minimax", "'linear_attention' layers"),
+    ("minimax", "'linear_attention' layers"),
     ("granitemoehybrid", "layers"), ("jamba", "Mamba layers"),
 ])
 def test_layers_that_cannot_be_priced_are_named(family, words):
@@ -281,3 +289,27 @@ def test_llama4_chunked_layers_are_priced_as_windows_of_the_chunk():
     spec = spec_from_hf_config(dict(config.to_dict(), model_type="llama4_text"))
     assert (spec.sliding_window, spec.num_sliding_layers) == (16, spec.num_hidden_layers)
     assert spec.router == "sigmoid" and spec.shared_expert_intermediate_size == 40
+
+
+def test_linear_attention_layers_hold_a_fixed_state_instead_of_kv():
+    """Qwen3-Next: its linear-attention layers keep no KV cache (the KV bytes per token are the softmax
+    layers' share) but a fixed state per sequence in the account; their decode cost does not grow with the
+    context, the softmax layers' does."""
+    from dataclasses import replace
+    from hrm import ops
+    from hrm.memory import PassShape, account
+    from hrm.spec import Workload
+    from hrm.hardware import load_profile
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.for_model("qwen3_next", **HF_COMMON, **PARAM_CONFIGS["qwen3_next"])
+    spec = spec_from_hf_config(dict(config.to_dict(), model_type="qwen3_next"))
+    dense = replace(spec, num_linear_layers=0)
+    assert spec.num_linear_layers == 1 and spec.kv_bytes_per_token == dense.kv_bytes_per_token / 2
+    state = spec.linear_state_bytes_per_sequence()
+    assert state == 4 * 8 * 6 * 4.0 + (2 * 2 * 8 + 4 * 6) * 3 * spec.dtypes.act_bytes
+    acc = account(spec, PassShape.nominal(Workload.uniform(16, 4), 8, 4, 0.0), 0.0,
+                  profile=load_profile("h200-measured").memory)
+    assert acc.pinned["linear_state"] == 8 * state and acc.gpu["linear_state"] == 0
+    grow = lambda s: ops.attention(s, 8, 1, 2000).flops - ops.attention(s, 8, 1, 1000).flops  # noqa: E731
+    assert grow(spec) == pytest.approx(grow(dense) / 2)
+    assert ops.linear_attention(spec, 8, 1).flops == pytest.approx(8 * 8.0 * 4 * 8 * 6)
