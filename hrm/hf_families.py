@@ -259,6 +259,19 @@ def _qwen3_next(c: Config) -> dict:
                 linear_conv_kernel=c.int("linear_conv_kernel_dim"))
 
 
+def _minimax(c: Config) -> dict:
+    """MiniMax-Text-01: Mixtral's MoE, softmax-attention layers between lightning-attention ones (q|k|v of
+    every head, an RMSNorm over their output, a sigmoid output gate; a [head dim, head dim] state per head)."""
+    s = dict(_mixtral(c), qk_norm=False)
+    types = c.get("layer_types") or []
+    if len(types) != s["num_hidden_layers"]:
+        raise SpecError(f"{c.model_type} config: field 'layer_types' needs one entry per layer")
+    heads, d = s["num_attention_heads"], s["head_dim"]
+    return dict(s, num_linear_layers=sum(k == "linear_attention" for k in types), linear_attention="lightning",
+                linear_num_key_heads=heads, linear_num_value_heads=heads, linear_key_head_dim=d,
+                linear_value_head_dim=d)
+
+
 def _llama4_text(c: Config) -> dict:
     """Llama 4 (text): every layer MoE (interleave_moe_layer_step 1; Maverick's interleaved dense layers are
     refused), a shared expert as wide as the routed ones, a top-k router whose weights are the sigmoid of the
@@ -365,11 +378,12 @@ FAMILIES = {
     "llama4_text": _llama4_text,
     "qwen3_next": _qwen3_next,
     "qwen3_5_moe_text": _qwen3_next,
+    "minimax": _minimax,
 }
 
 SPARSE_ATTENTION_FAMILIES = frozenset({"deepseek_v32", "glm_moe_dsa"})
 """Families whose readers price 'indexed_attention' layers (DeepSeek sparse attention)."""
 CHUNKED_ATTENTION_FAMILIES = frozenset({"llama4_text"})
 """Families whose readers price 'chunked_attention' layers (as windows of the chunk)."""
-LINEAR_ATTENTION_FAMILIES = frozenset({"qwen3_next", "qwen3_5_moe_text"})
+LINEAR_ATTENTION_FAMILIES = frozenset({"qwen3_next", "qwen3_5_moe_text", "minimax"})
 """Families whose readers price 'linear_attention' layers (the gated delta rule)."""

@@ -33,11 +33,14 @@ def _by_layer_kind(spec: ModelSpec, softmax: Cost, linear) -> Cost:
 
 
 def _linear_pre_attention(spec: ModelSpec, tokens) -> Cost:
-    """A gated-delta-rule layer before its recurrence: RMSNorm, q|k|v|z and b|a projections, the causal
-    convolution over q|k|v (kernel taps per channel)."""
+    """A linear-attention layer before its recurrence: RMSNorm, then for the gated delta rule the q|k|v|z and
+    b|a projections and the causal convolution over q|k|v (kernel taps per channel); for lightning
+    attention q|k|v and the output gate."""
     h, act = spec.hidden_size, spec.dtypes.act_bytes
     nv, dv = spec.linear_num_value_heads, spec.linear_value_head_dim
     norm = Cost(flops=4.0 * tokens * h, weight_bytes=h * spec.dtypes.weight_bytes, act_bytes=2.0 * tokens * h * act)
+    if spec.linear_attention == "lightning":                   # q|k|v, and the output gate from the input
+        return norm + _linear(spec, tokens, h, spec.linear_conv_dim) + _linear(spec, tokens, h, nv * dv)
     proj = _linear(spec, tokens, h, spec.linear_conv_dim + nv * dv) + _linear(spec, tokens, h, 2 * nv)
     conv = Cost(flops=2.0 * tokens * spec.linear_conv_dim * spec.linear_conv_kernel,
                 weight_bytes=spec.linear_conv_dim * spec.linear_conv_kernel * spec.dtypes.weight_bytes)

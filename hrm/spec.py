@@ -167,6 +167,7 @@ class ModelSpec:
     linear_key_head_dim: int = 0
     linear_value_head_dim: int = 0
     linear_conv_kernel: int = 0            # ... and the width of their causal convolution over q|k|v
+    linear_attention: str = "gated_delta"  # their kind: "gated_delta" (Qwen3-Next) | "lightning" (MiniMax)
     attention_sinks: bool = False
     qkv_bias: bool = False
     o_proj_bias: bool = False
@@ -222,8 +223,11 @@ class ModelSpec:
     def linear_attention_params_per_layer(self) -> int:
         """A gated-delta-rule layer (Qwen3-Next): q|k|v|z and the per-head b|a from the hidden state, the
         convolution over q|k|v (no bias), per value head its decay A and dt bias, the gated RMSNorm over a
-        value head, and the output projection."""
+        value head, and the output projection. A lightning-attention layer (MiniMax): q|k|v, an RMSNorm
+        over the heads' output, a sigmoid output gate from the hidden state and the output projection."""
         h, nv, dv = self.hidden_size, self.linear_num_value_heads, self.linear_value_head_dim
+        if self.linear_attention == "lightning":
+            return h * self.linear_conv_dim + nv * dv * (2 * h + 1)
         qkvz = self.linear_conv_dim + nv * dv
         return h * qkvz + h * 2 * nv + self.linear_conv_dim * self.linear_conv_kernel + 2 * nv + dv + nv * dv * h
 
@@ -234,7 +238,7 @@ class ModelSpec:
         if not self.num_linear_layers:
             return 0.0
         recurrent = self.linear_num_value_heads * self.linear_key_head_dim * self.linear_value_head_dim * 4.0
-        conv = self.linear_conv_dim * (self.linear_conv_kernel - 1) * self.dtypes.act_bytes
+        conv = self.linear_conv_dim * max(0, self.linear_conv_kernel - 1) * self.dtypes.act_bytes
         return self.num_linear_layers * (recurrent + conv)
 
     @property

@@ -54,7 +54,8 @@ def spec_to_dict(spec: ModelSpec) -> dict:
     the field existed."""
     unused = {"rope_parameters": None, "index_topk": 0, "index_n_heads": 0, "index_head_dim": 0,
               "num_linear_layers": 0, "linear_num_key_heads": 0, "linear_num_value_heads": 0,
-              "linear_key_head_dim": 0, "linear_value_head_dim": 0, "linear_conv_kernel": 0}
+              "linear_key_head_dim": 0, "linear_value_head_dim": 0, "linear_conv_kernel": 0,
+              "linear_attention": "gated_delta"}
     d = {k: v for k, v in dataclasses.asdict(spec).items() if not (k in unused and v == unused[k])}
     dt = d["dtypes"]
     if dt["expert_weight_bytes"] == dt["weight_bytes"]:

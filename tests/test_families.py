@@ -215,6 +215,8 @@ PARAM_CONFIGS = {
                        attention_bias=True, layer_types=["linear_attention", "full_attention"],
                        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
                        linear_value_head_dim=6, linear_conv_kernel_dim=4),
+    "minimax": dict(num_local_experts=4, intermediate_size=24, head_dim=8,
+                    layer_types=["linear_attention", "full_attention"]),
     "qwen3_5_moe_text": dict(num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=32,
                              head_dim=8, layer_types=["linear_attention", "full_attention"],
                              linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
@@ -264,7 +266,7 @@ def test_what_a_new_family_cannot_be_priced_as_is_refused_naming_it(family, fiel
 
 
 @pytest.mark.parametrize("family, words", [
-    ("minimax", "'linear_attention' layers"),
+    ("kimi_linear", "'linear_attention' layers"),
     ("granitemoehybrid", "layers"), ("jamba", "Mamba layers"),
 ])
 def test_layers_that_cannot_be_priced_are_named(family, words):
