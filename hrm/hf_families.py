@@ -259,6 +259,13 @@ def _qwen3_next(c: Config) -> dict:
                 linear_conv_kernel=c.int("linear_conv_kernel_dim"))
 
 
+def _lara_mini(c: Config) -> dict:
+    """Lara-mini: Qwen3-Next's gated-delta-rule layers (no output gate on the softmax ones) between full and
+    sliding-window attention layers, a shared expert without a gate, q/k norms."""
+    s = _qwen3_next(c)
+    return dict(s, shared_expert_gate=False, **sliding_fields(c, s))
+
+
 def _minimax(c: Config) -> dict:
     """MiniMax-Text-01: Mixtral's MoE, softmax-attention layers between lightning-attention ones (q|k|v of
     every head, an RMSNorm over their output, a sigmoid output gate; a [head dim, head dim] state per head)."""
@@ -379,11 +386,12 @@ FAMILIES = {
     "qwen3_next": _qwen3_next,
     "qwen3_5_moe_text": _qwen3_next,
     "minimax": _minimax,
+    "lara_mini": _lara_mini,
 }
 
 SPARSE_ATTENTION_FAMILIES = frozenset({"deepseek_v32", "glm_moe_dsa"})
 """Families whose readers price 'indexed_attention' layers (DeepSeek sparse attention)."""
 CHUNKED_ATTENTION_FAMILIES = frozenset({"llama4_text"})
 """Families whose readers price 'chunked_attention' layers (as windows of the chunk)."""
-LINEAR_ATTENTION_FAMILIES = frozenset({"qwen3_next", "qwen3_5_moe_text", "minimax"})
+LINEAR_ATTENTION_FAMILIES = frozenset({"qwen3_next", "qwen3_5_moe_text", "minimax", "lara_mini"})
 """Families whose readers price 'linear_attention' layers (the gated delta rule)."""

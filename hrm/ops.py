@@ -123,7 +123,7 @@ def attention_context(spec: ModelSpec, past_len, new_tokens):
         return _capped_keys(past_len, new_tokens, float(spec.index_topk))
     if not spec.sliding_window or not spec.num_sliding_layers:
         return full
-    f = spec.num_sliding_layers / spec.num_hidden_layers
+    f = spec.sliding_frac
     return (1 - f) * full + f * _capped_keys(past_len, new_tokens, float(spec.sliding_window))
 
 
@@ -172,7 +172,7 @@ def _visible_cap(spec: ModelSpec, past_len, new_tokens):
         return np.minimum(total, spec.index_topk)
     if not spec.sliding_window or not spec.num_sliding_layers:
         return total
-    f = spec.num_sliding_layers / spec.num_hidden_layers
+    f = spec.sliding_frac
     return (1 - f) * total + f * np.minimum(total, spec.sliding_window + new_tokens - 1)
 
 

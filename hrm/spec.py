@@ -215,6 +215,11 @@ class ModelSpec:
         return self.num_linear_layers / self.num_hidden_layers
 
     @property
+    def sliding_frac(self) -> float:
+        """The share of the softmax-attention layers (all but the linear ones) that attend within the window."""
+        return self.num_sliding_layers / (self.num_hidden_layers - self.num_linear_layers)
+
+    @property
     def linear_conv_dim(self) -> int:
         """Channels of a linear-attention layer's causal convolution: its q, k and v."""
         return 2 * self.linear_num_key_heads * self.linear_key_head_dim + self.linear_num_value_heads * self.linear_value_head_dim
