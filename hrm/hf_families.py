@@ -266,6 +266,21 @@ def _lara_mini(c: Config) -> dict:
     return dict(s, shared_expert_gate=False, **sliding_fields(c, s))
 
 
+def _kimi_linear(c: Config) -> dict:
+    """Kimi-Linear: DeepSeek-V3's MLA layers and MoE (shared experts, leading dense layers) between Kimi delta
+    attention layers (linear_num_heads x linear_head_dim, gates of rank linear_head_dim)."""
+    s = _deepseek(c, v3=True)
+    types = c.get("layer_types") or []
+    if len(types) != s["num_hidden_layers"]:
+        raise SpecError(f"{c.model_type} config: field 'layer_types' needs one entry per layer")
+    heads, d = c.int("linear_num_heads"), c.int("linear_head_dim")
+    return dict(s, shared_expert_intermediate_size=c.int("num_shared_experts", default=0) * s["moe_intermediate_size"],
+                norm_topk_prob=c.bool("moe_renormalize", True), num_linear_layers=sum(k == "linear_attention" for k in types),
+                linear_attention="kda", linear_num_key_heads=heads, linear_num_value_heads=heads,
+                linear_key_head_dim=d, linear_value_head_dim=d, linear_conv_kernel=c.int("linear_conv_kernel_dim"),
+                linear_gate_rank=d)
+
+
 def _minimax(c: Config) -> dict:
     """MiniMax-Text-01: Mixtral's MoE, softmax-attention layers between lightning-attention ones (q|k|v of
     every head, an RMSNorm over their output, a sigmoid output gate; a [head dim, head dim] state per head)."""
@@ -387,11 +402,12 @@ FAMILIES = {
     "qwen3_5_moe_text": _qwen3_next,
     "minimax": _minimax,
     "lara_mini": _lara_mini,
+    "kimi_linear": _kimi_linear,
 }
 
 SPARSE_ATTENTION_FAMILIES = frozenset({"deepseek_v32", "glm_moe_dsa"})
 """Families whose readers price 'indexed_attention' layers (DeepSeek sparse attention)."""
 CHUNKED_ATTENTION_FAMILIES = frozenset({"llama4_text"})
 """Families whose readers price 'chunked_attention' layers (as windows of the chunk)."""
-LINEAR_ATTENTION_FAMILIES = frozenset({"qwen3_next", "qwen3_5_moe_text", "minimax", "lara_mini"})
+LINEAR_ATTENTION_FAMILIES = frozenset({"qwen3_next", "qwen3_5_moe_text", "minimax", "lara_mini", "kimi_linear"})
 """Families whose readers price 'linear_attention' layers (the gated delta rule)."""

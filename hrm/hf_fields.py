@@ -233,7 +233,8 @@ def standard_fields(c: Config, width_key: str, eps: float = 1e-5, theta: float =
                 num_key_value_heads=c.int("num_key_value_heads", default=heads),
                 head_dim=c.int("head_dim", default=hidden // heads if heads else 0),
                 num_experts=c.int(*EXPERT_COUNT_KEYS),
-                num_experts_per_tok=c.int("num_experts_per_tok", "experts_per_token", "moe_k", "moe_topk"),
+                num_experts_per_tok=c.int("num_experts_per_tok", "experts_per_token", "num_experts_per_token", "moe_k",
+                                          "moe_topk"),
                 moe_intermediate_size=c.int(width_key),
                 rms_norm_eps=c.float("rms_norm_eps", default=eps),
                 **_rope(c, theta, common["max_position_embeddings"]), **common)

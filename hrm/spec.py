@@ -168,6 +168,8 @@ class ModelSpec:
     linear_value_head_dim: int = 0
     linear_conv_kernel: int = 0            # ... and the width of their causal convolution over q|k|v
     linear_attention: str = "gated_delta"  # their kind: "gated_delta" (Qwen3-Next) | "lightning" (MiniMax)
+    #                                        | "kda" (Kimi delta attention: per-channel forget gates)
+    linear_gate_rank: int = 0              # kda: the rank of its forget and output gates (0: full)
     attention_sinks: bool = False
     qkv_bias: bool = False
     o_proj_bias: bool = False
@@ -229,10 +231,18 @@ class ModelSpec:
         """A gated-delta-rule layer (Qwen3-Next): q|k|v|z and the per-head b|a from the hidden state, the
         convolution over q|k|v (no bias), per value head its decay A and dt bias, the gated RMSNorm over a
         value head, and the output projection. A lightning-attention layer (MiniMax): q|k|v, an RMSNorm
-        over the heads' output, a sigmoid output gate from the hidden state and the output projection."""
+        over the heads' output, a sigmoid output gate from the hidden state and the output projection. A
+        Kimi-delta-attention layer: q|k|v with their convolution, a per-channel forget gate (decay A per head,
+        dt bias per channel, its projection of rank linear_gate_rank), beta per head, an output gate of the
+        same rank, the RMSNorm over a head and the output projection."""
         h, nv, dv = self.hidden_size, self.linear_num_value_heads, self.linear_value_head_dim
         if self.linear_attention == "lightning":
             return h * self.linear_conv_dim + nv * dv * (2 * h + 1)
+        if self.linear_attention == "kda":       # q|k|v and their convolution, forget (A, dt, f) and output
+            r, width = self.linear_gate_rank, nv * dv   # (g) gates, beta per head, norm, output projection
+            gate = r * (h + width) if r else h * width
+            return (h * self.linear_conv_dim + self.linear_conv_dim * self.linear_conv_kernel + width + nv
+                    + 2 * gate + h * nv + dv + width * h)
         qkvz = self.linear_conv_dim + nv * dv
         return h * qkvz + h * 2 * nv + self.linear_conv_dim * self.linear_conv_kernel + 2 * nv + dv + nv * dv * h
 
