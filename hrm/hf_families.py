@@ -268,7 +268,8 @@ def _lara_mini(c: Config) -> dict:
 
 def _kimi_linear(c: Config) -> dict:
     """Kimi-Linear: DeepSeek-V3's MLA layers and MoE (shared experts, leading dense layers) between Kimi delta
-    attention layers (linear_num_heads x linear_head_dim, gates of rank linear_head_dim)."""
+    attention layers (linear_num_heads x linear_head_dim, gates of rank linear_head_dim). Bailing-hybrid
+    (Ling): the same with full-rank gates and a per-head output gate on its MLA layers (ATTENTION_GATE)."""
     s = _deepseek(c, v3=True)
     types = c.get("layer_types") or []
     if len(types) != s["num_hidden_layers"]:
@@ -278,7 +279,7 @@ def _kimi_linear(c: Config) -> dict:
                 norm_topk_prob=c.bool("moe_renormalize", True), num_linear_layers=sum(k == "linear_attention" for k in types),
                 linear_attention="kda", linear_num_key_heads=heads, linear_num_value_heads=heads,
                 linear_key_head_dim=d, linear_value_head_dim=d, linear_conv_kernel=c.int("linear_conv_kernel_dim"),
-                linear_gate_rank=d)
+                linear_gate_rank=d if c.model_type == "kimi_linear" else 0)
 
 
 def _minimax(c: Config) -> dict:
@@ -403,11 +404,13 @@ FAMILIES = {
     "minimax": _minimax,
     "lara_mini": _lara_mini,
     "kimi_linear": _kimi_linear,
+    "bailing_hybrid": _kimi_linear,
 }
 
 SPARSE_ATTENTION_FAMILIES = frozenset({"deepseek_v32", "glm_moe_dsa"})
 """Families whose readers price 'indexed_attention' layers (DeepSeek sparse attention)."""
 CHUNKED_ATTENTION_FAMILIES = frozenset({"llama4_text"})
 """Families whose readers price 'chunked_attention' layers (as windows of the chunk)."""
-LINEAR_ATTENTION_FAMILIES = frozenset({"qwen3_next", "qwen3_5_moe_text", "minimax", "lara_mini", "kimi_linear"})
+LINEAR_ATTENTION_FAMILIES = frozenset({"qwen3_next", "qwen3_5_moe_text", "minimax", "lara_mini", "kimi_linear",
+                                       "bailing_hybrid"})
 """Families whose readers price 'linear_attention' layers (the gated delta rule)."""

@@ -224,6 +224,11 @@ PARAM_CONFIGS = {
                         linear_conv_kernel_dim=4, layer_types=["linear_attention", "full_attention"],
                         mlp_layer_types=["dense", "sparse"], num_expert_group=1, topk_group=1, pad_token_id=0,
                         bos_token_id=1, eos_token_id=2),
+    "bailing_hybrid": dict(num_experts=4, moe_intermediate_size=24, intermediate_size=40, kv_lora_rank=16,
+                           qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, linear_head_dim=8, linear_num_heads=4,
+                           linear_conv_kernel_dim=4, layer_types=["linear_attention", "full_attention"],
+                           mlp_layer_types=["dense", "sparse"], num_expert_group=1, topk_group=1, pad_token_id=0,
+                           eos_token_id=2),
     "minimax": dict(num_local_experts=4, intermediate_size=24, head_dim=8,
                     layer_types=["linear_attention", "full_attention"]),
     "qwen3_5_moe_text": dict(num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=32,
@@ -275,7 +280,7 @@ def test_what_a_new_family_cannot_be_priced_as_is_refused_naming_it(family, fiel
 
 
 @pytest.mark.parametrize("family, words", [
-    ("bailing_hybrid", "'linear_attention' layers"),
+    ("zaya", "'hybrid' layers"),
     ("granitemoehybrid", "layers"), ("jamba", "Mamba layers"),
 ])
 def test_layers_that_cannot_be_priced_are_named(family, words):
