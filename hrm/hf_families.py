@@ -259,6 +259,15 @@ def _qwen3_next(c: Config) -> dict:
                 linear_conv_kernel=c.int("linear_conv_kernel_dim"))
 
 
+def _qwen3_5_moe(c: Config) -> dict:
+    """Qwen3.5-MoE's composite config (vision and text): its causal LM is the text model, read from
+    text_config as qwen3_5_moe_text."""
+    text = c.get("text_config")
+    if not isinstance(text, dict):
+        raise SpecError(f"{c.model_type} config: field 'text_config' must be an object, got {text!r}")
+    return _qwen3_next(Config(text, c.model_type))
+
+
 def _lara_mini(c: Config) -> dict:
     """Lara-mini: Qwen3-Next's gated-delta-rule layers (no output gate on the softmax ones) between full and
     sliding-window attention layers, a shared expert without a gate, q/k norms."""
@@ -401,6 +410,7 @@ FAMILIES = {
     "llama4_text": _llama4_text,
     "qwen3_next": _qwen3_next,
     "qwen3_5_moe_text": _qwen3_next,
+    "qwen3_5_moe": _qwen3_5_moe,
     "minimax": _minimax,
     "lara_mini": _lara_mini,
     "kimi_linear": _kimi_linear,

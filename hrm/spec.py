@@ -119,11 +119,12 @@ FFN): Cohere's parallel block has one, Kolibri adds one after each."""
 MOE_OUTPUT_NORM = ("axk1",)
 """Families whose MoE block ends in a norm over the hidden width (its MoE layers only, not the dense ones)."""
 ATTENTION_GATE = {"afmoe": "elementwise", "laguna": "per_head", "beam": "elementwise",
-                  "qwen3_next": "elementwise", "qwen3_5_moe_text": "elementwise", "bailing_hybrid": "per_head"}
+                  "qwen3_next": "elementwise", "qwen3_5_moe_text": "elementwise", "qwen3_5_moe": "elementwise",
+                  "bailing_hybrid": "per_head"}
 """Families whose attention output is gated by a projection of the layer input: one gate per output
 element ([q_dim, hidden]) or per head ([heads, hidden])."""
 ATTENTION_GATE_HEAD_BIAS = ("beam",)
-ATTENTION_GATE_IN_Q = ("qwen3_next", "qwen3_5_moe_text")
+ATTENTION_GATE_IN_Q = ("qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe")
 """Families whose elementwise gate is the second half of q_proj (so q's bias covers it too)."""
 """Families whose attention gate adds a bias per head."""
 

@@ -238,6 +238,10 @@ PARAM_CONFIGS = {
 }
 
 
+PARAM_CONFIGS["qwen3_5_moe"] = PARAM_CONFIGS["qwen3_5_moe_text"]
+COMPOSITE = ("qwen3_5_moe",)
+
+
 @pytest.mark.parametrize("family", sorted(PARAM_CONFIGS))
 def test_parameter_count_is_exact_against_transformers(family):
     """Every tensor counts: biases, q/k norms of either width, LayerNorm biases, MLA's latent norms,
@@ -250,7 +254,10 @@ def test_parameter_count_is_exact_against_transformers(family):
     common = {k: v for k, v in HF_COMMON.items() if family != "dbrx" or k == "vocab_size"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        config = transformers.AutoConfig.for_model(family, **common, **PARAM_CONFIGS[family])
+        if family in COMPOSITE:      # the causal LM's fields live in the composite config's text_config
+            config = transformers.AutoConfig.for_model(family, text_config=dict(common, **PARAM_CONFIGS[family]))
+        else:
+            config = transformers.AutoConfig.for_model(family, **common, **PARAM_CONFIGS[family])
         model = transformers.AutoModelForCausalLM.from_config(config)
     raw = dict(config.to_dict(), model_type=family)
     assert spec_from_hf_config(raw).total_params == sum(p.numel() for p in model.parameters())
