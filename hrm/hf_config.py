@@ -9,7 +9,8 @@ import os
 from pathlib import Path
 
 from .checks import load_json, read_text
-from .hf_families import CHUNKED_ATTENTION_FAMILIES, FAMILIES, LINEAR_ATTENTION_FAMILIES, SPARSE_ATTENTION_FAMILIES
+from .hf_families import (CHUNKED_ATTENTION_FAMILIES, FAMILIES, LINEAR_ATTENTION_FAMILIES, MAMBA_FAMILIES,
+                          SPARSE_ATTENTION_FAMILIES)
 from .hf_fields import Config
 from .spec import ModelSpec, SpecError
 
@@ -69,14 +70,15 @@ def unpriced_layers(raw: dict) -> str | None:
     family = raw.get("model_type")
     priced = (PRICED_LAYER_KINDS | ({"indexed_attention"} if family in SPARSE_ATTENTION_FAMILIES else set())
               | ({"chunked_attention"} if family in CHUNKED_ATTENTION_FAMILIES else set())
-              | ({"linear_attention"} if family in LINEAR_ATTENTION_FAMILIES else set()))
+              | ({"linear_attention"} if family in LINEAR_ATTENTION_FAMILIES else set())
+              | ({"mamba", "attention"} if family in MAMBA_FAMILIES else set()))   # the Hub's own names
     for key in ("layer_types", "layers_block_type"):
         kinds = raw.get(key)
         if isinstance(kinds, list):
             odd = sorted({k for k in kinds if isinstance(k, str)} - priced)
             if odd:
                 return f"its {', '.join(map(repr, odd))} layers (field {key!r})"
-    if any(k.startswith("mamba_") for k in raw):
+    if family not in MAMBA_FAMILIES and any(k.startswith("mamba_") for k in raw):
         return "its Mamba layers (fields mamba_*)"
     return None
 

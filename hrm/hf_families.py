@@ -105,6 +105,22 @@ def _granitemoe(c: Config) -> dict:
                 shared_expert_intermediate_size=c.int("shared_intermediate_size", default=0))
 
 
+def _granitemoehybrid(c: Config) -> dict:
+    """GraniteMoE-Hybrid (Granite 4): GraniteMoE-Shared's MoE, attention layers between Mamba-2 layers
+    (mamba_n_heads x mamba_d_head, B and C of mamba_n_groups x mamba_d_state, a biased convolution)."""
+    s = _granitemoe(c)
+    if not c.bool("mamba_conv_bias", True) or c.bool("mamba_proj_bias", False):
+        raise SpecError(f"{c.model_type} config: only mamba_conv_bias=true and mamba_proj_bias=false are priced")
+    types = c.get("layer_types") or []
+    if len(types) != s["num_hidden_layers"]:
+        raise SpecError(f"{c.model_type} config: field 'layer_types' needs one entry per layer")
+    mamba = sum(k in ("linear_attention", "mamba") for k in types)          # transformers' name, or the Hub's
+    return dict(s, num_linear_layers=mamba, linear_attention="mamba2",
+                linear_num_key_heads=c.int("mamba_n_groups"), linear_key_head_dim=c.int("mamba_d_state"),
+                linear_num_value_heads=c.int("mamba_n_heads"), linear_value_head_dim=c.int("mamba_d_head"),
+                linear_conv_kernel=c.int("mamba_d_conv"))
+
+
 def _granitemoe_swa(c: Config) -> dict:
     """GraniteMoE-SWA: GraniteMoE with a learnable sink per head and sliding-window layers (layer_types)."""
     s = _granitemoe(c)
@@ -415,6 +431,7 @@ FAMILIES = {
     "lara_mini": _lara_mini,
     "kimi_linear": _kimi_linear,
     "bailing_hybrid": _kimi_linear,
+    "granitemoehybrid": _granitemoehybrid,
 }
 
 SPARSE_ATTENTION_FAMILIES = frozenset({"deepseek_v32", "glm_moe_dsa"})
@@ -422,5 +439,7 @@ SPARSE_ATTENTION_FAMILIES = frozenset({"deepseek_v32", "glm_moe_dsa"})
 CHUNKED_ATTENTION_FAMILIES = frozenset({"llama4_text"})
 """Families whose readers price 'chunked_attention' layers (as windows of the chunk)."""
 LINEAR_ATTENTION_FAMILIES = frozenset({"qwen3_next", "qwen3_5_moe_text", "minimax", "lara_mini", "kimi_linear",
-                                       "bailing_hybrid"})
+                                       "bailing_hybrid", "granitemoehybrid"})
+MAMBA_FAMILIES = frozenset({"granitemoehybrid"})
+"""Families whose readers price their Mamba layers (as linear-attention layers of kind mamba2)."""
 """Families whose readers price 'linear_attention' layers (the gated delta rule)."""

@@ -41,6 +41,10 @@ def _linear_pre_attention(spec: ModelSpec, tokens) -> Cost:
     norm = Cost(flops=4.0 * tokens * h, weight_bytes=h * spec.dtypes.weight_bytes, act_bytes=2.0 * tokens * h * act)
     if spec.linear_attention == "lightning":                   # q|k|v, and the output gate from the input
         return norm + _linear(spec, tokens, h, spec.linear_conv_dim) + _linear(spec, tokens, h, nv * dv)
+    if spec.linear_attention == "mamba2":                      # z|x|B|C|dt, then the convolution over x|B|C
+        conv = Cost(flops=2.0 * tokens * spec.linear_conv_dim * spec.linear_conv_kernel,
+                    weight_bytes=spec.linear_conv_dim * spec.linear_conv_kernel * spec.dtypes.weight_bytes)
+        return norm + _linear(spec, tokens, h, spec.linear_conv_dim + nv * dv + nv) + conv
     if spec.linear_attention == "kda":                         # q|k|v, conv, forget and output gates, beta
         r, width = spec.linear_gate_rank, nv * dv
         gate = (_linear(spec, tokens, h, r) + _linear(spec, tokens, r, width)) if r else _linear(spec, tokens, h, width)

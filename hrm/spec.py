@@ -169,7 +169,8 @@ class ModelSpec:
     linear_value_head_dim: int = 0
     linear_conv_kernel: int = 0            # ... and the width of their causal convolution over q|k|v
     linear_attention: str = "gated_delta"  # their kind: "gated_delta" (Qwen3-Next) | "lightning" (MiniMax)
-    #                                        | "kda" (Kimi delta attention: per-channel forget gates)
+    #                                        | "kda" (Kimi delta attention: per-channel forget gates) | "mamba2"
+    #                                        (key heads and dim: its B/C groups and d_state; value: heads, d_head)
     linear_gate_rank: int = 0              # kda: the rank of its forget and output gates (0: full)
     attention_sinks: bool = False
     qkv_bias: bool = False
@@ -239,6 +240,10 @@ class ModelSpec:
         h, nv, dv = self.hidden_size, self.linear_num_value_heads, self.linear_value_head_dim
         if self.linear_attention == "lightning":
             return h * self.linear_conv_dim + nv * dv * (2 * h + 1)
+        if self.linear_attention == "mamba2":    # z|x|B|C|dt, the convolution over x|B|C (with its bias),
+            width = nv * dv                      # dt bias, A and D per head, the gated norm, the output
+            return (h * (self.linear_conv_dim + width + nv) + self.linear_conv_dim * (self.linear_conv_kernel + 1)
+                    + 3 * nv + width + width * h)
         if self.linear_attention == "kda":       # q|k|v and their convolution, forget (A, dt, f) and output
             r, width = self.linear_gate_rank, nv * dv   # (g) gates, beta per head, norm, output projection
             gate = r * (h + width) if r else h * width

@@ -229,6 +229,9 @@ PARAM_CONFIGS = {
                            linear_conv_kernel_dim=4, layer_types=["linear_attention", "full_attention"],
                            mlp_layer_types=["dense", "sparse"], num_expert_group=1, topk_group=1, pad_token_id=0,
                            eos_token_id=2),
+    "granitemoehybrid": dict(num_local_experts=4, intermediate_size=24, shared_intermediate_size=32,
+                             layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_n_groups=1, mamba_d_state=8,
+                             mamba_d_head=24, mamba_d_conv=4, mamba_expand=2),
     "minimax": dict(num_local_experts=4, intermediate_size=24, head_dim=8,
                     layer_types=["linear_attention", "full_attention"]),
     "qwen3_5_moe_text": dict(num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=32,
@@ -288,7 +291,7 @@ def test_what_a_new_family_cannot_be_priced_as_is_refused_naming_it(family, fiel
 
 @pytest.mark.parametrize("family, words", [
     ("zaya", "'hybrid' layers"),
-    ("granitemoehybrid", "layers"), ("jamba", "Mamba layers"),
+    ("nemotron_h", "layers"), ("jamba", "Mamba layers"),
 ])
 def test_layers_that_cannot_be_priced_are_named(family, words):
     """Hybrid models are refused by the kind of layer the spec cannot describe, not by an unknown name."""
