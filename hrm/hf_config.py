@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .checks import load_json, read_text
 from .hf_families import (CHUNKED_ATTENTION_FAMILIES, FAMILIES, LINEAR_ATTENTION_FAMILIES, MAMBA_FAMILIES,
-                          SPARSE_ATTENTION_FAMILIES)
+                          SPARSE_ATTENTION_FAMILIES, UNPRICED_FAMILIES)
 from .hf_fields import Config
 from .spec import ModelSpec, SpecError
 
@@ -95,6 +95,9 @@ def spec_from_hf_config(path_or_dict, name: str | None = None) -> ModelSpec:
         raise SpecError(f"model_type {model_type!r}: {odd} are not priced (ModelSpec describes attention and MoE "
                         f"layers only); supported: {supported}")
     if model_type not in FAMILIES:
+        if model_type in UNPRICED_FAMILIES:
+            raise SpecError(f"model_type {model_type!r}: {UNPRICED_FAMILIES[model_type]} are not priced; "
+                            f"supported: {supported}")
         if model_type in DENSE_MODEL_TYPES:
             raise SpecError(f"unsupported model_type {model_type!r}: a dense model, not a supported MoE family; "
                             f"supported: {supported}")

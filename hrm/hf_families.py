@@ -443,3 +443,15 @@ LINEAR_ATTENTION_FAMILIES = frozenset({"qwen3_next", "qwen3_5_moe_text", "minima
 MAMBA_FAMILIES = frozenset({"granitemoehybrid"})
 """Families whose readers price their Mamba layers (as linear-attention layers of kind mamba2)."""
 """Families whose readers price 'linear_attention' layers (the gated delta rule)."""
+
+UNPRICED_FAMILIES = {
+    "doge": "its dynamic-mask attention (field 'keep_window_size') and the MoE of fields 'is_moe' and 'num_experts'",
+    "gemma4_text": "its per-layer head widths (field 'per_layer_config'), per-layer input embeddings (field "
+                   "'hidden_size_per_layer_input') and, with enable_moe_block, a dense MLP beside the experts",
+    "jetmoe": "its attention experts (a mixture of attention heads, field 'kv_channels')",
+    "lfm2_moe": "its short-convolution layers (fields 'conv_L_cache', 'conv_bias')",
+    "longcat_flash": "its zero-computation experts (field 'zero_expert_num')",
+    "mimo_v2_flash": "its sliding-window layers' own KV-head count and attention sinks (ModelSpec has one KV-head "
+                     "count for every layer)",
+}
+"""MoE causal LMs of transformers the HRM does not price, by the feature it cannot describe."""

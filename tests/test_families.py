@@ -339,3 +339,15 @@ def test_linear_attention_layers_hold_a_fixed_state_instead_of_kv():
     grow = lambda s: ops.attention(s, 8, 1, 2000).flops - ops.attention(s, 8, 1, 1000).flops  # noqa: E731
     assert grow(spec) == pytest.approx(grow(dense) / 2)
     assert ops.linear_attention(spec, 8, 1).flops == pytest.approx(8 * 8.0 * 4 * 8 * 6)
+
+
+@pytest.mark.parametrize("family, words", [
+    ("doge", "'keep_window_size'"), ("gemma4_text", "'per_layer_config'"), ("jetmoe", "attention experts"),
+    ("lfm2_moe", "short-convolution layers"), ("longcat_flash", "'zero_expert_num'"),
+    ("mimo_v2_flash", "own KV-head count"),
+])
+def test_families_that_are_not_priced_say_which_feature(family, words):
+    transformers = pytest.importorskip("transformers")
+    raw = dict(transformers.AutoConfig.for_model(family).to_dict(), model_type=family)
+    with pytest.raises(SpecError, match=words):
+        spec_from_hf_config(raw)
