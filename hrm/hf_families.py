@@ -98,6 +98,14 @@ def _gpt_oss(c: Config) -> dict:
                 **sliding_fields(c, s, alternating))
 
 
+def _layers_of_kind(c: Config, layers: int, kinds: tuple[str, ...] = ("linear_attention",)) -> int:
+    """How many entries of layer_types (one per layer) are of `kinds`."""
+    types = c.get("layer_types") or []
+    if len(types) != layers:
+        raise SpecError(f"{c.model_type} config: field 'layer_types' needs one entry per layer")
+    return sum(k in kinds for k in types)
+
+
 def _granitemoe(c: Config) -> dict:
     """GraniteMoE (and GraniteMoeShared: a shared SwiGLU MLP of shared_intermediate_size, no gate)."""
     s = standard_fields(c, "intermediate_size")
@@ -111,10 +119,7 @@ def _granitemoehybrid(c: Config) -> dict:
     s = _granitemoe(c)
     if not c.bool("mamba_conv_bias", True) or c.bool("mamba_proj_bias", False):
         raise SpecError(f"{c.model_type} config: only mamba_conv_bias=true and mamba_proj_bias=false are priced")
-    types = c.get("layer_types") or []
-    if len(types) != s["num_hidden_layers"]:
-        raise SpecError(f"{c.model_type} config: field 'layer_types' needs one entry per layer")
-    mamba = sum(k in ("linear_attention", "mamba") for k in types)          # transformers' name, or the Hub's
+    mamba = _layers_of_kind(c, s["num_hidden_layers"], ("linear_attention", "mamba"))   # transformers' name, the Hub's
     return dict(s, num_linear_layers=mamba, linear_attention="mamba2",
                 linear_num_key_heads=c.int("mamba_n_groups"), linear_key_head_dim=c.int("mamba_d_state"),
                 linear_num_value_heads=c.int("mamba_n_heads"), linear_value_head_dim=c.int("mamba_d_head"),
@@ -263,10 +268,7 @@ def _qwen3_next(c: Config) -> dict:
     every layer MoE with a gated shared expert."""
     s = standard_fields(c, "moe_intermediate_size", eps=1e-6)
     every_layer_moe(c, decoder_sparse_step=1, mlp_only_layers=[])
-    types = c.get("layer_types") or []
-    if len(types) != s["num_hidden_layers"]:
-        raise SpecError(f"{c.model_type} config: field 'layer_types' needs one entry per layer")
-    linear = sum(k == "linear_attention" for k in types)
+    linear = _layers_of_kind(c, s["num_hidden_layers"])
     return dict(s, qk_norm=True, **attention_biases(c), norm_topk_prob=c.bool("norm_topk_prob", True),
                 shared_expert_intermediate_size=c.int("shared_expert_intermediate_size", default=0),
                 shared_expert_gate=True, num_linear_layers=linear,
@@ -296,12 +298,9 @@ def _kimi_linear(c: Config) -> dict:
     attention layers (linear_num_heads x linear_head_dim, gates of rank linear_head_dim). Bailing-hybrid
     (Ling): the same with full-rank gates and a per-head output gate on its MLA layers (ATTENTION_GATE)."""
     s = _deepseek(c, v3=True)
-    types = c.get("layer_types") or []
-    if len(types) != s["num_hidden_layers"]:
-        raise SpecError(f"{c.model_type} config: field 'layer_types' needs one entry per layer")
     heads, d = c.int("linear_num_heads"), c.int("linear_head_dim")
     return dict(s, shared_expert_intermediate_size=c.int("num_shared_experts", default=0) * s["moe_intermediate_size"],
-                norm_topk_prob=c.bool("moe_renormalize", True), num_linear_layers=sum(k == "linear_attention" for k in types),
+                norm_topk_prob=c.bool("moe_renormalize", True), num_linear_layers=_layers_of_kind(c, s["num_hidden_layers"]),
                 linear_attention="kda", linear_num_key_heads=heads, linear_num_value_heads=heads,
                 linear_key_head_dim=d, linear_value_head_dim=d, linear_conv_kernel=c.int("linear_conv_kernel_dim"),
                 linear_gate_rank=d if c.model_type == "kimi_linear" else 0)
@@ -311,11 +310,8 @@ def _minimax(c: Config) -> dict:
     """MiniMax-Text-01: Mixtral's MoE, softmax-attention layers between lightning-attention ones (q|k|v of
     every head, an RMSNorm over their output, a sigmoid output gate; a [head dim, head dim] state per head)."""
     s = dict(_mixtral(c), qk_norm=False)
-    types = c.get("layer_types") or []
-    if len(types) != s["num_hidden_layers"]:
-        raise SpecError(f"{c.model_type} config: field 'layer_types' needs one entry per layer")
     heads, d = s["num_attention_heads"], s["head_dim"]
-    return dict(s, num_linear_layers=sum(k == "linear_attention" for k in types), linear_attention="lightning",
+    return dict(s, num_linear_layers=_layers_of_kind(c, s["num_hidden_layers"]), linear_attention="lightning",
                 linear_num_key_heads=heads, linear_num_value_heads=heads, linear_key_head_dim=d,
                 linear_value_head_dim=d)
 
@@ -333,8 +329,8 @@ def _llama4_text(c: Config) -> dict:
     if moe_layers is not None and sorted(moe_layers) != list(range(layers)):
         raise SpecError(f"{c.model_type} config: field 'moe_layers'={moe_layers!r} interleaves dense and MoE "
                         f"layers, which ModelSpec cannot describe")
-    chunk, types = c.int("attention_chunk_size", default=0), c.get("layer_types") or []
-    chunked = sum(k == "chunked_attention" for k in types)
+    chunk = c.int("attention_chunk_size", default=0)
+    chunked = _layers_of_kind(c, layers, ("chunked_attention",)) if c.get("layer_types") else 0
     window = (dict(sliding_window=chunk, num_sliding_layers=chunked)
               if chunk and chunked and chunk < s["max_position_embeddings"] else {})
     return dict(s, shared_expert_intermediate_size=c.int("intermediate_size"), router="sigmoid",
@@ -440,9 +436,9 @@ CHUNKED_ATTENTION_FAMILIES = frozenset({"llama4_text"})
 """Families whose readers price 'chunked_attention' layers (as windows of the chunk)."""
 LINEAR_ATTENTION_FAMILIES = frozenset({"qwen3_next", "qwen3_5_moe_text", "minimax", "lara_mini", "kimi_linear",
                                        "bailing_hybrid", "granitemoehybrid"})
+"""Families whose readers price 'linear_attention' layers (ModelSpec.linear_attention names their kind)."""
 MAMBA_FAMILIES = frozenset({"granitemoehybrid"})
 """Families whose readers price their Mamba layers (as linear-attention layers of kind mamba2)."""
-"""Families whose readers price 'linear_attention' layers (the gated delta rule)."""
 
 UNPRICED_FAMILIES = {
     "doge": "its dynamic-mask attention (field 'keep_window_size') and the MoE of fields 'is_moe' and 'num_experts'",

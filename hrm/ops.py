@@ -33,35 +33,34 @@ def _by_layer_kind(spec: ModelSpec, softmax: Cost, linear) -> Cost:
 
 
 def _linear_pre_attention(spec: ModelSpec, tokens) -> Cost:
-    """A linear-attention layer before its recurrence: RMSNorm, then for the gated delta rule the q|k|v|z and
-    b|a projections and the causal convolution over q|k|v (kernel taps per channel); for lightning
-    attention q|k|v and the output gate."""
+    """A linear-attention layer before its recurrence: RMSNorm, its input projections (gated delta rule:
+    q|k|v|z and b|a; lightning: q|k|v and the output gate; Mamba-2: z|x|B|C|dt; Kimi delta attention: q|k|v,
+    the forget and output gates and beta) and the causal convolution (kernel taps per channel; none for
+    lightning, whose kernel is 0)."""
     h, act = spec.hidden_size, spec.dtypes.act_bytes
-    nv, dv = spec.linear_num_value_heads, spec.linear_value_head_dim
+    nv, dv, conv_dim = spec.linear_num_value_heads, spec.linear_value_head_dim, spec.linear_conv_dim
     norm = Cost(flops=4.0 * tokens * h, weight_bytes=h * spec.dtypes.weight_bytes, act_bytes=2.0 * tokens * h * act)
-    if spec.linear_attention == "lightning":                   # q|k|v, and the output gate from the input
-        return norm + _linear(spec, tokens, h, spec.linear_conv_dim) + _linear(spec, tokens, h, nv * dv)
-    if spec.linear_attention == "mamba2":                      # z|x|B|C|dt, then the convolution over x|B|C
-        conv = Cost(flops=2.0 * tokens * spec.linear_conv_dim * spec.linear_conv_kernel,
-                    weight_bytes=spec.linear_conv_dim * spec.linear_conv_kernel * spec.dtypes.weight_bytes)
-        return norm + _linear(spec, tokens, h, spec.linear_conv_dim + nv * dv + nv) + conv
-    if spec.linear_attention == "kda":                         # q|k|v, conv, forget and output gates, beta
+    conv = Cost(flops=2.0 * tokens * conv_dim * spec.linear_conv_kernel,
+                weight_bytes=conv_dim * spec.linear_conv_kernel * spec.dtypes.weight_bytes)
+    kind = spec.linear_attention
+    if kind == "lightning":
+        proj = _linear(spec, tokens, h, conv_dim) + _linear(spec, tokens, h, nv * dv)
+    elif kind == "mamba2":
+        proj = _linear(spec, tokens, h, conv_dim + nv * dv + nv)
+    elif kind == "kda":
         r, width = spec.linear_gate_rank, nv * dv
         gate = (_linear(spec, tokens, h, r) + _linear(spec, tokens, r, width)) if r else _linear(spec, tokens, h, width)
-        conv = Cost(flops=2.0 * tokens * spec.linear_conv_dim * spec.linear_conv_kernel,
-                    weight_bytes=spec.linear_conv_dim * spec.linear_conv_kernel * spec.dtypes.weight_bytes)
-        return norm + _linear(spec, tokens, h, spec.linear_conv_dim) + conv + 2 * gate + _linear(spec, tokens, h, nv)
-    proj = _linear(spec, tokens, h, spec.linear_conv_dim + nv * dv) + _linear(spec, tokens, h, 2 * nv)
-    conv = Cost(flops=2.0 * tokens * spec.linear_conv_dim * spec.linear_conv_kernel,
-                weight_bytes=spec.linear_conv_dim * spec.linear_conv_kernel * spec.dtypes.weight_bytes)
+        proj = _linear(spec, tokens, h, conv_dim) + 2 * gate + _linear(spec, tokens, h, nv)
+    else:
+        proj = _linear(spec, tokens, h, conv_dim + nv * dv) + _linear(spec, tokens, h, 2 * nv)
     return norm + proj + conv
 
 
 def linear_attention(spec: ModelSpec, seqs, new_tokens) -> Cost:
-    """The gated delta rule over `new_tokens` tokens of `seqs` sequences: per token and value head, the
-    state [key dim, value dim] decayed, corrected by the delta rule and read by the query (about 8 FLOPs per
-    state element); the state read and written once per sequence and call (a decode step, or a prefill
-    chunk), the FLOPs independent of the context."""
+    """A linear-attention layer's recurrence over `new_tokens` tokens of `seqs` sequences, every kind alike:
+    per token and value head the state [key dim, value dim] decayed, updated and read by the query (about 8
+    FLOPs per state element); the state read and written once per sequence and call (a decode step, or a
+    prefill chunk), the FLOPs independent of the context."""
     elems = spec.linear_num_value_heads * spec.linear_key_head_dim * spec.linear_value_head_dim
     tokens = np.asarray(seqs, float) * new_tokens
     state = spec.linear_state_bytes_per_sequence() / spec.num_linear_layers

@@ -124,9 +124,9 @@ ATTENTION_GATE = {"afmoe": "elementwise", "laguna": "per_head", "beam": "element
 """Families whose attention output is gated by a projection of the layer input: one gate per output
 element ([q_dim, hidden]) or per head ([heads, hidden])."""
 ATTENTION_GATE_HEAD_BIAS = ("beam",)
+"""Families whose attention gate adds a bias per head."""
 ATTENTION_GATE_IN_Q = ("qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe")
 """Families whose elementwise gate is the second half of q_proj (so q's bias covers it too)."""
-"""Families whose attention gate adds a bias per head."""
 
 
 @dataclass(frozen=True)

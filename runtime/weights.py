@@ -230,21 +230,16 @@ class WeightStore:
 
     def _buffer_lookup(self, layer: int, buffer: int) -> ExpertTable | DequantTable:
         pt = self.page_table
+        stores = tuple(([(pt.resident_ids[0], self.resident[layer])] if pt.resident_ids else [])
+                       + ([(pt.streamed_ids[0], self.buffers[buffer])] if pt.streamed_ids else []))
         if self.layout is not None:
-            stores = ([(pt.resident_ids[0], self.resident[layer])] if pt.resident_ids else []) + \
-                     ([(pt.streamed_ids[0], self.buffers[buffer])] if pt.streamed_ids else [])
-            return DequantTable(tuple(stores), self.layout, self.workspace)
+            return DequantTable(stores, self.layout, self.workspace)
         views: list[ExpertWeights] = []
         for e in range(self.spec.num_experts):
-            resident, slot = self.page_table.slot(e)
+            resident, slot = pt.slot(e)
             flat = self.resident[layer, slot] if resident else self.buffers[buffer, slot]
             views.append(expert_view(flat, self.spec))
-        groups = []
-        if pt.resident_ids:
-            groups.append((pt.resident_ids[0], self.resident[layer]))
-        if pt.streamed_ids:
-            groups.append((pt.streamed_ids[0], self.buffers[buffer]))
-        return ExpertTable(views, tuple(groups))
+        return ExpertTable(views, stores)
 
     # ---- paging ---------------------------------------------------------------------------------
     def page_source(self, layer: int, page: Page) -> torch.Tensor:
