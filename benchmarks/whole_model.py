@@ -83,7 +83,8 @@ def _row_of(date, spec, budgets, tag, plan, meas, error, wall_s, plan_file) -> d
            "pred_tok_s": est.throughput_tok_s, "pred_prefill_s": est.prefill_s, "pred_decode_s": est.decode_s,
            "pred_gpu_peak_bytes": est.memory.gpu_bytes, "pred_host_peak_bytes": est.memory.cpu_bytes,
            "pred_pinned_bytes": est.memory.pinned_bytes, "wall_s": wall_s, "plan_file": plan_file,
-           "expert_dtype": spec.dtypes.expert_format or "bf16", "kv_dtype": "bf16"}
+           # the runtime keeps the KV cache, and experts not quantized, in the compute dtype
+           "expert_dtype": spec.dtypes.expert_format or spec.dtypes.name, "kv_dtype": spec.dtypes.name}
     if meas is not None:
         d = meas["derived"]
         row.update(meas_tok_s=d["tokens_per_s"], meas_prefill_s=meas["prefill_s"], meas_decode_s=meas["decode_s"],
