@@ -1,7 +1,8 @@
 """How far the cost model misses on the whole-model runs committed, by the basis of its rates: the
-profile's measurements (curves and calibrations), or its unit-level rates alone (what a machine without
-a measured profile is priced with). `plan` and `estimate` print the second as the uncertainty of a
-prediction whose basis is datasheet and assumed rates.
+profile's measurements (curves and calibrations); its unit-level rates with the efficiency model
+(hrm/efficiency.py: what a machine without a measured profile is priced with); or those rates at their
+roofline alone (the cost model before the efficiency model, kept for the record). `plan` and `estimate`
+print the second as the uncertainty of a prediction whose basis is datasheet plus the efficiency model.
 
     python benchmarks/basis_error.py benchmarks/results/whole_model/h200-2026-12-02-call{4,5,6} \
         --out hrm/hardware_profiles/basis_error.json
@@ -40,13 +41,14 @@ def main(argv=None) -> int:
     hw = load_profile(args.hardware)
     folders = sorted(args.folders)
     by_basis = {}
-    for basis, use_measured in (("measured", True), ("datasheet", False)):
-        rows = [r for d in folders for r in rows_of(d, hw, use_measured)]
+    for basis, use_measured, efficiency in (("measured", True, True), ("efficiency_model", False, True),
+                                            ("datasheet", False, False)):
+        rows = [r for d in folders for r in rows_of(d, hw, use_measured, efficiency)]
         if not rows:
             raise SystemExit("basis_error: no keep/*.measurement.json under the folders given")
         by_basis[basis] = summary([r["now_err_pct"] for r in rows])
         s = by_basis[basis]
-        print(f"{basis:9s}: {s['runs']} runs, |error| median {s['median_abs_pct']:.1f}%, "
+        print(f"{basis:16s}: {s['runs']} runs, |error| median {s['median_abs_pct']:.1f}%, "
               f"90th percentile {s['p90_abs_pct']:.1f}%, max {s['max_abs_pct']:.1f}%")
     write_result(args.out, "basis_error.py", argv, hardware=hw.name, machine=hw.description,
                  runs=[str(d.resolve().relative_to(ROOT)) for d in folders], **by_basis)

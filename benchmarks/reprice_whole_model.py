@@ -33,15 +33,17 @@ def _pct(pred: float, meas: float) -> float:
     return 100.0 * (pred - meas) / meas
 
 
-def rows_of(folder: Path, hw, use_measured: bool = True) -> list[dict]:
+def rows_of(folder: Path, hw, use_measured: bool = True, efficiency_model: bool = True) -> list[dict]:
     """One row per run of `folder`: the measurement beside the plan's prediction then and the cost
-    model's now (`use_measured` off: from the profile's unit-level rates alone)."""
+    model's now (`use_measured` off: from the profile's unit-level rates and the efficiency model, or with
+    `efficiency_model` off too, at their roofline alone)."""
     rows = []
     for meas_path in sorted((folder / "keep").glob("*.measurement.json")):
         run = meas_path.name[: -len(".measurement.json")]
         plan = Plan.load(meas_path.with_name(f"{run}.plan.json"))
         meas = json.loads(meas_path.read_text())
-        now = estimate(plan.spec, hw, plan.workload, plan.policy, use_measured=use_measured)
+        now = estimate(plan.spec, hw, plan.workload, plan.policy, use_measured=use_measured,
+                       efficiency_model=efficiency_model)
         then = plan.estimate
         m_tok = meas["derived"]["tokens_per_s"]
         rows.append({

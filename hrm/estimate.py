@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import ops
+from .efficiency import moe_layer_flops_per_s
 from .hardware import HardwareProfile, interp_log
 from .memory import MemoryUse, kv_slots_per_sequence, memory_use
 from .policy import Policy, prefill_chunk_sequences, realised_kv_frac
@@ -231,7 +232,9 @@ def prefill_experts_time(s: Setting, tokens):
     curve = moe_curve(s)
     if curve is not None:
         return cost.flops / (interp_log(per_expert, *curve) * s.hardware.gpu.count)
-    return gpu_time(s, cost, per_expert)
+    layer = moe_layer_flops_per_s(s.hardware, s.spec, _measured(s))     # the efficiency model's MoE layer
+    roofline = gpu_time(s, cost, per_expert)
+    return roofline if layer is None else np.maximum(roofline, cost.flops / (layer * s.hardware.gpu.count))
 
 
 def lm_head_time(s: Setting, N):
@@ -385,9 +388,11 @@ def _floats(d: dict) -> dict:
 
 
 def estimate(spec: ModelSpec, hardware: HardwareProfile, workload: Workload, policy: Policy, *,
-             pin_all_weights: bool = True, use_measured: bool = True) -> Estimate:
-    """Predict prefill and decode time, memory peaks and throughput of one policy."""
-    s = Setting.of(spec, hardware, workload, policy, pin_all_weights=pin_all_weights, use_measured=use_measured)
+             pin_all_weights: bool = True, use_measured: bool = True, efficiency_model: bool = True) -> Estimate:
+    """Predict prefill and decode time, memory peaks and throughput of one policy (`efficiency_model` off:
+    what the profile did not measure at its unit-level roofline, not hrm/efficiency.py's rates)."""
+    s = Setting.of(spec, hardware, workload, policy, pin_all_weights=pin_all_weights, use_measured=use_measured,
+                   efficiency_model=efficiency_model)
     N, mu = policy.batch_size, policy.micro_batch_size
     r_w = policy.resident_experts(spec.num_experts) / spec.num_experts
     r_c = float(realised_kv_frac(policy.kv_gpu_frac, policy.num_micro_batches))   # as the runtime places it

@@ -160,14 +160,13 @@ class HardwareProfile:
 
     def basis(self, use_measured: bool = True) -> str:
         """What a prediction with this profile rests on: measurements of that machine, published
-        measurements of it, or datasheet and assumed figures only (also when `use_measured` is off)."""
+        measurements of it, or datasheet figures plus the efficiency model (also when `use_measured` is off)."""
         m = self.measured
-        if m is not None and not use_measured:
-            return "datasheet and assumed rates (the profile's measurements not used)"
-        if m is None:
-            return "datasheet and assumed rates (nothing measured on that machine)"
+        if m is None or not use_measured:
+            why = "nothing measured on that machine" if m is None else "the profile's measurements not used"
+            return f"datasheet plus efficiency model (hrm/efficiency.py; {why})"
         if m.method.startswith("published"):
-            return f"{m.method} ({m.date}); datasheet and assumed rates elsewhere"
+            return f"{m.method} ({m.date}); datasheet plus efficiency model elsewhere"
         return f"measured on the profiled machine: {m.method} ({m.date})"
 
     def measured_here(self, use_measured: bool = True) -> bool:
@@ -178,12 +177,14 @@ class HardwareProfile:
     def uncertainty(self, use_measured: bool = True) -> dict | None:
         """How far predictions on this basis missed on the committed whole-model runs
         (hardware_profiles/basis_error.json, benchmarks/basis_error.py): the misses with the profile's
-        measurements for a profile measured on its machine, else those from unit-level rates alone.
-        None where the file is absent."""
+        measurements for a profile measured on its machine, else those of its unit-level rates with the
+        efficiency model (the measured machine priced as if unmeasured). None where the file is absent."""
         data = _basis_errors(PROFILE_DIR / "basis_error.json")
         if data is None:
             return None
-        band = data["measured" if self.measured_here(use_measured) else "datasheet"]
+        band = data.get("measured" if self.measured_here(use_measured) else "efficiency_model")
+        if band is None:                       # a file written before the efficiency model
+            return None
         return {**band, "source": f"{data['machine']}, {data['date']}, {', '.join(data['runs'])}"}
 
     def uncertainty_line(self, use_measured: bool = True) -> str | None:

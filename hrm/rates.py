@@ -10,6 +10,7 @@ from itertools import combinations
 import numpy as np
 
 from .cost import Cost
+from .efficiency import attained
 from .formats import expert_format
 from .hardware import HardwareProfile, interp_log
 from .policy import Placement, Policy, ReadsPlacement
@@ -25,7 +26,8 @@ class Setting(ReadsPlacement):
     workload: Workload
     placement: Placement = Placement()
     pin_all_weights: bool = True    # offloaded weights live in pinned memory (no DRAM->pinned staging step)
-    use_measured: bool = True       # use the profile's measured curves instead of datasheet peaks
+    use_measured: bool = True       # use the profile's measured curves (else its units and the efficiency model)
+    efficiency_model: bool = True   # price what the profile did not measure by hrm/efficiency.py (else the roofline)
 
     @classmethod
     def of(cls, spec, hardware, workload, policy: Policy, **kw) -> "Setting":
@@ -33,7 +35,12 @@ class Setting(ReadsPlacement):
 
 
 def _measured(s: Setting):
-    return s.hardware.measured if s.use_measured else None
+    """The measured rates the cost model reads: the profile's own where measured on its machine, else (or
+    with use_measured off) the efficiency model's from its units, published measurements kept
+    (hrm.efficiency.attained); without the efficiency model, the profile's measurements or none."""
+    if not s.efficiency_model:
+        return s.hardware.measured if s.use_measured else None
+    return attained(s.hardware, s.use_measured)
 
 
 

@@ -355,16 +355,18 @@ def test_units_come_from_the_key_names():
 
 
 def test_the_uncertainty_follows_the_basis(monkeypatch, tmp_path):
-    """A profile measured on its machine carries the measured band; datasheet rates (a profile without
-    measurements, or --datasheet) carry the band of predictions from unit-level rates alone."""
+    """A profile measured on its machine carries the measured band; datasheet rates plus the efficiency
+    model (a profile without measurements, or --datasheet) carry the band of the measured machine priced
+    that way (its unit-level rates and hrm/efficiency.py)."""
     band = json.loads((hardware.PROFILE_DIR / "basis_error.json").read_text())
     measured, datasheet = load_profile("h200-measured"), load_profile("t4-s1")
     assert measured.uncertainty()["median_abs_pct"] == band["measured"]["median_abs_pct"]
-    assert measured.uncertainty(use_measured=False)["median_abs_pct"] == band["datasheet"]["median_abs_pct"]
-    assert datasheet.uncertainty()["p90_abs_pct"] == band["datasheet"]["p90_abs_pct"]
+    assert measured.uncertainty(use_measured=False)["median_abs_pct"] == band["efficiency_model"]["median_abs_pct"]
+    assert datasheet.uncertainty()["p90_abs_pct"] == band["efficiency_model"]["p90_abs_pct"]
     assert load_profile("l4-s2").uncertainty() == datasheet.uncertainty()          # published, partial
     assert "median of" in measured.uncertainty_line() and "\n" not in measured.uncertainty_line()
-    assert band["datasheet"]["median_abs_pct"] > band["measured"]["median_abs_pct"]
+    assert band["datasheet"]["median_abs_pct"] > band["efficiency_model"]["median_abs_pct"] \
+        > band["measured"]["median_abs_pct"]
     monkeypatch.setattr(hardware, "PROFILE_DIR", tmp_path)
     assert measured.uncertainty() is None and measured.uncertainty_line() is None
 

@@ -96,7 +96,7 @@ def test_plan_does_not_import_torch():
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize("hardware, starts", [("t4-s1", "datasheet and assumed rates"),
+@pytest.mark.parametrize("hardware, starts", [("t4-s1", "datasheet plus efficiency model"),
                                               ("l4-s2", "published: the MoE-Lightning paper"),
                                               ("h200-measured", "measured on the profiled machine")])
 def test_plan_states_the_basis_of_its_rates(capsys, hardware, starts):
@@ -111,4 +111,5 @@ def test_plan_states_the_basis_of_its_rates(capsys, hardware, starts):
 
 def test_datasheet_flag_says_the_measurements_were_set_aside(capsys):
     rc, out, _ = run_plan(capsys, "--hardware", "h200-measured", "--no-baselines", "--datasheet", "--json")
-    assert rc == 0 and json.loads(out)["basis"].startswith("datasheet and assumed rates (the profile's measurements")
+    basis = json.loads(out)["basis"]
+    assert rc == 0 and basis.startswith("datasheet plus efficiency model") and "measurements not used" in basis
