@@ -8,6 +8,8 @@
 #   depth         benchmarks/rates_at_run_shapes.py --depth (CPU attention in the loop over 1 and 8 layers' KV)
 #   moe           benchmarks/moe_kernels.py (the MoE layer kernel by kernel, one and two stores)
 #   dequant       benchmarks/dequant_rate.py (one layer's int8 / int4 experts into bf16, against its price)
+#   attn          benchmarks/cpu_attention_rate.py (every CPU decode-attention kernel, bf16 / int8 / fp8 KV, at the
+#                 pipeline's batches and contexts: ms per call and GB/s of KV read, to choose DECODE_KERNEL)
 #   pin           benchmarks/pin_rate.py (how fast fresh host memory is page-locked)
 #   gap           benchmarks/prefill_gap.py (the runtime's prefill on 4 layers, from the probe's setting to the plans')
 #   sustained     benchmarks/sustained_rate.py (each MoE layer and a GEMM back to back for 20 s: do the clocks hold?)
@@ -54,6 +56,9 @@ for step in "$@"; do
         python benchmarks/moe_kernels.py --out "$res/moe_kernels.json" 2>&1 | tee "$res/moe_kernels.log" | tail -12 ;;
     dequant)
         python benchmarks/dequant_rate.py --hardware "$profile" --out "$res/dequant_rate.json" 2>&1 | tee "$res/dequant.log" | tail -8 ;;
+    attn)
+        python benchmarks/cpu_attention_rate.py --hardware "$profile" --time-limit-s "$(left)" \
+            --out "$res/cpu_attention_rate.json" 2>&1 | tee "$res/cpu_attention_rate.log" | tail -6 ;;
     pin)
         python benchmarks/pin_rate.py --gib 16 --rounds 2 --out "$res/pin_rate.json" ;;
     gap)

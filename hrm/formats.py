@@ -70,3 +70,48 @@ def expert_format(name: str) -> ExpertFormat:
     if name not in EXPERT_FORMATS:
         raise ValueError(f"unknown expert format {name!r}; known: {', '.join(EXPERT_FORMATS)}")
     return EXPERT_FORMATS[name]
+
+
+# ---- KV cache formats ---------------------------------------------------------------------------------
+KV_SCALE_BYTES = 4       # fp32: one scale per token, kv head and K or V
+
+ATTENTION_CHUNK_SEQUENCES = 16
+"""Sequences the CPU decode attention over an 8-bit cache dequantizes at a time (runtime.cpu_attention): its
+fp32 workspace holds one chunk's K (then V), so it stays in the cores' caches instead of materialising a
+full-precision copy of the cache."""
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    """How the KV cache stores one token's K (or V) of one kv head, a vector of head_dim values:
+      bf16, fp16, fp32  as they are, no scales;
+      int8  symmetric round to nearest, q in [-127, 127], one fp32 scale max|x| / 127 per vector;
+      fp8   float8_e4m3fn of x / scale, one fp32 scale max|x| / 448 per vector (448: e4m3fn's largest).
+    The scale is per token and per kv head, so appending a token never rescales what is cached."""
+    name: str
+    elem_bytes: int
+    qmax: float = 0.0        # the largest stored magnitude of a scaled format; 0: stored as it is
+
+    @property
+    def scaled(self) -> bool:
+        return self.qmax > 0
+
+    def vector_bytes(self, width: int) -> int:
+        """Bytes of one stored vector of `width` values (one token's K or V of one kv head): the values
+        and, for a scaled format, its scale."""
+        return width * self.elem_bytes + (KV_SCALE_BYTES if self.scaled else 0)
+
+    def bytes_per_elem(self, width: int) -> float:
+        """Stored bytes per cached value, scales included, for vectors of `width` values."""
+        return self.vector_bytes(width) / width
+
+
+KV_FORMATS = {"bf16": KVFormat("bf16", 2), "fp16": KVFormat("fp16", 2), "fp32": KVFormat("fp32", 4),
+              "int8": KVFormat("int8", 1, 127.0), "fp8": KVFormat("fp8", 1, 448.0)}
+SCALED_KV_FORMATS = tuple(n for n, f in KV_FORMATS.items() if f.scaled)
+
+
+def kv_format(name: str) -> KVFormat:
+    if name not in KV_FORMATS:
+        raise ValueError(f"unknown KV format {name!r}; known: {', '.join(KV_FORMATS)}")
+    return KV_FORMATS[name]
