@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .hf_fields import (Config, attention_biases, common_fields, dense_prefix, every_layer_moe, leading_dense,
                         mlp_only_prefix, sliding_fields, standard_fields)
+from .hf_fields import _yarn_mscale
 from .spec import SpecError
 
 def _mixtral(c: Config) -> dict:
@@ -53,21 +54,37 @@ def _dbrx(c: Config) -> dict:
 
 
 def _deepseek(c: Config, v3: bool) -> dict:
+    """DeepSeek-V2 / V3 (and the families built on them). transformers' V2 router is always a softmax without
+    renormalisation (scoring_func and norm_topk_prob are not read), top-k within topk_group of n_group groups
+    under topk_method 'group_limited_greedy'; V3's is always grouped. RoPE rotates interleaved pairs (V3: unless
+    rope_interleave is false); the softmax scale takes YaRN's mscale(mscale_all_dim) twice."""
     s = standard_fields(c, "moe_intermediate_size", eps=1e-6)
     every_layer_moe(c, moe_layer_freq=1)
+    if c.bool("mlp_bias", False):
+        raise SpecError(f"{c.model_type} config: mlp_bias=true (biases on the MLPs) is not priced")
     nope, rope = c.int("qk_nope_head_dim"), c.int("qk_rope_head_dim")
     first = dense_prefix(c, s["num_hidden_layers"])
-    router = c.get("scoring_func", "sigmoid" if v3 else "softmax")
+    router = c.get("scoring_func", "sigmoid") if v3 else "softmax"
     if router not in ("softmax", "sigmoid"):
         raise SpecError(f"{c.model_type} config: field 'scoring_func' must be softmax or sigmoid, got {router!r}")
+    grouped = v3 or c.get("topk_method", "greedy") == "group_limited_greedy"
+    groups = dict(router_groups=c.int("n_group", default=1), router_groups_kept=c.int("topk_group", default=1)) \
+        if grouped else {}
     s.update(head_dim=nope + rope, num_key_value_heads=s["num_attention_heads"])
+    scale = 0.0
+    mscale_all = c.get("rope_scaling.mscale_all_dim", c.get("rope_parameters.mscale_all_dim"))
+    if s["rope_parameters"] is not None and s["rope_parameters"].rope_type != "default" and mscale_all:
+        m = _yarn_mscale(s["rope_parameters"].factor, float(mscale_all))
+        scale = (nope + rope) ** -0.5 * m * m
     return dict(s, attention="mla", q_lora_rank=c.int("q_lora_rank", default=0),
                 kv_lora_rank=c.int("kv_lora_rank"), qk_rope_head_dim=rope, qk_nope_head_dim=nope,
                 v_head_dim=c.int("v_head_dim"), first_dense_layers=first,
                 dense_intermediate_size=c.int("intermediate_size") if first else 0,
                 shared_expert_intermediate_size=c.int("n_shared_experts", default=0) * s["moe_intermediate_size"],
-                router=router, norm_topk_prob=c.bool("norm_topk_prob", v3),
-                routed_scaling_factor=c.float("routed_scaling_factor", default=1.0))
+                router=router, norm_topk_prob=c.bool("norm_topk_prob", v3) if v3 else False,
+                routed_scaling_factor=c.float("routed_scaling_factor", default=1.0), **groups,
+                rope_interleave=c.bool("rope_interleave", True) if v3 else True, softmax_scale=scale,
+                **attention_biases(c))
 
 
 def _sparse_deepseek(c: Config) -> dict:
@@ -94,8 +111,13 @@ def _phimoe(c: Config) -> dict:
 def _gpt_oss(c: Config) -> dict:
     s = standard_fields(c, "intermediate_size", theta=150000.0)
     alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(s["num_hidden_layers"])]
+    sliding = sliding_fields(c, s, alternating)
+    types = c.get("layer_types", alternating)
+    if sliding:
+        sliding["sliding_layers"] = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
     return dict(s, attention_sinks=True, **attention_biases(c, default=True), norm_topk_prob=True,
-                **sliding_fields(c, s, alternating))
+                swiglu_limit=c.float("swiglu_limit", default=7.0), swiglu_alpha=c.float("swiglu_alpha", default=1.702),
+                **sliding)
 
 
 def _layers_of_kind(c: Config, layers: int, kinds: tuple[str, ...] = ("linear_attention",)) -> int:
@@ -140,6 +162,7 @@ def _glm4_moe(c: Config) -> dict:
     return dict(s, qkv_bias=c.bool("attention_bias", False), qk_norm=c.bool("use_qk_norm", False),
                 shared_expert_intermediate_size=c.int("n_shared_experts", default=0) * s["moe_intermediate_size"],
                 router="sigmoid", norm_topk_prob=c.bool("norm_topk_prob", True),
+                router_groups=c.int("n_group", default=1), router_groups_kept=c.int("topk_group", default=1),
                 routed_scaling_factor=c.float("routed_scaling_factor", default=1.0), **leading_dense(c, s, first))
 
 

@@ -192,6 +192,8 @@ def moe_workspace_bytes(spec: ModelSpec, tokens):
     # sparse: per expert its tokens (twice the mean share, at most all tokens)
     n = np.minimum(t, 2.0 * tk / E)
     sparse = t * H * ACC_BYTES + 4 * tk * INDEX_BYTES + n * (2 * H * ab + 3 * I * ab + 2 * H * ACC_BYTES)
+    if spec.swiglu_limit:          # the clamped GLU's temporaries (clamped gate and up, sigmoid, product)
+        dense, grouped, sparse = dense + E * t * 3 * I * ab, grouped + tks * 3 * I * ab, sparse + n * 3 * I * ab
     paths = np.where(t <= MOE_DENSE_MAX_TOKENS, dense, np.maximum(grouped, sparse))
     if spec.dtypes.expert_format:   # the layer's experts dequantized first (runtime.quant), chunk by chunk
         paths = np.maximum(paths, DEQUANT_CHUNK_ELEMS * DEQUANT_TEMP_BYTES_PER_ELEM)
@@ -209,12 +211,33 @@ def expert_dequant_bytes(spec: ModelSpec) -> float:
     return spec.routed_expert_params_per_moe_layer * spec.dtypes.act_bytes
 
 
+def qkv_elems_per_token(spec: ModelSpec) -> int:
+    """What PreAttn hands the attention per token (the pass's q|k|v buffers): q, k and v of every head; with
+    MLA the queries absorbed into the latent space [heads, kv_lora_rank + rope] and the token's latent entry
+    (its first kv_lora_rank elements are the value)."""
+    if spec.attention == "mla":
+        return (spec.num_attention_heads + 1) * spec.attended_kv_elems_per_token_layer
+    return (spec.num_attention_heads + 2 * spec.num_key_value_heads) * spec.head_dim
+
+
+def attention_out_elems_per_token(spec: ModelSpec) -> int:
+    """The attention's output per token before the O-projection (with MLA, in the latent space per head)."""
+    if spec.attention == "mla":
+        return spec.num_attention_heads * spec.kv_lora_rank
+    return spec.q_dim
+
+
+def decode_masks(spec: ModelSpec) -> int:
+    """Decode masks a step builds per KV block: the full one, and the sliding window's where layers slide."""
+    return 2 if spec.sliding_layers else 1
+
+
 def decode_workspace_bytes(spec: ModelSpec, tokens):
     """Peak temporaries of one decode visit of a micro-batch of `tokens` sequences: PreAttn's norm and RoPE
     scratch, PostAttn's projections and MoE, the LM head's logits after the last layer."""
     t = np.asarray(tokens, float)
     H, ab = spec.hidden_size, spec.dtypes.act_bytes
-    qk = (spec.num_attention_heads + spec.num_key_value_heads) * spec.head_dim
+    qk = qkv_elems_per_token(spec) + spec.q_dim          # with MLA, its queries before the absorption too
     pre = t * (H + 2 * qk) * ab
     post = 3 * t * H * ab + moe_workspace_bytes(spec, t)
     head = t * spec.vocab_size * (ab + ACC_BYTES) + t * H * ab
@@ -227,10 +250,12 @@ def prefill_workspace_bytes(spec: ModelSpec, tokens, rows, kv_slots):
     previous chunk's pair still in flight to the host); the LM head over the chunk's last positions."""
     t, r = np.asarray(tokens, float), np.asarray(rows, float)
     H, ab = spec.hidden_size, spec.dtypes.act_bytes
-    qkv = spec.q_dim + 2 * spec.num_key_value_heads * spec.head_dim
-    held = t * (2 * H + 2 * qkv + 2 * spec.q_dim) * ab        # input, previous chunk's output in flight, q/k/v, attention
+    qkv = qkv_elems_per_token(spec) + (spec.q_dim if spec.attention == "mla" else 0)
+    out = attention_out_elems_per_token(spec)
+    sinks = qkv if spec.attention_sinks else 0                # q, k, v copied with the sink's extra element
+    held = t * (2 * H + 2 * qkv + sinks + 2 * out) * ab       # input, previous chunk's output in flight, q/k/v, attention
     moe = held + 2 * t * H * ab + moe_workspace_bytes(spec, t)
-    kv_pair = np.asarray(kv_slots, float) * spec.num_key_value_heads * spec.head_dim * 2 * ab
+    kv_pair = np.asarray(kv_slots, float) * spec.attended_kv_elems_per_token_layer * ab
     layout = held + t * H * ab + 2 * kv_pair
     head = held + r * spec.vocab_size * (ab + ACC_BYTES)
     return np.maximum(np.maximum(moe, layout), head)
@@ -244,16 +269,16 @@ def per_sequence_device_bytes(spec: ModelSpec, new_tokens: int) -> float:
     base slot, padding, prompt length, row index, whether it has ended (a byte), q|k|v and attention output
     buffers, the residual stream, and RoPE tables (cos, sin, signed sin) for every decode step. (Its decode
     step's slot and mask, one byte per KV slot, are where its attention runs: `decode_step_bytes`.)"""
-    ab, d = spec.dtypes.act_bytes, spec.head_dim
-    qkv = (spec.num_attention_heads + 2 * spec.num_key_value_heads) * d
+    ab, d = spec.dtypes.act_bytes, spec.rotary_dim
     return (INDEX_BYTES * (5 + new_tokens) + 8.0 * new_tokens + 1.0
-            + ab * (qkv + spec.q_dim + spec.hidden_size + 3 * new_tokens * d))
+            + ab * (qkv_elems_per_token(spec) + attention_out_elems_per_token(spec) + spec.hidden_size
+                    + 3 * new_tokens * d))
 
 
 def prefill_input_bytes(spec: ModelSpec, prefill_tokens, sequences):
     """Device inputs of a pass's prefill, laid out before it: per slot its token id, cos and sin and gather
     index; per sequence its last position and its row in its length group."""
-    return prefill_tokens * (2 * INDEX_BYTES + 2 * spec.head_dim * spec.dtypes.act_bytes) + sequences * 2 * INDEX_BYTES
+    return prefill_tokens * (2 * INDEX_BYTES + 2 * spec.rotary_dim * spec.dtypes.act_bytes) + sequences * 2 * INDEX_BYTES
 
 
 def per_sequence_host_bytes(spec: ModelSpec, new_tokens: int) -> float:
@@ -261,15 +286,14 @@ def per_sequence_host_bytes(spec: ModelSpec, new_tokens: int) -> float:
     return INDEX_BYTES * 3 + 8.0 * new_tokens
 
 
-def decode_step_bytes(sequences, kv_slots):
-    """A decode step's slot (int64) per sequence and mask (a byte per KV slot), where the attention runs."""
-    return INDEX_BYTES * sequences + kv_slots
+def decode_step_bytes(sequences, kv_slots, masks: int = 1):
+    """A decode step's slot (int64) per sequence and its masks (a byte per KV slot each), where the attention runs."""
+    return INDEX_BYTES * sequences + masks * kv_slots
 
 
 def io_buffer_bytes_per_sequence(spec: ModelSpec) -> float:
     """Pinned q|k|v (to the CPU attention) and attention output (back) of one sequence."""
-    qkv = (spec.num_attention_heads + 2 * spec.num_key_value_heads) * spec.head_dim
-    return (qkv + spec.q_dim) * spec.dtypes.act_bytes
+    return (qkv_elems_per_token(spec) + attention_out_elems_per_token(spec)) * spec.dtypes.act_bytes
 
 
 def account(spec: ModelSpec, shape: PassShape, r_w, *, profile: MemoryProfile, num_gpus: int = 1,
@@ -280,7 +304,7 @@ def account(spec: ModelSpec, shape: PassShape, r_w, *, profile: MemoryProfile, n
     wb, ab = spec.dtypes.weight_bytes, spec.dtypes.act_bytes
     L = spec.num_hidden_layers
     layer_experts = spec.num_experts * spec.expert_bytes
-    all_experts = L * layer_experts
+    all_experts = spec.num_moe_layers * layer_experts     # leading dense layers hold no experts
     streamed = (1 - r_w) if ffn_on_gpu else 0.0
     kv_slot = spec.kv_bytes_per_token       # K and V of one slot, all layers
     kv_layer_slot = kv_slot / L
@@ -291,8 +315,8 @@ def account(spec: ModelSpec, shape: PassShape, r_w, *, profile: MemoryProfile, n
     # decode step slots and masks where each sequence attends: on the GPU for the micro-batches whose KV
     # is there and for all under GPU attention, else on the host
     host_seqs = n - shape.device_sequences
-    device_steps = decode_step_bytes(shape.device_sequences, shape.kv_slots_device)
-    host_steps = decode_step_bytes(host_seqs, shape.kv_slots_host)
+    device_steps = decode_step_bytes(shape.device_sequences, shape.kv_slots_device, decode_masks(spec))
+    host_steps = decode_step_bytes(host_seqs, shape.kv_slots_host, decode_masks(spec))
     if attention_on_gpu:
         device_steps, host_steps = device_steps + host_steps, 0.0
     workspace = np.maximum(prefill_workspace_bytes(spec, shape.chunk_tokens, shape.chunk_rows, shape.chunk_kv_slots),

@@ -34,6 +34,8 @@ class DTypes:
     ("" when they are): the runtime refuses such a spec unless all it names is `expert_format`.
     expert_format: the hrm.formats name the routed experts are stored in where that is a quantized one
     the runtime stores (int8, int4; set by --expert-dtype), "" otherwise.
+    kv_format: likewise the KV cache's scaled 8-bit format (int8, fp8; set by --kv-dtype, ModelSpec.with_kv_format);
+    kv_bytes then includes its scales.
     """
     weight_bytes: float = 2.0
     kv_bytes: float = 2.0
@@ -42,6 +44,7 @@ class DTypes:
     expert_weight_bytes: float | None = None
     quantization: str = ""
     expert_format: str = ""
+    kv_format: str = ""          # the scaled hrm.formats KV format the runtime stores (int8, fp8), "" otherwise
 
     def __post_init__(self):
         if self.expert_weight_bytes is None:
@@ -71,7 +74,8 @@ class DTypes:
             notes += [] if same(kv) else [f"--kv-dtype {kv}"]
         return DTypes(weight_bytes=wb, kv_bytes=self.kv_bytes if kv is None else DTYPE_BYTES[kv],
                       act_bytes=self.act_bytes, name=self.name, expert_weight_bytes=eb,
-                      quantization="; ".join(notes), expert_format=self.expert_format if weight is None else "")
+                      quantization="; ".join(notes), expert_format=self.expert_format if weight is None else "",
+                      kv_format=self.kv_format if kv is None else "")
 
 
 _CANONICAL = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp8": "float8_e4m3fn",
@@ -181,6 +185,13 @@ class ModelSpec:
     router: str = "softmax"                # "softmax" | "sigmoid"
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
+    router_groups: int = 1                 # DeepSeek n_group: top-k within the router_groups_kept best groups
+    router_groups_kept: int = 1            # ... topk_group
+    rope_interleave: bool = False          # RoPE rotates interleaved pairs (DeepSeek), not the two halves
+    softmax_scale: float = 0.0             # attention's scale where not 1/sqrt(q-k head dim) (DeepSeek's yarn mscale)
+    sliding_layers: tuple[int, ...] = ()   # which layers attend within sliding_window (where the reader knows)
+    swiglu_limit: float = 0.0              # gpt-oss: gate and up clamped to it, glu = gate * sigmoid(alpha gate)
+    swiglu_alpha: float = 0.0
     clip_qkv: float = 0.0                  # DBRX
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
@@ -200,6 +211,14 @@ class ModelSpec:
         if self.attention == "mla":
             return self.num_attention_heads * (self.qk_nope_head_dim + self.qk_rope_head_dim)
         return self.num_attention_heads * self.head_dim
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of a q/k head that RoPE rotates (MLA: the rope part; else partial_rotary_factor of the head)."""
+        if self.attention == "mla":
+            return self.qk_rope_head_dim
+        frac = self.rope_parameters.partial_rotary_factor if self.rope_parameters else 1.0
+        return int(self.head_dim * frac)
 
     @property
     def attn_v_head_dim(self) -> int:
@@ -411,6 +430,22 @@ class ModelSpec:
         return replace(self, dtypes=replace(self.dtypes, expert_weight_bytes=per_weight,
                                             quantization="; ".join(notes),
                                             expert_format=name if fmt.scaled else ""))
+
+    def with_kv_format(self, name: str) -> "ModelSpec":
+        """The KV cache stored in hrm.formats' KV format `name` (bf16, fp16, fp32, int8, fp8), its scales
+        included in kv_bytes (one per token and kv head: per head_dim values; MLA: per latent entry). Named
+        in `quantization` as the flag that sets it where it is not the compute dtype."""
+        from .formats import kv_format
+        try:
+            fmt = kv_format(name)
+        except ValueError as e:
+            raise SpecError(f"--kv-dtype: {e}") from None
+        width = self.attended_kv_elems_per_token_layer if self.attention == "mla" else self.head_dim
+        notes = [n for n in self.dtypes.quantization.split("; ") if n and not n.startswith("--kv-dtype")]
+        if _CANONICAL.get(name, name) != _CANONICAL.get(self.dtypes.name, self.dtypes.name):
+            notes.append(f"--kv-dtype {name}")
+        return replace(self, dtypes=replace(self.dtypes, kv_bytes=fmt.bytes_per_elem(width),
+                                            quantization="; ".join(notes), kv_format=name if fmt.scaled else ""))
 
     def with_layers(self, num_hidden_layers: int) -> "ModelSpec":
         """The same architecture with fewer (or more) layers: for runs on hosts too small for the model."""

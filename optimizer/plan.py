@@ -55,12 +55,14 @@ def spec_to_dict(spec: ModelSpec) -> dict:
     unused = {"rope_parameters": None, "index_topk": 0, "index_n_heads": 0, "index_head_dim": 0,
               "num_linear_layers": 0, "linear_num_key_heads": 0, "linear_num_value_heads": 0,
               "linear_key_head_dim": 0, "linear_value_head_dim": 0, "linear_conv_kernel": 0,
-              "linear_attention": "gated_delta", "linear_gate_rank": 0}
+              "linear_attention": "gated_delta", "linear_gate_rank": 0, "router_groups": 1, "router_groups_kept": 1,
+              "rope_interleave": False, "softmax_scale": 0.0, "sliding_layers": (), "swiglu_limit": 0.0,
+              "swiglu_alpha": 0.0}
     d = {k: v for k, v in dataclasses.asdict(spec).items() if not (k in unused and v == unused[k])}
     dt = d["dtypes"]
     if dt["expert_weight_bytes"] == dt["weight_bytes"]:
         del dt["expert_weight_bytes"]
-    for optional in ("quantization", "expert_format"):
+    for optional in ("quantization", "expert_format", "kv_format"):
         if not dt[optional]:
             del dt[optional]
     return d

@@ -19,6 +19,8 @@ from hrm.checks import coerce, load_json, need, one_line, read_text
 from hrm.hf_config import spec_from_hf_config
 from hrm.spec import ModelSpec, SpecError
 
+from .families import SHARED_NAMES, qk_norm_names, router_name
+from .mla import MLA_HUB_NAMES, mla_shapes
 from .weights import WeightStore, weight_shapes
 
 SINGLE_FILE = "model.safetensors"
@@ -39,9 +41,16 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class Copy:
-    """Copy `source[index]` of a Hub tensor into our tensor `target` (index None: the whole tensor)."""
+    """Copy `source[index]` of a Hub tensor into our tensor `target` (index None: the whole tensor), through
+    `transform` (TRANSFORMS) where the Hub stores it otherwise (gpt-oss: experts transposed, gate and up
+    interleaved)."""
     target: str
     index: tuple | None = None
+    transform: str = ""
+
+
+TRANSFORMS = {"t": lambda x: x.t(), "even_t": lambda x: x[:, 0::2].t(), "odd_t": lambda x: x[:, 1::2].t(),
+              "even": lambda x: x[0::2], "odd": lambda x: x[1::2]}
 
 
 @dataclass(frozen=True)
@@ -154,21 +163,39 @@ def hub_layout(spec: ModelSpec, present: set[str]) -> dict[str, HubTensor]:
         p, t = f"model.layers.{layer}.", f"layers.{layer}."
         dense(p + "input_layernorm.weight", t + "input_norm")
         dense(p + "post_attention_layernorm.weight", t + "post_attention_norm")
-        for x in "qkvo":
-            dense(p + f"self_attn.{x}_proj.weight", t + f"{x}_proj")
-            if t + f"{x}_bias" in ours:
-                dense(p + f"self_attn.{x}_proj.bias", t + f"{x}_bias")
-        for x in "qk":
+        if spec.attention == "mla":
+            for ours_name in mla_shapes(spec):
+                dense(p + "self_attn." + MLA_HUB_NAMES[ours_name], t + ours_name)
+        else:
+            for x in "qkvo":
+                dense(p + f"self_attn.{x}_proj.weight", t + f"{x}_proj")
+                if t + f"{x}_bias" in ours:
+                    dense(p + f"self_attn.{x}_proj.bias", t + f"{x}_bias")
+        for x, hub_norm in zip("qk", qk_norm_names(spec.model_type)):
             if t + f"{x}_norm" in ours:
-                dense(p + f"self_attn.{x}_norm.weight", t + f"{x}_norm")
-        dense(p + f"{block}.gate.weight", t + "router")
-        if t + "shared.gate" in ours:
+                dense(p + f"self_attn.{hub_norm}.weight", t + f"{x}_norm")
+        if t + "sinks" in ours:
+            dense(p + "self_attn.sinks", t + "sinks")
+        if layer < spec.first_dense_layers:
             for part in ("gate", "up", "down"):
-                dense(p + f"mlp.shared_expert.{part}_proj.weight", t + f"shared.{part}")
+                dense(p + f"mlp.{part}_proj.weight", t + f"mlp.{part}")
+            continue
+        router = router_name(spec.model_type, block)
+        dense(p + f"{router}.weight", t + "router")
+        if t + "router_bias" in ours:
+            dense(p + f"{router}.bias", t + "router_bias")
+        if t + "score_bias" in ours:
+            dense(p + f"{router}.e_score_correction_bias", t + "score_bias")
+        if t + "shared.gate" in ours:
+            shared = SHARED_NAMES.get(spec.model_type, "mlp.shared_expert")
+            for part in ("gate", "up", "down"):
+                dense(p + f"{shared}.{part}_proj.weight", t + f"shared.{part}")
             if t + "shared.gate_weight" in ours:
                 dense(p + "mlp.shared_expert_gate.weight", t + "shared.gate_weight")
         e_names = [f"{t}experts.{e}." for e in range(spec.num_experts)]
-        if fused:
+        if spec.model_type == "gpt_oss":
+            out.update(_gpt_oss_experts(p + "mlp.experts.", e_names, spec))
+        elif fused:
             out[p + f"{block}.experts.gate_up_proj"] = HubTensor(
                 (spec.num_experts, 2 * i_e, h),
                 tuple(c for e, n in enumerate(e_names)
@@ -180,6 +207,19 @@ def hub_layout(spec: ModelSpec, present: set[str]) -> dict[str, HubTensor]:
                 for part, hub_part in per_expert.items():
                     out[p + f"{block}.experts.{e}.{hub_part}.weight"] = HubTensor(ours[n + part], (Copy(n + part),))
     return out
+
+
+def _gpt_oss_experts(p: str, e_names: list[str], spec: ModelSpec) -> dict[str, HubTensor]:
+    """gpt-oss's experts in bf16: gate_up_proj [E, H, 2I] (x @ W; gate and up interleaved by column) with its
+    bias [E, 2I], down_proj [E, I, H] with its bias [E, H]."""
+    e_all, h, i = spec.num_experts, spec.hidden_size, spec.moe_intermediate_size
+
+    def per(*parts: tuple[str, str]) -> tuple[Copy, ...]:          # (our part, transform) of every expert
+        return tuple(Copy(n + target, (e,), how) for e, n in enumerate(e_names) for target, how in parts)
+    return {p + "gate_up_proj": HubTensor((e_all, h, 2 * i), per(("gate", "even_t"), ("up", "odd_t"))),
+            p + "gate_up_proj_bias": HubTensor((e_all, 2 * i), per(("gate_bias", "even"), ("up_bias", "odd"))),
+            p + "down_proj": HubTensor((e_all, i, h), per(("down", "t"))),
+            p + "down_proj_bias": HubTensor((e_all, h), per(("down_bias", "")))}
 
 
 
@@ -234,7 +274,11 @@ def load_checkpoint(model_dir: str | Path, store: WeightStore, progress: bool | 
                     for name in names:
                         sl = f.get_slice(name)
                         for c in layout[name].copies:
-                            _copy_finite(store.target(c.target), sl, c.index, f"{path}: tensor {name!r}")
+                            where = f"{path}: tensor {name!r}"
+                            if c.transform:
+                                _copy_transformed(store.target(c.target), sl, c, where)
+                            else:
+                                _copy_finite(store.target(c.target), sl, c.index, where)
                         bar.update(math.prod(layout[name].shape) * store.dtype.itemsize)
             except SafetensorError as e:
                 raise CheckpointError(f"{path}: {one_line(e)}") from None
@@ -261,3 +305,14 @@ def _copy_finite(target, sl, index: tuple | None, where: str) -> None:
     if not bool(finite):
         raise CheckpointError(f"{where} holds NaN or infinite values (or values beyond {target.dtype}'s range)")
 
+
+
+def _copy_transformed(target, sl, c: Copy, where: str) -> None:
+    """target.copy_(TRANSFORMS[c.transform](sl[c.index])), checked for NaN and infinity (one expert's slice
+    read at a time)."""
+    import torch
+
+    part = TRANSFORMS[c.transform](sl[c.index])
+    target.copy_(part)
+    if not bool(torch.isfinite(target).all()):
+        raise CheckpointError(f"{where} holds NaN or infinite values (or values beyond {target.dtype}'s range)")

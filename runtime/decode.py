@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from . import attention
 from .cpu_attention import attention_mask, decode_attention
 from .kv_cache import append
 from .model import final_logits, post_attention, pre_attention_packed
@@ -30,14 +31,24 @@ def decode_loop(name: str):
 
 
 def attend_blocks(blocks, masks, step: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  slots: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
+                  slots: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, la=None) -> None:
     """One decode step of a micro-batch over its KV blocks: this step's k, v [B, n_kv, d] appended at
     slots [B], then q [B, n_q, d] attends block by block into out [B, n_q d]. masks: per block
-    [rows, 1, 1, T] (Pipeline._step_tensors); rows: arange(>= the largest block) on the cache's device."""
+    [rows, 1, 1, T] (Pipeline._step_tensors: the sliding ones for a sliding layer); rows: arange(>= the
+    largest block) on the cache's device. `la`: the layer's attention.LayerAttention (None: the plain kernels)."""
     for (block, kc, vc), mask in zip(blocks, masks):
-        r = block.rows
-        append(kc, vc, k[r], v[r], slots[r], rows[:block.size])
-        out[r] = decode_attention(q[r], kc, vc, None, None, block.prefill_len + step + 1, mask=mask)
+        r, t = block.rows, block.prefill_len + step + 1
+        if la is None:
+            append(kc, vc, k[r], v[r], slots[r], rows[:block.size])
+            out[r] = decode_attention(q[r], kc, vc, None, None, t, mask=mask)
+        else:
+            attention.append(kc, vc, k[r], v[r], slots[r], rows[:block.size], la)
+            out[r] = attention.decode(q[r], kc, vc, t, mask, la)
+
+
+def layer_masks(step_tensors: tuple, la) -> tuple:
+    """The decode masks of a step (Pipeline._step_tensors) a layer attends under: the window's or the full ones."""
+    return step_tensors[3] if la is not None and la.window else step_tensors[2]
 
 
 class DecodePass:
@@ -95,12 +106,16 @@ class DecodePass:
             m.ev_pre = st.record(st.compute)
 
     def _step_tensors(self, m: MicroBatchState, step: int, base_slot: torch.Tensor, pads: torch.Tensor) -> tuple:
-        """(step, slots [B] of this step's token, per KV block its valid-slot mask [rows, 1, 1, T]) of a
-        micro-batch: they depend on the step only, so they are built once per step and reused by every
-        layer."""
+        """(step, slots [B] of this step's token, per KV block its valid-slot mask [rows, 1, 1, T], and where
+        layers slide the window's masks) of a micro-batch: they depend on the step only, so they are built
+        once per step and reused by every layer."""
         slots = base_slot + step                                                    # [B]
-        return step, slots, tuple(attention_mask(pads[b.rows], slots[b.rows] + 1, b.prefill_len + step + 1)
-                                  for b in m.mb.blocks)
+        full = tuple(attention_mask(pads[b.rows], slots[b.rows] + 1, b.prefill_len + step + 1) for b in m.mb.blocks)
+        window = self.spec.sliding_window
+        sliding = () if not self.spec.sliding_layers else tuple(
+            attention_mask(torch.maximum(pads[b.rows], slots[b.rows] + 1 - window), slots[b.rows] + 1,
+                           b.prefill_len + step + 1) for b in m.mb.blocks)
+        return step, slots, full, sliding
 
     def offload_qkv(self, visit: int, j: int) -> None:
         st, m = self.streams, self.state[j]
@@ -123,8 +138,9 @@ class DecodePass:
                 q, k, v = m.qkv_host_parts
                 if m.step_host is None or m.step_host[0] != step:                  # once per step, not per layer
                     m.step_host = self._step_tensors(m, step, m.base_slot_host, m.pads_host)
-                _, slots, masks = m.step_host
-                attend_blocks(blocks, masks, step, q, k, v, slots, m.rows_host, m.attn_host)
+                la = self.attention_host[layer]
+                attend_blocks(blocks, layer_masks(m.step_host, la), step, q, k, v, m.step_host[1], m.rows_host,
+                              m.attn_host, la)
         m.future = self.worker.submit(task)
 
     def load_h(self, visit: int, j: int) -> None:
@@ -143,8 +159,8 @@ class DecodePass:
             q, k, v = m.qkv_dev_parts
             if m.step_dev is None or m.step_dev[0] != step:
                 m.step_dev = self._step_tensors(m, step, m.base_slot, m.pads)
-            _, slots, masks = m.step_dev
-            attend_blocks(blocks, masks, step, q, k, v, slots, m.rows, m.attn_dev)
+            la = self.attention_dev[layer]
+            attend_blocks(blocks, layer_masks(m.step_dev, la), step, q, k, v, m.step_dev[1], m.rows, m.attn_dev, la)
             m.ev_load_h = st.record(st.compute)
 
     def post_attn(self, visit: int, j: int) -> None:
@@ -287,10 +303,13 @@ class DecodePass:
             ev.synchronize()
             with self.rec.host("cpu_attention", self._label(visit, j) + " append", phase="decode"):
                 _, k, v = m.qkv_host_parts
-                slots = m.base_slot_host + step
+                slots, la = m.base_slot_host + step, self.attention_host[layer]
                 for block, kc, vc in blocks:
                     r = block.rows
-                    append(kc, vc, k[r], v[r], slots[r], m.rows_host[:block.size])
+                    if la is None:
+                        append(kc, vc, k[r], v[r], slots[r], m.rows_host[:block.size])
+                    else:
+                        attention.append(kc, vc, k[r], v[r], slots[r], m.rows_host[:block.size], la)
         return self.worker.submit(task)
 
     @decode_loop("blocking")
@@ -327,10 +346,14 @@ class DecodePass:
         flat, off, out = self.kv_stream[buffer], 0, []
         for block, kc, vc in blocks:
             kd = flat[off:off + kc.numel()].view(kc.shape)
-            vd = flat[off + kc.numel():off + kc.numel() + vc.numel()].view(vc.shape)
-            off += kc.numel() + vc.numel()
             kd.copy_(kc, non_blocking=non_blocking)
-            vd.copy_(vc, non_blocking=non_blocking)
+            off += kc.numel()
+            if vc.data_ptr() == kc.data_ptr():                    # MLA: v is k's first elements
+                vd = kd[..., :vc.shape[-1]]
+            else:
+                vd = flat[off:off + vc.numel()].view(vc.shape)
+                vd.copy_(vc, non_blocking=non_blocking)
+                off += vc.numel()
             out.append((block, kd, vd))
         return tuple(out)
 

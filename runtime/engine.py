@@ -28,6 +28,7 @@ from .graphs import PostAttentionGraphs
 from .cpu_attention import AttentionWorker, attention_threads
 from .host_memory import HostArena, pinned_bytes
 from .kv_cache import KVCache
+from .mla import LatentKVCache
 from .measure import Measurement, Recorder, Span, allocator_conf, configure_allocator, stage_times
 from .memory import DoesNotFit  # noqa: F401  (raised from here; callers import it from the engine)
 from .memory import Machine, MemoryMeter, check, pass_shape, phase_dicts, policy_account
@@ -116,7 +117,7 @@ class Engine:
             if self.device.type != "cuda":
                 raise UnsupportedPolicy("CUDA graphs need a CUDA device")
             self.graphs = PostAttentionGraphs(spec, self.store)
-        self.kv = KVCache(spec, dtype, self.device)
+        self.kv = (LatentKVCache if spec.attention == "mla" else KVCache)(spec, dtype, self.device)
         pin = self.device.type == "cuda"
         self.staging = HostArena(dtype, pin=pin)        # prefill hidden states between layers
         self.kv_transfer = HostArena(dtype, pin=pin)    # prefill KV on its way to the host cache

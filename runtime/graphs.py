@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from hrm.memory import attention_out_elems_per_token
 from hrm.spec import ModelSpec
 
 from . import model, moe
@@ -58,7 +59,7 @@ class PostAttentionGraphs:
         if size not in self._inputs:
             s, dt = self.spec, self.store.dtype
             self._inputs[size] = (torch.zeros(size, s.hidden_size, dtype=dt, device=self.device),
-                                  torch.zeros(size, s.q_dim, dtype=dt, device=self.device))
+                                  torch.zeros(size, attention_out_elems_per_token(s), dtype=dt, device=self.device))
         return self._inputs[size]
 
     def _capture(self, layer: int, buffer: int, size: int) -> tuple[torch.CUDAGraph, torch.Tensor]:

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import torch
 
-from hrm.memory import KV_TRANSFER_SLOTS
+from hrm.memory import KV_TRANSFER_SLOTS, attention_out_elems_per_token, qkv_elems_per_token
 from hrm.policy import Policy
 from hrm.schedules import SCHEDULES
 from hrm.spec import ModelSpec
 
+from .attention import layer_attention
 from .cpu_attention import AttentionWorker
 from .decode import DecodePass
 from .host_memory import HostArena, empty_host
@@ -66,6 +67,11 @@ class Pipeline(PrefillPass, DecodePass):
         self.ended_host = empty_host((self.columns,), torch.bool, self.streams.cuda).fill_(False)
         self.ended_events: list[object] = [None] * self.columns
         self.qkv = [fused_qkv(layer.attn) for layer in store.dense.layers]   # [q|k|v, hidden] views or None
+        # per layer how it attends where the plain kernels do not (attention.LayerAttention, or None): on the
+        # device (prefill, device attention) and on the host (CPU attention), each with its sinks there
+        sinks = [getattr(layer.attn, "sinks", None) for layer in store.dense.layers]
+        self.attention_dev = [layer_attention(spec, i, x) for i, x in enumerate(sinks)]
+        self.attention_host = [layer_attention(spec, i, None if x is None else x.cpu()) for i, x in enumerate(sinks)]
         # prefill inputs per chunk and their hidden states' host staging between layers, laid out before
         # the pass like the caches (staging from `staging`, reused across passes, when given)
         self.chunks = [(m, rows, self._prefill_inputs(m, rows)) for m in self.state for rows in prefill_chunks(m.mb)]
@@ -73,31 +79,32 @@ class Pipeline(PrefillPass, DecodePass):
         flat = (staging.take(sum(sizes)) if staging is not None
                 else empty_host((sum(sizes),), self.dtype, self.streams.cuda))
         self.hidden = [v.view(-1, spec.hidden_size) for v in torch.split(flat, sizes)]   # [tokens, hidden] each
-        # prefill KV goes to the host through KV_TRANSFER_SLOTS pinned (k, v) slots of the largest chunk
-        slot = max(len(rows) * m.mb.prefill_len for m, rows, _ in self.chunks) * spec.num_key_value_heads * spec.head_dim
-        ring = (kv_transfer.take(2 * KV_TRANSFER_SLOTS * slot) if kv_transfer is not None
-                else empty_host((2 * KV_TRANSFER_SLOTS * slot,), self.dtype, self.streams.cuda))
-        self.kv_slots = [(ring[2 * i * slot:(2 * i + 1) * slot], ring[(2 * i + 1) * slot:(2 * i + 2) * slot])
-                         for i in range(KV_TRANSFER_SLOTS)]
+        # prefill KV goes to the host through KV_TRANSFER_SLOTS pinned slots of the largest chunk's KV (k then
+        # v; MLA's latent alone)
+        slot = max(len(rows) * m.mb.prefill_len for m, rows, _ in self.chunks) * spec.attended_kv_elems_per_token_layer
+        ring = (kv_transfer.take(KV_TRANSFER_SLOTS * slot) if kv_transfer is not None
+                else empty_host((KV_TRANSFER_SLOTS * slot,), self.dtype, self.streams.cuda))
+        self.kv_slots = [ring[i * slot:(i + 1) * slot] for i in range(KV_TRANSFER_SLOTS)]
         self.kv_slot_writes: list[object] = [None] * KV_TRANSFER_SLOTS    # the worker's copy out of each slot
         self._kv_slot_next = 0
         # GPU attention over host KV: the schedule's device copies of one micro-batch's KV layer, allocated
         # once at the largest micro-batch's size (the account's kv_stream_buffer), never per visit
         host_kv = [j for j, m in enumerate(self.state) if not m.kv_on_device]
-        elems = max((sum(kc.numel() + vc.numel() for _, kc, vc in kv.blocks(0, j)) for j in host_kv), default=0)
+        elems = max((sum(kc.numel() + (0 if vc.data_ptr() == kc.data_ptr() else vc.numel()) for _, kc, vc in kv.blocks(0, j))
+                     for j in host_kv), default=0)
         buffers = SCHEDULES[policy.schedule].kv_stream_buffers if policy.attention_on_gpu and elems else 0
         self.kv_stream = [torch.empty(elems, dtype=self.dtype, device=self.device) for _ in range(buffers)]
 
     # ---- setup -----------------------------------------------------------------------------------
     def _mb_state(self, mb: MicroBatch, kv_on_device: bool, uniforms: torch.Tensor) -> MicroBatchState:
         s, dev, b = self.spec, self.device, mb.size
-        qkv = (s.num_attention_heads + 2 * s.num_key_value_heads) * s.head_dim
+        qkv, attn = qkv_elems_per_token(s), attention_out_elems_per_token(s)
         pads = torch.tensor(mb.pads)
         lens = torch.tensor(mb.prompt_lens)
         pin = self.streams.cuda
         positions = (lens[None, :] + torch.arange(max(1, self.max_new))[:, None]).to(dev)  # [max_new, B]
         cos, sin = rope_cos_sin(positions.reshape(-1), s, self.dtype)                    # [max_new * B, d]
-        rope = tuple(x.view(-1, b, s.head_dim) for x in (cos, sin, signed_sin(sin)))
+        rope = tuple(x.view(-1, b, s.rotary_dim) for x in (cos, sin, signed_sin(sin)))
         m = MicroBatchState(mb, kv_on_device,
                 tokens=torch.zeros(b, dtype=torch.long, device=dev),
                 out=torch.zeros(b, self.max_new, dtype=torch.long, device=dev),
@@ -106,8 +113,8 @@ class Pipeline(PrefillPass, DecodePass):
                 pads=pads.to(dev), pads_host=pads, prompt_lens=lens.to(dev),
                 qkv_dev=torch.empty(b, qkv, dtype=self.dtype, device=dev),
                 qkv_host=empty_host((b, qkv), self.dtype, pin),
-                attn_dev=torch.empty(b, s.q_dim, dtype=self.dtype, device=dev),
-                attn_host=empty_host((b, s.q_dim), self.dtype, pin),
+                attn_dev=torch.empty(b, attn, dtype=self.dtype, device=dev),
+                attn_host=empty_host((b, attn), self.dtype, pin),
                 rows=torch.arange(b, device=dev), rows_host=torch.arange(b), rope=rope,
                 done=torch.zeros(b, dtype=torch.bool, device=dev))
         m.qkv_dev_parts, m.qkv_host_parts = self._split_qkv(m.qkv_dev), self._split_qkv(m.qkv_host)
@@ -143,8 +150,13 @@ class Pipeline(PrefillPass, DecodePass):
             self.streams.wait(self.streams.compute, self.pages_done.get(visit))
 
     def _split_qkv(self, qkv: torch.Tensor):
-        """[B, (n_q + 2 n_kv) d] -> q [B, n_q, d], k, v [B, n_kv, d]."""
+        """[B, (n_q + 2 n_kv) d] -> q [B, n_q, d], k, v [B, n_kv, d]; MLA: [B, (heads + 1) e] -> q [B, heads, e],
+        the latent k [B, 1, e] and v, its first kv_lora_rank elements."""
         s, d = self.spec, self.spec.head_dim
+        if s.attention == "mla":
+            e, n = s.attended_kv_elems_per_token_layer, s.num_attention_heads
+            k = qkv[:, n * e:].view(qkv.shape[0], 1, e)
+            return qkv[:, :n * e].view(qkv.shape[0], n, e), k, k[..., :s.kv_lora_rank]
         nq, nkv = s.num_attention_heads * d, s.num_key_value_heads * d
         b = qkv.shape[0]
         return (qkv[:, :nq].view(b, -1, d), qkv[:, nq:nq + nkv].view(b, -1, d),

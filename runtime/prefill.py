@@ -10,6 +10,7 @@ import torch
 from hrm.memory import KV_TRANSFER_SLOTS
 from hrm.policy import PREFILL_CHUNK_TOKENS
 
+from . import attention
 from .model import causal_attention, final_logits, post_attention, pre_attention
 from .packing import MicroBatch
 from .pass_state import MicroBatchState
@@ -45,14 +46,15 @@ def piece_schedule(num_pieces: int, num_chunks: int) -> list[range]:
 
 def _copy_prefill_kv(blocks, rows: range, k: torch.Tensor, v: torch.Tensor) -> None:
     """Prefill KV of micro-batch rows `rows` (k, v [rows, n_kv, S, d], S >= every block's prefill_len) into
-    the KV blocks those rows belong to."""
+    the KV blocks those rows belong to (a v held in k's memory, MLA's, comes with k)."""
     for block, kc, vc in blocks:
         a, b = max(block.rows.start, rows.start), min(block.rows.stop, rows.stop)
         if a >= b:
             continue
         t, first = block.prefill_len, block.rows.start
         kc[a - first:b - first, :, :t].copy_(k[a - rows.start:b - rows.start, :, :t])
-        vc[a - first:b - first, :, :t].copy_(v[a - rows.start:b - rows.start, :, :t])
+        if vc.data_ptr() != kc.data_ptr():
+            vc[a - first:b - first, :, :t].copy_(v[a - rows.start:b - rows.start, :, :t])
 
 
 class PrefillPass:
@@ -91,9 +93,11 @@ class PrefillPass:
                 with st.use(st.compute), self.rec.gpu("gpu_compute", st.compute, label):
                     h = self.store.dense.embed[x["tokens"]] if visit == 0 else h_in  # [tokens, hidden]
                     q, k, v = pre_attention(h, layer, spec, x["cos"], x["sin"])
-                    attn = q.new_empty(q.shape[0], q.shape[1] * v.shape[2])            # [tokens, q_dim]
+                    attn = q.new_empty(q.shape[0], q.shape[1] * v.shape[2])            # [tokens, n_q dv]
+                    la = self.attention_dev[visit]
                     for idx, _, pad in x["groups"]:                                  # idx [G, len]
-                        attn[idx] = causal_attention(q[idx], k[idx], v[idx], pad)
+                        attn[idx] = (causal_attention(q[idx], k[idx], v[idx], pad) if la is None
+                                     else attention.causal(q[idx], k[idx], v[idx], pad, la))
                     h = post_attention(h, attn, layer, self.store.lookup(visit, visit % 2), spec, host_sync_ok=True,
                                        reuse_dequant=True)   # eager, and each layer's first chunk re-reads
                     kpad, vpad = self._padded_kv(k, v, x, m.mb, len(rows))           # [rows, n_kv, S, d]
@@ -154,15 +158,18 @@ class PrefillPass:
 
     def _padded_kv(self, k: torch.Tensor, v: torch.Tensor, x: dict, mb: MicroBatch, num_rows: int):
         """Varlen k, v [tokens, n_kv, d] of num_rows sequences -> [rows, n_kv, prefill_len, d] in the
-        cache layout."""
-        s = self.spec
-        shape = (num_rows, mb.prefill_len, s.num_key_value_heads, s.head_dim)
-        kpad = torch.zeros(shape, dtype=k.dtype, device=k.device)
-        vpad = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        cache layout (MLA: v is the view of k's first kv_lora_rank elements, as in the cache)."""
+        shared = self.spec.attention == "mla"
+        kpad = torch.zeros((num_rows, mb.prefill_len) + tuple(k.shape[1:]), dtype=k.dtype, device=k.device)
+        vpad = None if shared else torch.zeros((num_rows, mb.prefill_len) + tuple(v.shape[1:]), dtype=v.dtype,
+                                               device=v.device)
         for idx, rows, _ in x["groups"]:
             length = idx.shape[1]
-            kpad[rows, :length], vpad[rows, :length] = k[idx], v[idx]
-        return kpad.transpose(1, 2).contiguous(), vpad.transpose(1, 2).contiguous()
+            kpad[rows, :length] = k[idx]
+            if not shared:
+                vpad[rows, :length] = v[idx]
+        kpad = kpad.transpose(1, 2).contiguous()
+        return kpad, (kpad[..., :v.shape[-1]] if shared else vpad.transpose(1, 2).contiguous())
 
     def _store_prefill_kv(self, visit: int, m: MicroBatchState, rows: range, kpad, vpad, ev_c, label: str):
         """KV of one (layer, micro-batch rows) into its cache: a device copy, or D2H then a host copy in
@@ -176,15 +183,21 @@ class PrefillPass:
         self._kv_slot_next = (i + 1) % KV_TRANSFER_SLOTS
         if self.kv_slot_writes[i] is not None:
             self.kv_slot_writes[i].result()                                       # slot i copied out again
-        k_host, v_host = (buf[:kpad.numel()].view(kpad.shape) for buf in self.kv_slots[i])  # [B, n_kv, S, d]
+        shared = vpad.data_ptr() == kpad.data_ptr()                               # MLA's latent
+        buf = self.kv_slots[i]
+        k_host = buf[:kpad.numel()].view(kpad.shape)                               # [B, n_kv, S, d]
+        v_host = k_host[..., :vpad.shape[-1]] if shared else \
+            buf[kpad.numel():kpad.numel() + vpad.numel()].view(vpad.shape)
         st.wait(st.d2h, ev_c)
         with st.use(st.d2h), self.rec.gpu("d2h", st.d2h, label):
             k_host.copy_(kpad, non_blocking=True)
-            v_host.copy_(vpad, non_blocking=True)
+            if not shared:
+                v_host.copy_(vpad, non_blocking=True)
             ev = st.record(st.d2h)
             if st.cuda:
                 kpad.record_stream(st.d2h)
-                vpad.record_stream(st.d2h)
+                if not shared:
+                    vpad.record_stream(st.d2h)
 
         def write() -> None:
             ev.synchronize()

@@ -12,6 +12,8 @@ import torch
 
 from hrm.spec import ROPE_TYPES, ModelSpec
 
+from .families import PARTIAL_ROTARY
+
 
 def rope_problem(spec: ModelSpec) -> str | None:
     """Why the runtime cannot compute this spec's RoPE exactly, or None."""
@@ -20,7 +22,7 @@ def rope_problem(spec: ModelSpec) -> str | None:
         return None
     if rope.rope_type not in ROPE_TYPES:
         return f"rope_parameters.rope_type {rope.rope_type!r} (supported: {', '.join(ROPE_TYPES)})"
-    if rope.partial_rotary_factor != 1.0:
+    if rope.partial_rotary_factor != 1.0 and spec.model_type not in PARTIAL_ROTARY:
         return (f"rope_parameters.partial_rotary_factor {rope.partial_rotary_factor} "
                 f"(transformers' {spec.model_type} rotates the whole head)")
     return None
@@ -32,11 +34,11 @@ def _base_exponents(dim: int, device) -> torch.Tensor:
 
 
 def inv_freq(spec: ModelSpec, device=None) -> tuple[torch.Tensor, float]:
-    """(inverse frequencies [head_dim / 2] float32, attention factor) of the spec's RoPE.
+    """(inverse frequencies [rotary_dim / 2] float32, attention factor) of the spec's RoPE.
 
     dynamic grows the base only for sequences longer than max_position_embeddings; the engine refuses
     those, so within it dynamic is plain RoPE, exactly as transformers computes it there."""
-    d, theta, rope = spec.head_dim, spec.rope_theta, spec.rope_parameters
+    d, theta, rope = spec.rotary_dim, spec.rope_theta, spec.rope_parameters
     kind = "default" if rope is None else rope.rope_type
     if kind == "yarn":
         return _yarn(d, theta, rope, device), rope.attention_factor
@@ -83,7 +85,7 @@ def _yarn(dim: int, theta: float, rope, device) -> torch.Tensor:
 
 
 def rope_cos_sin(positions: torch.Tensor, spec: ModelSpec, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [tokens, head_dim] in `dtype` for integer positions [tokens]."""
+    """cos, sin [tokens, rotary_dim] in `dtype` for integer positions [tokens]."""
     freq, attention_factor = inv_freq(spec, positions.device)
     freqs = positions.to(torch.float32)[:, None] * freq[None, :]          # [tokens, d/2]
     emb = torch.cat((freqs, freqs), dim=-1)                                # [tokens, d]

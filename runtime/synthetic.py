@@ -68,7 +68,8 @@ def synthesize(store: WeightStore, seed: int = 0, progress: bool | None = None) 
     spec = store.spec
     filler = _Filler(seed, store.dtype)
     dense = [(name, store.target(name)) for name in store.dense_names()]
-    experts = [(layer, e) for layer in range(spec.num_hidden_layers) for e in range(spec.num_experts)]
+    experts = [(layer, e) for layer in range(spec.first_dense_layers, spec.num_hidden_layers)
+               for e in range(spec.num_experts)]
     show = sys.stderr.isatty() if progress is None else progress
     with tqdm(total=len(dense) + len(experts), desc="synthesising weights", disable=not show) as bar:
         for name, t in dense:

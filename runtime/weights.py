@@ -1,8 +1,11 @@
 """Weight store: where every tensor of the model lives, and the page table the MoE reads experts through.
 
-  device:  dense (non-expert) weights | resident experts [L, r, X] | double buffer [2, E - r, X]
-  host:    offloaded experts [L, E - r, X] (pinned when CUDA is present), split per layer into pages
-X = 3 * moe_intermediate * hidden elements (one expert stored flat as gate | up | down); with experts in a
+  device:  dense (non-expert) weights | resident experts [L_moe, r, X] | double buffer [2, E - r, X]
+  host:    offloaded experts [L_moe, E - r, X] (pinned when CUDA is present), split per layer into pages
+L_moe = spec.num_moe_layers: the leading dense layers (first_dense_layers) hold no experts (their lookups are
+None and their pages none); methods take the model's layer index.
+X = spec.expert_params elements (one expert stored flat as gate | up | down | its biases, where the family has
+them); with experts in a
 quantized format (spec.dtypes.expert_format) X is one expert's bytes (runtime.quant.ExpertLayout), the
 stores are uint8, and the MoE reads each layer through a device workspace [E, 3 I H] in the compute dtype
 that the layer's experts are dequantized into (runtime.quant.DequantTable). The first
@@ -26,6 +29,7 @@ from .moe import ExpertLookup, ExpertTable, ExpertWeights, expert_elems, expert_
 from .quant import DequantTable, DequantWorkspace, ExpertLayout, dequantize_experts
 
 EXPERT_PARTS = ("gate", "up", "down")
+EXPERT_BIAS_PARTS = ("gate_bias", "up_bias", "down_bias")
 PAGE_ALIGN_ELEMS = 256
 
 
@@ -118,10 +122,11 @@ def weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """Every tensor name a loader must fill (dense names, then `layers.L.experts.E.{gate,up,down}`) -> shape."""
     shapes = dense_weight_shapes(spec)
     i, h = spec.moe_intermediate_size, spec.hidden_size
-    part_shape = {"gate": (i, h), "up": (i, h), "down": (h, i)}
-    for layer in range(spec.num_hidden_layers):
+    part_shape = {"gate": (i, h), "up": (i, h), "down": (h, i), "gate_bias": (i,), "up_bias": (i,), "down_bias": (h,)}
+    parts = EXPERT_PARTS + (EXPERT_BIAS_PARTS if expert_elems(spec) > 3 * i * h else ())
+    for layer in range(spec.first_dense_layers, spec.num_hidden_layers):
         for e in range(spec.num_experts):
-            for part in EXPERT_PARTS:
+            for part in parts:
                 shapes[f"layers.{layer}.experts.{e}.{part}"] = part_shape[part]
     return shapes
 
@@ -134,7 +139,8 @@ class WeightStore:
         self.spec, self.dtype, self.device = spec, dtype, torch.device(device)
         fmt = spec.dtypes.expert_format
         self.layout = ExpertLayout.of(spec, expert_format(fmt)) if fmt else None
-        L = spec.num_hidden_layers
+        L = spec.num_moe_layers
+        self.first_moe = spec.first_dense_layers
         x, stored = (self.layout.nbytes, torch.uint8) if self.layout else (expert_elems(spec), dtype)
         self.page_table = PageTable.build(spec.num_experts, num_resident, num_pages, x)
         r, s = self.page_table.num_resident, len(self.page_table.streamed_ids)
@@ -145,7 +151,8 @@ class WeightStore:
         self.buffers = torch.empty((2, s, x), dtype=stored, device=self.device)       # [2, E - r, X]
         self.workspace = (DequantWorkspace(spec, dtype, self.device) if self.layout else None)  # [E, 3 I H]
         self._pending: tuple[str, torch.Tensor] | None = None      # an expert matrix a loader is filling
-        self._lookups = [[self._buffer_lookup(layer, b) for b in (0, 1)] for layer in range(L)]
+        self._lookups = [[self._buffer_lookup(layer, b) for b in (0, 1)] if layer >= self.first_moe else [None, None]
+                         for layer in range(spec.num_hidden_layers)]
 
     # ---- sizes (the memory account's parts, from the tensors) -------------------------------------
     def allocated_bytes(self) -> dict:
@@ -209,12 +216,15 @@ class WeightStore:
     def at_rest_flat(self, layer: int, expert: int) -> torch.Tensor:
         """The permanent copy of one expert [X]: resident on the device or offloaded on the host."""
         resident, slot = self.page_table.slot(expert)
-        return self.resident[layer, slot] if resident else self.offloaded[layer, slot]
+        m = layer - self.first_moe
+        return self.resident[m, slot] if resident else self.offloaded[m, slot]
 
     # ---- expert lookups -------------------------------------------------------------------------
     def at_rest(self, layer: int) -> ExpertLookup:
         """Experts read from where they rest (the reference model's view; quantized ones dequantized).
-        Host-resident experts are copied to the device when the device is not the CPU."""
+        Host-resident experts are copied to the device when the device is not the CPU. None for a dense layer."""
+        if layer < self.first_moe:
+            return None
         if self.layout is None:
             return lambda e: expert_view(self.at_rest_flat(layer, e).to(self.device), self.spec)
 
@@ -225,32 +235,36 @@ class WeightStore:
         return dequantized
 
     def lookup(self, layer: int, buffer: int) -> ExpertLookup:
-        """Experts as the pipeline reads them: resident slots, or `buffer` after the layer's pages landed."""
+        """Experts as the pipeline reads them: resident slots, or `buffer` after the layer's pages landed (None
+        for a dense layer)."""
         return self._lookups[layer][buffer]
 
     def _buffer_lookup(self, layer: int, buffer: int) -> ExpertTable | DequantTable:
         pt = self.page_table
-        stores = tuple(([(pt.resident_ids[0], self.resident[layer])] if pt.resident_ids else [])
+        m = layer - self.first_moe
+        stores = tuple(([(pt.resident_ids[0], self.resident[m])] if pt.resident_ids else [])
                        + ([(pt.streamed_ids[0], self.buffers[buffer])] if pt.streamed_ids else []))
         if self.layout is not None:
             return DequantTable(stores, self.layout, self.workspace)
         views: list[ExpertWeights] = []
         for e in range(self.spec.num_experts):
             resident, slot = pt.slot(e)
-            flat = self.resident[layer, slot] if resident else self.buffers[buffer, slot]
+            flat = self.resident[m, slot] if resident else self.buffers[buffer, slot]
             views.append(expert_view(flat, self.spec))
         return ExpertTable(views, stores)
 
     # ---- paging ---------------------------------------------------------------------------------
     def page_source(self, layer: int, page: Page) -> torch.Tensor:
         """Host view [page elems] of one page of a layer's streamed part."""
-        return self.offloaded[layer].view(-1)[page.start:page.stop]
+        return self.offloaded[layer - self.first_moe].view(-1)[page.start:page.stop]
 
     def page_destination(self, buffer: int, page: Page) -> torch.Tensor:
         """Device view [page elems] the page lands in."""
         return self.buffers[buffer].view(-1)[page.start:page.stop]
 
     def copy_page(self, layer: int, buffer: int, page: Page) -> None:
-        """Enqueue one page host -> device on the current stream."""
+        """Enqueue one page host -> device on the current stream (a dense layer has none)."""
+        if layer < self.first_moe:
+            return
         self.page_destination(buffer, page).copy_(self.page_source(layer, page), non_blocking=True)
 

@@ -26,6 +26,34 @@ HF_FAMILIES = {
                        norm_topk_prob=True)),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=3, intermediate_size=32, norm_topk_prob=False)),
 }
+# families added by issue 19, each with its distinctive features on: a leading dense layer, MLA (without and
+# with a q latent, v narrower than q-k), grouped routing with a scaling factor, a score-correction bias,
+# shared experts; gpt-oss's sinks, a window shorter than the prompts on alternating layers, biases and a
+# swiglu_limit low enough that the clamps bite; GLM's partial rotary, q/k norms and qkv biases; Hunyuan's
+# q/k norms after RoPE and its shared MLP
+MLA = dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12, num_key_value_heads=6)
+NEW_FAMILIES = {
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                    dict(MLA, n_routed_experts=6, moe_intermediate_size=24, intermediate_size=40, n_shared_experts=1,
+                         first_k_dense_replace=1, q_lora_rank=None, topk_method="group_limited_greedy", n_group=3,
+                         topk_group=2, routed_scaling_factor=1.5, num_hidden_layers=3)),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(MLA, n_routed_experts=6, moe_intermediate_size=24, intermediate_size=40, n_shared_experts=1,
+                         first_k_dense_replace=1, q_lora_rank=24, n_group=3, topk_group=2, routed_scaling_factor=2.5,
+                         num_hidden_layers=3)),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(num_local_experts=4, intermediate_size=24, head_dim=8, num_hidden_layers=3, sliding_window=5,
+                     layer_types=["sliding_attention", "full_attention", "sliding_attention"], swiglu_limit=0.25,
+                     rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                                      "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16})),
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                 dict(n_routed_experts=6, moe_intermediate_size=24, intermediate_size=40, n_shared_experts=1,
+                      first_k_dense_replace=1, attention_bias=True, use_qk_norm=True, head_dim=16, n_group=3,
+                      topk_group=2, routed_scaling_factor=1.8, num_hidden_layers=3,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM",
+                       dict(num_experts=4, moe_topk=2, intermediate_size=40, head_dim=8, attention_bias=True)),
+}
 
 
 def hf_tiny_model(family: str, seed: int = 0, **overrides):
@@ -33,13 +61,13 @@ def hf_tiny_model(family: str, seed: int = 0, **overrides):
     Norm weights and biases are moved off 1 and 0, which would hide mistakes in them."""
     import transformers
 
-    cfg_cls, model_cls, extra = HF_FAMILIES[family]
+    cfg_cls, model_cls, extra = {**HF_FAMILIES, **NEW_FAMILIES}[family]
     torch.manual_seed(seed)
     config = getattr(transformers, cfg_cls)(**{**HF_COMMON, **extra, **overrides})
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if "norm" in name or name.endswith(("bias", "sinks")):
                 p.add_(torch.randn_like(p) * 0.3)
     return model
 
