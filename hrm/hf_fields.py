@@ -236,8 +236,15 @@ def standard_fields(c: Config, width_key: str, eps: float = 1e-5, theta: float =
                 num_experts_per_tok=c.int("num_experts_per_tok", "experts_per_token", "num_experts_per_token", "moe_k",
                                           "moe_topk"),
                 moe_intermediate_size=c.int(width_key),
-                rms_norm_eps=c.float("rms_norm_eps", default=eps),
+                rms_norm_eps=c.float("rms_norm_eps", default=eps), hidden_act=_activation(c),
                 **_rope(c, theta, common["max_position_embeddings"]), **common)
+
+
+def _activation(c: Config) -> str:
+    act = c.get("hidden_act", "silu")
+    if not isinstance(act, str):
+        raise SpecError(f"{c.model_type} config: field 'hidden_act' must be a name, got {act!r}")
+    return act
 
 
 def sliding_fields(c: Config, s: dict, default_layer_types: list[str] | None = None) -> dict:

@@ -192,6 +192,7 @@ class ModelSpec:
     sliding_layers: tuple[int, ...] = ()   # which layers attend within sliding_window (where the reader knows)
     swiglu_limit: float = 0.0              # gpt-oss: gate and up clamped to it, glu = gate * sigmoid(alpha gate)
     swiglu_alpha: float = 0.0
+    hidden_act: str = "silu"               # the FFNs' activation (config hidden_act; gpt-oss has its own)
     clip_qkv: float = 0.0                  # DBRX
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0

@@ -57,7 +57,7 @@ def spec_to_dict(spec: ModelSpec) -> dict:
               "linear_key_head_dim": 0, "linear_value_head_dim": 0, "linear_conv_kernel": 0,
               "linear_attention": "gated_delta", "linear_gate_rank": 0, "router_groups": 1, "router_groups_kept": 1,
               "rope_interleave": False, "softmax_scale": 0.0, "sliding_layers": (), "swiglu_limit": 0.0,
-              "swiglu_alpha": 0.0}
+              "swiglu_alpha": 0.0, "hidden_act": "silu"}
     d = {k: v for k, v in dataclasses.asdict(spec).items() if not (k in unused and v == unused[k])}
     dt = d["dtypes"]
     if dt["expert_weight_bytes"] == dt["weight_bytes"]:

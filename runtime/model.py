@@ -52,6 +52,12 @@ def check_supported(spec: ModelSpec) -> None:
         problems.append(f"sliding_window {spec.sliding_window} on layers the config does not name (layer_types)")
     if spec.lm_head_bias:
         problems.append("lm_head bias")
+    if spec.hidden_act != "silu" and spec.model_type != "gpt_oss":        # gpt-oss's experts have their own
+        problems.append(f"hidden_act {spec.hidden_act!r} (the FFNs are SwiGLU: silu)")
+    if spec.attention == "mla" and spec.dtypes.kv_format:
+        problems.append(f"--kv-dtype {spec.dtypes.kv_format} with MLA (its latent cache is stored in the compute dtype)")
+    if spec.model_type in SCORE_CORRECTION_BIAS and spec.router != "sigmoid":
+        problems.append(f"scoring_func {spec.router!r} ({spec.model_type}'s router is a sigmoid in transformers)")
     if spec.dtypes.expert_format and spec.model_type in ROUTER_BIAS:
         problems.append(f"--expert-dtype {spec.dtypes.expert_format} with expert biases")
     if rope_problem(spec):

@@ -40,8 +40,22 @@ def _rel_err(ours, ref) -> float:
     return float((ours - ref).abs().max() / ref.abs().max())
 
 
+def _pipeline_logits(monkeypatch, engine, prompt: list[int]) -> torch.Tensor:
+    """The logits the pipeline samples each token of one prompt from (prefill's, then every decode step's):
+    [NEW_TOKENS, vocab]."""
+    from runtime import decode, prefill
+    seen = []
+
+    def recording(sample):
+        return lambda logits, *a: seen.append(logits.clone()) or sample(logits, *a)
+    monkeypatch.setattr(prefill, "sample", recording(prefill.sample))
+    monkeypatch.setattr(decode, "sample", recording(decode.sample))
+    engine.generate([prompt], max_new_tokens=NEW_TOKENS)
+    return torch.cat(seen)
+
+
 @pytest.mark.parametrize("family, extra", CASES, ids=[_ids(c) for c in CASES])
-def test_new_family_matches_transformers(tmp_path, family, extra):
+def test_new_family_matches_transformers(tmp_path, monkeypatch, family, extra):
     model = hf_tiny_model(family, max_position_embeddings=64, **extra)
     model.save_pretrained(tmp_path)
     spec = spec_from_hf_config(tmp_path)
@@ -58,10 +72,17 @@ def test_new_family_matches_transformers(tmp_path, family, extra):
 
     with Engine(spec, Policy(3, 2), model_dir=tmp_path, dtype=torch.float32) as engine:
         generated, _ = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
+        pipeline = _pipeline_logits(monkeypatch, engine, TOKENS)
     for prompt, got in zip(PROMPTS, generated):
         want = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
                               attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
         assert got == want[0, len(prompt):].tolist()
+    # the pipeline's own logits (prefill, then decode over the KV cache) against transformers' over the text
+    with torch.no_grad():
+        full = model(torch.tensor([TOKENS + generated[0][:-1]])).logits[0, len(TOKENS) - 1:]
+    err = _rel_err(pipeline, full)
+    print(f"{_ids((family, extra))}: pipeline's max relative logit error {err:.2e}")
+    assert err < MAX_REL_ERR
 
 
 @pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
@@ -85,3 +106,47 @@ def test_grouped_expert_path_matches_transformers(tmp_path, monkeypatch, family)
         want = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
                               attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
         assert got == want[0, len(prompt):].tolist()
+
+
+def _spec(family, **fields):
+    cfg_cls, _, extra = NEW_FAMILIES[family]
+    import transformers
+    config = getattr(transformers, cfg_cls)(**{**HF_COMMON, **extra, **fields})
+    return spec_from_hf_config(dict(config.to_dict(), model_type=family))
+
+
+@pytest.mark.parametrize("family, fields, words", [
+    ("deepseek_v2", dict(attention_bias=True), "attention_bias=true with MLA"),
+    ("deepseek_v3", dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+    ("deepseek_v3", dict(scoring_func="softmax"), "scoring_func 'softmax'"),
+    ("glm4_moe", dict(n_group=4), "n_group 4 / topk_group 2 for 6 experts"),
+    ("gpt_oss", dict(quantization_config={"quant_method": "mxfp4"}), "quantization_config mxfp4 experts"),
+    ("hunyuan_v1_moe", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+     "partial_rotary_factor 0.5"),
+])
+def test_what_the_runtime_does_not_implement_is_refused_naming_the_field(family, fields, words):
+    check_supported(_spec(family))
+    with pytest.raises(UnsupportedModel, match=words):
+        check_supported(_spec(family, **fields))
+
+
+def test_a_window_on_layers_the_config_does_not_name_is_refused():
+    """Mixtral's sliding_window applies to every layer in transformers, but ModelSpec does not name them."""
+    spec = spec_from_hf_config(dict(HF_COMMON, model_type="mixtral", num_local_experts=3, intermediate_size=40,
+                                    sliding_window=8, max_position_embeddings=64))
+    with pytest.raises(UnsupportedModel, match="sliding_window 8 on layers the config does not name"):
+        check_supported(spec)
+
+
+def test_mla_memory_account_names_the_latent_parts():
+    """MLA's cache holds kv_lora_rank + rope elements per token and layer, the pass's buffers the absorbed queries
+    and the latent entry, the output in the latent space; only MoE layers hold experts."""
+    from hrm.memory import PassShape, account, attention_out_elems_per_token, qkv_elems_per_token
+    from hrm.spec import Workload
+    from oracles import bare_profile
+    spec = _spec("deepseek_v2")
+    assert spec.kv_elems_per_token_layer == 16 + 8 and qkv_elems_per_token(spec) == 7 * 24
+    assert attention_out_elems_per_token(spec) == 6 * 16 and spec.rotary_dim == 8
+    acc = account(spec, PassShape.nominal(Workload.uniform(16, 4), 8, 4, 0.0), 0.0, profile=bare_profile("h200").memory)
+    assert acc.pinned["offloaded_experts"] == spec.num_moe_layers * spec.num_experts * spec.expert_bytes
+    assert acc.pinned["kv_cache"] == 8 * (16 + 3) * 24 * spec.num_hidden_layers * spec.dtypes.kv_bytes
