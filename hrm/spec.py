@@ -216,10 +216,8 @@ class ModelSpec:
     @property
     def rotary_dim(self) -> int:
         """Dims of a q/k head that RoPE rotates (MLA: the rope part; else partial_rotary_factor of the head)."""
-        if self.attention == "mla":
-            return self.qk_rope_head_dim
         frac = self.rope_parameters.partial_rotary_factor if self.rope_parameters else 1.0
-        return int(self.head_dim * frac)
+        return self.qk_rope_head_dim if self.attention == "mla" else int(self.head_dim * frac)
 
     @property
     def attn_v_head_dim(self) -> int:
