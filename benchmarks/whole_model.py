@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="mixtral-8x7b")
     p.add_argument("--expert-dtype", default=None, choices=("bf16", "int8", "int4"),
                    help="routed experts stored in this format (hrm.formats), every plan made for it")
+    p.add_argument("--kv-dtype", default=None, choices=("bf16", "int8", "fp8"),
+                   help="KV cache stored in this format (hrm.formats), every plan made for it")
     p.add_argument("--hardware", default="h200-measured")
     p.add_argument("--gpu-memory", nargs="+", default=["24GB"], help="GPU budgets (the process's totals)")
     p.add_argument("--cpu-memory", default=None, help="host budget (default: what this machine has available)")
@@ -84,7 +86,7 @@ def _row_of(date, spec, budgets, tag, plan, meas, error, wall_s, plan_file) -> d
            "pred_gpu_peak_bytes": est.memory.gpu_bytes, "pred_host_peak_bytes": est.memory.cpu_bytes,
            "pred_pinned_bytes": est.memory.pinned_bytes, "wall_s": wall_s, "plan_file": plan_file,
            # the runtime keeps the KV cache, and experts not quantized, in the compute dtype
-           "expert_dtype": spec.dtypes.expert_format or spec.dtypes.name, "kv_dtype": spec.dtypes.name}
+           "expert_dtype": spec.dtypes.expert_format or spec.dtypes.name, "kv_dtype": spec.dtypes.kv_format or spec.dtypes.name}
     if meas is not None:
         d = meas["derived"]
         row.update(meas_tok_s=d["tokens_per_s"], meas_prefill_s=meas["prefill_s"], meas_decode_s=meas["decode_s"],
@@ -137,6 +139,8 @@ def main(argv=None) -> int:
     spec, hw = load_model(args.model), load_profile(args.hardware)
     if args.expert_dtype:
         spec = spec.with_expert_format(args.expert_dtype)
+    if args.kv_dtype:
+        spec = spec.with_kv_format(args.kv_dtype)
     workload = Workload.uniform(args.prompt_len, args.gen_len)
     date = _dt.date.today().isoformat()
     out = Path(args.out or ROOT / "benchmarks" / "results" / "whole_model" / f"{hw.name}-{date}.csv")

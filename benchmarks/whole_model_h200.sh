@@ -24,7 +24,8 @@
 #                 (mixtral: 24GB and 48GB with sweeps/mixtral-8x7b-h200.json; qwen3: 24GB with
 #                 sweeps/qwen3-30b-a3b-h200.json; olmoe, qwen15 (Qwen1.5-MoE-A2.7B): 24GB, the chosen
 #                 plan; mixtral-int8, mixtral-int4:
-#                 24GB and 48GB, the chosen plans with the experts stored in that format)
+#                 24GB and 48GB, the chosen plans with the experts stored in that format; mixtral-kv8,
+#                 mixtral-int8-kv8: the same with an int8 KV cache; dsv2lite: DeepSeek-V2-Lite (MLA), 24GB, chosen)
 # Every whole-model step stops starting jobs CALL_S seconds after the script began (less 20 s to pack).
 # Everything lands in $OUT/whole (default benchmarks/results/whole_model/h200-run), packed into
 # $OUT/whole.tgz at the end, because the device returns at most 8 files.
@@ -57,7 +58,8 @@ for step in "$@"; do
     dequant)
         python benchmarks/dequant_rate.py --hardware "$profile" --out "$res/dequant_rate.json" 2>&1 | tee "$res/dequant.log" | tail -8 ;;
     attn)
-        python benchmarks/cpu_attention_rate.py --hardware "$profile" --time-limit-s "$(left)" \
+        # ATTN_ARGS: a smaller grid for a call that has more to do (e.g. --batches 600 1800 --ctx 288)
+        python benchmarks/cpu_attention_rate.py --hardware "$profile" --time-limit-s "$(left)" ${ATTN_ARGS:-} \
             --out "$res/cpu_attention_rate.json" 2>&1 | tee "$res/cpu_attention_rate.log" | tail -6 ;;
     pin)
         python benchmarks/pin_rate.py --gib 16 --rounds 2 --out "$res/pin_rate.json" ;;
@@ -93,6 +95,9 @@ for step in "$@"; do
         olmoe) args=(--model olmoe-1b-7b --gpu-memory 24GB) ;;
         qwen15) args=(--model qwen1.5-moe-a2.7b --gpu-memory 24GB) ;;
         mixtral-int8|mixtral-int4) args=(--model mixtral-8x7b --gpu-memory 24GB 48GB --expert-dtype "${model#mixtral-}") ;;
+        mixtral-kv8) args=(--model mixtral-8x7b --gpu-memory 24GB 48GB --kv-dtype int8) ;;
+        mixtral-int8-kv8) args=(--model mixtral-8x7b --gpu-memory 24GB 48GB --expert-dtype int8 --kv-dtype int8) ;;
+        dsv2lite) args=(--model deepseek-v2-lite --gpu-memory 24GB) ;;
         *) echo "unknown model $model"; continue ;;
         esac
         python benchmarks/whole_model.py "${args[@]}" --hardware "$profile" --prompt-len 256 --gen-len 32 \

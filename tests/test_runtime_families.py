@@ -150,3 +150,25 @@ def test_mla_memory_account_names_the_latent_parts():
     acc = account(spec, PassShape.nominal(Workload.uniform(16, 4), 8, 4, 0.0), 0.0, profile=bare_profile("h200").memory)
     assert acc.pinned["offloaded_experts"] == spec.num_moe_layers * spec.num_experts * spec.expert_bytes
     assert acc.pinned["kv_cache"] == 8 * (16 + 3) * 24 * spec.num_hidden_layers * spec.dtypes.kv_bytes
+
+
+DEVICE_ATTENTION = {  # the schedules that attend on the device: over copies of the host cache, or a device cache
+    "s4-streamed-kv": Policy(3, 2, attention_on_gpu=True, schedule="s4"),
+    "s4-device-kv": Policy(3, 2, attention_on_gpu=True, kv_gpu_frac=1.0, schedule="s4"),
+}
+
+
+@pytest.mark.parametrize("policy", DEVICE_ATTENTION, ids=list(DEVICE_ATTENTION))
+@pytest.mark.parametrize("family", ["deepseek_v2", "gpt_oss"])
+def test_device_attention_matches_transformers(tmp_path, family, policy):
+    """MLA's latent cache and gpt-oss's sinks and windows attended on the device (S4, the runtime's GPU
+    attention path run on the CPU): the same greedy tokens as transformers."""
+    model = hf_tiny_model(family, max_position_embeddings=64)
+    model.save_pretrained(tmp_path)
+    spec = spec_from_hf_config(tmp_path)
+    with Engine(spec, DEVICE_ATTENTION[policy], model_dir=tmp_path, dtype=torch.float32) as engine:
+        generated, _ = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
+    for prompt, got in zip(PROMPTS, generated):
+        want = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                              attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+        assert got == want[0, len(prompt):].tolist()
