@@ -183,23 +183,32 @@ class LLM:
             raise RequestError("request ids must be unique")
         prompt_ids = self.encode(requests)
         self.plan_for(requests, prompt_ids)
-        skip = set(skip)
-        batches = [b for b in schedule(requests, self.policy.batch_size) if any(ids[i] not in skip for i in b.rows)]
-        batches = [replace(b, rows=tuple(i for i in b.rows if ids[i] not in skip)) for b in batches]
+        batches = self.passes(requests, skip)
         if on_start is not None:
             on_start(batches, [self.predicted_s(b, prompt_ids) for b in batches])
         out: dict[str, Completion] = {}
         for b in batches:
-            p = b.params
-            tokens, _ = self.engine().generate([prompt_ids[i] for i in b.rows], p.max_tokens,
-                                               temperature=p.temperature, top_p=p.top_p,
-                                               seed=self.seed * 1_000_003 + b.index,
-                                               stop_token_ids=self.codec.eos_ids)
-            done = [self.codec.finish(requests[i], len(prompt_ids[i]), t) for i, t in zip(b.rows, tokens)]
+            done = self.run_pass(b, requests, prompt_ids)
             if on_batch is not None:
                 on_batch(done)
             out.update((c.id, c) for c in done)
         return out
+
+    def passes(self, requests: Sequence[Request], skip: Iterable[str] = ()) -> list[Batch]:
+        """The job's engine passes under the plan (plan_for first), less the rows whose ids are in `skip`;
+        each keeps its index in the whole job's schedule, which seeds its sampling."""
+        ids, skip = [r.id for r in requests], set(skip)
+        batches = [b for b in schedule(requests, self.policy.batch_size) if any(ids[i] not in skip for i in b.rows)]
+        return [replace(b, rows=tuple(i for i in b.rows if ids[i] not in skip)) for b in batches]
+
+    def run_pass(self, b: Batch, requests: Sequence[Request], prompt_ids: Sequence[list[int]]) -> list[Completion]:
+        """One engine pass over the batch's rows of `requests` (the engine may cut it into passes of its own
+        N; the sample of a row depends only on the pass's index and the row's place in it)."""
+        p = b.params
+        tokens, _ = self.engine().generate([prompt_ids[i] for i in b.rows], p.max_tokens,
+                                           temperature=p.temperature, top_p=p.top_p,
+                                           seed=self.seed * 1_000_003 + b.index, stop_token_ids=self.codec.eos_ids)
+        return [self.codec.finish(requests[i], len(prompt_ids[i]), t) for i, t in zip(b.rows, tokens)]
 
     # ---- vLLM-style entry points ------------------------------------------------------------------
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:

@@ -42,6 +42,12 @@ def add_parser(sub) -> None:
     add_expert_dtype_arg(x)
     x.add_argument("--seed", type=value(int, positive=False), default=0, help="sampling seed")
     x.add_argument("--download", action="store_true", help="fetch a Hub id that is not in the local cache")
+    r = p.add_argument_group("scale out on Ray (pip install 'moe-lightning[ray]'; docs/ray.md)")
+    r.add_argument("--replicas", type=COUNT, default=None, metavar="K",
+                   help="run K engine replicas as Ray actors, each with its own plan for its share of its node "
+                        "(default with --ray-address: one a node); the output is written once, in input order")
+    r.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="an existing Ray cluster (e.g. auto, or ray://head:10001); default: a local one")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
 
 
@@ -58,6 +64,8 @@ def run(args) -> int:
     if not todo:
         say(f"all {len(requests)} requests already in {args.output}")
         return 0
+    if args.replicas is not None or args.ray_address:
+        return _run_on_ray(args, requests, done, todo, say)
     llm = LLM(args.model, plan=args.plan, hardware=args.hardware, gpu_memory=args.gpu_memory,
               cpu_memory=args.cpu_memory, batch_size=args.batch_size, dtype=args.dtype, seed=args.seed,
               download=args.download, progress=not args.quiet, expert_dtype=args.expert_dtype)
@@ -81,6 +89,29 @@ def run(args) -> int:
     finally:
         bar.stop()
     say(f"wrote {len(todo)} completions to {args.output} in {fmt_s(time.perf_counter() - t0)}")
+    return 0
+
+
+def _run_on_ray(args, requests, done, todo, say) -> int:
+    """The job on Ray (moe_lightning.ray_generate): every completion back, then one write in input order."""
+    from moe_lightning import LLM
+    from moe_lightning.outputs import append_completions
+    from moe_lightning.ray_generate import import_ray, run_replicas
+
+    import_ray()
+    llm = LLM(args.model, plan=args.plan, hardware=args.hardware, gpu_memory=args.gpu_memory,
+              cpu_memory=args.cpu_memory, batch_size=args.batch_size, dtype=args.dtype, seed=args.seed,
+              download=args.download, progress=False, expert_dtype=args.expert_dtype)
+    config = {"model": args.model, "plan": llm.plan, "hardware": args.hardware, "gpu_memory": args.gpu_memory,
+              "cpu_memory": args.cpu_memory, "batch_size": args.batch_size, "dtype": args.dtype, "seed": args.seed,
+              "expert_dtype": args.expert_dtype, "download": args.download}
+    t0 = time.perf_counter()
+    got = run_replicas(llm, requests, skip=done, replicas=args.replicas, address=args.ray_address, config=config,
+                       say=say)
+    append_completions(args.output, [got[i][0] for i in sorted(got)])
+    plans = sorted(set(p for _, p in got.values()))
+    say(f"wrote {len(todo)} completions to {args.output} in {fmt_s(time.perf_counter() - t0)} "
+        f"({len(plans)} replica{'s' if len(plans) > 1 else ''} answered: {', '.join(plans)})")
     return 0
 
 
