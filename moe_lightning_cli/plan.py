@@ -39,6 +39,8 @@ def add_parser(sub) -> None:
                    help="also search placements that compute routed experts on the CPU (priced by the model; "
                         "the runtime does not execute them)")
     s.add_argument("--no-baselines", action="store_true", help="skip the baseline comparison")
+    from .plan_replicas import add_replica_args
+    add_replica_args(p)
     p.add_argument("-o", "--output", metavar="PLAN.json", help="write the plan to this file")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON only")
     p.add_argument("--plot", metavar="FILE.png", help="also write a figure of the plan")
@@ -53,6 +55,9 @@ def run(args) -> int:
     from hrm.spec import Workload
     from optimizer.space import ALL_PLACEMENTS
 
+    if args.replicas is not None:              # replicas sharing a node, and the cluster's job
+        from .plan_replicas import run_plan
+        return run_plan(args)
     check_outputs(args.output, args.plot)
     if args.search_mode == "paper" and (args.gpu_frac is not None or args.cpu_frac is not None):
         raise SearchError("--search paper holds plans to the artifact's own caps (0.86 of the GPU's, 0.8 of the "
