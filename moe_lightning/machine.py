@@ -111,7 +111,7 @@ def auto_profile(machine: DetectedMachine | None = None):
     if base is None:
         raise MachineError(f"--hardware auto: no built-in profile of this GPU ({m.gpu_name}); "
                            f"`moe-lightning profile` measures this machine, or pass --hardware NAME|FILE")
-    kind = "measured efficiencies" if base.measured is not None else "datasheet rates (no measured efficiencies)"
+    kind = "measured efficiencies" if base.measured is not None else "datasheet rates with the efficiency model"
     cpu = replace(base.cpu, name=m.cpu_name, cores=m.cpu_cores or base.cpu.cores,
                   memory_bytes=m.host_memory_bytes or base.cpu.memory_bytes)
     gpu = replace(base.gpu, memory_bytes=m.gpu_memory_bytes, count=m.gpu_count)

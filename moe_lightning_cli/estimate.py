@@ -21,7 +21,9 @@ def add_parser(sub) -> None:
     g.add_argument("--kv-gpu-frac", type=FRACTION, default=0.0, help="fraction of the KV cache resident on the GPU")
     g.add_argument("--schedule", choices=tuple(SCHEDULES), default=None,
                    help="pipeline schedule (default: cgopipe with CPU attention, s4 with GPU attention)")
-    g.add_argument("--datasheet", action="store_true", help="ignore the profile's measured efficiencies")
+    g.add_argument("--datasheet", action="store_true",
+                   help="set the profile's measurements aside: its unit-level rates with the efficiency model "
+                        "(hrm/efficiency.py)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON only")
     p.add_argument("--plot", metavar="FILE.png", help="also write a figure of the breakdown")
 

@@ -34,7 +34,9 @@ def add_parser(sub) -> None:
     s.add_argument("--search", choices=("default", "paper"), default="default", dest="search_mode",
                    help="default: our full model, end-to-end throughput; paper: the MoE-Lightning artifact's "
                         "model, mu grid and caps (reproduces its published policies)")
-    s.add_argument("--datasheet", action="store_true", help="ignore the profile's measured efficiencies")
+    s.add_argument("--datasheet", action="store_true",
+                   help="set the profile's measurements aside: its unit-level rates with the efficiency model "
+                        "(hrm/efficiency.py)")
     s.add_argument("--cpu-experts", action="store_true",
                    help="also search placements that compute routed experts on the CPU (priced by the model; "
                         "the runtime does not execute them)")

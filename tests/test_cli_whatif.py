@@ -241,7 +241,10 @@ def test_expert_dtype_prices_each_format_with_its_own_plan(capsys):
     rows = {r["expert_dtype"]: r for r in out["expert_formats"]}
     assert list(rows) == list(EXPERT_FORMATS)
     assert rows["int8"]["throughput_tok_s"] == pytest.approx(out["plan"]["estimate"]["throughput_tok_s"])
-    assert rows["int4"]["throughput_tok_s"] > rows["int8"]["throughput_tok_s"] > 1.5 * rows["bf16"]["throughput_tok_s"]
+    assert rows["int8"]["throughput_tok_s"] > 1.5 * rows["bf16"]["throughput_tok_s"]
+    # int4 halves the link's bytes again, but on t4-s1 at achievable GPU rates (hrm/efficiency.py) its plan is
+    # bound by the GPU (dequantization and GEMMs), no longer by the link: no slower than int8, not faster
+    assert rows["int4"]["throughput_tok_s"] >= 0.99 * rows["int8"]["throughput_tok_s"]
     assert rows["bf16"]["expert_bytes_per_weight"] == 2.0
     base = run_json(capsys, "plan", "--no-baselines")["plan"]
     assert rows["bf16"]["throughput_tok_s"] == pytest.approx(base["estimate"]["throughput_tok_s"])
