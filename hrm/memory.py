@@ -24,7 +24,7 @@ import numpy as np
 
 from .policy import (KV_BLOCK_RATIO, MOE_DENSE_MAX_TOKENS, PREFILL_CHUNK_TOKENS, moe_grouped_slice_tokens,
                      prefill_chunk_sequences)
-from .formats import DEQUANT_CHUNK_ELEMS, DEQUANT_TEMP_BYTES_PER_ELEM
+from .formats import ATTENTION_CHUNK_SEQUENCES, DEQUANT_CHUNK_ELEMS, DEQUANT_TEMP_BYTES_PER_ELEM
 from .schedules import SCHEDULES
 from .spec import ModelSpec, Workload
 from .units import GiB
@@ -257,6 +257,9 @@ def prefill_workspace_bytes(spec: ModelSpec, tokens, rows, kv_slots):
     moe = held + 2 * t * H * ab + moe_workspace_bytes(spec, t)
     kv_pair = np.asarray(kv_slots, float) * spec.attended_kv_elems_per_token_layer * ab
     layout = held + t * H * ab + 2 * kv_pair
+    if spec.dtypes.kv_format:   # quantized on the device before its D2H: one fp32 copy of K or V, and both stored
+        slots = np.asarray(kv_slots, float)
+        layout = layout + slots * spec.attended_kv_elems_per_token_layer * (ACC_BYTES / 2 + spec.dtypes.kv_bytes)
     head = held + r * spec.vocab_size * (ab + ACC_BYTES)
     return np.maximum(np.maximum(moe, layout), head)
 
@@ -289,6 +292,19 @@ def per_sequence_host_bytes(spec: ModelSpec, new_tokens: int) -> float:
 def decode_step_bytes(sequences, kv_slots, masks: int = 1):
     """A decode step's slot (int64) per sequence and its masks (a byte per KV slot each), where the attention runs."""
     return INDEX_BYTES * sequences + masks * kv_slots
+
+
+def kv_quant_workspace_bytes(spec: ModelSpec, micro_batch, capacity):
+    """Host temporaries of CPU attention over a scaled 8-bit KV cache (0 for other formats): the attention
+    worker's reused chunk workspaces (ATTENTION_CHUNK_SEQUENCES sequences' K or V at the longest capacity,
+    fp32 and in the compute dtype twice: the largest of runtime.cpu_attention's quantized kernels keeps both),
+    and a decode append's quantization of a micro-batch's token (an fp32 copy, the values and scales)."""
+    if not spec.dtypes.kv_format:
+        return 0.0
+    per_seq = spec.kv_elems_per_token_layer / 2          # K (or V) of one slot, one layer
+    chunk = ATTENTION_CHUNK_SEQUENCES * per_seq * np.asarray(capacity, float) * (ACC_BYTES + 2 * spec.dtypes.act_bytes)
+    append = np.asarray(micro_batch, float) * per_seq * (ACC_BYTES + spec.dtypes.kv_bytes)
+    return chunk + append
 
 
 def io_buffer_bytes_per_sequence(spec: ModelSpec) -> float:
@@ -349,6 +365,7 @@ def account(spec: ModelSpec, shape: PassShape, r_w, *, profile: MemoryProfile, n
         "process_baseline": profile.process_baseline_bytes,
         "offloaded_experts": 0.0 if pin_all_weights else offloaded,
         "pass_state": n * per_sequence_host_bytes(spec, shape.new_tokens) + host_steps + shape.new_tokens,
+        "kv_quant_workspace": kv_quant_workspace_bytes(spec, shape.micro_batch, shape.kv_capacity),
     }
     return MemoryUse(gpu=gpu, pinned=pinned, pageable=pageable)
 

@@ -84,8 +84,16 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
                    help="what-if: every weight, experts included, stored as DTYPE (replaces the config's "
                         f"torch_dtype and quantization_config for the bytes; compute stays): {', '.join(dtypes)}")
     g.add_argument("--kv-dtype", choices=dtypes, default=None, metavar="DTYPE",
-                   help="what-if: the KV cache stored as DTYPE (default: the model's compute dtype)")
+                   help="the KV cache stored as DTYPE (default: the model's compute dtype); int8 and fp8 "
+                        "(float8_e4m3fn) with one fp32 scale per token and kv head, symmetric round to nearest, "
+                        "which the runtime stores and reads; the others are what-ifs")
     add_expert_dtype_arg(g, "; plan also prints each format's own best plan")
+
+
+KV_DTYPE_FORMATS = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "fp32": "fp32",
+                    "float32": "fp32", "int8": "int8", "fp8": "fp8", "float8": "fp8", "float8_e4m3fn": "fp8"}
+"""--kv-dtype names that are hrm.formats KV formats (int8 and fp8 with one fp32 scale per token and kv head);
+the other names (int4, mxfp4) are what-ifs of bytes only."""
 
 
 def add_expert_dtype_arg(g, more: str = "") -> None:
@@ -144,8 +152,11 @@ def build_target(args):
     spec = model_arg(args.model, download=args.download)
     if args.num_layers is not None:
         spec = spec.with_layers(args.num_layers)
-    if args.weight_dtype is not None or args.kv_dtype is not None:
-        spec = spec.with_dtypes(spec.dtypes.stored_as(weight=args.weight_dtype, kv=args.kv_dtype))
+    kv = KV_DTYPE_FORMATS.get(args.kv_dtype)           # a format the runtime stores: its scales priced too
+    if args.weight_dtype is not None or (args.kv_dtype is not None and kv is None):
+        spec = spec.with_dtypes(spec.dtypes.stored_as(weight=args.weight_dtype, kv=None if kv else args.kv_dtype))
+    if kv is not None:
+        spec = spec.with_kv_format(kv)
     if args.expert_dtype is not None:
         spec = spec.with_expert_format(args.expert_dtype)
     if args.hardware == "auto":

@@ -65,6 +65,16 @@ class QuantKV:
     def device(self) -> torch.device:
         return self.data.device
 
+    def numel(self) -> int:
+        return self.data.numel()
+
+    def data_ptr(self) -> int:
+        return self.data.data_ptr()
+
+    def record_stream(self, stream) -> None:
+        self.data.record_stream(stream)
+        self.scale.record_stream(stream)
+
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size() + self.scale.numel() * self.scale.element_size()
@@ -96,7 +106,8 @@ class QuantKV:
 def quantize_kv(x: torch.Tensor, fmt: KVFormat) -> QuantKV:
     """Symmetric round to nearest of x [..., d] with one fp32 scale per vector of d (max|x| / qmax; an
     all-zero vector gets scale 1), on x's device. One fp32 temporary the size of x."""
-    scale = x.abs().amax(dim=-1).to(ACC).div_(fmt.qmax)
+    lo, hi = torch.aminmax(x, dim=-1)                                     # no |x| temporary
+    scale = torch.maximum(-lo, hi).to(ACC).div_(fmt.qmax)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     tmp = x.to(ACC, copy=True).div_(scale[..., None])
     if fmt.name == "int8":

@@ -75,6 +75,9 @@ class Engine:
         check_supported(spec)
         if not policy.ffn_on_gpu:
             raise UnsupportedPolicy("ffn_on_gpu=False (experts on the CPU) is not implemented by the runtime")
+        if spec.dtypes.kv_format and (policy.attention_on_gpu or policy.kv_gpu_frac):
+            raise UnsupportedPolicy(f"a {spec.dtypes.kv_format} KV cache is read by the CPU attention on the host "
+                                    "only (not with GPU attention or KV on the GPU)")
         self.spec, self.policy, self.record = spec, policy, record
         self.plan_id = self.plan_id or _plan_id(spec, policy)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -120,7 +123,7 @@ class Engine:
         self.kv = (LatentKVCache if spec.attention == "mla" else KVCache)(spec, dtype, self.device)
         pin = self.device.type == "cuda"
         self.staging = HostArena(dtype, pin=pin)        # prefill hidden states between layers
-        self.kv_transfer = HostArena(dtype, pin=pin)    # prefill KV on its way to the host cache
+        self.kv_transfer = HostArena(torch.uint8 if self.kv.format else dtype, pin=pin)  # prefill KV to the host cache
         self.worker = AttentionWorker(attention_threads(self.device.type == "cuda"))
         self.last_spans: list[Span] = []
         self.last_account = None                        # hrm.memory.MemoryUse of the last pass as laid out
@@ -134,8 +137,9 @@ class Engine:
         name = str(self.dtype).removeprefix("torch.")
         b, dt = float(self.dtype.itemsize), self.spec.dtypes
         expert_b = dt.expert_weight_bytes if dt.expert_format else b     # quantized experts keep their bytes
+        kv_b = dt.kv_bytes if dt.kv_format else b                         # ... and a scaled KV cache
         spec = (self.spec if name == dt.name
-                else replace(self.spec, dtypes=replace(dt, weight_bytes=b, kv_bytes=b, act_bytes=b, name=name,
+                else replace(self.spec, dtypes=replace(dt, weight_bytes=b, kv_bytes=kv_b, act_bytes=b, name=name,
                                                        expert_weight_bytes=expert_b)))
         return policy_account(spec, self.policy, shape, self.machine.profile)
 
@@ -228,9 +232,9 @@ class Engine:
         """The pass's host buffers at the account's sizes (an arena grows only when a pass needs more)."""
         elem = self.dtype.itemsize
         self.kv.release()              # the last pass's views and device caches, before any buffer moves
-        self.kv.reserve(int(acc.pinned["kv_cache"]) // elem)
+        self.kv.reserve_bytes(acc.pinned["kv_cache"])
         self.staging.take(int(acc.pinned["prefill_staging"]) // elem)
-        self.kv_transfer.take(int(acc.pinned["kv_transfer"]) // elem)
+        self.kv_transfer.take(round(acc.pinned["kv_transfer"]) // self.kv_transfer.dtype.itemsize)
 
     def allocated_bytes(self) -> dict:
         """Bytes the runtime holds now, by the account's parts (level -> part -> bytes), from its tensors."""

@@ -66,10 +66,10 @@ def check_supported(spec: ModelSpec) -> None:
         problems.append(f"{spec.num_attention_heads} query heads not a multiple of "
                         f"{spec.num_key_value_heads} kv heads")
     stored = [n for n in spec.dtypes.quantization.split("; ")
-              if n and n != f"--expert-dtype {spec.dtypes.expert_format}"]
+              if n and n not in (f"--expert-dtype {spec.dtypes.expert_format}", f"--kv-dtype {spec.dtypes.kv_format}")]
     if stored:
         problems.append(f"{'; '.join(stored)} (it stores weights and KV in bf16/fp16/fp32 only, "
-                        "routed experts also in int8 and int4)")
+                        "routed experts also in int8 and int4, the KV cache also in int8 and fp8)")
     if problems:
         raise UnsupportedModel(f"{spec.name}: runtime does not support " + "; ".join(problems))
 

@@ -29,7 +29,7 @@ from .attention import layer_attention
 from .cpu_attention import AttentionWorker
 from .decode import DecodePass
 from .host_memory import HostArena, empty_host
-from .kv_cache import KVCache
+from .kv_cache import KVCache, transfer_units
 from .measure import Recorder
 from .model import fused_qkv, signed_sin
 from .packing import MicroBatch
@@ -81,9 +81,10 @@ class Pipeline(PrefillPass, DecodePass):
         self.hidden = [v.view(-1, spec.hidden_size) for v in torch.split(flat, sizes)]   # [tokens, hidden] each
         # prefill KV goes to the host through KV_TRANSFER_SLOTS pinned slots of the largest chunk's KV (k then
         # v; MLA's latent alone)
-        slot = max(len(rows) * m.mb.prefill_len for m, rows, _ in self.chunks) * spec.attended_kv_elems_per_token_layer
+        slot = transfer_units(spec, self.dtype, max(len(rows) * m.mb.prefill_len for m, rows, _ in self.chunks))
         ring = (kv_transfer.take(KV_TRANSFER_SLOTS * slot) if kv_transfer is not None
-                else empty_host((KV_TRANSFER_SLOTS * slot,), self.dtype, self.streams.cuda))
+                else empty_host((KV_TRANSFER_SLOTS * slot,), torch.uint8 if kv.format else self.dtype,
+                                self.streams.cuda))
         self.kv_slots = [ring[i * slot:(i + 1) * slot] for i in range(KV_TRANSFER_SLOTS)]
         self.kv_slot_writes: list[object] = [None] * KV_TRANSFER_SLOTS    # the worker's copy out of each slot
         self._kv_slot_next = 0

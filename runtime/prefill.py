@@ -11,6 +11,8 @@ from hrm.memory import KV_TRANSFER_SLOTS
 from hrm.policy import PREFILL_CHUNK_TOKENS
 
 from . import attention
+from .cpu_attention import quantize_kv
+from .kv_cache import transfer_views
 from .model import causal_attention, final_logits, post_attention, pre_attention
 from .packing import MicroBatch
 from .pass_state import MicroBatchState
@@ -183,11 +185,18 @@ class PrefillPass:
         self._kv_slot_next = (i + 1) % KV_TRANSFER_SLOTS
         if self.kv_slot_writes[i] is not None:
             self.kv_slot_writes[i].result()                                       # slot i copied out again
+        if self.kv.format:                  # an 8-bit cache: quantized on the GPU, its stored bytes cross the link
+            with st.use(st.compute):
+                kpad, vpad = (quantize_kv(x, self.kv.format) for x in (kpad, vpad))
+                ev_c = st.record(st.compute)
         shared = vpad.data_ptr() == kpad.data_ptr()                               # MLA's latent
         buf = self.kv_slots[i]
-        k_host = buf[:kpad.numel()].view(kpad.shape)                               # [B, n_kv, S, d]
-        v_host = k_host[..., :vpad.shape[-1]] if shared else \
-            buf[kpad.numel():kpad.numel() + vpad.numel()].view(vpad.shape)
+        if self.kv.format:
+            k_host, v_host = transfer_views(buf, kpad.shape, self.kv.format)
+        else:
+            k_host = buf[:kpad.numel()].view(kpad.shape)                           # [B, n_kv, S, d]
+            v_host = k_host[..., :vpad.shape[-1]] if shared else \
+                buf[kpad.numel():kpad.numel() + vpad.numel()].view(vpad.shape)
         st.wait(st.d2h, ev_c)
         with st.use(st.d2h), self.rec.gpu("d2h", st.d2h, label):
             k_host.copy_(kpad, non_blocking=True)

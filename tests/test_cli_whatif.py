@@ -37,12 +37,13 @@ def test_weight_dtype_bf16_undoes_the_configs_mxfp4(capsys):
     assert bf16["estimate"]["throughput_tok_s"] < q["estimate"]["throughput_tok_s"]
 
 
-def test_kv_dtype_what_if_halves_the_kv_cache(capsys):
+def test_kv_dtype_halves_the_kv_cache_plus_its_scales(capsys):
+    """fp8 and int8 KV: a byte per value and one fp32 scale per token and kv head (head_dim 128)."""
     args = ("estimate", "-N", "256", "--mu", "32")
     base = run_json(capsys, *args)
-    fp8 = run_json(capsys, *args, "--kv-dtype", "fp8")
     kv = lambda d: d["memory_bytes"]["pinned"]["kv_cache"]      # noqa: E731
-    assert kv(fp8) == pytest.approx(kv(base) / 2)
+    for name in ("fp8", "int8"):
+        assert kv(run_json(capsys, *args, "--kv-dtype", name)) == pytest.approx(kv(base) / 2 * (1 + 4 / 128), rel=1e-12)
 
 
 def test_storage_is_printed(capsys):
