@@ -97,7 +97,8 @@ def machine_profile(hardware: str | None):
 class LLM:
     def __init__(self, model: str | Path, *, plan=None, hardware: str | None = None, gpu_memory=None,
                  cpu_memory=None, batch_size: int | None = None, dtype: str | None = None, seed: int = 0,
-                 download: bool = False, progress: bool = True, expert_dtype: str | None = None):
+                 download: bool = False, progress: bool = True, expert_dtype: str | None = None,
+                 kv_dtype: str | None = None):
         from hrm.hf_config import load_model
 
         from .hub import resolve_model
@@ -111,6 +112,8 @@ class LLM:
         self.spec = load_model(path)
         if expert_dtype is not None:                # routed experts quantized at load (hrm.formats)
             self.spec = self.spec.with_expert_format(expert_dtype)
+        if kv_dtype is not None:                    # the KV cache's format (hrm.formats: int8, fp8 with scales)
+            self.spec = self.spec.with_kv_format(kv_dtype)
         self.codec = TextCodec.from_model_dir(path)
         if isinstance(plan, (str, Path)):
             from optimizer.plan import Plan

@@ -50,6 +50,7 @@ class ReplicaConfig:
     dtype: str | None = None
     seed: int = 0
     expert_dtype: str | None = None
+    kv_dtype: str | None = None
     download: bool = False
     fault_file: str | None = None
 
@@ -62,7 +63,8 @@ class Replica:
         self.config = config
         self.llm = LLM(config.model, plan=config.plan, hardware=config.hardware, gpu_memory=config.gpu_memory,
                        cpu_memory=config.cpu_memory, batch_size=config.batch_size, dtype=config.dtype,
-                       seed=config.seed, download=config.download, progress=False, expert_dtype=config.expert_dtype)
+                       seed=config.seed, download=config.download, progress=False, expert_dtype=config.expert_dtype,
+                       kv_dtype=config.kv_dtype)
         if config.plan is None:
             self.llm.plan, self.llm.plan_source = self._own_plan()
         self.name = f"{_node_id()[:8]}:{os.getpid()}"

@@ -96,6 +96,14 @@ KV_DTYPE_FORMATS = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16
 the other names (int4, mxfp4) are what-ifs of bytes only."""
 
 
+def add_kv_dtype_arg(g, more: str = "") -> None:
+    """--kv-dtype for the commands that run the model (run, generate): the formats the runtime stores."""
+    from hrm.formats import KV_FORMATS
+    g.add_argument("--kv-dtype", choices=list(KV_FORMATS), default=None, metavar="FORMAT",
+                   help="the KV cache stored as FORMAT (int8, fp8: one fp32 scale per token and kv head, "
+                        f"symmetric round to nearest; default the compute dtype){more}: {', '.join(KV_FORMATS)}")
+
+
 def add_expert_dtype_arg(g, more: str = "") -> None:
     from hrm.formats import EXPERT_FORMATS
     g.add_argument("--expert-dtype", choices=list(EXPERT_FORMATS), default=None, metavar="FORMAT",

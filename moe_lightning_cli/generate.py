@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .common import COUNT, SHARE, add_expert_dtype_arg, fmt_s, size, value
+from .common import COUNT, SHARE, add_expert_dtype_arg, add_kv_dtype_arg, fmt_s, size, value
 
 
 def add_parser(sub) -> None:
@@ -40,6 +40,7 @@ def add_parser(sub) -> None:
                    help="at most this many requests per engine pass (default: the plan's N)")
     x.add_argument("--dtype", default=None, help="weight/activation dtype (default: the model's)")
     add_expert_dtype_arg(x)
+    add_kv_dtype_arg(x)
     x.add_argument("--seed", type=value(int, positive=False), default=0, help="sampling seed")
     x.add_argument("--download", action="store_true", help="fetch a Hub id that is not in the local cache")
     r = p.add_argument_group("scale out on Ray (pip install 'moe-lightning[ray]'; docs/ray.md)")
@@ -68,7 +69,8 @@ def run(args) -> int:
         return _run_on_ray(args, requests, done, todo, say)
     llm = LLM(args.model, plan=args.plan, hardware=args.hardware, gpu_memory=args.gpu_memory,
               cpu_memory=args.cpu_memory, batch_size=args.batch_size, dtype=args.dtype, seed=args.seed,
-              download=args.download, progress=not args.quiet, expert_dtype=args.expert_dtype)
+              download=args.download, progress=not args.quiet, expert_dtype=args.expert_dtype,
+              kv_dtype=args.kv_dtype)
     bar = _Progress(say, quiet=args.quiet)
 
     def on_start(batches, predicted_s):
@@ -101,10 +103,10 @@ def _run_on_ray(args, requests, done, todo, say) -> int:
     import_ray()
     llm = LLM(args.model, plan=args.plan, hardware=args.hardware, gpu_memory=args.gpu_memory,
               cpu_memory=args.cpu_memory, batch_size=args.batch_size, dtype=args.dtype, seed=args.seed,
-              download=args.download, progress=False, expert_dtype=args.expert_dtype)
+              download=args.download, progress=False, expert_dtype=args.expert_dtype, kv_dtype=args.kv_dtype)
     config = {"model": args.model, "plan": llm.plan, "hardware": args.hardware, "gpu_memory": args.gpu_memory,
               "cpu_memory": args.cpu_memory, "batch_size": args.batch_size, "dtype": args.dtype, "seed": args.seed,
-              "expert_dtype": args.expert_dtype, "download": args.download}
+              "expert_dtype": args.expert_dtype, "kv_dtype": args.kv_dtype, "download": args.download}
     t0 = time.perf_counter()
     got = run_replicas(llm, requests, skip=done, replicas=args.replicas, address=args.ray_address, config=config,
                        say=say)

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import COUNT, SHARE, add_expert_dtype_arg, check_outputs, fmt_bytes, fmt_s, model_arg, print_json, size, value
+from .common import COUNT, SHARE, add_expert_dtype_arg, add_kv_dtype_arg, check_outputs, fmt_bytes, fmt_s, model_arg, print_json, size, value
 
 DEFAULT_PROMPT_LEN = 128
 DEFAULT_GEN_LEN = 32
@@ -34,6 +34,7 @@ def add_parser(sub) -> None:
     what.add_argument("--policy-json", metavar="JSON|FILE", help="Policy fields as JSON (without --plan)")
     what.add_argument("--num-layers", type=COUNT, default=None, help="run only this many layers")
     add_expert_dtype_arg(what, " (without --plan: a plan carries its own)")
+    add_kv_dtype_arg(what, " (without --plan: a plan carries its own)")
     weights = what.add_mutually_exclusive_group()
     weights.add_argument("--model-dir", metavar="DIR", help="checkpoint directory (config.json + safetensors)")
     weights.add_argument("--random-weights", action="store_true", help="synthetic weights (the default)")
@@ -101,6 +102,10 @@ def load_target(args) -> Target:
         if plan is not None:
             raise CLIError("--expert-dtype: the plan fixes the experts' format (make it with plan --expert-dtype)")
         spec = spec.with_expert_format(args.expert_dtype)
+    if args.kv_dtype is not None:
+        if plan is not None:
+            raise CLIError("--kv-dtype: the plan fixes the KV cache's format (make it with plan --kv-dtype)")
+        spec = spec.with_kv_format(args.kv_dtype)
     if args.num_layers is not None:
         spec = spec.with_layers(args.num_layers)
     if args.hardware:

@@ -188,7 +188,7 @@ def decode_attention_bmm_bf16(q, k, v, mask) -> torch.Tensor:
     b, n_q, d = q.shape
     n_kv = k.shape[1]
     qg = q.view(b, n_kv, n_q // n_kv, d) * (1.0 / math.sqrt(d))
-    p = _softmax(torch.matmul(qg, k.transpose(-1, -2)).to(ACC), ~mask)
+    p = _softmax(torch.matmul(qg, k.transpose(-1, -2)).to(torch.promote_types(q.dtype, ACC)), ~mask)
     return torch.matmul(p.to(v.dtype), v).reshape(b, n_q * d).to(q.dtype)
 
 
