@@ -165,6 +165,20 @@ def cluster_shape(ray) -> ClusterShape:
     return ClusterShape(max(1, len(nodes)), float(res.get("CPU", 0)), float(res.get("GPU", 0)))
 
 
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) address that takes no connection is one line, not Ray's retries."""
+    import socket
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise RequestError(f"--ray-address {address!r}: expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RequestError(f"--ray-address {address!r}: no Ray cluster answers there ({e.strerror or e})") from None
+
+
 def run_replicas(llm, requests: Sequence[Request], *, skip, replicas: int | None, address: str | None,
                  config: dict, say) -> dict[int, tuple[Completion, str]]:
     """Every row of `requests` not in `skip`, run by `replicas` Ray actors: {row: (completion, replica)}.
@@ -180,6 +194,8 @@ def run_replicas(llm, requests: Sequence[Request], *, skip, replicas: int | None
     if not passes:
         return {}
     started = not ray.is_initialized()
+    if address:
+        check_reachable(address)
     if started:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False,
                  configure_logging=False)

@@ -59,7 +59,7 @@ def run(args) -> int:
 
     if args.replicas is not None:              # replicas sharing a node, and the cluster's job
         from .plan_replicas import run_plan
-        return run_plan(args)
+        return run_plan(args, sys.modules[__name__])
     check_outputs(args.output, args.plot)
     if args.search_mode == "paper" and (args.gpu_frac is not None or args.cpu_frac is not None):
         raise SearchError("--search paper holds plans to the artifact's own caps (0.86 of the GPU's, 0.8 of the "

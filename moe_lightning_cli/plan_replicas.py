@@ -32,13 +32,12 @@ def add_replica_args(p: argparse.ArgumentParser) -> None:
                         "time is priced on all of them")
 
 
-def run_plan(args) -> int:
+def run_plan(args, plan) -> int:
+    """`plan` is moe_lightning_cli.plan (its dataset reading, printing and job pricing), passed in by it."""
     from hrm.atomic import Outputs
     from hrm.spec import Workload
     from optimizer.replicas import candidate_counts, choose
     from optimizer.space import ALL_PLACEMENTS, SearchError
-
-    from .plan import dataset_prompts, print_plan, to_json_dict
 
     check_outputs(args.output)
     if args.plot:
@@ -48,7 +47,7 @@ def run_plan(args) -> int:
     spec, hw, workload = build_target(args)
     requests = lens = None
     if args.dataset:
-        requests, lens = dataset_prompts(args)
+        requests, lens = plan.dataset_prompts(args)
         workload = Workload.from_prompt_lens(lens, max(r.params.max_tokens for r in requests), padded=bool(args.padded))
     counts = candidate_counts(hw) if args.replicas == "auto" else [args.replicas]
     choice = choose(spec, hw, workload, counts, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
@@ -56,7 +55,8 @@ def run_plan(args) -> int:
                     use_measured=not args.datasheet, placements=ALL_PLACEMENTS if args.cpu_experts else None)
     best = choice.best
     use_measured = not args.datasheet
-    rows = [option_row(o, args.nodes, hw.gpu.count, requests, lens, args.num_prompts, use_measured)
+    rows = [option_row(o, args.nodes, hw.gpu.count, requests, lens, args.num_prompts, use_measured,
+                       plan.workload_job)
             for o in choice.options]
     chosen = next(r for r in rows if r["replicas_per_node"] == best.replicas_per_node)
     with Outputs() as out:
@@ -66,16 +66,16 @@ def run_plan(args) -> int:
     summary = {"mode": args.replicas if args.replicas == "auto" else "given", "nodes": args.nodes,
                "gpus_per_node": hw.gpu.count, "node": hw.name, "chosen": chosen, "options": rows}
     if args.json:
-        print_json({**to_json_dict(best.plan, [], args.output, use_measured=use_measured), "replicas": summary})
+        print_json({**plan.to_json_dict(best.plan, [], args.output, use_measured=use_measured), "replicas": summary})
         return 0
-    print_plan(best.plan, [], use_measured=use_measured)
+    plan.print_plan(best.plan, [], use_measured=use_measured)
     print_options(summary)
     if args.output:
         print(f"wrote {args.output} (one replica's plan)")
     return 0
 
 
-def option_row(option, nodes: int, gpus: int, requests, lens, num_prompts, use_measured: bool) -> dict:
+def option_row(option, nodes: int, gpus: int, requests, lens, num_prompts, use_measured: bool, workload_job) -> dict:
     """One replica count as the table and --json give it: the replica's plan, the node's and the cluster's
     throughput, and the whole job's time where a job is given."""
     k, plan = option.replicas_per_node, option.plan
@@ -88,17 +88,15 @@ def option_row(option, nodes: int, gpus: int, requests, lens, num_prompts, use_m
                schedule=plan.policy.schedule, replica_tok_s=plan.throughput_tok_s, node_tok_s=option.node_tok_s,
                cluster_tok_s=option.node_tok_s * nodes, bound=plan.estimate.bound,
                host_budget_bytes=plan.budgets.cpu_bytes)
-    job = cluster_job(plan, k * nodes, requests, lens, num_prompts, use_measured)
+    job = cluster_job(plan, k * nodes, requests, lens, num_prompts, use_measured, workload_job)
     row["job"] = job
     return row
 
 
-def cluster_job(plan, replicas: int, requests, lens, num_prompts, use_measured: bool) -> dict | None:
+def cluster_job(plan, replicas: int, requests, lens, num_prompts, use_measured: bool, workload_job) -> dict | None:
     """The job split evenly (in order) over `replicas`, each pricing its share of passes under its own plan
     (moe_lightning.llm.predict_job / plan.workload_job); the job ends with the slowest share."""
     from moe_lightning.llm import predict_job
-
-    from .plan import workload_job
     if requests is not None:
         total = len(requests)
         bounds = [round(i * total / replicas) for i in range(replicas + 1)]

@@ -124,3 +124,14 @@ def test_a_replica_refuses_a_batch_that_is_not_one_whole_pass(model_dir, request
     part = {k: v[:3] for k, v in whole.items()}
     with pytest.raises(RuntimeError, match="not one whole pass of 5"):
         rep(part)
+
+
+@pytest.mark.parametrize("address, words", [("127.0.0.1:1", "no Ray cluster answers there"),
+                                            ("nohost", "expected auto, HOST:PORT")])
+def test_a_ray_address_that_does_not_answer_is_one_line(model_dir, requests_file, tmp_path, capsys, address, words):
+    pytest.importorskip("ray.data")
+    out = tmp_path / "out.jsonl"
+    assert main(_args(model_dir, requests_file, out, "--ray-address", address)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err, err
+    assert not out.exists()
