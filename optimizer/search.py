@@ -25,7 +25,7 @@ from hrm.hardware import HardwareProfile
 from hrm.spec import ModelSpec, Workload
 from . import grid, paper
 from .plan import build_plan, plan_from_found
-from .space import (DEFAULT_PLACEMENTS, GRID_RESOLUTION, MILP_RESOLUTION,
+from .space import (runtime_placements, GRID_RESOLUTION, MILP_RESOLUTION,
                     Budgets, Pairs, PlacementOption, Problem, Resolution, SearchError, format_size, int_grid,
                     neighbours, span)
 
@@ -262,7 +262,7 @@ def search(spec: ModelSpec, hardware: HardwareProfile, workload: Workload, *, so
            resolution: Resolution | None = None, pin_all_weights: bool = True, use_measured: bool = True):
     """The best policy as a `Plan` (raises SearchError with a one-line reason when nothing fits).
 
-    mode="default": our model, end-to-end throughput, placements DEFAULT_PLACEMENTS unless given.
+    mode="default": our model, end-to-end throughput, placements runtime_placements(spec) unless given.
     mode="paper": the MoE-Lightning artifact's cost model and search (optimizer/paper.py); budgets are
     then its own caps (0.86 of GPU, 0.8 of CPU memory) and gpu_memory / cpu_memory replace m_g / m_c.
     """
@@ -284,7 +284,7 @@ def solve(problem: Problem, *, solver: str = "grid", placements: tuple[Placement
     `search` builds the problem from its arguments and calls this."""
     if solver not in SOLVERS:
         raise SearchError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    placements = tuple(placements or DEFAULT_PLACEMENTS)
+    placements = tuple(placements or runtime_placements(problem.spec))
     t0 = time.perf_counter()
     found = best_policy(problem, placements, solver=solver, resolution=resolution, pairs=pairs)
     elapsed = time.perf_counter() - t0

@@ -170,6 +170,14 @@ DEFAULT_PLACEMENTS = tuple(p for p in ALL_PLACEMENTS if p.ffn_on_gpu)
 Plans with experts on the CPU are priced when asked for (`--cpu-experts`), but runtime/ cannot run them."""
 
 
+def runtime_placements(spec: ModelSpec) -> tuple[PlacementOption, ...]:
+    """DEFAULT_PLACEMENTS the runtime executes for this model: a scaled 8-bit KV cache (--kv-dtype int8/fp8)
+    is read by the CPU attention on the host only, so its plans keep attention there."""
+    if spec.dtypes.kv_format:
+        return tuple(p for p in DEFAULT_PLACEMENTS if not p.attention_on_gpu)
+    return DEFAULT_PLACEMENTS
+
+
 @dataclass(frozen=True)
 class Problem:
     """One search request: the model, the machine, the workload and the budgets."""

@@ -239,3 +239,20 @@ def test_kv_formats_price_their_scales():
         assert spec.dtypes.kv_format == (name if f.scaled else "")
     assert math.isclose(TINY.with_kv_format("int8").kv_bytes_per_token * 2 / (1 + 4 / 16),
                         TINY.kv_bytes_per_token, rel_tol=1e-12)
+
+
+def test_plans_for_an_8bit_kv_cache_keep_attention_on_the_host():
+    """The runtime reads a scaled 8-bit KV cache on the host only: the search never emits GPU attention or a
+    device KV fraction for it, where the same search in bf16 takes GPU attention."""
+    from hrm.hardware import load_profile
+    from hrm.hf_config import load_model
+    from hrm.spec import Workload
+    from optimizer.search import search
+
+    spec, hw = load_model("mixtral-8x7b").with_expert_format("int4"), load_profile("h200-measured")
+    wl = Workload(avg_prompt_len=256, max_prompt_len=256, gen_len=32)
+    plain = search(spec, hw, wl, gpu_memory="48GB", cpu_memory="118GiB").policy
+    assert plain.attention_on_gpu
+    for name in ("int8", "fp8"):
+        p = search(spec.with_kv_format(name), hw, wl, gpu_memory="48GB", cpu_memory="118GiB").policy
+        assert not p.attention_on_gpu and not p.kv_gpu_frac, name
