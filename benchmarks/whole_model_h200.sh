@@ -56,7 +56,8 @@ for step in "$@"; do
     moe)
         python benchmarks/moe_kernels.py --out "$res/moe_kernels.json" 2>&1 | tee "$res/moe_kernels.log" | tail -12 ;;
     dequant)
-        python benchmarks/dequant_rate.py --hardware "$profile" --out "$res/dequant_rate.json" 2>&1 | tee "$res/dequant.log" | tail -8 ;;
+        # DEQUANT_ARGS: e.g. --models mixtral-8x7b --variants
+        python benchmarks/dequant_rate.py --hardware "$profile" ${DEQUANT_ARGS:-} --out "$res/dequant_rate.json" 2>&1 | tee "$res/dequant.log" | tail -8 ;;
     attn)
         # ATTN_ARGS: a smaller grid for a call that has more to do (e.g. --batches 600 1800 --ctx 288)
         python benchmarks/cpu_attention_rate.py --hardware "$profile" --time-limit-s "$(left)" ${ATTN_ARGS:-} \
