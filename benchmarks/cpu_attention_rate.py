@@ -39,7 +39,8 @@ FLOAT = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def candidates(fmt: str, chunks) -> list[tuple[str, object]]:
-    """(label, kernel(q, k, v, mask)) of every candidate for a cache format."""
+    """(label, kernel(q, k, v, mask)) of every candidate for a cache format ("fused" takes the whole cache
+    block, the others its first t slots)."""
     if fmt in FLOAT:
         out = [("sdpa", ca.decode_attention_sdpa), ("bmm", ca.decode_attention_bmm),
                ("bmm_bf16", ca.decode_attention_bmm_bf16)]
@@ -47,13 +48,13 @@ def candidates(fmt: str, chunks) -> list[tuple[str, object]]:
         out += [(f"chunked_bf16:{c}", lambda q, k, v, m, c=c: ca.decode_attention_chunked(q, k, v, m, c, torch.bfloat16))
                 for c in chunks]
         out += [(f"sdpa:{c}", lambda q, k, v, m, c=c: ca.decode_attention_sdpa(q, k, v, m, c)) for c in chunks[-1:]]
-        return out
+        return out + [("fused", ca.KERNELS["fused"])]
     out = [(f"chunked:{c}", lambda q, k, v, m, c=c: ca.decode_attention_chunked(q, k, v, m, c)) for c in chunks]
     out += [(f"chunked_bf16:{c}", lambda q, k, v, m, c=c: ca.decode_attention_chunked(q, k, v, m, c, torch.bfloat16))
             for c in chunks]
     out += [(f"chunked_sdpa:{c}", lambda q, k, v, m, c=c: ca.decode_attention_chunked_sdpa(q, k, v, m, c))
             for c in sorted({chunks[min(1, len(chunks) - 1)], chunks[-1]})]
-    return out
+    return out + [("fused", ca.QUANT_KERNELS["fused"])]
 
 
 def make_cache(fmt: str, batch: int, n_kv: int, capacity: int, d: int, seed: int):
@@ -161,8 +162,9 @@ def main(argv=None) -> int:
                     ref = reference(q, k, v, t, rows=4)
                     nbytes = stored_bytes(k, t)
                     for label, kernel in candidates(fmt, args.chunks):
-                        def call(kernel=kernel):
-                            return kernel(q, kt, vt, mask)
+                        whole = label == "fused"              # reads the cache block in place, as the runtime
+                        def call(kernel=kernel, kk=k if whole else kt, vv=v if whole else vt):
+                            return kernel(q, kk, vv, mask)
                         out = worker.submit(call).result()
                         err = float((out[:4].double() - ref).abs().max())
                         times = worker.submit(time_call, call, args.repeats, 1.0).result()

@@ -12,7 +12,9 @@ A cache in the compute dtype (k, v tensors [B, n_kv, T, d]) is read by the kerne
   "chunked":  the same in chunks of ATTENTION_CHUNK_SEQUENCES sequences, each chunk's K (then V) upcast
               into one reused fp32 workspace that stays in the cores' caches;
   "bmm_bf16": batched matmuls in the cache's dtype (fp32 inside the GEMM, scores rounded to it: ~0.4% of a
-              logit); fastest where the CPU multiplies bf16 natively, less exact than the others.
+              logit); fastest where the CPU multiplies bf16 natively, less exact than the others;
+  "fused":    runtime.cpu_attention_fused (numba): one thread per (sequence, kv head) reads its K, then its V,
+              once, converting rows in registers; bf16 caches and bf16 queries only (others: "sdpa").
 An 8-bit cache (QuantKV: int8 or float8_e4m3fn values [B, n_kv, T, d] and one fp32 scale per token and kv
 head [B, n_kv, T], hrm.formats.KVFormat) is read in place by the kernel QUANT_DECODE_KERNEL names, chunk
 by chunk, never dequantized whole:
@@ -20,7 +22,9 @@ by chunk, never dequantized whole:
                   the V scales the probabilities (per slot), so no scaled copy of K or V is made;
   "chunked_sdpa": a chunk dequantized into the compute dtype (values times scales), then the fused SDPA;
   "chunked_bf16": as "chunked" with the values converted to bf16 (exact for int8) and bf16 matmuls
-                  (scores and probabilities rounded to bf16, as "bmm_bf16").
+                  (scores and probabilities rounded to bf16, as "bmm_bf16");
+  "fused":        the fused kernel over the 8-bit values and their scales (the default where numba imports:
+                  on the 2-core dev machine, B=48 ctx 288, 4.0 ms against 6.4 for "chunked").
 The environment variables MOE_LIGHTNING_DECODE_KERNEL and MOE_LIGHTNING_QUANT_DECODE_KERNEL override the
 defaults (benchmarks/cpu_attention_rate.py times every kernel at the pipeline's shapes to choose them).
 A sequence with no valid slot gets zeros, as SDPA gives.
@@ -41,8 +45,10 @@ import torch.nn.functional as F
 
 from hrm.formats import ATTENTION_CHUNK_SEQUENCES, KVFormat, kv_format
 
+from . import cpu_attention_fused as fused
+
 DECODE_KERNEL = os.environ.get("MOE_LIGHTNING_DECODE_KERNEL", "sdpa")
-QUANT_DECODE_KERNEL = os.environ.get("MOE_LIGHTNING_QUANT_DECODE_KERNEL", "chunked")
+QUANT_DECODE_KERNEL = os.environ.get("MOE_LIGHTNING_QUANT_DECODE_KERNEL", "fused" if fused.available() else "chunked")
 ACC = torch.float32
 STORAGE_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
@@ -145,9 +151,12 @@ def decode_attention(q: torch.Tensor, k, v, starts: torch.Tensor | None, ends: t
         mask = attention_mask(starts, ends, t)                             # [B, 1, 1, T]
     elif mask.shape[-1] != t:
         mask = mask[..., :t]
-    if isinstance(k, QuantKV):
-        return QUANT_KERNELS[QUANT_DECODE_KERNEL](q, k[:, :, :t], v[:, :, :t], mask)
-    return KERNELS[DECODE_KERNEL](q, k[:, :, :t], v[:, :, :t], mask)
+    name, table = (QUANT_DECODE_KERNEL, QUANT_KERNELS) if isinstance(k, QuantKV) else (DECODE_KERNEL, KERNELS)
+    if name == "fused" and (isinstance(k, QuantKV) or k.dtype == q.dtype == torch.bfloat16):
+        return fused.decode_attention_fused(q, k, v, mask)                 # the whole block: read in place
+    if name == "fused":
+        name = "sdpa"
+    return table[name](q, k[:, :, :t], v[:, :, :t], mask)
 
 
 # ---- kernels over a cache in the compute dtype ------------------------------------------------------------
@@ -272,9 +281,11 @@ def decode_attention_chunked_sdpa(q, k: QuantKV, v: QuantKV, mask, chunk: int = 
 
 
 KERNELS: dict[str, Callable] = {"sdpa": decode_attention_sdpa, "bmm": decode_attention_bmm,
-                                "chunked": decode_attention_chunked, "bmm_bf16": decode_attention_bmm_bf16}
+                                "chunked": decode_attention_chunked, "bmm_bf16": decode_attention_bmm_bf16,
+                                "fused": fused.decode_attention_fused}
 QUANT_KERNELS: dict[str, Callable] = {
     "chunked": decode_attention_chunked, "chunked_sdpa": decode_attention_chunked_sdpa,
+    "fused": fused.decode_attention_fused,
     "chunked_bf16": lambda q, k, v, mask: decode_attention_chunked(q, k, v, mask, compute=torch.bfloat16)}
 for _name, _table in ((DECODE_KERNEL, KERNELS), (QUANT_DECODE_KERNEL, QUANT_KERNELS)):
     if _name not in _table:
@@ -309,6 +320,7 @@ class AttentionWorker:
     def _set_threads(self) -> None:
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
+            fused.set_threads(self.num_threads)
 
     def submit(self, fn: Callable, *args) -> Future:
         return self._pool.submit(fn, *args)
