@@ -48,13 +48,13 @@ def candidates(fmt: str, chunks) -> list[tuple[str, object]]:
         out += [(f"chunked_bf16:{c}", lambda q, k, v, m, c=c: ca.decode_attention_chunked(q, k, v, m, c, torch.bfloat16))
                 for c in chunks]
         out += [(f"sdpa:{c}", lambda q, k, v, m, c=c: ca.decode_attention_sdpa(q, k, v, m, c)) for c in chunks[-1:]]
-        return out + [("fused", ca.KERNELS["fused"])]
+        return out + [("fused", ca.KERNELS["fused"])] * ("fused" in ca.KERNELS)
     out = [(f"chunked:{c}", lambda q, k, v, m, c=c: ca.decode_attention_chunked(q, k, v, m, c)) for c in chunks]
     out += [(f"chunked_bf16:{c}", lambda q, k, v, m, c=c: ca.decode_attention_chunked(q, k, v, m, c, torch.bfloat16))
             for c in chunks]
     out += [(f"chunked_sdpa:{c}", lambda q, k, v, m, c=c: ca.decode_attention_chunked_sdpa(q, k, v, m, c))
             for c in sorted({chunks[min(1, len(chunks) - 1)], chunks[-1]})]
-    return out + [("fused", ca.QUANT_KERNELS["fused"])]
+    return out + [("fused", ca.QUANT_KERNELS["fused"])] * ("fused" in ca.QUANT_KERNELS)
 
 
 def make_cache(fmt: str, batch: int, n_kv: int, capacity: int, d: int, seed: int):

@@ -152,10 +152,10 @@ def decode_attention(q: torch.Tensor, k, v, starts: torch.Tensor | None, ends: t
     elif mask.shape[-1] != t:
         mask = mask[..., :t]
     name, table = (QUANT_DECODE_KERNEL, QUANT_KERNELS) if isinstance(k, QuantKV) else (DECODE_KERNEL, KERNELS)
-    if name == "fused" and (isinstance(k, QuantKV) or k.dtype == q.dtype == torch.bfloat16):
-        return fused.decode_attention_fused(q, k, v, mask)                 # the whole block: read in place
     if name == "fused":
-        name = "sdpa"
+        if isinstance(k, QuantKV) or k.dtype == q.dtype == torch.bfloat16:
+            return fused.decode_attention_fused(q, k, v, mask)             # the whole block: read in place
+        name = "sdpa"                                                      # it reads bf16 and 8-bit caches only
     return table[name](q, k[:, :, :t], v[:, :, :t], mask)
 
 
@@ -281,12 +281,12 @@ def decode_attention_chunked_sdpa(q, k: QuantKV, v: QuantKV, mask, chunk: int = 
 
 
 KERNELS: dict[str, Callable] = {"sdpa": decode_attention_sdpa, "bmm": decode_attention_bmm,
-                                "chunked": decode_attention_chunked, "bmm_bf16": decode_attention_bmm_bf16,
-                                "fused": fused.decode_attention_fused}
+                                "chunked": decode_attention_chunked, "bmm_bf16": decode_attention_bmm_bf16}
 QUANT_KERNELS: dict[str, Callable] = {
     "chunked": decode_attention_chunked, "chunked_sdpa": decode_attention_chunked_sdpa,
-    "fused": fused.decode_attention_fused,
     "chunked_bf16": lambda q, k, v, mask: decode_attention_chunked(q, k, v, mask, compute=torch.bfloat16)}
+if fused.available():                    # without numba, naming it is refused below like any unknown kernel
+    KERNELS["fused"] = QUANT_KERNELS["fused"] = fused.decode_attention_fused
 for _name, _table in ((DECODE_KERNEL, KERNELS), (QUANT_DECODE_KERNEL, QUANT_KERNELS)):
     if _name not in _table:
         raise ValueError(f"unknown decode attention kernel {_name!r}; known: {', '.join(_table)}")

@@ -12,7 +12,7 @@ as SDPA does. fp32 arithmetic throughout; the bf16 rounding of SDPA's inputs is 
 the reference (runtime.cpu_attention's SDPA), which the tests bound.
 
 numba compiles the kernel on its first call (a few seconds; cached on disk after). `available()` says
-whether numba can be imported; runtime.cpu_attention falls back to its torch kernels where it cannot.
+whether numba can be imported; without it runtime.cpu_attention offers only its torch kernels.
 """
 from __future__ import annotations
 
