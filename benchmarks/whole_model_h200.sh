@@ -10,6 +10,8 @@
 #   dequant       benchmarks/dequant_rate.py (one layer's int8 / int4 experts into bf16, against its price)
 #   attn          benchmarks/cpu_attention_rate.py (every CPU decode-attention kernel, bf16 / int8 / fp8 KV, at the
 #                 pipeline's batches and contexts: ms per call and GB/s of KV read, to choose DECODE_KERNEL)
+#   layers        benchmarks/layer_kernels.py $LAYER_ARGS (a plan's few layers under torch.profiler: GPU time by
+#                 kernel per (layer, prefill chunk) and per (layer, decode step))
 #   pin           benchmarks/pin_rate.py (how fast fresh host memory is page-locked)
 #   gap           benchmarks/prefill_gap.py (the runtime's prefill on 4 layers, from the probe's setting to the plans')
 #   sustained     benchmarks/sustained_rate.py (each MoE layer and a GEMM back to back for 20 s: do the clocks hold?)
@@ -62,6 +64,10 @@ for step in "$@"; do
         # ATTN_ARGS: a smaller grid for a call that has more to do (e.g. --batches 600 1800 --ctx 288)
         python benchmarks/cpu_attention_rate.py --hardware "$profile" --time-limit-s "$(left)" ${ATTN_ARGS:-} \
             --out "$res/cpu_attention_rate.json" 2>&1 | tee "$res/cpu_attention_rate.log" | tail -6 ;;
+    layers)
+        # LAYER_ARGS: --plan PLAN.json ... [--layers 2] [--mla-prefill matmul sdpa]
+        python benchmarks/layer_kernels.py ${LAYER_ARGS:-} --out "$res/layer_kernels$suffix.json" 2>&1 \
+            | grep -v USDT | tee "$res/layer_kernels$suffix.log" | tail -40 ;;
     pin)
         python benchmarks/pin_rate.py --gib 16 --rounds 2 --out "$res/pin_rate.json" ;;
     gap)

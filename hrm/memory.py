@@ -261,7 +261,19 @@ def prefill_workspace_bytes(spec: ModelSpec, tokens, rows, kv_slots):
         slots = np.asarray(kv_slots, float)
         layout = layout + slots * spec.attended_kv_elems_per_token_layer * (ACC_BYTES / 2 + spec.dtypes.kv_bytes)
     head = held + r * spec.vocab_size * (ab + ACC_BYTES)
-    return np.maximum(np.maximum(moe, layout), head)
+    attend = held + prefill_attention_scores_bytes(spec, rows, kv_slots)
+    return np.maximum(np.maximum(np.maximum(moe, layout), head), attend)
+
+
+def prefill_attention_scores_bytes(spec: ModelSpec, rows, kv_slots):
+    """MLA's prefill attention holds a chunk's scores, [rows, heads, S, S] for S = kv_slots / rows slots per
+    row, twice in fp32 at its peak (runtime.attention._one_kv_head_causal); fused kernels (the other
+    attentions) hold none."""
+    if spec.attention != "mla":
+        return 0.0
+    r, slots = np.asarray(rows, float), np.asarray(kv_slots, float)
+    per_row = slots / np.maximum(r, 1.0)
+    return r * spec.num_attention_heads * per_row ** 2 * 2 * ACC_BYTES
 
 
 # ---------------------------------------------------------------------------------------------------

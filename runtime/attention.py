@@ -44,6 +44,12 @@ def layer_attention(spec: ModelSpec, layer: int, sinks: torch.Tensor | None) -> 
                           spec.attention == "mla")
 
 
+MLA_PREFILL_KERNEL = "matmul"
+"""How MLA's prefill attends: "matmul" (every head's queries of a sequence folded into one GEMM against its one
+latent key, runtime.attention._one_kv_head_causal) or "sdpa" (torch's SDPA with GQA over one kv head, which
+at MLA's head dim of kv_lora_rank + rope has no fused kernel that runs it fast)."""
+
+
 def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: int, la: LayerAttention) -> torch.Tensor:
     """Prefill attention as model.causal_attention (B sequences of one length, `pad` left padding slots):
     q [B, S, n_q, d], k [B, S, n_kv, d], v [B, S, n_kv, dv] -> [B, S, n_q * dv]."""
@@ -52,6 +58,8 @@ def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: int, la: Laye
     allowed = (i[None, :] <= i[:, None]) & ((i[None, :] >= pad) | (i[:, None] < pad))     # [S, S]
     if la.window:
         allowed &= i[:, None] - i[None, :] < la.window
+    if la.shared_kv and la.sinks is None and k.shape[2] == 1 and MLA_PREFILL_KERNEL == "matmul":
+        return _one_kv_head_causal(q, k[:, :, 0], v[:, :, 0], allowed, la.scale)
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [B, heads, S, d]
     if la.sinks is not None:
         n_q, n_kv = qh.shape[1], kh.shape[1]
@@ -64,6 +72,45 @@ def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: int, la: Laye
         allowed = F.pad(allowed, (0, 1), value=True)                       # [S, S + 1]
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, scale=la.scale, enable_gqa=True)
     return out.transpose(1, 2).reshape(b, s, -1)
+
+
+_BMM_TO_FP32: dict[str, bool] = {}    # device type -> torch.bmm(..., out_dtype=float32) works for 16-bit inputs
+
+
+def _bmm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b (batched) accumulated and returned in fp32 (at least): 16-bit inputs stay 16-bit where the
+    device's GEMM can write fp32 (CUDA), else they are upcast first."""
+    acc = torch.promote_types(a.dtype, torch.float32)
+    if a.dtype == acc:
+        return torch.bmm(a, b)
+    kind = a.device.type
+    if _BMM_TO_FP32.get(kind, True):
+        try:
+            out = torch.bmm(a, b, out_dtype=acc)
+            _BMM_TO_FP32[kind] = True
+            return out
+        except (RuntimeError, NotImplementedError, TypeError):
+            _BMM_TO_FP32[kind] = False
+    return torch.bmm(a.to(acc), b.to(acc))
+
+
+def _one_kv_head_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    """Causal attention of every query head over one shared kv head (MLA's latent): q [B, S, n_q, d],
+    k [B, S, d], v [B, S, dv], allowed [S, S] -> [B, S, n_q * dv]. A sequence's n_q * S queries are the rows
+    of one GEMM against its S keys: scores in fp32, softmax in fp32, probabilities in q's dtype for P @ V
+    (as a fused kernel rounds them). Holds the chunk's scores [B, n_q, S, S] twice in fp32 at its peak
+    (the scores and their softmax; hrm.memory.prefill_attention_scores_bytes)."""
+    b, s, n_q, _ = q.shape
+    rows = q.permute(0, 2, 1, 3).reshape(b, n_q * s, -1)                  # [B, n_q * S, d]
+    scores = _bmm_acc(rows, k.transpose(1, 2)).view(b, n_q, s, s)          # [B, n_q, S, S]
+    scores.mul_(scale).masked_fill_(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    del scores
+    p = probs.to(q.dtype)
+    del probs
+    out = torch.bmm(p.view(b, n_q * s, s), v.to(q.dtype))                 # [B, n_q * S, dv]
+    return out.view(b, n_q, s, -1).transpose(1, 2).reshape(b, s, -1)
 
 
 def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_slots: int, mask: torch.Tensor,

@@ -172,3 +172,22 @@ def test_device_attention_matches_transformers(tmp_path, family, policy):
         want = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
                               attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
         assert got == want[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("pad", [0, 3])
+def test_mla_prefill_matmul_equals_sdpa(monkeypatch, dtype, tol, pad):
+    """MLA's prefill through one GEMM per sequence over its shared latent (attention.MLA_PREFILL_KERNEL
+    "matmul") gives what SDPA with GQA over one kv head gives, left padding and odd sizes included."""
+    from runtime import attention
+    g = torch.Generator().manual_seed(0)
+    b, s, n_q, r, rope = 3, 11, 5, 24, 8
+    q = torch.randn(b, s, n_q, r + rope, generator=g).to(dtype)
+    k = torch.randn(b, s, 1, r + rope, generator=g).to(dtype)
+    la = attention.LayerAttention(scale=0.3, shared_kv=True)
+    out = {}
+    for kernel in ("matmul", "sdpa"):
+        monkeypatch.setattr(attention, "MLA_PREFILL_KERNEL", kernel)
+        out[kernel] = attention.causal(q, k, k[..., :r], pad, la).float()
+    assert out["matmul"].shape == (b, s, n_q * r)
+    assert _rel_err(out["matmul"], out["sdpa"]) < tol
