@@ -12,12 +12,13 @@ is hrm/rates.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from . import ops
 from .efficiency import moe_layer_flops_per_s
+from .formats import kv_format
 from .hardware import HardwareProfile, interp_log
 from .memory import MemoryUse, kv_slots_per_sequence, memory_use
 from .policy import Policy, prefill_chunk_sequences, realised_kv_frac
@@ -106,7 +107,14 @@ def _qkv_elems(spec: ModelSpec) -> int:
 
 def _cpu_attention_s(s: Setting, seqs, ctx, calls, attn_rate):
     """Seconds of `calls` CPU decode-attention calls over `seqs` sequences at context `ctx`: the profile's
-    fitted call model where it has one, else the KV bytes at `attn_rate` plus a fixed cost per call."""
+    fitted call model where it has one, else the KV bytes at `attn_rate` plus a fixed cost per call. Over a
+    scaled 8-bit cache: its format's measured multiple of the time over the same cache in the compute dtype
+    (hrm.formats.CPU_ATTENTION_TIME_OF_COMPUTE), not the time of its bytes."""
+    if s.spec.dtypes.kv_format:
+        as_compute = replace(s, spec=replace(s.spec, dtypes=replace(s.spec.dtypes, kv_bytes=s.spec.dtypes.act_bytes,
+                                                                    kv_format="")))
+        factor = kv_format(s.spec.dtypes.kv_format).cpu_attention_time_of_compute
+        return factor * _cpu_attention_s(as_compute, seqs, ctx, calls, attn_rate)
     t = cpu_attention_calls_s(s, seqs, ctx, calls)
     if t is None:
         t = cpu_time(s, ops.attention(s.spec, seqs, 1, ctx), attn_rate) + calls * cpu_attention_call_s(s)

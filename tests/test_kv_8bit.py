@@ -256,3 +256,23 @@ def test_plans_for_an_8bit_kv_cache_keep_attention_on_the_host():
     for name in ("int8", "fp8"):
         p = search(spec.with_kv_format(name), hw, wl, gpu_memory="48GB", cpu_memory="118GiB").policy
         assert not p.attention_on_gpu and not p.kv_gpu_frac, name
+
+
+@pytest.mark.parametrize("name", ["int8", "fp8"])
+def test_cpu_attention_over_8bit_kv_is_priced_at_its_measured_multiple_of_bf16(name):
+    """The fused 8-bit kernel is bound by its arithmetic: a decode layer's CPU attention over an 8-bit cache
+    costs its format's measured multiple of the same attention over bf16, not the time of half the bytes."""
+    from hrm.estimate import decode_layer_times
+    from hrm.hardware import load_profile
+    from hrm.hf_config import load_model
+    from hrm.rates import Setting
+    from hrm.spec import Workload
+
+    spec, hw = load_model("mixtral-8x7b"), load_profile("h200-measured")
+    wl = Workload(avg_prompt_len=256, max_prompt_len=256, gen_len=32)
+    policy = Policy(batch_size=1600, micro_batch_size=800, weights_gpu_frac=0.125)
+    times = {kv: decode_layer_times(Setting.of(s, hw, wl, policy), 1600, 800, 0.125, 0.0, 288)
+             for kv, s in (("bf16", spec), (name, spec.with_kv_format(name)))}
+    assert times["bf16"].cpu_s > 0
+    assert math.isclose(times[name].cpu_s / times["bf16"].cpu_s, kv_format(name).cpu_attention_time_of_compute,
+                        rel_tol=1e-9)
