@@ -108,7 +108,7 @@ for step in "$@"; do
         *) echo "unknown model $model"; continue ;;
         esac
         python benchmarks/whole_model.py "${args[@]}" --hardware "$profile" --prompt-len 256 --gen-len 32 \
-            --jobs "$a:$b" --time-limit-s "$(left)" --timeout 400 --out "$res/$model$suffix.csv" --keep "$res/keep$suffix" \
+            --jobs "$a:$b" --time-limit-s "$(left)" --timeout 400 --out "$res/$model$suffix.csv" --keep "$res/keep$suffix/$model" \
             2>&1 | tee -a "$res/whole.log" ;;
     *) echo "unknown step $step" ;;
     esac

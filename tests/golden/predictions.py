@@ -37,7 +37,7 @@ def _numbers(est) -> dict:
 def predictions() -> dict[str, dict]:
     hw = load_profile("h200-measured")
     out = {}
-    for path in sorted((ROOT / "benchmarks/results/whole_model").glob("*/keep/*.plan.json")):
+    for path in sorted((ROOT / "benchmarks/results/whole_model").glob("*/keep*/**/*.plan.json")):
         plan = Plan.load(path)
         out[str(path.relative_to(ROOT))] = _numbers(estimate(plan.spec, hw, plan.workload, plan.policy))
     for path in sorted((ROOT / "benchmarks/sweeps").glob("*.json")):
