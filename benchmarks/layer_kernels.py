@@ -144,9 +144,16 @@ def main(argv=None) -> int:
     if args.gen < 2:
         print("layer_kernels.py: --gen must be at least 2", file=sys.stderr)
         return 2
-    rows = []
+    plans = {}
     for path in args.plan:
-        mla = json.loads(path.read_text())["model"]["spec"].get("attention") == "mla"
+        try:
+            plans[path] = json.loads(path.read_text())["model"]["spec"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"layer_kernels.py: {path}: not a readable plan file ({e.__class__.__name__}: {e})", file=sys.stderr)
+            return 2
+    rows = []
+    for path, spec in plans.items():
+        mla = spec.get("attention") == "mla"
         for kernel in (args.mla_prefill if mla and args.mla_prefill else [attention.MLA_PREFILL_KERNEL]):
             attention.MLA_PREFILL_KERNEL = kernel
             rows.append(profile_plan(path, args.layers, args.prompt_len, args.gen, args.top, args.micro_batches))

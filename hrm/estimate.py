@@ -109,7 +109,7 @@ def _cpu_attention_s(s: Setting, seqs, ctx, calls, attn_rate):
     """Seconds of `calls` CPU decode-attention calls over `seqs` sequences at context `ctx`: the profile's
     fitted call model where it has one, else the KV bytes at `attn_rate` plus a fixed cost per call. Over a
     scaled 8-bit cache: its format's measured multiple of the time over the same cache in the compute dtype
-    (hrm.formats.CPU_ATTENTION_TIME_OF_COMPUTE), not the time of its bytes."""
+    (hrm.formats.KVFormat.cpu_attention_time_of_compute), not the time of its bytes."""
     if s.spec.dtypes.kv_format:
         as_compute = replace(s, spec=replace(s.spec, dtypes=replace(s.spec.dtypes, kv_bytes=s.spec.dtypes.act_bytes,
                                                                     kv_format="")))

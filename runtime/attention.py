@@ -86,9 +86,7 @@ def _bmm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     kind = a.device.type
     if _BMM_TO_FP32.get(kind, True):
         try:
-            out = torch.bmm(a, b, out_dtype=acc)
-            _BMM_TO_FP32[kind] = True
-            return out
+            return torch.bmm(a, b, out_dtype=acc)
         except (RuntimeError, NotImplementedError, TypeError):
             _BMM_TO_FP32[kind] = False
     return torch.bmm(a.to(acc), b.to(acc))
