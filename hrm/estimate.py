@@ -199,9 +199,9 @@ def prefill_layer_times(s: Setting, N, mu, r_w, r_c) -> LayerTimes:
 
     def gpu_chunk(seqs):
         tokens = seqs * p
-        rest = ops.layer_gpu_ops(spec, tokens) + ops.attention(spec, seqs, p, 0)   # all but the routed experts
+        rest, dense = ops.prefill_rest(spec, seqs, p), ops.dense_ffn(spec, tokens)
         rate = prefill_rest_flops_per_s(s, tokens)
-        rest_s = gpu_time(s, rest, tokens) if rate is None else rest.flops / rate
+        rest_s = gpu_time(s, rest + dense, tokens) if rate is None else rest.flops / rate + gpu_time(s, dense, tokens)
         return rest_s + prefill_experts_time(s, tokens)
 
     chunk = prefill_chunk_sequences(p)

@@ -252,6 +252,15 @@ def lm_head(spec: ModelSpec, tokens) -> Cost:
     return _linear(spec, tokens, spec.hidden_size, spec.vocab_size, bias=spec.lm_head_bias)
 
 
+def prefill_rest(spec: ModelSpec, seqs, prompt_len) -> Cost:
+    """One layer's prefill of `seqs` sequences of `prompt_len` tokens without its routed experts and its dense
+    FFN (shared experts, a dense layer's MLP): the attention block and the router, what the profile's prefill
+    rest rate is measured over (hrm.rates.prefill_rest_flops_per_s). The dense FFN is a plain GEMM, priced
+    at the GEMM rate of its tokens: inside the rest it took the rate of another model's attention."""
+    tokens = np.asarray(seqs) * prompt_len
+    return pre_attention(spec, tokens) + o_proj(spec, tokens) + router(spec, tokens) + attention(spec, seqs, prompt_len, 0)
+
+
 def layer_gpu_ops(spec: ModelSpec, tokens) -> Cost:
     """Everything of a layer the GPU runs besides attention and the routed experts."""
     return pre_attention(spec, tokens) + o_proj(spec, tokens) + router(spec, tokens) + dense_ffn(spec, tokens)

@@ -204,14 +204,20 @@ def cpu_attention_call_s(s: Setting) -> float:
 
 
 
+def roofline_s(cost: Cost, flops_per_s, bytes_per_s):
+    """Roofline seconds of a cost: max(FLOPs / FLOP/s, bytes / bandwidth)."""
+    return np.maximum(cost.flops / flops_per_s, cost.bytes / bytes_per_s)
+
+
+
 def gpu_time(s: Setting, cost: Cost, tokens_per_gemm):
-    """Roofline time of work on the GPU: max(FLOPs / attainable FLOP/s, bytes / HBM bandwidth)."""
-    return np.maximum(cost.flops / gpu_gemm_flops_per_s(s, tokens_per_gemm), cost.bytes / gpu_hbm_bytes_per_s(s))
+    """Roofline time of work on the GPU at the attainable GEMM rate of its tokens and the HBM bandwidth."""
+    return roofline_s(cost, gpu_gemm_flops_per_s(s, tokens_per_gemm), gpu_hbm_bytes_per_s(s))
 
 
 
 def cpu_time(s: Setting, cost: Cost, bytes_per_s):
-    return np.maximum(cost.flops / s.hardware.cpu.flops_per_s("fp32"), cost.bytes / bytes_per_s)
+    return roofline_s(cost, s.hardware.cpu.flops_per_s("fp32"), bytes_per_s)
 
 
 
@@ -222,8 +228,9 @@ def attention_shape(spec: ModelSpec) -> tuple[int, int, int]:
 
 
 def prefill_rest_flops_per_s(s: Setting, tokens):
-    """The measured FLOP/s of the runtime's prefill layer without its routed experts (its time less the
-    MoE layer's, over the FLOPs of hrm.ops.layer_gpu_ops and attention) for a chunk of `tokens` tokens
+    """The measured FLOP/s of the runtime's prefill layer without its experts and dense FFN (its time less
+    the routed experts' and the dense FFN's roofline, over the FLOPs of hrm.ops.prefill_rest) for a chunk of
+    `tokens` tokens
     (interpolated in log tokens, flat beyond the measured range): at the nearest measured attention shape
     within MOE_SHAPE_TOLERANCE where the profile has them by shape, else its one-model curve, else None.
     It holds what the roofline of those parts misses: the chunk's attention layout, KV and hidden-state

@@ -430,32 +430,41 @@ def test_blocking_adds_the_host_launches_to_its_transfers():
     assert max(terms.values()) == pytest.approx(float(lt.h2d_s + lt.cpu_s + lt.d2h_s + lt.launch_s))
 
 
-def test_the_rest_rate_gives_back_the_measured_layer(monkeypatch):
-    """The profile's prefill rest rate (the measured whole layer less the MoE layer at the same tokens,
-    runtime.probe.calibration.prefill_rest_flops) and the HRM's chunk time (rest FLOPs at that rate plus
-    the MoE at its curve) compose back to the measured whole layer where the curve holds the chunk's
-    tokens per expert (whole-layer rates of the 2026-12-02 profile: 234.0, 432.3, 421.4 TFLOP/s)."""
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "qwen1.5-moe-a2.7b", "deepseek-v2-lite"])
+def test_the_rest_rate_gives_back_the_measured_layer(monkeypatch, name):
+    """The profile's prefill rest rate (the measured whole layer less the routed experts at the same tokens
+    and the dense FFN at the GEMM roofline, runtime.probe.calibration.prefill_rest_flops) and the HRM's chunk
+    time (rest FLOPs at that rate, the dense FFN at the roofline, the routed experts at their curve) compose
+    back to the measured whole layer, with a shared expert (Qwen1.5-MoE) and leading dense layers
+    (DeepSeek-V2-Lite) as without; the rest rate is the attention block's own, not diluted or inflated by
+    the shared expert."""
     from hrm.estimate import prefill_layer_times
-    from hrm.hardware import interp_log
+    from hrm.rates import gpu_time
     from runtime.probe import calibration
+    from runtime.probe.calibration import moe_shape
 
+    spec = load_model(name)
     hw = load_profile("h200-measured")
-    m = hw.measured
-    tokens, whole = [1024, 2048, 4096], [234.0e12, 432.3e12, 421.4e12]
-    per_expert = [float(ops.tokens_per_expert(MIXTRAL, t)) for t in tokens]
-    moe_rates = [float(interp_log(x, m.gpu_moe_tokens_per_expert[0], m.gpu_moe_flops_per_s[0])) for x in per_expert]
-    monkeypatch.setattr(calibration, "gpu_moe_flops_per_s", lambda spec, xs, **kw: [moe_rates[per_expert.index(x)] for x in xs])
-    rest = calibration.prefill_rest_flops(MIXTRAL, tokens, whole, 256, device="cpu")
+    tokens, moe_rates, rest_rates = [1024, 2048, 4096], [100e12, 200e12, 300e12], [20e12, 40e12, 60e12]
+    per_expert = [float(ops.tokens_per_expert(spec, t)) for t in tokens]
+    monkeypatch.setattr(calibration, "gpu_moe_flops_per_s", lambda sp, xs, **kw: [moe_rates[per_expert.index(x)] for x in xs])
+    at_roofline = Setting.of(spec, hw, Workload.uniform(256, 32), Policy(4, 4))
+    dense_s = [float(gpu_time(at_roofline, ops.dense_ffn(spec, t), t)) for t in tokens]
+    assert (max(dense_s) > 0) == bool(spec.shared_expert_params or spec.first_dense_layers)
+    layer_s = [float(ops.routed_experts(spec, t).flops) / moe + d + float(ops.prefill_rest(spec, t // 256, 256).flops) / rest
+               for t, moe, d, rest in zip(tokens, moe_rates, dense_s, rest_rates)]
+    whole = [float(ops.prefill_layer(spec, t // 256, 256).flops) / x for t, x in zip(tokens, layer_s)]   # "measured"
+    rest = calibration.prefill_rest_flops(spec, tokens, whole, 256, lambda c, t: gpu_time(at_roofline, c, t), device="cpu")
+    assert rest == pytest.approx(rest_rates, rel=1e-9)
     probe_like = replace(hw, measured=replace(
-        m, gpu_prefill_tokens=tuple(map(float, tokens)), gpu_prefill_rest_flops_per_s=tuple(rest), gpu_prefill_rest_shapes=(),
-        gpu_prefill_rest_tokens_by_shape=(), gpu_prefill_rest_flops_per_s_by_shape=(),
-        gpu_moe_tokens_per_expert=(tuple(per_expert),) + m.gpu_moe_tokens_per_expert[1:],
-        gpu_moe_flops_per_s=(tuple(moe_rates),) + m.gpu_moe_flops_per_s[1:]))
-    for t, rate in zip(tokens, whole):
+        hw.measured, gpu_prefill_tokens=tuple(map(float, tokens)), gpu_prefill_rest_flops_per_s=tuple(rest),
+        gpu_prefill_rest_shapes=(), gpu_prefill_rest_tokens_by_shape=(), gpu_prefill_rest_flops_per_s_by_shape=(),
+        gpu_moe_shapes=(tuple(moe_shape(spec)),), gpu_moe_tokens_per_expert=(tuple(per_expert),),
+        gpu_moe_flops_per_s=(tuple(moe_rates),)))
+    for t, want in zip(tokens, layer_s):
         seqs = t // 256
-        s = Setting.of(MIXTRAL, probe_like, Workload.uniform(256, 32), Policy(seqs, seqs))
-        got = float(prefill_layer_times(s, seqs, seqs, 1.0, 0.0).gpu_s)
-        assert got == pytest.approx(float(ops.prefill_layer(MIXTRAL, seqs, 256).flops) / rate, rel=1e-9)
+        s = Setting.of(spec, probe_like, Workload.uniform(256, 32), Policy(seqs, seqs))
+        assert float(prefill_layer_times(s, seqs, seqs, 1.0, 0.0).gpu_s) == pytest.approx(want, rel=1e-9)
 
 
 def test_the_prefill_rest_is_priced_at_the_models_own_attention_shape():

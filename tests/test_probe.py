@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hrm import ops
 from hrm.hardware import load_profile
 from hrm.units import GiB
 from moe_lightning_cli.main import main
@@ -371,15 +372,25 @@ def test_prefill_by_model_measures_each_attention_shape_once_and_notes_what_it_c
         return {"flops_per_s": [300e12] * len(seqs), "pass_s_per_token": 1e-6}
 
     monkeypatch.setattr(mp, "prefill_costs", costs)
-    monkeypatch.setattr(mp, "prefill_rest_flops", lambda m, tokens, rates, p, repeats: (
-        [None] * len(tokens) if m.name == "qwen3-30b-a3b" else [200e12] * len(tokens)))
+    dense = []
+
+    def rest(m, tokens, rates, p, dense_ffn_s, repeats):
+        dense.append((m.name, dense_ffn_s(ops.dense_ffn(m, 4096), 4096)))
+        return [None] * len(tokens) if m.name == "qwen3-30b-a3b" else [200e12] * len(tokens)
+    monkeypatch.setattr(mp, "prefill_rest_flops", rest)
     notes = []
-    out = mp.prefill_by_model(load_model("mixtral-8x7b"), (4, 16), quick=True, notes=notes)
-    assert ran == ["mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b"]
+    gemm = {"gemm_tokens": [1024, 4096], "gemm_flops_per_s": [200e12, 400e12], "hbm_copy_bytes_per_s": 4e12}
+    out = mp.prefill_by_model(load_model("mixtral-8x7b"), (4, 16), quick=True, notes=notes, gemm=gemm)
+    assert ran == ["mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b", "deepseek-v2-lite"]
     assert out["prefill_tokens"] == [1024, 4096] and out["prefill_rest_flops_per_s"] == [200e12, 200e12]
-    assert [r["model"] for r in out["prefill_rest_by_shape"]] == ["mixtral-8x7b", "olmoe-1b-7b"]
+    assert [r["model"] for r in out["prefill_rest_by_shape"]] == ["mixtral-8x7b", "olmoe-1b-7b", "deepseek-v2-lite"]
     assert out["prefill_rest_by_shape"][1]["shape"] == [2048, 2048, 4096]
     assert len(notes) == 1 and "qwen3-30b-a3b" in notes[0]
+    # the dense FFN the rest leaves out is priced at the profile's GEMM curve: none in Mixtral, DeepSeek's shared
+    # experts and leading dense layer at 400 TFLOP/s at 4,096 tokens
+    dsv2 = load_model("deepseek-v2-lite")
+    assert dict(dense)["mixtral-8x7b"] == 0.0
+    assert dict(dense)["deepseek-v2-lite"] == pytest.approx(float(ops.dense_ffn(dsv2, 4096).flops) / 400e12)
 
 
 def test_a_compute_probe_runs_its_kernel_for_sustain_s_before_timing(monkeypatch):
@@ -396,3 +407,23 @@ def test_a_compute_probe_runs_its_kernel_for_sustain_s_before_timing(monkeypatch
     base._sustain(lambda: stamps.append(time.perf_counter()), 0.05)
     assert stamps[-1] - t0 >= 0.04 and len(stamps) % 4 == 0
     assert base.SUSTAIN_S >= 0.5
+
+
+def test_the_moe_curve_times_the_routed_experts_only(monkeypatch):
+    """gpu_moe_flops_per_s prices the routed experts (hrm.ops.routed_experts); a shared expert is the dense
+    FFN's (hrm.ops.dense_ffn, at the GEMM rate), so the layer it times has none."""
+    from dataclasses import replace
+
+    from hrm.hf_config import load_model
+    from runtime import moe as moe_mod
+    from runtime.probe import calibration
+
+    tiny = replace(load_model("qwen1.5-moe-a2.7b"), hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                   head_dim=16, moe_intermediate_size=32, shared_expert_intermediate_size=128, num_experts=8,
+                   num_experts_per_tok=2, vocab_size=256)
+    shared, real = [], moe_mod.moe
+    monkeypatch.setattr(moe_mod, "moe", lambda h, layer, table, spec, **kw: (shared.append(layer.shared), real(h, layer, table, spec))[1])
+    monkeypatch.setattr(calibration, "_median_cuda_s", lambda fn, repeats, sustain_s=0.0: (fn(), 0.5)[1])
+    rates = calibration.gpu_moe_flops_per_s(tiny, [4.0], repeats=1, device="cpu")
+    assert shared == [None]
+    assert rates == [pytest.approx(float(ops.routed_experts(tiny, 16).flops) / 0.5)]

@@ -10,9 +10,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+
+from hrm.cost import Cost
 
 
 from .base import SUSTAIN_S, ProbeError, _fill_random, _median_cuda_s, _sustain
@@ -54,6 +56,13 @@ MOE_MODELS = ("mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b")
 128 small ones (768 x 2048, top-8), 64 of 1024 x 2048 (top-8); the profiled model's own shape is added."""
 
 
+PREFILL_REST_MODELS = MOE_MODELS + ("deepseek-v2-lite",)
+"""Models whose prefill rest the profile measures, one per attention shape (hrm.rates.attention_shape):
+Mixtral's GQA 32/8 x 128, Qwen3's 32/4 x 128 with QK norms, OLMoE's 16/16 x 128 (also Qwen1.5-MoE's shape),
+DeepSeek-V2-Lite's MLA (16 heads of 192 over one latent of 576). DeepSeek-V2-Lite's prefill took 85.1 s
+where Mixtral's rest curve priced 60.1 (H200, 2026-12-03, benchmarks/results/whole_model/h200-2026-12-03-call20)."""
+
+
 MOE_TOKENS_PER_EXPERT = (32, 128, 256, 512, 1024, 2048)
 """Mixtral's prefill chunks of 1,024 to 4,096 tokens put 256 to 1,024 tokens on each expert: measured, not
 interpolated (between 128 and 512 the curve doubles)."""
@@ -82,7 +91,8 @@ def gpu_moe_flops_per_s(spec, tokens_per_expert: Sequence[float] = MOE_TOKENS_PE
     from ..synthetic import synthesize
     from ..weights import WeightStore
 
-    one = replace(spec, first_dense_layers=0).with_layers(1)
+    one = replace(spec, first_dense_layers=0, shared_expert_intermediate_size=0,   # routed experts only: the
+                  shared_expert_gate=False).with_layers(1)                       # shared are hrm.ops.dense_ffn
     store = WeightStore(one, torch.bfloat16, device, num_resident=one.num_experts, num_pages=1)
     synthesize(store, seed=0, progress=False)
     layer, table = store.dense.layers[0], store.lookup(0, 0)
@@ -97,20 +107,24 @@ def gpu_moe_flops_per_s(spec, tokens_per_expert: Sequence[float] = MOE_TOKENS_PE
 
 
 def prefill_rest_flops(spec, tokens: Sequence[int], layer_flops_per_s: Sequence[float], prompt_len: int,
-                       repeats: int = 5, device: str = "cuda") -> list[float | None]:
-    """FLOP/s of the runtime's prefill layer without its routed experts, per chunk of `tokens` tokens:
-    the layer's measured time less the MoE layer's at the same tokens, over the FLOPs of the rest
-    (hrm.ops.layer_gpu_ops and attention). None where the MoE alone took as long as the layer."""
+                       dense_ffn_s: Callable[[Cost, int], float], repeats: int = 5,
+                       device: str = "cuda") -> list[float | None]:
+    """FLOP/s of the runtime's prefill layer without its experts and dense FFN, per chunk of `tokens`
+    tokens: the layer's measured time less the routed experts' (measured at the same tokens) and the dense
+    FFN's (`dense_ffn_s(cost, tokens)`: the HRM's price of hrm.ops.dense_ffn, the GEMM roofline of the
+    profile), over the FLOPs of hrm.ops.prefill_rest. None where the subtracted parts took as long as
+    the layer."""
     from hrm import ops
 
     per_expert = [float(ops.tokens_per_expert(spec, t)) for t in tokens]
     moe_rates = gpu_moe_flops_per_s(spec, per_expert, repeats=repeats, device=device)
     out = []
     for t, layer_rate, moe_rate in zip(tokens, layer_flops_per_s, moe_rates):
-        layer_flops = float(ops.prefill_layer(spec, t // prompt_len, prompt_len).flops)
-        moe_flops = float(ops.routed_experts(spec, t).flops)
-        rest_s = layer_flops / layer_rate - moe_flops / moe_rate
-        out.append((layer_flops - moe_flops) / rest_s if rest_s > 0 else None)
+        seqs = t // prompt_len
+        layer_s = float(ops.prefill_layer(spec, seqs, prompt_len).flops) / layer_rate
+        rest_s = (layer_s - float(ops.routed_experts(spec, t).flops) / moe_rate
+                  - float(dense_ffn_s(ops.dense_ffn(spec, t), t)))
+        out.append(float(ops.prefill_rest(spec, seqs, prompt_len).flops) / rest_s if rest_s > 0 else None)
     return out
 
 

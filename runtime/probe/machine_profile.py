@@ -19,7 +19,7 @@ from hrm.units import MiB
 
 from .base import ProbeError
 from .calibration import (MOE_MODELS, MOE_TOKENS_PER_EXPERT, MOE_TOKENS_PER_EXPERT_QUICK, PREFILL_PROMPT_LEN,
-                          PREFILL_SEQS, PREFILL_SEQS_QUICK, gpu_moe_flops_per_s, memory_baseline, moe_shape,
+                          PREFILL_REST_MODELS, PREFILL_SEQS, PREFILL_SEQS_QUICK, gpu_moe_flops_per_s, memory_baseline, moe_shape,
                           prefill_costs, prefill_layers, prefill_rest_flops, runtime_overheads)
 from .machine import (ATTENTION_SHAPES, ATTENTION_SHAPES_QUICK, AttentionKernel, GEMM_TOKENS,
                       GEMM_TOKENS_QUICK, LINK_SIZES, LINK_SIZES_QUICK, cpu_attention_bytes_per_s,
@@ -175,7 +175,7 @@ def profile_machine(spec=None, quick: bool = False, progress: bool = True, gpu: 
     def prefill():
         from hrm.hf_config import load_model
         seqs = PREFILL_SEQS_QUICK if quick else PREFILL_SEQS
-        g.update(prefill_by_model(spec or load_model("mixtral-8x7b"), seqs, quick, result["notes"]))
+        g.update(prefill_by_model(spec or load_model("mixtral-8x7b"), seqs, quick, result["notes"], g))
 
     steps += [("CPU DRAM copy/read", dram), ("CPU matmul fp32/bf16", matmul), ("CPU decode attention", attention)]
     if use_gpu or not quick:
@@ -203,13 +203,19 @@ def profile_machine(spec=None, quick: bool = False, progress: bool = True, gpu: 
     return result
 
 
-def prefill_by_model(model, seqs, quick: bool, notes: list) -> dict:
+def prefill_by_model(model, seqs, quick: bool, notes: list, gemm: dict) -> dict:
     """The runtime's prefill of `model` (prefill_costs and the rest rate, the [gpu] result's prefill_* keys),
-    and the rest rate of each MOE_MODELS model of another attention shape (prefill_rest_by_shape, the
-    profiled model first). What could not be measured is a line in `notes`; the HRM falls back."""
+    and the rest rate of each PREFILL_REST_MODELS model of another attention shape (prefill_rest_by_shape,
+    the profiled model first). `gemm`: the [gpu] result's GEMM curve and HBM rate, which price the dense
+    FFN the rest excludes. What could not be measured is a line in `notes`; the HRM falls back."""
+    from hrm.hardware import interp_log
     from hrm.hf_config import load_model
-    from hrm.rates import attention_shape
+    from hrm.rates import attention_shape, roofline_s
     tokens = [n * PREFILL_PROMPT_LEN for n in seqs]
+
+    def dense_ffn_s(cost, t):
+        """The HRM's price of a dense FFN (hrm.rates.gpu_time) at this profile's GEMM curve and HBM rate."""
+        return roofline_s(cost, interp_log(t, gemm["gemm_tokens"], gemm["gemm_flops_per_s"]), gemm["hbm_copy_bytes_per_s"])
 
     def measure(m):
         """(prefill_costs with its depths or None, rest FLOP/s per chunk size or None, a note or None)."""
@@ -221,7 +227,7 @@ def prefill_by_model(model, seqs, quick: bool, notes: list) -> dict:
         except Exception as e:  # the other measurements still make a profile
             return None, None, f"runtime prefill of {m.name} not measured: {type(e).__name__}: {e}".splitlines()[0]
         r["layers"] = list(depths)
-        rest = prefill_rest_flops(m, tokens, r["flops_per_s"], PREFILL_PROMPT_LEN, repeats=2 if quick else 5)
+        rest = prefill_rest_flops(m, tokens, r["flops_per_s"], PREFILL_PROMPT_LEN, dense_ffn_s, repeats=2 if quick else 5)
         if None in rest:
             return r, None, (f"runtime prefill of {m.name}: the MoE layer alone took as long as the whole layer; "
                              "the rest of its layer is priced by the roofline")
@@ -239,7 +245,7 @@ def prefill_by_model(model, seqs, quick: bool, notes: list) -> dict:
     if rest is not None:
         out["prefill_rest_flops_per_s"] = rest
         by_shape.append((model, rest))
-    for other in (load_model(name) for name in MOE_MODELS):
+    for other in (load_model(name) for name in PREFILL_REST_MODELS):
         if other.name == model.name or attention_shape(other) in [attention_shape(m) for m, _ in by_shape]:
             continue
         _, other_rest, note = measure(other)
