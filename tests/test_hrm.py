@@ -362,7 +362,7 @@ def test_each_model_is_priced_at_its_own_expert_shape():
 
 def test_measured_prefill_rest_rate_prices_each_chunk():
     """A measured rate of the runtime's prefill layer without its experts prices every chunk of every
-    micro-batch: the rest's FLOPs (layer_gpu_ops + attention) of the chunk over the rate at the chunk's
+    micro-batch: the rest's FLOPs (hrm.ops.prefill_rest) of the chunk over the rate at the chunk's
     tokens (flat beyond the range), plus the chunk's experts."""
     from hrm.estimate import prefill_experts_time, prefill_layer_times
     from hrm.policy import prefill_chunk_sequences
@@ -379,7 +379,7 @@ def test_measured_prefill_rest_rate_prices_each_chunk():
     def t(n):
         tokens = n * 256
         rate = np.interp(np.log(tokens), np.log([1024, 4096]), [100e12, 200e12])
-        rest = ops.layer_gpu_ops(MIXTRAL, tokens) + ops.attention(MIXTRAL, n, 256, 0)
+        rest = ops.prefill_rest(MIXTRAL, n, 256)
         return float(rest.flops) / rate + float(prefill_experts_time(s, tokens))
     pre = prefill_layer_times(s, 100, 40, 0.0, 0.0)
     assert float(pre.gpu_s) == pytest.approx(sum(t(n) for n in sizes), rel=1e-9)

@@ -157,8 +157,8 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
                       f"{PREFILL_WEIGHTS_GPU_FRAC:g} of the experts resident and the rest streamed, passes of "
                       f"{PREFILL_PASS_TOKENS} tokens, CPU attention, prompts of {g['prefill_prompt_len']}: "
                       f"per (layer, chunk) by tokens per chunk "
-                      f"(slope over {g['prefill_layers']} layers) the layer's time less the MoE layer's, as FLOP/s "
-                      "of hrm.ops.layer_gpu_ops + attention ...",
+                      f"(slope over {g['prefill_layers']} layers) the layer's time less the routed experts' and "
+                      "the dense FFN's (at the GEMM roofline), as FLOP/s of hrm.ops.prefill_rest ...",
                       f"gpu_prefill_tokens = {_arr(g['prefill_tokens'])}",
                       *([_ka("gpu_prefill_rest_tflops", g['prefill_rest_flops_per_s'])]
                         if g.get("prefill_rest_flops_per_s") else []),
