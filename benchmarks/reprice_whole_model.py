@@ -5,7 +5,7 @@ prediction is recomputed, for the same policy, model and workload).
     python benchmarks/reprice_whole_model.py benchmarks/results/whole_model/h200-2026-12-02-call* \\
         --hardware h200-measured --out benchmarks/results/whole_model/h200-2026-12-02-repriced.csv
 
-Each folder holds `keep/<run>.plan.json` and `keep/<run>.measurement.json` (benchmarks/whole_model.py --keep).
+Each folder holds `<run>.plan.json` and `<run>.measurement.json` under `keep*/` (benchmarks/whole_model.py --keep).
 """
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ def rows_of(folder: Path, hw, use_measured: bool = True, efficiency_model: bool 
     model's now (`use_measured` off: from the profile's unit-level rates and the efficiency model, or with
     `efficiency_model` off too, at their roofline alone)."""
     rows = []
-    for meas_path in sorted((folder / "keep").glob("*.measurement.json")):
-        run = meas_path.name[: -len(".measurement.json")]
-        plan = Plan.load(meas_path.with_name(f"{run}.plan.json"))
+    for meas_path in sorted(folder.glob("keep*/**/*.measurement.json")):   # keep/, keep/<step>/, keep-<env>/
+        run = str(meas_path.relative_to(folder))[: -len(".measurement.json")]
+        plan = Plan.load(folder / f"{run}.plan.json")
         meas = json.loads(meas_path.read_text())
         now = estimate(plan.spec, hw, plan.workload, plan.policy, use_measured=use_measured,
                        efficiency_model=efficiency_model)
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     hw = load_profile(args.hardware)
     rows = [r for folder in args.folders for r in rows_of(folder, hw)]
     if not rows:
-        raise SystemExit("reprice_whole_model: no keep/*.measurement.json under the folders given")
+        raise SystemExit("reprice_whole_model: no keep*/**/*.measurement.json under the folders given")
     df = pd.DataFrame(rows)
     if args.json:
         print(df.to_json(orient="records", indent=1))
