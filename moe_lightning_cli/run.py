@@ -165,13 +165,18 @@ def read_prompts(path, vocab_size: int) -> list[list[int]]:
 
 
 def run(args) -> int:
+    import torch
+
     from hrm.atomic import Outputs
     from hrm.checks import check_context
     from hrm.units import parse_size
-    from runtime.engine import Engine
+    from runtime import parallel
+    from runtime.engine import Engine, check_gpus
 
     check_outputs(args.output, args.trace, args.timeline)
     target = load_target(args)
+    tp = parallel.from_environment("cuda" if torch.cuda.is_available() else "cpu")     # under torchrun
+    check_gpus(target.hardware, tp.world if tp else 1, "--hardware" if args.hardware else "the plan's hardware")
     prompts = load_prompts(args, target)
     gen_len = int(_workload_arg(args, target.plan, "gen_len", DEFAULT_GEN_LEN))
     check_context(target.spec, max(len(p) for p in prompts), gen_len)
@@ -183,12 +188,15 @@ def run(args) -> int:
     subject = target.plan if target.plan is not None and not args.num_layers else target.spec
     policy = None if subject is target.plan else target.policy
     with Engine(subject, policy, model_dir=args.model_dir, seed=args.seed, dtype=args.dtype,
-                gpu_memory_budget_bytes=budget, progress=progress, cuda_graphs=args.cuda_graphs) as engine:
+                gpu_memory_budget_bytes=budget, progress=progress, cuda_graphs=args.cuda_graphs,
+                tensor_parallel=tp) as engine:
         if not args.no_warmup:
             engine.warm_up(prompts, gen_len, padded=padded)
         _, m = engine.generate(prompts, gen_len, temperature=args.temperature, top_p=args.top_p,
                                seed=args.seed, padded=padded)
         spans = engine.last_spans
+    if tp is not None and tp.rank != 0:          # rank 0 writes and prints; every rank made the same tokens
+        return 0
     with Outputs() as out:                       # the three files replaced together, once all are made
         if args.output:
             out.add_text(args.output, m.to_json())

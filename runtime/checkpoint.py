@@ -256,12 +256,15 @@ def check_checkpoint(model_dir: str | Path, spec: ModelSpec) -> tuple[dict[str, 
     return files, layout
 
 
-def load_checkpoint(model_dir: str | Path, store: WeightStore, progress: bool | None = None) -> None:
+def load_checkpoint(model_dir: str | Path, store: WeightStore, progress: bool | None = None, shard=None) -> None:
     """Fill `store` from a checkpoint directory, one tensor at a time (bf16/fp16/fp32 converted to the
-    store's dtype). progress: a tqdm bar (default: only when stderr is a terminal)."""
+    store's dtype). progress: a tqdm bar (default: only when stderr is a terminal). shard: a
+    runtime.parallel.Shard: the checkpoint is of its whole model, each tensor read whole and cut."""
+    import torch
     from tqdm import tqdm
 
-    files, layout = check_checkpoint(model_dir, store.spec)
+    files, layout = check_checkpoint(model_dir, store.spec if shard is None else shard.full)
+    whole_shapes = weight_shapes(shard.full) if shard is not None else {}
     by_file: dict[Path, list[str]] = {}
     for name in layout:
         by_file.setdefault(files[name], []).append(name)
@@ -275,10 +278,14 @@ def load_checkpoint(model_dir: str | Path, store: WeightStore, progress: bool | 
                         sl = f.get_slice(name)
                         for c in layout[name].copies:
                             where = f"{path}: tensor {name!r}"
+                            dest = (store.target(c.target) if shard is None else
+                                    torch.empty(whole_shapes[c.target], dtype=store.dtype))
                             if c.transform:
-                                _copy_transformed(store.target(c.target), sl, c, where)
+                                _copy_transformed(dest, sl, c, where)
                             else:
-                                _copy_finite(store.target(c.target), sl, c.index, where)
+                                _copy_finite(dest, sl, c.index, where)
+                            if shard is not None:
+                                store.target(c.target).copy_(shard.cut(c.target, dest))
                         bar.update(math.prod(layout[name].shape) * store.dtype.itemsize)
             except SafetensorError as e:
                 raise CheckpointError(f"{path}: {one_line(e)}") from None

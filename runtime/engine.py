@@ -10,6 +10,7 @@ emulated budget) and free host memory, and refuses with one line when it does no
 from __future__ import annotations
 
 import hashlib
+import os
 import resource
 import sys
 import time
@@ -23,6 +24,7 @@ from hrm.memory import PassShape
 from hrm.policy import Policy, device_micro_batches, realised_kv_frac
 from hrm.spec import ModelSpec, Workload
 
+from . import parallel
 from .checkpoint import load_checkpoint
 from .graphs import PostAttentionGraphs
 from .cpu_attention import AttentionWorker, attention_threads
@@ -52,6 +54,16 @@ class UnsupportedPolicy(ValueError):
     """A policy this runtime cannot execute."""
 
 
+def check_gpus(hardware, ranks: int = 1, what: str = "the plan's hardware") -> None:
+    """A plan for G GPUs runs on G tensor-parallel ranks (torchrun --nproc-per-node G), one GPU each: a plan
+    of several GPUs, whose budget is theirs together, is refused on fewer ranks, not run on one."""
+    count = getattr(getattr(hardware, "gpu", None), "count", 1)
+    if count != ranks:
+        how = "run it under torchrun --nproc-per-node " + str(count) if count > 1 else "run it without torchrun"
+        raise UnsupportedPolicy(f"{what} {hardware.name!r} has {count} GPU{'s' * (count > 1)}, this run "
+                                f"{ranks} rank{'s' * (ranks > 1)} (one GPU each): {how}, or plan for {ranks}")
+
+
 WARM_UP_MICRO_BATCH = 256
 """The warm-up pass runs two micro-batches of at most this many sequences: every kernel and MoE path of
 the real pass (prefill chunks, decode micro-batches above MOE_DENSE_MAX_TOKENS), at a fraction of its time."""
@@ -61,7 +73,12 @@ class Engine:
     def __init__(self, plan_or_spec, policy: Policy | None = None, *, model_dir: str | Path | None = None,
                  seed: int = 0, dtype: torch.dtype | str | None = None, device: str | None = None,
                  gpu_memory_budget_bytes: int | None = None, progress: bool | None = None,
-                 record: bool = True, cuda_graphs: bool = False, machine: Machine | None = None):
+                 record: bool = True, cuda_graphs: bool = False, machine: Machine | None = None,
+                 tensor_parallel: parallel.TensorParallel | None = None):
+        """tensor_parallel: this process is one rank of that group (runtime.parallel): it holds, loads and
+        runs its shard of the model; the plan's GPU budget is the ranks' together."""
+        tp = tensor_parallel if tensor_parallel is not None and tensor_parallel.world > 1 else None
+        ranks = tp.world if tp else 1
         from_plan = policy is None
         if from_plan:
             plan = plan_or_spec
@@ -70,9 +87,17 @@ class Engine:
             if not self.plan_id and getattr(plan, "created", None):
                 self.plan_id = _plan_id(spec, policy, plan.created)
             _check_placement(plan, policy)
+            check_gpus(getattr(plan, "hardware", None), ranks)
         else:
             spec, self.plan_id = plan_or_spec, ""
         check_supported(spec)
+        self.shard = parallel.Shard(spec, tp.rank, tp.world) if tp else None
+        if tp:
+            spec = parallel.shard_spec(spec, tp.world)
+            if cuda_graphs:
+                raise UnsupportedPolicy("CUDA graphs with tensor parallelism (the all-reduces are not captured)")
+            if gpu_memory_budget_bytes:
+                gpu_memory_budget_bytes //= tp.world
         if not policy.ffn_on_gpu:
             raise UnsupportedPolicy("ffn_on_gpu=False (experts on the CPU) is not implemented by the runtime")
         if spec.dtypes.kv_format and (policy.attention_on_gpu or policy.kv_gpu_frac):
@@ -80,7 +105,8 @@ class Engine:
                                     "only (not with GPU attention or KV on the GPU)")
         self.spec, self.policy, self.record = spec, policy, record
         self.plan_id = self.plan_id or _plan_id(spec, policy)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        local = f"cuda:{int(os.environ.get('LOCAL_RANK', tp.rank))}" if tp else "cuda"
+        self.device = torch.device(device or (local if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         if isinstance(dtype, str) or dtype is None:
@@ -112,9 +138,10 @@ class Engine:
         check(self.account(shape), self.machine, "the plan" if workload is not None else "the weights")
         self.store = WeightStore(spec, dtype, self.device, self.num_resident, policy.num_micro_batches)
         if model_dir is not None:
-            load_checkpoint(model_dir, self.store, progress=progress)
+            load_checkpoint(model_dir, self.store, progress=progress, shard=self.shard)
         else:
-            synthesize(self.store, seed=seed, progress=progress)
+            synthesize(self.store, seed=seed, progress=progress, shard=self.shard)
+        parallel.activate(tp)
         self.graphs = None
         if cuda_graphs:
             if self.device.type != "cuda":
@@ -301,6 +328,8 @@ class Engine:
 
     def close(self) -> None:
         self.worker.close()
+        if self.shard is not None:
+            parallel.activate(None)
 
     def __enter__(self) -> "Engine":
         return self

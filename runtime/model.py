@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from hrm.spec import FULL_WIDTH_QK_NORM, ModelSpec
 
-from . import attention, mla
+from . import attention, mla, parallel
 from .families import QK_NORM_AFTER_ROPE, ROUTER_BIAS, SCORE_CORRECTION_BIAS
 from .moe import ExpertLookup, SharedExpertWeights, moe, swiglu
 from .precision import acc_dtype
@@ -314,12 +314,12 @@ def post_attention(x: torch.Tensor, attn: torch.Tensor, layer: LayerWeights, exp
     all; see runtime.moe.moe."""
     if spec.attention == "mla":
         x = x + mla.output(attn, layer.attn, spec)
-    else:
-        x = x + F.linear(attn, layer.attn.o_proj, layer.attn.o_bias)
+    else:                                           # under tensor parallelism each rank's heads' share, summed
+        x = x + parallel.all_reduce(F.linear(attn, layer.attn.o_proj, layer.attn.o_bias))
     h = rms_norm(x, layer.post_attention_norm, spec.rms_norm_eps)
     if layer.mlp is not None:                                              # a leading dense layer
-        return x + swiglu(h, layer.mlp.gate, layer.mlp.up, layer.mlp.down)
-    return x + moe(h, layer, experts, spec, host_sync_ok, reuse_dequant)
+        return x + parallel.all_reduce(swiglu(h, layer.mlp.gate, layer.mlp.up, layer.mlp.down))
+    return x + parallel.all_reduce(moe(h, layer, experts, spec, host_sync_ok, reuse_dequant))
 
 
 def final_logits(x: torch.Tensor, dense: DenseWeights, spec: ModelSpec) -> torch.Tensor:

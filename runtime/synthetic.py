@@ -61,10 +61,13 @@ class _Filler:
             flat[start:stop].copy_(block[off:off + stop - start])
 
 
-def synthesize(store: WeightStore, seed: int = 0, progress: bool | None = None) -> None:
-    """Fill every tensor of `store` with synthetic values."""
+def synthesize(store: WeightStore, seed: int = 0, progress: bool | None = None, shard=None) -> None:
+    """Fill every tensor of `store` with synthetic values. shard: a runtime.parallel.Shard: each tensor is
+    drawn at its whole model's shape and cut, so the shards are those of the one-rank model."""
     from tqdm import tqdm
 
+    if shard is not None:
+        return _synthesize_shard(store, seed, progress, shard)
     spec = store.spec
     filler = _Filler(seed, store.dtype)
     dense = [(name, store.target(name)) for name in store.dense_names()]
@@ -89,3 +92,34 @@ def synthesize(store: WeightStore, seed: int = 0, progress: bool | None = None) 
             bar.update()
     if filler.cuda:
         torch.cuda.synchronize()
+
+
+def _synthesize_shard(store: WeightStore, seed: int, progress: bool | None, shard) -> None:
+    from dataclasses import fields
+
+    from tqdm import tqdm
+
+    from .moe import expert_view
+    from .weights import weight_shapes
+
+    whole, filler = shard.full, _Filler(seed, store.dtype)
+    shapes = weight_shapes(whole)
+    experts = [(layer, e) for layer in range(whole.first_dense_layers, whole.num_hidden_layers)
+               for e in range(whole.num_experts)]
+    show = sys.stderr.isatty() if progress is None else progress
+    with tqdm(total=len(store.dense_names()) + len(experts), desc="synthesising weights", disable=not show) as bar:
+        for name in store.dense_names():
+            t = torch.empty(shapes[name], dtype=store.dtype)
+            t.fill_(1.0) if name.endswith("norm") else filler.fill(t, name)
+            store.target(name).copy_(shard.cut(name, t))
+            bar.update()
+        flat = torch.empty(expert_elems(whole), dtype=store.dtype)
+        for layer, e in experts:
+            filler.fill(flat, f"layers.{layer}.experts.{e}")
+            parts = expert_view(flat, whole)
+            for f in fields(parts):
+                if getattr(parts, f.name) is not None:
+                    name = f"layers.{layer}.experts.{e}.{f.name}"
+                    store.target(name).copy_(shard.cut(name, getattr(parts, f.name)))
+            bar.update()
+    store.seal()

@@ -102,3 +102,25 @@ def test_run_prints_each_phase_with_its_wall_time(plan_file, capsys):
     rows = [ln for ln in table.splitlines() if ln.strip("│ ").split(" ")[0] in ("load", "reserve", "prefill", "decode")]
     assert [r.strip("│ ").split(" ")[0] for r in rows] == ["load", "prefill", "decode"]   # no reserve: no warm-up
     assert all(" s " in r or "ms" in r or "us" in r for r in rows)
+
+
+@pytest.mark.parametrize("via", ["plan", "--hardware"])
+def test_run_refuses_a_profile_of_several_gpus_in_one_line(tmp_path, capsys, via):
+    """A 2-GPU plan's budget is both GPUs' together: run refuses it (and a 2-GPU --hardware) rather than
+    running it on one GPU, before anything is loaded."""
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    hw = "2xt4-s6" if via == "plan" else "h200"
+    plan = search(load_model(tmp_path / "config.json"), load_profile(hw), Workload(6.0, 9, 4), gpu_memory="1GiB")
+    path = plan.save(tmp_path / "plan.json")
+    extra = ["--hardware", "2xt4-s6"] if via == "--hardware" else []
+    assert main(["run", "--plan", str(path), "--synthetic", "--num-prompts", "2", *extra]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has 2 GPUs, this run 1 rank" in err[0] and "torchrun --nproc-per-node 2" in err[0]
+
+
+def test_the_engine_refuses_a_plan_of_several_gpus(tmp_path):
+    from runtime.engine import Engine, UnsupportedPolicy
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    plan = search(load_model(tmp_path / "config.json"), load_profile("4xt4-s7"), Workload(6.0, 9, 4), gpu_memory="1GiB")
+    with pytest.raises(UnsupportedPolicy, match="has 4 GPUs"):
+        Engine(plan)
