@@ -21,6 +21,7 @@ from .efficiency import moe_layer_flops_per_s
 from .formats import kv_format
 from .hardware import HardwareProfile, interp_log
 from .memory import MemoryUse, kv_slots_per_sequence, memory_use
+from .parallel import ALLREDUCES_PER_LAYER, can_shard, ring_allreduce_s
 from .policy import Policy, prefill_chunk_sequences, realised_kv_frac
 from .rates import (Setting, _measured, expert_dequant_s, cpu_attention_bytes_per_s, cpu_attention_call_s, cpu_attention_calls_s,
                     cpu_dram_bytes_per_s, cpu_time, d2h_bytes_per_s, decode_visit_s, duplex_bytes_per_s, gpu_time, h2d_bytes_per_s,
@@ -129,7 +130,7 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
     kv_layer_bytes = spec.kv_elems_per_token_layer * spec.dtypes.kv_bytes   # per token, one layer
 
     def gpu_mb(tokens):
-        t = gpu_time(s, ops.layer_gpu_ops(spec, tokens), tokens)
+        t = gpu_time(s, ops.layer_gpu_ops(spec, tokens), tokens) + allreduce_s(s, tokens)
         if s.attention_on_gpu:
             t = t + gpu_time(s, ops.attention(spec, tokens, 1, ctx), tokens)
         return t
@@ -202,7 +203,7 @@ def prefill_layer_times(s: Setting, N, mu, r_w, r_c) -> LayerTimes:
         rest, dense = ops.prefill_rest(spec, seqs, p), ops.dense_ffn(spec, tokens)
         rate = prefill_rest_flops_per_s(s, tokens)
         rest_s = gpu_time(s, rest + dense, tokens) if rate is None else rest.flops / rate + gpu_time(s, dense, tokens)
-        return rest_s + prefill_experts_time(s, tokens)
+        return rest_s + prefill_experts_time(s, tokens) + allreduce_s(s, tokens)
 
     chunk = prefill_chunk_sequences(p)
 
@@ -220,6 +221,17 @@ def prefill_layer_times(s: Setting, N, mu, r_w, r_c) -> LayerTimes:
     link = (weights_bytes + 2 * hidden_bytes + kv_bytes) / duplex_bytes_per_s(s)
     return LayerTimes(gpu_s=gpu, cpu_s=weight_staging_s(s, weights_bytes), h2d_weights_s=h2d, h2d_act_s=0.0,
                       h2d_kv_s=0.0, d2h_s=d2h, link_s=link, pipeline_s=0.0, num_micro_batches=m)
+
+
+def allreduce_s(s: Setting, tokens):
+    """One layer's all-reduces of `tokens` tokens' hidden states over the tensor-parallel ranks (a profile of
+    several GPUs, a model they can shard: hrm.parallel), over the GPUs' link to the host (PCIe peer traffic;
+    no profile measures a GPU-to-GPU rate yet)."""
+    ranks = s.hardware.gpu.count
+    if not can_shard(s.spec, ranks):
+        return 0.0 * np.asarray(tokens, float)
+    nbytes = np.asarray(tokens, float) * s.spec.hidden_size * s.spec.dtypes.act_bytes
+    return ALLREDUCES_PER_LAYER * ring_allreduce_s(nbytes, ranks, s.hardware.link.h2d_bytes_per_s)
 
 
 def prefill_once_s(s: Setting, N):

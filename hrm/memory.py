@@ -26,6 +26,7 @@ from .policy import (KV_BLOCK_RATIO, MOE_DENSE_MAX_TOKENS, PREFILL_CHUNK_TOKENS,
                      prefill_chunk_sequences)
 from .formats import ATTENTION_CHUNK_SEQUENCES, DEQUANT_CHUNK_ELEMS, DEQUANT_TEMP_BYTES_PER_ELEM
 from .schedules import SCHEDULES
+from .parallel import can_shard, shard_spec
 from .spec import ModelSpec, Workload
 from .units import GiB
 
@@ -104,6 +105,10 @@ class MemoryUse:
 
     def floats(self) -> "MemoryUse":
         return MemoryUse(**{k: {p: float(v) for p, v in parts.items()} for k, parts in self.levels().items()})
+
+    def times(self, k: int) -> "MemoryUse":
+        """Every part k times: k ranks of this account."""
+        return MemoryUse(**{level: {p: v * k for p, v in parts.items()} for level, parts in self.levels().items()})
 
 
 def kv_slots_per_sequence(workload: Workload) -> float:
@@ -328,7 +333,13 @@ def account(spec: ModelSpec, shape: PassShape, r_w, *, profile: MemoryProfile, n
             attention_on_gpu: bool = False, ffn_on_gpu: bool = True, schedule: str = "cgopipe",
             pin_all_weights: bool = True) -> MemoryUse:
     """Every part of one pass's peak memory. r_w: fraction of routed experts resident on the GPU (whole
-    experts: the runtime keeps int(E r_w) of every layer)."""
+    experts: the runtime keeps int(E r_w) of every layer). num_gpus > 1: the tensor-parallel ranks together,
+    each holding its shard (hrm.parallel.shard_spec) and its own replicated parts and process, where the
+    model can be sharded."""
+    if can_shard(spec, num_gpus):
+        return account(shard_spec(spec, num_gpus), shape, r_w, profile=profile, num_gpus=1,
+                       attention_on_gpu=attention_on_gpu, ffn_on_gpu=ffn_on_gpu, schedule=schedule,
+                       pin_all_weights=pin_all_weights).times(num_gpus)
     wb, ab = spec.dtypes.weight_bytes, spec.dtypes.act_bytes
     L = spec.num_hidden_layers
     layer_experts = spec.num_experts * spec.expert_bytes

@@ -19,11 +19,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from hrm.spec import FULL_WIDTH_QK_NORM, ModelSpec
-
-
-class ParallelError(ValueError):
-    """A model or setting tensor parallelism cannot run (the message names the feature)."""
+from hrm.parallel import ParallelError, shard_spec, unsupported  # noqa: F401  (the runtime's shards)
+from hrm.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -66,38 +63,6 @@ def from_environment(device_type: str) -> TensorParallel | None:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     return TensorParallel(dist.get_rank(), dist.get_world_size())
-
-
-def unsupported(spec: ModelSpec, world: int) -> list[str]:
-    """What of `spec` a `world`-way shard cannot hold (empty: it can)."""
-    problems = []
-    if spec.attention != "gqa":
-        problems.append(f"attention {spec.attention!r} (only grouped-query attention is split by heads)")
-    if spec.num_key_value_heads % world or spec.num_attention_heads % world:
-        problems.append(f"{spec.num_attention_heads} query / {spec.num_key_value_heads} KV heads over {world} ranks")
-    widths = {"moe_intermediate_size": spec.moe_intermediate_size,
-              "shared_expert_intermediate_size": spec.shared_expert_intermediate_size,
-              "dense_intermediate_size": spec.dense_intermediate_size if spec.first_dense_layers else 0}
-    problems += [f"{name} {w} over {world} ranks" for name, w in widths.items() if w % world]
-    if spec.model_type in FULL_WIDTH_QK_NORM and spec.qk_norm:
-        problems.append(f"{spec.model_type}'s q/k norms over the full width (they would need the other ranks' heads)")
-    if spec.dtypes.expert_format:
-        problems.append(f"--expert-dtype {spec.dtypes.expert_format} (quantized experts are not sliced yet)")
-    return problems
-
-
-def shard_spec(spec: ModelSpec, world: int) -> ModelSpec:
-    """The ModelSpec of one rank's shard: its heads and its slice of every FFN width."""
-    if world <= 1:
-        return spec
-    problems = unsupported(spec, world)
-    if problems:
-        raise ParallelError(f"{spec.name}: tensor parallelism over {world} ranks does not support " + "; ".join(problems))
-    return replace(spec, num_attention_heads=spec.num_attention_heads // world,
-                   num_key_value_heads=spec.num_key_value_heads // world,
-                   moe_intermediate_size=spec.moe_intermediate_size // world,
-                   shared_expert_intermediate_size=spec.shared_expert_intermediate_size // world,
-                   dense_intermediate_size=spec.dense_intermediate_size // world)
 
 
 ROW_SPLIT = ("q_proj", "k_proj", "v_proj", "q_bias", "k_bias", "v_bias", "sinks", "gate", "up", "gate_bias",
