@@ -169,7 +169,11 @@ class LLM:
         if self._engine is None:
             import torch
 
-            from runtime.engine import Engine
+            from runtime.engine import Engine, UnsupportedPolicy
+            if self.plan.hardware.gpu.count > 1:
+                raise UnsupportedPolicy(f"the plan's hardware {self.plan.hardware.name!r} has {self.plan.hardware.gpu.count} "
+                                        "GPUs: generate runs on one GPU (tensor-parallel plans run with `run` under "
+                                        "torchrun); plan for one GPU")
             plan = replace(self.plan, policy=self.policy)
             budget = int(plan.budgets.gpu_total_bytes) if torch.cuda.is_available() else None
             self._engine = Engine(plan, model_dir=self.model_dir, dtype=self.dtype, seed=self.seed,

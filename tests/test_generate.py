@@ -232,3 +232,15 @@ def test_generate_with_int8_experts_follows_the_dequantized_model(model_dir):
             ids = q.encode([Request(id="r", prompt=prompt)])[0]
             want = greedy_generate(ids, 5, store.dense, store.at_rest, spec)
             assert list(c.token_ids) == want[:len(c.token_ids)] and c.token_ids
+
+
+def test_generate_refuses_a_plan_of_several_gpus_in_one_line(model_dir, tmp_path, capsys):
+    """generate runs on one GPU: a 2-GPU plan is refused (it runs with `run` under torchrun), nothing written."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": 0, "prompt": "the fox"}\n')
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", str(model_dir), "-i", str(src), "-o", str(out), "-q",
+                 "--hardware", "2xt4-s6"]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has 2 GPUs: generate runs on one GPU" in err, err
+    assert not out.exists()
