@@ -300,12 +300,15 @@ thread, one for the CUDA driver's and the copy engines' host work. An OpenMP tea
 a busy thread waits for its slowest member at every barrier."""
 
 
-def attention_threads(drives_gpu: bool) -> int | None:
+def attention_threads(drives_gpu: bool, ranks: int = 1) -> int | None:
     """Intra-op threads for the attention worker: all but HOST_CORES_RESERVED when the main thread
-    drives a GPU, else None (torch's default: on the CPU the main thread's own work is the GPU's)."""
+    drives a GPU, else None (torch's default: on the CPU the main thread's own work is the GPU's). One of
+    `ranks` tensor-parallel processes on the host gets its share of the host's cores (torchrun sets each
+    process's torch threads to 1)."""
     if not drives_gpu:
         return None
-    return max(1, torch.get_num_threads() - HOST_CORES_RESERVED)
+    cores = torch.get_num_threads() if ranks <= 1 else (os.cpu_count() or ranks) // ranks
+    return max(1, cores - HOST_CORES_RESERVED)
 
 
 class AttentionWorker:

@@ -151,7 +151,7 @@ class Engine:
         pin = self.device.type == "cuda"
         self.staging = HostArena(dtype, pin=pin)        # prefill hidden states between layers
         self.kv_transfer = HostArena(torch.uint8 if self.kv.format else dtype, pin=pin)  # prefill KV to the host cache
-        self.worker = AttentionWorker(attention_threads(self.device.type == "cuda"))
+        self.worker = AttentionWorker(attention_threads(self.device.type == "cuda", ranks))
         self.last_spans: list[Span] = []
         self.last_account = None                        # hrm.memory.MemoryUse of the last pass as laid out
         self._pipe: Pipeline | None = None

@@ -57,3 +57,4 @@ def test_a_model_the_ranks_cannot_shard_says_why():
         shard_spec(load_model("deepseek-v2-lite"), 2)
     assert shard_spec(MIXTRAL, 1) is MIXTRAL
     assert ops.attention(shard_spec(MIXTRAL, 2), 1, 1, 10).flops == pytest.approx(ops.attention(MIXTRAL, 1, 1, 10).flops / 2)
+

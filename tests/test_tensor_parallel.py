@@ -115,3 +115,13 @@ def test_run_under_torchrun_runs_a_two_gpu_plan_on_two_ranks(tmp_path):
     printed = json.loads(r.stdout)                                  # one JSON document: rank 0's
     m = Measurement.read(tmp_path / "m.json")
     assert m.num_sequences == 3 and m.generated_tokens == 3 * plan.workload.gen_len == printed["generated_tokens"]
+
+
+def test_each_rank_attends_with_its_share_of_the_hosts_cores(monkeypatch):
+    from runtime import cpu_attention
+
+    monkeypatch.setattr(cpu_attention.os, "cpu_count", lambda: 16)
+    reserved = cpu_attention.HOST_CORES_RESERVED
+    assert cpu_attention.attention_threads(True, ranks=2) == 8 - reserved
+    assert cpu_attention.attention_threads(True, ranks=4) == 4 - reserved
+    assert cpu_attention.attention_threads(False, ranks=2) is None
