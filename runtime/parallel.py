@@ -15,11 +15,11 @@ a tensor-parallel model is exactly the one-rank model cut.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
-from hrm.parallel import ParallelError, shard_spec, unsupported  # noqa: F401  (the runtime's shards)
+from hrm.parallel import ParallelError, shard_spec  # noqa: F401  (the shard's shape and refusals: one home, hrm)
 from hrm.spec import ModelSpec
 
 
@@ -33,12 +33,8 @@ class TensorParallel:
 _ACTIVE: TensorParallel | None = None
 
 
-def active() -> TensorParallel | None:
-    """The tensor-parallel group the runtime's layers reduce over, or None (one rank)."""
-    return _ACTIVE
-
-
 def activate(tp: TensorParallel | None) -> None:
+    """Set the group the runtime's layers reduce over (runtime.model.post_attention); None: one rank."""
     global _ACTIVE
     _ACTIVE = tp if tp is not None and tp.world > 1 else None
 

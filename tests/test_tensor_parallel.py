@@ -44,11 +44,15 @@ def _one_rank(spec, policy: dict, model_dir=None) -> list:
     ("mixtral", {"batch_size": 3, "micro_batch_size": 2, "weights_gpu_frac": 0.5}),           # CGOPipe, CPU attention
     ("qwen2_moe", {"batch_size": 3, "micro_batch_size": 3, "attention_on_gpu": True, "schedule": "s4"}),
     ("qwen3_moe", {"batch_size": 3, "micro_batch_size": 1, "schedule": "s3"}),
+    ("gpt_oss", {"batch_size": 3, "micro_batch_size": 3}),
+    ("glm4_moe", {"batch_size": 3, "micro_batch_size": 2}),
 ])
 def test_two_ranks_generate_the_one_rank_tokens(tmp_path, family, policy):
-    """A real-format checkpoint (shared expert with its gate and qkv biases in Qwen2-MoE, q/k norms in Qwen3)
+    """A real-format checkpoint (shared expert with its gate and qkv biases in Qwen2-MoE, q/k norms in Qwen3,
+    gpt-oss's sinks, windows and expert biases, GLM's leading dense layer, partial rotary and grouped routing)
     read whole by each rank and cut: the same greedy tokens as one rank, on every rank."""
-    overrides = dict(EVEN_HEADS, head_dim=16) if family == "qwen3_moe" else dict(EVEN_HEADS)
+    head_dim = {"qwen3_moe": 16, "glm4_moe": 16, "gpt_oss": 8}.get(family, EVEN_HEADS["head_dim"])
+    overrides = dict(EVEN_HEADS, head_dim=head_dim)
     hf_tiny_model(family, **overrides).save_pretrained(tmp_path)
     want = _one_rank(load_model(tmp_path), policy, tmp_path)
     assert _torchrun(tmp_path, 2, str(tmp_path), policy) == want
