@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from hrm.atomic import atomic_write_text  # noqa: E402
-from hrm.hardware import available_profiles, load_profile, local_cpu_name  # noqa: E402
+from hrm.hardware import available_profiles, load_profile  # noqa: E402
+from hrm.host import local_cpu_name  # noqa: E402
 from hrm.hf_config import builtin_models, load_model  # noqa: E402
 from hrm.spec import Workload  # noqa: E402
 from optimizer.search import search  # noqa: E402

@@ -225,13 +225,13 @@ def prefill_layer_times(s: Setting, N, mu, r_w, r_c) -> LayerTimes:
 
 def allreduce_s(s: Setting, tokens):
     """One layer's all-reduces of `tokens` tokens' hidden states over the tensor-parallel ranks (a profile of
-    several GPUs, a model they can shard: hrm.parallel), over the GPUs' link to the host (PCIe peer traffic;
-    no profile measures a GPU-to-GPU rate yet)."""
+    several GPUs, a model they can shard: hrm.parallel), at the profile's GPU-to-GPU rate (NVLink or PCIe
+    peer to peer, [link] peer_gb_per_s), else its host link's."""
     ranks = s.hardware.gpu.count
     if not can_shard(s.spec, ranks):
         return 0.0 * np.asarray(tokens, float)
     nbytes = np.asarray(tokens, float) * s.spec.hidden_size * s.spec.dtypes.act_bytes
-    return ALLREDUCES_PER_LAYER * ring_allreduce_s(nbytes, ranks, s.hardware.link.h2d_bytes_per_s)
+    return ALLREDUCES_PER_LAYER * ring_allreduce_s(nbytes, ranks, s.hardware.link.gpu_to_gpu_bytes_per_s)
 
 
 def prefill_once_s(s: Setting, N):

@@ -58,6 +58,12 @@ class Link:
     pageable_h2d_bytes_per_s: float = 0.0
     source: str = ""
     gpus_per_link: int = 1
+    peer_bytes_per_s: float = 0.0    # one GPU to another (NVLink, or PCIe peer to peer); 0: not measured
+
+    @property
+    def gpu_to_gpu_bytes_per_s(self) -> float:
+        """What the tensor-parallel all-reduces run at: the measured peer rate, else the host link's."""
+        return self.peer_bytes_per_s or self.h2d_bytes_per_s
 
     @property
     def duplex_frac(self) -> float:
@@ -225,38 +231,6 @@ class HardwareProfile:
                     v * cpu_mem_bw for v in self.measured.cpu_attention_overlapped_by_micro_batch),
                 cpu_attention_loop_call_s=tuple(v / cpu_mem_bw for v in self.measured.cpu_attention_loop_call_s)),
         )
-
-
-def local_cpu_name() -> str:
-    """This machine's CPU model, as /proc/cpuinfo names it."""
-    import platform
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "CPU"
-
-
-def proc_kib_bytes(key: str, path: str = "/proc/meminfo") -> int | None:
-    """A 'Key:  N kB' field of a /proc file (meminfo, self/status) in bytes, or None where absent."""
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def this_machine_available_bytes(hw: HardwareProfile) -> float | None:
-    """Host memory available now (MemAvailable) when `hw` describes this machine (same CPU model, total
-    memory within 2%), else None: the budget a plan made here for here may take."""
-    total = proc_kib_bytes("MemTotal")
-    if total is None or hw.cpu.name != local_cpu_name() or abs(hw.cpu.memory_bytes - total) > 0.02 * total:
-        return None
-    return proc_kib_bytes("MemAvailable")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -455,7 +429,8 @@ def parse_profile(data: Mapping, name: str, path: str = "") -> HardwareProfile:
     h2d, d2h = rate("h2d_gb_per_s"), rate("d2h_gb_per_s")
     link = Link(h2d_bytes_per_s=h2d, d2h_bytes_per_s=d2h, duplex_bytes_per_s=rate("duplex_gb_per_s", h2d + d2h),
                 pageable_h2d_bytes_per_s=rate("pageable_h2d_gb_per_s", h2d),
-                source=str(_req(lk, "source", lw)), gpus_per_link=_gpus_per_link(lk, data["gpu"], lw))
+                source=str(_req(lk, "source", lw)), gpus_per_link=_gpus_per_link(lk, data["gpu"], lw),
+                peer_bytes_per_s=rate("peer_gb_per_s") if "peer_gb_per_s" in lk else 0.0)
     return HardwareProfile(
         name=str(data.get("name", name)), description=str(data.get("description", "")),
         gpu=_unit(data["gpu"], f"{where} [gpu]"), cpu=_unit(data["cpu"], f"{where} [cpu]"), link=link,

@@ -31,7 +31,7 @@ PROFILE_KEYS = {
     "gpu": _UNIT_KEYS,
     "cpu": _UNIT_KEYS,
     "link": frozenset({"h2d_gb_per_s", "d2h_gb_per_s", "duplex_gb_per_s", "pageable_h2d_gb_per_s", "gpus_per_link",
-                       "source"}),
+                       "peer_gb_per_s", "source"}),
     # properties of the machine, as micro-benchmarks of torch measure them
     "measured": frozenset({
         "gpu_gemm_tokens", "gpu_gemm_tflops", "h2d_sizes_mib", "h2d_gb_per_s", "gpu_hbm_gb_per_s",

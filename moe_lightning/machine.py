@@ -40,7 +40,7 @@ class DetectedMachine:
 
 def detect() -> DetectedMachine:
     """This machine, as torch.cuda, /proc/meminfo, /proc/cpuinfo and os see it."""
-    from hrm.hardware import local_cpu_name, proc_kib_bytes
+    from hrm.host import local_cpu_name, proc_kib_bytes
 
     gpu_name, gpu_memory, count = None, 0.0, 0
     try:

@@ -19,7 +19,8 @@ from hrm.estimate import Setting
 from hrm.policy import Placement, ReadsPlacement
 from hrm.memory import GPU_HEADROOM_FRAC, HOST_HEADROOM_FRAC
 from hrm.units import format_size, parse_size
-from hrm.hardware import HardwareProfile, this_machine_available_bytes
+from hrm.hardware import HardwareProfile
+from hrm.host import this_machine_available_bytes
 from hrm.spec import ModelSpec, Workload
 
 DEFAULT_GPU_FRAC = 1.0

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from hrm.hardware import proc_kib_bytes
+from hrm.host import proc_kib_bytes
 from hrm.memory import MemoryProfile, MemoryUse, PassShape, account
 from hrm.units import format_size
 from hrm.policy import Policy

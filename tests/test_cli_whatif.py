@@ -130,7 +130,7 @@ GiB = 2 ** 30
 @pytest.fixture
 def machine(monkeypatch):
     """Set what detection finds: machine(gpu_name, gpu_gib, count=1, host_gib=None (this host's))."""
-    from hrm.hardware import local_cpu_name, proc_kib_bytes
+    from hrm.host import local_cpu_name, proc_kib_bytes
     from moe_lightning import machine as mod
 
     def set_(gpu_name, gpu_gib=0.0, count=1, host_gib=None):
@@ -180,7 +180,7 @@ def test_auto_without_a_profile_is_one_line(capsys, machine, gpu, needle):
 
 
 def test_detect_reads_this_machine():
-    from hrm.hardware import proc_kib_bytes
+    from hrm.host import proc_kib_bytes
     from moe_lightning.machine import detect
     m = detect()
     assert m.host_memory_bytes == proc_kib_bytes("MemTotal") and m.cpu_cores >= 1

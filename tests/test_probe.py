@@ -427,3 +427,28 @@ def test_the_moe_curve_times_the_routed_experts_only(monkeypatch):
     rates = calibration.gpu_moe_flops_per_s(tiny, [4.0], repeats=1, device="cpu")
     assert shared == [None]
     assert rates == [pytest.approx(float(ops.routed_experts(tiny, 16).flops) / 0.5)]
+
+
+def test_a_measured_gpu_to_gpu_rate_prices_the_allreduces(cpu_result, tmp_path):
+    """On several GPUs the profile measures GPU 0 -> GPU 1 ([link] peer_gb_per_s); tensor-parallel plans
+    price their all-reduces at it, and at the host link's rate where it is not measured."""
+    from dataclasses import replace
+
+    from hrm.estimate import allreduce_s
+    from hrm.hf_config import load_model
+    from hrm.policy import Policy
+    from hrm.rates import Setting
+    from hrm.spec import Workload
+
+    r = _fake_gpu_result(cpu_result)
+    r["gpu"]["count"] = 2
+    r["link"].update(peer_bytes_per_s=200e9, peer_size_bytes=1024 * MiB)
+    p = write_profile_toml(r, tmp_path / "two.toml")
+    assert load_profile(tmp_path / "two.toml") == p and p.link.peer_bytes_per_s == pytest.approx(200e9, rel=1e-3)
+    unmeasured = write_profile_toml(_fake_gpu_result(cpu_result), tmp_path / "one.toml")
+    assert unmeasured.link.peer_bytes_per_s == 0.0 and unmeasured.link.gpu_to_gpu_bytes_per_s == unmeasured.link.h2d_bytes_per_s
+    mixtral = load_model("mixtral-8x7b")
+    fast = float(allreduce_s(Setting.of(mixtral, p, Workload(77, 418, 32), Policy(8, 8)), 4096))
+    slow_link = replace(p, link=replace(p.link, peer_bytes_per_s=0.0))
+    slow = float(allreduce_s(Setting.of(mixtral, slow_link, Workload(77, 418, 32), Policy(8, 8)), 4096))
+    assert 0 < fast < slow

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from hrm.hardware import local_cpu_name
+from hrm.host import local_cpu_name
 
 from hrm.units import KiB, MiB
 
@@ -97,6 +97,14 @@ def link_bytes_per_s(sizes: Sequence[int] = LINK_SIZES, repeats: int = 8,
         h2d.append(n / _median_cuda_s(lambda: dev_in[:n].copy_(host[:n], non_blocking=True), repeats))
         d2h.append(n / _median_cuda_s(lambda: host_out[:n].copy_(dev[:n], non_blocking=True), repeats))
     return h2d, d2h
+
+
+def peer_bytes_per_s(size_bytes: int = 256 * MiB, repeats: int = 5) -> float:
+    """Bytes/s of a copy from GPU 0 to GPU 1 (NVLink, or PCIe peer to peer where the GPUs allow it, else
+    through the host): the rate tensor-parallel all-reduces move their partial sums at."""
+    src = _fill_random(torch.empty(size_bytes // 2, dtype=torch.bfloat16, device="cuda:0"), 8).view(torch.uint8)
+    dst = torch.empty(size_bytes, dtype=torch.uint8, device="cuda:1")
+    return size_bytes / _median_cuda_s(lambda: dst.copy_(src, non_blocking=True), repeats)
 
 
 def duplex_bytes_per_s(size_bytes: int = 1024 * MiB, repeats: int = 5, device: str = "cuda") -> float:

@@ -25,7 +25,7 @@ from .machine import (ATTENTION_SHAPES, ATTENTION_SHAPES_QUICK, AttentionKernel,
                       GEMM_TOKENS_QUICK, LINK_SIZES, LINK_SIZES_QUICK, cpu_attention_bytes_per_s,
                       cpu_dram_bytes_per_s, cpu_matmul_flops, cpu_memory_bytes, cpu_name, duplex_bytes_per_s,
                       gpu_gemm_flops_per_s, gpu_hbm_bytes_per_s, gpu_square_gemm_flops_per_s, link_bytes_per_s,
-                      pageable_h2d_bytes_per_s, runtime_attention_kernel)
+                      pageable_h2d_bytes_per_s, peer_bytes_per_s, runtime_attention_kernel)
 
 
 
@@ -128,9 +128,15 @@ def profile_machine(spec=None, quick: bool = False, progress: bool = True, gpu: 
             lk["pageable_size_bytes"] = max(link_sizes)
             lk["pageable_h2d_bytes_per_s"] = pageable_h2d_bytes_per_s(max(link_sizes), repeats=3 if quick else 5)
 
+        def peer():
+            lk["peer_size_bytes"] = max(link_sizes)
+            lk["peer_bytes_per_s"] = peer_bytes_per_s(max(link_sizes), repeats=3 if quick else 5)
+
         steps += [("GPU properties", gpu_info), ("GPU GEMM by tokens", gemm), ("GPU square GEMM", square),
                   ("HBM copy", hbm), ("pinned H2D/D2H by size", link), ("H2D + D2H at once", duplex),
                   ("pageable H2D", pageable)]
+        if torch.cuda.device_count() > 1:
+            steps.append(("GPU 0 -> GPU 1", peer))
 
     def dram():
         c["dram_size_bytes"] = big

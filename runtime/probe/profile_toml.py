@@ -70,6 +70,8 @@ def _gpu_section_from(hw: HardwareProfile) -> list[str]:
              _kv("duplex_gb_per_s", lk.duplex_bytes_per_s)]
     if lk.pageable_h2d_bytes_per_s:
         lines.append(_kv("pageable_h2d_gb_per_s", lk.pageable_h2d_bytes_per_s))
+    if lk.peer_bytes_per_s:
+        lines.append(_kv("peer_gb_per_s", lk.peer_bytes_per_s))
     lines.append(f"source = {_str(src + lk.source)}")
     return lines
 
@@ -119,6 +121,8 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
                   f"# both directions at once, {lk['duplex_size_bytes'] / MiB:g} MiB each (capped at h2d + d2h)",
                   _kv("duplex_gb_per_s", min(lk['duplex_bytes_per_s'], h2d + d2h)),
                   _kv("pageable_h2d_gb_per_s", lk['pageable_h2d_bytes_per_s']),
+                  *([f"# GPU 0 -> GPU 1, {lk['peer_size_bytes'] / MiB:g} MiB (the tensor-parallel all-reduces' rate)",
+                     _kv("peer_gb_per_s", lk['peer_bytes_per_s'])] if lk.get("peer_bytes_per_s") else []),
                   f"source = {_str(source)}", ""]
     else:
         lines += _gpu_section_from(donor) + [""]
