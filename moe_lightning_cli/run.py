@@ -195,6 +195,7 @@ def run(args) -> int:
         _, m = engine.generate(prompts, gen_len, temperature=args.temperature, top_p=args.top_p,
                                seed=args.seed, padded=padded)
         spans = engine.last_spans
+    parallel.shutdown(tp)      # after a failure torchrun stops the other ranks: no barrier they would not reach
     if tp is not None and tp.rank != 0:          # rank 0 writes and prints; every rank made the same tokens
         return 0
     with Outputs() as out:                       # the three files replaced together, once all are made

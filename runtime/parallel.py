@@ -61,6 +61,17 @@ def from_environment(device_type: str) -> TensorParallel | None:
     return TensorParallel(dist.get_rank(), dist.get_world_size())
 
 
+def shutdown(tp: TensorParallel | None) -> None:
+    """End this rank's part after a pass that succeeded: wait for the others, then close the group (a rank
+    that exits while another still talks to it aborts that one)."""
+    if tp is None:
+        return
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier(group=tp.group)
+        dist.destroy_process_group()
+
+
 ROW_SPLIT = ("q_proj", "k_proj", "v_proj", "q_bias", "k_bias", "v_bias", "sinks", "gate", "up", "gate_bias",
              "up_bias")
 """Tensors (by the last part of our name) split along their first dimension: heads, intermediate rows."""

@@ -26,3 +26,4 @@ with Engine(spec, Policy(**json.loads(policy_json)), model_dir=None if model_dir
             dtype=torch.float32, tensor_parallel=tp, progress=False) as engine:
     tokens, _ = engine.generate(json.loads(prompts_json), int(gen))
 Path(f"{out}.{tp.rank if tp else 0}").write_text(json.dumps(tokens))
+parallel.shutdown(tp)
