@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from result_file import write_result  # noqa: E402
 import runtime.cpu_attention as ca  # noqa: E402
 from hrm.formats import kv_format  # noqa: E402
+from hrm.host import local_cpu_name  # noqa: E402
 from runtime.host_memory import empty_host  # noqa: E402
 
 FLOAT = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -194,19 +195,9 @@ def main(argv=None) -> int:
     print("best (least total time over the shapes):", json.dumps(best), flush=True)
     write_result(args.out, "benchmarks/cpu_attention_rate.py", argv, model=args.model, threads=threads,
                  dram_read_bytes_per_s=dram, profile=args.hardware, profile_dram_read_bytes_per_s=profile_dram,
-                 cpu=_cpu_name(), torch=torch.__version__, rows=rows, best=best,
+                 cpu=local_cpu_name(), torch=torch.__version__, rows=rows, best=best,
                  wall_s=time.perf_counter() - t_start)
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 if __name__ == "__main__":
