@@ -54,7 +54,7 @@ def add_parser(sub) -> None:
     ex.add_argument("--hardware", help="hardware profile for the predicted column (default: the plan's)")
     ex.add_argument("--gpu-memory", metavar="SIZE", default=None, type=size,
                     help="emulate a GPU with this much memory, as plan's --gpu-memory (e.g. 24GiB = 24 x 2^30 "
-                         "bytes, 24GB = 24 x 10^9; default: the plan's GPU budget)")
+                         "bytes, 24GB = 24 x 10^9; per GPU under torchrun; default: the plan's GPU budget)")
     ex.add_argument("--dtype", default=None, help="weight/activation dtype (default: the model's)")
     ex.add_argument("--temperature", type=value(positive=False), default=0.0, help="0: greedy (default)")
     ex.add_argument("--top-p", type=SHARE, default=1.0)
@@ -181,7 +181,7 @@ def run(args) -> int:
     gen_len = int(_workload_arg(args, target.plan, "gen_len", DEFAULT_GEN_LEN))
     check_context(target.spec, max(len(p) for p in prompts), gen_len)
     padded = bool(_workload_arg(args, target.plan, "padded", False))
-    budget = int(parse_size(args.gpu_memory)) if args.gpu_memory else None
+    budget = int(parse_size(args.gpu_memory)) * (tp.world if tp else 1) if args.gpu_memory else None   # per GPU
     if budget is None and target.plan is not None:
         budget = int(target.plan.budgets.gpu_total_bytes)
     progress = False if args.json else None

@@ -57,8 +57,10 @@ class UnsupportedPolicy(ValueError):
 def check_gpus(hardware, ranks: int = 1, what: str = "the plan's hardware") -> None:
     """A plan for G GPUs runs on G tensor-parallel ranks (torchrun --nproc-per-node G), one GPU each: a plan
     of several GPUs, whose budget is theirs together, is refused on fewer ranks, not run on one."""
-    count = getattr(getattr(hardware, "gpu", None), "count", 1)
-    if count != ranks:
+    if hardware is None:                     # a model and a policy: no machine to hold the ranks to
+        return
+    if hardware.gpu.count != ranks:
+        count = hardware.gpu.count
         how = "run it under torchrun --nproc-per-node " + str(count) if count > 1 else "run it without torchrun"
         raise UnsupportedPolicy(f"{what} {hardware.name!r} has {count} GPU{'s' * (count > 1)}, this run "
                                 f"{ranks} rank{'s' * (ranks > 1)} (one GPU each): {how}, or plan for {ranks}")

@@ -129,3 +129,17 @@ def test_each_rank_attends_with_its_share_of_the_hosts_cores(monkeypatch):
     assert cpu_attention.attention_threads(True, ranks=2) == 8 - reserved
     assert cpu_attention.attention_threads(True, ranks=4) == 4 - reserved
     assert cpu_attention.attention_threads(False, ranks=2) is None
+
+
+def test_a_one_gpu_plan_on_two_ranks_is_refused_in_one_line(tmp_path):
+    from hrm.hardware import load_profile
+    from hrm.spec import Workload
+    from optimizer.search import search
+
+    hf_tiny_model("mixtral", **EVEN_HEADS).save_pretrained(tmp_path)
+    search(load_model(tmp_path), load_profile("h200"), Workload(6.0, 9, 4), gpu_memory="1GiB").save(tmp_path / "plan.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "moe_lightning_cli.main", "run", "--plan", str(tmp_path / "plan.json"), "--model-dir", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    assert "has 1 GPU, this run 2 ranks (one GPU each): run it without torchrun, or plan for 2" in r.stderr
