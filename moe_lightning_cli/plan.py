@@ -112,6 +112,9 @@ def run(args) -> int:
               f"{plan.policy.batch_size:,}, {job.generated_tokens:,} tokens generated, predicted {fmt_s(job.seconds)}")
     if args.output:
         print(f"wrote {args.output}")
+        if plan.hardware.gpu.count > 1:
+            print(f"run it on its {plan.hardware.gpu.count} GPUs, one rank each: torchrun --standalone --nproc-per-node "
+                  f"{plan.hardware.gpu.count} -m moe_lightning_cli.main run --plan {args.output}")
     if args.plot:
         print(f"wrote {args.plot}")
     return 0

@@ -65,6 +65,14 @@ def test_output_file_is_a_loadable_plan(capsys, tmp_path):
     assert plan.spec.name == "olmoe-1b-7b" and plan.solver == "grid"
 
 
+def test_a_plan_of_several_gpus_says_how_to_run_it(capsys, tmp_path):
+    path = tmp_path / "tp.json"
+    rc, out, _ = run_plan(capsys, "--hardware", "2xt4-s6", "--no-baselines", "-o", str(path))
+    assert rc == 0 and f"torchrun --standalone --nproc-per-node 2 -m moe_lightning_cli.main run --plan {path}" in out
+    _, one, _ = run_plan(capsys, "--hardware", "l4-s2", "--no-baselines", "-o", str(tmp_path / "one.json"))
+    assert "torchrun" not in one
+
+
 @pytest.mark.parametrize("args,needle", [
     (("--model", "mixtral-8x22b"), "short by"),                       # cannot fit even fully streamed
     (("--gpu-memory", "2GiB"), "non-expert weights"),                 # budget below the non-expert weights
