@@ -116,11 +116,21 @@ def cpu_attention_loop_model(s: Setting):
     """(fixed s, s per sequence, s per KV byte) of one call of the runtime's CPU decode attention inside
     its decode loop, fitted to the profile's in-loop measurements at several (sequences, context); None
     where the profile has fewer than three. A call's time is not its bytes over one rate: per sequence it
-    pays a fixed part besides its KV reads (H200: 1,024 sequences read 40 GB/s at context 512, 27 at 256)."""
+    pays a fixed part besides its KV reads (H200: 1,024 sequences read 40 GB/s at context 512, 27 at 256).
+    Where the profile measured calls at several KV shapes (bytes per slot), the fit is to the calls of the
+    shape nearest the model's that has at least three."""
     m = _measured(s)
     if m is None or len(m.cpu_attention_loop_shapes) < 3:
         return None
-    return _fit_attention_loop(m.cpu_attention_loop_shapes, m.cpu_attention_loop_call_s)
+    shapes, calls = m.cpu_attention_loop_shapes, m.cpu_attention_loop_call_s
+    per_slot = s.spec.kv_elems_per_token_layer * s.spec.dtypes.kv_bytes
+    sizes = sorted({shape[2] for shape in shapes})
+    held = [b for b in sizes if sum(shape[2] == b for shape in shapes) >= 3]
+    if len(held) > 1:
+        near = min(held, key=lambda b: abs(np.log(b / per_slot)))
+        rows = [i for i, shape in enumerate(shapes) if shape[2] == near]
+        shapes, calls = tuple(shapes[i] for i in rows), tuple(calls[i] for i in rows)
+    return _fit_attention_loop(tuple(map(tuple, shapes)), tuple(calls))
 
 
 def cpu_attention_calls_s(s: Setting, seqs, ctx, calls=1):

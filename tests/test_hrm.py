@@ -254,6 +254,28 @@ def test_attention_loop_fit_recovers_its_costs_and_prices_each_micro_batch():
         assert estimate(MIXTRAL, hw, wl, Policy(1000, 600)).decode_layer["cpu"] == pytest.approx(per_layer, rel=1e-3)
 
 
+def test_each_kv_shape_is_priced_from_the_loop_calls_of_its_own_shape():
+    """A profile with in-loop calls at two KV shapes (Mixtral's 4,096 bytes a slot, Qwen3's 2,048) fits each
+    model to the calls of the shape nearest its own; a profile of one shape fits every model to all."""
+    from hrm.rates import Setting, cpu_attention_loop_model
+
+    qwen3 = load_model("qwen3-30b-a3b")
+    assert qwen3.kv_elems_per_token_layer * qwen3.dtypes.kv_bytes == 2048
+    wide = ((32.0, 516.5, 4096.0), (256.0, 516.5, 4096.0), (1024.0, 260.5, 4096.0))
+    narrow = ((256.0, 516.5, 2048.0), (1024.0, 516.5, 2048.0), (1024.0, 260.5, 2048.0), (2048.0, 260.5, 2048.0))
+    slow, fast = (1.4e-3, 0.0, 1 / 31e9), (1.0e-3, 2e-6, 1 / 40e9)
+    hw = load_profile("h200")
+    both = replace(hw, measured=replace(hw.measured, cpu_attention_loop_shapes=wide + narrow,
+                                        cpu_attention_loop_call_s=_loop_calls(*slow, wide) + _loop_calls(*fast, narrow)))
+    assert cpu_attention_loop_model(Setting(MIXTRAL, both, MTBENCH)) == pytest.approx(slow, rel=1e-6, abs=1e-12)
+    assert cpu_attention_loop_model(Setting(qwen3, both, MTBENCH)) == pytest.approx(fast, rel=1e-6, abs=1e-12)
+    olmoe = load_model("olmoe-1b-7b")                                     # 8,192 bytes a slot: Mixtral's is nearer
+    assert cpu_attention_loop_model(Setting(olmoe, both, MTBENCH)) == pytest.approx(slow, rel=1e-6, abs=1e-12)
+    one_shape = replace(hw, measured=replace(hw.measured, cpu_attention_loop_shapes=wide,
+                                             cpu_attention_loop_call_s=_loop_calls(*slow, wide)))
+    assert cpu_attention_loop_model(Setting(qwen3, one_shape, MTBENCH)) == pytest.approx(slow, rel=1e-6, abs=1e-12)
+
+
 def test_per_schedule_visit_cost_prices_its_schedule():
     hw = load_profile("h200")
     m = replace(hw.measured, decode_visit_s=1e-3, decode_visit_s_by_schedule=(("s4", 3e-3),))

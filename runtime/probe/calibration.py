@@ -51,6 +51,19 @@ micro-batch (1,187 sequences: 53.5 ms a call, the probe 29.2 ms at 1,024)."""
 OVERLAP_SETTINGS_QUICK = (dict(micro_batch=16, micro_batches=4, prompt_len=256, steps=4),)
 
 
+LOOP_SHAPE_MODELS = ("qwen3-30b-a3b",)
+"""Models of another KV shape whose CPU attention calls the profile also measures in the loop (at
+LOOP_SHAPE_SETTINGS), so that each is priced from calls of its own bytes per slot (hrm.rates.
+cpu_attention_loop_model). Qwen3-30B-A3B (4 KV heads, 2,048 bytes a slot, 8 queries per KV head): its
+CPU-attention plans ran 3.4-8.9% faster than the fit to Mixtral's calls (8 KV heads, 4,096 bytes) priced,
+34.8 GB/s against 31.2 (H200, 2026-12-03, calls 24-26)."""
+
+
+LOOP_SHAPE_SETTINGS = tuple(dict(micro_batch=n, micro_batches=m, prompt_len=p, weights_gpu_frac=0.0)
+                            for n, m, p in ((256, 4, 512), (1024, 2, 512), (1024, 2, 256), (2048, 2, 256)))
+"""Two contexts, so that the per-sequence and the per-byte costs are told apart."""
+
+
 MOE_MODELS = ("mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b")
 """Expert shapes the profile measures the runtime's MoE layer at: 8 large experts (14336 x 4096, top-2),
 128 small ones (768 x 2048, top-8), 64 of 1024 x 2048 (top-8); the profiled model's own shape is added."""
@@ -362,11 +375,17 @@ def attention_in_pipeline_by_micro_batch(spec, quick: bool = False) -> dict:
     """attention_in_pipeline at each of OVERLAP_MICRO_BATCHES (the rate grows with the micro-batch: H200 run
     5 priced 28.7 GB/s from micro-batches of 32, and runs with micro-batches of 200-400 got about 36): the
     first size's figures as before, plus the curve over sizes."""
+    from hrm.hf_config import load_model
+
     settings = OVERLAP_SETTINGS_QUICK if quick else OVERLAP_SETTINGS
     runs = [attention_in_pipeline(spec, **kw) for kw in settings]
     out = dict(runs[0])
     out["cpu_attention_overlapped_micro_batches"] = [kw["micro_batch"] for kw in settings]
     out["cpu_attention_overlapped_bytes_per_s_by_micro_batch"] = [r["cpu_attention_overlapped_bytes_per_s"] for r in runs]
+    slot_bytes = {r["loop_shape"][2] for r in runs}
+    for other in ([] if quick else [load_model(name) for name in LOOP_SHAPE_MODELS]):   # the loop at other KV shapes
+        if other.kv_elems_per_token_layer * other.dtypes.kv_bytes not in slot_bytes:
+            runs += [attention_in_pipeline(other, **kw) for kw in LOOP_SHAPE_SETTINGS]
     out["cpu_attention_loop_shapes"] = [r["loop_shape"] for r in runs]
     out["cpu_attention_loop_call_s"] = [r["loop_call_s"] for r in runs]
     return out
