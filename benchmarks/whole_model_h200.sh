@@ -12,6 +12,8 @@
 #                 pipeline's batches and contexts: ms per call and GB/s of KV read, to choose DECODE_KERNEL)
 #   layers        benchmarks/layer_kernels.py $LAYER_ARGS (a plan's few layers under torch.profiler: GPU time by
 #                 kernel per (layer, prefill chunk) and per (layer, decode step))
+#   visit         benchmarks/profile_visit.py $VISIT_ARGS (a decode visit's fixed cost split into host work and
+#                 waits, e.g. VISIT_ARGS="--model olmoe-1b-7b --schedules s4 --micro-batches 1 --micro-batch-size 301")
 #   pin           benchmarks/pin_rate.py (how fast fresh host memory is page-locked)
 #   gap           benchmarks/prefill_gap.py (the runtime's prefill on 4 layers, from the probe's setting to the plans')
 #   sustained     benchmarks/sustained_rate.py (each MoE layer and a GEMM back to back for 20 s: do the clocks hold?)
@@ -68,6 +70,9 @@ for step in "$@"; do
         # LAYER_ARGS: --plan PLAN.json ... [--layers 2] [--mla-prefill matmul sdpa]
         python benchmarks/layer_kernels.py ${LAYER_ARGS:-} --out "$res/layer_kernels$suffix.json" 2>&1 \
             | grep -v USDT | tee "$res/layer_kernels$suffix.log" | tail -40 ;;
+    visit)
+        python benchmarks/profile_visit.py ${VISIT_ARGS:-} --out "$res/visit_profile$suffix.json" 2>&1 \
+            | tee "$res/visit_profile$suffix.log" | tail -30 ;;
     pin)
         python benchmarks/pin_rate.py --gib 16 --rounds 2 --out "$res/pin_rate.json" ;;
     gap)
