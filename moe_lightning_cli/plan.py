@@ -113,8 +113,11 @@ def run(args) -> int:
     if args.output:
         print(f"wrote {args.output}")
         if plan.hardware.gpu.count > 1:
-            print(f"run it on its {plan.hardware.gpu.count} GPUs, one rank each: torchrun --standalone --nproc-per-node "
-                  f"{plan.hardware.gpu.count} -m moe_lightning_cli.main run --plan {args.output}")
+            from hrm.parallel import unsupported
+            n, why = plan.hardware.gpu.count, unsupported(plan.spec, plan.hardware.gpu.count)
+            print(f"the runtime cannot run it on {n} GPUs (tensor parallelism does not support {'; '.join(why)}): "
+                  "priced only" if why else f"run it on its {n} GPUs, one rank each: torchrun --standalone "
+                  f"--nproc-per-node {n} -m moe_lightning_cli.main run --plan {args.output}")
     if args.plot:
         print(f"wrote {args.plot}")
     return 0

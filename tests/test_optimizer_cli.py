@@ -71,6 +71,10 @@ def test_a_plan_of_several_gpus_says_how_to_run_it(capsys, tmp_path):
     assert rc == 0 and f"torchrun --standalone --nproc-per-node 2 -m moe_lightning_cli.main run --plan {path}" in out
     _, one, _ = run_plan(capsys, "--hardware", "l4-s2", "--no-baselines", "-o", str(tmp_path / "one.json"))
     assert "torchrun" not in one
+    _, mla, _ = run_plan(capsys, "--model", "deepseek-v2-lite", "--hardware", "2xt4-s6", "--no-baselines",
+                         "-o", str(tmp_path / "mla.json"))
+    assert "the runtime cannot run it on 2 GPUs (tensor parallelism does not support attention 'mla'" in mla
+    assert "torchrun" not in mla
 
 
 @pytest.mark.parametrize("args,needle", [
