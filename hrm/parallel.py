@@ -57,8 +57,8 @@ def shard_spec(spec: ModelSpec, world: int) -> ModelSpec:
                    dense_intermediate_size=spec.dense_intermediate_size // world)
 
 
-
 def can_shard(spec: ModelSpec, ranks: int) -> bool:
+    """Whether `ranks` > 1 tensor-parallel ranks can hold `spec` (the runtime runs it so; hrm prices it so)."""
     return ranks > 1 and not unsupported(spec, ranks)
 
 
