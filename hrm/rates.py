@@ -4,6 +4,7 @@ datasheet roofline; and the seconds a cost takes on the GPU or the CPU at those 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections import Counter
 from functools import lru_cache
 from itertools import combinations
 
@@ -124,8 +125,7 @@ def cpu_attention_loop_model(s: Setting):
         return None
     shapes, calls = m.cpu_attention_loop_shapes, m.cpu_attention_loop_call_s
     per_slot = s.spec.kv_elems_per_token_layer * s.spec.dtypes.kv_bytes
-    sizes = sorted({shape[2] for shape in shapes})
-    held = [b for b in sizes if sum(shape[2] == b for shape in shapes) >= 3]
+    held = [b for b, n in Counter(shape[2] for shape in shapes).items() if n >= 3]
     if len(held) > 1:
         near = min(held, key=lambda b: abs(np.log(b / per_slot)))
         rows = [i for i, shape in enumerate(shapes) if shape[2] == near]

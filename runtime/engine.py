@@ -95,7 +95,7 @@ class Engine:
         check_supported(spec)
         self.shard = parallel.Shard(spec, tp.rank, tp.world) if tp else None
         if tp:
-            spec = parallel.shard_spec(spec, tp.world)
+            spec = self.shard.spec
             if cuda_graphs:
                 raise UnsupportedPolicy("CUDA graphs with tensor parallelism (the all-reduces are not captured)")
             if gpu_memory_budget_bytes:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hrm.parallel import ParallelError, shard_spec  # noqa: F401  (the shard's shape and refusals: one home, hrm)
+from hrm.parallel import ParallelError, shard_spec  # noqa: F401  (ParallelError: the runtime's refusals too)
 from hrm.spec import ModelSpec
 
 
@@ -87,6 +87,11 @@ class Shard:
     full: ModelSpec
     rank: int
     world: int
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The ModelSpec of this rank's part (hrm.parallel.shard_spec)."""
+        return shard_spec(self.full, self.world)
 
     def cut(self, name: str, whole: torch.Tensor) -> torch.Tensor:
         """This rank's part of tensor `name` (our names: runtime.weights.weight_shapes) given whole."""
