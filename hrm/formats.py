@@ -108,14 +108,15 @@ class KVFormat:
 
 
 KV_FORMATS = {"bf16": KVFormat("bf16", 2), "fp16": KVFormat("fp16", 2), "fp32": KVFormat("fp32", 4),
-              "int8": KVFormat("int8", 1, 127.0, cpu_attention_time_of_compute=1.05),
+              "int8": KVFormat("int8", 1, 127.0, cpu_attention_time_of_compute=0.685),
               "fp8": KVFormat("fp8", 1, 448.0, cpu_attention_time_of_compute=1.42)}
 """cpu_attention_time_of_compute: the runtime's CPU decode attention over a scaled 8-bit cache (its fused kernel,
 runtime.cpu_attention_fused) takes this many times the time of its attention over the same sequences and context
-cached in the compute dtype (SDPA): the kernel is bound by its arithmetic, not by the bytes it reads, so half the
-bytes is not half the time. Measured on the H200 host, 14 threads, Mixtral's shapes at context 288 (2026-12-03
-call 18, benchmarks/results/whole_model/h200-2026-12-03-call18/cpu_attention_rate.json): int8 20.3 / 18.0 ms at
-600 sequences and 62.2 / 63.2 at 1,800 (geometric mean 1.05); fp8 27.5 / 18.0 and 83.4 / 63.2 (1.42)."""
+cached in the compute dtype (SDPA): the kernel is bound by its arithmetic more than by the bytes it reads, so
+half the bytes is not half the time. Measured on the H200 host, 14 threads, Mixtral's shapes at context 288:
+int8 (2026-12-03 call 29, the tiled kernel, benchmarks/results/whole_model/h200-2026-12-03-call29/
+cpu_attention_rate.json) 11.67 / 16.80 ms at 600 sequences and 33.64 / 49.74 at 1,800 (geometric mean 0.685);
+fp8 (call 18, the kernel before the tiles: not measured since) 27.5 / 18.0 and 83.4 / 63.2 (1.42)."""
 SCALED_KV_FORMATS = tuple(n for n, f in KV_FORMATS.items() if f.scaled)
 
 
