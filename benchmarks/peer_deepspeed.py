@@ -34,7 +34,8 @@ Batch sizes run in the order given; --stop-after-ok 1 with a descending list fin
 A batch size is not started when the time it would take (from the last run, or from the warm-up's time per
 forward pass) does not fit in what --time-limit-s leaves; it is recorded as skipped.
 
-  pip install --no-index --find-links .whl/deepspeed deepspeed nvidia-ml-py     # the carried wheels
+  bash benchmarks/build_deepspeed_wheels.sh                                      # here, with network
+  pip install --no-index --find-links .whl/deepspeed deepspeed nvidia-ml-py     # there, the carried wheels
   PYTHONPATH=. python benchmarks/peer_deepspeed.py --gpu-budget-gib 24 --batch-sizes 256,192,160,128 \\
       --prompt-len 256 --gen-len 32 --stop-after-ok 1
   PYTHONPATH=. python benchmarks/peer_deepspeed.py --tiny        # CPU smoke test (DeepSpeed's CPU accelerator)
