@@ -125,19 +125,27 @@ def summarize_frame(df: pd.DataFrame, csv_path: Path, peers: list[dict]) -> dict
             ok_rows = [r for r in p["rows"] if r.get("status") == "ok"
                        and abs(float(r.get("gpu_budget_full_bytes", 0)) - budget) < 0.02 * budget]
             if ok_rows:
+                name = peer_name(p)
                 best_peer = max(ok_rows, key=lambda r: float(r["tokens_per_s"]))
-                out["ratios"][f"hf_accelerate_b{best_peer['batch_size']}"] = float(
+                out["ratios"][f"{name}_b{best_peer['batch_size']}"] = float(
                     c["meas_tok_s"] / float(best_peer["tokens_per_s"]))
-                out["hf_accelerate_tok_s"] = float(best_peer["tokens_per_s"])
+                out[f"{name}_tok_s"] = float(best_peer["tokens_per_s"])
     return out
+
+
+def peer_name(peer: dict) -> str:
+    """A peer JSON's name in the summary: its script's (peer_hf_accelerate.py -> hf_accelerate,
+    peer_deepspeed.py -> deepspeed)."""
+    return str(peer.get("benchmark", "peer_hf_accelerate")).removeprefix("peer_")
 
 
 def markdown(summaries: list[dict]) -> str:
     lines = ["| run | policies | median abs err (e2e) | max abs err | chosen / best measured | pipeline eff. "
-             "| ours / HF accelerate | ours / best FlexGen-style |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| ours / HF accelerate | ours / DeepSpeed | ours / best FlexGen-style |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         hf = next((v for k, v in s["ratios"].items() if k.startswith("hf_accelerate")), None)
+        ds = next((v for k, v in s["ratios"].items() if k.startswith("deepspeed_b")), None)
         fx = s["ratios"].get("best_flexgen_style")
 
         def pct(x):
@@ -148,7 +156,7 @@ def markdown(summaries: list[dict]) -> str:
         lines.append(f"| {s['file']} ({s['gpu_budget_full_model_gb'] * 1e9 / 2**30:.0f} GiB budget) | {s['policies_run']} "
                      f"| {pct(s['median_abs_err_tok_s'])} | {pct(s['max_abs_err_tok_s'])} "
                      f"| {pct(s['chosen_vs_best_measured'])} | {pct(s['pipeline_efficiency_chosen'])} "
-                     f"| {ratio(hf)} | {ratio(fx)} |")
+                     f"| {ratio(hf)} | {ratio(ds)} | {ratio(fx)} |")
     return "\n".join(lines)
 
 
@@ -157,7 +165,7 @@ def main(argv=None) -> int:
     ap.add_argument("csv", nargs="*", help="a validate.py CSV, or the parts of one sweep joined with '+'")
     ap.add_argument("--from-log", nargs=2, action="append", default=[], metavar=("LOG", "SWEEP"),
                     help="also summarise the SWEEP-th sweep (0-based) printed in a validate.py log")
-    ap.add_argument("--peer", action="append", type=Path, default=[], help="peer_hf_accelerate.py JSON output")
+    ap.add_argument("--peer", action="append", type=Path, default=[], help="peer_hf_accelerate.py or peer_deepspeed.py JSON output")
     ap.add_argument("--reprice", metavar="PROFILE",
                     help="recompute every prediction under this hardware profile (name or .toml) before summarising")
     ap.add_argument("--rows", type=Path, help="also write the rows summarised (repriced ones with --reprice) as CSV")

@@ -104,3 +104,15 @@ def test_profile_visit_splits_the_probe_visit(tmp_path):
     assert (tmp_path / "visit_cgopipe_1l.trace.json.gz").stat().st_size > 0
     assert profile_visit.main(["--model", str(cfg), "--schedules", "s5", "--out", str(out)]) == 2
     assert profile_visit.main(["--model", str(cfg), "--layers", "0", "--out", str(out)]) == 2
+
+
+def test_peers_are_named_by_their_script():
+    """A DeepSpeed peer gets its own ratio and column, not HF accelerate's."""
+    import summarize_validation as sv
+    assert sv.peer_name({"benchmark": "peer_deepspeed"}) == "deepspeed"
+    assert sv.peer_name({"benchmark": "peer_hf_accelerate"}) == "hf_accelerate"
+    row = dict(file="x.csv", gpu_budget_full_model_gb=24 * 2**30 / 1e9, policies_run=3, median_abs_err_tok_s=0.05,
+               max_abs_err_tok_s=0.1, chosen_vs_best_measured=1.0, pipeline_efficiency_chosen=0.9,
+               ratios={"hf_accelerate_b16": 342.0, "deepspeed_b192": 7.5, "baseline:deepspeed": 2.1})
+    last = sv.markdown([row]).splitlines()[-1]
+    assert last.endswith("| 342.00x | 7.50x | - |"), last
