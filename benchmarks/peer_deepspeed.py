@@ -43,10 +43,8 @@ forward pass) does not fit in what --time-limit-s leaves; it is recorded as skip
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import gc
-import io
 import json
 import os
 import platform
@@ -63,7 +61,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-from peer_hf_accelerate import DEFAULT_CONFIG, GiB, _atomic_write, _head_dim, build_config  # noqa: E402 (the sibling peer)
+import peer_hf_accelerate as hf  # noqa: E402 (the sibling peer)
+from peer_hf_accelerate import DEFAULT_CONFIG, GiB, _head_dim, build_config  # noqa: E402
 
 NAME = "peer_deepspeed"
 TAG = "peer:deepspeed"
@@ -277,24 +276,6 @@ def zero_placement(model) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # measurement
 
-def generate_once(model, batch: int, prompt_len: int, gen_len: int, device, seed: int) -> tuple[float, int]:
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=g)   # [batch, prompt]
-    ids = ids.to(device)
-    mask = torch.ones_like(ids)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    with torch.no_grad():     # not inference_mode: ZeRO-3's hooks swap parameter storage during the forward
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=gen_len, min_new_tokens=gen_len,
-                             do_sample=False, pad_token_id=0, use_cache=True)
-    sync()
-    wall = time.perf_counter() - t0
-    return wall, int(out.shape[1] - prompt_len)
-
-
 def _is_oom(e: BaseException) -> bool:
     import torch
 
@@ -337,12 +318,6 @@ def environment(use_cuda: bool) -> dict:
     return env
 
 
-def default_output() -> Path:
-    if os.environ.get("OUT"):
-        return Path(os.environ["OUT"]) / f"{NAME}.json"
-    return REPO / "benchmarks" / "results" / f"{NAME}_{dt.date.today().isoformat()}.json"
-
-
 CSV_FIELDS = ("date", "machine", "tag", "model", "num_layers", "full_layers", "batch_size", "prompt_len", "gen_len",
               "status", "tokens_per_s", "tokens_per_s_scaled_to_full", "wall_s", "prefill_s", "decode_tokens_per_s",
               "generated_tokens", "gpu_budget_full_bytes", "gpu_cap_bytes", "kv_bytes", "weights_total_bytes",
@@ -352,16 +327,7 @@ CSV_FIELDS = ("date", "machine", "tag", "model", "num_layers", "full_layers", "b
 
 
 def write_results(path: Path, header: dict, rows: list[dict]) -> None:
-    _atomic_write(path, json.dumps({**header, "rows": rows}, indent=2) + "\n")
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
-    w.writeheader()
-    env = header["environment"]
-    for r in rows:
-        w.writerow({**r, "tag": TAG, "date": header["date"], "machine": f"{env['gpu']} / {env['cpu']}",
-                    "command": header["command"], "torch": env["torch"], "transformers": env["transformers"],
-                    "deepspeed": env["deepspeed"]})
-    _atomic_write(path.with_suffix(".csv"), buf.getvalue())
+    hf.write_results(path, header, rows, CSV_FIELDS, "deepspeed", tag=TAG)
 
 
 def peak_host_rss() -> int:
@@ -408,18 +374,13 @@ def main(argv=None) -> int:
         return fail(f"cannot import deepspeed ({e}); install the carried wheels: "
                     "pip install --no-index --find-links .whl/deepspeed deepspeed nvidia-ml-py")
     device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
-    out = Path(args.output) if args.output else default_output()
+    out = Path(args.output) if args.output else hf.default_output(NAME)
     env = environment(use_cuda)
     header = dict(benchmark=NAME, tag=TAG, date=dt.date.today().isoformat(),
                   timestamp=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                   command=shlex.join(["PYTHONPATH=.", "python", "benchmarks/peer_deepspeed.py",
                                       *(sys.argv[1:] if argv is None else argv)]),
-                  environment=env, model=dict(config=str(args.config), tiny=args.tiny,
-                                              num_layers=config.num_hidden_layers, full_layers=full_layers,
-                                              hidden_size=config.hidden_size,
-                                              intermediate_size=config.intermediate_size,
-                                              num_local_experts=config.num_local_experts,
-                                              num_experts_per_tok=config.num_experts_per_tok),
+                  environment=env, model=hf.model_header(args, config, full_layers),
                   workload=dict(prompt_len=args.prompt_len, gen_len=args.gen_len, batch_sizes=batch_sizes,
                                 gpu_budget_full_gib=args.gpu_budget_gib, stop_after_ok=args.stop_after_ok),
                   ds_config=ds_config, host_memory_available_bytes=avail, **store)
@@ -444,7 +405,7 @@ def main(argv=None) -> int:
 
     total_gpu = torch.cuda.mem_get_info(0)[1] if use_cuda else 0
     t = time.perf_counter()
-    generate_once(model, 1, 8, 2, device, args.seed)             # CUDA context, kernels, ZeRO-3's trace
+    hf.generate_once(model, 1, 8, 2, device, args.seed, inference_mode=False)   # CUDA context, kernels, ZeRO-3's trace
     header["warmup_s"] = time.perf_counter() - t
     per_forward_s = header["warmup_s"] / 2
     write_results(out, header, [])
@@ -480,8 +441,10 @@ def main(argv=None) -> int:
             if use_cuda:
                 torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, cap / total_gpu)), 0)
                 torch.cuda.reset_peak_memory_stats(0)
-            prefill_s, _ = generate_once(model, batch, args.prompt_len, 1, device, args.seed + batch)
-            wall, new = generate_once(model, batch, args.prompt_len, args.gen_len, device, args.seed + batch)
+            # no_grad, not inference_mode: ZeRO-3's hooks swap parameter storage during the forward
+            run = dict(device=device, seed=args.seed + batch, inference_mode=False)
+            prefill_s, _ = hf.generate_once(model, batch, args.prompt_len, 1, **run)
+            wall, new = hf.generate_once(model, batch, args.prompt_len, args.gen_len, **run)
             tok_s = batch * new / wall
             decode_s = wall - prefill_s
             row.update(status="ok", wall_s=wall, generated_tokens=batch * new, tokens_per_s=tok_s, prefill_s=prefill_s,

@@ -207,7 +207,10 @@ def _head_dim(config) -> int:
 # ---------------------------------------------------------------------------------------------------
 # measurement
 
-def generate_once(model, batch: int, prompt_len: int, gen_len: int, device, seed: int) -> tuple[float, int]:
+def generate_once(model, batch: int, prompt_len: int, gen_len: int, device, seed: int,
+                  inference_mode: bool = True) -> tuple[float, int]:
+    """Wall seconds of one greedy generate of exactly gen_len new tokens over random prompts, and the tokens
+    it made. inference_mode=False: under no_grad only (for hooks that swap parameter storage)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -217,9 +220,9 @@ def generate_once(model, batch: int, prompt_len: int, gen_len: int, device, seed
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode() if inference_mode else torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=gen_len, min_new_tokens=gen_len,
-                             do_sample=False, pad_token_id=0)
+                             do_sample=False, pad_token_id=0, use_cache=True)
     sync()
     wall = time.perf_counter() - t0
     return wall, int(out.shape[1] - prompt_len)
@@ -241,10 +244,10 @@ def environment(use_cuda: bool) -> dict:
     return env
 
 
-def default_output() -> Path:
+def default_output(name: str = "peer_hf_accelerate") -> Path:
     if os.environ.get("OUT"):
-        return Path(os.environ["OUT"]) / "peer_hf_accelerate.json"
-    return REPO / "benchmarks" / "results" / f"peer_hf_accelerate_{dt.date.today().isoformat()}.json"
+        return Path(os.environ["OUT"]) / f"{name}.json"
+    return REPO / "benchmarks" / "results" / f"{name}_{dt.date.today().isoformat()}.json"
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -263,16 +266,27 @@ CSV_FIELDS = ("date", "machine", "model", "num_layers", "full_layers", "batch_si
               "experts_implementation", "torch", "transformers", "accelerate", "error", "command")
 
 
-def write_results(path: Path, header: dict, rows: list[dict]) -> None:
+def write_results(path: Path, header: dict, rows: list[dict], fields=CSV_FIELDS, library: str = "accelerate",
+                  **constant) -> None:
+    """The JSON (header and rows) and a CSV of `fields` beside it, each written atomically; every CSV row also
+    gets the date, machine, command, the torch / transformers / `library` versions and `constant` columns."""
     _atomic_write(path, json.dumps({**header, "rows": rows}, indent=2) + "\n")
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     w.writeheader()
     env = header["environment"]
     for r in rows:
-        w.writerow({**r, "date": header["date"], "machine": f"{env['gpu']} / {env['cpu']}", "command": header["command"],
-                    "torch": env["torch"], "transformers": env["transformers"], "accelerate": env["accelerate"]})
+        w.writerow({**r, **constant, "date": header["date"], "machine": f"{env['gpu']} / {env['cpu']}",
+                    "command": header["command"], "torch": env["torch"], "transformers": env["transformers"],
+                    library: env[library]})
     _atomic_write(path.with_suffix(".csv"), buf.getvalue())
+
+
+def model_header(args, config, full_layers: int) -> dict:
+    """The model part of a peer's JSON header."""
+    return dict(config=str(args.config), tiny=args.tiny, num_layers=config.num_hidden_layers, full_layers=full_layers,
+                hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+                num_local_experts=config.num_local_experts, num_experts_per_tok=config.num_experts_per_tok)
 
 
 def main(argv=None) -> int:
@@ -300,12 +314,7 @@ def main(argv=None) -> int:
                   timestamp=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                   command=shlex.join(["PYTHONPATH=.", "python", "benchmarks/peer_hf_accelerate.py",
                                       *(sys.argv[1:] if argv is None else argv)]),
-                  environment=env, model=dict(config=str(args.config), tiny=args.tiny,
-                                              num_layers=config.num_hidden_layers, full_layers=full_layers,
-                                              hidden_size=config.hidden_size,
-                                              intermediate_size=config.intermediate_size,
-                                              num_local_experts=config.num_local_experts,
-                                              num_experts_per_tok=config.num_experts_per_tok),
+                  environment=env, model=model_header(args, config, full_layers),
                   workload=dict(prompt_len=args.prompt_len, gen_len=args.gen_len, batch_sizes=batch_sizes,
                                 gpu_budget_full_gib=args.gpu_budget_gib))
     t_start = time.perf_counter()
