@@ -36,7 +36,7 @@ forward pass) does not fit in what --time-limit-s leaves; it is recorded as skip
 
   bash benchmarks/build_deepspeed_wheels.sh                                      # here, with network
   pip install --no-index --find-links .whl/deepspeed deepspeed nvidia-ml-py     # there, the carried wheels
-  PYTHONPATH=. python benchmarks/peer_deepspeed.py --gpu-budget-gib 24 --batch-sizes 256,192,160,128 \\
+  PYTHONPATH=. python benchmarks/peer_deepspeed.py --gpu-budget-gib 24 --batch-sizes 384,320,256 \\
       --prompt-len 256 --gen-len 32 --stop-after-ok 1
   PYTHONPATH=. python benchmarks/peer_deepspeed.py --tiny        # CPU smoke test (DeepSpeed's CPU accelerator)
 """
