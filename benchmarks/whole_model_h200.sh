@@ -76,7 +76,8 @@ for step in "$@"; do
     deepspeed)
         # peer: DeepSpeed ZeRO-Inference (benchmarks/peer_deepspeed.py), whole Mixtral-8x7B at 24 GB, installed from
         # the carried wheels (.whl/deepspeed, made by benchmarks/build_deepspeed_wheels.sh: carry it); DS_ARGS: e.g. "--batch-sizes 192,128 --stop-after-ok 1"
-        pip install -q --no-index --find-links .whl/deepspeed deepspeed nvidia-ml-py 2>&1 | tail -3
+        # every wheel it needs is carried, so no resolving (pip --no-index could not see the installed numpy)
+        python -m pip install -q --no-index --no-deps .whl/deepspeed/*.whl 2>&1 | tail -3
         python benchmarks/peer_deepspeed.py --gpu-budget-gib 24 --prompt-len 256 --gen-len 32 \
             --time-limit-s "$(left)" ${DS_ARGS:-} --output "$res/peer_deepspeed$suffix.json" 2>&1 \
             | tee "$res/peer_deepspeed$suffix.log" | grep -v -E '^\[[0-9-]+ [0-9:,]+\] \[INFO\]' | tail -25 ;;

@@ -88,5 +88,5 @@ def test_without_deepspeed_the_tiny_run_says_how_to_install(peer, capsys, tmp_pa
     if importlib.util.find_spec("deepspeed") is not None:
         pytest.skip("deepspeed is installed")
     assert peer.main(["--tiny", "--output", str(tmp_path / "x.json")]) == 2
-    assert "pip install --no-index --find-links .whl/deepspeed" in capsys.readouterr().err
+    assert "pip install --no-index --no-deps .whl/deepspeed/*.whl" in capsys.readouterr().err
     assert "deepspeed" not in sys.modules
