@@ -18,12 +18,12 @@ import numpy as np
 
 from . import ops
 from .efficiency import moe_layer_flops_per_s
-from .formats import kv_format
 from .hardware import HardwareProfile, interp_log
 from .memory import MemoryUse, kv_slots_per_sequence, memory_use
 from .parallel import ALLREDUCES_PER_LAYER, can_shard, ring_allreduce_s
 from .policy import Policy, prefill_chunk_sequences, realised_kv_frac
 from .rates import (Setting, _measured, expert_dequant_s, cpu_attention_bytes_per_s, cpu_attention_call_s, cpu_attention_calls_s,
+                    cpu_attention_time_of_compute,
                     cpu_dram_bytes_per_s, cpu_time, d2h_bytes_per_s, decode_visit_s, duplex_bytes_per_s, gpu_time, h2d_bytes_per_s,
                     moe_curve, prefill_rest_flops_per_s, weight_staging_s)
 from .schedules import SCHEDULES
@@ -110,11 +110,11 @@ def _cpu_attention_s(s: Setting, seqs, ctx, calls, attn_rate):
     """Seconds of `calls` CPU decode-attention calls over `seqs` sequences at context `ctx`: the profile's
     fitted call model where it has one, else the KV bytes at `attn_rate` plus a fixed cost per call. Over a
     scaled 8-bit cache: its format's measured multiple of the time over the same cache in the compute dtype
-    (hrm.formats.KVFormat.cpu_attention_time_of_compute), not the time of its bytes."""
+    (hrm.rates.cpu_attention_time_of_compute), not the time of its bytes."""
     if s.spec.dtypes.kv_format:
         as_compute = replace(s, spec=replace(s.spec, dtypes=replace(s.spec.dtypes, kv_bytes=s.spec.dtypes.act_bytes,
                                                                     kv_format="")))
-        factor = kv_format(s.spec.dtypes.kv_format).cpu_attention_time_of_compute
+        factor = cpu_attention_time_of_compute(s, s.spec.dtypes.kv_format)
         return factor * _cpu_attention_s(as_compute, seqs, ctx, calls, attn_rate)
     t = cpu_attention_calls_s(s, seqs, ctx, calls)
     if t is None:

@@ -16,6 +16,7 @@ from typing import Mapping
 import numpy as np
 
 from .checks import MAX_BYTES, load_json, need, number, read_text
+from .formats import SCALED_KV_FORMATS
 from .memory import MemoryProfile
 from .profile_keys import MEMORY_KEYS, misplaced_or_unknown_key, unit_of
 
@@ -108,6 +109,8 @@ class Measured:
     decode_visit_s_grouped_by_schedule: tuple[tuple[str, float], ...] = ()  # micro-batches above ...
     grouped_above_tokens: int = 0              # ... this many tokens (the runtime's grouped MoE path)
     cpu_attention_call_s: float = 0.0          # fixed cost of one CPU attention call (hand-off, masks, append)
+    cpu_attention_time_of_compute_by_kv_format: tuple[tuple[str, float], ...] = ()  # per scaled 8-bit KV
+    #   format, its CPU attention's time per call over the compute dtype's (hrm.formats.KVFormat's default)
     method: str = ""
     date: str = ""
 
@@ -253,15 +256,19 @@ def _memory_bytes(table: Mapping, where: str) -> float:
     raise HardwareError(f"{where}: missing field 'memory_gib' (or 'memory_gb')")
 
 
-def _by_schedule(table, key: str, where: str) -> tuple[tuple[str, float], ...]:
-    """{schedule = number} -> ((schedule, number in SI), ...), every schedule a known one."""
-    from .schedules import SCHEDULES
+def _by_name(table, key: str, where: str, known, what: str, example: str) -> tuple[tuple[str, float], ...]:
+    """{name = number} -> ((name, number in SI), ...), every name one of `known` (what they are: `what`)."""
     if not isinstance(table, Mapping):
-        raise HardwareError(f"{where}: '{key}' must be a table like {{ cgopipe = 1500 }}, got {table!r}")
-    odd = [k for k in table if k not in SCHEDULES]
+        raise HardwareError(f"{where}: '{key}' must be a table like {{ {example} }}, got {table!r}")
+    odd = [k for k in table if k not in known]
     if odd:
-        raise HardwareError(f"{where}: '{key}' names unknown schedule(s) {odd}; known: {', '.join(SCHEDULES)}")
+        raise HardwareError(f"{where}: '{key}' names unknown {what}(s) {odd}; known: {', '.join(known)}")
     return tuple((k, _positive(v, f"{key}.{k}", where) * unit_of(key)) for k, v in table.items())
+
+
+def _by_schedule(table, key: str, where: str) -> tuple[tuple[str, float], ...]:
+    from .schedules import SCHEDULES
+    return _by_name(table, key, where, SCHEDULES, "schedule", "cgopipe = 1500")
 
 
 def _si(table: Mapping, key: str, where: str) -> float:
@@ -341,6 +348,9 @@ def _measured(table: Mapping, where: str) -> Measured:
         grouped_above_tokens=int(_positive(table["grouped_above_tokens"], "grouped_above_tokens", where))
         if "grouped_above_tokens" in table else 0,
         cpu_attention_call_s=_si(table, "cpu_attention_call_us", where),
+        cpu_attention_time_of_compute_by_kv_format=_by_name(
+            table.get("cpu_attention_time_of_compute_by_kv_format", {}), "cpu_attention_time_of_compute_by_kv_format",
+            where, SCALED_KV_FORMATS, "KV format", "int8 = 0.6"),
         method=str(_req(table, "method", where)), date=str(_req(table, "date", where)),
     )
 

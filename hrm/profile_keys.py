@@ -3,6 +3,7 @@ them, runtime/probe/profile_toml.py writes them), and the one check that a file 
 from __future__ import annotations
 
 import re
+import tomllib
 from typing import Mapping
 
 from .units import GB, GiB, MiB, TFLOPS
@@ -51,6 +52,7 @@ PROFILE_KEYS = {
         "cpu_attention_overlapped_gb_per_s_by_micro_batch", "cpu_attention_loop_shapes",
         "cpu_attention_loop_call_ms", "decode_visit_us", "decode_visit_us_by_schedule",
         "decode_visit_us_grouped_by_schedule", "grouped_above_tokens", "cpu_attention_call_us",
+        "cpu_attention_time_of_compute_by_kv_format",
         # kept as the record
         "cpu_attention_shapes", "cpu_attention_gb_per_s_by_shape"}),
     "memory": frozenset(MEMORY_KEYS) | {"source"},
@@ -122,3 +124,56 @@ def upgrade_profile_text(text: str) -> str:
     if section == "measured":
         close_measured()
     return "\n".join(out) + ("\n" if text.endswith("\n") else "")
+
+
+_KEY_LINE = re.compile(r"\s*([A-Za-z0-9_-]+)\s*=")
+
+
+def replace_profile_keys(text: str, section: str, lines: Mapping[str, str | None]) -> str:
+    """A profile's TOML `text` with the `key = value` line of each key of `lines` in [section] ("" the top
+    level) replaced by lines[key] (a whole line, without its newline), or removed where that is None; a
+    key the section lacks is added after the last of `lines`' keys it holds (after its last line where it
+    holds none). A value written over several lines is replaced whole. Every other line, comments and line
+    endings included, stays as it was. ValueError where the section is not in the text."""
+    rows = text.splitlines(keepends=True)
+    current, start, end = "", 0 if section == "" else None, len(rows)
+    for i, row in enumerate(rows):
+        header = _HEADER.match(row)
+        if header and current == section and start is not None:
+            end = i
+            break
+        if header:
+            current = header.group(1)
+            start = i + 1 if current == section else start
+    if start is None:
+        raise ValueError(f"no [{section}] section")
+    eol = next((row[len(row.rstrip("\r\n")):] for row in rows if row.endswith("\n")), "\n")
+    spans: dict[str, tuple[int, int]] = {}          # key -> its value's rows [i, j)
+    i = start
+    while i < end:
+        m = _KEY_LINE.match(rows[i])
+        j = i + 1
+        if m:
+            while j < end and not _parses("".join(rows[i:j])):
+                j += 1                               # a value over several rows
+            spans[m.group(1)] = (i, j)
+        i = j
+    last = max((spans[k][1] for k in lines if k in spans), default=None)
+    if last is None:                                 # after the section's last non-blank row
+        last = next((k + 1 for k in range(end - 1, start - 1, -1) if rows[k].strip()), start)
+    added = [line + eol for k, line in lines.items() if k not in spans and line is not None]
+    if added and last > 0 and not rows[last - 1].endswith(("\n", "\r")):
+        rows[last - 1] += eol                        # the text's last row, without a newline
+    edits = [(i, j, [] if lines[k] is None else [lines[k] + rows[j - 1][len(rows[j - 1].rstrip("\r\n")):]])
+             for k, (i, j) in spans.items() if k in lines] + [(last, last, added)]
+    for i, j, new in sorted(edits, key=lambda e: e[0], reverse=True):
+        rows[i:j] = new
+    return "".join(rows)
+
+
+def _parses(toml: str) -> bool:
+    try:
+        tomllib.loads(toml)
+    except tomllib.TOMLDecodeError:
+        return False
+    return True

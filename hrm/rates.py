@@ -12,7 +12,7 @@ import numpy as np
 
 from .cost import Cost
 from .efficiency import attained
-from .formats import expert_format
+from .formats import expert_format, kv_format
 from .hardware import HardwareProfile, interp_log
 from .policy import Placement, Policy, ReadsPlacement
 from .schedules import SCHEDULES
@@ -211,6 +211,15 @@ def decode_visit_s(s: Setting, mu, num_micro_batches=2):
 def cpu_attention_call_s(s: Setting) -> float:
     m = _measured(s)
     return m.cpu_attention_call_s if m is not None else 0.0
+
+
+def cpu_attention_time_of_compute(s: Setting, fmt: str) -> float:
+    """The CPU attention's time per call over a scaled 8-bit KV cache of format `fmt` over its time over the
+    compute dtype's: the profile's measurement (cpu_attention_time_of_compute_by_kv_format) where it has one,
+    else the format's default (hrm.formats.KVFormat.cpu_attention_time_of_compute)."""
+    m = _measured(s)
+    measured = dict(m.cpu_attention_time_of_compute_by_kv_format) if m is not None else {}
+    return measured.get(fmt, kv_format(fmt).cpu_attention_time_of_compute)
 
 
 

@@ -276,3 +276,32 @@ def test_cpu_attention_over_8bit_kv_is_priced_at_its_measured_multiple_of_bf16(n
     assert times["bf16"].cpu_s > 0
     assert math.isclose(times[name].cpu_s / times["bf16"].cpu_s, kv_format(name).cpu_attention_time_of_compute,
                         rel_tol=1e-9)
+
+
+def test_a_profiles_measured_multiple_replaces_the_formats_default(tmp_path):
+    """A profile that measured its 8-bit kernels (cpu_attention_time_of_compute_by_kv_format) is priced at its
+    own multiple; a format it did not measure keeps the default."""
+    from hrm.estimate import decode_layer_times
+    from hrm.hardware import load_profile
+    from hrm.hf_config import load_model
+    from hrm.rates import Setting
+    from hrm.spec import Workload
+
+    text = (Path(__file__).resolve().parent.parent / "hrm/hardware_profiles/h200-measured.toml").read_text()
+    lines = [ln for ln in text.splitlines() if not ln.startswith("cpu_attention_time_of_compute_by_kv_format")]
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("cpu_attention_gb_per_s_by_shape")) + 1
+    lines.insert(at, "cpu_attention_time_of_compute_by_kv_format = { int8 = 0.5 }")
+    path = tmp_path / "h200-own-int8.toml"
+    path.write_text("\n".join(lines) + "\n")
+    spec, hw = load_model("mixtral-8x7b"), load_profile(str(path))
+    wl = Workload(avg_prompt_len=256, max_prompt_len=256, gen_len=32)
+    policy = Policy(batch_size=1600, micro_batch_size=800, weights_gpu_frac=0.125)
+    cpu_s = {kv: decode_layer_times(Setting.of(s, hw, wl, policy), 1600, 800, 0.125, 0.0, 288).cpu_s
+             for kv, s in (("bf16", spec), ("int8", spec.with_kv_format("int8")), ("fp8", spec.with_kv_format("fp8")))}
+    assert math.isclose(cpu_s["int8"] / cpu_s["bf16"], 0.5, rel_tol=1e-9)
+    assert math.isclose(cpu_s["fp8"] / cpu_s["bf16"], kv_format("fp8").cpu_attention_time_of_compute, rel_tol=1e-9)
+    bad = tmp_path / "h200-int4.toml"
+    bad.write_text(path.read_text().replace("{ int8 = 0.5 }", "{ int4 = 0.5 }"))
+    from hrm.hardware import HardwareError
+    with pytest.raises(HardwareError, match=r"unknown KV format\(s\) \['int4'\]"):
+        load_profile(str(bad))

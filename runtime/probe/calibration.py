@@ -291,11 +291,8 @@ def runtime_overheads(spec, visits: int = VISIT_VISITS, calls: int = 200, quick:
 
     decode_visit_s_by_schedule: per schedule, decode seconds per (micro-batch, layer) visit (see
     decode_visit_costs); decode_visit_s: CGOPipe's.
-    cpu_attention_call_s: one decode-attention call of one sequence over 16 slots, submitted to the
-    attention worker and waited for (hand-off + kernel-call overhead).
+    cpu_attention_call_s: one decode-attention call's fixed cost (cpu_attention_call_s).
     With CUDA also the CPU attention rate inside the pipelined loop (attention_in_pipeline)."""
-    from ..cpu_attention import AttentionWorker, attention_threads, decode_attention
-
     from .. import moe
 
     by_schedule = decode_visit_costs(spec, visits)
@@ -303,6 +300,21 @@ def runtime_overheads(spec, visits: int = VISIT_VISITS, calls: int = 200, quick:
     grouped = {}
     if torch.cuda.is_available() and moe.grouped_mm_available(torch.device("cuda"), torch.bfloat16):
         grouped = decode_visit_costs(spec, visits, micro_batches=8, micro_batch_size=grouped_size)
+    out = {"decode_visit_s": by_schedule["cgopipe"], "decode_visit_s_by_schedule": by_schedule,
+           "decode_visit_s_grouped_by_schedule": grouped, "grouped_above_tokens": moe.MOE_DENSE_MAX_TOKENS,
+           "cpu_attention_call_s": cpu_attention_call_s(spec, calls),
+           "visit_model": visit_probe(spec, "cgopipe", visits)[0].name}
+    if torch.cuda.is_available():
+        out.update(attention_in_pipeline_by_micro_batch(spec, quick))
+    return out
+
+
+def cpu_attention_call_s(spec, calls: int = 200) -> float:
+    """Seconds of one decode-attention call of one sequence over 16 slots (runtime.cpu_attention.
+    decode_attention at `spec`'s heads, bf16), submitted to the attention worker and waited for: the
+    hand-off and the kernel call's fixed cost. The mean of `calls` after 10 warm-up calls."""
+    from ..cpu_attention import AttentionWorker, attention_threads, decode_attention
+
     d = spec.head_dim
     q = torch.randn(1, spec.num_attention_heads, d).to(torch.bfloat16)    # [1, q_heads, d]
     k = torch.randn(1, spec.num_key_value_heads, 16, d).to(torch.bfloat16)
@@ -315,15 +327,9 @@ def runtime_overheads(spec, visits: int = VISIT_VISITS, calls: int = 200, quick:
         t0 = time.perf_counter()
         for _ in range(calls):
             worker.submit(decode_attention, q, k, v, starts, ends).result()
-        call_s = (time.perf_counter() - t0) / calls
+        return (time.perf_counter() - t0) / calls
     finally:
         worker.close()
-    out = {"decode_visit_s": by_schedule["cgopipe"], "decode_visit_s_by_schedule": by_schedule,
-           "decode_visit_s_grouped_by_schedule": grouped, "grouped_above_tokens": moe.MOE_DENSE_MAX_TOKENS,
-           "cpu_attention_call_s": call_s, "visit_model": visit_probe(spec, "cgopipe", visits)[0].name}
-    if torch.cuda.is_available():
-        out.update(attention_in_pipeline_by_micro_batch(spec, quick))
-    return out
 
 
 def _probe_attention_on_gpu() -> dict:

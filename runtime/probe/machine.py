@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import os
 import statistics
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -218,10 +219,47 @@ def cpu_attention_bytes_per_s(shapes: Sequence[tuple[int, int]] = ATTENTION_SHAP
         k = _fill_random(torch.empty(cache_shape, dtype=dtype), 20 + i)[:, :, :ctx]   # [batch, kv_heads, ctx, d]
         v = _fill_random(torch.empty(cache_shape, dtype=dtype), 40 + i)[:, :, :ctx]
         q = torch.randn(batch, num_attention_heads, head_dim).to(dtype)              # [batch, q_heads, d]
-        s = _median_cpu_s(lambda: kernel(q, k, v), repeats)
+        s = _median_cpu_s(lambda q=q, k=k, v=v: kernel(q, k, v), repeats)    # (k, v bound: freed below)
         rates.append(2.0 * k.numel() * k.element_size() / s)
         del k, v
     return rates
+
+
+KV_FORMAT_SHAPE = (600, 288)
+"""(batch, ctx) at which the profile times the decode attention over each 8-bit KV format against bf16: a
+whole-model plan's micro-batch (H200 calls 27-30: 600-1,100 sequences of ~272 slots)."""
+KV_FORMAT_SHAPE_QUICK = (8, 64)
+
+
+def cpu_attention_time_of_compute(formats: Sequence[str], shape: tuple[int, int] = KV_FORMAT_SHAPE,
+                                  num_attention_heads: int = 32, num_key_value_heads: int = 8, head_dim: int = 128,
+                                  repeats: int = 5, headroom_slots: int = 32) -> dict[str, float]:
+    """Per scaled 8-bit KV format (hrm.formats), the runtime's decode attention's time over a cache of that
+    format (runtime.cpu_attention.quantize_kv of the same values) over its time over the bf16 cache, at
+    (batch, ctx) = `shape`, each the median of `repeats` calls taken in turns (bf16, then each format, and
+    again; after one warm-up call of each), so that a drift of the host's speed reaches every format alike:
+    what hrm prices such a cache's attention at (KVFormat.cpu_attention_time_of_compute, the default where a
+    profile has none). The kernels are the runtime's defaults for each (DECODE_KERNEL, QUANT_DECODE_KERNEL)."""
+    from hrm.formats import kv_format
+
+    from ..cpu_attention import quantize_kv
+    kernel = runtime_attention_kernel()[0]
+    batch, ctx = shape
+    cache_shape = (batch, num_key_value_heads, ctx + headroom_slots, head_dim)
+    k = _fill_random(torch.empty(cache_shape, dtype=torch.bfloat16), 60)[:, :, :ctx]   # [batch, kv_heads, ctx, d]
+    v = _fill_random(torch.empty(cache_shape, dtype=torch.bfloat16), 61)[:, :, :ctx]
+    q = torch.randn(batch, num_attention_heads, head_dim).to(torch.bfloat16)          # [batch, q_heads, d]
+    caches = {"bf16": (k, v), **{name: (quantize_kv(k, kv_format(name)), quantize_kv(v, kv_format(name)))
+                                 for name in formats}}
+    times: dict[str, list[float]] = {name: [] for name in caches}
+    for turn in range(repeats + 1):
+        for name, (kc, vc) in caches.items():
+            t0 = time.perf_counter()
+            kernel(q, kc, vc)
+            if turn:                                   # the first turn warms every kernel up
+                times[name].append(time.perf_counter() - t0)
+    base_s = statistics.median(times["bf16"])
+    return {name: statistics.median(times[name]) / base_s for name in formats}
 
 
 cpu_name = local_cpu_name

@@ -19,10 +19,12 @@ from hrm.units import MiB
 
 from .base import ProbeError
 from .calibration import (MOE_MODELS, MOE_TOKENS_PER_EXPERT, MOE_TOKENS_PER_EXPERT_QUICK, PREFILL_PROMPT_LEN,
-                          PREFILL_REST_MODELS, PREFILL_SEQS, PREFILL_SEQS_QUICK, gpu_moe_flops_per_s, memory_baseline, moe_shape,
-                          prefill_costs, prefill_layers, prefill_rest_flops, runtime_overheads)
+                          PREFILL_REST_MODELS, PREFILL_SEQS, PREFILL_SEQS_QUICK, attention_in_pipeline_by_micro_batch,
+                          cpu_attention_call_s, gpu_moe_flops_per_s, memory_baseline, moe_shape, prefill_costs,
+                          prefill_layers, prefill_rest_flops, runtime_overheads)
 from .machine import (ATTENTION_SHAPES, ATTENTION_SHAPES_QUICK, AttentionKernel, GEMM_TOKENS,
-                      GEMM_TOKENS_QUICK, LINK_SIZES, LINK_SIZES_QUICK, cpu_attention_bytes_per_s,
+                      GEMM_TOKENS_QUICK, KV_FORMAT_SHAPE, KV_FORMAT_SHAPE_QUICK, LINK_SIZES, LINK_SIZES_QUICK,
+                      cpu_attention_bytes_per_s, cpu_attention_time_of_compute,
                       cpu_dram_bytes_per_s, cpu_matmul_flops, cpu_memory_bytes, cpu_name, duplex_bytes_per_s,
                       gpu_gemm_flops_per_s, gpu_hbm_bytes_per_s, gpu_square_gemm_flops_per_s, link_bytes_per_s,
                       pageable_h2d_bytes_per_s, peer_bytes_per_s, runtime_attention_kernel)
@@ -59,6 +61,48 @@ def _model_shapes(spec) -> dict:
             "head_dim": spec.head_dim}
 
 
+def _attention_by_shape(shapes: dict, att_shapes, kernel, kernel_name: str, use_gpu: bool, repeats: int,
+                        quick: bool = False) -> dict:
+    """The CPU decode-attention kernel's KV bytes/s at each (batch, ctx) of `att_shapes` (the [cpu]
+    result's "attention" and its median "attention_kv_bytes_per_s"), and the runtime's attention time over
+    each 8-bit KV format over bf16's (cpu_attention_time_of_compute), timed on the runtime's attention
+    worker thread with the threads it gets (fewer when it shares the host with a GPU-driving main thread)."""
+    from hrm.formats import SCALED_KV_FORMATS
+
+    from ..cpu_attention import AttentionWorker, attention_threads
+    heads = (shapes["num_attention_heads"], shapes["num_key_value_heads"], shapes["head_dim"])
+    worker = AttentionWorker(attention_threads(use_gpu))
+    try:
+        rates, threads = worker.submit(lambda: (cpu_attention_bytes_per_s(
+            att_shapes, *heads, torch.bfloat16, kernel, repeats=repeats), torch.get_num_threads())).result()
+        format_shape = KV_FORMAT_SHAPE_QUICK if quick else KV_FORMAT_SHAPE
+        by_format = worker.submit(cpu_attention_time_of_compute, SCALED_KV_FORMATS, format_shape, *heads,
+                                  repeats).result()
+    finally:
+        worker.close()
+    return {"attention": {"kernel": kernel_name, "dtype": "bf16", "shapes": [list(s) for s in att_shapes],
+                          "threads": threads, "cache_headroom_slots": 128, "kv_bytes_per_s": rates,
+                          "kv_format_shape": list(format_shape), "time_of_compute_by_kv_format": by_format},
+            "attention_kv_bytes_per_s": statistics.median(rates)}
+
+
+def _header(shapes: dict, quick: bool) -> dict:
+    """What every result starts with: when, where, which versions, at which model's shapes."""
+    return {"date": _dt.date.today().isoformat(),
+            "timestamp": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "host": platform.node(), "quick": quick, "versions": _versions(), "shapes": shapes, "notes": []}
+
+
+def _setup(spec, gpu: bool | None, quick: bool, attention_kernel: AttentionKernel | None) -> tuple:
+    """(the model's shapes, whether the GPU is measured, repeats, the attention kernel and its name) of a run."""
+    use_gpu = torch.cuda.is_available() if gpu is None else gpu
+    if use_gpu and not torch.cuda.is_available():
+        raise ProbeError("no CUDA GPU here")
+    kernel, kernel_name = (attention_kernel, getattr(attention_kernel, "__name__", "custom")) \
+        if attention_kernel else runtime_attention_kernel()
+    return _model_shapes(spec), use_gpu, 3 if quick else 10, kernel, kernel_name
+
+
 def profile_machine(spec=None, quick: bool = False, progress: bool = True, gpu: bool | None = None,
                     attention_kernel: AttentionKernel | None = None) -> dict:
     """Run every micro-benchmark and return a JSON-ready dict of the results in SI units.
@@ -66,18 +110,9 @@ def profile_machine(spec=None, quick: bool = False, progress: bool = True, gpu: 
     spec: a ModelSpec for the GEMM and attention shapes (default Mixtral-8x7B's). gpu: profile the GPU
     and the link (default: when CUDA is available). quick: small sizes and few repeats (seconds).
     attention_kernel: the CPU decode-attention kernel to measure (default: the runtime's own)."""
-    shapes = _model_shapes(spec)
-    use_gpu = torch.cuda.is_available() if gpu is None else gpu
-    if use_gpu and not torch.cuda.is_available():
-        raise ProbeError("no CUDA GPU here")
-    rep = 3 if quick else 10
-    kernel, kernel_name = (attention_kernel, getattr(attention_kernel, "__name__", "custom")) \
-        if attention_kernel else runtime_attention_kernel()
+    shapes, use_gpu, rep, kernel, kernel_name = _setup(spec, gpu, quick, attention_kernel)
     result = {
-        "date": _dt.date.today().isoformat(),
-        "timestamp": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "host": platform.node(), "quick": quick, "versions": _versions(), "shapes": shapes,
-        "notes": [], "gpu": None, "link": None,
+        **_header(shapes, quick), "gpu": None, "link": None,
         "cpu": {"name": cpu_name(), "cores": os.cpu_count() or 1, "torch_threads": torch.get_num_threads(),
                 "memory_bytes": cpu_memory_bytes()},
     }
@@ -149,19 +184,7 @@ def profile_machine(spec=None, quick: bool = False, progress: bool = True, gpu: 
                 dt, max_n=512 if quick else 4096, repeats=2 if quick else 3)
 
     def attention():
-        # on the runtime's attention worker thread, with the threads it gets (fewer when it shares the
-        # host with a GPU-driving main thread)
-        from ..cpu_attention import AttentionWorker, attention_threads
-        worker = AttentionWorker(attention_threads(use_gpu))
-        try:
-            rates, threads = worker.submit(lambda: (cpu_attention_bytes_per_s(
-                att_shapes, shapes["num_attention_heads"], shapes["num_key_value_heads"], shapes["head_dim"],
-                torch.bfloat16, kernel, repeats=rep), torch.get_num_threads())).result()
-        finally:
-            worker.close()
-        c["attention"] = {"kernel": kernel_name, "dtype": "bf16", "shapes": [list(s) for s in att_shapes],
-                          "threads": threads, "cache_headroom_slots": 128, "kv_bytes_per_s": rates}
-        c["attention_kv_bytes_per_s"] = statistics.median(rates)
+        c.update(_attention_by_shape(shapes, att_shapes, kernel, kernel_name, use_gpu, rep, quick))
 
     def overheads():
         from hrm.hf_config import load_model
@@ -194,6 +217,14 @@ def profile_machine(spec=None, quick: bool = False, progress: bool = True, gpu: 
         steps.append(("runtime prefill layer", prefill))
     steps.append(("runtime process memory", memory))
 
+    result["elapsed_s"] = _run_steps(steps, progress, use_gpu)
+    if use_gpu:
+        result["gpu"], result["link"] = g, lk
+    return result
+
+
+def _run_steps(steps: list[tuple[str, Callable[[], None]]], progress: bool, use_gpu: bool) -> float:
+    """Run each (label, step) under the progress bar; the seconds they took."""
     t0 = time.perf_counter()
     with _progress(len(steps), progress) as bar:
         for label, step in steps:
@@ -203,9 +234,42 @@ def profile_machine(spec=None, quick: bool = False, progress: bool = True, gpu: 
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
             bar.update()
+    return time.perf_counter() - t0
+
+
+def profile_cpu_attention(spec=None, quick: bool = False, progress: bool = True, gpu: bool | None = None,
+                          attention_kernel: AttentionKernel | None = None) -> dict:
+    """Only what profile_machine measures of the runtime's CPU decode attention, in the shape of its result
+    (the [cpu] part's "attention", "attention_kv_bytes_per_s" and, under "runtime", "cpu_attention_call_s"
+    and, with CUDA, the in-loop calibration of attention_in_pipeline_by_micro_batch), for
+    profile_toml.update_cpu_attention: the kernel alone by shape, one call's fixed cost, and the kernel
+    inside the CGOPipe decode loop. Without CUDA the last is not measured (as in profile_machine), and a
+    note says so."""
+    shapes, use_gpu, rep, kernel, kernel_name = _setup(spec, gpu, quick, attention_kernel)
+    result = {**_header(shapes, quick), "only": "cpu-attention", "gpu_measured": use_gpu, "cpu": {"runtime": {}}}
+    c, rt = result["cpu"], result["cpu"]["runtime"]
+    if not use_gpu:
+        result["notes"].append("no CUDA GPU: the CPU attention inside the decode loop (cpu_attention_overlapped_*, "
+                               "cpu_attention_loop_*) is not measured; the base profile's values are kept")
+
+    def model():
+        from hrm.hf_config import load_model
+        return spec or load_model("mixtral-8x7b")
+
+    def attention():
+        c.update(_attention_by_shape(shapes, ATTENTION_SHAPES_QUICK if quick else ATTENTION_SHAPES, kernel,
+                                     kernel_name, use_gpu, rep, quick))
+
+    def call():
+        rt["cpu_attention_call_s"] = cpu_attention_call_s(model())
+
+    def in_loop():
+        rt.update(attention_in_pipeline_by_micro_batch(model(), quick))
+
+    steps = [("CPU decode attention", attention), ("CPU attention call overhead", call)]
     if use_gpu:
-        result["gpu"], result["link"] = g, lk
-    result["elapsed_s"] = time.perf_counter() - t0
+        steps.append(("CPU attention inside the decode loop", in_loop))
+    result["elapsed_s"] = _run_steps(steps, progress, use_gpu)
     return result
 
 

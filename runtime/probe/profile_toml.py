@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Sequence
@@ -14,11 +15,25 @@ from typing import Sequence
 from hrm.atomic import atomic_write_text
 from hrm.hardware import HardwareProfile, load_profile, parse_profile
 
-from hrm.profile_keys import unit_of
+from hrm.profile_keys import replace_profile_keys, unit_of
 from hrm.units import GiB, MiB
 
 from .base import ProbeError
 from .calibration import PREFILL_PASS_TOKENS, PREFILL_WEIGHTS_GPU_FRAC
+
+
+CPU_ATTENTION_LOOP_KEYS = ("cpu_attention_overlapped_gb_per_s", "cpu_attention_overlapped_micro_batches",
+                           "cpu_attention_overlapped_gb_per_s_by_micro_batch", "cpu_attention_loop_shapes",
+                           "cpu_attention_loop_call_ms")
+CPU_ATTENTION_KEYS = ("cpu_attention_gb_per_s", "cpu_attention_shapes", "cpu_attention_gb_per_s_by_shape",
+                      "cpu_attention_time_of_compute_by_kv_format", "cpu_attention_call_us") + CPU_ATTENTION_LOOP_KEYS
+"""The [calibration] keys a profile holds about the runtime's CPU decode attention, the ones
+`moe-lightning profile --only cpu-attention` re-measures (update_cpu_attention): the kernel alone by
+(batch, ctx) (machine_profile's "CPU decode attention" step: the median rate, the shapes and the rate by
+shape, and its time over each 8-bit KV format over bf16's); one call's fixed cost (calibration.cpu_attention_call_s, timed on runtime.cpu_attention.
+decode_attention itself, hence the kernel's too, though runtime_overheads measures it beside the decode
+visits, whose decode_visit_* keys are not attention and stay); and, needing a CUDA GPU, CPU_ATTENTION_LOOP_KEYS:
+the kernel's calls inside the CGOPipe decode loop (calibration.attention_in_pipeline_by_micro_batch)."""
 
 
 def _num(x: float, digits: int = 4) -> str:
@@ -76,6 +91,48 @@ def _gpu_section_from(hw: HardwareProfile) -> list[str]:
     return lines
 
 
+def _attention_kernel_lines(result: dict) -> list[str]:
+    """[calibration]'s lines of the runtime's CPU decode attention kernel alone (machine_profile's
+    "CPU decode attention" step): the median KV rate over its (batch, ctx) shapes, and by shape."""
+    c, att = result["cpu"], result["cpu"]["attention"]
+    h, kv, d = (result["shapes"][k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
+    return [f"# {att['kernel']}, {att['dtype']} K/V, {h}/{kv} heads, d {d}: median over (batch, ctx) below",
+            _kv("cpu_attention_gb_per_s", c['attention_kv_bytes_per_s']),
+            f"cpu_attention_shapes = {json.dumps(att['shapes'])}",
+            _ka("cpu_attention_gb_per_s_by_shape", att['kv_bytes_per_s'])] + (
+        [f"# ... its time over each 8-bit KV format's cache of the same values over the bf16 cache's, batch x ctx "
+         f"{' x '.join(map(str, att['kv_format_shape']))}",
+         _kt("cpu_attention_time_of_compute_by_kv_format", att["time_of_compute_by_kv_format"])]
+        if att.get("time_of_compute_by_kv_format") else [])
+
+
+def _attention_call_lines(rt: dict) -> list[str]:
+    """[calibration]'s line of one CPU attention call's fixed cost (calibration.cpu_attention_call_s, in
+    runtime_overheads' result `rt`)."""
+    return [_kv("cpu_attention_call_us", rt['cpu_attention_call_s'])] if "cpu_attention_call_s" in rt else []
+
+
+def _attention_loop_lines(rt: dict) -> list[str]:
+    """[calibration]'s lines of the same kernel's calls inside the runtime's CGOPipe decode loop on the GPU
+    (calibration.attention_in_pipeline_by_micro_batch, in runtime_overheads' result `rt`); none where it
+    was not measured (no CUDA GPU)."""
+    if not rt.get("cpu_attention_overlapped_bytes_per_s"):
+        return []
+    return [f"# the same kernel's calls inside the runtime's CGOPipe decode loop on the GPU, "
+            f"[batch, ctx] = {rt['overlap_shape']}: the host also launches the GPU's work",
+            _kv("cpu_attention_overlapped_gb_per_s", rt['cpu_attention_overlapped_bytes_per_s']),
+            *(["# ... and by micro-batch size (ctx as above)",
+               f"cpu_attention_overlapped_micro_batches = {json.dumps(rt['cpu_attention_overlapped_micro_batches'])}",
+               _ka("cpu_attention_overlapped_gb_per_s_by_micro_batch",
+                   rt['cpu_attention_overlapped_bytes_per_s_by_micro_batch'])]
+              if len(rt.get("cpu_attention_overlapped_micro_batches", ())) > 1 else []),
+            *(["# ... each setting's calls: [sequences, KV slots read per sequence, bytes per slot] and ms "
+               "per call (hrm.rates fits fixed + per-sequence + per-byte costs)",
+               f"cpu_attention_loop_shapes = {json.dumps(rt['cpu_attention_loop_shapes'])}",
+               _ka("cpu_attention_loop_call_ms", rt['cpu_attention_loop_call_s'])]
+              if len(rt.get("cpu_attention_loop_shapes", ())) >= 3 else [])]
+
+
 def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | HardwareProfile | None = None) -> str:
     """The text of a complete hardware profile from `profile_machine`'s result.
 
@@ -91,7 +148,6 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
     v, date = result["versions"], result["date"]
     device = f"{g['count']}x {g['name']}" if g else f"CPU {c['name']} (no GPU)"
     source = f"measured by moe-lightning profile on {date}, torch {v['torch']}, {device}"
-    att = c["attention"]
     lines = [f"# Written by `moe-lightning profile` on {result.get('timestamp', date)} ({result.get('host', '')})"
              f"{' in quick mode' if result.get('quick') else ''}.",
              "# Units as in hrm/hardware_profiles/README.md: GB = 1e9 bytes, GiB = 2^30 bytes, TFLOP/s = 1e12 FLOP/s.",
@@ -186,13 +242,9 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
                       _ka("h2d_gb_per_s", m.h2d_bytes_per_s)]
         if m.gpu_hbm_bytes_per_s:
             lines.append(_kv("gpu_hbm_gb_per_s", m.gpu_hbm_bytes_per_s))
-    h, kv, d = (result["shapes"][k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim"))
     lines += [_kv("cpu_dram_gb_per_s", c['dram_read_bytes_per_s']),
               _kv("cpu_dram_copy_gb_per_s", c['dram_copy_bytes_per_s'])]
-    calib += [f"# {att['kernel']}, {att['dtype']} K/V, {h}/{kv} heads, d {d}: median over (batch, ctx) below",
-              _kv("cpu_attention_gb_per_s", c['attention_kv_bytes_per_s']),
-              f"cpu_attention_shapes = {json.dumps(att['shapes'])}",
-              _ka("cpu_attention_gb_per_s_by_shape", att['kv_bytes_per_s']),
+    calib += [*_attention_kernel_lines(result),
               *([f"# runtime.Engine decode loop of {c['runtime']['visit_model']} with 16-wide experts, half streamed, "
                  "mu = 1, recording on: the host's fixed work per visit, by schedule",
                  _kv("decode_visit_us", c['runtime']['decode_visit_s']),
@@ -202,23 +254,9 @@ def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | Hardware
                     f"grouped_above_tokens = {c['runtime']['grouped_above_tokens']}",
                     _kt("decode_visit_us_grouped_by_schedule", c['runtime']['decode_visit_s_grouped_by_schedule'])]
                    if c["runtime"].get("decode_visit_s_grouped_by_schedule") else []),
-                 _kv("cpu_attention_call_us", c['runtime']['cpu_attention_call_s'])]
+                 *_attention_call_lines(c['runtime'])]
                 if "runtime" in c else []),
-              *([f"# the same kernel's calls inside the runtime's CGOPipe decode loop on the GPU, "
-                 f"[batch, ctx] = {c['runtime']['overlap_shape']}: the host also launches the GPU's work",
-                 _kv("cpu_attention_overlapped_gb_per_s", c['runtime']['cpu_attention_overlapped_bytes_per_s']),
-                 *([f"# ... and by micro-batch size (ctx as above)",
-                    f"cpu_attention_overlapped_micro_batches = "
-                    f"{json.dumps(c['runtime']['cpu_attention_overlapped_micro_batches'])}",
-                    _ka("cpu_attention_overlapped_gb_per_s_by_micro_batch",
-                        c['runtime']['cpu_attention_overlapped_bytes_per_s_by_micro_batch'])]
-                   if len(c["runtime"].get("cpu_attention_overlapped_micro_batches", ())) > 1 else []),
-                 *([f"# ... each setting's calls: [sequences, KV slots read per sequence, bytes per slot] and ms "
-                    f"per call (hrm.rates fits fixed + per-sequence + per-byte costs)",
-                    f"cpu_attention_loop_shapes = {json.dumps(c['runtime']['cpu_attention_loop_shapes'])}",
-                    _ka("cpu_attention_loop_call_ms", c['runtime']['cpu_attention_loop_call_s'])]
-                   if len(c["runtime"].get("cpu_attention_loop_shapes", ())) >= 3 else [])]
-                if c.get("runtime", {}).get("cpu_attention_overlapped_bytes_per_s") else [])]
+              *_attention_loop_lines(c.get("runtime", {}))]
     method = "moe-lightning profile (runtime/probe/): torch micro-benchmarks, median of repeats" + \
              (", quick mode" if result.get("quick") else "") + \
              ("" if g else f"; no GPU here, [gpu] [link] and GPU curves from profile {donor.name!r}")
@@ -252,3 +290,78 @@ def write_profile_toml(result: dict, path: str | os.PathLike, name: str | None =
     profile = parse_profile(tomllib.loads(text), name, str(path))
     atomic_write_text(path, text)
     return profile
+
+
+def cpu_attention_lines(result: dict) -> dict[str, str]:
+    """The `key = value` line profile_toml writes of each CPU_ATTENTION_KEYS key from `result`
+    (profile_machine's or machine_profile.profile_cpu_attention's), by key; the keys it would not write
+    (not measured) are absent."""
+    rt = result["cpu"].get("runtime", {})
+    lines = _attention_kernel_lines(result) + _attention_call_lines(rt) + _attention_loop_lines(rt)
+    out = {line.split("=", 1)[0].strip(): line for line in lines if not line.startswith("#")}
+    assert set(out) <= set(CPU_ATTENTION_KEYS), sorted(set(out) - set(CPU_ATTENTION_KEYS))
+    return out
+
+
+_REMEASURED = re.compile(r"; CPU attention re-measured [^;]*$")
+
+
+def check_cpu_attention_base(text: str, where: str = "the base profile") -> dict:
+    """The parsed TOML of a profile whose CPU attention update_cpu_attention can re-measure: one this
+    machine measured, with [measured] and [calibration] (not a published one's); else ProbeError."""
+    data = tomllib.loads(text)
+    if not isinstance(data.get("calibration"), dict) or not isinstance(data.get("measured"), dict):
+        raise ProbeError(f"{where} has no [measured] and [calibration] sections (it was not written by "
+                         "`moe-lightning profile`): measure a whole profile instead")
+    if str(data["measured"].get("method", "")).startswith("published"):
+        raise ProbeError(f"{where} holds published measurements of another machine ([measured] method "
+                         f"{data['measured']['method'][:40]!r}...): measure a whole profile instead")
+    return data
+
+
+def update_cpu_attention(text: str, result: dict, name: str | None = None) -> tuple[str, dict]:
+    """A measured profile's TOML `text` with the CPU_ATTENTION_KEYS values of `result`
+    (machine_profile.profile_cpu_attention's) in [calibration], each written as profile_toml writes it;
+    without a measured GPU (result["gpu_measured"] false) CPU_ATTENTION_LOOP_KEYS stay as they were. A key
+    that was measured but that profile_toml would not write from `result` (--quick measures one in-loop
+    setting: no curve by micro-batch, no loop fit) is removed, so that no stale value of the old kernel
+    stays beside the new ones; one the text lacks is added after the others. [measured]'s `method` gets
+    "; CPU attention re-measured DATE (...)" (in place of an earlier such note), the top-level `name`
+    becomes `name` where given and different. Every other line stays as it was, comments included.
+
+    Returns (text, {"replaced", "added", "removed", "kept": keys}); ProbeError as check_cpu_attention_base."""
+    data = check_cpu_attention_base(text)
+    old = set(data["calibration"])
+    new = cpu_attention_lines(result)
+    measured = [k for k in CPU_ATTENTION_KEYS if result.get("gpu_measured") or k not in CPU_ATTENTION_LOOP_KEYS]
+    out = replace_profile_keys(text, "calibration", {k: new.get(k) for k in measured})
+    v = result["versions"]
+    note = (f"; CPU attention re-measured {result['date']} (moe-lightning profile --only cpu-attention"
+            f"{', quick mode' if result.get('quick') else ''}, torch {v['torch']}"
+            f"{', git ' + v['git_commit'] if v.get('git_commit') else ''})")
+    method = _REMEASURED.sub("", str(data["measured"].get("method", ""))) + note
+    out = replace_profile_keys(out, "measured", {"method": f"method = {_str(method)}"})
+    if name is not None and data.get("name") != name:
+        out = replace_profile_keys(out, "", {"name": f"name = {_str(name)}"})
+    changes = {"replaced": [k for k in measured if k in new and k in old],
+               "added": [k for k in measured if k in new and k not in old],
+               "removed": [k for k in measured if k not in new and k in old],
+               "kept": [k for k in CPU_ATTENTION_KEYS if k not in measured and k in old]}
+    return out, changes
+
+
+def read_profile_text(path: str | os.PathLike) -> str:
+    """A profile file's text with its line endings as they are (update_cpu_attention keeps them)."""
+    with open(path, encoding="utf-8", newline="") as f:
+        return f.read()
+
+
+def write_cpu_attention_update(result: dict, text: str, path: str | os.PathLike,
+                               name: str | None = None) -> tuple[HardwareProfile, dict]:
+    """update_cpu_attention on a base profile's `text`, written to `path` atomically (temporary file +
+    os.replace) once the new text loads with hrm.hardware; (the profile as loaded, the changes)."""
+    path = Path(path)
+    new, changes = update_cpu_attention(text, result, name or path.stem)
+    profile = parse_profile(tomllib.loads(new), name or path.stem, str(path))
+    atomic_write_text(path, new)
+    return profile, changes
