@@ -115,6 +115,12 @@ def dram_read_bytes_per_s(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
     return size_bytes / statistics.median(time_call(lambda: x.sum(), repeats, 0.0))
 
 
+def fused_settings() -> dict:
+    """The fused kernel's compile-time settings (runtime.cpu_attention_fused; set by environment variables)."""
+    from runtime import cpu_attention_fused as fu
+    return {"prefetch_slots": fu.PREFETCH_SLOTS, "vector_bits": fu.VECTOR_BITS, "inline": fu.INLINE}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None)
@@ -130,6 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--hardware", default="h200-measured", help="profile whose DRAM read rate the rates are related to")
     p.add_argument("--time-limit-s", type=float, default=None, help="start no new shape after this")
+    p.add_argument("--kernels", nargs="+", default=None,
+                   help="time only these kernels (labels as in the output, e.g. fused sdpa chunked:16)")
     p.add_argument("--quick", action="store_true", help="batches 16 48, ctx 64, chunks 8 16, 2 repeats")
     args = p.parse_args(argv)
     if args.quick:
@@ -148,7 +156,7 @@ def main(argv=None) -> int:
     try:
         dram = worker.submit(dram_read_bytes_per_s).result()
         print(f"threads {threads}, DRAM read {dram / 1e9:.1f} GB/s (profile {args.hardware}: "
-              f"{profile_dram / 1e9:.1f})", flush=True)
+              f"{profile_dram / 1e9:.1f}); fused kernel {json.dumps(fused_settings())}", flush=True)
         capacity = max(args.ctx) + args.headroom
         for fmt in args.formats:
             for batch in args.batches:
@@ -163,6 +171,8 @@ def main(argv=None) -> int:
                     ref = reference(q, k, v, t, rows=4)
                     nbytes = stored_bytes(k, t)
                     for label, kernel in candidates(fmt, args.chunks):
+                        if args.kernels and label not in args.kernels:
+                            continue
                         whole = label == "fused"              # reads the cache block in place, as the runtime
                         def call(kernel=kernel, kk=k if whole else kt, vv=v if whole else vt):
                             return kernel(q, kk, vv, mask)
@@ -195,7 +205,7 @@ def main(argv=None) -> int:
     print("best (least total time over the shapes):", json.dumps(best), flush=True)
     write_result(args.out, "benchmarks/cpu_attention_rate.py", argv, model=args.model, threads=threads,
                  dram_read_bytes_per_s=dram, profile=args.hardware, profile_dram_read_bytes_per_s=profile_dram,
-                 cpu=local_cpu_name(), torch=torch.__version__, rows=rows, best=best,
+                 cpu=local_cpu_name(), torch=torch.__version__, rows=rows, best=best, fused_settings=fused_settings(),
                  wall_s=time.perf_counter() - t_start)
     return 0
 

@@ -10,6 +10,12 @@
 #   dequant       benchmarks/dequant_rate.py (one layer's int8 / int4 experts into bf16, against its price)
 #   attn          benchmarks/cpu_attention_rate.py (every CPU decode-attention kernel, bf16 / int8 / fp8 KV, at the
 #                 pipeline's batches and contexts: ms per call and GB/s of KV read, to choose DECODE_KERNEL)
+#   variants      benchmarks/cpu_attention_rate.py (fused kernel only, bf16 and int8) once per setting of the fused
+#                 kernel, each in its own process (VARIANTS="name:VAR=VAL ..."; default: as committed, 512-bit
+#                 vectors, prefetch 16 slots ahead); the fastest (benchmarks/fused_variant.py) is exported for
+#                 the steps after it, and for later calls while the machine stays warm (.device_state/)
+#   attnprofile   `moe-lightning profile --only cpu-attention` on the profile in use: its CPU attention figures
+#                 re-measured with the kernels as they now are (later steps and calls use it, as `profile`)
 #   layers        benchmarks/layer_kernels.py $LAYER_ARGS (a plan's few layers under torch.profiler: GPU time by
 #                 kernel per (layer, prefill chunk) and per (layer, decode step))
 #   visit         benchmarks/profile_visit.py $VISIT_ARGS (a decode visit's fixed cost split into host work and
@@ -44,6 +50,8 @@ default_profile=hrm/hardware_profiles/h200-measured.toml
 [ -f "$state/h200-measured.toml" ] && default_profile="$state/h200-measured.toml"
 profile=${PROFILE:-$default_profile}
 echo "profile: $profile"
+# the fused CPU attention's settings an earlier call's `variants` chose on this machine
+[ -f "$state/fused_variant.env" ] && { . "$state/fused_variant.env"; echo "fused kernel: $(tr '\n' ' ' < "$state/fused_variant.env")"; }
 start=$SECONDS
 call_s=${CALL_S:-590}
 left() { echo $((call_s - 20 - (SECONDS - start))); }
@@ -66,6 +74,22 @@ for step in "$@"; do
         # ATTN_ARGS: a smaller grid for a call that has more to do (e.g. --batches 600 1800 --ctx 288)
         python benchmarks/cpu_attention_rate.py --hardware "$profile" --time-limit-s "$(left)" ${ATTN_ARGS:-} \
             --out "$res/cpu_attention_rate.json" 2>&1 | tee "$res/cpu_attention_rate.log" | tail -6 ;;
+    variants)
+        read -ra variants <<<"${VARIANTS:-base: wide:MOE_LIGHTNING_FUSED_VECTOR_BITS=512 pf16:MOE_LIGHTNING_FUSED_PREFETCH_SLOTS=16}"
+        for v in "${variants[@]}"; do
+            env ${v#*:} python benchmarks/cpu_attention_rate.py --hardware "$profile" --formats bf16 int8 --kernels fused \
+                ${ATTN_ARGS:---batches 600 1800 --ctx 288 --repeats 3} --out "$res/attn-${v%%:*}.json" 2>&1 \
+                | tee "$res/attn-${v%%:*}.log" | tail -2
+        done
+        python benchmarks/fused_variant.py "$res"/attn-*.json > "$res/fused_variant.env" 2> "$res/fused_variant.log"
+        cat "$res/fused_variant.log" "$res/fused_variant.env"; . "$res/fused_variant.env"
+        mkdir -p "$state"; cp "$res/fused_variant.env" "$state/" ;;
+    attnprofile)
+        python -m moe_lightning_cli.main profile --only cpu-attention --base "$profile" -o "$res/h200-measured.toml" \
+            --name h200-measured --no-progress 2>&1 | tee "$res/attnprofile.log" | tail -30
+        if [ -f "$res/h200-measured.toml" ]; then
+            profile="$res/h200-measured.toml"; mkdir -p "$state"; cp "$profile" "$state/"
+        fi ;;
     layers)
         # LAYER_ARGS: --plan PLAN.json ... [--layers 2] [--mla-prefill matmul sdpa]
         python benchmarks/layer_kernels.py ${LAYER_ARGS:-} --out "$res/layer_kernels$suffix.json" 2>&1 \
@@ -92,6 +116,7 @@ for step in "$@"; do
             --format=csv,noheader -l 1 > "$res/smi.csv" 2>&1 &
         smi_pid=$!
         # the host's huge pages while the jobs run (the CPU attention's reads of a mostly pinned host)
+        lscpu > "$res/lscpu.txt" 2>&1
         cat /sys/kernel/mm/transparent_hugepage/enabled /sys/kernel/mm/transparent_hugepage/defrag > "$res/thp.txt" 2>&1
         while :; do echo "t $(date +%s)"; grep -E '^(MemFree|MemAvailable|AnonHugePages|Mlocked|Unevictable):' /proc/meminfo
             sleep 2; done > "$res/meminfo.txt" 2>&1 &

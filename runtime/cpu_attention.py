@@ -14,7 +14,9 @@ A cache in the compute dtype (k, v tensors [B, n_kv, T, d]) is read by the kerne
   "bmm_bf16": batched matmuls in the cache's dtype (fp32 inside the GEMM, scores rounded to it: ~0.4% of a
               logit); fastest where the CPU multiplies bf16 natively, less exact than the others;
   "fused":    runtime.cpu_attention_fused (numba): one thread per (sequence, kv head) reads its K, then its V,
-              once, converting rows in registers; bf16 caches and bf16 queries only (others: "sdpa").
+              once, converting rows in registers; bf16 caches and bf16 queries only (others: "sdpa"). The
+              default where numba imports (H200, 14 threads, Mixtral shapes, ctx 288: 13.6 / 35.8 ms at 600 /
+              1,800 sequences against SDPA's 16.8 / 49.7, benchmarks/results/whole_model/h200-2026-12-03-call29).
 An 8-bit cache (QuantKV: int8 or float8_e4m3fn values [B, n_kv, T, d] and one fp32 scale per token and kv
 head [B, n_kv, T], hrm.formats.KVFormat) is read in place by the kernel QUANT_DECODE_KERNEL names, chunk
 by chunk, never dequantized whole:
@@ -47,7 +49,7 @@ from hrm.formats import ATTENTION_CHUNK_SEQUENCES, KVFormat, kv_format
 
 from . import cpu_attention_fused as fused
 
-DECODE_KERNEL = os.environ.get("MOE_LIGHTNING_DECODE_KERNEL", "sdpa")
+DECODE_KERNEL = os.environ.get("MOE_LIGHTNING_DECODE_KERNEL", "fused" if fused.available() else "sdpa")
 QUANT_DECODE_KERNEL = os.environ.get("MOE_LIGHTNING_QUANT_DECODE_KERNEL", "fused" if fused.available() else "chunked")
 ACC = torch.float32
 STORAGE_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}

@@ -24,6 +24,7 @@ whether numba can be imported; without it runtime.cpu_attention offers only its 
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -52,9 +53,19 @@ TILE = 4
 """Query rows and slots per tile: a K tile's 16 dot products share each loaded q and K element (16 vector
 accumulators), a V tile's 16 weights stay in registers while each accumulator row is loaded and stored once
 per 4 slots. The group is padded with zero query rows to a multiple of TILE (their results never read)."""
-PREFETCH_SLOTS = 8
+PREFETCH_SLOTS = int(os.environ.get("MOE_LIGHTNING_FUSED_PREFETCH_SLOTS", "8"))
 """How far ahead (in slots) a tile asks for the cache lines it will read next (llvm.prefetch): the hardware
 prefetcher alone leaves each thread waiting on DRAM at every page."""
+VECTOR_BITS = int(os.environ.get("MOE_LIGHTNING_FUSED_VECTOR_BITS", "256"))
+"""The widest vectors LLVM may pick for the kernel's loops: 256 is LLVM's own preference on AVX-512 hosts
+(its prefer-256-bit tuning); 512 lifts it (numba's CPU features for the process, set before numba compiles
+anything, and only where the host has AVX-512)."""
+INLINE = os.environ.get("MOE_LIGHTNING_FUSED_INLINE", "always")
+"""numba's inlining of the tile functions into the item loop ("always": no call, with its exploded array
+arguments, per tile; "never": separate functions)."""
+_CACHED = PREFETCH_SLOTS == 8 and INLINE == "always"
+"""numba's disk cache knows the source file, not these settings (compiled in as constants): other values
+compile afresh in each process. The vector width is in the cache's key (the CPU features)."""
 
 
 def _kernel(q, q_bits, k, v, k_scale, v_scale, scaled, lut, mask, out, out_bits, parts):
@@ -255,15 +266,27 @@ def _value_overload(x, lut):
     return lambda x, lut: np.float32(x)              # int8 values
 
 
+def _allow_512_bit_vectors() -> None:
+    """numba's CPU features for this process less LLVM's prefer-256-bit tuning, where the host has AVX-512
+    and nothing (the user's NUMBA_CPU_FEATURES, an earlier setting) chose them already."""
+    import llvmlite.binding as ll
+
+    host = ll.get_host_cpu_features().flatten()
+    if "+avx512f" in host.split(",") and not nb.config.CPU_FEATURES:
+        nb.config.CPU_FEATURES = host + ",-prefer-256-bit"
+
+
 if nb is not None:
+    if VECTOR_BITS >= 512:
+        _allow_512_bit_vectors()
     _prefetch = intrinsic(_prefetch_typer)
     overload(_value, inline="always")(_value_overload)
-    _jit = nb.njit(fastmath=True, nogil=True, cache=True)
+    _jit = nb.njit(fastmath=True, nogil=True, cache=_CACHED, inline=INLINE)
     _whole_tile, _prefetch_ahead, _exp = _jit(_whole_tile), _jit(_prefetch_ahead), _jit(_exp)
     _scores_tile, _scores_slot = _jit(_scores_tile), _jit(_scores_slot)
     _acc_tile, _acc_slot = _jit(_acc_tile), _jit(_acc_slot)
     _attend = _jit(_attend)
-    _compiled = nb.njit(parallel=True, fastmath=True, nogil=True, cache=True)(_kernel)
+    _compiled = nb.njit(parallel=True, fastmath=True, nogil=True, cache=_CACHED)(_kernel)
 else:
     _compiled = None
 _EMPTY_F32 = np.zeros((0, 0, 0, 0), np.float32)
