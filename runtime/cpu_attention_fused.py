@@ -56,10 +56,12 @@ per 4 slots. The group is padded with zero query rows to a multiple of TILE (the
 PREFETCH_SLOTS = int(os.environ.get("MOE_LIGHTNING_FUSED_PREFETCH_SLOTS", "8"))
 """How far ahead (in slots) a tile asks for the cache lines it will read next (llvm.prefetch): the hardware
 prefetcher alone leaves each thread waiting on DRAM at every page."""
-VECTOR_BITS = int(os.environ.get("MOE_LIGHTNING_FUSED_VECTOR_BITS", "256"))
+VECTOR_BITS = int(os.environ.get("MOE_LIGHTNING_FUSED_VECTOR_BITS", "512"))
 """The widest vectors LLVM may pick for the kernel's loops: 256 is LLVM's own preference on AVX-512 hosts
 (its prefer-256-bit tuning); 512 lifts it (numba's CPU features for the process, set before numba compiles
-anything, and only where the host has AVX-512)."""
+anything, and only where the host has AVX-512). H200 host (Xeon, family 6 model 207), 14 threads, Mixtral
+shapes, ctx 288, ms at 600 / 1,800 sequences (benchmarks/results/whole_model/h200-2026-12-03-call35):
+bf16 12.10 / 36.01 at 512 bits against 12.02 / 48.15 at 256; int8 9.72 / 28.24 against 13.87 / 29.16."""
 INLINE = os.environ.get("MOE_LIGHTNING_FUSED_INLINE", "always")
 """numba's inlining of the tile functions into the item loop ("always": no call, with its exploded array
 arguments, per tile; "never": separate functions)."""

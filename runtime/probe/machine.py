@@ -205,19 +205,22 @@ def runtime_attention_kernel() -> tuple[AttentionKernel, str]:
 def cpu_attention_bytes_per_s(shapes: Sequence[tuple[int, int]] = ATTENTION_SHAPES, num_attention_heads: int = 32,
                               num_key_value_heads: int = 8, head_dim: int = 128,
                               dtype: torch.dtype = torch.bfloat16, kernel: AttentionKernel | None = None,
-                              repeats: int = 5, headroom_slots: int = 128) -> list[float]:
+                              repeats: int = 5) -> list[float]:
     """KV bytes/s (the K and V of ctx slots, read once) of a CPU decode-attention kernel at each
     (batch, ctx).
 
     kernel(q [batch, q_heads, d], k [batch, kv_heads, ctx, d], v [same]) -> [batch, q_heads, d];
     default: the runtime's own kernel (`runtime_attention_kernel`). As in the runtime's KV cache, k and
-    v are views of the first ctx slots of a cache with `headroom_slots` more slots for generation."""
+    v are whole contiguous blocks of ctx slots (the runtime passes the fused kernel its cache block whole
+    and masks the slots beyond the context; a view of the first ctx slots of a longer block is a strided
+    array to numba, whose loops over it do not vectorise: H200 call 35 measured bf16 at 16 GB/s so, against
+    52-62 over whole blocks)."""
     kernel = kernel or runtime_attention_kernel()[0]
     rates = []
     for i, (batch, ctx) in enumerate(shapes):
-        cache_shape = (batch, num_key_value_heads, ctx + headroom_slots, head_dim)
-        k = _fill_random(torch.empty(cache_shape, dtype=dtype), 20 + i)[:, :, :ctx]   # [batch, kv_heads, ctx, d]
-        v = _fill_random(torch.empty(cache_shape, dtype=dtype), 40 + i)[:, :, :ctx]
+        cache_shape = (batch, num_key_value_heads, ctx, head_dim)
+        k = _fill_random(torch.empty(cache_shape, dtype=dtype), 20 + i)    # [batch, kv_heads, ctx, d]
+        v = _fill_random(torch.empty(cache_shape, dtype=dtype), 40 + i)
         q = torch.randn(batch, num_attention_heads, head_dim).to(dtype)              # [batch, q_heads, d]
         s = _median_cpu_s(lambda q=q, k=k, v=v: kernel(q, k, v), repeats)    # (k, v bound: freed below)
         rates.append(2.0 * k.numel() * k.element_size() / s)
@@ -233,24 +236,35 @@ KV_FORMAT_SHAPE_QUICK = (8, 64)
 
 def cpu_attention_time_of_compute(formats: Sequence[str], shape: tuple[int, int] = KV_FORMAT_SHAPE,
                                   num_attention_heads: int = 32, num_key_value_heads: int = 8, head_dim: int = 128,
-                                  repeats: int = 5, headroom_slots: int = 32) -> dict[str, float]:
+                                  repeats: int = 5) -> dict[str, float]:
     """Per scaled 8-bit KV format (hrm.formats), the runtime's decode attention's time over a cache of that
-    format (runtime.cpu_attention.quantize_kv of the same values) over its time over the bf16 cache, at
+    format (runtime.cpu_attention.quantize_kv of the same values) over its time over the bf16 cache (each a
+    whole block, page-locked where CUDA is present, as the runtime holds it; H200 call 35 measured 0.21 for
+    int8 against a strided bf16 view, where benchmarks/cpu_attention_rate.py over whole blocks measured
+    0.79), at
     (batch, ctx) = `shape`, each the median of `repeats` calls taken in turns (bf16, then each format, and
     again; after one warm-up call of each), so that a drift of the host's speed reaches every format alike:
     what hrm prices such a cache's attention at (KVFormat.cpu_attention_time_of_compute, the default where a
     profile has none). The kernels are the runtime's defaults for each (DECODE_KERNEL, QUANT_DECODE_KERNEL)."""
     from hrm.formats import kv_format
 
-    from ..cpu_attention import quantize_kv
+    from ..cpu_attention import QuantKV, quantize_kv
+    from ..host_memory import empty_host
+
+    def host(x: torch.Tensor) -> torch.Tensor:                 # page-locked where CUDA is, as the runtime's cache
+        return empty_host(tuple(x.shape), x.dtype).copy_(x)
+
+    def quantized(x: torch.Tensor, name: str) -> QuantKV:
+        qx = quantize_kv(x, kv_format(name))
+        return QuantKV(host(qx.data), host(qx.scale))
+
     kernel = runtime_attention_kernel()[0]
     batch, ctx = shape
-    cache_shape = (batch, num_key_value_heads, ctx + headroom_slots, head_dim)
-    k = _fill_random(torch.empty(cache_shape, dtype=torch.bfloat16), 60)[:, :, :ctx]   # [batch, kv_heads, ctx, d]
-    v = _fill_random(torch.empty(cache_shape, dtype=torch.bfloat16), 61)[:, :, :ctx]
-    q = torch.randn(batch, num_attention_heads, head_dim).to(torch.bfloat16)          # [batch, q_heads, d]
-    caches = {"bf16": (k, v), **{name: (quantize_kv(k, kv_format(name)), quantize_kv(v, kv_format(name)))
-                                 for name in formats}}
+    cache_shape = (batch, num_key_value_heads, ctx, head_dim)                   # whole blocks (see above)
+    k = _fill_random(empty_host(cache_shape, torch.bfloat16), 60)                # [batch, kv_heads, ctx, d]
+    v = _fill_random(empty_host(cache_shape, torch.bfloat16), 61)
+    q = torch.randn(batch, num_attention_heads, head_dim).to(torch.bfloat16)     # [batch, q_heads, d]
+    caches = {"bf16": (k, v), **{name: (quantized(k, name), quantized(v, name)) for name in formats}}
     times: dict[str, list[float]] = {name: [] for name in caches}
     for turn in range(repeats + 1):
         for name, (kc, vc) in caches.items():

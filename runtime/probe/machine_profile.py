@@ -81,7 +81,7 @@ def _attention_by_shape(shapes: dict, att_shapes, kernel, kernel_name: str, use_
     finally:
         worker.close()
     return {"attention": {"kernel": kernel_name, "dtype": "bf16", "shapes": [list(s) for s in att_shapes],
-                          "threads": threads, "cache_headroom_slots": 128, "kv_bytes_per_s": rates,
+                          "threads": threads, "kv_bytes_per_s": rates,
                           "kv_format_shape": list(format_shape), "time_of_compute_by_kv_format": by_format},
             "attention_kv_bytes_per_s": statistics.median(rates)}
 
