@@ -59,24 +59,30 @@ def candidates(fmt: str, chunks) -> list[tuple[str, object]]:
 
 
 def make_cache(fmt: str, batch: int, n_kv: int, capacity: int, d: int, seed: int):
-    """(k, v) of one layer as the runtime stores them: tensors in the compute dtype, or QuantKV."""
+    """(k, v) of one layer as the runtime stores them: tensors in the compute dtype, or QuantKV; 64 sequences
+    of normal values repeated over the batch (the kernels' time does not depend on the values)."""
     g = torch.Generator().manual_seed(seed)
     pin = torch.cuda.is_available()
     shape = (batch, n_kv, capacity, d)
 
+    rows = 64                                         # rows drawn at once, then repeated (memcpy speed:
+    block = torch.randn((min(batch, rows),) + shape[1:], generator=g)   # normal_ over GBs takes minutes)
+
     def one():
+        block.normal_(generator=g)
         if fmt in FLOAT:
             t = empty_host(shape, FLOAT[fmt], pin)
-            t.normal_(generator=g)
+            for r in range(0, batch, rows):
+                t[r:r + rows].copy_(block[:min(batch, r + rows) - r])
             return t
         f = kv_format(fmt)
         data = empty_host(shape, ca.STORAGE_DTYPES[fmt], pin)
         scale = empty_host(shape[:3], torch.float32, pin)
-        for r in range(0, batch, 64):                 # quantized in slices: no full-size fp32 temporary
-            x = torch.randn((min(batch, r + 64) - r,) + shape[1:], generator=g, dtype=torch.bfloat16)
-            q = ca.quantize_kv(x, f)
-            data[r:r + x.shape[0]].copy_(q.data)
-            scale[r:r + x.shape[0]].copy_(q.scale)
+        q = ca.quantize_kv(block.to(torch.bfloat16), f)
+        for r in range(0, batch, rows):
+            n = min(batch, r + rows) - r
+            data[r:r + n].copy_(q.data[:n])
+            scale[r:r + n].copy_(q.scale[:n])
         return ca.QuantKV(data, scale)
     return one(), one()
 
