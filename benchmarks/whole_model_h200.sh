@@ -11,7 +11,7 @@
 #   attn          benchmarks/cpu_attention_rate.py (every CPU decode-attention kernel, bf16 / int8 / fp8 KV, at the
 #                 pipeline's batches and contexts: ms per call and GB/s of KV read, to choose DECODE_KERNEL)
 #   variants      benchmarks/cpu_attention_rate.py (fused kernel only, bf16 and int8) once per setting of the fused
-#                 kernel, each in its own process (VARIANTS="name:VAR=VAL ..."; default: as committed, 512-bit
+#                 kernel, each in its own process (VARIANTS="name:VAR=VAL ..."; default: as committed, 256-bit
 #                 vectors, prefetch 16 slots ahead); the fastest (benchmarks/fused_variant.py) is exported for
 #                 the steps after it, and for later calls while the machine stays warm (.device_state/)
 #   attnprofile   `moe-lightning profile --only cpu-attention` on the profile in use: its CPU attention figures
@@ -75,7 +75,7 @@ for step in "$@"; do
         python benchmarks/cpu_attention_rate.py --hardware "$profile" --time-limit-s "$(left)" ${ATTN_ARGS:-} \
             --out "$res/cpu_attention_rate.json" 2>&1 | tee "$res/cpu_attention_rate.log" | tail -6 ;;
     variants)
-        read -ra variants <<<"${VARIANTS:-base: wide:MOE_LIGHTNING_FUSED_VECTOR_BITS=512 pf16:MOE_LIGHTNING_FUSED_PREFETCH_SLOTS=16}"
+        read -ra variants <<<"${VARIANTS:-base: narrow:MOE_LIGHTNING_FUSED_VECTOR_BITS=256 pf16:MOE_LIGHTNING_FUSED_PREFETCH_SLOTS=16}"
         for v in "${variants[@]}"; do
             env ${v#*:} python benchmarks/cpu_attention_rate.py --hardware "$profile" --formats bf16 int8 --kernels fused \
                 ${ATTN_ARGS:---batches 600 1800 --ctx 288 --repeats 3} --out "$res/attn-${v%%:*}.json" 2>&1 \
