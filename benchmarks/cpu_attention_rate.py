@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from result_file import write_result  # noqa: E402
 import runtime.cpu_attention as ca  # noqa: E402
+from runtime import cpu_attention_fused as fused  # noqa: E402
 from hrm.formats import kv_format  # noqa: E402
 from hrm.host import local_cpu_name  # noqa: E402
 from runtime.host_memory import empty_host  # noqa: E402
@@ -121,12 +122,6 @@ def dram_read_bytes_per_s(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
     return size_bytes / statistics.median(time_call(lambda: x.sum(), repeats, 0.0))
 
 
-def fused_settings() -> dict:
-    """The fused kernel's compile-time settings (runtime.cpu_attention_fused; set by environment variables)."""
-    from runtime import cpu_attention_fused as fu
-    return {"prefetch_slots": fu.PREFETCH_SLOTS, "vector_bits": fu.VECTOR_BITS, "inline": fu.INLINE}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None)
@@ -162,7 +157,7 @@ def main(argv=None) -> int:
     try:
         dram = worker.submit(dram_read_bytes_per_s).result()
         print(f"threads {threads}, DRAM read {dram / 1e9:.1f} GB/s (profile {args.hardware}: "
-              f"{profile_dram / 1e9:.1f}); fused kernel {json.dumps(fused_settings())}", flush=True)
+              f"{profile_dram / 1e9:.1f}); fused kernel {json.dumps(fused.settings())}", flush=True)
         capacity = max(args.ctx) + args.headroom
         for fmt in args.formats:
             for batch in args.batches:
@@ -211,7 +206,7 @@ def main(argv=None) -> int:
     print("best (least total time over the shapes):", json.dumps(best), flush=True)
     write_result(args.out, "benchmarks/cpu_attention_rate.py", argv, model=args.model, threads=threads,
                  dram_read_bytes_per_s=dram, profile=args.hardware, profile_dram_read_bytes_per_s=profile_dram,
-                 cpu=local_cpu_name(), torch=torch.__version__, rows=rows, best=best, fused_settings=fused_settings(),
+                 cpu=local_cpu_name(), torch=torch.__version__, rows=rows, best=best, fused_settings=fused.settings(),
                  wall_s=time.perf_counter() - t_start)
     return 0
 

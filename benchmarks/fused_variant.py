@@ -12,9 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-ENV = {"prefetch_slots": "MOE_LIGHTNING_FUSED_PREFETCH_SLOTS", "vector_bits": "MOE_LIGHTNING_FUSED_VECTOR_BITS",
-       "inline": "MOE_LIGHTNING_FUSED_INLINE"}
-"""runtime.cpu_attention_fused's settings (cpu_attention_rate.py's fused_settings) and their variables."""
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from runtime.cpu_attention_fused import SETTINGS_ENV  # noqa: E402
+
 
 
 def fused_ms(result: dict) -> dict[tuple, float]:
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     best = min(totals, key=totals.get)
     settings = next(s for name, s, _ in runs if name == best)
     print(f"fastest: {best}", file=sys.stderr)
-    for key, var in ENV.items():
+    for key, var in SETTINGS_ENV.items():
         print(f"export {var}={settings[key]}")
     return 0
 

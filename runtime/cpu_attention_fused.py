@@ -53,18 +53,26 @@ TILE = 4
 """Query rows and slots per tile: a K tile's 16 dot products share each loaded q and K element (16 vector
 accumulators), a V tile's 16 weights stay in registers while each accumulator row is loaded and stored once
 per 4 slots. The group is padded with zero query rows to a multiple of TILE (their results never read)."""
-PREFETCH_SLOTS = int(os.environ.get("MOE_LIGHTNING_FUSED_PREFETCH_SLOTS", "8"))
+SETTINGS_ENV = {"prefetch_slots": "MOE_LIGHTNING_FUSED_PREFETCH_SLOTS", "vector_bits": "MOE_LIGHTNING_FUSED_VECTOR_BITS",
+                "inline": "MOE_LIGHTNING_FUSED_INLINE"}
+"""The kernel's compile-time settings (below) and the environment variables that set them."""
+PREFETCH_SLOTS = int(os.environ.get(SETTINGS_ENV["prefetch_slots"], "8"))
 """How far ahead (in slots) a tile asks for the cache lines it will read next (llvm.prefetch): the hardware
 prefetcher alone leaves each thread waiting on DRAM at every page."""
-VECTOR_BITS = int(os.environ.get("MOE_LIGHTNING_FUSED_VECTOR_BITS", "512"))
+VECTOR_BITS = int(os.environ.get(SETTINGS_ENV["vector_bits"], "512"))
 """The widest vectors LLVM may pick for the kernel's loops: 256 is LLVM's own preference on AVX-512 hosts
 (its prefer-256-bit tuning); 512 lifts it (numba's CPU features for the process, set before numba compiles
 anything, and only where the host has AVX-512). H200 host (Xeon, family 6 model 207), 14 threads, Mixtral
 shapes, ctx 288, ms at 600 / 1,800 sequences (benchmarks/results/whole_model/h200-2026-12-03-call35):
 bf16 12.10 / 36.01 at 512 bits against 12.02 / 48.15 at 256; int8 9.72 / 28.24 against 13.87 / 29.16."""
-INLINE = os.environ.get("MOE_LIGHTNING_FUSED_INLINE", "always")
+INLINE = os.environ.get(SETTINGS_ENV["inline"], "always")
 """numba's inlining of the tile functions into the item loop ("always": no call, with its exploded array
 arguments, per tile; "never": separate functions)."""
+def settings() -> dict:
+    """The settings this process compiled the kernel with (keys as SETTINGS_ENV's)."""
+    return {"prefetch_slots": PREFETCH_SLOTS, "vector_bits": VECTOR_BITS, "inline": INLINE}
+
+
 _CACHED = PREFETCH_SLOTS == 8 and INLINE == "always"
 """numba's disk cache knows the source file, not these settings (compiled in as constants): other values
 compile afresh in each process. The vector width is in the cache's key (the CPU features)."""
@@ -305,7 +313,7 @@ def _as_block(x: torch.Tensor) -> torch.Tensor:
     inner = x.shape[3] if x.dim() == 4 else 1
     slots, rest = divmod(x.stride(1), inner)
     whole = (x.shape[0], x.shape[1], slots) + tuple(x.shape[3:])
-    contiguous = torch.empty(0).new_empty(whole, device="meta").stride()
+    contiguous = torch.empty(whole, device="meta").stride()
     if rest or slots < x.shape[2] or x.stride() != contiguous:
         return x
     needed = x.storage_offset() + x.shape[0] * x.stride(0)
