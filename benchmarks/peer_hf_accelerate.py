@@ -59,8 +59,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--experts-implementation", default=None,
                    help="transformers experts implementation (default: the library's own default)")
     p.add_argument("--time-limit-s", type=float, default=None,
-                   help="start no new batch size after this many seconds (the rest are recorded as skipped)")
+                   help="start no new batch size after this many seconds, and no timed generate that would end "
+                        "after them by its prefill's time per forward pass (recorded as skipped)")
+    p.add_argument("--stop-after-ok", type=int, default=0,
+                   help="stop after this many batch sizes ran ok (0: run them all); 1 with a descending list "
+                        "measures the largest that fits")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fill", choices=("cpu", "gpu"), default="cpu",
+                   help="draw the random weights on the CPU (tiled from one block after a parallel first touch: "
+                        "the default) or on the GPU in chunks (one copy at a time into pageable memory: slow, "
+                        "~1.3 GB/s on the H200)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--output", default=None,
                    help="JSON output (a CSV is written beside it); default $OUT/peer_hf_accelerate.json if $OUT "
@@ -89,9 +97,11 @@ def build_config(args):
     return config, full_layers
 
 
-def build_model(config, seed: int, use_cuda: bool):
+def build_model(config, seed: int, fill_on_gpu: bool):
     """The model with random bf16 weights in host memory: parameters are created on the meta device and
-    each is filled in place (no `normal_` over tens of GB on the CPU)."""
+    each is filled in place (no `normal_` over tens of GB on the CPU). On the CPU, each parameter's fresh
+    pages are first touched by torch's parallel zero (every core faults its share: ~19 GB/s on the H200's
+    host, `benchmarks/pin_rate.py`), then tiled from one random block."""
     import torch
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
@@ -102,17 +112,19 @@ def build_model(config, seed: int, use_cuda: bool):
     with init_empty_weights():                                   # parameters on meta, buffers real
         model = MixtralForCausalLM(config)
     filler = _Filler(seed, torch.bfloat16)
-    filler.cuda = use_cuda
+    filler.cuda = fill_on_gpu
     master = {}
     for name, param in list(model.named_parameters()):
         t = torch.empty(param.shape, dtype=torch.bfloat16)       # host memory, [shape of the parameter]
         if name.endswith("norm.weight"):
             t.fill_(1.0)
         else:
+            if not fill_on_gpu:
+                t.zero_()
             filler.fill(t, name)
         set_module_tensor_to_device(model, name, "cpu", value=t, dtype=torch.bfloat16)
         master[name] = t
-    if use_cuda:
+    if fill_on_gpu:
         torch.cuda.synchronize()
     model.eval()
     model.requires_grad_(False)
@@ -162,8 +174,22 @@ def plan_memory(config, full_layers: int, batch: int, prompt_len: int, gen_len: 
     reserve = kv_per_layer * layers + act + slack
     return dict(kv_bytes=kv_per_layer * layers, activation_reserve_bytes=act, slack_bytes=slack,
                 resident_budget_bytes=resident, max_memory_gpu_bytes=max_memory_gpu,
-                gpu_cap_bytes=max_memory_gpu + reserve,
+                # never above the whole budget: where the estimate leaves no room for weights, the run decides
+                gpu_cap_bytes=min(max_memory_gpu + reserve, budget_full),
                 gpu_budget_scaled_bytes=budget_full * layers / full_layers)
+
+
+def decode_shortfall(prefill_peak_bytes: int, mem: dict, prompt_len: int, gen_len: int, layers: int) -> str:
+    """Why decode would not fit under the cap, judged from the prefill's measured peak, or "". Decode adds
+    the KV of gen_len tokens and, for one layer at a time, a copy of that layer's cache (DynamicCache grows by
+    concatenation); the prefill's temporaries are gone by then, so this errs towards refusing. A whole-model
+    generate takes ~8 minutes, nearly a device call: a batch that fits its prefill but not its decode would
+    spend the call and leave no row."""
+    growth = mem["kv_bytes"] * gen_len / (prompt_len + gen_len) + mem["kv_bytes"] / layers
+    if prefill_peak_bytes + growth <= mem["gpu_cap_bytes"]:
+        return ""
+    return (f"not run: prefill peak {prefill_peak_bytes / GiB:.2f} GiB + decode KV growth {growth / GiB:.2f} GiB "
+            f"> cap {mem['gpu_cap_bytes'] / GiB:.2f} GiB")
 
 
 def dispatch(model, max_memory_gpu: float, cpu_bytes: float) -> dict:
@@ -226,6 +252,22 @@ def generate_once(model, batch: int, prompt_len: int, gen_len: int, device, seed
     sync()
     wall = time.perf_counter() - t0
     return wall, int(out.shape[1] - prompt_len)
+
+
+def measure(model, batch: int, args, device, prefill_s: float, layers: int, full_layers: int, offloaded_bytes: int,
+            use_cuda: bool) -> dict:
+    """The timed generate of one batch size: a row's measured columns."""
+    import torch
+
+    wall, new = generate_once(model, batch, args.prompt_len, args.gen_len, device, args.seed + batch)
+    tok_s = batch * new / wall
+    decode_s = wall - prefill_s
+    return dict(status="ok", wall_s=wall, generated_tokens=batch * new, tokens_per_s=tok_s, prefill_s=prefill_s,
+                decode_tokens_per_s=batch * (new - 1) / decode_s if new > 1 and decode_s > 0 else 0.0,
+                tokens_per_s_scaled_to_full=tok_s * layers / full_layers,
+                # one forward pass per new token (the first is the prefill), each streams the offload
+                stream_bytes_per_s_est=offloaded_bytes * new / wall if use_cuda else 0.0,
+                peak_gpu_bytes=torch.cuda.max_memory_allocated(0) if use_cuda else 0)
 
 
 def environment(use_cuda: bool) -> dict:
@@ -319,19 +361,22 @@ def main(argv=None) -> int:
                                 gpu_budget_full_gib=args.gpu_budget_gib))
     t_start = time.perf_counter()
     print(f"building {config.num_hidden_layers}-layer model ({weight_bytes_est / GiB:.2f} GiB bf16) ...", file=sys.stderr)
-    model, master = build_model(config, args.seed, use_cuda)
+    model, master = build_model(config, args.seed, use_cuda and args.fill == "gpu")
     header["build_s"] = time.perf_counter() - t_start
     header["experts_implementation"] = getattr(config, "_experts_implementation", None)
     layer_bytes = decoder_layer_bytes(model)
     rows: list[dict] = []
-    warmed = False
+    warmed, ok = False, 0
     for batch in batch_sizes:
         row = dict(model=Path(args.config).stem + ("-tiny" if args.tiny else ""), num_layers=config.num_hidden_layers,
                    full_layers=full_layers, batch_size=batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
                    gpu_budget_full_bytes=args.gpu_budget_gib * GiB,
                    experts_implementation=header["experts_implementation"])
-        if args.time_limit_s is not None and time.perf_counter() - t_start > args.time_limit_s:
-            rows.append({**row, "status": "skipped", "error": f"time limit {args.time_limit_s:g} s reached"})
+        skip = (f"{ok} batch size(s) ran ok (--stop-after-ok)" if args.stop_after_ok and ok >= args.stop_after_ok
+                else f"time limit {args.time_limit_s:g} s reached"
+                if args.time_limit_s is not None and time.perf_counter() - t_start > args.time_limit_s else "")
+        if skip:
+            rows.append({**row, "status": "skipped", "error": skip})
             write_results(out, header, rows)
             continue
         mem = plan_memory(config, full_layers, batch, args.prompt_len, args.gen_len, args.gpu_budget_gib * GiB,
@@ -345,24 +390,29 @@ def main(argv=None) -> int:
             else:
                 device_map = {"": "cpu"}
             row.update(placement(master, device_map, config.num_hidden_layers))
-            if not warmed:                                        # CUDA context, kernels, hooks
-                generate_once(model, 1, 8, 2, device, args.seed)
+            if not warmed:                                        # CUDA context, kernels, hooks: one pass
+                generate_once(model, 1, 8, 1, device, args.seed)
                 warmed = True
             if use_cuda:
                 torch.cuda.reset_peak_memory_stats(0)
             prefill_s, _ = generate_once(model, batch, args.prompt_len, 1, device, args.seed + batch)
-            wall, new = generate_once(model, batch, args.prompt_len, args.gen_len, device, args.seed + batch)
-            tok_s = batch * new / wall
-            decode_s = wall - prefill_s
-            offloaded = row["weights_total_bytes"] - row["weights_on_gpu_bytes"]
-            row.update(status="ok", wall_s=wall, generated_tokens=batch * new, tokens_per_s=tok_s, prefill_s=prefill_s,
-                       decode_tokens_per_s=batch * (new - 1) / decode_s if new > 1 and decode_s > 0 else 0.0,
-                       tokens_per_s_scaled_to_full=tok_s * config.num_hidden_layers / full_layers,
-                       # one forward pass per new token (the first is the prefill), each streams the offload
-                       stream_bytes_per_s_est=offloaded * new / wall if use_cuda else 0.0,
-                       peak_gpu_bytes=torch.cuda.max_memory_allocated(0) if use_cuda else 0)
-            print(f"batch {batch}: {tok_s:.2f} tok/s ({batch * new} tokens in {wall:.1f} s, "
-                  f"{row['layers_on_gpu']}/{config.num_hidden_layers} layers on the GPU)", file=sys.stderr)
+            short = decode_shortfall(torch.cuda.max_memory_allocated(0), mem, args.prompt_len, args.gen_len,
+                                     config.num_hidden_layers) if use_cuda else ""
+            # the timed generate makes gen_len forward passes, each streaming what the prefill's one did
+            need_s, elapsed_s = 1.1 * args.gen_len * prefill_s, time.perf_counter() - t_start
+            if not short and args.time_limit_s is not None and elapsed_s + need_s > args.time_limit_s:
+                short = f"time limit {args.time_limit_s:g} s: {elapsed_s:.0f} s elapsed, ~{need_s:.0f} s needed"
+            if short:
+                row.update(status="skipped", error=short, prefill_s=prefill_s,
+                           peak_gpu_bytes=torch.cuda.max_memory_allocated(0))
+                print(f"batch {batch}: {short}", file=sys.stderr)
+            else:
+                row.update(measure(model, batch, args, device, prefill_s, config.num_hidden_layers, full_layers,
+                                   row["weights_total_bytes"] - row["weights_on_gpu_bytes"], use_cuda))
+                ok += 1
+                print(f"batch {batch}: {row['tokens_per_s']:.2f} tok/s ({row['generated_tokens']} tokens in "
+                      f"{row['wall_s']:.1f} s, {row['layers_on_gpu']}/{config.num_hidden_layers} layers on the GPU)",
+                      file=sys.stderr)
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e).lower() \
                     and "ALLOC_FAILED" not in str(e):

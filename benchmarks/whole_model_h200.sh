@@ -20,6 +20,7 @@
 #                 kernel per (layer, prefill chunk) and per (layer, decode step))
 #   visit         benchmarks/profile_visit.py $VISIT_ARGS (a decode visit's fixed cost split into host work and
 #                 waits, e.g. VISIT_ARGS="--model olmoe-1b-7b --schedules s4 --micro-batches 1 --micro-batch-size 301")
+#   hf            benchmarks/peer_hf_accelerate.py $HF_ARGS (the HF accelerate CPU-offload peer, whole Mixtral at 24 GB)
 #   pin           benchmarks/pin_rate.py (how fast fresh host memory is page-locked)
 #   gap           benchmarks/prefill_gap.py (the runtime's prefill on 4 layers, from the probe's setting to the plans')
 #   sustained     benchmarks/sustained_rate.py (each MoE layer and a GEMM back to back for 20 s: do the clocks hold?)
@@ -105,6 +106,13 @@ for step in "$@"; do
         python benchmarks/peer_deepspeed.py --gpu-budget-gib 24 --prompt-len 256 --gen-len 32 \
             --time-limit-s "$(left)" ${DS_ARGS:-} --output "$res/peer_deepspeed$suffix.json" 2>&1 \
             | tee "$res/peer_deepspeed$suffix.log" | grep -v -E '^\[[0-9-]+ [0-9:,]+\] \[INFO\]' | tail -25 ;;
+    hf)
+        # peer: HF transformers + accelerate CPU offload (benchmarks/peer_hf_accelerate.py), whole Mixtral-8x7B at
+        # 24 GB; one timed generate is ~8 minutes (every layer streamed from pageable memory 33 times), so give
+        # a descending list and stop at the first that runs: HF_ARGS="--batch-sizes 320,256,192 --stop-after-ok 1"
+        python benchmarks/peer_hf_accelerate.py --gpu-budget-gib 24 --prompt-len 256 --gen-len 32 \
+            --experts-implementation eager --time-limit-s "$(left)" ${HF_ARGS:-} \
+            --output "$res/peer_hf_accelerate$suffix.json" 2>&1 | tee "$res/peer_hf_accelerate$suffix.log" | tail -15 ;;
     pin)
         python benchmarks/pin_rate.py --gib 16 --rounds 2 --out "$res/pin_rate.json" ;;
     gap)
