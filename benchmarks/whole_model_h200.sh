@@ -85,6 +85,10 @@ for step in "$@"; do
         python benchmarks/fused_variant.py "$res"/attn-*.json > "$res/fused_variant.env" 2> "$res/fused_variant.log"
         cat "$res/fused_variant.log" "$res/fused_variant.env"; . "$res/fused_variant.env"
         mkdir -p "$state"; cp "$res/fused_variant.env" "$state/" ;;
+    beside)
+        # the attention kernel alone and beside a pinned H2D copy stream, over 1 and 32 layers' caches; BESIDE_ARGS
+        python benchmarks/attention_beside_link.py ${BESIDE_ARGS:-} --out "$res/attention_beside_link.json" 2>&1 \
+            | tee "$res/attention_beside_link.log" | tail -12 ;;
     attnprofile)
         python -m moe_lightning_cli.main profile --only cpu-attention --base "$profile" -o "$res/h200-measured.toml" \
             --name h200-measured --no-progress 2>&1 | tee "$res/attnprofile.log" | tail -30
