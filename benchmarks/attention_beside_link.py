@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None)
     p.add_argument("--model", default="mixtral-8x7b")
-    p.add_argument("--shapes", type=parse_shape, nargs="+", default=["bf16:1207:272", "int8:2189:272"],
+    p.add_argument("--shapes", type=parse_shape, nargs="+", default=[("bf16", 1207, 272), ("int8", 2189, 272)],
                    help="FORMAT:SEQUENCES:SLOTS read per call (default: call 37's two plans at the mean decode context)")
     p.add_argument("--capacity", type=int, default=288, help="cache slots per sequence (prompt + gen; default 288)")
     p.add_argument("--layers", type=int, nargs="+", default=[1, 32], help="footprints: layers' caches (default 1 32)")

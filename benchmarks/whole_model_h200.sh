@@ -14,6 +14,10 @@
 #                 kernel, each in its own process (VARIANTS="name:VAR=VAL ..."; default: as committed, 256-bit
 #                 vectors, prefetch 16 slots ahead); the fastest (benchmarks/fused_variant.py) is exported for
 #                 the steps after it, and for later calls while the machine stays warm (.device_state/)
+#   beside        benchmarks/attention_beside_link.py $BESIDE_ARGS (the attention kernel alone and beside a pinned
+#                 H2D copy stream, over one and many layers' caches)
+#   kvloop        benchmarks/kv_format_in_loop.py (the in-loop time of 8-bit KV calls over bf16's) into the profile
+#                 in use (later steps and calls use it, as `profile`); KVLOOP_ARGS, e.g. "--formats int8"
 #   attnprofile   `moe-lightning profile --only cpu-attention` on the profile in use: its CPU attention figures
 #                 re-measured with the kernels as they now are (later steps and calls use it, as `profile`)
 #   layers        benchmarks/layer_kernels.py $LAYER_ARGS (a plan's few layers under torch.profiler: GPU time by
@@ -89,6 +93,14 @@ for step in "$@"; do
         # the attention kernel alone and beside a pinned H2D copy stream, over 1 and 32 layers' caches; BESIDE_ARGS
         python benchmarks/attention_beside_link.py ${BESIDE_ARGS:-} --out "$res/attention_beside_link.json" 2>&1 \
             | tee "$res/attention_beside_link.log" | tail -12 ;;
+    kvloop)
+        # the in-loop multiple of each 8-bit KV cache's calls over bf16's (benchmarks/kv_format_in_loop.py), into a
+        # copy of the profile in use; later steps and calls use it, as `profile`
+        python benchmarks/kv_format_in_loop.py --base "$profile" -o "$res/h200-measured.toml" \
+            --out "$res/kv_format_in_loop.json" ${KVLOOP_ARGS:-} 2>&1 | tee "$res/kv_format_in_loop.log" | tail -4
+        if [ -f "$res/h200-measured.toml" ]; then
+            profile="$res/h200-measured.toml"; mkdir -p "$state"; cp "$profile" "$state/"
+        fi ;;
     attnprofile)
         python -m moe_lightning_cli.main profile --only cpu-attention --base "$profile" -o "$res/h200-measured.toml" \
             --name h200-measured --no-progress 2>&1 | tee "$res/attnprofile.log" | tail -30

@@ -136,7 +136,7 @@ def decode_layer_times(s: Setting, N, mu, r_w, r_c, ctx) -> LayerTimes:
         return t
 
     def experts_gpu_mb(tokens):
-        return gpu_time(s, ops.routed_experts(spec, tokens), ops.tokens_per_expert(spec, tokens))
+        return routed_experts_time(s, tokens)
 
     frac_moe = spec.num_moe_layers / spec.num_hidden_layers
     dequant = frac_moe * expert_dequant_s(s)          # quantized experts: once per layer-step (runtime.moe)
@@ -203,7 +203,7 @@ def prefill_layer_times(s: Setting, N, mu, r_w, r_c) -> LayerTimes:
         rest, dense = ops.prefill_rest(spec, seqs, p), ops.dense_ffn(spec, tokens)
         rate = prefill_rest_flops_per_s(s, tokens)
         rest_s = gpu_time(s, rest + dense, tokens) if rate is None else rest.flops / rate + gpu_time(s, dense, tokens)
-        return rest_s + prefill_experts_time(s, tokens) + allreduce_s(s, tokens)
+        return rest_s + routed_experts_time(s, tokens) + allreduce_s(s, tokens)
 
     chunk = prefill_chunk_sequences(p)
 
@@ -242,9 +242,9 @@ def prefill_once_s(s: Setting, N):
     return lm_head_time(s, N) + per_pass
 
 
-def prefill_experts_time(s: Setting, tokens):
-    """The routed experts of one layer for a prefill chunk of `tokens` tokens: at the measured rate of the
-    runtime's own MoE layer at this model's expert shape where the profile has it (moe_curve, read at the
+def routed_experts_time(s: Setting, tokens):
+    """The routed experts of one layer for `tokens` tokens (a prefill chunk, a decode micro-batch): at the
+    measured rate of the runtime's own MoE layer at this model's expert shape where the profile has it (moe_curve, read at the
     model's tokens per expert, interpolated in log and held flat beyond the measured range), else the
     roofline at the GEMM rate of tokens per expert."""
     cost = ops.routed_experts(s.spec, tokens)

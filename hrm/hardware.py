@@ -111,6 +111,8 @@ class Measured:
     cpu_attention_call_s: float = 0.0          # fixed cost of one CPU attention call (hand-off, masks, append)
     cpu_attention_time_of_compute_by_kv_format: tuple[tuple[str, float], ...] = ()  # per scaled 8-bit KV
     #   format, its CPU attention's time per call over the compute dtype's (hrm.formats.KVFormat's default)
+    cpu_attention_loop_time_of_compute_by_kv_format: tuple[tuple[str, float], ...] = ()  # the same of the
+    #   calls inside the decode loop (what the loop fit of the compute dtype's calls is scaled by)
     method: str = ""
     date: str = ""
 
@@ -351,6 +353,9 @@ def _measured(table: Mapping, where: str) -> Measured:
         cpu_attention_time_of_compute_by_kv_format=_by_name(
             table.get("cpu_attention_time_of_compute_by_kv_format", {}), "cpu_attention_time_of_compute_by_kv_format",
             where, SCALED_KV_FORMATS, "KV format", "int8 = 0.6"),
+        cpu_attention_loop_time_of_compute_by_kv_format=_by_name(
+            table.get("cpu_attention_loop_time_of_compute_by_kv_format", {}),
+            "cpu_attention_loop_time_of_compute_by_kv_format", where, SCALED_KV_FORMATS, "KV format", "int8 = 0.9"),
         method=str(_req(table, "method", where)), date=str(_req(table, "date", where)),
     )
 

@@ -52,7 +52,7 @@ PROFILE_KEYS = {
         "cpu_attention_overlapped_gb_per_s_by_micro_batch", "cpu_attention_loop_shapes",
         "cpu_attention_loop_call_ms", "decode_visit_us", "decode_visit_us_by_schedule",
         "decode_visit_us_grouped_by_schedule", "grouped_above_tokens", "cpu_attention_call_us",
-        "cpu_attention_time_of_compute_by_kv_format",
+        "cpu_attention_time_of_compute_by_kv_format", "cpu_attention_loop_time_of_compute_by_kv_format",
         # kept as the record
         "cpu_attention_shapes", "cpu_attention_gb_per_s_by_shape"}),
     "memory": frozenset(MEMORY_KEYS) | {"source"},

@@ -337,9 +337,10 @@ def test_s3_launches_wait_for_cpu_attention_in_series():
     assert est.bound in ("host_block", "host_chain")
 
 
-def test_measured_moe_layer_rate_prices_prefill():
+def test_measured_moe_layer_rate_prices_prefill_and_decode():
     """A measured MoE-layer curve (the runtime's own kernel) at the model's expert shape replaces the GEMM
-    roofline for prefill experts, read at the model's tokens per expert."""
+    roofline for the experts of prefill chunks and of decode micro-batches, read at the model's tokens per
+    expert."""
     hw = load_profile("h200")
     p = Policy(256, 32)
     base = estimate(MIXTRAL, hw, MTBENCH, p)
@@ -349,16 +350,21 @@ def test_measured_moe_layer_rate_prices_prefill():
                                         gpu_moe_tokens_per_expert=((256.0, 2048.0),),
                                         gpu_moe_flops_per_s=((100e12, 100e12),)))
     s = Setting.of(MIXTRAL, slow, MTBENCH, p)
-    from hrm.estimate import prefill_experts_time
-    assert prefill_experts_time(s, tokens) == pytest.approx(flops / 100e12)
+    from hrm.estimate import routed_experts_time
+    assert routed_experts_time(s, tokens) == pytest.approx(flops / 100e12)
     assert estimate(MIXTRAL, slow, MTBENCH, p).prefill_s > base.prefill_s
-    assert estimate(MIXTRAL, slow, MTBENCH, p).decode_s == pytest.approx(base.decode_s)   # decode unchanged
+    from hrm.estimate import decode_layer_times
+    fast = replace(slow, measured=replace(slow.measured, gpu_moe_flops_per_s=((400e12, 400e12),)))
+    slow_gpu, fast_gpu = (decode_layer_times(Setting.of(MIXTRAL, hw_, MTBENCH, p), 256, 32, 0.5, 0.0, 100).gpu_s
+                          for hw_ in (slow, fast))
+    experts_s = 8 * float(ops.routed_experts(MIXTRAL, 32).flops)        # 8 micro-batches of 32
+    assert slow_gpu - fast_gpu == pytest.approx(experts_s / 100e12 - experts_s / 400e12)
 
 
 def test_each_model_is_priced_at_its_own_expert_shape():
     """Of several measured shapes the nearest within MOE_SHAPE_TOLERANCE prices a model, at its own tokens
     per expert; a model far from every measured shape takes the GEMM roofline."""
-    from hrm.estimate import prefill_experts_time
+    from hrm.estimate import routed_experts_time
     from hrm.rates import MOE_SHAPE_TOLERANCE, moe_curve
     hw = load_profile("h200")
     curves = dict(gpu_moe_shapes=((4096, 14336, 8, 2), (2048, 768, 128, 8)),
@@ -371,7 +377,7 @@ def test_each_model_is_priced_at_its_own_expert_shape():
     s = Setting.of(qwen3, measured, wl, Policy(16, 16))
     assert moe_curve(s)[1] == (100e12, 300e12)
     rate = np.interp(np.log(256), np.log([64, 1024]), [100e12, 300e12])
-    assert prefill_experts_time(s, tokens) == pytest.approx(float(ops.routed_experts(qwen3, tokens).flops) / rate)
+    assert routed_experts_time(s, tokens) == pytest.approx(float(ops.routed_experts(qwen3, tokens).flops) / rate)
     assert 1024 / 768 < MOE_SHAPE_TOLERANCE      # OLMoE's 1024-wide experts: the Qwen3 curve
     assert moe_curve(Setting.of(olmoe, measured, wl, Policy(16, 16)))[1] == (100e12, 300e12)
     s_far = Setting.of(deepseek, measured, wl, Policy(16, 16))
@@ -379,14 +385,14 @@ def test_each_model_is_priced_at_its_own_expert_shape():
     roofline = Setting.of(deepseek, replace(hw, measured=replace(hw.measured, gpu_moe_shapes=(),
                                                                  gpu_moe_tokens_per_expert=(), gpu_moe_flops_per_s=())),
                           wl, Policy(16, 16))
-    assert prefill_experts_time(s_far, tokens) == pytest.approx(prefill_experts_time(roofline, tokens))
+    assert routed_experts_time(s_far, tokens) == pytest.approx(routed_experts_time(roofline, tokens))
 
 
 def test_measured_prefill_rest_rate_prices_each_chunk():
     """A measured rate of the runtime's prefill layer without its experts prices every chunk of every
     micro-batch: the rest's FLOPs (hrm.ops.prefill_rest) of the chunk over the rate at the chunk's
     tokens (flat beyond the range), plus the chunk's experts."""
-    from hrm.estimate import prefill_experts_time, prefill_layer_times
+    from hrm.estimate import routed_experts_time, prefill_layer_times
     from hrm.policy import prefill_chunk_sequences
 
     hw = load_profile("h200")
@@ -402,7 +408,7 @@ def test_measured_prefill_rest_rate_prices_each_chunk():
         tokens = n * 256
         rate = np.interp(np.log(tokens), np.log([1024, 4096]), [100e12, 200e12])
         rest = ops.prefill_rest(MIXTRAL, n, 256)
-        return float(rest.flops) / rate + float(prefill_experts_time(s, tokens))
+        return float(rest.flops) / rate + float(routed_experts_time(s, tokens))
     pre = prefill_layer_times(s, 100, 40, 0.0, 0.0)
     assert float(pre.gpu_s) == pytest.approx(sum(t(n) for n in sizes), rel=1e-9)
     base = estimate(MIXTRAL, hw, wl, p)

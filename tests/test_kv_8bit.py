@@ -274,8 +274,12 @@ def test_cpu_attention_over_8bit_kv_is_priced_at_its_measured_multiple_of_bf16(n
     times = {kv: decode_layer_times(Setting.of(s, hw, wl, policy), 1600, 800, 0.125, 0.0, 288)
              for kv, s in (("bf16", spec), (name, spec.with_kv_format(name)))}
     assert times["bf16"].cpu_s > 0
-    measured = dict(hw.measured.cpu_attention_time_of_compute_by_kv_format)   # the profile's, else the default
-    expected = measured.get(name, kv_format(name).cpu_attention_time_of_compute)
+    # the profile prices bf16's calls by its loop fit, so its in-loop multiple applies, else the kernels', else the default
+    from hrm.rates import cpu_attention_loop_model
+    assert cpu_attention_loop_model(Setting.of(spec, hw, wl, policy)) is not None
+    in_loop = dict(hw.measured.cpu_attention_loop_time_of_compute_by_kv_format)
+    alone = dict(hw.measured.cpu_attention_time_of_compute_by_kv_format)
+    expected = in_loop.get(name, alone.get(name, kv_format(name).cpu_attention_time_of_compute))
     assert 0.5 < expected < 2.5
     assert math.isclose(times[name].cpu_s / times["bf16"].cpu_s, expected, rel_tol=1e-9)
 
@@ -290,18 +294,32 @@ def test_a_profiles_measured_multiple_replaces_the_formats_default(tmp_path):
     from hrm.spec import Workload
 
     text = (Path(__file__).resolve().parent.parent / "hrm/hardware_profiles/h200-measured.toml").read_text()
-    lines = [ln for ln in text.splitlines() if not ln.startswith("cpu_attention_time_of_compute_by_kv_format")]
+    keys = ("cpu_attention_time_of_compute_by_kv_format", "cpu_attention_loop_time_of_compute_by_kv_format")
+    lines = [ln for ln in text.splitlines() if not ln.startswith(keys)]
     at = next(i for i, ln in enumerate(lines) if ln.startswith("cpu_attention_gb_per_s_by_shape")) + 1
     lines.insert(at, "cpu_attention_time_of_compute_by_kv_format = { int8 = 0.5 }")
     path = tmp_path / "h200-own-int8.toml"
     path.write_text("\n".join(lines) + "\n")
-    spec, hw = load_model("mixtral-8x7b"), load_profile(str(path))
+    spec = load_model("mixtral-8x7b")
     wl = Workload(avg_prompt_len=256, max_prompt_len=256, gen_len=32)
     policy = Policy(batch_size=1600, micro_batch_size=800, weights_gpu_frac=0.125)
-    cpu_s = {kv: decode_layer_times(Setting.of(s, hw, wl, policy), 1600, 800, 0.125, 0.0, 288).cpu_s
-             for kv, s in (("bf16", spec), ("int8", spec.with_kv_format("int8")), ("fp8", spec.with_kv_format("fp8")))}
-    assert math.isclose(cpu_s["int8"] / cpu_s["bf16"], 0.5, rel_tol=1e-9)
-    assert math.isclose(cpu_s["fp8"] / cpu_s["bf16"], kv_format("fp8").cpu_attention_time_of_compute, rel_tol=1e-9)
+
+    def ratios(profile):
+        hw = load_profile(str(profile))
+        cpu_s = {kv: decode_layer_times(Setting.of(s, hw, wl, policy), 1600, 800, 0.125, 0.0, 288).cpu_s
+                 for kv, s in (("bf16", spec), ("int8", spec.with_kv_format("int8")),
+                               ("fp8", spec.with_kv_format("fp8")))}
+        return {kv: cpu_s[kv] / cpu_s["bf16"] for kv in ("int8", "fp8")}
+
+    got = ratios(path)                      # the kernels alone measured, not the loop: the kernels' multiple
+    assert math.isclose(got["int8"], 0.5, rel_tol=1e-9)
+    assert math.isclose(got["fp8"], kv_format("fp8").cpu_attention_time_of_compute, rel_tol=1e-9)
+    both = tmp_path / "h200-own-int8-in-loop.toml"    # measured in the loop too: the loop's multiple wins
+    both.write_text(path.read_text().replace("{ int8 = 0.5 }",
+                                             "{ int8 = 0.5 }\ncpu_attention_loop_time_of_compute_by_kv_format = { int8 = 0.7 }"))
+    got = ratios(both)
+    assert math.isclose(got["int8"], 0.7, rel_tol=1e-9)
+    assert math.isclose(got["fp8"], kv_format("fp8").cpu_attention_time_of_compute, rel_tol=1e-9)
     bad = tmp_path / "h200-int4.toml"
     bad.write_text(path.read_text().replace("{ int8 = 0.5 }", "{ int4 = 0.5 }"))
     from hrm.hardware import HardwareError

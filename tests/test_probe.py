@@ -457,7 +457,9 @@ def test_a_measured_gpu_to_gpu_rate_prices_the_allreduces(cpu_result, tmp_path):
 def test_the_loop_probe_also_measures_the_calls_of_another_kv_shape(monkeypatch):
     """Besides the profiled model's settings, the in-loop attention probe runs Qwen3-30B-A3B's KV shape (2,048
     bytes a slot) at LOOP_SHAPE_SETTINGS, whose rows join cpu_attention_loop_shapes; the curve over
-    micro-batch sizes stays the profiled model's. Quick profiles skip it."""
+    micro-batch sizes stays the profiled model's. Quick profiles skip it. Each scaled 8-bit KV format's calls
+    run at LOOP_KV_FORMAT_SETTING and are reported over bf16's calls there."""
+    from hrm.formats import SCALED_KV_FORMATS
     from hrm.hf_config import load_model
     from runtime.probe import calibration as cal
 
@@ -467,14 +469,17 @@ def test_the_loop_probe_also_measures_the_calls_of_another_kv_shape(monkeypatch)
         seen.append(spec.name)
         b = spec.kv_elems_per_token_layer * spec.dtypes.kv_bytes
         return {"cpu_attention_overlapped_bytes_per_s": 30e9, "loop_shape": [micro_batch, prompt_len + 4.5, b],
-                "loop_call_s": 1e-3 * micro_batch / 256}
+                "loop_call_s": 1e-3 * micro_batch / 256 * (0.9 if spec.dtypes.kv_format == "int8" else 1.0)}
     monkeypatch.setattr(cal, "attention_in_pipeline", fake)
     out = cal.attention_in_pipeline_by_micro_batch(load_model("mixtral-8x7b"))
     n = len(cal.OVERLAP_SETTINGS)
-    assert seen == ["mixtral-8x7b"] * n + ["qwen3-30b-a3b"] * len(cal.LOOP_SHAPE_SETTINGS)
+    formats = len(SCALED_KV_FORMATS)
+    assert seen == ["mixtral-8x7b"] * n + ["qwen3-30b-a3b"] * len(cal.LOOP_SHAPE_SETTINGS) + ["mixtral-8x7b"] * formats
+    assert out["cpu_attention_loop_time_of_compute_by_kv_format"]["int8"] == pytest.approx(0.9)
+    assert out["cpu_attention_loop_time_of_compute_by_kv_format"]["fp8"] == pytest.approx(1.0)
     assert [s[2] for s in out["cpu_attention_loop_shapes"]] == [4096] * n + [2048] * len(cal.LOOP_SHAPE_SETTINGS)
     assert len(out["cpu_attention_overlapped_bytes_per_s_by_micro_batch"]) == n
     assert len({s[1] for s in out["cpu_attention_loop_shapes"][n:]}) == 2          # two contexts
     seen.clear()
     cal.attention_in_pipeline_by_micro_batch(load_model("mixtral-8x7b"), quick=True)
-    assert seen == ["mixtral-8x7b"] * len(cal.OVERLAP_SETTINGS_QUICK)
+    assert seen == ["mixtral-8x7b"] * (len(cal.OVERLAP_SETTINGS_QUICK) + formats)

@@ -25,16 +25,19 @@ from runtime.probe.profile_toml import cpu_attention_lines
 REPO = Path(__file__).resolve().parent.parent
 H200 = REPO / "hrm" / "hardware_profiles" / "h200-measured.toml"
 FORMAT_KEY = "cpu_attention_time_of_compute_by_kv_format"
+LOOP_FORMAT_KEY = "cpu_attention_loop_time_of_compute_by_kv_format"
 
 
 def _with_every_attention_key(text: str) -> str:
-    """The committed profile's text, with a by-format line after the by-shape one where it has none (profiles
-    measured before 2026-12-03 lack it), so that every CPU_ATTENTION_KEYS key is there to be replaced."""
-    if f"\n{FORMAT_KEY} = " in text:
-        return text
-    anchor = "\ncpu_attention_gb_per_s_by_shape = "
-    i = text.index("\n", text.index(anchor) + 1)
-    return text[:i] + f"\n{FORMAT_KEY} = {{ int8 = 0.9, fp8 = 1.9 }}" + text[i:]
+    """The committed profile's text, with a by-format line after the by-shape one and an in-loop by-format
+    line after the loop calls where it has none (profiles measured before 2026-12-03 and 2026-12-04 lack
+    them), so that every CPU_ATTENTION_KEYS key is there to be replaced."""
+    for key, anchor in ((FORMAT_KEY, "\ncpu_attention_gb_per_s_by_shape = "),
+                        (LOOP_FORMAT_KEY, "\ncpu_attention_loop_call_ms = ")):
+        if f"\n{key} = " not in text:
+            i = text.index("\n", text.index(anchor) + 1)
+            text = text[:i] + f"\n{key} = {{ int8 = 0.9, fp8 = 1.9 }}" + text[i:]
+    return text
 
 
 BASE_TEXT = _with_every_attention_key(H200.read_text())
@@ -47,12 +50,14 @@ LOOP = {"cpu_attention_overlapped_bytes_per_s": 21.5e9, "overlap_shape": [32, 51
         "cpu_attention_overlapped_micro_batches": [32, 256, 1024],
         "cpu_attention_overlapped_bytes_per_s_by_micro_batch": [21.5e9, 33.25e9, 29.5e9],
         "cpu_attention_loop_shapes": [[32, 516.5, 4096.0], [256, 516.5, 4096.0], [1024, 260.5, 4096.0]],
-        "cpu_attention_loop_call_s": [3.1e-3, 15.5e-3, 30.25e-3]}
+        "cpu_attention_loop_call_s": [3.1e-3, 15.5e-3, 30.25e-3],
+        LOOP_FORMAT_KEY: {"int8": 0.875, "fp8": 1.25}}
 NEW = {"cpu_attention_gb_per_s": 49.38, "cpu_attention_shapes": SHAPES, "cpu_attention_gb_per_s_by_shape": [51.5, 47.25],
        FORMAT_KEY: {"int8": 0.625, "fp8": 1.5}, "cpu_attention_call_us": 123.4, "cpu_attention_overlapped_gb_per_s": 21.5,
        "cpu_attention_overlapped_micro_batches": [32, 256, 1024],
        "cpu_attention_overlapped_gb_per_s_by_micro_batch": [21.5, 33.25, 29.5],
-       "cpu_attention_loop_shapes": LOOP["cpu_attention_loop_shapes"], "cpu_attention_loop_call_ms": [3.1, 15.5, 30.25]}
+       "cpu_attention_loop_shapes": LOOP["cpu_attention_loop_shapes"], "cpu_attention_loop_call_ms": [3.1, 15.5, 30.25],
+       LOOP_FORMAT_KEY: {"int8": 0.875, "fp8": 1.25}}
 """The values the stubbed measurements must leave in the profile, in its units."""
 
 
@@ -177,7 +182,7 @@ def test_a_quick_loop_drops_the_stale_curves_and_missing_keys_are_added(tmp_path
     new, changes = update_cpu_attention(text, profile_cpu_attention(quick=True, progress=False))
     assert changes["added"] == ["cpu_attention_call_us"]
     assert changes["removed"] == ["cpu_attention_overlapped_micro_batches", "cpu_attention_overlapped_gb_per_s_by_micro_batch",
-                                  "cpu_attention_loop_shapes", "cpu_attention_loop_call_ms"]
+                                  "cpu_attention_loop_shapes", "cpu_attention_loop_call_ms", LOOP_FORMAT_KEY]
     cal = tomllib.loads(new)["calibration"]
     assert cal["cpu_attention_call_us"] == 123.4 and cal["cpu_attention_overlapped_gb_per_s"] == 21.5
     assert not set(changes["removed"]) & set(cal)

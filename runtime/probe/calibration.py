@@ -64,6 +64,17 @@ LOOP_SHAPE_SETTINGS = tuple(dict(micro_batch=n, micro_batches=m, prompt_len=p, w
 """Two contexts, so that the per-sequence and the per-byte costs are told apart."""
 
 
+LOOP_KV_FORMAT_SETTING = dict(micro_batch=2048, micro_batches=2, prompt_len=256, weights_gpu_frac=0.0)
+"""Where the profile times the in-loop calls over each scaled 8-bit KV cache against bf16's (one of
+OVERLAP_SETTINGS, so bf16's calls are already measured): the size of the micro-batches 8-bit plans run
+(H200 call 39: one of 2,188 sequences of ~272 slots). The kernel alone gave int8 0.79 of bf16's time
+(call 35); whole int8 runs took 44.1 ms a call at 2,188 sequences where bf16's in-loop calls price 46-47
+(call 39), and the ratio of the kernels alone priced 37.5."""
+
+
+LOOP_KV_FORMAT_SETTING_QUICK = OVERLAP_SETTINGS_QUICK[0]
+
+
 MOE_MODELS = ("mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b")
 """Expert shapes the profile measures the runtime's MoE layer at: 8 large experts (14336 x 4096, top-2),
 128 small ones (768 x 2048, top-8), 64 of 1024 x 2048 (top-8); the profiled model's own shape is added."""
@@ -396,7 +407,20 @@ def attention_in_pipeline_by_micro_batch(spec, quick: bool = False) -> dict:
             runs += [attention_in_pipeline(other, **kw) for kw in LOOP_SHAPE_SETTINGS]
     out["cpu_attention_loop_shapes"] = [r["loop_shape"] for r in runs]
     out["cpu_attention_loop_call_s"] = [r["loop_call_s"] for r in runs]
+    setting = LOOP_KV_FORMAT_SETTING_QUICK if quick else LOOP_KV_FORMAT_SETTING
+    base = runs[list(settings).index(setting)] if setting in settings else attention_in_pipeline(spec, **setting)
+    out["cpu_attention_loop_time_of_compute_by_kv_format"] = kv_format_time_in_pipeline(spec, base, setting)
     return out
+
+
+def kv_format_time_in_pipeline(spec, base: dict, setting: dict, formats: Sequence[str] | None = None) -> dict:
+    """Per scaled 8-bit KV format (hrm.formats.SCALED_KV_FORMATS by default), the in-loop calls' time over a
+    cache of that format (attention_in_pipeline of spec.with_kv_format) over bf16's calls `base` at the same
+    `setting`: what hrm prices an 8-bit cache's calls at beside the loop fit of bf16's."""
+    from hrm.formats import SCALED_KV_FORMATS
+
+    return {name: attention_in_pipeline(spec.with_kv_format(name), **setting)["loop_call_s"] / base["loop_call_s"]
+            for name in (SCALED_KV_FORMATS if formats is None else formats)}
 
 
 def attention_in_pipeline(spec, micro_batch: int = 32, micro_batches: int = 8, prompt_len: int = 512,

@@ -24,7 +24,7 @@ from .calibration import PREFILL_PASS_TOKENS, PREFILL_WEIGHTS_GPU_FRAC
 
 CPU_ATTENTION_LOOP_KEYS = ("cpu_attention_overlapped_gb_per_s", "cpu_attention_overlapped_micro_batches",
                            "cpu_attention_overlapped_gb_per_s_by_micro_batch", "cpu_attention_loop_shapes",
-                           "cpu_attention_loop_call_ms")
+                           "cpu_attention_loop_call_ms", "cpu_attention_loop_time_of_compute_by_kv_format")
 CPU_ATTENTION_KEYS = ("cpu_attention_gb_per_s", "cpu_attention_shapes", "cpu_attention_gb_per_s_by_shape",
                       "cpu_attention_time_of_compute_by_kv_format", "cpu_attention_call_us") + CPU_ATTENTION_LOOP_KEYS
 """The [calibration] keys a profile holds about the runtime's CPU decode attention, the ones
@@ -130,7 +130,11 @@ def _attention_loop_lines(rt: dict) -> list[str]:
                "per call (hrm.rates fits fixed + per-sequence + per-byte costs)",
                f"cpu_attention_loop_shapes = {json.dumps(rt['cpu_attention_loop_shapes'])}",
                _ka("cpu_attention_loop_call_ms", rt['cpu_attention_loop_call_s'])]
-              if len(rt.get("cpu_attention_loop_shapes", ())) >= 3 else [])]
+              if len(rt.get("cpu_attention_loop_shapes", ())) >= 3 else []),
+            *(["# ... the calls over each 8-bit KV format's cache over bf16's at the same setting "
+               "(calibration.LOOP_KV_FORMAT_SETTING)",
+               _kt("cpu_attention_loop_time_of_compute_by_kv_format", rt["cpu_attention_loop_time_of_compute_by_kv_format"])]
+              if rt.get("cpu_attention_loop_time_of_compute_by_kv_format") else [])]
 
 
 def profile_toml(result: dict, name: str, gpu_from: str | os.PathLike | HardwareProfile | None = None) -> str:
