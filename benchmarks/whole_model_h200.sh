@@ -6,7 +6,8 @@
 #   kernels       the GPU tests of the runtime's kernels (grouped MoE against the sparse oracle, no host syncs)
 #   rates         benchmarks/rates_at_run_shapes.py (the profile's rates at the runs' own shapes)
 #   depth         benchmarks/rates_at_run_shapes.py --depth (CPU attention in the loop over 1 and 8 layers' KV)
-#   moe           benchmarks/moe_kernels.py (the MoE layer kernel by kernel, one and two stores)
+#   moe           benchmarks/moe_kernels.py $MOE_ARGS (the MoE layer kernel by kernel, one and two stores;
+#                 after an env: step its JSON gets that step's suffix too)
 #   dequant       benchmarks/dequant_rate.py (one layer's int8 / int4 experts into bf16, against its price)
 #   attn          benchmarks/cpu_attention_rate.py (every CPU decode-attention kernel, bf16 / int8 / fp8 KV, at the
 #                 pipeline's batches and contexts: ms per call and GB/s of KV read, to choose DECODE_KERNEL)
@@ -65,13 +66,14 @@ for step in "$@"; do
     echo "== $step $(date -u +%FT%TZ), $(left) s left"
     case $step in
     kernels)
-        python -m pytest -q -m gpu tests/test_runtime_kernels.py -p no:cacheprovider 2>&1 | tee "$res/kernels.log" | tail -5 ;;
+        python -m pytest -q -m gpu tests/test_runtime_kernels.py tests/test_swiglu_kernel.py -p no:cacheprovider 2>&1 | tee "$res/kernels.log" | tail -5 ;;
     rates)
         python benchmarks/rates_at_run_shapes.py --out "$res/rates_at_run_shapes.json" 2>&1 | tee "$res/rates.log" | tail -12 ;;
     depth)
         python benchmarks/rates_at_run_shapes.py --depth --out "$res/attention_depth.json" 2>&1 | tee "$res/depth.log" | tail -4 ;;
     moe)
-        python benchmarks/moe_kernels.py --out "$res/moe_kernels.json" 2>&1 | tee "$res/moe_kernels.log" | tail -12 ;;
+        python benchmarks/moe_kernels.py ${MOE_ARGS:-} --out "$res/moe_kernels$suffix.json" 2>&1 \
+            | tee "$res/moe_kernels$suffix.log" | tail -12 ;;
     dequant)
         # DEQUANT_ARGS: e.g. --models mixtral-8x7b --variants
         python benchmarks/dequant_rate.py --hardware "$profile" ${DEQUANT_ARGS:-} --out "$res/dequant_rate.json" 2>&1 | tee "$res/dequant.log" | tail -8 ;;

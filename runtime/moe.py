@@ -24,6 +24,7 @@ from hrm.spec import ModelSpec
 
 from .families import FP32_ROUTER
 from .precision import acc_dtype
+from .swiglu_kernel import silu_mul_weighted
 
 
 @dataclass(frozen=True)
@@ -303,7 +304,7 @@ def _expert_ffn(x: torch.Tensor, gate_up_t, down_t, offs: torch.Tensor, w: torch
     inter = spec.moe_intermediate_size
     gu = torch._grouped_mm(x, gate_up_t, offs=offs)                        # [pairs, 2I]
     if bias is None and not spec.swiglu_limit:
-        a = F.silu(gu[:, :inter], inplace=True).mul(gu[:, inter:]).mul_(w[:, None])  # [pairs, I]
+        a = silu_mul_weighted(gu, w, inter)                                # [pairs, I]
         del gu                                                              # the peak: x, gu, a
         return torch._grouped_mm(a, down_t, offs=offs)                     # [pairs, H]
     if bias is not None:
