@@ -8,6 +8,7 @@
 #   depth         benchmarks/rates_at_run_shapes.py --depth (CPU attention in the loop over 1 and 8 layers' KV)
 #   moe           benchmarks/moe_kernels.py $MOE_ARGS (the MoE layer kernel by kernel, one and two stores;
 #                 after an env: step its JSON gets that step's suffix too)
+#   moecal        benchmarks/moe_calibration.py (the profile's gpu_moe_tflops curves, activation kernel off and on)
 #   dequant       benchmarks/dequant_rate.py (one layer's int8 / int4 experts into bf16, against its price)
 #   attn          benchmarks/cpu_attention_rate.py (every CPU decode-attention kernel, bf16 / int8 / fp8 KV, at the
 #                 pipeline's batches and contexts: ms per call and GB/s of KV read, to choose DECODE_KERNEL)
@@ -74,6 +75,8 @@ for step in "$@"; do
     moe)
         python benchmarks/moe_kernels.py ${MOE_ARGS:-} --out "$res/moe_kernels$suffix.json" 2>&1 \
             | tee "$res/moe_kernels$suffix.log" | tail -12 ;;
+    moecal)
+        python benchmarks/moe_calibration.py --out "$res/moe_calibration.json" 2>&1 | tee "$res/moe_calibration.log" | tail -8 ;;
     dequant)
         # DEQUANT_ARGS: e.g. --models mixtral-8x7b --variants
         python benchmarks/dequant_rate.py --hardware "$profile" ${DEQUANT_ARGS:-} --out "$res/dequant_rate.json" 2>&1 | tee "$res/dequant.log" | tail -8 ;;
