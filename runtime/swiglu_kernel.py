@@ -5,7 +5,9 @@ activations five times; on the H200 they took 1.15 of the 5.9 ms of a Mixtral Mo
 (benchmarks/results/whole_model/h200-2026-12-02-call5/moe_kernels.json). Where Triton runs (CUDA builds of
 torch ship it), one kernel reads gate and up once, computes in fp32, and writes a once; elsewhere, or if
 the kernel fails its check against the three-kernel form, that form. Same math, rounded once instead of
-three times. MOE_LIGHTNING_SWIGLU_KERNEL=0 in the environment keeps the three-kernel form (for an A/B).
+three times (H200 2026-12-04 call 43: 0.16 ms at that layer; the MoE layer's routed rate 445 -> 513 TFLOP/s,
+benchmarks/moe_calibration.py). MOE_LIGHTNING_SWIGLU_KERNEL=0 in the environment keeps the three-kernel
+form (for an A/B).
 """
 from __future__ import annotations
 
