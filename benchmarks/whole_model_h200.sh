@@ -67,7 +67,8 @@ for step in "$@"; do
     echo "== $step $(date -u +%FT%TZ), $(left) s left"
     case $step in
     kernels)
-        python -m pytest -q -m gpu tests/test_runtime_kernels.py tests/test_swiglu_kernel.py -p no:cacheprovider 2>&1 | tee "$res/kernels.log" | tail -5 ;;
+        python -m pytest -q -m gpu tests/test_runtime_kernels.py tests/test_swiglu_kernel.py tests/test_decode_attention_device.py \
+            tests/test_runtime_policies.py -p no:cacheprovider 2>&1 | tee "$res/kernels.log" | tail -5 ;;
     rates)
         python benchmarks/rates_at_run_shapes.py --out "$res/rates_at_run_shapes.json" 2>&1 | tee "$res/rates.log" | tail -12 ;;
     depth)

@@ -155,9 +155,11 @@ def decode_attention(q: torch.Tensor, k, v, starts: torch.Tensor | None, ends: t
         mask = mask[..., :t]
     name, table = (QUANT_DECODE_KERNEL, QUANT_KERNELS) if isinstance(k, QuantKV) else (DECODE_KERNEL, KERNELS)
     if name == "fused":
-        if isinstance(k, QuantKV) or k.dtype == q.dtype == torch.bfloat16:
+        quant = isinstance(k, QuantKV)
+        if q.device.type == "cpu" and (quant or k.dtype == q.dtype == torch.bfloat16):
             return fused.decode_attention_fused(q, k, v, mask)             # the whole block: read in place
-        name = "sdpa"                                                      # it reads bf16 and 8-bit caches only
+        name = "chunked" if quant else "sdpa"     # it reads bf16 and 8-bit caches in host memory only (a
+        #                                           cache on the GPU: attention on the GPU, S4)
     return table[name](q, k[:, :, :t], v[:, :, :t], mask)
 
 
