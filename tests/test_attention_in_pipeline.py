@@ -1,21 +1,17 @@
 """benchmarks/attention_in_pipeline.py: the KV bytes a run's decode attention read, by hand arithmetic."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from benchmark_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "benchmarks/results/whole_model/h200-2026-12-04-call42"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("attention_in_pipeline", ROOT / "benchmarks" / "attention_in_pipeline.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["attention_in_pipeline"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("attention_in_pipeline")
 
 
 def test_gb_per_s_is_the_kv_of_every_decode_step_over_the_attention_timer():

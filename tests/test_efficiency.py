@@ -1,9 +1,7 @@
 """The efficiency model (hrm/efficiency.py): machines without a measured profile priced at achievable
 fractions of their unit-level rates, each fraction traced to its source, and judged on the machine we
 measured with its measurements left out."""
-import importlib.util
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from hrm.policy import Placement, Policy
 from hrm.rates import (Setting, _fit_attention_loop, _measured, cpu_dram_copy_bytes_per_s, gpu_gemm_flops_per_s,
                        h2d_bytes_per_s)
 from hrm.spec import Workload
+from benchmark_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parent.parent
 MIXTRAL = load_model("mixtral-8x7b")
@@ -25,11 +24,7 @@ WL = Workload.uniform(256, 32)
 
 
 def _leave_one_out():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("leave_one_out", ROOT / "benchmarks" / "leave_one_out.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("leave_one_out")
 
 
 LOO = _leave_one_out()

@@ -2,19 +2,15 @@
 host-store and GPU-cap arithmetic, and its one-line refusals. None of this needs DeepSpeed or a GPU."""
 import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def peer():
-    spec = importlib.util.spec_from_file_location("peer_deepspeed", REPO / "benchmarks" / "peer_deepspeed.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("peer_deepspeed")
 
 
 class _Cfg:

@@ -1,20 +1,7 @@
 """A peer's results as whole-model rows, and the HF peer's decode admission."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _load(name):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+from benchmark_scripts import load_benchmark
 
 PEER = {"benchmark": "peer_hf_accelerate", "date": "2026-12-03", "environment": {"cpu_memory_bytes": 10},
         "rows": [{"model": "m", "num_layers": 32, "full_layers": 32, "batch_size": 384, "gpu_budget_full_bytes": 24,
@@ -25,7 +12,7 @@ PEER = {"benchmark": "peer_hf_accelerate", "date": "2026-12-03", "environment": 
 
 
 def test_peer_rows_fill_the_whole_model_columns():
-    pr = _load("peer_rows")
+    pr = load_benchmark("peer_rows")
     ok, oom = pr.whole_model_rows(PEER, "x.json")
     assert set(ok) <= set(pr.COLUMNS) and ok["tag"] == "peer:hf-accelerate"
     assert ok["meas_tok_s"] == 23.0 and ok["meas_decode_s"] == 10.0 and ok["completed"] is True
@@ -35,7 +22,7 @@ def test_peer_rows_fill_the_whole_model_columns():
 
 
 def test_peer_rows_refuses_other_results(tmp_path, capsys):
-    pr = _load("peer_rows")
+    pr = load_benchmark("peer_rows")
     f = tmp_path / "a.json"
     f.write_text('{"benchmark": "whole_model", "rows": []}')
     assert pr.main([str(f), "-o", str(tmp_path / "o.csv")]) == 2
@@ -44,7 +31,7 @@ def test_peer_rows_refuses_other_results(tmp_path, capsys):
 
 def test_decode_admitted_only_when_the_kv_growth_fits():
     pytest.importorskip("accelerate")
-    hf = _load("peer_hf_accelerate")
+    hf = load_benchmark("peer_hf_accelerate")
     GiB = 2 ** 30
     mem = {"kv_bytes": 9 * GiB, "gpu_cap_bytes": 24 * GiB}       # prompt 256 + gen 32: growth 1 GiB + 1 layer
     assert hf.decode_shortfall(int(22.5 * GiB), mem, 256, 32, 32) == ""

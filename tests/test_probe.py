@@ -12,7 +12,6 @@ import json
 import os
 import tomllib
 import statistics
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +22,8 @@ from hrm.units import GiB
 from moe_lightning_cli.main import main
 from runtime import probe
 from runtime.probe import ProbeError, profile_machine, write_profile_toml
+from benchmark_scripts import load_benchmark
 
-REPO = Path(__file__).resolve().parent.parent
 MiB = 2 ** 20
 
 
@@ -248,9 +247,7 @@ def test_quick_gpu_profile(tmp_path):
 def test_hf_accelerate_peer_tiny(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    spec = importlib.util.spec_from_file_location("peer_hf_accelerate", REPO / "benchmarks" / "peer_hf_accelerate.py")
-    peer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peer)
+    peer = load_benchmark("peer_hf_accelerate")
     out = tmp_path / "peer.json"
     assert peer.main(["--tiny", "--device", "cpu", "--batch-sizes", "1,3", "--prompt-len", "8", "--gen-len", "4",
                       "--output", str(out)]) == 0

@@ -1,19 +1,16 @@
 """benchmarks/whole_model.py: its rows, and a time limit that never starts a job it cannot finish."""
 import csv
 import json
-import importlib.util
 import sys
 from pathlib import Path
+
+from benchmark_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("whole_model", ROOT / "benchmarks" / "whole_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["whole_model"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("whole_model")
 
 
 def _fake_measurement(plan):
