@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,10 +32,8 @@ from optimizer.plan import Plan  # noqa: E402
 def decode_kv_bytes(plan: Plan, decode_steps: int) -> float:
     """KV bytes the decode attention of all N sequences reads (and writes: the new entry) over all layers and
     `decode_steps` steps; step i attends to the prompt and the i tokens decoded before it."""
-    spec, prompt = plan.spec, plan.workload.avg_prompt_len
-    per_layer = sum(float(ops.attention(spec, plan.policy.batch_size, 1, prompt + i).kv_bytes)
-                    for i in range(decode_steps))
-    return per_layer * spec.num_hidden_layers
+    spec, past = plan.spec, plan.workload.avg_prompt_len + np.arange(decode_steps)
+    return float(np.sum(ops.attention(spec, plan.policy.batch_size, 1, past).kv_bytes)) * spec.num_hidden_layers
 
 
 def row_of(folder: Path, meas_path: Path) -> dict | None:

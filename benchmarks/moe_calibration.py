@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("moe_calibration: needs a CUDA GPU")
     specs = [load_model(m) for m in args.models]
-    rows = []
+    rows, before = [], os.environ.get("MOE_LIGHTNING_SWIGLU_KERNEL")
     for spec in specs:
         for setting, value in SETTINGS.items():
             os.environ["MOE_LIGHTNING_SWIGLU_KERNEL"] = value
@@ -39,7 +39,10 @@ def main(argv=None) -> int:
             rows.append({"model": spec.name, "shape": moe_shape(spec), "setting": setting,
                          "tokens_per_expert": list(MOE_TOKENS_PER_EXPERT), "tflops": tflops})
             print(f"{spec.name:16s} {setting:13s} " + " ".join(f"{t:6.1f}" for t in tflops), flush=True)
-    os.environ.pop("MOE_LIGHTNING_SWIGLU_KERNEL")
+    if before is None:
+        os.environ.pop("MOE_LIGHTNING_SWIGLU_KERNEL")
+    else:
+        os.environ["MOE_LIGHTNING_SWIGLU_KERNEL"] = before
     write_result(args.out, "benchmarks/moe_calibration.py", argv, rows=rows)
     return 0
 
